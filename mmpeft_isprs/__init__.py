@@ -1,0 +1,1 @@
+"""MFNet and the ISPRS remote-sensing pipeline built on mmpeft (never imported by mmpeft)."""
