@@ -1,0 +1,150 @@
+"""Fusion rules: how per-modality updates are mixed across modalities.
+
+Every multimodal layer computes one update ``d_m`` per modality ``m`` (a LoRA product or an
+adapter output), stacked modality-major as ``d: (M, ...)``. A fusion rule maps that stack to the
+updates actually added to each modality's output. Rules are small modules so that new ones (a
+learnable M x M matrix, gates, ...) can be added without touching the layers.
+
+Registered rules:
+
+- ``"none"``: ``out_m = d_m`` (standard per-modality LoRA / adapter; no parameters).
+- ``"scalar"``: the paper's rule with one learnable scalar ``lambda_m`` per modality::
+
+      out_m = lambda_m * d_m + (1 - lambda_m) * mean_{k != m} d_k
+
+  For M = 2 this is exactly eqs. (5)-(6) and (9)-(10) of MFNet. For M = 1 there is nothing to mix,
+  so the rule creates no parameter and acts as ``"none"``.
+- ``"matrix"``: a learnable M x M mixing matrix, initialised to the ``"scalar"`` rule's matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Fusion",
+    "NoFusion",
+    "ScalarFusion",
+    "MatrixFusion",
+    "FUSION_RULES",
+    "build_fusion",
+    "register_fusion",
+]
+
+
+class Fusion(nn.Module):
+    """Base class. ``forward(d)`` takes ``d: (M, ...)`` and returns the mixed ``(M, ...)``."""
+
+    #: False when the rule is the identity (layers may then skip it entirely).
+    mixes: bool = True
+
+    def __init__(self, modalities: Sequence[str]) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+
+    def mixing_matrix(self) -> torch.Tensor:
+        """The (M, M) matrix W with ``out_m = sum_k W[m, k] * d_k``."""
+        raise NotImplementedError
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        """d: (M, ...) per-modality updates -> (M, ...) mixed updates."""
+        m = len(self.modalities)
+        if d.shape[0] != m:
+            raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
+        w = self.mixing_matrix().to(d.dtype)  # (M, M)
+        # (M, M) @ (M, rest) -> (M, rest)
+        return (w @ d.reshape(m, -1)).reshape(d.shape)
+
+
+class NoFusion(Fusion):
+    """Identity: each modality keeps its own update (standard per-modality tuning)."""
+
+    mixes = False
+
+    def mixing_matrix(self) -> torch.Tensor:
+        return torch.eye(len(self.modalities))
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        return d
+
+
+class ScalarFusion(Fusion):
+    """The paper's learnable-scalar mixing (eqs. 5-6, 9-10), generalised to M modalities.
+
+    Parameters are ``lam.<modality>``, each of shape (1,), initialised to ``init``
+    (0.5 in the paper), unconstrained.
+    """
+
+    def __init__(self, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> None:
+        super().__init__(modalities)
+        self.mixes = len(self.modalities) > 1
+        self.lam = nn.ParameterDict()
+        if self.mixes:
+            for name in self.modalities:
+                self.lam[name] = nn.Parameter(torch.full((1,), float(init), device=device))
+
+    def lambdas(self) -> torch.Tensor:
+        """(M,) the current lambda values, in modality order."""
+        return torch.cat([self.lam[n] for n in self.modalities])
+
+    def mixing_matrix(self) -> torch.Tensor:
+        m = len(self.modalities)
+        if not self.mixes:
+            return torch.eye(1)
+        lam = self.lambdas()  # (M,)
+        eye = torch.eye(m, device=lam.device, dtype=lam.dtype)
+        off = (1.0 - eye) / (m - 1)  # mean over the other modalities
+        return lam[:, None] * eye + (1.0 - lam)[:, None] * off
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        if not self.mixes:
+            return d
+        m = len(self.modalities)
+        if d.shape[0] != m:
+            raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
+        lam = self.lambdas().to(d.dtype).reshape((m,) + (1,) * (d.dim() - 1))  # (M, 1, ..)
+        if m == 2:
+            # eqs. (5)-(6): out_x = l1 * d_x + (1 - l1) * d_y ; out_y = l2 * d_y + (1 - l2) * d_x
+            return lam * d + (1.0 - lam) * d.flip(0)
+        others = (d.sum(0, keepdim=True) - d) / (m - 1)  # (M, ...) mean over k != m
+        return lam * d + (1.0 - lam) * others
+
+
+class MatrixFusion(Fusion):
+    """A learnable (M, M) mixing matrix ``mix``, initialised like ``scalar`` with lambda = init."""
+
+    def __init__(self, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> None:
+        super().__init__(modalities)
+        m = len(self.modalities)
+        self.mixes = m > 1
+        eye = torch.eye(m, device=device)
+        off = (1.0 - eye) / max(m - 1, 1)
+        self.mix = nn.Parameter(init * eye + (1.0 - init) * off if m > 1 else eye)
+
+    def mixing_matrix(self) -> torch.Tensor:
+        return self.mix
+
+
+FusionFactory = Callable[..., Fusion]
+FUSION_RULES: dict[str, FusionFactory] = {
+    "none": lambda modalities, init=0.5, device=None: NoFusion(modalities),
+    "scalar": ScalarFusion,
+    "matrix": MatrixFusion,
+}
+
+
+def register_fusion(name: str, factory: FusionFactory) -> None:
+    """Register a new fusion rule ``factory(modalities, init=..., device=...) -> Fusion``."""
+    FUSION_RULES[name] = factory
+
+
+def build_fusion(
+    rule: str, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None
+) -> Fusion:
+    """Instantiate the fusion rule named ``rule`` for ``modalities``."""
+    if rule not in FUSION_RULES:
+        raise ValueError(f"unknown fusion rule {rule!r}; known rules: {sorted(FUSION_RULES)}")
+    return FUSION_RULES[rule](modalities, init=init, device=device)

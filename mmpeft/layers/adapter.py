@@ -1,0 +1,158 @@
+"""Multimodal bottleneck adapter beside or after a frozen module."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..fusion import Fusion, build_fusion
+from .base import MultimodalLayer
+
+__all__ = ["MultimodalAdapter", "ACTIVATIONS"]
+
+Placement = Literal["beside", "after"]
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class MultimodalAdapter(MultimodalLayer):
+    """Per-modality bottleneck adapters ``up_m(act(down_m(z_m)))``, mixed by a fusion rule.
+
+    Placement ``"beside"`` (parallel, e.g. the MLP; ``z = x``)::
+
+        out_m = base_layer(x_m) + scale * fusion(adapter(x))_m
+
+    Placement ``"after"`` (sequential with its own skip, e.g. the attention; ``z = base_layer(x)``)::
+
+        a_m = base_layer(x_m);  out_m = a_m + scale * fusion(adapter(a))_m
+
+    With fusion ``"scalar"``, two modalities and placement ``"beside"`` around the MLP this is
+    eqs. (5)-(6) of MFNet. Parameters: ``adapter_down.<modality>`` (Linear in -> hidden) and
+    ``adapter_up.<modality>`` (Linear hidden -> out).
+
+    Args:
+        base_layer: the frozen module (any module mapping (..., in) to (..., out)).
+        modalities: modality names in stacked order.
+        in_features: channels of the adapter input (the module's input for "beside", its output
+            for "after").
+        out_features: channels of the module's output (defaults to ``in_features``).
+        placement: ``"beside"`` or ``"after"``.
+        hidden: bottleneck width (e.g. ``in_features // 4``).
+        activation: activation class (``nn.GELU`` in the authors' code, ReLU in the paper's text).
+        bias: biases on both projections.
+        dropout: dropout after the activation.
+        scale: factor on the adapter output (the paper's s; the authors' code uses 1).
+        init: ``"zeros"`` zero-initialises the up projection (the wrapped model starts equal to the
+            base model) or ``"default"`` keeps PyTorch's default init (the authors' code).
+        fusion, lambda_init: the fusion rule and its initial value.
+    """
+
+    prefix = "adapter_"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        modalities: Sequence[str],
+        in_features: int,
+        hidden: int,
+        out_features: int | None = None,
+        placement: Placement = "beside",
+        activation: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        dropout: float = 0.0,
+        scale: float = 1.0,
+        init: Literal["zeros", "default"] = "zeros",
+        fusion: str = "scalar",
+        lambda_init: float = 0.5,
+    ) -> None:
+        super().__init__(base_layer, modalities)
+        if placement not in ("beside", "after"):
+            raise ValueError(f"placement must be 'beside' or 'after', got {placement!r}")
+        if init not in ("zeros", "default"):
+            raise ValueError(f"init must be 'zeros' or 'default', got {init!r}")
+        out_features = in_features if out_features is None else out_features
+        if placement == "after" and out_features != in_features:
+            raise ValueError("an adapter placed 'after' a module maps its output to itself: in == out")
+        if hidden <= 0:
+            raise ValueError(f"adapter bottleneck width must be positive, got {hidden}")
+        self.in_features, self.out_features, self.hidden = in_features, out_features, hidden
+        self.placement: Placement = placement
+        self.scale = scale
+        p = next(iter(base_layer.parameters()), None)
+        dev = p.device if p is not None else None
+        dt = p.dtype if p is not None else None
+        self.adapter_down = nn.ModuleDict(
+            {m: nn.Linear(in_features, hidden, bias=bias, device=dev, dtype=dt) for m in self.modalities}
+        )
+        self.adapter_up = nn.ModuleDict(
+            {m: nn.Linear(hidden, out_features, bias=bias, device=dev, dtype=dt) for m in self.modalities}
+        )
+        self.adapter_act = activation()
+        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
+        if init == "zeros":
+            for up in self.adapter_up.values():
+                nn.init.zeros_(up.weight)
+                if up.bias is not None:
+                    nn.init.zeros_(up.bias)
+
+    def _fusion(self) -> Fusion:
+        return self.adapter_fusion
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out).
+
+        Extra arguments (e.g. timm's ``attn_mask=None``) are passed to the base module unchanged.
+        """
+        if not self.enabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self._single is not None:
+            mod = self.modalities[self._check_single()]
+            y = self.base_layer(x, *args, **kwargs)
+            z = x if self.placement == "beside" else y
+            return y + self.scale * self._adapt(z, mod)
+        self._check_stack(x)
+        if self.execution == "loop":
+            return self._forward_loop(x, *args, **kwargs)
+        return self._forward_batched(x, *args, **kwargs)
+
+    def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        m = self.num_modalities
+        y = self.base_layer(x, *args, **kwargs)  # (M*B', ..., out)
+        z = x if self.placement == "beside" else y
+        zs = z.reshape(m, -1, self.in_features)  # (M, T, in)
+        mods = self.modalities
+        wd = torch.stack([self.adapter_down[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, in, hid)
+        wu = torch.stack([self.adapter_up[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, hid, out)
+        if self.adapter_down[mods[0]].bias is not None:
+            bd = torch.stack([self.adapter_down[k].bias for k in mods])[:, None].to(zs.dtype)  # (M, 1, hid)
+            bu = torch.stack([self.adapter_up[k].bias for k in mods])[:, None].to(zs.dtype)  # (M, 1, out)
+            h = torch.baddbmm(bd, zs, wd)  # (M, T, hid)
+            h = self.adapter_dropout(self.adapter_act(h))
+            a = torch.baddbmm(bu, h, wu)  # (M, T, out)
+        else:
+            h = self.adapter_dropout(self.adapter_act(torch.bmm(zs, wd)))
+            a = torch.bmm(h, wu)
+        a = self.adapter_fusion(a)
+        if self.scale != 1.0:
+            a = a * self.scale
+        return y + a.reshape(y.shape).to(y.dtype)
+
+    def _adapt(self, z: torch.Tensor, modality: str) -> torch.Tensor:
+        h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))
+        return self.adapter_up[modality](h)
+
+    def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        xs = x.chunk(self.num_modalities, 0)
+        ys = [self.base_layer(xm, *args, **kwargs) for xm in xs]  # the frozen module once per modality
+        zs = xs if self.placement == "beside" else ys
+        a = self.adapter_fusion(torch.stack([self._adapt(z, k) for z, k in zip(zs, self.modalities)]))
+        return torch.cat([y + self.scale * am for y, am in zip(ys, a)], 0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, placement={self.placement!r}, "
+            f"{self.in_features}->{self.hidden}->{self.out_features}, scale={self.scale:g}"
+        )

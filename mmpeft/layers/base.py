@@ -1,0 +1,112 @@
+"""Common machinery of the multimodal wrapper layers.
+
+A multimodal layer holds the original frozen module as ``base_layer`` and sees its input with the
+modality axis riding in the batch: ``x: (M*B', ...)`` modality-major, i.e. ``x.view(M, -1, ...)``
+gives one chunk per modality. ``B'`` may be the batch or, deep inside SAM, the batch times the
+number of attention windows: window partition keeps the order batch-major, so the chunks stay aligned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from ..fusion import Fusion
+
+__all__ = ["MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers"]
+
+Execution = Literal["batched", "loop"]
+
+
+class MultimodalLayer(nn.Module):
+    """Base class of ``MultimodalLoRA`` and ``MultimodalAdapter``.
+
+    Attributes:
+        base_layer: the wrapped frozen module (its parameters are never trained).
+        modalities: modality names, in the order of the stacked batch.
+        execution: ``"batched"`` (default: one frozen pass over the stacked batch, per-modality
+            products as one batched matmul) or ``"loop"`` (the same maths, the base layer and every
+            per-modality module run on one modality at a time: a reference path and the authors'
+            execution scheme).
+    """
+
+    #: prefix carried by every trainable tensor of the subclass (``lora_``, ``adapter_``).
+    prefix: str = ""
+
+    def __init__(self, base_layer: nn.Module, modalities: Sequence[str]) -> None:
+        super().__init__()
+        if isinstance(base_layer, MultimodalLayer):
+            raise ValueError("the module is already a multimodal layer; wrapping it twice is not supported")
+        if len(modalities) == 0:
+            raise ValueError("at least one modality is required")
+        self.base_layer = base_layer
+        self.modalities: tuple[str, ...] = tuple(modalities)
+        self.execution: Execution = "batched"
+        self.enabled = True
+        self._single: int | None = None  # index of the only modality present (see only_modality)
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    def _fusion(self) -> Fusion:
+        raise NotImplementedError
+
+    def _check_stack(self, x: torch.Tensor) -> int:
+        """Return B' = x.shape[0] // M, raising a clear error when the batch is not stacked."""
+        m = self.num_modalities
+        if x.shape[0] % m != 0:
+            raise ValueError(
+                f"{type(self).__name__} expects the {m} modalities {self.modalities} stacked on dim 0 "
+                f"(M*B, ...), got shape {tuple(x.shape)}; call the model returned by wrap_multimodal"
+            )
+        return x.shape[0] // m
+
+    def _check_single(self) -> int:
+        idx = self._single
+        assert idx is not None
+        if self._fusion().mixes:
+            raise RuntimeError(
+                f"{type(self).__name__} mixes modalities ({type(self._fusion()).__name__}); "
+                "it cannot run on one modality alone"
+            )
+        return idx
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.modalities}, execution={self.execution!r}"
+
+
+def multimodal_layers(model: nn.Module) -> Iterator[tuple[str, MultimodalLayer]]:
+    """All (qualified name, layer) pairs of multimodal layers inside ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, MultimodalLayer):
+            yield name, module
+
+
+def set_execution(model: nn.Module, execution: Execution) -> None:
+    """Switch every multimodal layer of ``model`` to ``"batched"`` or ``"loop"`` execution."""
+    if execution not in ("batched", "loop"):
+        raise ValueError(f"execution must be 'batched' or 'loop', got {execution!r}")
+    for _, layer in multimodal_layers(model):
+        layer.execution = execution
+
+
+@contextlib.contextmanager
+def only_modality(model: nn.Module, modality: str) -> Iterator[None]:
+    """Within the block, layers see a batch of the single ``modality`` (not the stacked batch).
+
+    Only layers whose fusion rule does not mix may run this way; a mixing layer raises.
+    """
+    layers = [layer for _, layer in multimodal_layers(model)]
+    for layer in layers:
+        if modality not in layer.modalities:
+            raise KeyError(f"unknown modality {modality!r}; known: {layer.modalities}")
+        layer._single = layer.modalities.index(modality)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._single = None

@@ -1,0 +1,181 @@
+"""Multimodal LoRA around a frozen ``nn.Linear``."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..fusion import Fusion, build_fusion
+from .base import MultimodalLayer
+
+__all__ = ["MultimodalLoRA"]
+
+
+class MultimodalLoRA(MultimodalLayer):
+    """Per-modality low-rank updates of a frozen linear layer, mixed by a fusion rule.
+
+    For modality ``m`` with input ``x_m`` and output slice ``s`` (the whole output by default)::
+
+        d_m^s = scaling * B_m^s A_m^s dropout(x_m)
+        out_m[..., s] = base_layer(x_m)[..., s] + fusion(d^s)_m
+
+    With fusion ``"scalar"`` and two modalities this is eqs. (9)-(12) of MFNet; with ``"none"`` it is
+    standard LoRA per modality. Parameters follow peft's naming: ``lora_A.<modality>.weight``
+    (r, in) and ``lora_B.<modality>.weight`` (out, r); with output slices (e.g. the q and v thirds of a
+    fused qkv) one pair per slice: ``lora_A.<modality>.<slice>.weight``.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (kept as ``self.base_layer``).
+        modalities: modality names in stacked order.
+        rank: LoRA rank r.
+        alpha: scaling numerator; ``scaling = alpha / rank``; ``None`` means ``alpha = rank``
+            (scaling 1, the paper's MLP LoRA).
+        dropout: dropout on the LoRA input.
+        slices: optional ``{name: (start, stop)}`` output ranges that receive an update; others
+            are left untouched (no zero-padding copies are made).
+        fusion: fusion rule name (see :mod:`mmpeft.fusion`).
+        lambda_init: initial value of the fusion parameters.
+    """
+
+    prefix = "lora_"
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        modalities: Sequence[str],
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        slices: Mapping[str, tuple[int, int]] | None = None,
+        fusion: str = "scalar",
+        lambda_init: float = 0.5,
+    ) -> None:
+        super().__init__(base_layer, modalities)
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"MultimodalLoRA wraps nn.Linear, got {type(base_layer).__name__}")
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.rank = rank
+        self.scaling = (rank if alpha is None else alpha) / rank
+        self.slices: dict[str, tuple[int, int]] | None = _check_slices(slices, self.out_features)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev, dt = base_layer.weight.device, base_layer.weight.dtype
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        for name in self.modalities:
+            if self.slices is None:
+                self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
+                self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+            else:
+                self.lora_A[name] = nn.ModuleDict(
+                    {s: nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt) for s in self.slices}
+                )
+                self.lora_B[name] = nn.ModuleDict(
+                    {s: nn.Linear(rank, b - a, bias=False, device=dev, dtype=dt) for s, (a, b) in self.slices.items()}
+                )
+        self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A: kaiming-uniform(a=sqrt(5)) (as peft / loralib); B: zeros, so the update starts at 0."""
+        for _, a, b in self._pairs_all():
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+
+    def _fusion(self) -> Fusion:
+        return self.lora_fusion
+
+    def _ranges(self) -> dict[str, tuple[int, int]]:
+        return self.slices if self.slices is not None else {"all": (0, self.out_features)}
+
+    def _pair(self, modality: str, slice_name: str) -> tuple[nn.Linear, nn.Linear]:
+        a, b = self.lora_A[modality], self.lora_B[modality]
+        if self.slices is None:
+            return a, b  # type: ignore[return-value]
+        return a[slice_name], b[slice_name]  # type: ignore[index]
+
+    def _pairs_all(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
+        return [(m, *self._pair(m, s)) for m in self.modalities for s in self._ranges()]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out)."""
+        if not self.enabled:
+            return self.base_layer(x)
+        if self._single is not None:
+            return self._forward_single(x, self.modalities[self._check_single()])
+        self._check_stack(x)
+        if self.execution == "loop":
+            return self._forward_loop(x)
+        return self._forward_batched(x)
+
+    def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.num_modalities
+        out = self.base_layer(x)  # (M*B', ..., out)
+        xs = self.lora_dropout(x).reshape(m, -1, self.in_features)  # (M, T, in)
+        ranges = self._ranges()
+        # all A's of all slices as one batched matmul: (M, T, in) @ (M, in, S*r) -> (M, T, S*r)
+        a_w = torch.stack(
+            [torch.cat([self._pair(mod, s)[0].weight for s in ranges], 0) for mod in self.modalities]
+        )  # (M, S*r, in)
+        h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype))
+        out_v = out.view(m, -1, self.out_features)  # (M, T, out), shares storage with out
+        for i, (s, (lo, hi)) in enumerate(ranges.items()):
+            b_w = torch.stack([self._pair(mod, s)[1].weight for mod in self.modalities])  # (M, len, r)
+            d = torch.bmm(h[..., i * self.rank : (i + 1) * self.rank], b_w.transpose(1, 2).to(h.dtype))
+            d = self.lora_fusion(d) * self.scaling  # (M, T, len)
+            if self.slices is None:
+                return out + d.reshape(out.shape).to(out.dtype)
+            out_v[..., lo:hi] += d.to(out.dtype)  # in place on the slice: no zero-padded copy
+        return out
+
+    def _delta(self, x: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
+        a, b = self._pair(modality, slice_name)
+        return b(a(self.lora_dropout(x))) * self.scaling
+
+    def _forward_single(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        out = self.base_layer(x)
+        for s, (lo, hi) in self._ranges().items():
+            d = self._delta(x, modality, s)
+            out = out + d if self.slices is None else _add_slice(out, d, lo, hi)
+        return out
+
+    def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.chunk(self.num_modalities, 0)
+        outs = [self.base_layer(xm) for xm in xs]  # the frozen layer once per modality
+        for s, (lo, hi) in self._ranges().items():
+            d = torch.stack([self._delta(xm, mod, s) for xm, mod in zip(xs, self.modalities)])
+            d = self.lora_fusion(d)
+            outs = [o + dm if self.slices is None else _add_slice(o, dm, lo, hi) for o, dm in zip(outs, d)]
+        return torch.cat(outs, 0)
+
+    def extra_repr(self) -> str:
+        sl = "" if self.slices is None else f", slices={self.slices}"
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}{sl}"
+
+
+def _add_slice(out: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """out with d added to out[..., lo:hi] (out of place)."""
+    return torch.cat([out[..., :lo], out[..., lo:hi] + d, out[..., hi:]], -1)
+
+
+def _check_slices(
+    slices: Mapping[str, tuple[int, int]] | None, out_features: int
+) -> dict[str, tuple[int, int]] | None:
+    if slices is None:
+        return None
+    if not slices:
+        raise ValueError("slices must name at least one output range")
+    checked: dict[str, tuple[int, int]] = {}
+    for name, (lo, hi) in slices.items():
+        if not (0 <= lo < hi <= out_features):
+            raise ValueError(f"slice {name!r}=({lo}, {hi}) is outside the layer's {out_features} outputs")
+        if "." in name:
+            raise ValueError(f"slice names may not contain '.', got {name!r}")
+        checked[name] = (int(lo), int(hi))
+    return checked

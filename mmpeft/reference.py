@@ -1,0 +1,98 @@
+"""Per-modality reference execution of a wrapped SAM-style encoder.
+
+The batched path runs the frozen encoder once over the stacked ``(M*B, ...)`` batch. This module
+runs the *same layers* the way the MFNet authors' code does: every modality one after the other
+through every block (patch embedding, attention, MLP, neck), exchanging only the per-modality
+updates inside the mixing layers. It is the reference the tests compare the batched path with, and
+the "per-modality" scheme that ``benchmarks/speed.py`` measures.
+
+Supported encoders: segment-anything's ``ImageEncoderViT`` and timm's ``VisionTransformerSAM``
+(``patch_embed``, ``pos_embed``, ``blocks`` with ``norm1/attn/norm2/mlp/window_size``, ``neck``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import only_modality, set_execution
+from .wrap import MultimodalModel
+
+__all__ = ["per_modality_forward"]
+
+
+def _partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """x: (B, H, W, C) -> windows (B*nW, ws, ws, C), padded (Hp, Wp)."""
+    b, h, w, c = x.shape
+    ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
+    x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    x = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, ws, ws, C)
+    return x.reshape(-1, ws, ws, c), (hp, wp)
+
+
+def _unpartition(win: torch.Tensor, ws: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """windows (B*nW, ws, ws, C) -> (B, H, W, C)."""
+    hp, wp = pad_hw
+    b = win.shape[0] // ((hp // ws) * (wp // ws))
+    x = win.view(b, hp // ws, wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, : hw[0], : hw[1]].contiguous()
+
+
+def _attention_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x + attn(norm1(x)) with window partition, for one modality. x: (B, H, W, C)."""
+    h, w = x.shape[1:3]
+    y = block.norm1(x)
+    ws = int(getattr(block, "window_size", 0))
+    if ws > 0:
+        y, pad_hw = _partition(y, ws)
+    y = block.attn(y)
+    ls1 = getattr(block, "ls1", None)
+    if ls1 is not None:
+        y = ls1(y)
+    if ws > 0:
+        y = _unpartition(y, ws, pad_hw, (h, w))
+    return x + y
+
+
+def per_modality_forward(
+    wrapped: MultimodalModel, inputs: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Run ``wrapped`` (a wrapped SAM-style encoder) modality by modality; returns {modality: neck output}.
+
+    Numerically the same function as ``wrapped(inputs)`` (up to float rounding), executed the way
+    the authors' code executes it. Leaves the layers in ``"batched"`` execution afterwards.
+    """
+    enc = wrapped.base_model
+    mods = wrapped.modalities
+    xs = wrapped.stack(inputs).chunk(len(mods), 0)  # validated, stems applied
+    hs: list[torch.Tensor] = []
+    for m, x in zip(mods, xs):
+        with only_modality(wrapped, m):
+            h = enc.patch_embed(x)  # (B, H, W, C)
+            if getattr(enc, "pos_embed", None) is not None:
+                if enc.pos_embed.shape[1:3] != h.shape[1:3]:
+                    raise ValueError(f"pos_embed {tuple(enc.pos_embed.shape)} does not match the grid {tuple(h.shape)}")
+                h = h + enc.pos_embed
+            hs.append(h)
+    set_execution(wrapped, "loop")
+    try:
+        for block in enc.blocks:
+            new = []
+            for m, h in zip(mods, hs):
+                with only_modality(wrapped, m):
+                    new.append(_attention_half(block, h))
+            normed = torch.cat([block.norm2(h) for h in new], 0)  # mixing layers need every modality
+            mlp_out = block.mlp(normed).chunk(len(mods), 0)  # loop execution: base layers per modality
+            ls2 = getattr(block, "ls2", None)
+            hs = [h + (ls2(o) if ls2 is not None else o) for h, o in zip(new, mlp_out)]
+    finally:
+        set_execution(wrapped, "batched")
+    outs = {}
+    for m, h in zip(mods, hs):
+        with only_modality(wrapped, m):
+            outs[m] = enc.neck(h.permute(0, 3, 1, 2))
+    return outs

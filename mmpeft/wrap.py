@@ -1,0 +1,351 @@
+"""``wrap_multimodal``: patch a ViT for N modalities with shared frozen weights."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, LoRAConfig, MultimodalConfig, RuleConfig, StemConfig
+from .layers import (
+    ACTIVATIONS,
+    Execution,
+    MultimodalAdapter,
+    MultimodalLayer,
+    MultimodalLoRA,
+    multimodal_layers,
+    only_modality,
+    set_execution,
+)
+from .stems import ModalityStem
+from .targets import detect_family, match_targets, preset_rules
+
+__all__ = ["MultimodalModel", "wrap_multimodal", "build_config", "TRAINABLE_PREFIXES", "is_trainable_name"]
+
+Inputs = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+TRAINABLE_PREFIXES = ("lora_", "adapter_", "stem_")
+
+
+def is_trainable_name(name: str) -> bool:
+    """True when a parameter name belongs to a mmpeft module (a segment starts with a prefix)."""
+    return any(part.startswith(TRAINABLE_PREFIXES) for part in name.split("."))
+
+
+class MultimodalModel(nn.Module):
+    """A frozen model patched with multimodal layers; one input and one output per modality.
+
+    ``forward(inputs)`` stacks the modalities modality-major on the batch axis, runs the frozen
+    model once on ``(M*B, ...)`` and splits every tensor of the output back into M parts.
+
+    Attributes:
+        base_model: the patched model (its own weights frozen).
+        config: the :class:`MultimodalConfig` it was built from.
+        stems: per-modality input stems (``stems[modality]``).
+    """
+
+    def __init__(self, base_model: nn.Module, config: MultimodalConfig, in_channels: int | None) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.modalities: tuple[str, ...] = tuple(config.modalities)
+        self.in_channels = in_channels
+        self.stems = nn.ModuleDict({m: ModalityStem(m, config.stem(m), in_channels) for m in self.modalities})
+
+    # ------------------------------------------------------------------ inputs / outputs
+    def _as_list(self, inputs: Inputs) -> list[torch.Tensor]:
+        if isinstance(inputs, torch.Tensor):
+            raise TypeError(
+                f"pass one tensor per modality {self.modalities} (a dict or a sequence), not a single tensor"
+            )
+        if isinstance(inputs, Mapping):
+            missing = [m for m in self.modalities if m not in inputs]
+            unknown = [k for k in inputs if k not in self.modalities]
+            if missing or unknown:
+                raise KeyError(
+                    f"inputs must have exactly the modalities {list(self.modalities)}; "
+                    f"missing {missing}, unknown {unknown}"
+                )
+            return [inputs[m] for m in self.modalities]
+        xs = list(inputs)
+        if len(xs) != len(self.modalities):
+            raise ValueError(f"expected {len(self.modalities)} inputs {list(self.modalities)}, got {len(xs)}")
+        return xs
+
+    def stack(self, inputs: Inputs) -> torch.Tensor:
+        """Validate, apply the stems and stack: M tensors (B, c_m, ...) -> (M*B, C, ...)."""
+        xs = self._as_list(inputs)
+        for m, x in zip(self.modalities, xs):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"input of modality {m!r} is a {type(x).__name__}, not a tensor")
+        ref_m, ref = self.modalities[0], xs[0]
+        for m, x in zip(self.modalities, xs):
+            if x.dim() != ref.dim() or x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
+                raise ValueError(
+                    "all modalities need the same batch and spatial sizes: "
+                    + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(self.modalities, xs))
+                    + f" ({m!r} differs from {ref_m!r})"
+                )
+        xs = [self.stems[m](x) for m, x in zip(self.modalities, xs)]
+        return torch.cat(xs, 0)  # (M*B, C, ...) modality-major
+
+    def split(self, out: Any, as_dict: bool = True) -> Any:
+        """Split every tensor of ``out`` (dim 0 = M*B) into one part per modality."""
+        m = len(self.modalities)
+        if isinstance(out, torch.Tensor):
+            if out.dim() == 0 or out.shape[0] % m != 0:
+                raise ValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
+            parts = out.chunk(m, 0)
+            return dict(zip(self.modalities, parts)) if as_dict else list(parts)
+        if isinstance(out, Mapping):
+            per = {k: self.split(v, as_dict=False) for k, v in out.items()}
+            res = [{k: v[i] for k, v in per.items()} for i in range(m)]
+            return dict(zip(self.modalities, res)) if as_dict else res
+        if isinstance(out, (list, tuple)):
+            per_t = [self.split(v, as_dict=False) for v in out]
+            res_t = [type(out)(v[i] for v in per_t) for i in range(m)]
+            return dict(zip(self.modalities, res_t)) if as_dict else res_t
+        raise TypeError(f"cannot split an output of type {type(out).__name__}")
+
+    def forward(self, inputs: Inputs, *args: Any, **kwargs: Any) -> Any:
+        """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order.
+
+        Returns ``{modality: output}`` for a dict input, else a list in modality order.
+        """
+        return self.call("forward", inputs, *args, **kwargs)
+
+    def call(self, method: str, inputs: Inputs, *args: Any, **kwargs: Any) -> Any:
+        """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
+        x = self.stack(inputs)
+        out = getattr(self.base_model, method)(x, *args, **kwargs)
+        return self.split(out, as_dict=isinstance(inputs, Mapping))
+
+    # ------------------------------------------------------------------ parameters
+    def layers(self) -> Iterator[tuple[str, MultimodalLayer]]:
+        """(name, layer) of every multimodal layer."""
+        return multimodal_layers(self)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the tensors mmpeft added (LoRA, adapters, fusion, stems), detached."""
+        return {k: v.detach() for k, v in self.state_dict().items() if is_trainable_name(k)}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load tensors saved by :meth:`trainable_state_dict`; mismatches raise naming the keys."""
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+        problems = []
+        if shape:
+            problems.append(
+                "shape mismatch: "
+                + "; ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:10])
+                + (f" (+{len(shape) - 10} more)" if len(shape) > 10 else "")
+            )
+        if strict and missing:
+            problems.append(f"missing {len(missing)} keys, e.g. {missing[:5]}")
+        if strict and unexpected:
+            problems.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:5]}")
+        if problems:
+            raise ValueError("cannot load multimodal weights: " + " | ".join(problems))
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+    def print_trainable_parameters(self) -> None:
+        """peft-style one-line summary of trainable versus all parameters."""
+        from .params import trainable_summary
+
+        print(trainable_summary(self))
+
+    # ------------------------------------------------------------------ execution
+    def set_execution(self, execution: Execution) -> None:
+        """``"batched"`` (default) or ``"loop"`` (every layer per modality: the reference path)."""
+        set_execution(self, execution)
+
+    @contextlib.contextmanager
+    def only_modality(self, modality: str) -> Iterator[None]:
+        """Within the block the layers see a batch of ``modality`` only (non-mixing layers)."""
+        with only_modality(self, modality):
+            yield
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write the trainable tensors (safetensors) and the config (JSON) to ``directory``."""
+        from .io import save_multimodal
+
+        save_multimodal(self, directory)
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _infer_in_channels(model: nn.Module) -> int | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and ("patch_embed" in name or name.endswith("proj")):
+            return module.in_channels
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def _slice_ranges(rule: LoRAConfig, layer: nn.Linear, name: str) -> dict[str, tuple[int, int]] | None:
+    if rule.slices is None:
+        return None
+    n = len(rule.split)
+    if layer.out_features % n != 0:
+        raise ValueError(f"{name}: {layer.out_features} outputs cannot be split into {rule.split}")
+    step = layer.out_features // n
+    return {s: (rule.split.index(s) * step, (rule.split.index(s) + 1) * step) for s in rule.slices}
+
+
+def _adapter_dims(module: nn.Module, placement: str, name: str) -> tuple[int, int]:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot infer the channels of {name} ({type(module).__name__}): it holds no nn.Linear")
+    out = linears[-1].out_features
+    return (linears[0].in_features if placement == "beside" else out), out
+
+
+def _build_layer(rule: RuleConfig, module: nn.Module, name: str, modalities: Sequence[str]) -> MultimodalLayer:
+    if isinstance(rule, LoRAConfig):
+        assert isinstance(module, nn.Linear)
+        return MultimodalLoRA(
+            module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout,
+            slices=_slice_ranges(rule, module, name), fusion=rule.fusion, lambda_init=rule.lambda_init,
+        )  # fmt: skip
+    c_in, c_out = _adapter_dims(module, rule.placement, name)
+    return MultimodalAdapter(
+        module, modalities, in_features=c_in, out_features=c_out, hidden=max(1, int(c_in * rule.ratio)),
+        placement=rule.placement, activation=ACTIVATIONS[rule.activation], bias=rule.bias,
+        dropout=rule.dropout, scale=rule.scale, init=rule.init, fusion=rule.fusion, lambda_init=rule.lambda_init,
+    )  # fmt: skip
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_rules(model: nn.Module, config: MultimodalConfig) -> list[str]:
+    """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names."""
+    if isinstance(model, MultimodalModel) or any(True for _ in multimodal_layers(model)):
+        raise ValueError("this model is already wrapped by mmpeft; wrap the original model once")
+    owner: dict[str, int] = {}
+    for i, rule in enumerate(config.rules):
+        want = nn.Linear if isinstance(rule, LoRAConfig) else None
+        for n in match_targets(model, rule.targets, want):
+            if n in owner:
+                raise ValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
+            owner[n] = i
+    model.requires_grad_(False)
+    # deepest first, so a parent wrapper receives its already patched children
+    for n in sorted(owner, key=lambda s: s.count("."), reverse=True):
+        rule = config.rules[owner[n]]
+        _set_submodule(model, n, _build_layer(rule, model.get_submodule(n), n, config.modalities))
+    return sorted(owner)
+
+
+def build_config(
+    model: nn.Module,
+    modalities: Sequence[str] = ("optical", "dsm"),
+    method: str = "lora",
+    *,
+    preset: str | None = None,
+    targets: str | list[str] | None = None,
+    **options: Any,
+) -> MultimodalConfig:
+    """The :class:`MultimodalConfig` ``wrap_multimodal`` would use (see its arguments)."""
+    stems = options.pop("stems", None) or {}
+    in_channels = options.pop("in_channels", None)
+    if method not in ("lora", "adapter"):
+        raise ValueError(f"method must be 'lora' or 'adapter', got {method!r}")
+    if targets is not None:
+        if preset is not None:
+            raise ValueError("pass either preset= or targets=, not both")
+        rules: list[RuleConfig] = [(LoRAConfig if method == "lora" else AdapterConfig)(targets=targets)]
+    else:
+        preset = preset or ("mmlora" if method == "lora" else "mmadapter")
+        rules = preset_rules(preset, detect_family(model))
+    rules = [_override(r, options, explicit=targets is not None) for r in rules]
+    unused = set(options) - _OPTION_NAMES
+    if unused:
+        raise TypeError(f"unknown options {sorted(unused)}; known: {sorted(_OPTION_NAMES)}")
+    stem_cfgs = {k: _stem(v) for k, v in stems.items()}
+    return MultimodalConfig(list(modalities), rules, stem_cfgs, in_channels, preset)
+
+
+_LORA_OPTS = {"rank", "alpha", "dropout", "slices"}
+_ADAPTER_OPTS = {"ratio", "activation", "bias", "dropout", "scale", "init", "placement"}
+_OPTION_NAMES = _LORA_OPTS | _ADAPTER_OPTS | {"fusion", "lambda_init"}
+
+
+def _override(rule: RuleConfig, options: dict[str, Any], explicit: bool) -> RuleConfig:
+    names = _LORA_OPTS if isinstance(rule, LoRAConfig) else _ADAPTER_OPTS
+    updates = {k: v for k, v in options.items() if k in names and v is not None}
+    if not explicit:
+        updates.pop("placement", None)  # presets fix where adapters go
+        if isinstance(rule, LoRAConfig) and rule.slices is None:
+            updates.pop("slices", None)
+    # the fusion option sets the cross-modal rule of the mixing parts; "none" disables all mixing
+    fusion = options.get("fusion")
+    if fusion is not None and (explicit or rule.fusion != "none" or fusion == "none"):
+        updates["fusion"] = fusion
+    if options.get("lambda_init") is not None:
+        updates["lambda_init"] = options["lambda_init"]
+    data = {**rule.__dict__, **updates}
+    return type(rule)(**data)
+
+
+def _stem(v: Any) -> StemConfig:
+    if isinstance(v, StemConfig):
+        return v
+    if isinstance(v, str):
+        return StemConfig(kind=v)
+    if isinstance(v, (tuple, list)):
+        return StemConfig(kind=v[0], in_channels=v[1])
+    if isinstance(v, Mapping):
+        return StemConfig(**v)
+    raise TypeError(f"cannot read a stem from {v!r}; use 'repeat', ('conv1x1', channels) or StemConfig")
+
+
+def wrap_multimodal(
+    model: nn.Module,
+    modalities: Sequence[str] = ("optical", "dsm"),
+    method: str = "lora",
+    *,
+    preset: str | None = None,
+    targets: str | list[str] | None = None,
+    config: MultimodalConfig | None = None,
+    **options: Any,
+) -> MultimodalModel:
+    """Freeze ``model`` and patch it for ``modalities`` with multimodal LoRA or adapters.
+
+    Args:
+        model: any ViT (segment-anything ``ImageEncoderViT``, timm ViTs, or your own).
+        modalities: modality names, in the order they are stacked on the batch axis.
+        method: ``"lora"`` or ``"adapter"``. Without ``targets`` the paper's placement is used
+            (``preset`` "mmlora" / "mmadapter"), detected from the module names.
+        preset: one of :data:`mmpeft.targets.PRESETS` ("mmlora", "mmadapter", "lora", "adapter",
+            "mmadapter_authors", ...).
+        targets: modules to patch instead of a preset: a list of names (suffix match) or a regex.
+        config: a complete :class:`MultimodalConfig` (overrides everything else).
+        **options: ``rank``, ``alpha``, ``dropout``, ``slices`` (LoRA); ``ratio``, ``activation``,
+            ``bias``, ``scale``, ``init``, ``placement`` (adapters); ``fusion`` ("scalar", "none",
+            "matrix"), ``lambda_init``; ``stems`` ({modality: "repeat" | ("conv1x1", c) | StemConfig});
+            ``in_channels`` of the model (inferred from its first conv by default).
+
+    Returns:
+        A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
+    """
+    if config is None:
+        config = build_config(model, modalities, method, preset=preset, targets=targets, **options)
+    elif options or targets is not None or preset is not None:
+        raise ValueError("pass either config= or options/targets/preset, not both")
+    apply_rules(model, config)
+    in_channels = config.in_channels if config.in_channels is not None else _infer_in_channels(model)
+    wrapped = MultimodalModel(model, config, in_channels)
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        wrapped.stems.to(p.device)
+    return wrapped
