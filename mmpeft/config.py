@@ -151,7 +151,8 @@ class MultimodalConfig:
 
     Attributes:
         modalities: modality names, in stacked order.
-        rules: LoRA / adapter rules applied in order (a module may be targeted by one rule only).
+        rules: LoRA / adapter rules applied in order (a module may be targeted by one rule only);
+            no rule gives a frozen multimodal model (the "no fine-tuning" baseline).
         stems: per-modality input stems (missing modalities get "auto").
         in_channels: channels the base model expects (None: inferred from its first conv).
         preset: name of the preset the rules came from (informational).
@@ -172,8 +173,6 @@ class MultimodalConfig:
         bad = [m for m in self.modalities if not m.isidentifier()]
         if bad:
             raise ValueError(f"modality names must be identifiers (no dots or spaces), got {bad}")
-        if not self.rules:
-            raise ValueError("at least one LoRA or adapter rule is required")
         self.stems = {k: (v if isinstance(v, StemConfig) else StemConfig(**v)) for k, v in self.stems.items()}
         unknown = sorted(set(self.stems) - set(self.modalities))
         if unknown:

@@ -120,6 +120,8 @@ PRESETS: dict[str, Callable[[BackboneFamily], list[RuleConfig]]] = {
     "lora": lambda f: _no_mixing(_mmlora(f)),
     "adapter": lambda f: _no_mixing(_mmadapter(f)),
     "adapter_authors": lambda f: _no_mixing(_mmadapter(f, init="default")),
+    # nothing trains in the encoder (the "without Adapter" baseline of Table IV)
+    "frozen": lambda f: [],
 }
 
 
