@@ -23,7 +23,10 @@ from mmpeft.wrap import is_trainable_name
 from .decoder import UNetFormerDecoder
 from .dfm import DeepFusionModule, SimplePyramid
 
-__all__ = ["MFNetConfig", "MFNet", "build_mfnet", "save_mfnet", "load_mfnet", "check_input_size"]
+__all__ = [
+    "MFNetConfig", "MFNet", "MFNET_PRESETS", "mfnet_preset", "build_mfnet", "save_mfnet", "load_mfnet",
+    "check_input_size",
+]
 
 METHOD_PRESETS = {  # (method, fusion) -> mmpeft preset
     ("adapter", "scalar"): "mmadapter", ("adapter", "none"): "adapter",
@@ -121,6 +124,14 @@ class MFNetConfig:
         return cls(**dict(d))
 
 
+def _global_blocks(depth: int) -> tuple[int, ...]:
+    """SAM's pattern of global-attention blocks: the last block of each quarter (2,5,8,11 for 12)."""
+    if depth < 4:
+        return (depth - 1,)
+    k = depth // 4
+    return tuple(range(k - 1, depth, k))[:4]
+
+
 def check_input_size(size: Sequence[int]) -> None:
     """Raise ValueError unless both sides are positive multiples of 32."""
     h, w = int(size[0]), int(size[1])
@@ -143,7 +154,8 @@ class MFNet(nn.Module):
         spec = SAM_SPECS[config.backbone]
         overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads") if getattr(config, k)}
         if overrides:
-            spec = replace_spec(spec, **overrides)
+            depth = overrides.get("depth", spec.depth)
+            spec = replace_spec(spec, global_attn_indexes=_global_blocks(depth), **overrides)
         encoder = build_sam_encoder(spec, impl=config.impl, img_size=config.size)  # type: ignore[arg-type]
         self.load_report = None
         if config.checkpoint:
@@ -223,6 +235,39 @@ class MFNet(nn.Module):
             return name.split(".")[0]
 
         return count_parameters(self, by=group).to_dict()
+
+
+_OPTICAL = {"modalities": ["optical"]}
+#: Named configurations of every row of the paper's Tables IV and V, plus the authors' exact model.
+MFNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Table IV (Vaihingen, modality x fine-tuning)
+    "t4_optical_frozen": {**_OPTICAL, "method": "none"},  # NIIRG, without Adapter
+    "t4_optical_lora": {**_OPTICAL, "method": "lora", "fusion": "none"},  # NIIRG, standard LoRA
+    "t4_lora": {"method": "lora", "fusion": "none"},  # NIIRG + DSM, standard LoRA (no mixing)
+    "t4_mmlora": {"method": "lora", "fusion": "scalar"},  # MFNet with MMLoRA
+    "t4_optical_adapter": {**_OPTICAL, "method": "adapter", "fusion": "none"},
+    "t4_adapter": {"method": "adapter", "fusion": "none"},
+    "t4_mmadapter": {"method": "adapter", "fusion": "scalar"},
+    # Table V (ablation): without DFM; the other rows are t4_adapter / t4_lora and the full model
+    "t5_mmadapter_no_dfm": {"method": "adapter", "fusion": "scalar", "dfm": False},
+    "t5_mmlora_no_dfm": {"method": "lora", "fusion": "scalar", "dfm": False},
+    # the full models (Tables I-III, VI)
+    "mfnet_mmadapter": {"method": "adapter", "fusion": "scalar"},
+    "mfnet_mmlora": {"method": "lora", "fusion": "scalar"},
+    # the authors' published runs exactly: default adapter init, zeroed relative tables,
+    # LayerNorm/BatchNorm pyramid pair, bicubic position-embedding resize
+    "authors_mmadapter": {"preset": "mmadapter_authors", "method": "adapter", "zero_rel_pos": True,
+                          "dfm_norms": "authors", "pos_embed_interp": "bicubic"},
+    "authors_mmlora": {"preset": "mmlora_authors", "method": "lora", "zero_rel_pos": True,
+                       "dfm_norms": "authors", "pos_embed_interp": "bicubic"},
+}  # fmt: skip
+
+
+def mfnet_preset(name: str, **overrides: Any) -> MFNetConfig:
+    """The :class:`MFNetConfig` of preset ``name`` (see :data:`MFNET_PRESETS`) with ``overrides``."""
+    if name not in MFNET_PRESETS:
+        raise ValueError(f"unknown MFNet preset {name!r}; known: {sorted(MFNET_PRESETS)}")
+    return MFNetConfig(**{**MFNET_PRESETS[name], **overrides})
 
 
 def build_mfnet(config: MFNetConfig | Mapping[str, Any] | None = None, **overrides: Any) -> MFNet:
