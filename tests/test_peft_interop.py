@@ -1,0 +1,99 @@
+"""export_peft: a non-mixing multimodal LoRA, loaded by peft onto the plain model, is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmpeft import wrap_multimodal
+from mmpeft.peft_interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, peft_lora_weights
+
+from .conftest import tiny_sam, tiny_timm_vit
+from .test_wrap import _randomise_trainables
+
+peft = pytest.importorskip("peft")
+
+
+def _inputs(size: int = 64) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {"optical": torch.rand(2, 3, size, size, generator=g), "dsm": torch.rand(2, 1, size, size, generator=g)}
+
+
+@pytest.mark.parametrize("modality", ["dsm", "optical"])
+def test_exported_lora_loads_in_peft_and_matches(tmp_path, modality: str) -> None:
+    wrapped = wrap_multimodal(tiny_sam(), ("optical", "dsm"), preset="lora")  # fusion none everywhere
+    _randomise_trainables(wrapped)
+    export_peft(wrapped, modality, tmp_path)
+    assert (tmp_path / PEFT_CONFIG_NAME).is_file() and (tmp_path / PEFT_WEIGHTS_NAME).is_file()
+
+    peft_model = peft.PeftModel.from_pretrained(tiny_sam(), str(tmp_path))  # fresh, unwrapped base
+    x = _inputs()
+    with torch.no_grad():
+        expected = wrapped(x)[modality]
+        got = peft_model(x[modality].repeat(1, 3 // x[modality].shape[1], 1, 1))
+        plain = tiny_sam()(x[modality].repeat(1, 3 // x[modality].shape[1], 1, 1))
+    assert (expected - plain).abs().max() > 1e-2  # the LoRA matters ...
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()  # ... and peft has it
+
+    # the saved keys are exactly what peft itself saves for this model
+    from peft.utils import get_peft_model_state_dict
+
+    saved = load_file(str(tmp_path / PEFT_WEIGHTS_NAME))
+    own = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    assert sorted(saved) == sorted(own)
+    assert "base_model.model.blocks.0.attn.qkv.lora_A.weight" in saved
+    cfg = json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 4.0  # MLP: scaling 1
+    assert cfg["rank_pattern"] == {r"blocks\.0\.attn\.qkv": 8, r"blocks\.1\.attn\.qkv": 8}
+    assert peft_model.base_model.model.blocks[0].attn.qkv.scaling["default"] == 0.25  # 2 / 8
+
+
+def test_sliced_qkv_becomes_block_structured_rank_2r() -> None:
+    wrapped = wrap_multimodal(tiny_sam(), ("optical", "dsm"), preset="lora")
+    _randomise_trainables(wrapped)
+    weights = peft_lora_weights(wrapped, "dsm")
+    a, b, scaling = weights["blocks.0.attn.qkv"]
+    qkv = wrapped.base_model.blocks[0].attn.qkv
+    assert a.shape == (8, 32) and b.shape == (96, 8) and scaling == 0.25
+    assert torch.equal(a[:4], qkv.lora_A["dsm"]["q"].weight) and torch.equal(a[4:], qkv.lora_A["dsm"]["v"].weight)
+    assert torch.equal(b[:32, :4], qkv.lora_B["dsm"]["q"].weight) and torch.equal(b[64:, 4:], qkv.lora_B["dsm"]["v"].weight)
+    assert not b[32:64].any() and not b[:32, 4:].any() and not b[64:, :4].any()  # k rows, cross blocks
+    assert weights["blocks.1.mlp.lin1"][2] == 1.0
+
+
+def test_single_modality_scalar_fusion_exports_on_timm(tmp_path) -> None:
+    """With one modality the paper's rule has nothing to mix: mmlora exports (timm ViT, custom rank)."""
+    wrapped = wrap_multimodal(tiny_timm_vit(), ("dsm",), preset="mmlora", rank=2)
+    _randomise_trainables(wrapped)
+    export_peft(wrapped, "dsm", tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_timm_vit(), str(tmp_path))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(x.repeat(1, 3, 1, 1)), wrapped([x])[0], atol=1e-5)
+
+
+def test_mixing_layers_raise(tmp_path) -> None:
+    wrapped = wrap_multimodal(tiny_sam(), ("optical", "dsm"), preset="mmlora")
+    with pytest.raises(ValueError, match="mixes modalities .*cannot be expressed in peft"):
+        export_peft(wrapped, "dsm", tmp_path)
+    wrapped = wrap_multimodal(tiny_sam(), ("optical", "dsm"), preset="mmlora", fusion="matrix")
+    with pytest.raises(ValueError, match="mixes modalities"):
+        export_peft(wrapped, "optical", tmp_path)
+    assert not (tmp_path / PEFT_WEIGHTS_NAME).exists()
+
+
+def test_adapters_stems_and_names_raise(tmp_path) -> None:
+    with pytest.raises(ValueError, match="adapters .* cannot be exported to peft"):
+        export_peft(wrap_multimodal(tiny_sam(), preset="adapter"), "dsm", tmp_path)
+    learned = wrap_multimodal(tiny_sam(), preset="lora", stems={"dsm": ("conv1x1", 1)})
+    with pytest.raises(ValueError, match="learnable 'conv1x1' stem"):
+        export_peft(learned, "dsm", tmp_path)
+    export_peft(learned, "dsm", tmp_path, allow_learned_stem=True)
+    export_peft(learned, "optical", tmp_path / "optical")  # its stem is fixed
+    with pytest.raises(ValueError, match="unknown modality 'sar'"):
+        export_peft(learned, "sar", tmp_path)
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        export_peft(wrap_multimodal(tiny_sam(), preset="frozen"), "dsm", tmp_path)
