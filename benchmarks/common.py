@@ -1,0 +1,40 @@
+"""Shared helpers of the benchmark scripts: environment record, JSON + Markdown output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    """git sha, torch version, device and threads: recorded with every result."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=False).stdout.strip()  # fmt: skip
+    except OSError:
+        sha = ""
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"git_sha": sha, "torch": torch.__version__, "device": dev, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}  # fmt: skip
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def write(name: str, data: dict[str, Any], table: str, out_dir: Path | None = None) -> Path:
+    """Write ``<name>.json`` and ``<name>.md`` under benchmarks/results (or out_dir); print the table."""
+    out = Path(out_dir) if out_dir else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"environment": environment(), **data}, indent=2))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(table)
+    return out
