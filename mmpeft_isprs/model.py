@@ -18,6 +18,7 @@ from mmpeft import count_parameters, wrap_multimodal
 from mmpeft.backbones import SAM_SPECS, build_sam_encoder, load_sam_checkpoint, replace_spec
 from mmpeft.checkpointing import enable_gradient_checkpointing
 from mmpeft.io import atomic_write
+from mmpeft.reference import per_modality_forward
 from mmpeft.wrap import is_trainable_name
 
 from .decoder import UNetFormerDecoder
@@ -57,6 +58,9 @@ class MFNetConfig:
         rank, alpha, ratio, lambda_init: method options (None: the preset's value).
         stems: per-modality stem kinds, e.g. {"dsm": "repeat"} (default: auto = repeat to 3).
         grad_checkpointing: recompute encoder block activations in backward (less memory).
+        execution: "batched" (one frozen pass over the stacked modalities) or "per_modality"
+            (every modality through every layer one after the other: the authors' scheme, for
+            benchmarks and checks; same maths).
         decode_channels, decoder_dropout, window_size, decoder_heads: the UNetFormer decoder.
         embed_dim, depth, num_heads: override the backbone size (tests).
     """
@@ -80,6 +84,7 @@ class MFNetConfig:
     lambda_init: float | None = None
     stems: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
+    execution: str = "batched"
     decode_channels: int = 64
     decoder_dropout: float = 0.1
     window_size: int = 8
@@ -95,6 +100,8 @@ class MFNetConfig:
             raise ValueError(f"method must be 'adapter', 'lora' or 'none', got {self.method!r}")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be unique and non-empty, got {self.modalities}")
+        if self.execution not in ("batched", "per_modality"):
+            raise ValueError(f"execution must be 'batched' or 'per_modality', got {self.execution!r}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         check_input_size(self.size)
@@ -195,7 +202,11 @@ class MFNet(nn.Module):
                 f"(position embeddings are resized once, at build time); got {tuple(first.shape[-2:])}. "
                 "Build it with img_size set to your crop size."
             )
-        feats = self.encoder({m: inputs[m] for m in self.modalities} if isinstance(inputs, Mapping) else inputs)
+        enc_inputs = {m: inputs[m] for m in self.modalities} if isinstance(inputs, Mapping) else inputs
+        if self.config.execution == "per_modality":
+            feats = per_modality_forward(self.encoder, enc_inputs)
+        else:
+            feats = self.encoder(enc_inputs)
         maps = [feats[m] for m in self.modalities]  # each (B, 256, H/16, W/16)
         levels = self.dfm(maps) if self.config.dfm else self.dfm(torch.stack(maps).sum(0))
         return self.decoder(levels, self.config.size)

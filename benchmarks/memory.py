@@ -1,0 +1,62 @@
+"""Peak memory of one MFNet training step for the six configurations of Table VI.
+
+On CPU it reports peak RSS of a fresh process per configuration; on a GPU peak CUDA memory,
+beside the paper's Table VI figures (RTX 3090, batch not stated).
+
+    python benchmarks/memory.py                       # CPU, batch 1 and 10, 256x256
+    python benchmarks/memory.py --batches 1 --backbones vit_b
+    python benchmarks/memory.py --device cuda
+
+Writes benchmarks/results/memory[_<tag>].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write  # noqa: E402
+from speed import run_scheme  # noqa: E402
+
+PAPER_MB = {("adapter", "vit_b"): 1872, ("adapter", "vit_l"): 4242, ("adapter", "vit_h"): 6854,
+            ("lora", "vit_b"): 1924, ("lora", "vit_l"): 4158, ("lora", "vit_h"): 6520}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", nargs="+", default=["vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 10])
+    ap.add_argument("--scheme", default="ours", help="ours | ours_ckpt | per_modality | per_modality_sam")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    unit = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
+    rows, data = [], {}
+    for method in args.methods:
+        for backbone in args.backbones:
+            for batch in args.batches:
+                ns = argparse.Namespace(backbone=backbone, batch=batch, size=args.size, steps=1, warmup=1,
+                                        device=args.device, amp=args.amp, threads=0, quick=False)  # fmt: skip
+                r: dict[str, Any] = run_scheme(ns, method, args.scheme)
+                paper = PAPER_MB[(method, backbone)]
+                data[f"{method}_{backbone}_b{batch}"] = {**r, "paper_mb": paper}
+                rows.append(f"| MM{'Adapter' if method == 'adapter' else 'LoRA'} {backbone} | {batch} | "
+                            f"{r['peak_mb']:.0f} | {paper} | {r['peak_mb'] / paper:.2f} | {r['median_s']:.2f} |")  # fmt: skip
+                print(rows[-1], flush=True)
+    table = "\n".join([
+        f"Peak memory of one training step (scheme {args.scheme}, {args.size}x{args.size}, device {args.device}, amp {args.amp}).",
+        "", f"| configuration | batch | {unit} | paper MB (RTX 3090) | ratio | step s |", "|---|---:|---:|---:|---:|---:|", *rows,
+    ])  # fmt: skip
+    name = "memory" + (f"_{args.tag}" if args.tag else "")
+    write(name, {"args": {k: str(v) for k, v in vars(args).items()}, "results": data}, table, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Training-step time and peak memory of MFNet, side by side in one run.
+
+Schemes (each measured in its own subprocess so that peak memory is its own):
+
+- ``ours``: the stacked (M*B) pass through timm's SAM encoder (fused attention), batched
+  per-modality products, in-place q/v slice updates.
+- ``ours_ckpt``: the same with gradient checkpointing of the frozen encoder blocks.
+- ``per_modality``: the same layers run modality after modality through every layer (the
+  authors' execution scheme, built from our code: ``execution="per_modality"``).
+- ``per_modality_sam``: as ``per_modality`` on segment-anything's encoder (unfused attention),
+  the closest to the authors' code.
+- ``floor``: the frozen timm SAM encoder alone, forward + backward on the stacked batch of
+  M*B images (input gradients only): the cost under any fine-tuning step.
+
+    python benchmarks/speed.py                      # CPU: batch 2, vit_b, both methods
+    python benchmarks/speed.py --device cuda --batch 10 --amp bf16
+    python benchmarks/speed.py --quick              # tiny backbone, smoke test
+
+Writes benchmarks/results/speed[_<tag>].{json,md} with medians and the ratios a/b, a/c.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, write  # noqa: E402
+
+SCHEMES = ("ours", "ours_ckpt", "per_modality", "per_modality_sam", "floor")
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build one scheme, run warm-up + timed steps, return times and peak memory."""
+    import torch
+
+    from mmpeft_isprs.model import build_mfnet
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    size = (args.size, args.size)
+    kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size)
+    if args.quick:
+        kw.update(embed_dim=64, depth=4, num_heads=2)
+    x = {"optical": torch.rand(args.batch, 3, *size, device=dev), "dsm": torch.rand(args.batch, 1, *size, device=dev)}
+    y = torch.randint(0, 6, (args.batch, *size), device=dev)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    if args.scheme == "floor":
+        from mmpeft.backbones import build_sam_encoder, replace_spec, SAM_SPECS
+
+        spec = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
+            SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))
+        model = build_sam_encoder(spec, impl="timm", img_size=size).to(dev).requires_grad_(False)
+        stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)
+
+        def step() -> None:
+            inp = stacked.clone().requires_grad_(True)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                out = model(inp)
+            out.float().mean().backward()
+    else:
+        kw.update(
+            impl="segment_anything" if args.scheme == "per_modality_sam" else "timm",
+            execution="per_modality" if args.scheme.startswith("per_modality") else "batched",
+            grad_checkpointing=args.scheme == "ours_ckpt",
+        )
+        model = build_mfnet(**kw).to(dev).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
+            loss.backward()
+            opt.step()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return {"times": times, "median_s": median(times), "peak_mb": _peak_mb(args.device)}
+
+
+def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", "--scheme", scheme, "--method", method]
+    for k in ("backbone", "batch", "size", "steps", "warmup", "device", "amp", "threads"):
+        cmd += [f"--{k}", str(getattr(args, k))]
+    if args.quick:
+        cmd.append("--quick")
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if res.returncode != 0:
+        raise RuntimeError(f"{method}/{scheme} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    unit = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
+    lines = [
+        f"Training step, MFNet {args.backbone}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
+        f"amp {args.amp}, {args.steps} timed steps after {args.warmup} warm-up (median).",
+        "",
+        f"| method | scheme | median s/step | {unit} | time vs per_modality | time vs floor | memory vs per_modality |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, res in results.items():
+        b, c = res.get("per_modality"), res.get("floor")
+        for scheme, r in res.items():
+            rb = f"{r['median_s'] / b['median_s']:.3f}" if b else "-"
+            rc = f"{r['median_s'] / c['median_s']:.3f}" if c else "-"
+            mb = f"{r['peak_mb'] / b['peak_mb']:.3f}" if b else "-"
+            lines.append(f"| {method} | {scheme} | {r['median_s']:.3f} | {r['peak_mb']:.0f} | {rb} | {rc} | {mb} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="vit_b")
+    ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny backbone: a smoke test")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--scheme", default="ours", help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="adapter", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results: dict[str, dict[str, Any]] = {}
+    for method in args.methods:
+        results[method] = {}
+        for scheme in args.schemes:
+            results[method][scheme] = run_scheme(args, method, scheme)
+            r = results[method][scheme]
+            print(f"{method:8s} {scheme:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
+    ratios = {
+        m: {
+            "a_over_b": r["ours"]["median_s"] / r["per_modality"]["median_s"] if "per_modality" in r and "ours" in r else None,
+            "a_over_c": r["ours"]["median_s"] / r["floor"]["median_s"] if "floor" in r and "ours" in r else None,
+            "ckpt_mem_over_b": r["ours_ckpt"]["peak_mb"] / r["per_modality"]["peak_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
+            "ckpt_time_over_b": r["ours_ckpt"]["median_s"] / r["per_modality"]["median_s"] if "ours_ckpt" in r and "per_modality" in r else None,
+        }
+        for m, r in results.items()
+    }  # fmt: skip
+    name = "speed" + (f"_{args.tag}" if args.tag else "")
+    write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": ratios}, table(results, args), args.out)
+
+
+if __name__ == "__main__":
+    main()
