@@ -34,7 +34,7 @@ def build_sam(size: str, img_size: int, checkpoint: str | None, seed: int = 0) -
     encoder = build_sam_encoder(size, impl="segment_anything", img_size=img_size)
     if checkpoint is not None:
         report = load_sam_checkpoint(encoder, checkpoint)  # e.g. "sam_vit_b_01ec64.pth"
-        print(f"  loaded {len(report.loaded)} tensors from {checkpoint} ({len(report.dropped)} decoder keys dropped)")
+        print(f"  loaded {len(report.loaded)} tensors from {checkpoint} ({len(report.dropped)} prompt/mask-decoder keys dropped)")
     return encoder.eval()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Iterator
 
 import pytest
 import torch
@@ -15,6 +16,17 @@ from .conftest import tiny_sam, tiny_timm_vit
 from .test_wrap import _randomise_trainables
 
 peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread is fastest, and a 2-thread pool on busy cores is far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inputs(size: int = 64) -> dict[str, torch.Tensor]:
