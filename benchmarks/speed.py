@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write  # noqa: E402
 
 SCHEMES = ("ours", "ours_ckpt", "per_modality", "per_modality_sam", "floor")
+_DEFAULTS = {"tile": "2500x2000", "stride": 128, "infer_batch": 8, "threads": 0}
 
 
 def _peak_mb(device: str) -> float:
@@ -108,10 +109,42 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"times": times, "median_s": median(times), "peak_mb": _peak_mb(args.device)}
 
 
+def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Images (windows) per second of sliding-window inference over one tile."""
+    import torch
+
+    from mmpeft_isprs.inference import sliding_window_predict, window_starts
+    from mmpeft_isprs.model import build_mfnet
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size)
+    if args.quick:
+        kw.update(embed_dim=64, depth=4, num_heads=2)
+    model = build_mfnet(**kw).to(dev).eval()
+    h, w = (int(v) for v in args.tile.split("x"))
+    tile = {"optical": torch.rand(3, h, w), "dsm": torch.rand(1, h, w)}
+    n = len(window_starts(h, args.size, args.stride)) * len(window_starts(w, args.size, args.stride))
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+    def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return model(batch).float()
+
+    with torch.inference_mode():
+        t = time.perf_counter()
+        sliding_window_predict(fn, tile, 6, window=args.size, stride=args.stride, batch_size=args.infer_batch, device=dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t
+    return {"tile": args.tile, "stride": args.stride, "windows": n, "seconds": sec, "images_per_s": n / sec,
+            "peak_mb": _peak_mb(args.device)}  # fmt: skip
+
+
 def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", "--scheme", scheme, "--method", method]
-    for k in ("backbone", "batch", "size", "steps", "warmup", "device", "amp", "threads"):
-        cmd += [f"--{k}", str(getattr(args, k))]
+    for k in ("backbone", "batch", "size", "steps", "warmup", "device", "amp", "threads", "tile", "stride", "infer_batch"):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k, None) or _DEFAULTS[k])]
     if args.quick:
         cmd.append("--quick")
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -139,6 +172,15 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def inference_table(inference: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    if not inference:
+        return ""
+    lines = ["", "", f"Tile inference, {args.tile} tile, window {args.size}, stride {args.stride}, batch {args.infer_batch}:",
+             "", "| method | windows | seconds | images/s |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {m} | {r['windows']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |" for m, r in inference.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="vit_b")
@@ -151,6 +193,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--inference", action="store_true", help="also measure tile inference (images/s)")
+    ap.add_argument("--tile", default="2500x2000", help="tile size HxW for --inference")
+    ap.add_argument("--stride", type=int, default=128, help="sliding-window stride for --inference")
+    ap.add_argument("--infer-batch", dest="infer_batch", type=int, default=8, help="windows per model call")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny backbone: a smoke test")
@@ -163,7 +209,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(inference_worker(args) if args.scheme == "inference" else worker(args)))
         return
     results: dict[str, dict[str, Any]] = {}
     for method in args.methods:
@@ -172,6 +218,11 @@ def main() -> None:
             results[method][scheme] = run_scheme(args, method, scheme)
             r = results[method][scheme]
             print(f"{method:8s} {scheme:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
+    inference = {}
+    if args.inference:
+        for method in args.methods:
+            inference[method] = run_scheme(args, method, "inference")
+            print(f"{method:8s} inference {inference[method]['images_per_s']:.2f} images/s", flush=True)
     ratios = {
         m: {
             "a_over_b": r["ours"]["median_s"] / r["per_modality"]["median_s"] if "per_modality" in r and "ours" in r else None,
@@ -182,7 +233,8 @@ def main() -> None:
         for m, r in results.items()
     }  # fmt: skip
     name = "speed" + (f"_{args.tag}" if args.tag else "")
-    write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": ratios}, table(results, args), args.out)
+    write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": ratios, "inference": inference},
+          table(results, args) + inference_table(inference, args), args.out)
 
 
 if __name__ == "__main__":
