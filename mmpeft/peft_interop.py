@@ -69,8 +69,14 @@ def _own_factor(layer: MultimodalLoRA, idx: int, name: str) -> float:
             "cannot be expressed in peft. Export a model wrapped with fusion='none' (e.g. preset 'lora') "
             "or with one modality."
         )
-    with torch.no_grad():
-        w = fusion.mixing_matrix().detach().float()
+    try:
+        with torch.no_grad():
+            w = fusion.mixing_matrix().detach().float()
+    except NotImplementedError:
+        raise ValueError(
+            f"{name}: fusion {type(fusion).__name__} has no mixing_matrix(), so the factor on each "
+            "modality's own update is unknown; cannot export"
+        ) from None
     off = w[idx].clone()
     off[idx] = 0.0
     if bool(off.abs().max() > 0):
