@@ -51,6 +51,8 @@ class Fusion(nn.Module):
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         """d: (M, ...) per-modality updates -> (M, ...) mixed updates."""
+        if not self.mixes:
+            return d
         m = len(self.modalities)
         if d.shape[0] != m:
             raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
@@ -114,18 +116,22 @@ class ScalarFusion(Fusion):
 
 
 class MatrixFusion(Fusion):
-    """A learnable (M, M) mixing matrix ``mix``, initialised like ``scalar`` with lambda = init."""
+    """A learnable (M, M) mixing matrix ``mix``, initialised like ``scalar`` with lambda = init.
+
+    With one modality there is nothing to mix: no parameter, identity (as ``scalar``).
+    """
 
     def __init__(self, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> None:
         super().__init__(modalities)
         m = len(self.modalities)
         self.mixes = m > 1
-        eye = torch.eye(m, device=device)
-        off = (1.0 - eye) / max(m - 1, 1)
-        self.mix = nn.Parameter(init * eye + (1.0 - init) * off if m > 1 else eye)
+        if self.mixes:
+            eye = torch.eye(m, device=device)
+            off = (1.0 - eye) / (m - 1)
+            self.mix = nn.Parameter(init * eye + (1.0 - init) * off)
 
     def mixing_matrix(self) -> torch.Tensor:
-        return self.mix
+        return self.mix if self.mixes else torch.eye(1)
 
 
 FusionFactory = Callable[..., Fusion]

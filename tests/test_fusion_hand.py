@@ -147,3 +147,12 @@ def test_matrix_fusion_starts_as_scalar() -> None:
 
     d = torch.randn(3, 5, 4)
     assert torch.allclose(MatrixFusion("abc", init=0.3)(d), ScalarFusion("abc", init=0.3)(d), atol=1e-6)
+
+
+def test_single_modality_rules_are_identity_and_parameter_free() -> None:
+    from mmpeft.fusion import build_fusion
+
+    d = torch.randn(1, 3, 4)
+    for rule in ("none", "scalar", "matrix"):
+        f = build_fusion(rule, ["only"])
+        assert not list(f.parameters()) and torch.equal(f(d), d)
