@@ -57,7 +57,7 @@ class DemoResult:
 
 
 def _backbone_of(checkpoint: str) -> str:
-    match = re.search(r"vit_([blh])", Path(checkpoint).name)
+    match = re.search(r"vit_(tiny|[blh])(?![a-z])", Path(checkpoint).name)
     return f"vit_{match.group(1)}" if match else "vit_b"
 
 

@@ -16,6 +16,8 @@ from typing import Any, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 __all__ = [
     "DistInfo", "init_distributed", "shutdown", "barrier", "all_gather_object",
     "broadcast_object", "shard", "resolve_device", "sum_tensor",
@@ -55,11 +57,13 @@ class DistInfo:
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"``: ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available; use train.device=cpu")
+            raise ConfigError("train.device: 'cuda' requested but CUDA is not available; use train.device=cpu")
         return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device(device)
 

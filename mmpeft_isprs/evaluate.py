@@ -19,7 +19,7 @@ import torch
 
 from .config import ConfigError, DataConfig, ExperimentConfig
 from .data import (
-    ISPRS, MMHUNAN, DsmNormalisation, GenericLayout, Layout, MMHunanLayout, ModalitySpec,
+    ISPRS, MMHUNAN, DataError, DsmNormalisation, GenericLayout, Layout, MMHunanLayout, ModalitySpec,
     PotsdamLayout, SplitSpec, TileSet, VaihingenLayout, generate_synthetic_vaihingen,
     synthetic_layout,
 )
@@ -71,8 +71,8 @@ def split_ids(data: DataConfig, split: str) -> list[str]:
     """Tile ids of ``split`` ([] for an empty validation split)."""
     try:
         return make_layout(data).split_ids(split, data.root)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"data.root: {exc}") from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data ({data.dataset} in {data.root}): {exc}") from None
 
 
 def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
@@ -83,8 +83,13 @@ def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
             f"data.root: folder {root} not found (dataset {data.dataset}); see docs/isprs.md for the "
             "expected layout, or set data.root=/path/to/data"
         )
-    layout = make_layout(data)
-    return TileSet(layout, root, split, labels=labels, dsm=dsm_rule(data), cache=data.cache)  # type: ignore[arg-type]
+    try:
+        layout = make_layout(data)
+        return TileSet(layout, root, split, labels=labels, dsm=dsm_rule(data), cache=data.cache)  # type: ignore[arg-type]
+    except DataError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:  # unknown split, empty split, val tiles in the test set
+        raise ConfigError(f"data ({data.dataset} in {root}): {exc}") from exc
 
 
 # --------------------------------------------------------------------------- evaluation

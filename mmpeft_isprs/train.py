@@ -37,7 +37,7 @@ from tqdm import tqdm
 from mmpeft.io import atomic_write
 
 from .config import ConfigError, ExperimentConfig
-from .data import IGNORE_INDEX, DataError, JointFlipRotate, RandomCropDataset, TileSet
+from .data import IGNORE_INDEX, JointFlipRotate, RandomCropDataset, TileSet
 from .distributed import DistInfo, all_gather_object, barrier, init_distributed, sum_tensor
 from .evaluate import evaluate_tileset, make_tileset, prepare_data_root, split_ids
 from .model import MFNet, build_mfnet, save_mfnet
@@ -151,6 +151,10 @@ def _check_resumable(saved: dict[str, Any], cfg: ExperimentConfig, path: Path) -
         raise ConfigError(f"cannot resume {path}: the config differs from the run's ({listing}); only {', '.join(RESUMABLE_CHANGES)} may change")
 
 
+def _ids(ids: list[str], show: int = 8) -> str:
+    return " ".join(ids[:show]) + (f" ... ({len(ids)} tiles)" if len(ids) > show else "")
+
+
 # --------------------------------------------------------------------------- the trainer
 class _Trainer:
     """One run: data, model, optimizer and the loop (a class only to share the state)."""
@@ -184,12 +188,11 @@ class _Trainer:
         random.seed(t.seed * 1_000_003 + info.rank)
         if resume_ckpt is not None:
             self._restore(resume_ckpt)
-        crop = RandomCropDataset(
+        self.dataset = RandomCropDataset(
             self.train_tiles, crop_size=cfg.crop_size, samples_per_epoch=t.batches_per_epoch * t.batch_size,
             seed=t.seed, transforms=JointFlipRotate(hflip=t.flips, vflip=t.flips, rot90=t.rotations),
             tile_weights=cfg.data.tile_weights,
         )  # fmt: skip
-        self.dataset = crop
         self.writer = self._tensorboard()
 
     # ---------------------------------------------------------------- setup
@@ -198,6 +201,8 @@ class _Trainer:
         if self.cfg.train.resume:
             ckpt = load_checkpoint(path, "cpu")
             _check_resumable(ckpt["config"], self.cfg, path)
+            if len(ckpt["rng"]) != self.info.world_size:
+                raise ConfigError(f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many (now {self.info.world_size})")
             return ckpt
         if path.exists():
             raise ConfigError(
@@ -209,13 +214,8 @@ class _Trainer:
     def _data(self) -> tuple[TileSet, TileSet | None]:
         d, e = self.cfg.data, self.cfg.eval
         prepare_data_root(d, self.info)
-        try:
-            train = make_tileset(d, "train", labels="full")
-            val = make_tileset(d, "val", labels=e.labels) if split_ids(d, "val") else None
-        except DataError:
-            raise
-        except ValueError as exc:  # unknown split, validation tiles in the test set, ...
-            raise ConfigError(f"data: {exc}") from exc
+        train = make_tileset(d, "train", labels="full")
+        val = make_tileset(d, "val", labels=e.labels) if split_ids(d, "val") else None
         if val is None and self.info.is_main:
             self.log("note: no validation split (data.val_ids / data.val_fraction); best.safetensors = last epoch")
         return train, val
@@ -243,8 +243,6 @@ class _Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
         rngs = ckpt["rng"]
-        if len(rngs) != self.info.world_size:
-            raise ConfigError(f"the checkpoint was written by {len(rngs)} process(es); resume it with as many (now {self.info.world_size})")
         _set_rng_state(rngs[self.info.rank], self.device)
         self.state.loss_sum = float(rngs[self.info.rank]["loss_sum"])  # this rank's own
         if self.info.is_main:
@@ -300,6 +298,8 @@ class _Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             self._trim_csv(s.epoch)
             self.log(self._summary())
+            if s.epoch >= t.epochs:
+                self.log(f"{self.run_dir} already finished its {t.epochs} epochs; raise train.epochs to train on")
         history: list[dict[str, Any]] = []
         while s.epoch < t.epochs:
             if not self._train_epoch(max_steps):
@@ -408,8 +408,8 @@ class _Trainer:
         trainable = groups["total"]["trainable"]
         return (
             f"{c.name}: {c.model.backbone} {c.model.mmpeft_preset}, modalities {c.model.modalities}, "
-            f"{trainable:,} trainable parameters; {len(self.train_tiles)} train / "
-            f"{len(self.val_tiles) if self.val_tiles is not None else 0} val tiles; {t.epochs} epochs x "
+            f"{trainable:,} trainable parameters; {len(self.train_tiles)} train tiles, validation tiles "
+            f"{_ids(self.val_tiles.ids) if self.val_tiles is not None else 'none'}; {t.epochs} epochs x "
             f"{t.batches_per_epoch} batches of {t.batch_size} ({self.info.world_size} process(es), {self.device}); "
             f"run dir {self.run_dir}"
         )

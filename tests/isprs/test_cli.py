@@ -128,3 +128,23 @@ def test_generate_synthetic_refuses_a_foreign_folder(tmp_path: Path, capsys: pyt
     assert main(["generate-synthetic", str(tmp_path), "--num-tiles", "3", "--tile-size", "64"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert generate_synthetic_vaihingen(tmp_path / "new", num_tiles=3, tile_size=64)["splits"]["test"] == ["5"]
+
+
+def test_demo_quick_with_a_sam_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`demo --quick --checkpoint FILE`: the SAM file is loaded (backbone from its name), both runs
+    train and are scored, colour maps and the side-by-side table are written."""
+    import torch
+
+    from mmpeft.backbones import SAM_SPECS
+    from tests.test_sam_backbone import official_state
+
+    ckpt = tmp_path / "sam_vit_tiny_random.pth"
+    torch.save(official_state(SAM_SPECS["vit_tiny"]), ckpt)
+    assert main(["demo", "--quick", "--checkpoint", str(ckpt), "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "=== test tiles: optical+DSM vs optical ===" in out and "DSM gain: mIoU" in out
+    summary = yaml.safe_load((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["checkpoint"] == str(ckpt) and set(summary["runs"]) == {"optical+dsm", "optical"}
+    for run in ("optical_dsm", "optical"):
+        assert (tmp_path / "demo" / run / "test" / "predictions" / "5_colour.png").is_file()
+        assert "vit_tiny" in (tmp_path / "demo" / run / "config.yaml").read_text()
