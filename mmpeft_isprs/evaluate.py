@@ -10,6 +10,7 @@ tiles are scored on the eroded ("noBoundary") labels.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,7 @@ def evaluate(
     tiles = make_tileset(cfg.data, cfg.eval.split, labels=labels)
     out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / f"eval_{cfg.eval.split}"
     preds = out / "predictions" if cfg.eval.save_predictions else None
-    result = evaluate_tileset(model, tiles, cfg, info=info, out_dir=preds, progress=info.is_main and cfg.train.progress)
+    result = evaluate_tileset(model, tiles, cfg, info=info, out_dir=preds, progress=info.is_main and cfg.train.progress and sys.stderr.isatty())
     if info.is_main:
         protocol = {
             "split": cfg.eval.split, "tiles": tiles.ids, "labels": labels, "window": model.config.size[0],

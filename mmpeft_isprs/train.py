@@ -315,7 +315,8 @@ class _Trainer:
         t, s, info = self.cfg.train, self.state, self.info
         self.net.train()
         bar = tqdm(total=t.batches_per_epoch, initial=s.batch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
-                   disable=not (info.is_main and t.progress), dynamic_ncols=True, leave=False)  # fmt: skip
+                   disable=None if info.is_main and t.progress else True,  # None: off when not a terminal
+                   dynamic_ncols=True, leave=False)  # fmt: skip
         t0 = time.perf_counter()
         for batch in self._loader(s.epoch, s.batch):
             s.loss_sum += self._step(batch)

@@ -158,3 +158,23 @@ def test_batch_sampler_skips_consumed_batches() -> None:
     assert list(EpochBatchSampler(3, 2, 4, 4)) == full[2:]
     with pytest.raises(ConfigError, match="divisible"):
         EpochBatchSampler(0, 0, 4, 3, rank=0, world=2)
+
+
+def test_generic_layout_of_your_own_tiles(tmp_path: Path) -> None:
+    """Your own tiles: folders per split and modality, index labels, a validation hold-out."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, stems in (("train", ["a", "b"]), ("test", ["c"])):
+        for stem in stems:
+            for folder, shape in (("optical", (80, 72, 3)), ("ndsm", (80, 72)), ("labels", (80, 72))):
+                (tmp_path / "data" / split / folder).mkdir(parents=True, exist_ok=True)
+                high = 6 if folder == "labels" else 255
+                Image.fromarray(rng.integers(0, high, shape, dtype=np.uint8)).save(tmp_path / "data" / split / folder / f"{stem}.png")
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", "data.dataset=generic", "data.val_fraction=0.5",
+                      "data.generic.folders={dsm: ndsm}", epochs=1, batches_per_epoch=1)  # fmt: skip
+    result = train(cfg, log=quiet)
+    assert result.finished and result.state.best_epoch == 1
+    metrics = evaluate(cfg, result.best, log=quiet).metrics
+    assert metrics["pixels"] == 80 * 72  # one test tile, every pixel labelled
