@@ -40,6 +40,9 @@ class Fusion(nn.Module):
 
     #: False when the rule is the identity (layers may then skip it entirely).
     mixes: bool = True
+    #: True when the rule is a linear map given by :meth:`mixing_matrix` (layers may then mix
+    #: in a cheaper space, e.g. LoRA's rank space, without materialising the updates).
+    linear: bool = False
 
     def __init__(self, modalities: Sequence[str]) -> None:
         super().__init__()
@@ -64,6 +67,8 @@ class Fusion(nn.Module):
 class NoFusion(Fusion):
     """Identity: each modality keeps its own update (standard per-modality tuning)."""
 
+    linear = True
+
     mixes = False
 
     def mixing_matrix(self) -> torch.Tensor:
@@ -79,6 +84,8 @@ class ScalarFusion(Fusion):
     Parameters are ``lam.<modality>``, each of shape (1,), initialised to ``init``
     (0.5 in the paper), unconstrained.
     """
+
+    linear = True
 
     def __init__(self, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> None:
         super().__init__(modalities)
@@ -120,6 +127,8 @@ class MatrixFusion(Fusion):
 
     With one modality there is nothing to mix: no parameter, identity (as ``scalar``).
     """
+
+    linear = True
 
     def __init__(self, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> None:
         super().__init__(modalities)

@@ -309,6 +309,47 @@ def _stem(v: Any) -> StemConfig:
     raise TypeError(f"cannot read a stem from {v!r}; use 'repeat', ('conv1x1', channels) or StemConfig")
 
 
+def window_token_index(grid: tuple[int, int], window: int) -> torch.Tensor:
+    """Indices of the real tokens among the ``nH*nW*window*window`` tokens of one image's
+    windows (SAM's window partition pads the grid to a multiple of the window; order
+    window-row, window-col, row, col)."""
+    h, w = grid
+    nh, nw = -(-h // window), -(-w // window)
+    cpu = torch.device("cpu")  # also under a `with torch.device("meta")` build
+    wr, wc, pr, pc = torch.meshgrid(
+        *(torch.arange(n, device=cpu) for n in (nh, nw, window, window)), indexing="ij"
+    )
+    real = (wr * window + pr < h) & (wc * window + pc < w)  # (nH, nW, ws, ws)
+    return real.flatten().nonzero().flatten()
+
+
+def skip_window_padding(model: nn.Module) -> int:
+    """Let adapters placed after SAM-style windowed attention skip the padded tokens.
+
+    Applies to models with ``pos_embed`` (1, H, W, C) and ``blocks`` carrying ``window_size``
+    (segment-anything's ``ImageEncoderViT``, timm's ``VisionTransformerSAM``) when the token
+    grid is not a multiple of the window (256x256 inputs: a 16x16 grid in 14x14 windows pads
+    to 28x28, so two thirds of the windowed tokens are padding). Outputs are unchanged.
+    Returns the number of adapters affected.
+    """
+    pos, blocks = getattr(model, "pos_embed", None), getattr(model, "blocks", None)
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 4 or blocks is None:
+        return 0
+    grid = (int(pos.shape[1]), int(pos.shape[2]))
+    count = 0
+    for block in blocks:
+        ws, attn = int(getattr(block, "window_size", 0) or 0), getattr(block, "attn", None)
+        if ws <= 0 or not isinstance(attn, MultimodalAdapter) or attn.placement != "after":
+            continue
+        if grid[0] % ws == 0 and grid[1] % ws == 0:
+            continue
+        idx = window_token_index(grid, ws)
+        group = (-(-grid[0] // ws)) * (-(-grid[1] // ws)) * ws * ws
+        attn.skip_tokens(group, idx if pos.device.type == "meta" else idx.to(pos.device))
+        count += 1
+    return count
+
+
 def wrap_multimodal(
     model: nn.Module,
     modalities: Sequence[str] = ("optical", "dsm"),
@@ -343,6 +384,7 @@ def wrap_multimodal(
     elif options or targets is not None or preset is not None:
         raise ValueError("pass either config= or options/targets/preset, not both")
     apply_rules(model, config)
+    skip_window_padding(model)
     in_channels = config.in_channels if config.in_channels is not None else _infer_in_channels(model)
     wrapped = MultimodalModel(model, config, in_channels)
     p = next(iter(model.parameters()), None)

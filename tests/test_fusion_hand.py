@@ -156,3 +156,23 @@ def test_single_modality_rules_are_identity_and_parameter_free() -> None:
     for rule in ("none", "scalar", "matrix"):
         f = build_fusion(rule, ["only"])
         assert not list(f.parameters()) and torch.equal(f(d), d)
+
+
+def test_custom_nonlinear_fusion_batched_equals_loop() -> None:
+    """A registered rule that is not a linear map takes the generic path; both paths agree."""
+    from mmpeft.fusion import Fusion, register_fusion
+
+    class TanhSum(Fusion):  # out_m = tanh(sum_k d_k): not linear
+        def forward(self, d: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(d.sum(0, keepdim=True)).expand_as(d)
+
+    register_fusion("tanh_sum", lambda modalities, init=0.5, device=None: TanhSum(modalities))
+    torch.manual_seed(0)
+    layer = MultimodalLoRA(nn.Linear(6, 9), ("a", "b"), rank=2, slices={"q": (0, 3), "v": (6, 9)}, fusion="tanh_sum")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(4, 6)
+    batched = layer(x)
+    layer.execution = "loop"
+    assert torch.allclose(batched, layer(x), atol=1e-5)

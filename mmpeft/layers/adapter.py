@@ -91,6 +91,11 @@ class MultimodalAdapter(MultimodalLayer):
         self.adapter_act = activation()
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
+        # Optional: the output rows come in groups of ``token_group`` tokens of which only
+        # ``token_index`` are real (e.g. SAM's window padding); the others skip the adapter.
+        self.token_group = 0
+        self.token_index: torch.Tensor | None
+        self.register_buffer("token_index", None, persistent=False)
         if init == "zeros":
             for up in self.adapter_up.values():
                 nn.init.zeros_(up.weight)
@@ -118,27 +123,67 @@ class MultimodalAdapter(MultimodalLayer):
             return self._forward_loop(x, *args, **kwargs)
         return self._forward_batched(x, *args, **kwargs)
 
+    def skip_tokens(self, group: int, index: torch.Tensor | None) -> None:
+        """Run the adapter only on the tokens ``index`` of every group of ``group`` output tokens.
+
+        For an "after" adapter whose module outputs padding that is later discarded (SAM's
+        windowed attention pads the token grid to a multiple of the window): the result on
+        the real tokens is unchanged, the padded ones keep the module's output. ``None`` undoes it.
+        """
+        if self.placement != "after":
+            raise ValueError("skipping tokens applies to adapters placed 'after' a module")
+        self.token_group, self.token_index = (group, index) if index is not None else (0, None)
+
     def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        m = self.num_modalities
         y = self.base_layer(x, *args, **kwargs)  # (M*B', ..., out)
-        z = x if self.placement == "beside" else y
+        idx, group = self.token_index, self.token_group
+        if idx is not None and (y.numel() // self.out_features) % group == 0:
+            yg = y.reshape(-1, group, self.out_features)  # (M*B, group, out): one image's windows per row
+            idx = idx.to(y.device)
+            real = yg[:, idx]  # (M*B, n_real, out)
+            upd = self._adapter_update(real, None)  # adapter increments of the real tokens only
+            return yg.index_add(1, idx, upd.view(real.shape)).view(y.shape)
+        return self._adapter_update(x if self.placement == "beside" else y, y)
+
+    def _adapter_update(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """y + (mixed) adapter(z), batched over modalities; the increment alone when y is None.
+
+        z: (M*B', ..., in), y: (M*B', ..., out) -> (M*B', ..., out) (or (M, T, out) when y is None).
+        """
+        m, n_out = self.num_modalities, self.out_features
         zs = z.reshape(m, -1, self.in_features)  # (M, T, in)
         mods = self.modalities
         wd = torch.stack([self.adapter_down[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, in, hid)
-        wu = torch.stack([self.adapter_up[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, hid, out)
+        wu = torch.stack([self.adapter_up[k].weight for k in mods]).to(zs.dtype)  # (M, out, hid)
         if self.adapter_down[mods[0]].bias is not None:
             bd = torch.stack([self.adapter_down[k].bias for k in mods])[:, None].to(zs.dtype)  # (M, 1, hid)
-            bu = torch.stack([self.adapter_up[k].bias for k in mods])[:, None].to(zs.dtype)  # (M, 1, out)
-            h = torch.baddbmm(bd, zs, wd)  # (M, T, hid)
-            h = self.adapter_dropout(self.adapter_act(h))
-            a = torch.baddbmm(bu, h, wu)  # (M, T, out)
+            g = torch.baddbmm(bd, zs, wd)  # (M, T, hid)
+            bu = torch.stack([self.adapter_up[k].bias for k in mods])[:, :, None].to(zs.dtype)  # (M, out, 1)
+            g = self.adapter_dropout(self.adapter_act(g))
+            # fold the up bias into the GEMM: [g, 1] @ [U, b]^T = U g + b
+            g = torch.cat([g, torch.ones_like(g[..., :1])], -1)  # (M, T, hid+1)
+            wu = torch.cat([wu, bu], -1)  # (M, out, hid+1)
         else:
-            h = self.adapter_dropout(self.adapter_act(torch.bmm(zs, wd)))
-            a = torch.bmm(h, wu)
-        a = self.adapter_fusion(a)
+            g = self.adapter_dropout(self.adapter_act(torch.bmm(zs, wd)))
         if self.scale != 1.0:
-            a = a * self.scale
-        return y + a.reshape(y.shape).to(y.dtype)
+            g = g * self.scale
+        fusion = self.adapter_fusion
+        if not fusion.mixes:  # y_m + s (U_m g_m + b_m), accumulated by the GEMM itself
+            if y is None:
+                return torch.bmm(g, wu.transpose(1, 2))
+            return torch.baddbmm(y.reshape(m, -1, n_out), g, wu.transpose(1, 2)).view(y.shape)
+        if not fusion.linear:  # a custom non-linear rule needs the full per-modality outputs
+            a = fusion(torch.bmm(g, wu.transpose(1, 2)))  # (M, T, out)
+            return a if y is None else y + a.reshape(y.shape).to(y.dtype)
+        # Mix in the bottleneck space: sum_k W[m, k] (U_k g_k + b_k) = [W[m, k] g_k]_k @ [U_k]_k^T,
+        # so no (M, T, out) adapter output or mixing temporary is materialised.
+        w = fusion.mixing_matrix().to(g.dtype)  # (M, M)
+        t, k = g.shape[1], g.shape[2]
+        gm = (w[:, :, None, None] * g[None]).permute(0, 2, 1, 3).reshape(m * t, m * k)  # (M*T, M*(hid+1))
+        u_cat = wu.permute(1, 0, 2).reshape(n_out, m * k)  # (out, M*(hid+1)) = [U_0 | U_1 | ...]
+        if y is None:
+            return (gm @ u_cat.t()).view(m, t, n_out)
+        return torch.addmm(y.reshape(m * t, n_out), gm, u_cat.t()).view(y.shape)
 
     def _adapt(self, z: torch.Tensor, modality: str) -> torch.Tensor:
         h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))

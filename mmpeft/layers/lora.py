@@ -6,6 +6,7 @@ import math
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..fusion import Fusion, build_fusion
@@ -114,25 +115,43 @@ class MultimodalLoRA(MultimodalLayer):
             return self._forward_loop(x)
         return self._forward_batched(x)
 
+    def _b_full(self, modality: str) -> torch.Tensor:
+        """(out, S*r): the slice B's of ``modality`` in their output rows, zeros elsewhere.
+
+        Only this tiny weight is zero-padded (out x S*r elements), never an activation.
+        """
+        if self.slices is None:
+            return self.lora_B[modality].weight  # type: ignore[return-value]
+        blocks = []
+        for s, (lo, hi) in self.slices.items():
+            b = self._pair(modality, s)[1].weight  # (len, r)
+            blocks.append(F.pad(b, (0, 0, lo, self.out_features - hi)))  # (out, r)
+        return torch.cat(blocks, 1)
+
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.num_modalities
+        m, n_out = self.num_modalities, self.out_features
         out = self.base_layer(x)  # (M*B', ..., out)
         xs = self.lora_dropout(x).reshape(m, -1, self.in_features)  # (M, T, in)
         ranges = self._ranges()
-        # all A's of all slices as one batched matmul: (M, T, in) @ (M, in, S*r) -> (M, T, S*r)
+        # all A's of all slices in one batched matmul: (M, T, in) @ (M, in, R) -> (M, T, R), R = S*r
         a_w = torch.stack(
             [torch.cat([self._pair(mod, s)[0].weight for s in ranges], 0) for mod in self.modalities]
-        )  # (M, S*r, in)
-        h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype))
-        out_v = out.view(m, -1, self.out_features)  # (M, T, out), shares storage with out
-        for i, (s, (lo, hi)) in enumerate(ranges.items()):
-            b_w = torch.stack([self._pair(mod, s)[1].weight for mod in self.modalities])  # (M, len, r)
-            d = torch.bmm(h[..., i * self.rank : (i + 1) * self.rank], b_w.transpose(1, 2).to(h.dtype))
-            d = self.lora_fusion(d) * self.scaling  # (M, T, len)
-            if self.slices is None:
-                return out + d.reshape(out.shape).to(out.dtype)
-            out_v[..., lo:hi] += d.to(out.dtype)  # in place on the slice: no zero-padded copy
-        return out
+        )  # (M, R, in)
+        h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype)) * self.scaling  # (M, T, R)
+        b_full = torch.stack([self._b_full(mod) for mod in self.modalities]).to(h.dtype)  # (M, out, R)
+        fusion = self.lora_fusion
+        if not fusion.mixes:  # out_m += h_m @ B_m^T, in place in the GEMM (the base output is not saved)
+            return out.reshape(m, -1, n_out).baddbmm_(h, b_full.transpose(1, 2)).view(out.shape)
+        if not fusion.linear:  # a custom non-linear rule needs the full per-modality updates
+            d = fusion(torch.bmm(h, b_full.transpose(1, 2)))  # (M, T, out)
+            return out + d.reshape(out.shape).to(out.dtype)
+        # Mix in the rank space: out_m = base_m + sum_k W[m, k] B_k h_k = base_m + [W[m, k] h_k]_k @ [B_k]_k^T,
+        # so the (M, T, out) updates and their mixing temporaries never exist.
+        w = fusion.mixing_matrix().to(h.dtype)  # (M, M)
+        t = h.shape[1]
+        g = (w[:, :, None, None] * h[None]).permute(0, 2, 1, 3).reshape(m * t, m * h.shape[2])  # (M*T, M*R)
+        b_cat = b_full.permute(1, 0, 2).reshape(n_out, -1)  # (out, M*R) = [B_0 | B_1 | ...]
+        return out.reshape(m * t, n_out).addmm_(g, b_cat.t()).view(out.shape)
 
     def _delta(self, x: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
         a, b = self._pair(modality, slice_name)

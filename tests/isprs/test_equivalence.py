@@ -46,6 +46,8 @@ def _twins(**kw):
 @pytest.mark.parametrize("method", ["adapter", "lora"])
 @pytest.mark.parametrize("switch", ["execution", "grad_checkpointing"])
 def test_switches_keep_outputs_and_gradients(method: str, switch: str) -> None:
+    """Outputs agree in fp32 to 1e-5; gradients (sums over many pixels, amplified by the train-mode
+    BatchNorms) are compared in fp64, where rounding differences vanish."""
     torch.manual_seed(0)
     plain = build_mfnet(**TINY, method=method).train()
     _perturb(plain)
@@ -53,12 +55,17 @@ def test_switches_keep_outputs_and_gradients(method: str, switch: str) -> None:
     other = build_mfnet(**TINY, method=method, **other_kw).train()
     other.load_state_dict(plain.state_dict())
     x, y = _data()
-    out_a, g_a = _loss_and_grads(plain, x, y)
-    out_b, g_b = _loss_and_grads(other, x, y)
+    out_a, _ = _loss_and_grads(plain, x, y)
+    out_b, _ = _loss_and_grads(other, x, y)
     assert torch.allclose(out_a, out_b, atol=1e-5)
+    plain.load_state_dict(other.state_dict())  # undo the BN running-stat updates of the first pass
+    plain.double(), other.double()
+    x64 = {k: v.double() for k, v in x.items()}
+    _, g_a = _loss_and_grads(plain, x64, y)
+    _, g_b = _loss_and_grads(other, x64, y)
     assert g_a.keys() == g_b.keys() and len(g_a) > 0
     for n in g_a:
-        assert torch.allclose(g_a[n], g_b[n], atol=1e-5, rtol=1e-4), n
+        assert torch.allclose(g_a[n], g_b[n], atol=1e-10, rtol=1e-7), n
 
 
 @pytest.mark.parametrize("method", ["adapter", "lora"])
