@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write  # noqa: E402
@@ -46,8 +46,13 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
 
 
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Build one scheme, run warm-up + timed steps, return times and peak memory."""
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def make_step(args: argparse.Namespace, scheme: str, method: str) -> Callable[[], None]:
+    """Build one scheme's model and return a function running one training step."""
     import torch
 
     from mmpeft_isprs.model import build_mfnet
@@ -55,58 +60,92 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     size = (args.size, args.size)
-    kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size)
+    kw: dict[str, Any] = dict(backbone=args.backbone, method=method, img_size=args.size)
     if args.quick:
         kw.update(embed_dim=64, depth=4, num_heads=2)
     x = {"optical": torch.rand(args.batch, 3, *size, device=dev), "dsm": torch.rand(args.batch, 1, *size, device=dev)}
     y = torch.randint(0, 6, (args.batch, *size), device=dev)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if args.scheme == "floor":
-        from mmpeft.backbones import build_sam_encoder, replace_spec, SAM_SPECS
+    if scheme == "floor":
+        from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
 
         spec = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
-            SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))
-        model = build_sam_encoder(spec, impl="timm", img_size=size).to(dev).requires_grad_(False)
-        stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)
+            SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))  # fmt: skip
+        encoder = build_sam_encoder(spec, impl="timm", img_size=size).to(dev).requires_grad_(False)
+        stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)  # (2B, 3, H, W)
 
-        def step() -> None:
+        def floor_step() -> None:
             inp = stacked.clone().requires_grad_(True)
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                out = model(inp)
+                out = encoder(inp)
             out.float().mean().backward()
-    else:
-        kw.update(
-            impl="segment_anything" if args.scheme == "per_modality_sam" else "timm",
-            execution="per_modality" if args.scheme.startswith("per_modality") else "batched",
-            grad_checkpointing=args.scheme == "ours_ckpt",
-        )
-        model = build_mfnet(**kw).to(dev).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
 
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
-            loss.backward()
-            opt.step()
+        return floor_step
+    kw.update(
+        impl="segment_anything" if scheme == "per_modality_sam" else "timm",
+        execution="per_modality" if scheme.startswith("per_modality") else "batched",
+        grad_checkpointing=scheme == "ours_ckpt",
+    )
+    model = build_mfnet(**kw).to(dev).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
+    return step
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_interleaved(args: argparse.Namespace, method: str, schemes: list[str]) -> dict[str, dict[str, Any]]:
+    """All schemes built in this process; timed steps alternate between them (drift hits all alike)."""
+    steps = {s: make_step(args, s, method) for s in schemes}
+    for s, f in steps.items():
+        for _ in range(args.warmup):
+            f()
+    times: dict[str, list[float]] = {s: [] for s in schemes}
+    for _ in range(args.steps):
+        for s, f in steps.items():
+            _sync(args.device)
+            t = time.perf_counter()
+            f()
+            _sync(args.device)
+            times[s].append(time.perf_counter() - t)
+    return {s: {"times": v, "median_s": median(v)} for s, v in times.items()}
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One scheme in a fresh process: peak memory of a training step (and its time)."""
+    import torch
+
+    base = _rss_mb()
+    step = make_step(args, args.scheme, args.method)
+    built = _rss_mb()
     for _ in range(args.warmup):
         step()
-    sync()
-    if dev.type == "cuda":
+    _sync(args.device)
+    if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
         step()
-        sync()
+        _sync(args.device)
         times.append(time.perf_counter() - t)
-    return {"times": times, "median_s": median(times), "peak_mb": _peak_mb(args.device)}
+    peak = _peak_mb(args.device)
+    return {"times": times, "median_s": median(times), "peak_mb": peak, "rss_after_imports_mb": base,
+            "rss_after_build_mb": built, "peak_above_build_mb": peak - (0 if args.device.startswith("cuda") else built)}  # fmt: skip
 
 
 def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,13 +193,15 @@ def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, 
 
 
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
-    unit = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
+    cuda = args.device.startswith("cuda")
+    unit = "peak CUDA MB" if cuda else "peak RSS MB"
     lines = [
-        f"Training step, MFNet {args.backbone}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
-        f"amp {args.amp}, {args.steps} timed steps after {args.warmup} warm-up (median).",
+        f"Training step, MFNet {args.backbone if not args.quick else 'tiny (--quick)'}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
+        f"amp {args.amp}: median of {args.steps} steps per scheme, schemes interleaved in one process after "
+        f"{args.warmup} warm-up step(s); memory from one step of each scheme alone in a fresh process.",
         "",
-        f"| method | scheme | median s/step | {unit} | time vs per_modality | time vs floor | memory vs per_modality |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| method | scheme | median s/step | vs per_modality (a/b) | vs floor (a/c) | {unit} | above build MB | memory vs per_modality |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, res in results.items():
         b, c = res.get("per_modality"), res.get("floor")
@@ -168,7 +209,12 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             rb = f"{r['median_s'] / b['median_s']:.3f}" if b else "-"
             rc = f"{r['median_s'] / c['median_s']:.3f}" if c else "-"
             mb = f"{r['peak_mb'] / b['peak_mb']:.3f}" if b else "-"
-            lines.append(f"| {method} | {scheme} | {r['median_s']:.3f} | {r['peak_mb']:.0f} | {rb} | {rc} | {mb} |")
+            above = f"{r['peak_above_build_mb']:.0f}" if not cuda else "-"
+            lines.append(f"| {method} | {scheme} | {r['median_s']:.3f} | {rb} | {rc} | {r['peak_mb']:.0f} | {above} | {mb} |")
+    if not cuda:
+        lines += ["", "Peak RSS counts everything the process maps (the CUDA build of torch alone is ~0.7 GB after "
+                  "import) and the model weights; 'above build' is the peak minus the RSS right after the model was "
+                  "built: what the training step itself adds (activations, gradients, optimizer state)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -213,9 +259,11 @@ def main() -> None:
         return
     results: dict[str, dict[str, Any]] = {}
     for method in args.methods:
-        results[method] = {}
-        for scheme in args.schemes:
-            results[method][scheme] = run_scheme(args, method, scheme)
+        results[method] = timed_interleaved(args, method, args.schemes)
+        for scheme in args.schemes:  # memory: each scheme alone in a fresh process
+            mem_args = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+            mem = run_scheme(mem_args, method, scheme)
+            results[method][scheme].update({k: v for k, v in mem.items() if k not in ("times", "median_s")})
             r = results[method][scheme]
             print(f"{method:8s} {scheme:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
     inference = {}
@@ -228,6 +276,7 @@ def main() -> None:
             "a_over_b": r["ours"]["median_s"] / r["per_modality"]["median_s"] if "per_modality" in r and "ours" in r else None,
             "a_over_c": r["ours"]["median_s"] / r["floor"]["median_s"] if "floor" in r and "ours" in r else None,
             "ckpt_mem_over_b": r["ours_ckpt"]["peak_mb"] / r["per_modality"]["peak_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
+            "ckpt_mem_above_build_over_b": r["ours_ckpt"]["peak_above_build_mb"] / r["per_modality"]["peak_above_build_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
             "ckpt_time_over_b": r["ours_ckpt"]["median_s"] / r["per_modality"]["median_s"] if "ours_ckpt" in r and "per_modality" in r else None,
         }
         for m, r in results.items()
