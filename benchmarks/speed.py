@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,11 +38,20 @@ _DEFAULTS = {"tile": "2500x2000", "stride": 128, "infer_batch": 8, "threads": 0}
 
 
 def _peak_mb(device: str) -> float:
+    """Peak CUDA memory, or this process's peak RSS (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: on Linux that value is inherited across fork and exec, so a
+    worker started by a big parent would report the parent's peak.
+    """
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def _rss_mb() -> float:
