@@ -211,10 +211,6 @@ class MFNet(nn.Module):
         levels = self.dfm(maps) if self.config.dfm else self.dfm(torch.stack(maps).sum(0))
         return self.decoder(levels, self.config.size)
 
-    def train(self, mode: bool = True) -> "MFNet":
-        super().train(mode)
-        return self
-
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What trains and nothing else: encoder LoRA/adapters/lambdas/stems + DFM + decoder (with BN buffers)."""
         out = {f"encoder.{k}": v for k, v in self.encoder.trainable_state_dict().items()}
