@@ -1,0 +1,50 @@
+"""Full-size checks (slow: run by `make test-slow` and CI, not by `make test`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_timm_vit_base_patch16_224(method: str) -> None:
+    import timm
+
+    from mmpeft import count_parameters, wrap_multimodal
+
+    torch.manual_seed(0)
+    base = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    ref = {k: v.clone() for k, v in base.state_dict().items()}
+    x = {"optical": torch.rand(1, 3, 224, 224), "dsm": torch.rand(1, 1, 224, 224)}
+    with torch.no_grad():
+        plain = base(x["optical"])
+    wrapped = wrap_multimodal(base, method=method)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x)["optical"], plain, atol=1e-5)  # identity at init
+    rep = count_parameters(wrapped)
+    assert rep.trainable == (12 * (28 * 4 * 768 + 4) if method == "lora" else 12 * (4 * (768 * 192 * 2 + 192 + 768) + 2))
+    wrapped.train()
+    out = wrapped(x)
+    (out["optical"].sum() + out["dsm"].sum()).backward()
+    assert all(torch.equal(v, ref[k.replace("base_layer.", "")]) for k, v in wrapped.base_model.state_dict().items()
+               if "lora_" not in k and "adapter_" not in k)  # fmt: skip
+
+
+def test_mfnet_vit_b_training_step() -> None:
+    from mmpeft_isprs.model import build_mfnet
+
+    torch.manual_seed(0)
+    model = build_mfnet(backbone="vit_b", method="adapter").train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    x = {"optical": torch.rand(1, 3, 256, 256), "dsm": torch.rand(1, 1, 256, 256)}
+    y = torch.randint(0, 6, (1, 256, 256))
+    for _ in range(2):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, missing[:5]
