@@ -52,13 +52,18 @@ class Fusion(nn.Module):
         """The (M, M) matrix W with ``out_m = sum_k W[m, k] * d_k``."""
         raise NotImplementedError
 
+    def _check_updates(self, d: torch.Tensor) -> int:
+        """M, after checking that ``d`` holds one update per modality on dim 0."""
+        m = len(self.modalities)
+        if d.shape[0] != m:
+            raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
+        return m
+
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         """d: (M, ...) per-modality updates -> (M, ...) mixed updates."""
         if not self.mixes:
             return d
-        m = len(self.modalities)
-        if d.shape[0] != m:
-            raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
+        m = self._check_updates(d)
         w = self.mixing_matrix().to(d.dtype)  # (M, M)
         # (M, M) @ (M, rest) -> (M, rest)
         return (w @ d.reshape(m, -1)).reshape(d.shape)
@@ -111,9 +116,7 @@ class ScalarFusion(Fusion):
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         if not self.mixes:
             return d
-        m = len(self.modalities)
-        if d.shape[0] != m:
-            raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
+        m = self._check_updates(d)
         lam = self.lambdas().to(d.dtype).reshape((m,) + (1,) * (d.dim() - 1))  # (M, 1, ..)
         if m == 2:
             # eqs. (5)-(6): out_x = l1 * d_x + (1 - l1) * d_y ; out_y = l2 * d_y + (1 - l2) * d_x
