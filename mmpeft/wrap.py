@@ -22,10 +22,34 @@ from .layers import (
 from .stems import ModalityStem
 from .targets import detect_family, match_targets, preset_rules
 
-__all__ = ["MultimodalModel", "wrap_multimodal", "build_config", "TRAINABLE_PREFIXES", "is_trainable_name"]
+__all__ = [
+    "MultimodalModel", "wrap_multimodal", "build_config", "TRAINABLE_PREFIXES", "is_trainable_name", "state_mismatches",
+]
 
 Inputs = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 TRAINABLE_PREFIXES = ("lora_", "adapter_", "stem_")
+
+
+def state_mismatches(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], strict: bool = True
+) -> list[str]:
+    """Readable problems between a model's tensors ``own`` and a saved ``state``: wrong shapes
+    (always), missing and unexpected keys (when ``strict``), each naming the keys."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    problems = []
+    if shape:
+        problems.append(
+            "shape mismatch: "
+            + "; ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:10])
+            + (f" (+{len(shape) - 10} more)" if len(shape) > 10 else "")
+        )
+    if strict and missing:
+        problems.append(f"missing {len(missing)} keys, e.g. {missing[:5]}")
+    if strict and unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:5]}")
+    return problems
 
 
 def is_trainable_name(name: str) -> bool:
@@ -133,20 +157,7 @@ class MultimodalModel(nn.Module):
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load tensors saved by :meth:`trainable_state_dict`; mismatches raise naming the keys."""
         own = self.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-        problems = []
-        if shape:
-            problems.append(
-                "shape mismatch: "
-                + "; ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:10])
-                + (f" (+{len(shape) - 10} more)" if len(shape) > 10 else "")
-            )
-        if strict and missing:
-            problems.append(f"missing {len(missing)} keys, e.g. {missing[:5]}")
-        if strict and unexpected:
-            problems.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:5]}")
+        problems = state_mismatches(own, state, strict)
         if problems:
             raise ValueError("cannot load multimodal weights: " + " | ".join(problems))
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

@@ -19,7 +19,7 @@ from mmpeft.backbones import SAM_SPECS, build_sam_encoder, load_sam_checkpoint, 
 from mmpeft.checkpointing import enable_gradient_checkpointing
 from mmpeft.io import atomic_write
 from mmpeft.reference import per_modality_forward
-from mmpeft.wrap import is_trainable_name
+from mmpeft.wrap import is_trainable_name, state_mismatches
 
 from .decoder import UNetFormerDecoder
 from .dfm import DeepFusionModule, SimplePyramid
@@ -220,15 +220,9 @@ class MFNet(nn.Module):
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Strict inverse of :meth:`trainable_state_dict`; errors name the keys at fault."""
-        own = self.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
-        if missing or unexpected or bad:
-            raise ValueError(
-                "checkpoint does not match this MFNet: "
-                f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}), "
-                + "; ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(bad)[:5])
-            )
+        problems = state_mismatches(self.trainable_state_dict(), state)
+        if problems:
+            raise ValueError("checkpoint does not match this MFNet: " + " | ".join(problems))
         enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         self.encoder.load_trainable_state_dict(enc)
         self.dfm.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dfm.")})

@@ -139,7 +139,6 @@ class MultimodalAdapter(MultimodalLayer):
         idx, group = self.token_index, self.token_group
         if idx is not None and (y.numel() // self.out_features) % group == 0:
             yg = y.reshape(-1, group, self.out_features)  # (M*B, group, out): one image's windows per row
-            idx = idx.to(y.device)
             real = yg[:, idx]  # (M*B, n_real, out)
             upd = self._adapter_update(real, None)  # adapter increments of the real tokens only
             return yg.index_add(1, idx, upd.view(real.shape)).view(y.shape)
