@@ -2,15 +2,19 @@
 
 Schemes (each measured in its own subprocess so that peak memory is its own):
 
-- ``ours``: the stacked (M*B) pass through timm's SAM encoder (fused attention), batched
-  per-modality products, in-place q/v slice updates.
+- ``ours``: the stacked (M*B) pass through timm's SAM encoder, padding-free windows and fused
+  attention (``mmpeft.attention``), batched per-modality products, in-place q/v slice updates.
 - ``ours_ckpt``: the same with gradient checkpointing of the frozen encoder blocks.
+- ``ours_padded``: ``ours`` with the encoder's own blocks (``efficient_attention=False``): the
+  windowed blocks project the zero padding too. ``ours`` vs ``ours_padded`` measures
+  ``mmpeft.attention``; ``ours_padded`` vs ``per_modality`` measures the stacked pass alone.
 - ``per_modality``: the same layers run modality after modality through every layer (the
   authors' execution scheme, built from our code: ``execution="per_modality"``).
 - ``per_modality_sam``: as ``per_modality`` on segment-anything's encoder (unfused attention),
   the closest to the authors' code.
 - ``floor``: the frozen timm SAM encoder alone, forward + backward on the stacked batch of
   M*B images (input gradients only): the cost under any fine-tuning step.
+- ``floor_efficient``: the floor with ``mmpeft.attention`` enabled on the frozen encoder.
 
     python benchmarks/speed.py                      # CPU: batch 2, vit_b, both methods
     python benchmarks/speed.py --device cuda --batch 10 --amp bf16
@@ -33,7 +37,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write  # noqa: E402
 
-SCHEMES = ("ours", "ours_ckpt", "per_modality", "per_modality_sam", "floor")
+SCHEMES = ("ours", "ours_ckpt", "ours_padded", "per_modality", "per_modality_sam", "floor", "floor_efficient")
 _DEFAULTS = {"tile": "2500x2000", "stride": 128, "infer_batch": 8, "threads": 0}
 
 
@@ -74,12 +78,16 @@ def make_step(args: argparse.Namespace, scheme: str, method: str) -> Callable[[]
     x = {"optical": torch.rand(args.batch, 3, *size, device=dev), "dsm": torch.rand(args.batch, 1, *size, device=dev)}
     y = torch.randint(0, 6, (args.batch, *size), device=dev)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if scheme == "floor":
+    if scheme.startswith("floor"):
         from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
 
         spec = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
             SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))  # fmt: skip
         encoder = build_sam_encoder(spec, impl="timm", img_size=size).to(dev).requires_grad_(False)
+        if scheme == "floor_efficient":
+            from mmpeft.attention import enable_efficient_attention
+
+            enable_efficient_attention(encoder)
         stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)  # (2B, 3, H, W)
 
         def floor_step() -> None:
@@ -93,6 +101,7 @@ def make_step(args: argparse.Namespace, scheme: str, method: str) -> Callable[[]
         impl="segment_anything" if scheme == "per_modality_sam" else "timm",
         execution="per_modality" if scheme.startswith("per_modality") else "batched",
         grad_checkpointing=scheme == "ours_ckpt",
+        efficient_attention=scheme in ("ours", "ours_ckpt"),
     )
     model = build_mfnet(**kw).to(dev).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -286,6 +295,8 @@ def main() -> None:
             "ckpt_mem_over_b": r["ours_ckpt"]["peak_mb"] / r["per_modality"]["peak_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
             "ckpt_mem_above_build_over_b": r["ours_ckpt"]["peak_above_build_mb"] / r["per_modality"]["peak_above_build_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
             "ckpt_time_over_b": r["ours_ckpt"]["median_s"] / r["per_modality"]["median_s"] if "ours_ckpt" in r and "per_modality" in r else None,
+            "padded_over_b": r["ours_padded"]["median_s"] / r["per_modality"]["median_s"] if "ours_padded" in r and "per_modality" in r else None,
+            "a_over_floor_efficient": r["ours"]["median_s"] / r["floor_efficient"]["median_s"] if "floor_efficient" in r and "ours" in r else None,
         }
         for m, r in results.items()
     }  # fmt: skip

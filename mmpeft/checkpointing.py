@@ -44,5 +44,9 @@ def disable_gradient_checkpointing(model: nn.Module) -> None:
     """Undo :func:`enable_gradient_checkpointing`."""
     for module in model.modules():
         if hasattr(module, _ORIG):
-            module.forward = getattr(module, _ORIG)  # type: ignore[method-assign]
+            orig = getattr(module, _ORIG)
             delattr(module, _ORIG)
+            if getattr(orig, "__self__", None) is module and getattr(orig, "__func__", None) is type(module).forward:
+                del module.forward  # the class's own forward again, no instance attribute left
+            else:
+                module.forward = orig  # type: ignore[method-assign]

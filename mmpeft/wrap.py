@@ -8,6 +8,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
+from .attention import enable_efficient_attention
 from .config import AdapterConfig, LoRAConfig, MultimodalConfig, RuleConfig, StemConfig
 from .layers import (
     ACTIVATIONS,
@@ -369,6 +370,7 @@ def wrap_multimodal(
     preset: str | None = None,
     targets: str | list[str] | None = None,
     config: MultimodalConfig | None = None,
+    efficient_attention: bool = True,
     **options: Any,
 ) -> MultimodalModel:
     """Freeze ``model`` and patch it for ``modalities`` with multimodal LoRA or adapters.
@@ -382,6 +384,9 @@ def wrap_multimodal(
             "mmadapter_authors", ...).
         targets: modules to patch instead of a preset: a list of names (suffix match) or a regex.
         config: a complete :class:`MultimodalConfig` (overrides everything else).
+        efficient_attention: run SAM-style blocks (segment-anything, timm's SAM) without work on
+            window padding and with fused attention (:mod:`mmpeft.attention`; same outputs).
+            Other blocks are unaffected.
         **options: ``rank``, ``alpha``, ``dropout``, ``slices`` (LoRA); ``ratio``, ``activation``,
             ``bias``, ``scale``, ``init``, ``placement`` (adapters); ``fusion`` ("scalar", "none",
             "matrix"), ``lambda_init``; ``stems`` ({modality: "repeat" | ("conv1x1", c) | StemConfig});
@@ -396,6 +401,8 @@ def wrap_multimodal(
         raise ValueError("pass either config= or options/targets/preset, not both")
     apply_rules(model, config)
     skip_window_padding(model)
+    if efficient_attention:
+        enable_efficient_attention(model)
     in_channels = config.in_channels if config.in_channels is not None else _infer_in_channels(model)
     wrapped = MultimodalModel(model, config, in_channels)
     p = next(iter(model.parameters()), None)

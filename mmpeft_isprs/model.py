@@ -58,6 +58,8 @@ class MFNetConfig:
         rank, alpha, ratio, lambda_init: method options (None: the preset's value).
         stems: per-modality stem kinds, e.g. {"dsm": "repeat"} (default: auto = repeat to 3).
         grad_checkpointing: recompute encoder block activations in backward (less memory).
+        efficient_attention: run the encoder blocks without work on window padding, with fused
+            attention (``mmpeft.attention``; same outputs). False: the encoder's own blocks.
         execution: "batched" (one frozen pass over the stacked modalities) or "per_modality"
             (every modality through every layer one after the other: the authors' scheme, for
             benchmarks and checks; same maths).
@@ -84,6 +86,7 @@ class MFNetConfig:
     lambda_init: float | None = None
     stems: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
+    efficient_attention: bool = True
     execution: str = "batched"
     decode_channels: int = 64
     decoder_dropout: float = 0.1
@@ -178,7 +181,7 @@ class MFNet(nn.Module):
         options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init")}
         self.encoder = wrap_multimodal(
             encoder, self.modalities, preset=config.mmpeft_preset, stems=dict(config.stems),
-            **{k: v for k, v in options.items() if v is not None},
+            efficient_attention=config.efficient_attention, **{k: v for k, v in options.items() if v is not None},
         )  # fmt: skip
         if config.grad_checkpointing:
             enable_gradient_checkpointing(self.encoder.base_model)

@@ -191,9 +191,31 @@ class MultimodalAdapter(MultimodalLayer):
     def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         xs = x.chunk(self.num_modalities, 0)
         ys = [self.base_layer(xm, *args, **kwargs) for xm in xs]  # the frozen module once per modality
-        zs = xs if self.placement == "beside" else ys
+        return self._loop_update(xs if self.placement == "beside" else ys, ys)
+
+    def _loop_update(self, zs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
         a = self.adapter_fusion(torch.stack([self._adapt(z, k) for z, k in zip(zs, self.modalities)]))
         return torch.cat([y + self.scale * am for y, am in zip(ys, a)], 0)
+
+    def adapt_output(self, y: torch.Tensor) -> torch.Tensor:
+        """``y + scale * fusion(adapter(y))`` for an adapter placed ``"after"`` its module, given
+        the module's output ``y`` (M*B', ..., out) computed elsewhere.
+
+        The same function as ``self(x)`` with ``y = self.base_layer(x)``, in every execution mode;
+        used by code that runs the wrapped module's internals itself (e.g.
+        :func:`mmpeft.attention.enable_efficient_attention`).
+        """
+        if self.placement != "after":
+            raise ValueError("adapt_output applies to adapters placed 'after' a module")
+        if not self.enabled:
+            return y
+        if self._single is not None:
+            return y + self.scale * self._adapt(y, self.modalities[self._check_single()])
+        self._check_stack(y)
+        if self.execution == "loop":
+            ys = y.chunk(self.num_modalities, 0)
+            return self._loop_update(ys, ys)
+        return self._adapter_update(y, y)
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,198 @@
+"""Efficient execution of SAM-style ViT blocks: padding-free windows and fused attention.
+
+SAM's image encoder (and timm's ``VisionTransformerSAM``) runs most blocks in windowed attention:
+``norm1`` output is zero-padded to a multiple of the window, split into windows, and the whole
+attention module, qkv and output projections included, runs on the padded windows. At 256x256
+inputs the 16x16 token grid pads to 28x28 in 14x14 windows: two thirds of the tokens the qkv and
+output projections see are padding, and the output projection's result on them is discarded.
+
+:func:`enable_efficient_attention` replaces the ``forward`` of such blocks (instance attribute,
+like :mod:`mmpeft.checkpointing`; names and state-dict keys are unchanged) by one that computes
+the same function with less work:
+
+- the qkv projection runs on the real tokens only; the padded tokens' q, k, v are the
+  projection of a zero token (its bias), computed once per image, exactly what the stock code
+  obtains for them (padded keys and values do take part in the attention, as in SAM);
+- attention is ``torch.nn.functional.scaled_dot_product_attention`` with the decomposed
+  relative-position bias as its additive mask (segment-anything's own encoder runs unfused);
+- the output projection (and an adapter placed after the attention) runs on the real tokens only.
+
+Wrapped layers inside (LoRA on qkv, an adapter after the attention, LoRA or adapters on the MLP)
+work unchanged, in every execution mode. Outputs equal the stock blocks' to float rounding
+(tests: 1e-5).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import MultimodalAdapter, MultimodalLayer
+
+__all__ = ["enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks"]
+
+#: block classes whose forward is known (qualified names; nothing is imported to check them)
+SAM_BLOCKS = frozenset(
+    {
+        "segment_anything.modeling.image_encoder.Block",
+        "timm.models.vision_transformer_sam.Block",
+    }
+)
+_MARK = "_mmpeft_efficient_attention"
+_CKPT_ORIG = "_mmpeft_orig_forward"  # see mmpeft.checkpointing
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _core(attn: nn.Module) -> nn.Module:
+    """The attention module itself (inside an adapter placed after it)."""
+    return attn.base_layer if isinstance(attn, MultimodalAdapter) else attn
+
+
+def _supported(block: nn.Module) -> bool:
+    if _qualname(block) not in SAM_BLOCKS:
+        return False
+    attn = getattr(block, "attn", None)
+    if attn is None or (isinstance(attn, MultimodalLayer) and not isinstance(attn, MultimodalAdapter)):
+        return False
+    if isinstance(attn, MultimodalAdapter) and attn.placement != "after":
+        return False
+    core = _core(attn)
+    if isinstance(core, MultimodalLayer) or getattr(core, "rope", None) is not None:
+        return False
+    return all(hasattr(core, a) for a in ("qkv", "proj", "num_heads"))
+
+
+def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """(size, size, C) relative-position embeddings of query row i and key row j (SAM's get_rel_pos
+    for equal query and key sizes, with its linear resize when the table's length differs)."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()
+    idx = torch.arange(size, device=rel_pos.device)
+    return rel_pos[(idx[:, None] - idx[None, :] + size - 1)]
+
+
+def _attention(core: nn.Module, qkv: torch.Tensor, size: tuple[int, int], training: bool) -> torch.Tensor:
+    """Multi-head attention of ``qkv`` (N, T, 3C) on an (h, w) = ``size`` token grid -> (N, T, C)."""
+    n, t, c3 = qkv.shape
+    heads = int(core.num_heads)
+    q, k, v = qkv.view(n, t, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (N, nh, T, hd)
+    q_norm, k_norm = getattr(core, "q_norm", None), getattr(core, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    mask = None
+    if getattr(core, "use_rel_pos", False):
+        h, w = size
+        rh, rw = _rel_pos(h, core.rel_pos_h), _rel_pos(w, core.rel_pos_w)  # (h, h, hd), (w, w, hd)
+        rq = q.reshape(n, heads, h, w, -1)
+        bias_h = torch.einsum("nahwc,hkc->nahwk", rq, rh.to(q.dtype))
+        bias_w = torch.einsum("nahwc,wkc->nahwk", rq, rw.to(q.dtype))
+        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(n, heads, t, t)
+    drop = getattr(core, "attn_drop", None)
+    p = float(drop.p) if training and isinstance(drop, nn.Dropout) else 0.0
+    scale = getattr(core, "scale", None)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+    return out.transpose(1, 2).reshape(n, t, -1)
+
+
+def _padded_qkv(core: nn.Module, y: torch.Tensor, ws: int) -> tuple[torch.Tensor, int, int]:
+    """qkv of the zero-padded (N, Hp, Wp, C) grid, projecting only the real tokens of ``y``."""
+    n, h, w, c = y.shape
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
+    qkv = core.qkv(y)  # (N, H, W, 3C): real tokens only
+    if (hp, wp) == (h, w):
+        return qkv, hp, wp
+    pad = core.qkv(y.new_zeros(n, 1, 1, c))  # (N, 1, 1, 3C): what a padded (zero) token projects to
+    c3 = qkv.shape[-1]
+    if wp > w:
+        qkv = torch.cat([qkv, pad.expand(n, h, wp - w, c3)], 2)
+    if hp > h:
+        qkv = torch.cat([qkv, pad.expand(n, hp - h, wp, c3)], 1)
+    return qkv, hp, wp
+
+
+def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's function on x: (N, H, W, C), without work on window padding."""
+    n, h, w, c = x.shape
+    attn = block.attn
+    core = _core(attn)
+    ws = int(getattr(block, "window_size", 0) or 0)
+    y = block.norm1(x)
+    if ws > 0:
+        qkv, hp, wp = _padded_qkv(core, y, ws)
+        nh, nw = hp // ws, wp // ws
+        win = qkv.view(n, nh, ws, nw, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(n * nh * nw, ws * ws, -1)
+        a = _attention(core, win, (ws, ws), block.training)  # (N*nW, ws*ws, C)
+        a = a.view(n, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)[:, :h, :w]
+    else:
+        a = _attention(core, core.qkv(y).reshape(n, h * w, -1), (h, w), block.training).view(n, h, w, c)
+    a = core.proj(a)  # real tokens only
+    proj_drop = getattr(core, "proj_drop", None)
+    if proj_drop is not None:
+        a = proj_drop(a)
+    if isinstance(attn, MultimodalAdapter):
+        a = attn.adapt_output(a)
+    for name in ("ls1", "drop_path1"):  # timm's layer scale and drop path (absent in segment-anything)
+        mod = getattr(block, name, None)
+        if mod is not None:
+            a = mod(a)
+    x = x + a
+    z = block.mlp(block.norm2(x))
+    for name in ("ls2", "drop_path2"):
+        mod = getattr(block, name, None)
+        if mod is not None:
+            z = mod(z)
+    return x + z
+
+
+def _forward_attr(block: nn.Module) -> str:
+    # under gradient checkpointing the instance forward is the checkpoint wrapper: replace the
+    # function it wraps instead
+    return _CKPT_ORIG if hasattr(block, _CKPT_ORIG) else "forward"
+
+
+def enable_efficient_attention(model: nn.Module) -> list[str]:
+    """Run the SAM-style blocks of ``model`` padding-free with fused attention (see module doc).
+
+    Applies to segment-anything's and timm's SAM ``Block`` (other blocks are left as they are),
+    wrapped or not, before or after :func:`mmpeft.checkpointing.enable_gradient_checkpointing`.
+    Returns the names of the blocks now running this way. Undo with
+    :func:`disable_efficient_attention`.
+    """
+    names = []
+    for name, block in model.named_modules():
+        if getattr(block, _MARK, False) or not _supported(block):
+            continue
+        setattr(block, _forward_attr(block), partial(_efficient_block_forward, block))
+        setattr(block, _MARK, True)
+        names.append(name)
+    return names
+
+
+def disable_efficient_attention(model: nn.Module) -> int:
+    """Give the blocks changed by :func:`enable_efficient_attention` their own forward back;
+    returns how many."""
+    count = 0
+    for block in model.modules():
+        if getattr(block, _MARK, False):
+            attr = _forward_attr(block)
+            if attr == "forward":
+                del block.forward
+            else:
+                setattr(block, attr, type(block).forward.__get__(block))
+            delattr(block, _MARK)
+            count += 1
+    return count
+
+
+def efficient_attention_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks of ``model`` running the efficient forward."""
+    return [n for n, m in model.named_modules() if getattr(m, _MARK, False)]
+
