@@ -19,6 +19,7 @@ Schemes (each measured in its own subprocess so that peak memory is its own):
     python benchmarks/speed.py                      # CPU: batch 2, vit_b, both methods
     python benchmarks/speed.py --device cuda --batch 10 --amp bf16
     python benchmarks/speed.py --quick              # tiny backbone, smoke test
+    python benchmarks/speed.py --inference-only     # tile inference alone (images/s)
 
 Writes benchmarks/results/speed[_<tag>].{json,md} with medians and the ratios a/b, a/c.
 """
@@ -174,7 +175,8 @@ def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size)
+    kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size,
+                              efficient_attention=args.scheme != "inference_padded")  # fmt: skip
     if args.quick:
         kw.update(embed_dim=64, depth=4, num_heads=2)
     model = build_mfnet(**kw).to(dev).eval()
@@ -238,9 +240,11 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
 def inference_table(inference: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     if not inference:
         return ""
-    lines = ["", "", f"Tile inference, {args.tile} tile, window {args.size}, stride {args.stride}, batch {args.infer_batch}:",
-             "", "| method | windows | seconds | images/s |", "|---|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {m} | {r['windows']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |" for m, r in inference.items()]
+    lines = ["", "", f"Tile inference, {args.tile} tile, window {args.size}, stride {args.stride}, batch {args.infer_batch} "
+             "('inference': mmpeft.attention on, the default; 'inference_padded': the encoder's own blocks):",
+             "", "| method | variant | windows | seconds | images/s |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {m} | {v} | {r['windows']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |"
+              for m, rs in inference.items() for v, r in rs.items()]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -257,6 +261,8 @@ def main() -> None:
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--inference", action="store_true", help="also measure tile inference (images/s)")
+    ap.add_argument("--inference-only", dest="inference_only", action="store_true",
+                    help="measure tile inference only (no training-step schemes)")
     ap.add_argument("--tile", default="2500x2000", help="tile size HxW for --inference")
     ap.add_argument("--stride", type=int, default=128, help="sliding-window stride for --inference")
     ap.add_argument("--infer-batch", dest="infer_batch", type=int, default=8, help="windows per model call")
@@ -272,10 +278,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(inference_worker(args) if args.scheme == "inference" else worker(args)))
+        print(json.dumps(inference_worker(args) if args.scheme.startswith("inference") else worker(args)))
         return
     results: dict[str, dict[str, Any]] = {}
-    for method in args.methods:
+    for method in [] if args.inference_only else args.methods:
         results[method] = timed_interleaved(args, method, args.schemes)
         for scheme in args.schemes:  # memory: each scheme alone in a fresh process
             mem_args = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
@@ -283,11 +289,12 @@ def main() -> None:
             results[method][scheme].update({k: v for k, v in mem.items() if k not in ("times", "median_s")})
             r = results[method][scheme]
             print(f"{method:8s} {scheme:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
-    inference = {}
-    if args.inference:
+    inference: dict[str, dict[str, Any]] = {}
+    if args.inference or args.inference_only:
         for method in args.methods:
-            inference[method] = run_scheme(args, method, "inference")
-            print(f"{method:8s} inference {inference[method]['images_per_s']:.2f} images/s", flush=True)
+            for variant in ("inference", "inference_padded"):  # mmpeft.attention on / off
+                r = inference.setdefault(method, {})[variant] = run_scheme(args, method, variant)
+                print(f"{method:8s} {variant} {r['images_per_s']:.2f} images/s", flush=True)
     ratios = {
         m: {
             "a_over_b": r["ours"]["median_s"] / r["per_modality"]["median_s"] if "per_modality" in r and "ours" in r else None,
@@ -302,7 +309,7 @@ def main() -> None:
     }  # fmt: skip
     name = "speed" + (f"_{args.tag}" if args.tag else "")
     write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": ratios, "inference": inference},
-          table(results, args) + inference_table(inference, args), args.out)
+          (table(results, args) if results else "") + inference_table(inference, args), args.out)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +53,19 @@ def test_mfnet_vit_b_training_step() -> None:
     assert torch.isfinite(loss)
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing, missing[:5]
+
+
+def test_speed_benchmark_quick_runs(tmp_path: Path) -> None:
+    """benchmarks/speed.py end to end on a tiny backbone: every scheme's JSON record and the ratios."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    cmd = [sys.executable, str(script), "--quick", "--methods", "lora", "--steps", "1", "--inference",
+           "--tile", "300x300", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    data = json.loads((tmp_path / "speed.json").read_text())
+    res = data["results"]["lora"]
+    assert set(res) == {"ours", "ours_ckpt", "ours_padded", "per_modality", "per_modality_sam", "floor", "floor_efficient"}
+    assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in res.values())
+    assert data["ratios"]["lora"]["a_over_b"] == pytest.approx(res["ours"]["median_s"] / res["per_modality"]["median_s"])
+    inf = data["inference"]["lora"]
+    assert set(inf) == {"inference", "inference_padded"} and inf["inference"]["windows"] == 4
+    assert "| lora | ours |" in (tmp_path / "speed.md").read_text()
