@@ -41,7 +41,7 @@ class MFNetConfig:
 
     Attributes:
         backbone: SAM size: "vit_b", "vit_l", "vit_h" or "vit_tiny" (tests, CPU demo).
-        impl: "timm" (fused attention, gradient checkpointing) or "segment_anything" (the original).
+        impl: "timm" (timm's VisionTransformerSAM) or "segment_anything" (the original ImageEncoderViT).
         method: "adapter", "lora" or "none" (frozen encoder: Table IV's "without Adapter").
         fusion: cross-modal rule inside the encoder: "scalar" (MFNet), "none" (standard
             per-modality tuning), "matrix".
