@@ -130,7 +130,9 @@ def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         nh, nw = hp // ws, wp // ws
         win = qkv.view(n, nh, ws, nw, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(n * nh * nw, ws * ws, -1)
         a = _attention(core, win, (ws, ws), block.training)  # (N*nW, ws*ws, C)
-        a = a.view(n, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)[:, :h, :w]
+        a = a.view(n, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)
+        if (hp, wp) != (h, w):
+            a = a[:, :h, :w].contiguous()
     else:
         a = _attention(core, core.qkv(y).reshape(n, h * w, -1), (h, w), block.training).view(n, h, w, c)
     a = core.proj(a)  # real tokens only
