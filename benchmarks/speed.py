@@ -248,6 +248,11 @@ def inference_table(inference: dict[str, dict[str, Any]], args: argparse.Namespa
     return "\n".join(lines)
 
 
+def _ratio(res: dict[str, dict[str, Any]], a: str, b: str, key: str = "median_s") -> float | None:
+    """res[a][key] / res[b][key], or None when either scheme was not run."""
+    return res[a][key] / res[b][key] if a in res and b in res else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="vit_b")
@@ -297,16 +302,16 @@ def main() -> None:
                 print(f"{method:8s} {variant} {r['images_per_s']:.2f} images/s", flush=True)
     ratios = {
         m: {
-            "a_over_b": r["ours"]["median_s"] / r["per_modality"]["median_s"] if "per_modality" in r and "ours" in r else None,
-            "a_over_c": r["ours"]["median_s"] / r["floor"]["median_s"] if "floor" in r and "ours" in r else None,
-            "ckpt_mem_over_b": r["ours_ckpt"]["peak_mb"] / r["per_modality"]["peak_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
-            "ckpt_mem_above_build_over_b": r["ours_ckpt"]["peak_above_build_mb"] / r["per_modality"]["peak_above_build_mb"] if "ours_ckpt" in r and "per_modality" in r else None,
-            "ckpt_time_over_b": r["ours_ckpt"]["median_s"] / r["per_modality"]["median_s"] if "ours_ckpt" in r and "per_modality" in r else None,
-            "padded_over_b": r["ours_padded"]["median_s"] / r["per_modality"]["median_s"] if "ours_padded" in r and "per_modality" in r else None,
-            "a_over_floor_efficient": r["ours"]["median_s"] / r["floor_efficient"]["median_s"] if "floor_efficient" in r and "ours" in r else None,
+            "a_over_b": _ratio(r, "ours", "per_modality"),
+            "a_over_c": _ratio(r, "ours", "floor"),
+            "ckpt_mem_over_b": _ratio(r, "ours_ckpt", "per_modality", "peak_mb"),
+            "ckpt_mem_above_build_over_b": _ratio(r, "ours_ckpt", "per_modality", "peak_above_build_mb"),
+            "ckpt_time_over_b": _ratio(r, "ours_ckpt", "per_modality"),
+            "padded_over_b": _ratio(r, "ours_padded", "per_modality"),
+            "a_over_floor_efficient": _ratio(r, "ours", "floor_efficient"),
         }
         for m, r in results.items()
-    }  # fmt: skip
+    }
     name = "speed" + (f"_{args.tag}" if args.tag else "")
     write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": ratios, "inference": inference},
           (table(results, args) if results else "") + inference_table(inference, args), args.out)

@@ -25,6 +25,7 @@ work unchanged, in every execution mode. Outputs equal the stock blocks' to floa
 from __future__ import annotations
 
 from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -188,3 +188,17 @@ def test_other_blocks_are_left_alone() -> None:
     assert enable_efficient_attention(vit) == []
     model = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), preset="mmlora")
     assert efficient_attention_blocks(model) == []
+
+
+@pytest.mark.parametrize("impl", sorted(ENCODERS))
+def test_bf16_autocast_matches_stock_blocks(impl: str) -> None:
+    """Under bf16 autocast (the GPU training setting) both paths agree to bf16 precision."""
+    x = {"optical": torch.randn(2, 3, 64, 64), "dsm": torch.randn(2, 1, 64, 64)}
+    outs = []
+    for efficient in (False, True):
+        model = wrap_multimodal(ENCODERS[impl](img_size=64), ("optical", "dsm"), preset="mmlora", efficient_attention=efficient)
+        _perturb(model)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(x)["dsm"].float())
+    assert outs[1].abs().max() > 0.1  # not trivially small
+    torch.testing.assert_close(outs[1], outs[0], atol=5e-2, rtol=5e-2)
