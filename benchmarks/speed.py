@@ -231,7 +231,7 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             above = f"{r['peak_above_build_mb']:.0f}" if not cuda else "-"
             lines.append(f"| {method} | {scheme} | {r['median_s']:.3f} | {rb} | {rc} | {r['peak_mb']:.0f} | {above} | {mb} |")
     if not cuda:
-        lines += ["", "Peak RSS counts everything the process maps (the CUDA build of torch alone is ~0.7 GB after "
+        lines += ["", "Peak RSS counts everything the process maps (the CUDA build of torch alone is ~0.5 GB after "
                   "import) and the model weights; 'above build' is the peak minus the RSS right after the model was "
                   "built: what the training step itself adds (activations, gradients, optimizer state)."]  # fmt: skip
     return "\n".join(lines)
