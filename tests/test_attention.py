@@ -202,3 +202,21 @@ def test_bf16_autocast_matches_stock_blocks(impl: str) -> None:
             outs.append(model(x)["dsm"].float())
     assert outs[1].abs().max() > 0.1  # not trivially small
     torch.testing.assert_close(outs[1], outs[0], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("impl", ["timm", "segment_anything"])
+@pytest.mark.parametrize("img_size", [(96, 64), (64, 112)])  # padding along one side only; both sides
+def test_rectangular_grids(impl: str, img_size: tuple[int, int]) -> None:
+    from mmpeft.backbones import build_sam_encoder, replace_spec
+
+    torch.manual_seed(0)
+    spec = replace_spec("vit_tiny", embed_dim=32, depth=2, num_heads=2, window_size=3, global_attn_indexes=(1,))
+    enc = build_sam_encoder(spec, impl=impl, img_size=img_size).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for name, p in enc.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.1)
+        x = torch.randn(2, 3, *img_size)
+        ref = enc(x)
+        assert len(enable_efficient_attention(enc)) == 2
+        torch.testing.assert_close(enc(x), ref, atol=1e-5, rtol=1e-5)
