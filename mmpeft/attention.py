@@ -13,6 +13,8 @@ the same function with less work:
 - the qkv projection runs on the real tokens only; the padded tokens' q, k, v are the
   projection of a zero token (its bias), computed once per image, exactly what the stock code
   obtains for them (padded keys and values do take part in the attention, as in SAM);
+- only the real tokens' queries attend (their output is all the block keeps): the windows are
+  grouped by their real extent (full, cut at the bottom, at the right, both), one call each;
 - attention is ``torch.nn.functional.scaled_dot_product_attention`` with the decomposed
   relative-position bias as its additive mask (segment-anything's own encoder runs unfused);
 - the output projection (and an adapter placed after the attention) runs on the real tokens only.
@@ -78,29 +80,39 @@ def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[(idx[:, None] - idx[None, :] + size - 1)]
 
 
-def _attention(core: nn.Module, qkv: torch.Tensor, size: tuple[int, int], training: bool) -> torch.Tensor:
-    """Multi-head attention of ``qkv`` (N, T, 3C) on an (h, w) = ``size`` token grid -> (N, T, C)."""
-    n, t, c3 = qkv.shape
-    heads = int(core.num_heads)
-    q, k, v = qkv.view(n, t, 3, heads, c3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (N, nh, T, hd)
+def _heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, T, parts*C) -> ``parts`` tensors (B, heads, T, C/heads)."""
+    b, t, pc = x.shape
+    return x.reshape(b, t, parts, heads, pc // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attention(
+    core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_size: tuple[int, int], k_size: tuple[int, int], training: bool,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of queries on a ``q_size`` grid (B, nh, Tq, hd) over keys on a ``k_size`` grid
+    (B, nh, Tk, hd) -> (B, Tq, C). The query grid is the top-left corner of the key grid (its
+    relative positions are those rows and columns of the key grid's)."""
     q_norm, k_norm = getattr(core, "q_norm", None), getattr(core, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
     mask = None
+    b, heads, tq, _ = q.shape
     if getattr(core, "use_rel_pos", False):
-        h, w = size
-        rh, rw = _rel_pos(h, core.rel_pos_h), _rel_pos(w, core.rel_pos_w)  # (h, h, hd), (w, w, hd)
-        rq = q.reshape(n, heads, h, w, -1)
-        bias_h = torch.einsum("nahwc,hkc->nahwk", rq, rh.to(q.dtype))
-        bias_w = torch.einsum("nahwc,wkc->nahwk", rq, rw.to(q.dtype))
-        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(n, heads, t, t)
+        (qh, qw), (kh, kw) = q_size, k_size
+        rh = _rel_pos(kh, core.rel_pos_h)[:qh].to(q.dtype)  # (qh, kh, hd)
+        rw = _rel_pos(kw, core.rel_pos_w)[:qw].to(q.dtype)  # (qw, kw, hd)
+        rq = q.reshape(b, heads, qh, qw, -1)
+        bias_h = torch.einsum("nahwc,hkc->nahwk", rq, rh)
+        bias_w = torch.einsum("nahwc,wkc->nahwk", rq, rw)
+        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, tq, kh * kw)
     drop = getattr(core, "attn_drop", None)
     p = float(drop.p) if training and isinstance(drop, nn.Dropout) else 0.0
     scale = getattr(core, "scale", None)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
-    return out.transpose(1, 2).reshape(n, t, -1)
+    return out.transpose(1, 2).reshape(b, tq, -1)
 
 
 def _padded_qkv(core: nn.Module, y: torch.Tensor, ws: int) -> tuple[torch.Tensor, int, int]:
@@ -119,6 +131,40 @@ def _padded_qkv(core: nn.Module, y: torch.Tensor, ws: int) -> tuple[torch.Tensor
     return qkv, hp, wp
 
 
+def _groups(size: int, ws: int) -> list[tuple[slice, int]]:
+    """Windows along one axis grouped by how many real tokens they hold: (window slice, count)."""
+    n = -(-size // ws)
+    last = size - (n - 1) * ws
+    if last == ws:
+        return [(slice(0, n), ws)]
+    return [g for g in ((slice(0, n - 1), ws), (slice(n - 1, n), last)) if g[0].stop > g[0].start]
+
+
+def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, training: bool) -> torch.Tensor:
+    """SAM's windowed attention of y: (N, H, W, C) before the output projection -> (N, H, W, C).
+
+    Keys and values cover the padded windows (as in SAM); queries are the real tokens only:
+    the windows are grouped by their real extent (full, cut at the bottom, at the right, both)
+    and each group attends in one call.
+    """
+    n, h, w, c = y.shape
+    heads = int(core.num_heads)
+    qkv, hp, wp = _padded_qkv(core, y, ws)
+    grid = qkv.view(n, hp // ws, ws, wp // ws, ws, -1).permute(0, 1, 3, 2, 4, 5)  # (N, nH, nW, ws, ws, 3C)
+    rows = []
+    for rs, qh in _groups(h, ws):
+        cols = []
+        for cs, qw in _groups(w, ws):
+            sub = grid[:, rs, cs]  # (N, a, b, ws, ws, 3C)
+            a, b = sub.shape[1:3]
+            _, k, v = _heads(sub.reshape(n * a * b, ws * ws, -1), 3, heads)
+            q = _heads(sub[:, :, :, :qh, :qw, :c].reshape(n * a * b, qh * qw, c), 1, heads)[0]
+            o = _attention(core, q, k, v, (qh, qw), (ws, ws), training)  # (N*a*b, qh*qw, C)
+            cols.append(o.view(n, a, b, qh, qw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, a * qh, b * qw, c))
+        rows.append(torch.cat(cols, 2) if len(cols) > 1 else cols[0])
+    return torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+
+
 def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's function on x: (N, H, W, C), without work on window padding."""
     n, h, w, c = x.shape
@@ -127,15 +173,10 @@ def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ws = int(getattr(block, "window_size", 0) or 0)
     y = block.norm1(x)
     if ws > 0:
-        qkv, hp, wp = _padded_qkv(core, y, ws)
-        nh, nw = hp // ws, wp // ws
-        win = qkv.view(n, nh, ws, nw, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(n * nh * nw, ws * ws, -1)
-        a = _attention(core, win, (ws, ws), block.training)  # (N*nW, ws*ws, C)
-        a = a.view(n, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)
-        if (hp, wp) != (h, w):
-            a = a[:, :h, :w].contiguous()
+        a = _windowed_attention(core, y, ws, block.training)
     else:
-        a = _attention(core, core.qkv(y).reshape(n, h * w, -1), (h, w), block.training).view(n, h, w, c)
+        q, k, v = _heads(core.qkv(y).reshape(n, h * w, -1), 3, int(core.num_heads))
+        a = _attention(core, q, k, v, (h, w), (h, w), block.training).view(n, h, w, c)
     a = core.proj(a)  # real tokens only
     proj_drop = getattr(core, "proj_drop", None)
     if proj_drop is not None:
