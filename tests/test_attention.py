@@ -91,7 +91,7 @@ def test_wrapped_outputs_and_gradients_match(impl: str, preset: str) -> None:
 
 
 @pytest.mark.parametrize("preset", ["mmlora", "mmadapter_authors"])
-def test_loop_execution_and_single_modality(preset: str) -> None:
+def test_loop_execution_matches_batched(preset: str) -> None:
     model = wrap_multimodal(tiny_timm_sam(img_size=64), ("optical", "dsm"), preset=preset)
     _perturb(model)
     x = {"optical": torch.randn(2, 3, 64, 64), "dsm": torch.randn(2, 1, 64, 64)}
