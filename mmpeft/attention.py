@@ -157,7 +157,7 @@ def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, training: boo
         for cs, qw in _groups(w, ws):
             sub = grid[:, rs, cs]  # (N, a, b, ws, ws, 3C)
             a, b = sub.shape[1:3]
-            _, k, v = _heads(sub.reshape(n * a * b, ws * ws, -1), 3, heads)
+            k, v = _heads(sub[..., c:].reshape(n * a * b, ws * ws, 2 * c), 2, heads)  # keys: the padded windows
             q = _heads(sub[:, :, :, :qh, :qw, :c].reshape(n * a * b, qh * qw, c), 1, heads)[0]
             o = _attention(core, q, k, v, (qh, qw), (ws, ws), training)  # (N*a*b, qh*qw, C)
             cols.append(o.view(n, a, b, qh, qw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, a * qh, b * qw, c))

@@ -166,3 +166,35 @@ def build_fusion(
     if rule not in FUSION_RULES:
         raise ValueError(f"unknown fusion rule {rule!r}; known rules: {sorted(FUSION_RULES)}")
     return FUSION_RULES[rule](modalities, init=init, device=device)
+
+
+def lowrank_mix(
+    fusion: Fusion, h: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, inplace: bool = False
+) -> torch.Tensor:
+    """``base_m + fusion(h @ b^T)_m``: per-modality low-rank products, mixed across modalities.
+
+    h: (M, T, K) low-rank activations (LoRA's ``A x``, an adapter's bottleneck), b: (M, out, K)
+    per-modality up weights, base: (M, T, out) or None (then the mixed products alone).
+    Returns (M, T, out). A linear rule mixes in the K space:
+    ``sum_k W[m, k] b_k h_k = [W[m, k] h_k]_k @ [b_k]_k^T``, one GEMM of inner size M*K, so the
+    (M, T, out) products and their mixing temporaries never exist; the identity rule accumulates
+    ``h_m b_m^T`` straight into the base; a non-linear rule gets the full products.
+    ``inplace`` accumulates into ``base`` (safe when autograd does not need ``base`` itself).
+    """
+    m, t, k = h.shape
+    n_out = b.shape[1]
+    bt = b.transpose(1, 2)
+    if not fusion.mixes:
+        if base is None:
+            return torch.bmm(h, bt)
+        return base.baddbmm_(h, bt) if inplace else torch.baddbmm(base, h, bt)
+    if not fusion.linear:
+        d = fusion(torch.bmm(h, bt))
+        return d if base is None else base + d.to(base.dtype)
+    w = fusion.mixing_matrix().to(h.dtype)  # (M, M)
+    g = (w[:, :, None, None] * h[None]).permute(0, 2, 1, 3).reshape(m * t, m * k)  # (M*T, M*K)
+    b_cat = b.permute(1, 0, 2).reshape(n_out, m * k)  # (out, M*K) = [b_0 | b_1 | ...]
+    if base is None:
+        return (g @ b_cat.t()).view(m, t, n_out)
+    flat = base.reshape(m * t, n_out)
+    return (flat.addmm_(g, b_cat.t()) if inplace else torch.addmm(flat, g, b_cat.t())).view(m, t, n_out)

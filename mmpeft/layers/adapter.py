@@ -7,7 +7,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from ..fusion import Fusion, build_fusion
+from ..fusion import Fusion, build_fusion, lowrank_mix
 from .base import MultimodalLayer
 
 __all__ = ["MultimodalAdapter", "ACTIVATIONS"]
@@ -166,23 +166,10 @@ class MultimodalAdapter(MultimodalLayer):
             g = self.adapter_dropout(self.adapter_act(torch.bmm(zs, wd)))
         if self.scale != 1.0:
             g = g * self.scale
-        fusion = self.adapter_fusion
-        if not fusion.mixes:  # y_m + s (U_m g_m + b_m), accumulated by the GEMM itself
-            if y is None:
-                return torch.bmm(g, wu.transpose(1, 2))
-            return torch.baddbmm(y.reshape(m, -1, n_out), g, wu.transpose(1, 2)).view(y.shape)
-        if not fusion.linear:  # a custom non-linear rule needs the full per-modality outputs
-            a = fusion(torch.bmm(g, wu.transpose(1, 2)))  # (M, T, out)
-            return a if y is None else y + a.reshape(y.shape).to(y.dtype)
-        # Mix in the bottleneck space: sum_k W[m, k] (U_k g_k + b_k) = [W[m, k] g_k]_k @ [U_k]_k^T,
-        # so no (M, T, out) adapter output or mixing temporary is materialised.
-        w = fusion.mixing_matrix().to(g.dtype)  # (M, M)
-        t, k = g.shape[1], g.shape[2]
-        gm = (w[:, :, None, None] * g[None]).permute(0, 2, 1, 3).reshape(m * t, m * k)  # (M*T, M*(hid+1))
-        u_cat = wu.permute(1, 0, 2).reshape(n_out, m * k)  # (out, M*(hid+1)) = [U_0 | U_1 | ...]
+        # not in place: for an "after" adapter y is also the input z its backward needs
         if y is None:
-            return (gm @ u_cat.t()).view(m, t, n_out)
-        return torch.addmm(y.reshape(m * t, n_out), gm, u_cat.t()).view(y.shape)
+            return lowrank_mix(self.adapter_fusion, g, wu)
+        return lowrank_mix(self.adapter_fusion, g, wu, y.reshape(m, -1, n_out)).view(y.shape)
 
     def _adapt(self, z: torch.Tensor, modality: str) -> torch.Tensor:
         h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))

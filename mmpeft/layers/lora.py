@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fusion import Fusion, build_fusion
+from ..fusion import Fusion, build_fusion, lowrank_mix
 from .base import MultimodalLayer
 
 __all__ = ["MultimodalLoRA"]
@@ -139,19 +139,8 @@ class MultimodalLoRA(MultimodalLayer):
         )  # (M, R, in)
         h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype)) * self.scaling  # (M, T, R)
         b_full = torch.stack([self._b_full(mod) for mod in self.modalities]).to(h.dtype)  # (M, out, R)
-        fusion = self.lora_fusion
-        if not fusion.mixes:  # out_m += h_m @ B_m^T, in place in the GEMM (the base output is not saved)
-            return out.reshape(m, -1, n_out).baddbmm_(h, b_full.transpose(1, 2)).view(out.shape)
-        if not fusion.linear:  # a custom non-linear rule needs the full per-modality updates
-            d = fusion(torch.bmm(h, b_full.transpose(1, 2)))  # (M, T, out)
-            return out + d.reshape(out.shape).to(out.dtype)
-        # Mix in the rank space: out_m = base_m + sum_k W[m, k] B_k h_k = base_m + [W[m, k] h_k]_k @ [B_k]_k^T,
-        # so the (M, T, out) updates and their mixing temporaries never exist.
-        w = fusion.mixing_matrix().to(h.dtype)  # (M, M)
-        t = h.shape[1]
-        g = (w[:, :, None, None] * h[None]).permute(0, 2, 1, 3).reshape(m * t, m * h.shape[2])  # (M*T, M*R)
-        b_cat = b_full.permute(1, 0, 2).reshape(n_out, -1)  # (out, M*R) = [B_0 | B_1 | ...]
-        return out.reshape(m * t, n_out).addmm_(g, b_cat.t()).view(out.shape)
+        # in place into the base output: a linear layer's backward does not need its output
+        return lowrank_mix(self.lora_fusion, h, b_full, out.reshape(m, -1, n_out), inplace=True).view(out.shape)
 
     def _delta(self, x: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
         a, b = self._pair(modality, slice_name)
