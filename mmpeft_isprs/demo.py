@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 from .config import ConfigError, ExperimentConfig, load_config
 from .distributed import DistInfo, init_distributed
-from .evaluate import EvalResult, evaluate
-from .train import train
+from .runner import fit, score_weights
+from .task import EvalResult
 
 __all__ = ["run_demo", "DemoResult", "QUICK_OVERRIDES", "side_by_side"]
 
@@ -111,10 +111,10 @@ def run_demo(
             _fresh(Path(cfg.train.run_dir))
             log(f"\n=== {label}: training ({cfg.train.epochs} epochs x {cfg.train.batches_per_epoch} batches of "
                 f"{cfg.train.batch_size} {cfg.crop_size}x{cfg.crop_size} crops) ===")  # fmt: skip
-        run = train(cfg, info=info, log=log)
+        run = fit(cfg, info, log=log)
         if info.is_main:
             log(f"=== {label}: test tiles ===")
-        results[label] = evaluate(cfg, run.best, info=info, out_dir=Path(cfg.train.run_dir) / "test", log=log)
+        results[label] = score_weights(cfg, run.best, info=info, out_dir=Path(cfg.train.run_dir) / "test", log=log)
     names = list(results["optical"].metrics["IoU"])  # type: ignore[arg-type]
     table = side_by_side(results, names)
     seconds = time.perf_counter() - t0

@@ -15,12 +15,34 @@ Modes:
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal, Mapping, Protocol, Sequence
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
+
 ModelFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def autocast(amp: str, device: torch.device) -> ContextManager[Any]:
+    """``torch.autocast`` for ``"bf16"``/``"fp16"``; a null context for ``"none"``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp: fp16 needs a CUDA device; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def model_fn(model: torch.nn.Module, device: torch.device, amp: str = "none") -> ModelFn:
+    """``{name: (B, C, h, w)} -> (B, K, h, w)`` float32 logits, no grad, under autocast."""
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad(), autocast(amp, device):
+            return model(batch).float()
+
+    return run
 
 
 class WindowSource(Protocol):
@@ -174,4 +196,4 @@ def sliding_window_predict(
     return acc.div_(count) if count is not None else acc  # in place: no second (K, H, W)
 
 
-__all__ = ["sliding_window_predict", "window_starts", "WindowSource", "TensorSource", "ModelFn"]
+__all__ = ["sliding_window_predict", "window_starts", "WindowSource", "TensorSource", "ModelFn", "autocast", "model_fn"]

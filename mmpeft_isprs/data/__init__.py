@@ -1,4 +1,5 @@
-"""Remote-sensing data: palettes, file I/O, layouts, tile sets, datasets, synthetic data.
+"""Remote-sensing data: palettes, file I/O, layouts, tile sets, datasets, synthetic data,
+prediction inputs and outputs (files <-> samples; no config, model or training logic).
 
 A sample is a dict: ``"optical"`` float32 (3, H, W) in [0, 1], ``"dsm"`` float32 (1, H, W) in
 [0, 1] (more modalities by name with :class:`GenericLayout`), ``"mask"`` int64 (H, W) with
@@ -7,6 +8,7 @@ A sample is a dict: ``"optical"`` float32 (3, H, W) in [0, 1], ``"dsm"`` float32
 
 from .datasets import RandomCropDataset, TileDataset, item_rng, pad_sample
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
+from .inputs import dsm_tensor, is_geotiff, optical_tensor, pair_inputs
 from .io import (
     GEO_TAGS, DataError, RasterInfo, TiffWindowReader, raster_info, read_geotags, read_image,
     read_window, write_tiff,
@@ -15,6 +17,7 @@ from .layouts import (
     POTSDAM_SPLITS, VAIHINGEN_SPLITS, GenericLayout, Layout, MMHunanLayout, ModalitySpec,
     PotsdamLayout, SplitSpec, TileFiles, VaihingenLayout,
 )
+from .outputs import write_prediction
 from .palette import (
     IGNORE_INDEX, ISPRS, MMHUNAN, DatasetInfo, colour_to_index, index_to_colour,
     normalise_index_labels,
@@ -37,4 +40,5 @@ __all__ = [
     "RandomCropDataset", "TileDataset", "item_rng", "pad_sample",
     "JointFlipRotate", "Compose",
     "generate_synthetic_vaihingen", "synthetic_layout", "synthetic_splits", "SYNTHETIC_VAL_IDS",
+    "pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff", "write_prediction",
 ]

@@ -53,7 +53,10 @@ def test_overrides_are_yaml_typed() -> None:
         ("train.epochs=2.5", "train.epochs: expected an integer"),
         ("train.amp=fp8", "train.amp: must be one of ['none', 'bf16', 'fp16']"),
         ("model.backbone=vit_x", "unknown backbone 'vit_x'"),
-        ("data.crop_size=512", "data.crop_size: must equal model.img_size (128)"),
+        ("data.crop_size=128", "data.crop_size was removed: the training crop side is model.img_size"),
+        ("eval.window=128", "eval.window was removed: the evaluation window is model.img_size"),
+        ("train.grad_checkpointing=true", "train.grad_checkpointing moved to the model config"),
+        ("model.fusion=scalr", "unknown fusion rule 'scalr'; known:"),
         ("model.num_classes=7", "model.num_classes: synthetic has 6 classes"),
         ("model.modalities=[optical, sar]", "model.modalities"),
         ("model_preset=t4_lorra", "did you mean t4_lora"),
@@ -89,7 +92,7 @@ def test_partial_file_takes_defaults_and_round_trips(tmp_path: Path) -> None:
     path.write_text("name: mine\ndata: {dataset: potsdam, potsdam_bands: irrg, val_ids: [2_10]}\n")
     cfg = load_config(path, ["train.epochs=3"])
     assert cfg.data.potsdam_bands == "irrg" and cfg.data.val_ids == ["2_10"] and cfg.train.epochs == 3
-    assert cfg.train.lr == 0.01 and cfg.eval.window is None and cfg.crop_size == 256
+    assert cfg.train.lr == 0.01 and cfg.crop_size == 256
     again = config_from_dict(yaml_load(cfg.to_yaml()))
     assert again == cfg and isinstance(again, ExperimentConfig)
 

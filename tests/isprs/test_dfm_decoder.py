@@ -9,15 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpeft_isprs.decoder import (
-    WF,
+from mmpeft_isprs.model.decoder import WF, UNetFormerDecoder
+from mmpeft_isprs.model.decoder_blocks import (
     GlobalLocalAttention,
-    UNetFormerDecoder,
     pad_right_bottom,
     relative_position_index,
     trunc_normal_inverse_cdf_,
 )
-from mmpeft_isprs.dfm import (
+from mmpeft_isprs.model.dfm import (
     DeepFusionModule,
     LayerNorm2dChannels,
     SEFusion,

@@ -15,7 +15,7 @@ import torch
 from mmpeft_isprs.demo import QUICK_OVERRIDES, demo_config
 from mmpeft_isprs.distributed import DistInfo, all_gather_object, barrier, init_distributed, shard, sum_tensor
 from mmpeft_isprs.evaluate import evaluate
-from mmpeft_isprs.train import EpochBatchSampler
+from mmpeft_isprs.datamodule import EpochBatchSampler
 
 
 def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,8 +12,10 @@ import torch
 from mmpeft_isprs.config import ConfigError, ExperimentConfig, load_config
 from mmpeft_isprs.data import generate_synthetic_vaihingen
 from mmpeft_isprs.evaluate import evaluate
-from mmpeft_isprs.predict import load_trained
-from mmpeft_isprs.train import CHECKPOINT, EpochBatchSampler, load_checkpoint, train
+from mmpeft_isprs.datamodule import EpochBatchSampler
+from mmpeft_isprs.runner import CHECKPOINT, load_checkpoint
+from mmpeft_isprs.task import load_trained
+from mmpeft_isprs.train import train
 
 TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "num_heads": 2, "decode_channels": 16, "window_size": 4,
               "decoder_heads": 2, "img_size": 64}  # fmt: skip
@@ -134,7 +136,7 @@ def test_train_then_evaluate_end_to_end(data_root: Path, tmp_path: Path) -> None
 
 
 def test_bf16_autocast_and_grad_checkpointing_train(data_root: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(data_root, tmp_path / "run", "train.amp=bf16", "train.grad_checkpointing=true",
+    cfg = tiny_config(data_root, tmp_path / "run", "train.amp=bf16", "model.grad_checkpointing=true",
                       epochs=1, batches_per_epoch=1)  # fmt: skip
     result = train(cfg, log=quiet)
     assert result.finished and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))

@@ -29,7 +29,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -1,0 +1,90 @@
+"""The ``data`` section: where the tiles are and how they are split and scaled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["DataConfig", "SyntheticConfig", "GenericConfig", "DATASETS"]
+
+DATASETS = ("vaihingen", "potsdam", "mmhunan", "generic", "synthetic")
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic Vaihingen-layout data set (``data.dataset: synthetic``), generated if missing.
+
+    Attributes:
+        num_tiles: tiles to generate, 3..19 (19 = 12 train, 3 val, 4 test, the paper's ids).
+        tile_size: side of each tile in pixels.
+        seed: scene seed.
+    """
+
+    num_tiles: int = 19
+    tile_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class GenericConfig:
+    """Your own tiles (``data.dataset: generic``): one folder per modality plus labels.
+
+    Attributes:
+        modalities: modality name -> ``"image"`` (scaled by dtype max) or ``"elevation"``
+            (DSM scaling); read from ``root/<name>/<stem>.<ext>`` unless ``folders`` says otherwise.
+        folders: modality name -> folder name, where they differ.
+        label_dir: folder of the labels.
+        eval_label_dir: folder of eroded labels used for scoring (null: ``label_dir``).
+        label_format: ``"index"`` (class indices) or ``"colour"`` (palette colours).
+        classes: ``"isprs"`` (6 classes) or ``"mmhunan"`` (7 classes): names, palette, means.
+    """
+
+    modalities: dict[str, str] = field(default_factory=lambda: {"optical": "image", "dsm": "elevation"})
+    folders: dict[str, str] = field(default_factory=dict)
+    label_dir: str = "labels"
+    eval_label_dir: str | None = None
+    label_format: Literal["index", "colour"] = "index"
+    classes: Literal["isprs", "mmhunan"] = "isprs"
+
+
+@dataclass
+class DataConfig:
+    """Where the tiles are and how they are split and scaled (the crop side is ``model.img_size``).
+
+    Attributes:
+        dataset: ``vaihingen``, ``potsdam``, ``mmhunan``, ``generic`` or ``synthetic``.
+        root: data folder (layouts in docs/isprs.md).
+        split: ``"paper"`` (the published runs' tiles) or ``"official"`` (ISPRS benchmark split).
+        val_ids: tiles used for model selection (taken out of training; test tiles are an error).
+        val_fraction: instead of ``val_ids``, hold out this fraction of the training tiles.
+        val_seed: seed of the ``val_fraction`` draw.
+        dsm_scaling: ``"tile"`` (per-tile min-max to [0, 1], the paper), ``"global"``
+            (fixed ``dsm_min``/``dsm_max``) or ``"none"``.
+        dsm_min, dsm_max: bounds for ``dsm_scaling: global``.
+        dsm_nodata: DSM value meaning "no data" (NaN is always no data).
+        dsm_fill: ``"min"`` (fill no-data with the tile minimum) or ``"raise"``.
+        potsdam_bands: ``"rgb"`` (the paper) or ``"irrg"`` from Potsdam's RGBIR tiles.
+        tile_weights: ``"uniform"`` (every tile equally likely, the authors) or ``"area"``.
+        cache: keep decoded tiles in memory (false: read windows from disk).
+        synthetic: options of the synthetic data set.
+        generic: options of the generic layout.
+    """
+
+    dataset: Literal["vaihingen", "potsdam", "mmhunan", "generic", "synthetic"] = "vaihingen"
+    root: str = "data/vaihingen"
+    split: Literal["paper", "official"] = "paper"
+    val_ids: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    val_seed: int = 0
+    dsm_scaling: Literal["tile", "global", "none"] = "tile"
+    dsm_min: float | None = None
+    dsm_max: float | None = None
+    dsm_nodata: float | None = None
+    dsm_fill: Literal["min", "raise"] = "min"
+    potsdam_bands: Literal["rgb", "irrg"] = "rgb"
+    tile_weights: Literal["uniform", "area"] = "uniform"
+    cache: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    generic: GenericConfig = field(default_factory=GenericConfig)
+
+

@@ -1,0 +1,165 @@
+"""The data module: datasets, sampler and loaders of an experiment, built from its config.
+
+The torchgeo split: :mod:`mmpeft_isprs.data` turns files into samples and knows nothing of
+configs; this module reads the ``data`` (and ``train``/``eval``) sections and builds what a run
+needs: the tile sets of each split (validated before anything trains), the random-crop training
+set, and one loader per epoch that yields this rank's share of every global batch.
+
+Training items are a pure function of ``(seed, epoch, index)``, so any rank, worker or resumed
+run gets the same crop for the same index, and skipping consumed batches on resume is exact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .config import ConfigError, DataConfig, ExperimentConfig
+from .data import (
+    ISPRS, MMHUNAN, DataError, DsmNormalisation, GenericLayout, JointFlipRotate, Layout, MMHunanLayout,
+    ModalitySpec, PotsdamLayout, RandomCropDataset, SplitSpec, TileSet, VaihingenLayout,
+    generate_synthetic_vaihingen, synthetic_layout,
+)
+from .distributed import DistInfo, barrier
+
+__all__ = [
+    "ISPRSDataModule", "EpochBatchSampler", "dsm_rule", "prepare_data_root", "make_layout", "split_ids",
+    "make_tileset",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- from the data section
+def dsm_rule(data: DataConfig | None) -> DsmNormalisation:
+    """The DSM scaling of ``data`` (per tile min-max, the default, when ``data`` is None)."""
+    if data is None:
+        return DsmNormalisation()
+    return DsmNormalisation(data.dsm_scaling, data.dsm_min, data.dsm_max, data.dsm_nodata, data.dsm_fill)
+
+
+def prepare_data_root(data: DataConfig, info: DistInfo | None = None) -> None:
+    """Generate the synthetic data set if it is missing (rank 0; the others wait)."""
+    if data.dataset != "synthetic":
+        return
+    if info is None or info.is_main:
+        s = data.synthetic
+        generate_synthetic_vaihingen(data.root, num_tiles=s.num_tiles, tile_size=s.tile_size, seed=s.seed)
+    barrier()
+
+
+def make_layout(data: DataConfig) -> Layout:
+    """The file layout and splits of ``data`` (validation hold-out included)."""
+    split = SplitSpec(data.split, tuple(data.val_ids), data.val_fraction, data.val_seed)
+    if data.dataset == "vaihingen":
+        return VaihingenLayout(split=split)
+    if data.dataset == "potsdam":
+        return PotsdamLayout(split=split, bands=data.potsdam_bands)
+    if data.dataset == "mmhunan":
+        return MMHunanLayout(split=split)
+    if data.dataset == "synthetic":
+        return synthetic_layout(data.root, split=split)
+    g = data.generic
+    return GenericLayout(
+        modalities=tuple(ModalitySpec(n, k) for n, k in g.modalities.items()),  # type: ignore[arg-type]
+        info=MMHUNAN if g.classes == "mmhunan" else ISPRS, label_format=g.label_format,
+        label_dir=g.label_dir, eval_label_dir=g.eval_label_dir, folders=dict(g.folders), split=split,
+    )  # fmt: skip
+
+
+def split_ids(data: DataConfig, split: str) -> list[str]:
+    """Tile ids of ``split`` ([] for an empty validation split)."""
+    try:
+        return make_layout(data).split_ids(split, data.root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data ({data.dataset} in {data.root}): {exc}") from None
+
+
+def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
+    """The validated tiles of ``split`` (raises DataError listing every problem found)."""
+    root = Path(data.root)
+    if not root.is_dir():
+        raise ConfigError(
+            f"data.root: folder {root} not found (dataset {data.dataset}); see docs/isprs.md for the "
+            "expected layout, or set data.root=/path/to/data"
+        )
+    try:
+        layout = make_layout(data)
+        return TileSet(layout, root, split, labels=labels, dsm=dsm_rule(data), cache=data.cache)  # type: ignore[arg-type]
+    except DataError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:  # unknown split, empty split, val tiles in the test set
+        raise ConfigError(f"data ({data.dataset} in {root}): {exc}") from exc
+
+
+# --------------------------------------------------------------------------- sampler
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches ``start..batches-1`` of one epoch; this rank's share of each global batch.
+
+    Global batch ``b`` holds dataset items ``b*B .. b*B+B-1`` (B = global batch size); rank
+    ``r`` of ``W`` takes the contiguous slice ``r*B/W .. (r+1)*B/W - 1``. Indices are
+    ``(epoch, item)`` pairs, so workers need no ``set_epoch``. Skipping consumed batches on
+    resume is exact because items depend only on (seed, epoch, index).
+    """
+
+    def __init__(self, epoch: int, start: int, batches: int, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size {batch_size} must be divisible by the number of processes ({world})")
+        self.epoch, self.start, self.batches = epoch, start, batches
+        self.global_bs, self.per_rank, self.rank = batch_size, batch_size // world, rank
+
+    def __len__(self) -> int:
+        return self.batches - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b in range(self.start, self.batches):
+            first = b * self.global_bs + self.rank * self.per_rank
+            yield [(self.epoch, first + j) for j in range(self.per_rank)]
+
+
+# --------------------------------------------------------------------------- the data module
+class ISPRSDataModule:
+    """The tiles and loaders of one experiment on this process.
+
+    :meth:`setup` validates and opens the training tiles and the validation tiles (None when
+    the config holds out none), then builds the random-crop training set; :meth:`train_loader`
+    gives the rest of one epoch; :meth:`tiles` opens any split for evaluation.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo | None = None, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.info, self.log = cfg, info or DistInfo(), log
+        self.train_tiles: TileSet | None = None
+        self.val_tiles: TileSet | None = None
+        self.train_dataset: RandomCropDataset | None = None
+
+    def setup(self) -> None:
+        """Open the training and validation tiles and build the training set (raises before training)."""
+        d, t = self.cfg.data, self.cfg.train
+        prepare_data_root(d, self.info)
+        self.train_tiles = make_tileset(d, "train", labels="full")
+        self.val_tiles = make_tileset(d, "val", labels=self.cfg.eval.labels) if split_ids(d, "val") else None
+        if self.val_tiles is None and self.info.is_main:
+            self.log("note: no validation split (data.val_ids / data.val_fraction); best.safetensors = last epoch")
+        self.train_dataset = RandomCropDataset(
+            self.train_tiles, crop_size=self.cfg.crop_size, samples_per_epoch=t.batches_per_epoch * t.batch_size,
+            seed=t.seed, transforms=JointFlipRotate(hflip=t.flips, vflip=t.flips, rot90=t.rotations),
+            tile_weights=d.tile_weights,
+        )  # fmt: skip
+
+    def tiles(self, split: str, labels: str = "full") -> TileSet:
+        """The labelled tiles of ``split`` (the synthetic set is generated first if missing)."""
+        prepare_data_root(self.cfg.data, self.info)
+        return make_tileset(self.cfg.data, split, labels=labels)
+
+    def train_loader(self, epoch: int, start: int = 0) -> DataLoader:
+        """Batches ``start..`` of ``epoch`` (this rank's share), after :meth:`setup`."""
+        if self.train_dataset is None:
+            raise RuntimeError("ISPRSDataModule.train_loader: call setup() first")
+        t, info = self.cfg.train, self.info
+        sampler = EpochBatchSampler(epoch, start, t.batches_per_epoch, t.batch_size, info.rank, info.world_size)
+        return DataLoader(
+            self.train_dataset, batch_sampler=sampler, num_workers=t.num_workers,
+            pin_memory=info.device.type == "cuda",
+            generator=torch.Generator().manual_seed(t.seed),  # workers' seeds never draw from the global RNG
+        )  # fmt: skip

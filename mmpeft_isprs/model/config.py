@@ -1,0 +1,169 @@
+"""The MFNet configuration: every choice that defines a model, and the paper's named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from mmpeft import FUSION_RULES
+from mmpeft.backbones import SAM_SPECS
+
+__all__ = ["MFNetConfig", "MFNET_PRESETS", "mfnet_preset", "check_input_size", "global_blocks"]
+
+
+@dataclass
+class MFNetConfig:
+    """Every choice that defines an MFNet (JSON round-trip; no argv, no globals).
+
+    Attributes:
+        backbone: SAM size: "vit_b", "vit_l", "vit_h" or "vit_tiny" (tests, CPU demo).
+        impl: "timm" (timm's VisionTransformerSAM) or "segment_anything" (the original ImageEncoderViT).
+        method: "adapter", "lora" or "none" (frozen encoder: Table IV's "without Adapter").
+        fusion: cross-modal rule of the mixing parts of the encoder, passed to
+            ``wrap_multimodal``: "scalar" (MFNet), "none" (standard per-modality tuning),
+            "matrix" (a learnable M x M mix), or any rule added with
+            ``mmpeft.fusion.register_fusion`` (register it before building the config).
+        preset: an mmpeft preset choosing the placement instead of ``method``, e.g.
+            "mmadapter_authors" (``fusion`` still sets the rule of its mixing parts).
+        modalities: input modalities in order (optical first; one or more).
+        dfm: the Deep Fusion Module; False is Table V's "without DFM" (encoder outputs summed,
+            then one simple pyramid).
+        dfm_norms: "authors" (LayerNorm in the optical pyramid, BatchNorm in the DSM one) or "layernorm".
+        num_classes: 6 for ISPRS, 7 for MMHunan.
+        img_size: input (H, W) or side; multiples of 32. Position embeddings are resized once.
+        checkpoint: local path of an official SAM checkpoint (None: random encoder weights).
+        zero_rel_pos: zero the relative position tables after loading (the published runs).
+        pos_embed_interp: "bicubic" (the authors' resize) or "antialias".
+        rank, alpha, ratio, lambda_init: method options (None: the preset's value).
+        stems: per-modality stem kinds, e.g. {"dsm": "repeat"} (default: auto = repeat to 3).
+        grad_checkpointing: recompute encoder block activations in backward (less memory).
+        efficient_attention: run the encoder blocks without work on window padding, with fused
+            attention (``mmpeft.attention``; same outputs). False: the encoder's own blocks.
+        execution: "batched" (one frozen pass over the stacked modalities) or "per_modality"
+            (every modality through every layer one after the other: the authors' scheme, for
+            benchmarks and checks; same maths).
+        decode_channels, decoder_dropout, window_size, decoder_heads: the UNetFormer decoder.
+        embed_dim, depth, num_heads: override the backbone size (tests).
+    """
+
+    backbone: str = "vit_b"
+    impl: str = "timm"
+    method: str = "adapter"
+    fusion: str = "scalar"
+    preset: str | None = None
+    modalities: list[str] = field(default_factory=lambda: ["optical", "dsm"])
+    dfm: bool = True
+    dfm_norms: str = "authors"
+    num_classes: int = 6
+    img_size: int | list[int] = 256
+    checkpoint: str | None = None
+    zero_rel_pos: bool = False
+    pos_embed_interp: str = "bicubic"
+    rank: int | None = None
+    alpha: float | None = None
+    ratio: float | None = None
+    lambda_init: float | None = None
+    stems: dict[str, Any] = field(default_factory=dict)
+    grad_checkpointing: bool = False
+    efficient_attention: bool = True
+    execution: str = "batched"
+    decode_channels: int = 64
+    decoder_dropout: float = 0.1
+    window_size: int = 8
+    decoder_heads: int = 8
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSION_RULES:
+            raise ValueError(f"unknown fusion rule {self.fusion!r}; known: {sorted(FUSION_RULES)}")
+        if self.backbone not in SAM_SPECS:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(SAM_SPECS)}")
+        if self.method not in ("adapter", "lora", "none"):
+            raise ValueError(f"method must be 'adapter', 'lora' or 'none', got {self.method!r}")
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be unique and non-empty, got {self.modalities}")
+        if self.execution not in ("batched", "per_modality"):
+            raise ValueError(f"execution must be 'batched' or 'per_modality', got {self.execution!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        check_input_size(self.size)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.img_size
+        return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+    @property
+    def mmpeft_preset(self) -> str:
+        """The mmpeft placement preset: ``preset``, else "frozen" / "mm<method>" / "<method>" (no mixing)."""
+        if self.preset is not None:
+            return self.preset
+        if self.method == "none":
+            return "frozen"
+        return self.method if self.fusion == "none" else f"mm{self.method}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MFNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MFNet config keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+
+def global_blocks(depth: int) -> tuple[int, ...]:
+    """SAM's pattern of global-attention blocks: the last block of each quarter (2,5,8,11 for 12)."""
+    if depth < 4:
+        return (depth - 1,)
+    k = depth // 4
+    return tuple(range(k - 1, depth, k))[:4]
+
+
+def check_input_size(size: Sequence[int]) -> None:
+    """Raise ValueError unless both sides are positive multiples of 32."""
+    h, w = int(size[0]), int(size[1])
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise ValueError(
+            f"MFNet needs input sides that are multiples of 32 (e.g. 256, 384, 448, 512, 320x448); got {h}x{w}"
+        )
+
+
+
+_OPTICAL = {"modalities": ["optical"]}
+#: Named configurations of every row of the paper's Tables IV and V, plus the authors' exact model.
+MFNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Table IV (Vaihingen, modality x fine-tuning)
+    "t4_optical_frozen": {**_OPTICAL, "method": "none"},  # NIIRG, without Adapter
+    "t4_optical_lora": {**_OPTICAL, "method": "lora", "fusion": "none"},  # NIIRG, standard LoRA
+    "t4_lora": {"method": "lora", "fusion": "none"},  # NIIRG + DSM, standard LoRA (no mixing)
+    "t4_mmlora": {"method": "lora", "fusion": "scalar"},  # MFNet with MMLoRA
+    "t4_optical_adapter": {**_OPTICAL, "method": "adapter", "fusion": "none"},
+    "t4_adapter": {"method": "adapter", "fusion": "none"},
+    "t4_mmadapter": {"method": "adapter", "fusion": "scalar"},
+    # Table V (ablation): without DFM; the other rows are t4_adapter / t4_lora and the full model
+    "t5_mmadapter_no_dfm": {"method": "adapter", "fusion": "scalar", "dfm": False},
+    "t5_mmlora_no_dfm": {"method": "lora", "fusion": "scalar", "dfm": False},
+    # the full models (Tables I-III, VI)
+    "mfnet_mmadapter": {"method": "adapter", "fusion": "scalar"},
+    "mfnet_mmlora": {"method": "lora", "fusion": "scalar"},
+    # the authors' published runs exactly: default adapter init, zeroed relative tables,
+    # LayerNorm/BatchNorm pyramid pair, bicubic position-embedding resize
+    "authors_mmadapter": {"preset": "mmadapter_authors", "method": "adapter", "zero_rel_pos": True,
+                          "dfm_norms": "authors", "pos_embed_interp": "bicubic"},
+    "authors_mmlora": {"preset": "mmlora_authors", "method": "lora", "zero_rel_pos": True,
+                       "dfm_norms": "authors", "pos_embed_interp": "bicubic"},
+}  # fmt: skip
+
+
+def mfnet_preset(name: str, **overrides: Any) -> MFNetConfig:
+    """The :class:`MFNetConfig` of preset ``name`` (see :data:`MFNET_PRESETS`) with ``overrides``."""
+    if name not in MFNET_PRESETS:
+        raise ValueError(f"unknown MFNet preset {name!r}; known: {sorted(MFNET_PRESETS)}")
+    return MFNetConfig(**{**MFNET_PRESETS[name], **overrides})
+

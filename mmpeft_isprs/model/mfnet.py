@@ -1,0 +1,130 @@
+"""MFNet: a frozen SAM encoder wrapped by mmpeft, the Deep Fusion Module and the UNetFormer decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from mmpeft import MultimodalModel, count_parameters, wrap_multimodal
+from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec
+from mmpeft.backbones.sam_load import _zero_rel_pos  # one implementation; private in the core for now
+from mmpeft.checkpointing import enable_gradient_checkpointing
+from mmpeft.reference import per_modality_forward
+from mmpeft.wrap import is_trainable_name, state_mismatches
+
+from .config import MFNetConfig, check_input_size, global_blocks
+from .decoder import UNetFormerDecoder
+from .dfm import DeepFusionModule, SimplePyramid
+
+__all__ = ["MFNet", "build_mfnet", "build_encoder"]
+
+
+def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport | None, int]:
+    """The SAM encoder of ``config`` wrapped by mmpeft; with its load report and output channels.
+
+    The fusion rule ``config.fusion`` goes to ``wrap_multimodal`` as is (the mixing parts of the
+    placement preset use it; "none" means the preset without mixing).
+    """
+    spec = SAM_SPECS[config.backbone]
+    sizes = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads") if getattr(config, k)}
+    if sizes:
+        spec = replace_spec(spec, global_attn_indexes=global_blocks(sizes.get("depth", spec.depth)), **sizes)
+    encoder = build_sam_encoder(spec, impl=config.impl, img_size=config.size)  # type: ignore[arg-type]
+    report = None
+    if config.checkpoint:
+        report = load_sam_checkpoint(
+            encoder, config.checkpoint, zero_rel_pos=config.zero_rel_pos,
+            pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
+        )  # fmt: skip
+    elif config.zero_rel_pos:
+        _zero_rel_pos(encoder)
+    options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init")}
+    wrapped = wrap_multimodal(
+        encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems), fusion=config.fusion,
+        efficient_attention=config.efficient_attention, **{k: v for k, v in options.items() if v is not None},
+    )  # fmt: skip
+    if config.grad_checkpointing:
+        enable_gradient_checkpointing(wrapped.base_model)
+    return wrapped, report, spec.out_chans
+
+
+class MFNet(nn.Module):
+    """Multimodal fine-tuning network: wrapped SAM encoder -> DFM -> UNetFormer decoder.
+
+    ``forward({"optical": (B,3,H,W), "dsm": (B,1,H,W)}) -> logits (B, num_classes, H, W)``.
+    """
+
+    def __init__(self, config: MFNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.modalities = tuple(config.modalities)
+        self.encoder, self.load_report, c = build_encoder(config)
+        if config.dfm:
+            self.dfm: nn.Module = DeepFusionModule(c, len(self.modalities), norms=config.dfm_norms)  # type: ignore[arg-type]
+        else:  # Table V "without DFM": sum the encoder outputs, one simple pyramid
+            self.dfm = SimplePyramid(c, norm="layernorm")
+        self.decoder = UNetFormerDecoder(
+            (c, c, c, c), config.decode_channels, config.decoder_dropout, config.window_size,
+            config.decoder_heads, config.num_classes,
+        )  # fmt: skip
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """inputs: {modality: (B, c_m, H, W)} with (H, W) = config size -> logits (B, K, H, W)."""
+        first = inputs[self.modalities[0]] if self.modalities[0] in inputs else None
+        if first is not None and tuple(first.shape[-2:]) != self.config.size:
+            check_input_size(first.shape[-2:])
+            raise ValueError(
+                f"this MFNet was built for {self.config.size[0]}x{self.config.size[1]} inputs "
+                f"(position embeddings are resized once, at build time); got {tuple(first.shape[-2:])}. "
+                "Build it with img_size set to your crop size."
+            )
+        enc_inputs = {m: inputs[m] for m in self.modalities} if isinstance(inputs, Mapping) else inputs
+        if self.config.execution == "per_modality":
+            feats = per_modality_forward(self.encoder, enc_inputs)
+        else:
+            feats = self.encoder(enc_inputs)
+        maps = [feats[m] for m in self.modalities]  # each (B, 256, H/16, W/16)
+        levels = self.dfm(maps) if self.config.dfm else self.dfm(torch.stack(maps).sum(0))
+        return self.decoder(levels, self.config.size)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What trains and nothing else: encoder LoRA/adapters/lambdas/stems + DFM + decoder (with BN buffers)."""
+        out = {f"encoder.{k}": v for k, v in self.encoder.trainable_state_dict().items()}
+        for prefix, module in (("dfm", self.dfm), ("decoder", self.decoder)):
+            out.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+        return out
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Strict inverse of :meth:`trainable_state_dict`; errors name the keys at fault."""
+        problems = state_mismatches(self.trainable_state_dict(), state)
+        if problems:
+            raise ValueError("checkpoint does not match this MFNet: " + " | ".join(problems))
+        enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        self.encoder.load_trainable_state_dict(enc)
+        self.dfm.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("dfm.")})
+        self.decoder.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("decoder.")})
+
+    def parameter_groups(self) -> dict[str, dict[str, int]]:
+        """Trainable / frozen parameters of encoder (by kind), DFM and decoder."""
+        def group(name: str) -> str:
+            if name.startswith("encoder."):
+                return "encoder (trainable)" if is_trainable_name(name) else "encoder (frozen)"
+            return name.split(".")[0]
+
+        return count_parameters(self, by=group).to_dict()
+
+
+
+def build_mfnet(config: MFNetConfig | Mapping[str, Any] | None = None, **overrides: Any) -> MFNet:
+    """Build an MFNet from a config (or a dict, or keyword overrides of the defaults)."""
+    if config is None:
+        config = MFNetConfig(**overrides)
+    elif isinstance(config, Mapping):
+        config = MFNetConfig.from_dict({**config, **overrides})
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    return MFNet(config)
+

@@ -1,0 +1,47 @@
+"""MFNet files: only what trains (adapters, lambdas, stems, DFM, decoder) plus the config, as safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmpeft.io import atomic_write
+
+from .mfnet import MFNet, build_mfnet
+
+__all__ = ["save_mfnet", "load_mfnet"]
+
+
+def save_mfnet(model: MFNet, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> None:
+    """Write the trainable part of ``model`` and its config to one safetensors file (atomically)."""
+    tensors = {k: v.contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    meta = {"format": "mfnet", "config": json.dumps(model.config.to_dict()), **(extra or {})}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
+
+
+def load_mfnet(path: str | os.PathLike, checkpoint: str | None = None, **overrides: Any) -> MFNet:
+    """Rebuild the MFNet saved at ``path`` and load its trained tensors.
+
+    Args:
+        checkpoint: the SAM file the model was trained from (default: the path in its config).
+        overrides: config fields to change (e.g. ``grad_checkpointing``); shapes must still match.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"MFNet checkpoint {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != "mfnet":
+            raise ValueError(f"{path} is not an MFNet checkpoint written by save_mfnet")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["config"])
+    if checkpoint is not None:
+        cfg["checkpoint"] = checkpoint
+    model = build_mfnet(cfg, **overrides)
+    model.load_trainable_state_dict(state)
+    return model

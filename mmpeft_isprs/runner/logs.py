@@ -1,0 +1,88 @@
+"""Run logs: ``log.csv`` (one row per epoch), ``metrics/epoch_NNN.json``, TensorBoard events, the run summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import ExperimentConfig
+from ..data import TileSet
+from ..distributed import DistInfo
+from ..model import MFNet
+
+__all__ = ["CSV_FIELDS", "RunLog", "describe_run"]
+
+CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "val_OA", "val_mF1", "val_mIoU", "best_epoch", "seconds", "images_per_s")
+
+
+class RunLog:
+    """The per-epoch files of a run folder (rank 0 only); TensorBoard when asked for and installed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.run_dir = run_dir
+        self.writer = _tensorboard(run_dir) if tensorboard else None
+
+    def write(self, row: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> None:
+        """Append ``row`` to ``log.csv``; per-class ``metrics`` to JSON and TensorBoard."""
+        path = self.run_dir / "log.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        if metrics is not None:
+            out = self.run_dir / "metrics" / f"epoch_{row['epoch']:03d}.json"
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps({"epoch": row["epoch"], "split": "val", **metrics}, indent=1))
+        if self.writer is not None:
+            for k, v in row.items():
+                if v is not None and k not in ("epoch", "step", "best_epoch"):
+                    self.writer.add_scalar(k, v, row["epoch"])
+            for name, iou in (metrics or {}).get("IoU", {}).items():
+                self.writer.add_scalar(f"val_IoU/{name}", iou, row["epoch"])
+            self.writer.flush()
+
+    def trim(self, completed: int) -> None:
+        """Drop log rows of epochs a resumed run will redo (written after its checkpoint)."""
+        path = self.run_dir / "log.csv"
+        if not path.exists():
+            return
+        with path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= completed]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (if any)."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _ids(ids: list[str], show: int = 8) -> str:
+    return " ".join(ids[:show]) + (f" ... ({len(ids)} tiles)" if len(ids) > show else "")
+
+
+def describe_run(cfg: ExperimentConfig, model: MFNet, train_tiles: TileSet, val_tiles: TileSet | None, info: DistInfo) -> str:
+    """One paragraph: model, trainable parameters, tiles, schedule, processes and run folder."""
+    t = cfg.train
+    trainable = model.parameter_groups()["total"]["trainable"]
+    return (
+        f"{cfg.name}: {cfg.model.backbone} {cfg.model.mmpeft_preset}, modalities {cfg.model.modalities}, "
+        f"{trainable:,} trainable parameters; {len(train_tiles)} train tiles, validation tiles "
+        f"{_ids(val_tiles.ids) if val_tiles is not None else 'none'}; {t.epochs} epochs x "
+        f"{t.batches_per_epoch} batches of {t.batch_size} ({info.world_size} process(es), {info.device}); "
+        f"run dir {Path(t.run_dir)}"
+    )

@@ -1,0 +1,180 @@
+"""The training loop: epochs of steps of a task on a data module, validation, checkpoints, logs.
+
+Beyond the paper: the best epoch is chosen on a validation split (never the test set) and
+saved as ``best.safetensors``; ``last.pt`` holds everything needed to continue (see
+:mod:`.checkpoint`), written atomically at every epoch end and every ``checkpoint_every`` steps.
+
+Files in ``run_dir``: ``config.yaml``, ``log.csv`` (one row per epoch), ``metrics/epoch_NNN.json``
+(per-class validation metrics), ``last.pt``, ``last.safetensors``, ``best.safetensors``, and
+TensorBoard events when TensorBoard is installed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from ..config import ExperimentConfig
+from ..datamodule import ISPRSDataModule
+from ..distributed import DistInfo, sum_tensor
+from ..task import SegmentationTask
+from .checkpoint import (
+    BEST, CHECKPOINT, LAST_WEIGHTS, TrainState, restore_checkpoint, resume_checkpoint, save_checkpoint,
+    seed_process,
+)
+from .logs import RunLog, describe_run
+
+__all__ = ["Trainer", "TrainResult", "fit"]
+
+
+@dataclass
+class TrainResult:
+    """Where the run wrote its files and how it ended."""
+
+    run_dir: Path
+    best: Path
+    last: Path
+    state: TrainState
+    history: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = True
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def fit(cfg: ExperimentConfig, info: DistInfo, *, max_steps: int | None = None, log: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg`` on this process: check the run folder, open the data, build the task, loop.
+
+    Everything that can be wrong (resume checkpoint, config, data) raises before training.
+    """
+    log = log if info.is_main else _quiet
+    resume = resume_checkpoint(cfg, info)
+    data = ISPRSDataModule(cfg, info, log)
+    data.setup()
+    task = SegmentationTask(cfg, info)
+    return Trainer(cfg, info, log).fit(task, data, resume=resume, max_steps=max_steps)
+
+
+class Trainer:
+    """Runs a :class:`SegmentationTask` on an :class:`ISPRSDataModule` for ``train.epochs`` epochs."""
+
+    def __init__(self, cfg: ExperimentConfig, info: DistInfo, log: Callable[[str], None] = print) -> None:
+        self.cfg, self.info, self.log = cfg, info, log
+        self.run_dir = Path(cfg.train.run_dir)
+        self.state = TrainState()
+
+    def fit(
+        self, task: SegmentationTask, data: ISPRSDataModule, *, resume: dict[str, Any] | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Train from ``resume`` (a ``last.pt``) or from the start; stop after ``max_steps`` steps in total."""
+        t, info = self.cfg.train, self.info
+        self.task, self.data = task, data
+        seed_process(t.seed, info.rank)
+        if resume is not None:
+            self.state = restore_checkpoint(resume, task, info)
+            if info.is_main:
+                s = self.state
+                self.log(f"resuming {self.run_dir / CHECKPOINT}: epoch {s.epoch + 1}, batch {s.batch}, step {s.step}")
+        self.logs = RunLog(self.run_dir, t.tensorboard) if info.is_main else None
+        try:
+            return self._loop(max_steps)
+        finally:
+            if self.logs is not None:
+                self.logs.close()
+
+    def _loop(self, max_steps: int | None) -> TrainResult:
+        t, s = self.cfg.train, self.state
+        if self.logs is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            self.logs.trim(s.epoch)
+            self.log(describe_run(self.cfg, self.task.model, self.data.train_tiles, self.data.val_tiles, self.info))  # type: ignore[arg-type]
+            if s.epoch >= t.epochs:
+                self.log(f"{self.run_dir} already finished its {t.epochs} epochs; raise train.epochs to train on")
+        history: list[dict[str, Any]] = []
+        while s.epoch < t.epochs:
+            if not self._train_epoch(max_steps):
+                self._save()
+                return self._result(history, finished=False)
+            history.append(self._end_epoch())
+            if max_steps is not None and s.step >= max_steps and s.epoch < t.epochs:
+                return self._result(history, finished=False)
+        return self._result(history, finished=True)
+
+    def _train_epoch(self, max_steps: int | None) -> bool:
+        """Train the rest of ``state.epoch``; False when stopped early by ``max_steps``."""
+        t, s = self.cfg.train, self.state
+        bar = tqdm(total=t.batches_per_epoch, initial=s.batch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
+                   disable=None if self.info.is_main and t.progress else True,  # None: off when not a terminal
+                   dynamic_ncols=True, leave=False)  # fmt: skip
+        t0 = time.perf_counter()
+        for batch in self.data.train_loader(s.epoch, s.batch):
+            s.loss_sum += self.task.training_step(batch)
+            s.batch, s.step = s.batch + 1, s.step + 1
+            elapsed = s.seconds + time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.loss_sum / s.batch:.4f}", img_s=f"{s.batch * t.batch_size / max(elapsed, 1e-9):.1f}")
+            done = s.batch >= t.batches_per_epoch
+            stop = max_steps is not None and s.step >= max_steps and not done
+            if stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0 and not done):
+                s.seconds, t0 = elapsed, time.perf_counter()  # saving time is not training time
+                if stop:
+                    bar.close()
+                    return False
+                self._save()
+        s.seconds += time.perf_counter() - t0
+        bar.close()
+        return True
+
+    def _validate(self, epoch: int) -> dict[str, Any] | None:
+        """Validation metrics after ``epoch`` (1-based) when due, else None."""
+        t, tiles = self.cfg.train, self.data.val_tiles
+        if tiles is None or not (epoch % t.val_every == 0 or epoch == t.epochs):
+            return None
+        result = self.task.evaluation_step(tiles, self.info, stride=self.cfg.eval.val_stride)
+        if self.info.is_main:
+            self.log(f"epoch {epoch}/{t.epochs} validation ({len(tiles)} tiles, {result.seconds:.1f} s):\n{result.table}")
+        return result.metrics
+
+    def _end_epoch(self) -> dict[str, Any]:
+        t, s, info = self.cfg.train, self.state, self.info
+        lr = self.task.lr
+        loss = float(sum_tensor(torch.tensor([s.loss_sum], dtype=torch.float64, device=info.device)).item())
+        loss /= max(1, t.batches_per_epoch * info.world_size)
+        epoch = s.epoch + 1
+        self.task.end_epoch()
+        metrics = self._validate(epoch)
+        no_val = self.data.val_tiles is None
+        improved = metrics is not None and metrics["mIoU"] > s.best_miou
+        if improved or no_val:
+            s.best_miou = metrics["mIoU"] if metrics is not None else s.best_miou
+            s.best_epoch = epoch
+        row = {
+            "epoch": epoch, "step": s.step, "lr": lr, "train_loss": loss,
+            "val_OA": metrics and metrics["OA"], "val_mF1": metrics and metrics["mF1"],
+            "val_mIoU": metrics and metrics["mIoU"], "best_epoch": s.best_epoch, "seconds": s.seconds,
+            "images_per_s": t.batches_per_epoch * t.batch_size / max(s.seconds, 1e-9),
+        }  # fmt: skip
+        if self.logs is not None:
+            self.logs.write(row, metrics)
+            if improved or no_val:
+                self.task.save_weights(self.run_dir / BEST, epoch, metrics)
+            self.task.save_weights(self.run_dir / LAST_WEIGHTS, epoch, metrics)
+            self.log(f"epoch {epoch}: loss {loss:.4f}, lr {lr:g}, {row['images_per_s']:.1f} img/s"
+                     + (f", val mIoU {metrics['mIoU'] * 100:.2f} (best {s.best_miou * 100:.2f} @ {s.best_epoch})" if metrics else ""))  # fmt: skip
+        s.epoch, s.batch, s.loss_sum, s.seconds = epoch, 0, 0.0, 0.0
+        self._save()
+        return row
+
+    def _save(self) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT, self.task, self.state, self.cfg, self.info)
+
+    def _result(self, history: list[dict[str, Any]], finished: bool) -> TrainResult:
+        return TrainResult(self.run_dir, self.run_dir / BEST, self.run_dir / CHECKPOINT, self.state, history, finished)

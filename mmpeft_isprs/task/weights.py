@@ -1,0 +1,54 @@
+"""Trained weights as files: the MFNet's trainable tensors plus the experiment they came from.
+
+``best.safetensors`` / ``last.safetensors`` hold the tensors and config of
+:func:`~mmpeft_isprs.model.save_mfnet` plus string metadata: ``experiment`` (the resolved
+experiment config as JSON), ``init_seed`` (rebuilds a random frozen encoder), ``epoch`` and
+``val_mIoU``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+
+from ..config import ExperimentConfig, config_from_dict, upgrade_stored
+from ..model import MFNet, load_mfnet, save_mfnet
+
+__all__ = ["save_trained", "load_trained", "read_weights_metadata"]
+
+
+def save_trained(model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, metrics: Mapping[str, Any] | None) -> None:
+    """Write ``model``'s trainable tensors with the experiment, seed, epoch and validation mIoU."""
+    extra = {
+        "experiment": json.dumps(cfg.to_dict()), "init_seed": str(cfg.train.seed), "epoch": str(epoch),
+        "val_mIoU": "" if metrics is None else f"{metrics['mIoU']:.6f}",
+    }  # fmt: skip
+    save_mfnet(model, path, extra=extra)
+
+
+def read_weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a ``best.safetensors`` written by training."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu", checkpoint: str | None = None) -> tuple[MFNet, ExperimentConfig | None]:
+    """Rebuild a trained MFNet (and the experiment it came from) from its safetensors file.
+
+    The frozen encoder comes from the SAM checkpoint named in the weights (or ``checkpoint``).
+    Without one it was random at training time; it is rebuilt from the stored ``init_seed``,
+    so the same frozen weights come back (same torch build).
+    """
+    meta = read_weights_metadata(path)
+    seed = meta.get("init_seed")
+    if seed is not None:
+        torch.manual_seed(int(seed))
+    model = load_mfnet(path, checkpoint=checkpoint)
+    experiment = config_from_dict(upgrade_stored(json.loads(meta["experiment"]))) if "experiment" in meta else None
+    return model.to(device).eval(), experiment
