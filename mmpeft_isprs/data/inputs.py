@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
-from .io import DataError, read_geotags, read_image
-from .layouts import IMAGE_SUFFIXES
+from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
 
 __all__ = ["pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff"]
 

@@ -20,6 +20,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+"""File suffixes read as images (TIFF/GeoTIFF, PNG, JPEG)."""
+
 PathLike = str | os.PathLike[str]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -339,6 +342,7 @@ def _extratag(code: int, dtype: int, count: int, value: Any) -> tuple[Any, ...]:
 
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "DataError", "RasterInfo", "GEO_TAGS", "TiffWindowReader",
     "raster_info", "read_image", "read_window", "read_geotags", "write_tiff",
 ]

@@ -20,11 +20,11 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
+from .io import IMAGE_SUFFIXES
 from .palette import ISPRS, MMHUNAN, DatasetInfo
+from .splits import POTSDAM_SPLITS, VAIHINGEN_SPLITS, list_splits
 
 LabelFormat = Literal["colour", "index"]
-
-IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -156,38 +156,6 @@ class Layout(ABC):
         return {k: list(v) for k, v in table[self.split.protocol].items()}
 
 
-def _ids(text: str) -> list[str]:
-    return text.split()
-
-
-VAIHINGEN_SPLITS: dict[str, dict[str, list[str]]] = {
-    "paper": {
-        "train": _ids("1 3 23 26 7 11 13 28 17 32 34 37"),
-        "test": _ids("5 21 15 30"),
-    },
-    "official": {
-        "train": _ids("1 3 5 7 11 13 15 17 21 23 26 28 30 32 34 37"),
-        "test": _ids("2 4 6 8 10 12 14 16 20 22 24 27 29 31 33 35 38"),
-    },
-}
-
-POTSDAM_SPLITS: dict[str, dict[str, list[str]]] = {
-    "paper": {
-        "train": _ids(
-            "6_10 7_10 2_12 3_11 2_10 7_8 5_10 3_12 5_12 7_11 7_9 6_9 7_7 4_12 6_8 6_12 6_7 4_11"
-        ),
-        "test": _ids("4_10 5_11 2_11 3_10 6_11 7_12"),
-    },
-    "official": {
-        "train": _ids(
-            "2_10 2_11 2_12 3_10 3_11 3_12 4_10 4_11 4_12 5_10 5_11 5_12 6_7 6_8 6_9 6_10 "
-            "6_11 6_12 7_7 7_8 7_9 7_10 7_11 7_12"
-        ),
-        "test": _ids("2_13 2_14 3_13 3_14 4_13 4_14 4_15 5_13 5_14 5_15 6_13 6_14 6_15 7_13"),
-    },
-}
-
-
 class VaihingenLayout(Layout):
     """ISPRS Vaihingen: IRRG ``top`` tiles, float DSM, colour labels (full and eroded).
 
@@ -295,27 +263,6 @@ def _find(folder: Path, stem: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> 
     return folder / f"{stem}{suffixes[0]}"
 
 
-def _list_splits(root: Path, probe_dir: str, names: Sequence[str]) -> dict[str, list[str]]:
-    """Splits from ``root/{split}/{probe_dir}`` folders or ``root/[splits/]{split}.txt`` lists."""
-    found: dict[str, list[str]] = {}
-    for name in names:
-        folder = root / name / probe_dir
-        lists = [root / "splits" / f"{name}.txt", root / f"{name}.txt"]
-        if folder.is_dir():
-            stems = sorted({p.stem for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES})
-            found[name] = [f"{name}/{s}" for s in stems]
-        elif any(p.is_file() for p in lists):
-            text = next(p for p in lists if p.is_file()).read_text()
-            found[name] = [line.strip() for line in text.splitlines() if line.strip()]
-    if not found:
-        raise ValueError(
-            f"{root}: no splits found: expected folders {root}/<split>/{probe_dir}, lists "
-            f"{root}/splits/<split>.txt or {root}/<split>.txt (splits {list(names)}), or "
-            "pass splits={...} to the layout"
-        )
-    return found
-
-
 def _split_tile(root: Path, tile_id: str) -> tuple[Path, str]:
     """``"train/0001"`` -> (root/train, "0001"); plain ids stay under root."""
     if "/" in tile_id:
@@ -360,7 +307,7 @@ class MMHunanLayout(Layout):
         )
 
     def base_splits(self, root: Path) -> dict[str, list[str]]:
-        return _list_splits(Path(root), "images_png", ("train", "val", "test"))
+        return list_splits(Path(root), "images_png", ("train", "val", "test"))
 
 
 @dataclass
@@ -423,7 +370,7 @@ class GenericLayout(Layout):
 
     def base_splits(self, root: Path) -> dict[str, list[str]]:
         first = self.modalities[0].name
-        return _list_splits(Path(root), self.folders.get(first, first), ("train", "val", "test"))
+        return list_splits(Path(root), self.folders.get(first, first), ("train", "val", "test"))
 
 
 __all__ = [

@@ -1,0 +1,177 @@
+"""The layers of the house (docs/architecture.md), checked on the source: who may import whom, and sizes.
+
+Every module of ``mmpeft`` and ``mmpeft_isprs`` is parsed (ast, imports inside functions too);
+relative imports are resolved; each import of a project module must go to a layer its own
+layer may use. The core never imports the application, and never the application's I/O
+libraries (tqdm, PyYAML, tifffile, Pillow: the ``isprs`` extra).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# layer -> module prefixes (longest match wins)
+LAYERS: dict[str, tuple[str, ...]] = {
+    "core": ("mmpeft",),
+    "model": ("mmpeft_isprs.model",),
+    "data": ("mmpeft_isprs.data",),
+    "config": ("mmpeft_isprs.config",),
+    "support": ("mmpeft_isprs.distributed", "mmpeft_isprs.inference", "mmpeft_isprs.metrics"),
+    "datamodule": ("mmpeft_isprs.datamodule",),
+    "task": ("mmpeft_isprs.task",),
+    "runner": ("mmpeft_isprs.runner",),
+    "command": ("mmpeft_isprs.train", "mmpeft_isprs.evaluate", "mmpeft_isprs.predict", "mmpeft_isprs.demo"),
+    "cli": ("mmpeft_isprs", "mmpeft_isprs.cli", "mmpeft_isprs.__main__"),
+}
+_BELOW_COMMANDS = {"core", "model", "data", "config", "support", "datamodule", "task", "runner"}
+ALLOWED: dict[str, set[str]] = {
+    "core": {"core"},
+    "model": {"core", "model"},
+    "data": {"core", "data"},
+    "config": {"core", "model", "config"},  # the model section is MFNetConfig
+    "support": {"core", "config", "data", "support"},
+    "datamodule": {"core", "data", "config", "support", "datamodule"},
+    "task": {"core", "model", "data", "config", "support", "task"},
+    "runner": _BELOW_COMMANDS,
+    "command": _BELOW_COMMANDS,  # and never another command (checked below)
+    "cli": _BELOW_COMMANDS | {"command", "cli"},
+}
+APP_IO_LIBS = ("tqdm", "yaml", "tifffile", "PIL")
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def layer_of(module: str) -> str | None:
+    best = max(((p, layer) for layer, ps in LAYERS.items() for p in ps if module == p or module.startswith(p + ".")),
+               key=lambda x: len(x[0]), default=None)  # fmt: skip
+    return best[1] if best else None
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in ``path``, relative ones resolved."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            if node.module is None:  # from . import x: x is a module of the package
+                out += [(node.lineno, f"{target}.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, target))
+    return out
+
+
+def project_files() -> list[Path]:
+    return sorted(p for pkg in ("mmpeft", "mmpeft_isprs") for p in (ROOT / pkg).rglob("*.py"))
+
+
+def forbidden_imports(files: list[Path]) -> list[str]:
+    problems = []
+    for path in files:
+        own_mod = module_name(path)
+        own = layer_of(own_mod)
+        for line, target in imports_of(path):
+            if target.split(".")[0] not in ("mmpeft", "mmpeft_isprs"):
+                continue
+            other = layer_of(target)
+            where = f"{path.relative_to(ROOT)}:{line}: {own} ({own_mod}) imports {other} ({target})"
+            if own is None or other is None:
+                problems.append(where + ": module in no layer (add it to LAYERS and docs/architecture.md)")
+            elif own == other == "command":
+                if layer_prefix(own_mod) != layer_prefix(target):
+                    problems.append(where + ": a command never imports another command")
+            elif other not in ALLOWED[own]:
+                problems.append(where)
+    return problems
+
+
+def layer_prefix(module: str) -> str:
+    return next(p for p in LAYERS["command"] if module == p or module.startswith(p + "."))
+
+
+def test_every_import_respects_the_layers() -> None:
+    assert forbidden_imports(project_files()) == []
+
+
+def test_the_checker_catches_forbidden_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rules can fail: a core module importing the app, a command importing a command, data importing the task."""
+    fake = {
+        "mmpeft/_bad_core.py": "from mmpeft_isprs.model import MFNet\n",
+        "mmpeft_isprs/demo_bad.py": "from .train import train\n",
+        "mmpeft_isprs/data/_bad.py": "def f():\n    from ..task import SegmentationTask\n",
+        "mmpeft_isprs/task/_bad.py": "from ..datamodule import ISPRSDataModule\n",
+    }
+    for rel, text in fake.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    monkeypatch.setitem(LAYERS, "command", (*LAYERS["command"], "mmpeft_isprs.demo_bad"))
+    found = forbidden_imports(sorted(tmp_path.rglob("*.py")))
+    assert len(found) == 4, found
+    assert any("a command never imports another command" in p for p in found)
+
+
+def module_level_imports(path: Path) -> list[tuple[int, str]]:
+    """Imports executed when the module is imported (not those inside functions)."""
+    tree = ast.parse(path.read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            node.body = []  # type: ignore[assignment]  # do not descend
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.append((node.lineno, node.module))
+    return out
+
+
+def test_core_does_not_import_the_application_io_libraries() -> None:
+    """``pip install mmpeft`` (without the ``isprs`` extra) imports: no core module needs tqdm,
+    PyYAML, tifffile or Pillow when it is imported (inside a function, lazily, it may)."""
+    found = [
+        f"{p.relative_to(ROOT)}:{line}: {mod}"
+        for p in sorted((ROOT / "mmpeft").rglob("*.py"))
+        for line, mod in module_level_imports(p)
+        if mod.split(".")[0] in APP_IO_LIBS
+    ]
+    assert found == []
+    # and for real: with tifffile unimportable (no core dependency brings it), every core module imports
+    code = (
+        "import sys, pkgutil, importlib\n"
+        "sys.modules['tifffile'] = None\n"
+        "import mmpeft\n"
+        "for info in pkgutil.walk_packages(mmpeft.__path__, 'mmpeft.'):\n"
+        "    importlib.import_module(info.name)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_application_files_and_functions_are_small() -> None:
+    big = []
+    for path in sorted((ROOT / "mmpeft_isprs").rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            big.append(f"{path.name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if n > MAX_FUNCTION_LINES:
+                    big.append(f"{path.name}:{node.lineno} {node.name}: {n} lines")
+    assert big == []
