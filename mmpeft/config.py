@@ -9,6 +9,7 @@ from typing import Any, Literal, Union
 
 from .fusion import FUSION_RULES
 from .layers.adapter import ACTIVATIONS
+from .verify import check_modalities
 
 __all__ = ["LoRAConfig", "AdapterConfig", "StemConfig", "MultimodalConfig", "RuleConfig"]
 
@@ -165,14 +166,7 @@ class MultimodalConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        self.modalities = list(self.modalities)
-        if not self.modalities:
-            raise ValueError("at least one modality is required")
-        if len(set(self.modalities)) != len(self.modalities):
-            raise ValueError(f"modality names must be unique, got {self.modalities}")
-        bad = [m for m in self.modalities if not m.isidentifier()]
-        if bad:
-            raise ValueError(f"modality names must be identifiers (no dots or spaces), got {bad}")
+        self.modalities = check_modalities(self.modalities)  # distinct identifiers; a str is refused
         self.stems = {k: (v if isinstance(v, StemConfig) else StemConfig(**v)) for k, v in self.stems.items()}
         unknown = sorted(set(self.stems) - set(self.modalities))
         if unknown:

@@ -1,4 +1,13 @@
-"""Finding modules by name, backbone families and the paper's placement presets."""
+"""Finding modules by name, backbone families and the paper's placement presets.
+
+A :class:`BackboneFamily` names, for one family of ViTs, the modules the presets target: the
+attention's query and value projections (a fused qkv ``nn.Linear`` tuned on its q and v thirds,
+or separate q / v linears), the two MLP linears, the module an "after" adapter follows (the
+attention, or its output projection where the attention returns a tuple) and the MLP a
+"beside" adapter runs parallel to. :func:`detect_family` picks the first family of
+:data:`FAMILIES` whose marker classes (if any) and module names are present. docs/backbones.md
+lists what each family supports and how to add one.
+"""
 
 from __future__ import annotations
 
@@ -22,21 +31,93 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackboneFamily:
-    """Module-name suffixes of the parts the presets target in one family of ViTs."""
+    """Module-name suffixes of the parts the presets target in one family of ViTs.
+
+    Attributes:
+        name: the family's key in :data:`FAMILIES`.
+        qkv: the fused qkv ``nn.Linear`` (LoRA on its q and v thirds); None when the family has
+            separate ``q`` and ``v`` projections.
+        mlp_in, mlp_out: the MLP's two linears.
+        attn: the module an "after" adapter follows: the attention, or its output projection.
+        mlp: the MLP, which a "beside" adapter runs parallel to.
+        q, v: separate query / value ``nn.Linear`` names (when ``qkv`` is None).
+        scope: regex of the block names the presets are limited to (None: every name match);
+            with a scope the rules' targets are regexes, else name lists.
+        classes: class names (``module.qualname``) of which one must be present (checked
+            first; empty: detection by names only).
+        prepared: the targeted names exist only once :func:`mmpeft.prepare.prepare_backbone`
+            has run (``wrap_multimodal`` runs it): detection by ``classes`` alone.
+        note: one line on what the family is and what the presets do differently.
+    """
 
     name: str
-    qkv: str
+    qkv: str | None
     mlp_in: str
     mlp_out: str
     attn: str
     mlp: str
+    q: str | None = None
+    v: str | None = None
+    scope: str | None = None
+    classes: tuple[str, ...] = ()
+    prepared: bool = False
+    note: str = ""
 
+    def __post_init__(self) -> None:
+        if (self.qkv is None) == (self.q is None or self.v is None):
+            raise ValueError(f"family {self.name!r}: give either qkv or both q and v")
+
+    def targets(self, *parts: str) -> Targets:
+        """Targets selecting ``parts`` (name suffixes), within :attr:`scope` when set."""
+        if self.scope is None:
+            return list(parts)
+        return rf"{self.scope}\.({'|'.join(re.escape(p) for p in parts)})"
+
+    def required(self) -> list[str]:
+        """Name suffixes that must exist in a model of this family (after preparation)."""
+        attn = [self.qkv] if self.qkv is not None else [self.q, self.v]
+        return [n for n in (*attn, self.mlp_in, self.mlp_out) if n is not None]
+
+
+_HF_SCOPE = r"(.*\.)?layers?\.\d+"  # transformers' encoder layers (not e.g. SigLIP's pooling head)
 
 FAMILIES: dict[str, BackboneFamily] = {
+    # timm's Eva / EVA02 (rotary): fused qkv whose bias timm adds inside F.linear reading
+    # qkv.weight; mmpeft.prepare switches it to timm's own `qkv_bias_separate` so qkv is called
+    "timm_eva": BackboneFamily(
+        "timm_eva", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp",
+        classes=("timm.models.eva.EvaAttention",), note="timm Eva / EVA02, fused qkv",
+    ),  # fmt: skip
+    "timm_eva_split": BackboneFamily(
+        "timm_eva_split", None, "mlp.fc1", "mlp.fc2", "attn", "mlp", q="attn.q_proj", v="attn.v_proj",
+        classes=("timm.models.eva.EvaAttention",), note="timm Eva with qkv_fused=False",
+    ),  # fmt: skip
+    # torchvision's VisionTransformer: nn.MultiheadAttention is swapped (mmpeft.prepare) for an
+    # equivalent with an explicit `in_proj` nn.Linear and the same state-dict keys
+    "torchvision": BackboneFamily(
+        "torchvision", "self_attention.in_proj", "mlp.0", "mlp.3", "self_attention.out_proj", "mlp",
+        classes=("torchvision.models.vision_transformer.EncoderBlock",), prepared=True,
+        note="torchvision VisionTransformer (vit_b_16, ...)",
+    ),  # fmt: skip
     # segment-anything's ImageEncoderViT: blocks.i.attn.qkv, blocks.i.mlp.lin1 / lin2
-    "segment_anything": BackboneFamily("segment_anything", "attn.qkv", "mlp.lin1", "mlp.lin2", "attn", "mlp"),
-    # timm's VisionTransformer / VisionTransformerSAM: blocks.i.attn.qkv, blocks.i.mlp.fc1 / fc2
-    "timm": BackboneFamily("timm", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp"),
+    "segment_anything": BackboneFamily(
+        "segment_anything", "attn.qkv", "mlp.lin1", "mlp.lin2", "attn", "mlp", note="segment-anything ImageEncoderViT"
+    ),
+    # timm's VisionTransformer (ViT, DeiT, DINOv2), VisionTransformerSAM, Swin: attn.qkv, mlp.fc1 / fc2
+    "timm": BackboneFamily(
+        "timm", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp", note="timm ViT, DeiT, DINOv2, SAM ViT, Swin"
+    ),
+    # transformers' ViTModel, Dinov2Model: layers.i.attention.{q,k,v,o}_proj, mlp.fc1 / fc2;
+    # the attention returns a tuple, so the "after" adapter follows its output projection
+    "hf_vit": BackboneFamily(
+        "hf_vit", None, "mlp.fc1", "mlp.fc2", "attention.o_proj", "mlp", q="attention.q_proj",
+        v="attention.v_proj", scope=_HF_SCOPE, note="transformers ViTModel, Dinov2Model",
+    ),  # fmt: skip
+    # transformers' CLIPVisionModel, SiglipVisionModel: layers.i.self_attn.{q,k,v,out}_proj
+    "hf_clip": BackboneFamily(
+        "hf_clip", None, "mlp.fc1", "mlp.fc2", "self_attn.out_proj", "mlp", q="self_attn.q_proj",
+        v="self_attn.v_proj", scope=_HF_SCOPE, note="transformers CLIPVisionModel, SiglipVisionModel",
+    ),  # fmt: skip
 }
 
 
@@ -72,33 +153,56 @@ def match_targets(model: nn.Module, targets: Targets, want: type[nn.Module] | No
     return names
 
 
+def _class_names(model: nn.Module) -> set[str]:
+    return {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
+
+
+def _fits(fam: BackboneFamily, names: list[str], classes: set[str]) -> bool:
+    if fam.classes and not classes.intersection(fam.classes):
+        return False
+    if fam.prepared:
+        return True
+    found = [n for n in names if fam.scope is None or re.fullmatch(rf"{fam.scope}\..*", n)]
+    return all(any(_matches(n, [part]) for n in found) for part in fam.required())
+
+
 def detect_family(model: nn.Module) -> BackboneFamily:
-    """The :class:`BackboneFamily` whose qkv and MLP names exist in ``model``."""
-    names = [n for n, _ in model.named_modules()]
+    """The first :class:`BackboneFamily` of :data:`FAMILIES` that ``model`` belongs to: one of its
+    marker classes is present (when it has any) and its attention and MLP names exist."""
+    names = [n for n, _ in model.named_modules() if n]
+    classes = _class_names(model)
     for fam in FAMILIES.values():
-        if any(_matches(n, [fam.qkv]) for n in names) and any(_matches(n, [fam.mlp_in]) for n in names):
+        if _fits(fam, names, classes):
             return fam
     raise ValueError(
-        f"cannot tell which ViT family {type(model).__name__} belongs to (looked for "
-        f"{[(f.qkv, f.mlp_in) for f in FAMILIES.values()]}); pass `targets=` explicitly"
+        f"cannot tell which ViT family {type(model).__name__} belongs to (known: "
+        + "; ".join(f"{f.name}: {f.required()}" for f in FAMILIES.values())
+        + "); pass `targets=` explicitly, or register a BackboneFamily in mmpeft.FAMILIES (docs/backbones.md)"
     )
+
+
+def _attention_lora(f: BackboneFamily) -> LoRAConfig:
+    # q and v, per modality, scaling alpha / r = 1 / 4, no cross-modal mixing
+    if f.qkv is not None:
+        return LoRAConfig(targets=f.targets(f.qkv), rank=4, alpha=1.0, slices=["q", "v"], fusion="none")
+    assert f.q is not None and f.v is not None
+    return LoRAConfig(targets=f.targets(f.q, f.v), rank=4, alpha=1.0, fusion="none")
 
 
 def _mmlora(f: BackboneFamily) -> list[RuleConfig]:
     return [
-        # q and v of the fused qkv, per modality, scaling alpha / r = 1 / 4, no cross-modal mixing
-        LoRAConfig(targets=[f.qkv], rank=4, alpha=1.0, slices=["q", "v"], fusion="none"),
+        _attention_lora(f),
         # both MLP linears, lambda-mixed, unscaled (eqs. 9-12)
-        LoRAConfig(targets=[f.mlp_in, f.mlp_out], rank=4, alpha=None, fusion="scalar"),
+        LoRAConfig(targets=f.targets(f.mlp_in, f.mlp_out), rank=4, alpha=None, fusion="scalar"),
     ]
 
 
 def _mmadapter(f: BackboneFamily, init: str = "zeros") -> list[RuleConfig]:
     return [
         # per-modality adapter after the attention, with its own skip
-        AdapterConfig(targets=[f.attn], placement="after", ratio=0.25, fusion="none", init=init),  # type: ignore[arg-type]
+        AdapterConfig(targets=f.targets(f.attn), placement="after", ratio=0.25, fusion="none", init=init),  # type: ignore[arg-type]
         # lambda-mixed adapter beside the MLP, on the norm2 output (eqs. 5-6)
-        AdapterConfig(targets=[f.mlp], placement="beside", ratio=0.25, fusion="scalar", init=init),  # type: ignore[arg-type]
+        AdapterConfig(targets=f.targets(f.mlp), placement="beside", ratio=0.25, fusion="scalar", init=init),  # type: ignore[arg-type]
     ]
 
 

@@ -21,7 +21,9 @@ from .layers import (
     set_execution,
 )
 from .stems import ModalityStem
+from .prepare import check_targets_callable, prepare_backbone
 from .targets import detect_family, match_targets, preset_rules
+from .verify import cast_inputs, check_modalities, checked_call, input_dtype, install_call_check
 
 __all__ = [
     "MultimodalModel", "wrap_multimodal", "build_config", "TRAINABLE_PREFIXES", "is_trainable_name", "state_mismatches",
@@ -112,6 +114,7 @@ class MultimodalModel(nn.Module):
                     + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(self.modalities, xs))
                     + f" ({m!r} differs from {ref_m!r})"
                 )
+        xs = cast_inputs(self.modalities, xs, input_dtype(self))  # floating, the stems' / model's dtype
         xs = [self.stems[m](x) for m, x in zip(self.modalities, xs)]
         return torch.cat(xs, 0)  # (M*B, C, ...) modality-major
 
@@ -143,7 +146,7 @@ class MultimodalModel(nn.Module):
     def call(self, method: str, inputs: Inputs, *args: Any, **kwargs: Any) -> Any:
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
         x = self.stack(inputs)
-        out = getattr(self.base_model, method)(x, *args, **kwargs)
+        out = checked_call(self, getattr(self.base_model, method), x, *args, **kwargs)  # mmpeft.verify
         return self.split(out, as_dict=isinstance(inputs, Mapping))
 
     # ------------------------------------------------------------------ parameters
@@ -250,6 +253,7 @@ def apply_rules(model: nn.Module, config: MultimodalConfig) -> list[str]:
             if n in owner:
                 raise ValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
             owner[n] = i
+    check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
     model.requires_grad_(False)
     # deepest first, so a parent wrapper receives its already patched children
     for n in sorted(owner, key=lambda s: s.count("."), reverse=True):
@@ -268,6 +272,7 @@ def build_config(
     **options: Any,
 ) -> MultimodalConfig:
     """The :class:`MultimodalConfig` ``wrap_multimodal`` would use (see its arguments)."""
+    modalities = check_modalities(modalities)  # a sequence of distinct names, never a str
     stems = options.pop("stems", None) or {}
     in_channels = options.pop("in_channels", None)
     if method not in ("lora", "adapter"):
@@ -399,6 +404,7 @@ def wrap_multimodal(
         config = build_config(model, modalities, method, preset=preset, targets=targets, **options)
     elif options or targets is not None or preset is not None:
         raise ValueError("pass either config= or options/targets/preset, not both")
+    prepare_backbone(model)  # called projections, frozen norm statistics (mmpeft.prepare)
     apply_rules(model, config)
     skip_window_padding(model)
     if efficient_attention:
@@ -408,4 +414,5 @@ def wrap_multimodal(
     p = next(iter(model.parameters()), None)
     if p is not None:
         wrapped.stems.to(p.device)
+    install_call_check(wrapped)  # the first forward verifies every layer ran
     return wrapped

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..fusion import Fusion, build_fusion, lowrank_mix
+from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
 from .base import MultimodalLayer
 
 __all__ = ["MultimodalAdapter", "ACTIVATIONS"]
@@ -106,18 +107,22 @@ class MultimodalAdapter(MultimodalLayer):
         return self.adapter_fusion
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out).
 
-        Extra arguments (e.g. timm's ``attn_mask=None``) are passed to the base module unchanged.
+        Extra arguments (e.g. timm's ``attn_mask=None``) are passed to the base module unchanged;
+        ``x`` may come by the keyword of the module's first parameter. When the module returns a
+        tuple (an attention's ``(output, weights)``) the first element is adapted and the rest
+        passed through (:mod:`mmpeft.outputs`).
         """
+        x, kwargs = take_input(self.base_layer, x, kwargs)
         if not self.enabled:
             return self.base_layer(x, *args, **kwargs)
         if self._single is not None:
             mod = self.modalities[self._check_single()]
-            y = self.base_layer(x, *args, **kwargs)
+            y, rest = first_output(self.base_layer(x, *args, **kwargs))
             z = x if self.placement == "beside" else y
-            return y + self.scale * self._adapt(z, mod)
+            return with_first(y + self.scale * self._adapt(z, mod), rest)
         self._check_stack(x)
         if self.execution == "loop":
             return self._forward_loop(x, *args, **kwargs)
@@ -134,15 +139,15 @@ class MultimodalAdapter(MultimodalLayer):
             raise ValueError("skipping tokens applies to adapters placed 'after' a module")
         self.token_group, self.token_index = (group, index) if index is not None else (0, None)
 
-    def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)  # (M*B', ..., out)
+    def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        y, rest = first_output(self.base_layer(x, *args, **kwargs))  # (M*B', ..., out)
         idx, group = self.token_index, self.token_group
         if idx is not None and (y.numel() // self.out_features) % group == 0:
             yg = y.reshape(-1, group, self.out_features)  # (M*B, group, out): one image's windows per row
             real = yg[:, idx]  # (M*B, n_real, out)
             upd = self._adapter_update(real, None)  # adapter increments of the real tokens only
-            return yg.index_add(1, idx, upd.view(real.shape)).view(y.shape)
-        return self._adapter_update(x if self.placement == "beside" else y, y)
+            return with_first(yg.index_add(1, idx, upd.view(real.shape)).view(y.shape), rest)
+        return with_first(self._adapter_update(x if self.placement == "beside" else y, y), rest)
 
     def _adapter_update(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """y + (mixed) adapter(z), batched over modalities; the increment alone when y is None.
@@ -175,10 +180,12 @@ class MultimodalAdapter(MultimodalLayer):
         h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))
         return self.adapter_up[modality](h)
 
-    def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        xs = x.chunk(self.num_modalities, 0)
-        ys = [self.base_layer(xm, *args, **kwargs) for xm in xs]  # the frozen module once per modality
-        return self._loop_update(xs if self.placement == "beside" else ys, ys)
+    def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        parts = chunk_args(x, args, kwargs, self.num_modalities)  # tensors with the batch axis split too
+        xs = [xm for xm, _, _ in parts]
+        # the frozen module once per modality
+        ys, rests = zip(*(first_output(self.base_layer(xm, *a, **kw)) for xm, a, kw in parts))
+        return with_first(self._loop_update(xs if self.placement == "beside" else ys, ys), cat_rests(rests))
 
     def _loop_update(self, zs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
         a = self.adapter_fusion(torch.stack([self._adapt(z, k) for z, k in zip(zs, self.modalities)]))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..fusion import Fusion
+from ..verify import check_modalities
 
 __all__ = ["MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers"]
 
@@ -40,10 +41,8 @@ class MultimodalLayer(nn.Module):
         super().__init__()
         if isinstance(base_layer, MultimodalLayer):
             raise ValueError("the module is already a multimodal layer; wrapping it twice is not supported")
-        if len(modalities) == 0:
-            raise ValueError("at least one modality is required")
         self.base_layer = base_layer
-        self.modalities: tuple[str, ...] = tuple(modalities)
+        self.modalities: tuple[str, ...] = tuple(check_modalities(modalities))  # distinct names, not a str
         self.execution: Execution = "batched"
         self.enabled = True
         self._single: int | None = None  # index of the only modality present (see only_modality)

@@ -1,0 +1,66 @@
+"""Making a host model's wrapped modules visible before wrapping (run by ``wrap_multimodal``).
+
+Some backbones read a projection's ``.weight`` instead of calling the module, which would bypass
+(or crash on) a multimodal layer put in its place. :func:`prepare_backbone` turns each known case
+into an equivalent model whose projections are called, and locks running-statistics norms
+(:mod:`mmpeft.norms`). Every change keeps the model's function and its state-dict keys.
+
+- timm ``EvaAttention`` (EVA02, rotary) with q/v biases computes
+  ``F.linear(x, self.qkv.weight, qkv_bias)``; timm's own ``qkv_bias_separate = True`` makes it
+  call ``self.qkv(x)`` and add the bias after (the same sum, rounding aside).
+- torchvision's ``EncoderBlock.self_attention`` (``nn.MultiheadAttention``) becomes
+  :class:`mmpeft.backbones.torchvision_vit.ExplicitMultiheadAttention`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .norms import freeze_norm_statistics
+
+__all__ = ["BypassError", "prepare_backbone", "check_targets_callable"]
+
+
+class BypassError(ValueError):
+    """A targeted module would be read by its parent (``.weight``) rather than called."""
+
+
+def _separate_eva_bias(model: nn.Module) -> list[str]:
+    changed = []
+    for name, m in model.named_modules():
+        if type(m).__name__ == "EvaAttention" and type(m).__module__.startswith("timm."):
+            if getattr(m, "qkv", None) is not None and getattr(m, "q_bias", None) is not None:
+                m.qkv_bias_separate = True
+                changed.append(name)
+    return changed
+
+
+def prepare_backbone(model: nn.Module) -> dict[str, list[str]]:
+    """Make ``model``'s projections called modules and lock its norms, in place.
+
+    Returns the names of the modules changed, per kind of change (``"eva_qkv_bias"``,
+    ``"explicit_attention"``, ``"frozen_norms"``).
+    """
+    report = {"eva_qkv_bias": _separate_eva_bias(model), "explicit_attention": [], "frozen_norms": []}
+    if any(type(m).__module__.startswith("torchvision.") for m in model.modules()):
+        from .backbones.torchvision_vit import make_attention_explicit
+
+        report["explicit_attention"] = make_attention_explicit(model)
+    report["frozen_norms"] = freeze_norm_statistics(model)
+    return report
+
+
+def check_targets_callable(model: nn.Module, names: list[str]) -> None:
+    """Raise :class:`BypassError` when a target lives inside an ``nn.MultiheadAttention`` (which
+    reads its ``out_proj.weight`` directly): wrapping it could never take effect."""
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            parent = model.get_submodule(".".join(parts[:i]))
+            if isinstance(parent, nn.MultiheadAttention):
+                raise BypassError(
+                    f"{name} is part of the nn.MultiheadAttention {'.'.join(parts[:i]) or '<model>'}, which reads "
+                    "its projections' weights directly, so a multimodal layer there would be bypassed. Target "
+                    "the attention module itself (adapter 'after'), or swap it for "
+                    "mmpeft.backbones.torchvision_vit.ExplicitMultiheadAttention.from_torch(...) first"
+                )
