@@ -30,7 +30,12 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["vit_b", "vit_l", "vit_h"])
     ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 10])
-    ap.add_argument("--scheme", default="ours", help="ours | ours_ckpt | per_modality | per_modality_sam")
+    ap.add_argument("--scheme", default="ours",
+                    help="a scheme spec of benchmarks/steps.py: ours | ours_ckpt | per_modality | ..., with +modifiers "
+                    "(e.g. ours+bf16+base)")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="more configurations as method:backbone:batch (e.g. adapter:vit_h:10)")
+    ap.add_argument("--timeout", type=int, default=0, help="seconds allowed to each configuration (0: no limit)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     ap.add_argument("--size", type=int, default=256)
@@ -39,17 +44,22 @@ def main() -> None:
     args = ap.parse_args()
     unit = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
     rows, data = [], {}
-    for method in args.methods:
-        for backbone in args.backbones:
-            for batch in args.batches:
-                ns = argparse.Namespace(backbone=backbone, batch=batch, size=args.size, steps=1, warmup=1,
-                                        device=args.device, amp=args.amp, threads=0, quick=False)  # fmt: skip
-                r: dict[str, Any] = run_scheme(ns, method, args.scheme)
-                paper = PAPER_MB[(method, backbone)]
-                data[f"{method}_{backbone}_b{batch}"] = {**r, "paper_mb": paper}
-                rows.append(f"| MM{'Adapter' if method == 'adapter' else 'LoRA'} {backbone} | {batch} | "
-                            f"{r['peak_mb']:.0f} | {paper} | {r['peak_mb'] / paper:.2f} | {r['median_s']:.2f} |")  # fmt: skip
-                print(rows[-1], flush=True)
+    configs = [(m, bb, b) for m in args.methods for bb in args.backbones for b in args.batches]
+    configs += [(m, bb, int(b)) for m, bb, b in (e.split(":") for e in args.extra)]
+    for method, backbone, batch in configs:
+        ns = argparse.Namespace(backbone=backbone, batch=batch, size=args.size, steps=1, warmup=1,
+                                device=args.device, amp=args.amp, threads=0, quick=False, timeout=args.timeout)  # fmt: skip
+        try:
+            r: dict[str, Any] = run_scheme(ns, method, args.scheme)
+        except RuntimeError as e:  # one configuration out of memory or time must not lose the others
+            print(f"{method} {backbone} batch {batch}: {str(e)[-500:]}", flush=True)
+            rows.append(f"| MM{'Adapter' if method == 'adapter' else 'LoRA'} {backbone} | {batch} | failed | | | |")
+            continue
+        paper = PAPER_MB[(method, backbone)]
+        data[f"{method}_{backbone}_b{batch}"] = {**r, "paper_mb": paper}
+        rows.append(f"| MM{'Adapter' if method == 'adapter' else 'LoRA'} {backbone} | {batch} | "
+                    f"{r['peak_mb']:.0f} | {paper} | {r['peak_mb'] / paper:.2f} | {r['median_s']:.2f} |")  # fmt: skip
+        print(rows[-1], flush=True)
     table = "\n".join([
         f"Peak memory of one training step (scheme {args.scheme}, {args.size}x{args.size}, device {args.device}, amp {args.amp}).",
         "", f"| configuration | batch | {unit} | paper MB (RTX 3090) | ratio | step s |", "|---|---:|---:|---:|---:|---:|", *rows,

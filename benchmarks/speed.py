@@ -37,8 +37,9 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write  # noqa: E402
+from steps import COMPILE, NAMES, Spec, compile_model, count_ops, make_step  # noqa: E402
 
-SCHEMES = ("ours", "ours_ckpt", "ours_padded", "per_modality", "per_modality_sam", "floor", "floor_efficient")
+SCHEMES = NAMES
 _DEFAULTS = {"tile": "2500x2000", "stride": 128, "infer_batch": 8, "threads": 0}
 
 
@@ -64,61 +65,6 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def make_step(args: argparse.Namespace, scheme: str, method: str) -> Callable[[], None]:
-    """Build one scheme's model and return a function running one training step."""
-    import torch
-
-    from mmpeft_isprs.model import build_mfnet
-
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    size = (args.size, args.size)
-    kw: dict[str, Any] = dict(backbone=args.backbone, method=method, img_size=args.size)
-    if args.quick:
-        kw.update(embed_dim=64, depth=4, num_heads=2)
-    x = {"optical": torch.rand(args.batch, 3, *size, device=dev), "dsm": torch.rand(args.batch, 1, *size, device=dev)}
-    y = torch.randint(0, 6, (args.batch, *size), device=dev)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    if scheme.startswith("floor"):
-        from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
-
-        spec = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
-            SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))  # fmt: skip
-        encoder = build_sam_encoder(spec, impl="timm", img_size=size).to(dev).requires_grad_(False)
-        if scheme == "floor_efficient":
-            from mmpeft.attention import enable_efficient_attention
-
-            enable_efficient_attention(encoder)
-        stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)  # (2B, 3, H, W)
-
-        def floor_step() -> None:
-            inp = stacked.clone().requires_grad_(True)
-            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                out = encoder(inp)
-            out.float().mean().backward()
-
-        return floor_step
-    kw.update(
-        impl="segment_anything" if scheme == "per_modality_sam" else "timm",
-        execution="per_modality" if scheme.startswith("per_modality") else "batched",
-        grad_checkpointing=scheme == "ours_ckpt",
-        efficient_attention=scheme in ("ours", "ours_ckpt"),
-    )
-    model = build_mfnet(**kw).to(dev).train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=5e-4)
-    scaler = torch.amp.GradScaler(enabled=args.amp == "fp16")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    return step
-
-
 def _sync(device: str) -> None:
     import torch
 
@@ -128,10 +74,26 @@ def _sync(device: str) -> None:
 
 def timed_interleaved(args: argparse.Namespace, method: str, schemes: list[str]) -> dict[str, dict[str, Any]]:
     """All schemes built in this process; timed steps alternate between them (drift hits all alike)."""
-    steps = {s: make_step(args, s, method) for s in schemes}
-    for s, f in steps.items():
-        for _ in range(args.warmup):
-            f()
+    steps: dict[str, Callable[[], None]] = {}
+    first: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    for s in schemes:
+        try:
+            f = make_step(args, s, method)
+            for _ in range(args.warmup):
+                _sync(args.device)
+                t = time.perf_counter()
+                f()
+                _sync(args.device)
+                first.setdefault(s, time.perf_counter() - t)  # the first step: compilation included
+            steps[s] = f
+            print(f"{method:8s} {s:34s} ready, first step {first.get(s, 0):.1f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 - one broken scheme must not lose the others' figures
+            if not args.keep_going:
+                raise
+            failed[s] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"{method:8s} {s:34s} FAILED {failed[s]}", flush=True)
+    frames = _compiled_frames()
     times: dict[str, list[float]] = {s: [] for s in schemes}
     for _ in range(args.steps):
         for s, f in steps.items():
@@ -140,7 +102,24 @@ def timed_interleaved(args: argparse.Namespace, method: str, schemes: list[str])
             f()
             _sync(args.device)
             times[s].append(time.perf_counter() - t)
-    return {s: {"times": v, "median_s": median(v)} for s, v in times.items()}
+    recompiled = _compiled_frames() - frames  # frames compiled during the timed steps: should be 0
+    out: dict[str, dict[str, Any]] = {}
+    for s, v in times.items():
+        out[s] = {"times": v, "median_s": median(v), "first_step_s": first.get(s), "recompiled_frames": recompiled}
+        if args.count_ops:
+            out[s]["ops"] = count_ops(steps[s], args.device)
+    for s, err in failed.items():
+        out[s] = {"error": err}
+    return out
+
+
+def _compiled_frames() -> int:
+    """How many frames torch.compile has compiled in this process so far."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["frames"]["ok"])
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,36 +146,54 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Images (windows) per second of sliding-window inference over one tile."""
+    """Windows per second of sliding-window inference over one tile.
+
+    The scheme is ``inference`` (``mmpeft.attention``) or ``inference_padded`` (the encoder's own
+    blocks) with the modifiers of :class:`steps.Spec` (``bf16``, ``base``, ``compile=...``,
+    ``queries=...``). On CUDA the tile lives on the device and the scores accumulate there.
+    """
     import torch
 
     from mmpeft_isprs.inference import sliding_window_predict, window_starts
     from mmpeft_isprs.model import build_mfnet
 
+    name, _, mods = args.scheme.partition("+")
+    spec = Spec.parse("ours" + ("+" + mods if mods else ""))
     torch.manual_seed(0)
     dev = torch.device(args.device)
     kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size,
-                              efficient_attention=args.scheme != "inference_padded")  # fmt: skip
+                              efficient_attention=spec.queries if name != "inference_padded" else False)  # fmt: skip
     if args.quick:
         kw.update(embed_dim=64, depth=4, num_heads=2)
-    model = build_mfnet(**kw).to(dev).eval()
+    with dev:
+        model = build_mfnet(**kw).eval()
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_of(args))
+    if spec.base:
+        model.encoder.set_base_dtype(amp or torch.bfloat16)
+    run = compile_model(model, spec.compile, model.encoder)
     h, w = (int(v) for v in args.tile.split("x"))
-    tile = {"optical": torch.rand(3, h, w), "dsm": torch.rand(1, h, w)}
+    on = dev if dev.type == "cuda" else torch.device("cpu")
+    tile = {"optical": torch.rand(3, h, w, device=on), "dsm": torch.rand(1, h, w, device=on)}
     n = len(window_starts(h, args.size, args.stride)) * len(window_starts(w, args.size, args.stride))
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
     def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            return model(batch).float()
+            return run(batch).float()
 
-    with torch.inference_mode():
+    with torch.inference_mode():  # warm-up (compilation) on one batch of the real shape
+        warm = {k: v[:, : args.size, : args.size].expand(args.infer_batch, -1, -1, -1).contiguous() for k, v in tile.items()}
         t = time.perf_counter()
-        sliding_window_predict(fn, tile, 6, window=args.size, stride=args.stride, batch_size=args.infer_batch, device=dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        fn(warm)
+        fn(warm)
+        _sync(args.device)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        sliding_window_predict(fn, tile, 6, window=args.size, stride=args.stride, batch_size=args.infer_batch,
+                               device=dev, out_device=on)  # fmt: skip
+        _sync(args.device)
         sec = time.perf_counter() - t
     return {"tile": args.tile, "stride": args.stride, "windows": n, "seconds": sec, "images_per_s": n / sec,
-            "peak_mb": _peak_mb(args.device)}  # fmt: skip
+            "warmup_s": first, "peak_mb": _peak_mb(args.device)}  # fmt: skip
 
 
 def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, Any]:
@@ -205,10 +202,24 @@ def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, 
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k, None) or _DEFAULTS[k])]
     if args.quick:
         cmd.append("--quick")
+    if getattr(args, "timeout", 0):
+        cmd = ["timeout", "-k", "10", str(args.timeout)] + cmd
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if res.returncode != 0:
         raise RuntimeError(f"{method}/{scheme} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _baseline(res: dict[str, dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The scheme ``name`` exactly, else the first spec of that name (with modifiers)."""
+    ok = {s: r for s, r in res.items() if "error" not in r}
+    if name in ok:
+        return ok[name]
+    return next((r for s, r in ok.items() if s.split("+")[0] == name), None)
 
 
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
@@ -216,20 +227,27 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     unit = "peak CUDA MB" if cuda else "peak RSS MB"
     lines = [
         f"Training step, MFNet {args.backbone if not args.quick else 'tiny (--quick)'}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
-        f"amp {args.amp}: median of {args.steps} steps per scheme, schemes interleaved in one process after "
-        f"{args.warmup} warm-up step(s); memory from one step of each scheme alone in a fresh process.",
+        f"amp {args.amp} (unless the scheme says): median of {args.steps} steps per scheme, schemes interleaved in one process after "
+        f"{args.warmup} warm-up step(s) (the first includes compilation); memory from one step of each scheme alone in a fresh process.",
         "",
-        f"| method | scheme | median s/step | vs per_modality (a/b) | vs floor (a/c) | {unit} | above build MB | memory vs per_modality |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | scheme | median s/step | vs per_modality (a/b) | vs floor (a/c) | first step s | aten ops | CUDA kernels | {unit} | above build MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, res in results.items():
-        b, c = res.get("per_modality"), res.get("floor")
+        b, c = _baseline(res, "per_modality"), _baseline(res, "floor")
         for scheme, r in res.items():
-            rb = f"{r['median_s'] / b['median_s']:.3f}" if b else "-"
-            rc = f"{r['median_s'] / c['median_s']:.3f}" if c else "-"
-            mb = f"{r['peak_mb'] / b['peak_mb']:.3f}" if b else "-"
-            above = f"{r['peak_above_build_mb']:.0f}" if not cuda else "-"
-            lines.append(f"| {method} | {scheme} | {r['median_s']:.3f} | {rb} | {rc} | {r['peak_mb']:.0f} | {above} | {mb} |")
+            if "error" in r:
+                lines.append(f"| {method} | {scheme} | failed: {r['error'][:120]} |")
+                continue
+            rb = _fmt(r["median_s"] / b["median_s"]) if b else "-"
+            rc = _fmt(r["median_s"] / c["median_s"]) if c else "-"
+            ops = r.get("ops") or {}
+            above = _fmt(r.get("peak_above_build_mb"), ".0f") if not cuda else "-"
+            lines.append(f"| {method} | {scheme} | {r['median_s']:.4f} | {rb} | {rc} | {_fmt(r.get('first_step_s'), '.1f')} | "
+                         f"{ops.get('aten_top', '-')} | {ops.get('cuda_kernels', '-') if cuda else '-'} | "
+                         f"{_fmt(r.get('peak_mb'), '.0f')} | {above} |")  # fmt: skip
+    recompiled = {m: max([r.get("recompiled_frames") or 0 for r in res.values()] + [0]) for m, res in results.items()}
+    lines += ["", f"Frames compiled during the timed steps (recompilations; should be 0): {recompiled}."]
     if not cuda:
         lines += ["", "Peak RSS counts everything the process maps (the CUDA build of torch alone is ~0.5 GB after "
                   "import) and the model weights; 'above build' is the peak minus the RSS right after the model was "
@@ -250,14 +268,26 @@ def inference_table(inference: dict[str, dict[str, Any]], args: argparse.Namespa
 
 def _ratio(res: dict[str, dict[str, Any]], a: str, b: str, key: str = "median_s") -> float | None:
     """res[a][key] / res[b][key], or None when either scheme was not run."""
-    return res[a][key] / res[b][key] if a in res and b in res else None
+    if a in res and b in res and key in res[a] and key in res[b]:
+        return res[a][key] / res[b][key]
+    return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="vit_b")
     ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
-    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES),
+                    help=f"scheme specs: a name of {SCHEMES} with +modifiers, e.g. ours+bf16+base+compile=model "
+                    f"(modifiers: bf16, fp16, fp32, base, foreach, compile={{{','.join(COMPILE)}}}, queries={{real,all,auto}}; "
+                    "see benchmarks/steps.py)")
+    ap.add_argument("--keep-going", dest="keep_going", action="store_true",
+                    help="record a scheme that fails to build or run and go on with the others")
+    ap.add_argument("--timeout", type=int, default=0, help="seconds allowed to each worker process (0: no limit)")
+    ap.add_argument("--count-ops", dest="count_ops", action="store_true",
+                    help="profile one step per scheme: aten operator calls (and CUDA kernels)")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="skip the per-scheme memory subprocesses")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
@@ -268,6 +298,8 @@ def main() -> None:
     ap.add_argument("--inference", action="store_true", help="also measure tile inference (images/s)")
     ap.add_argument("--inference-only", dest="inference_only", action="store_true",
                     help="measure tile inference only (no training-step schemes)")
+    ap.add_argument("--inference-variants", dest="inference_variants", nargs="+", default=["inference", "inference_padded"],
+                    help="inference or inference_padded, with scheme modifiers (e.g. inference+bf16+base+compile=blocks)")
     ap.add_argument("--tile", default="2500x2000", help="tile size HxW for --inference")
     ap.add_argument("--stride", type=int, default=128, help="sliding-window stride for --inference")
     ap.add_argument("--infer-batch", dest="infer_batch", type=int, default=8, help="windows per model call")
@@ -278,6 +310,8 @@ def main() -> None:
     ap.add_argument("--scheme", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="adapter", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for spec in args.schemes:
+        Spec.parse(spec)  # unknown names or modifiers fail before any work
     if args.threads:
         import torch
 
@@ -288,16 +322,21 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for method in [] if args.inference_only else args.methods:
         results[method] = timed_interleaved(args, method, args.schemes)
-        for scheme in args.schemes:  # memory: each scheme alone in a fresh process
+        for scheme in args.schemes if args.memory else []:  # memory: each scheme alone in a fresh process
             mem_args = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
             mem = run_scheme(mem_args, method, scheme)
             results[method][scheme].update({k: v for k, v in mem.items() if k not in ("times", "median_s")})
             r = results[method][scheme]
             print(f"{method:8s} {scheme:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
+        if not args.memory:
+            for scheme, r in results[method].items():
+                if "error" in r:
+                    continue
+                print(f"{method:8s} {scheme:30s} {r['median_s']:.4f} s  first {r['first_step_s']:.1f} s  ops {r.get('ops')}", flush=True)
     inference: dict[str, dict[str, Any]] = {}
     if args.inference or args.inference_only:
         for method in args.methods:
-            for variant in ("inference", "inference_padded"):  # mmpeft.attention on / off
+            for variant in args.inference_variants:  # default: mmpeft.attention on / off
                 r = inference.setdefault(method, {})[variant] = run_scheme(args, method, variant)
                 print(f"{method:8s} {variant} {r['images_per_s']:.2f} images/s", flush=True)
     ratios = {

@@ -6,15 +6,18 @@ attention module, qkv and output projections included, runs on the padded window
 inputs the 16x16 token grid pads to 28x28 in 14x14 windows: two thirds of the tokens the qkv and
 output projections see are padding, and the output projection's result on them is discarded.
 
-:func:`enable_efficient_attention` replaces the ``forward`` of such blocks (instance attribute,
-like :mod:`mmpeft.checkpointing`; names and state-dict keys are unchanged) by one that computes
-the same function with less work:
+:func:`enable_efficient_attention` replaces the ``forward`` of such blocks (names and state-dict keys
+are unchanged) by one that computes
+the same function with less work (installed through :mod:`mmpeft.blocks`, which also carries
+gradient checkpointing):
 
 - the qkv projection runs on the real tokens only; the padded tokens' q, k, v are the
   projection of a zero token (its bias), computed once per image, exactly what the stock code
   obtains for them (padded keys and values do take part in the attention, as in SAM);
-- only the real tokens' queries attend (their output is all the block keeps): the windows are
-  grouped by their real extent (full, cut at the bottom, at the right, both), one call each;
+- ``queries="real"``: only the real tokens' queries attend (their output is all the block keeps):
+  the windows are grouped by their real extent (full, cut at the bottom, at the right, both), one
+  call each; ``queries="all"``: one call over all the padded windows, cropped afterwards (fewer,
+  larger kernels: what a GPU prefers); ``"auto"`` picks per device at run time;
 - attention is ``torch.nn.functional.scaled_dot_product_attention`` with the decomposed
   relative-position bias as its additive mask (segment-anything's own encoder runs unfused);
 - the output projection (and an adapter placed after the attention) runs on the real tokens only.
@@ -32,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import runner_of, set_block_features
 from .layers import MultimodalAdapter, MultimodalLayer
 
-__all__ = ["enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks"]
+__all__ = [
+    "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",
+]
 
 #: block classes whose forward is known (qualified names; nothing is imported to check them)
 SAM_BLOCKS = frozenset(
@@ -43,8 +49,6 @@ SAM_BLOCKS = frozenset(
         "timm.models.vision_transformer_sam.Block",
     }
 )
-_MARK = "_mmpeft_efficient_attention"
-_CKPT_ORIG = "_mmpeft_orig_forward"  # see mmpeft.checkpointing
 
 
 def _qualname(module: nn.Module) -> str:
@@ -86,13 +90,20 @@ def _heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
     return x.reshape(b, t, parts, heads, pc // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _rel_tables(core: nn.Module, k_size: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(kh, kh, hd) and (kw, kw, hd) relative-position tables of a ``k_size`` key grid, once per call
+    of the block (queries on a corner of the grid use their first rows), or None without rel pos."""
+    if not getattr(core, "use_rel_pos", False):
+        return None
+    return _rel_pos(k_size[0], core.rel_pos_h).to(dtype), _rel_pos(k_size[1], core.rel_pos_w).to(dtype)
+
+
 def _attention(
-    core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    q_size: tuple[int, int], k_size: tuple[int, int], training: bool,
+    core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_size: tuple[int, int],
+    rel: tuple[torch.Tensor, torch.Tensor] | None, training: bool,
 ) -> torch.Tensor:  # fmt: skip
-    """Attention of queries on a ``q_size`` grid (B, nh, Tq, hd) over keys on a ``k_size`` grid
-    (B, nh, Tk, hd) -> (B, Tq, C). The query grid is the top-left corner of the key grid (its
-    relative positions are those rows and columns of the key grid's)."""
+    """Attention of queries on a ``q_size`` grid (B, nh, Tq, hd) over keys (B, nh, Tk, hd) -> (B, Tq, C).
+    The query grid is the top-left corner of the key grid whose tables ``rel`` holds."""
     q_norm, k_norm = getattr(core, "q_norm", None), getattr(core, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
@@ -100,14 +111,13 @@ def _attention(
         k = k_norm(k)
     mask = None
     b, heads, tq, _ = q.shape
-    if getattr(core, "use_rel_pos", False):
-        (qh, qw), (kh, kw) = q_size, k_size
-        rh = _rel_pos(kh, core.rel_pos_h)[:qh].to(q.dtype)  # (qh, kh, hd)
-        rw = _rel_pos(kw, core.rel_pos_w)[:qw].to(q.dtype)  # (qw, kw, hd)
+    if rel is not None:
+        qh, qw = q_size
+        rh, rw = rel[0][:qh], rel[1][:qw]  # (qh, kh, hd), (qw, kw, hd)
         rq = q.reshape(b, heads, qh, qw, -1)
         bias_h = torch.einsum("nahwc,hkc->nahwk", rq, rh)
         bias_w = torch.einsum("nahwc,wkc->nahwk", rq, rw)
-        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, tq, kh * kw)
+        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, tq, k.shape[2])
     drop = getattr(core, "attn_drop", None)
     p = float(drop.p) if training and isinstance(drop, nn.Dropout) else 0.0
     scale = getattr(core, "scale", None)
@@ -140,17 +150,25 @@ def _groups(size: int, ws: int) -> list[tuple[slice, int]]:
     return [g for g in ((slice(0, n - 1), ws), (slice(n - 1, n), last)) if g[0].stop > g[0].start]
 
 
-def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, training: bool) -> torch.Tensor:
+def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, queries: str, training: bool) -> torch.Tensor:
     """SAM's windowed attention of y: (N, H, W, C) before the output projection -> (N, H, W, C).
 
-    Keys and values cover the padded windows (as in SAM); queries are the real tokens only:
-    the windows are grouped by their real extent (full, cut at the bottom, at the right, both)
-    and each group attends in one call.
+    Keys and values cover the padded windows (as in SAM). ``queries="all"``: every window's
+    tokens attend in one call and the padding is cropped afterwards; ``"real"``: only the real
+    tokens' queries attend, the windows grouped by their real extent (full, cut at the bottom,
+    at the right, both), one call per group.
     """
     n, h, w, c = y.shape
     heads = int(core.num_heads)
     qkv, hp, wp = _padded_qkv(core, y, ws)
     grid = qkv.view(n, hp // ws, ws, wp // ws, ws, -1).permute(0, 1, 3, 2, 4, 5)  # (N, nH, nW, ws, ws, 3C)
+    rel = _rel_tables(core, (ws, ws), y.dtype)
+    if queries == "all":
+        nh, nw = hp // ws, wp // ws
+        q, k, v = _heads(grid.reshape(n * nh * nw, ws * ws, 3 * c), 3, heads)
+        o = _attention(core, q, k, v, (ws, ws), rel, training)  # (N*nH*nW, ws*ws, C)
+        o = o.view(n, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)
+        return o[:, :h, :w] if (hp, wp) != (h, w) else o
     rows = []
     for rs, qh in _groups(h, ws):
         cols = []
@@ -159,13 +177,21 @@ def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, training: boo
             a, b = sub.shape[1:3]
             k, v = _heads(sub[..., c:].reshape(n * a * b, ws * ws, 2 * c), 2, heads)  # keys: the padded windows
             q = _heads(sub[:, :, :, :qh, :qw, :c].reshape(n * a * b, qh * qw, c), 1, heads)[0]
-            o = _attention(core, q, k, v, (qh, qw), (ws, ws), training)  # (N*a*b, qh*qw, C)
+            o = _attention(core, q, k, v, (qh, qw), rel, training)  # (N*a*b, qh*qw, C)
             cols.append(o.view(n, a, b, qh, qw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, a * qh, b * qw, c))
         rows.append(torch.cat(cols, 2) if len(cols) > 1 else cols[0])
     return torch.cat(rows, 1) if len(rows) > 1 else rows[0]
 
 
-def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def resolve_queries(queries: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"all"`` on CUDA (one fused attention call beats several smaller ones there:
+    the step is bound by kernel launches), ``"real"`` elsewhere (the CPU is bound by FLOPs)."""
+    if queries == "auto":
+        return "all" if device.type == "cuda" else "real"
+    return queries
+
+
+def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "auto") -> torch.Tensor:
     """The block's function on x: (N, H, W, C), without work on window padding."""
     n, h, w, c = x.shape
     attn = block.attn
@@ -173,10 +199,10 @@ def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ws = int(getattr(block, "window_size", 0) or 0)
     y = block.norm1(x)
     if ws > 0:
-        a = _windowed_attention(core, y, ws, block.training)
+        a = _windowed_attention(core, y, ws, resolve_queries(queries, x.device), block.training)
     else:
         q, k, v = _heads(core.qkv(y).reshape(n, h * w, -1), 3, int(core.num_heads))
-        a = _attention(core, q, k, v, (h, w), (h, w), block.training).view(n, h, w, c)
+        a = _attention(core, q, k, v, (h, w), _rel_tables(core, (h, w), y.dtype), block.training).view(n, h, w, c)
     a = core.proj(a)  # real tokens only
     proj_drop = getattr(core, "proj_drop", None)
     if proj_drop is not None:
@@ -196,47 +222,46 @@ def _efficient_block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + z
 
 
-def _forward_attr(block: nn.Module) -> str:
-    # under gradient checkpointing the instance forward is the checkpoint wrapper: replace the
-    # function it wraps instead
-    return _CKPT_ORIG if hasattr(block, _CKPT_ORIG) else "forward"
+QUERIES = ("auto", "real", "all")
 
 
-def enable_efficient_attention(model: nn.Module) -> list[str]:
+def enable_efficient_attention(model: nn.Module, queries: str = "auto") -> list[str]:
     """Run the SAM-style blocks of ``model`` padding-free with fused attention (see module doc).
 
     Applies to segment-anything's and timm's SAM ``Block`` (other blocks are left as they are),
     wrapped or not, before or after :func:`mmpeft.checkpointing.enable_gradient_checkpointing`.
-    Returns the names of the blocks now running this way. Undo with
-    :func:`disable_efficient_attention`.
+
+    Args:
+        queries: which queries of the padded windows attend: ``"real"`` (only the real tokens',
+            grouped by window extent: least work), ``"all"`` (one attention call over the padded
+            windows, cropped: fewest kernels) or ``"auto"`` (chosen per device at run time, see
+            :func:`resolve_queries`).
+
+    Returns the names of the blocks now running this way (again: a new ``queries`` applies).
+    Undo with :func:`disable_efficient_attention`.
     """
+    if queries not in QUERIES:
+        raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
     names = []
     for name, block in model.named_modules():
-        if getattr(block, _MARK, False) or not _supported(block):
-            continue
-        setattr(block, _forward_attr(block), partial(_efficient_block_forward, block))
-        setattr(block, _MARK, True)
-        names.append(name)
+        if _supported(block):
+            set_block_features(block, efficient=partial(_efficient_block_forward, queries=queries))
+            names.append(name)
     return names
 
 
 def disable_efficient_attention(model: nn.Module) -> int:
-    """Give the blocks changed by :func:`enable_efficient_attention` their own forward back;
+    """Give the blocks changed by :func:`enable_efficient_attention` their own function back;
     returns how many."""
     count = 0
     for block in model.modules():
-        if getattr(block, _MARK, False):
-            attr = _forward_attr(block)
-            if attr == "forward":
-                del block.forward
-            else:
-                setattr(block, attr, type(block).forward.__get__(block))
-            delattr(block, _MARK)
+        runner = runner_of(block)
+        if runner is not None and runner.efficient is not None:
+            set_block_features(block, efficient=None)
             count += 1
     return count
 
 
 def efficient_attention_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks of ``model`` running the efficient forward."""
-    return [n for n, m in model.named_modules() if getattr(m, _MARK, False)]
-
+    return [n for n, m in model.named_modules() if (r := runner_of(m)) is not None and r.efficient is not None]

@@ -3,50 +3,47 @@
 from __future__ import annotations
 
 import re
-from functools import partial
-from typing import Any
 
-import torch.utils.checkpoint as cp
 from torch import nn
 
-__all__ = ["enable_gradient_checkpointing", "disable_gradient_checkpointing"]
+from .blocks import runner_of, set_block_features
 
-_ORIG = "_mmpeft_orig_forward"
+__all__ = ["enable_gradient_checkpointing", "disable_gradient_checkpointing", "checkpointed_blocks"]
 
-
-def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    fwd = getattr(module, _ORIG)
-    if not module.training:
-        return fwd(*args, **kwargs)
-    # non-reentrant: gradients reach the trainable layers inside even when the block input
-    # itself does not require grad (frozen patch embedding before the first block)
-    return cp.checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+DEFAULT_PATTERN = r"(.*\.)?blocks\.\d+"
 
 
-def enable_gradient_checkpointing(model: nn.Module, pattern: str = r"(.*\.)?blocks\.\d+") -> list[str]:
+def enable_gradient_checkpointing(model: nn.Module, pattern: str = DEFAULT_PATTERN) -> list[str]:
     """Recompute the activations of every module whose name fully matches ``pattern`` in backward.
 
-    Module names and state-dict keys are unchanged (the instance's ``forward`` is replaced).
-    Only active in training mode. Returns the names of the checkpointed modules.
+    Module names and state-dict keys are unchanged (a :class:`mmpeft.blocks.BlockRunner` runs the
+    module). Only active in training mode; composes with :mod:`mmpeft.attention` in either order.
+    Returns the names of the checkpointed modules.
     """
     names = []
     for name, module in model.named_modules():
-        if name and re.fullmatch(pattern, name) and not hasattr(module, _ORIG):
-            setattr(module, _ORIG, module.forward)
-            module.forward = partial(_checkpointed, module)  # type: ignore[method-assign]
+        if name and re.fullmatch(pattern, name):
+            runner = runner_of(module)
+            if runner is not None and runner.checkpoint:
+                continue
+            set_block_features(module, checkpoint=True)
             names.append(name)
-    if not names:
+    if not names and not checkpointed_blocks(model):
         raise ValueError(f"no module name matches {pattern!r}; nothing to checkpoint")
     return names
 
 
-def disable_gradient_checkpointing(model: nn.Module) -> None:
-    """Undo :func:`enable_gradient_checkpointing`."""
+def disable_gradient_checkpointing(model: nn.Module) -> int:
+    """Undo :func:`enable_gradient_checkpointing`; returns how many modules were changed."""
+    count = 0
     for module in model.modules():
-        if hasattr(module, _ORIG):
-            orig = getattr(module, _ORIG)
-            delattr(module, _ORIG)
-            if getattr(orig, "__self__", None) is module and getattr(orig, "__func__", None) is type(module).forward:
-                del module.forward  # the class's own forward again, no instance attribute left
-            else:
-                module.forward = orig  # type: ignore[method-assign]
+        runner = runner_of(module)
+        if runner is not None and runner.checkpoint:
+            set_block_features(module, checkpoint=False)
+            count += 1
+    return count
+
+
+def checkpointed_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` running with gradient checkpointing."""
+    return [n for n, m in model.named_modules() if (r := runner_of(m)) is not None and r.checkpoint]

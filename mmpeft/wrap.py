@@ -8,7 +8,6 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .attention import enable_efficient_attention
 from .config import AdapterConfig, LoRAConfig, MultimodalConfig, RuleConfig, StemConfig
 from .layers import (
     ACTIVATIONS,
@@ -27,6 +26,7 @@ from .verify import cast_inputs, check_modalities, checked_call, input_dtype, in
 
 __all__ = [
     "MultimodalModel", "wrap_multimodal", "build_config", "TRAINABLE_PREFIXES", "is_trainable_name", "state_mismatches",
+    "resolve_dtype",
 ]
 
 Inputs = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -55,6 +55,21 @@ def state_mismatches(
     return problems
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch floating dtype, or None) -> the dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise ValueError(f"base dtype must be a floating dtype, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch dtype")
+    return DTYPES[dtype]
+
+
 def is_trainable_name(name: str) -> bool:
     """True when a parameter name belongs to a mmpeft module (a segment starts with a prefix)."""
     return any(part.startswith(TRAINABLE_PREFIXES) for part in name.split("."))
@@ -79,6 +94,7 @@ class MultimodalModel(nn.Module):
         self.modalities: tuple[str, ...] = tuple(config.modalities)
         self.in_channels = in_channels
         self.stems = nn.ModuleDict({m: ModalityStem(m, config.stem(m), in_channels) for m in self.modalities})
+        self._compute_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ inputs / outputs
     def _as_list(self, inputs: Inputs) -> list[torch.Tensor]:
@@ -116,7 +132,8 @@ class MultimodalModel(nn.Module):
                 )
         xs = cast_inputs(self.modalities, xs, input_dtype(self))  # floating, the stems' / model's dtype
         xs = [self.stems[m](x) for m, x in zip(self.modalities, xs)]
-        return torch.cat(xs, 0)  # (M*B, C, ...) modality-major
+        x = torch.cat(xs, 0)  # (M*B, C, ...) modality-major
+        return x if self._compute_dtype is None else x.to(self._compute_dtype)
 
     def split(self, out: Any, as_dict: bool = True) -> Any:
         """Split every tensor of ``out`` (dim 0 = M*B) into one part per modality."""
@@ -171,6 +188,85 @@ class MultimodalModel(nn.Module):
         from .params import trainable_summary
 
         print(trainable_summary(self))
+
+    # ------------------------------------------------------------------ block features
+    def enable_efficient_attention(self, queries: str = "auto") -> list[str]:
+        """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.attention`);
+        returns the names of the blocks affected."""
+        from .attention import enable_efficient_attention
+
+        return enable_efficient_attention(self.base_model, queries)
+
+    def disable_efficient_attention(self) -> int:
+        """The stock blocks again; returns how many were changed."""
+        from .attention import disable_efficient_attention
+
+        return disable_efficient_attention(self.base_model)
+
+    def set_grad_checkpointing(self, enable: bool = True, pattern: str | None = None) -> list[str]:
+        """Recompute the frozen blocks' activations in backward (:mod:`mmpeft.checkpointing`).
+
+        ``pattern``: a regex over module names of the base model (default: ``blocks.<i>``).
+        Returns the names of the modules checkpointed (empty when disabling).
+        """
+        from .checkpointing import DEFAULT_PATTERN, disable_gradient_checkpointing, enable_gradient_checkpointing
+
+        if not enable:
+            disable_gradient_checkpointing(self.base_model)
+            return []
+        return enable_gradient_checkpointing(self.base_model, pattern or DEFAULT_PATTERN)
+
+    def compile_blocks(self, **compile_options: Any) -> list[str]:
+        """Regional compilation: ``torch.compile`` each repeated block of the frozen model in place.
+
+        Every module in a ``ModuleList`` or ``Sequential`` of two or more modules of one class (a ViT's ``blocks``)
+        is compiled with ``nn.Module.compile(**compile_options)``; blocks of one kind share their
+        compiled code, so compile time is that of one or two blocks, not of the whole model.
+        Returns the names of the compiled blocks. The whole model can instead be compiled with
+        ``torch.compile(model)``; both compute the same function as eager (tests).
+        """
+        names: list[str] = []
+        for name, mod in self.base_model.named_modules():
+            if any(name.startswith(n + ".") for n in names):
+                continue  # inside an already compiled block
+            if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > 1 and len({type(b) for b in mod}) == 1:
+                for i, block in enumerate(mod):
+                    block.compile(**compile_options)
+                    names.append(f"{name}.{i}" if name else str(i))
+        if not names:
+            raise ValueError(f"{type(self.base_model).__name__} has no list of repeated blocks to compile")
+        return names
+
+    # ------------------------------------------------------------------ precision
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype inputs are cast to before the frozen model (None: left as given)."""
+        return self._compute_dtype
+
+    def set_base_dtype(self, dtype: torch.dtype | str | None) -> None:
+        """Keep the frozen model's floating tensors in ``dtype`` (e.g. ``torch.bfloat16``).
+
+        Trainable tensors (multimodal layers, stems) stay float32: they are the master copies
+        the optimizer updates, cast to the compute dtype inside the forward (their gradients
+        arrive in float32). Inputs are cast to ``dtype`` after the stems, so the frozen model
+        runs in ``dtype`` with or without autocast, and autocast finds nothing to re-cast.
+        ``None`` or float32 restores float32 everywhere.
+        """
+        dt = resolve_dtype(dtype)
+        own = {id(t) for t in self.trainable_tensors()}
+        for t in list(self.base_model.parameters()) + list(self.base_model.buffers()):
+            if t.is_floating_point():
+                t.data = t.data.to(torch.float32 if id(t) in own else dt or torch.float32)
+        self._compute_dtype = None if dt in (None, torch.float32) else dt
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        """The parameters and buffers mmpeft added (multimodal layers without their base, stems)."""
+        out: list[torch.Tensor] = list(self.stems.parameters()) + list(self.stems.buffers())
+        for _, layer in self.layers():
+            for name, child in layer.named_children():
+                if name != "base_layer":
+                    out += list(child.parameters()) + list(child.buffers())
+        return out
 
     # ------------------------------------------------------------------ execution
     def set_execution(self, execution: Execution) -> None:
@@ -326,47 +422,6 @@ def _stem(v: Any) -> StemConfig:
     raise TypeError(f"cannot read a stem from {v!r}; use 'repeat', ('conv1x1', channels) or StemConfig")
 
 
-def window_token_index(grid: tuple[int, int], window: int) -> torch.Tensor:
-    """Indices of the real tokens among the ``nH*nW*window*window`` tokens of one image's
-    windows (SAM's window partition pads the grid to a multiple of the window; order
-    window-row, window-col, row, col)."""
-    h, w = grid
-    nh, nw = -(-h // window), -(-w // window)
-    cpu = torch.device("cpu")  # also under a `with torch.device("meta")` build
-    wr, wc, pr, pc = torch.meshgrid(
-        *(torch.arange(n, device=cpu) for n in (nh, nw, window, window)), indexing="ij"
-    )
-    real = (wr * window + pr < h) & (wc * window + pc < w)  # (nH, nW, ws, ws)
-    return real.flatten().nonzero().flatten()
-
-
-def skip_window_padding(model: nn.Module) -> int:
-    """Let adapters placed after SAM-style windowed attention skip the padded tokens.
-
-    Applies to models with ``pos_embed`` (1, H, W, C) and ``blocks`` carrying ``window_size``
-    (segment-anything's ``ImageEncoderViT``, timm's ``VisionTransformerSAM``) when the token
-    grid is not a multiple of the window (256x256 inputs: a 16x16 grid in 14x14 windows pads
-    to 28x28, so two thirds of the windowed tokens are padding). Outputs are unchanged.
-    Returns the number of adapters affected.
-    """
-    pos, blocks = getattr(model, "pos_embed", None), getattr(model, "blocks", None)
-    if not isinstance(pos, torch.Tensor) or pos.dim() != 4 or blocks is None:
-        return 0
-    grid = (int(pos.shape[1]), int(pos.shape[2]))
-    count = 0
-    for block in blocks:
-        ws, attn = int(getattr(block, "window_size", 0) or 0), getattr(block, "attn", None)
-        if ws <= 0 or not isinstance(attn, MultimodalAdapter) or attn.placement != "after":
-            continue
-        if grid[0] % ws == 0 and grid[1] % ws == 0:
-            continue
-        idx = window_token_index(grid, ws)
-        group = (-(-grid[0] // ws)) * (-(-grid[1] // ws)) * ws * ws
-        attn.skip_tokens(group, idx if pos.device.type == "meta" else idx.to(pos.device))
-        count += 1
-    return count
-
-
 def wrap_multimodal(
     model: nn.Module,
     modalities: Sequence[str] = ("optical", "dsm"),
@@ -375,7 +430,8 @@ def wrap_multimodal(
     preset: str | None = None,
     targets: str | list[str] | None = None,
     config: MultimodalConfig | None = None,
-    efficient_attention: bool = True,
+    efficient_attention: bool | str = True,
+    base_dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> MultimodalModel:
     """Freeze ``model`` and patch it for ``modalities`` with multimodal LoRA or adapters.
@@ -391,7 +447,13 @@ def wrap_multimodal(
         config: a complete :class:`MultimodalConfig` (overrides everything else).
         efficient_attention: run SAM-style blocks (segment-anything, timm's SAM) without work on
             window padding and with fused attention (:mod:`mmpeft.attention`; same outputs).
+            ``True`` chooses the attention calls per device at run time (``"auto"``); ``"real"``
+            or ``"all"`` force one (see :func:`mmpeft.attention.enable_efficient_attention`).
             Other blocks are unaffected.
+        base_dtype: keep the frozen weights in this dtype (``torch.bfloat16`` or ``"bf16"``):
+            no per-step casts of frozen weights under autocast, half their memory. Inputs are
+            cast to it; trainable tensors stay float32 (master copies; the optimizer and saved
+            files see float32). See :meth:`MultimodalModel.set_base_dtype`.
         **options: ``rank``, ``alpha``, ``dropout``, ``slices`` (LoRA); ``ratio``, ``activation``,
             ``bias``, ``scale``, ``init``, ``placement`` (adapters); ``fusion`` ("scalar", "none",
             "matrix"), ``lambda_init``; ``stems`` ({modality: "repeat" | ("conv1x1", c) | StemConfig});
@@ -406,13 +468,14 @@ def wrap_multimodal(
         raise ValueError("pass either config= or options/targets/preset, not both")
     prepare_backbone(model)  # called projections, frozen norm statistics (mmpeft.prepare)
     apply_rules(model, config)
-    skip_window_padding(model)
-    if efficient_attention:
-        enable_efficient_attention(model)
     in_channels = config.in_channels if config.in_channels is not None else _infer_in_channels(model)
     wrapped = MultimodalModel(model, config, in_channels)
     p = next(iter(model.parameters()), None)
     if p is not None:
         wrapped.stems.to(p.device)
+    if efficient_attention:
+        wrapped.enable_efficient_attention("auto" if efficient_attention is True else str(efficient_attention))
+    if base_dtype is not None:
+        wrapped.set_base_dtype(base_dtype)
     install_call_check(wrapped)  # the first forward verifies every layer ran
     return wrapped

@@ -92,11 +92,6 @@ class MultimodalAdapter(MultimodalLayer):
         self.adapter_act = activation()
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
-        # Optional: the output rows come in groups of ``token_group`` tokens of which only
-        # ``token_index`` are real (e.g. SAM's window padding); the others skip the adapter.
-        self.token_group = 0
-        self.token_index: torch.Tensor | None
-        self.register_buffer("token_index", None, persistent=False)
         if init == "zeros":
             for up in self.adapter_up.values():
                 nn.init.zeros_(up.weight)
@@ -128,25 +123,8 @@ class MultimodalAdapter(MultimodalLayer):
             return self._forward_loop(x, *args, **kwargs)
         return self._forward_batched(x, *args, **kwargs)
 
-    def skip_tokens(self, group: int, index: torch.Tensor | None) -> None:
-        """Run the adapter only on the tokens ``index`` of every group of ``group`` output tokens.
-
-        For an "after" adapter whose module outputs padding that is later discarded (SAM's
-        windowed attention pads the token grid to a multiple of the window): the result on
-        the real tokens is unchanged, the padded ones keep the module's output. ``None`` undoes it.
-        """
-        if self.placement != "after":
-            raise ValueError("skipping tokens applies to adapters placed 'after' a module")
-        self.token_group, self.token_index = (group, index) if index is not None else (0, None)
-
     def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         y, rest = first_output(self.base_layer(x, *args, **kwargs))  # (M*B', ..., out)
-        idx, group = self.token_index, self.token_group
-        if idx is not None and (y.numel() // self.out_features) % group == 0:
-            yg = y.reshape(-1, group, self.out_features)  # (M*B, group, out): one image's windows per row
-            real = yg[:, idx]  # (M*B, n_real, out)
-            upd = self._adapter_update(real, None)  # adapter increments of the real tokens only
-            return with_first(yg.index_add(1, idx, upd.view(real.shape)).view(y.shape), rest)
         return with_first(self._adapter_update(x if self.placement == "beside" else y, y), rest)
 
     def _adapter_update(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
