@@ -64,6 +64,8 @@ def checks(dev: Any) -> dict[str, float]:
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 res[f"{preset}: bf16 base vs fp32 weights, both under bf16 autocast"] = _rel(base(x)["optical"], amp)
             res[f"{preset}: bf16 autocast vs fp32"] = _rel(amp, ref)
+        if preset != "mmadapter":
+            continue  # compilation checked on one preset (time)
         compiled: list[tuple[str, Callable[[Any], Any]]] = []
         blocks = _model(preset, dev)
         blocks.compile_blocks(**compile_options())

@@ -35,12 +35,11 @@ ROOT = HERE.parent
 PY = sys.executable
 
 TRAIN_ADAPTER = [
-    "per_modality+fp32", "floor+bf16", "floor+bf16+base", "ours+fp32", "ours+bf16", "ours+bf16+base",
-    "ours+bf16+base+queries=real", "ours_padded+bf16+base", "ours+bf16+base+compile=blocks",
-    "ours+bf16+base+compile=model-ro",
+    "per_modality+fp32", "floor+bf16", "ours+bf16", "ours+bf16+base", "ours+bf16+base+queries=real",
+    "ours_padded+bf16+base", "ours+bf16+base+compile=blocks", "ours+bf16+base+compile=model-ro",
 ]  # fmt: skip
 TRAIN_LORA = [
-    "per_modality+fp32", "floor+bf16", "ours+bf16", "ours+bf16+base", "ours+bf16+base+compile=blocks",
+    "per_modality+fp32", "floor+bf16", "ours+bf16+base", "ours+bf16+base+compile=blocks",
     "ours+bf16+base+compile=model-ro",
 ]  # fmt: skip
 INFERENCE = ["inference+bf16+base", "inference+bf16+base+compile=model-ro"]
@@ -54,15 +53,15 @@ def phases(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
              "--count-ops", "--no-memory", *common]  # fmt: skip
     tile = "2500x2000" if not args.quick else "300x300"
     return [
-        ("sanity", [PY, str(HERE / "gpu_sanity.py"), "--device", args.device, "--out", out], 120),
-        ("train_adapter", [*train, "--methods", "adapter", "--tag", "gpu_adapter", "--schemes", *TRAIN_ADAPTER], 200),
-        ("train_lora", [*train, "--methods", "lora", "--tag", "gpu_lora", "--schemes", *TRAIN_LORA], 150),
+        ("sanity", [PY, str(HERE / "gpu_sanity.py"), "--device", args.device, "--out", out], 75),
+        ("train_adapter", [*train, "--methods", "adapter", "--tag", "gpu_adapter", "--schemes", *TRAIN_ADAPTER], 170),
+        ("train_lora", [*train, "--methods", "lora", "--tag", "gpu_lora", "--schemes", *TRAIN_LORA], 120),
         ("memory", [PY, str(HERE / "memory.py"), "--device", args.device, "--batches", "1", "--scheme",
                     "ours+bf16+base", "--extra", "adapter:vit_h:10", "--timeout", "60", "--tag", "gpu", "--out", out,
-                    *(["--backbones", "vit_b"] if args.quick else [])], 120),  # fmt: skip
+                    *(["--backbones", "vit_b"] if args.quick else [])], 90),  # fmt: skip
         ("inference", [PY, str(HERE / "speed.py"), "--inference-only", "--methods", "adapter", "--tile", tile,
                        "--stride", "32", "--infer-batch", "64", "--timeout", "100", "--inference-variants", *INFERENCE,
-                       "--tag", "gpu_inference", *common], 120),  # fmt: skip
+                       "--tag", "gpu_inference", *common], 90),  # fmt: skip
     ]
 
 
@@ -98,8 +97,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "gpu")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--budget", type=int, default=540, help="seconds for the whole suite; later phases are skipped")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--budget", type=int, default=550, help="seconds for the whole suite; later phases are skipped")
     ap.add_argument("--only", nargs="+", default=None, help="run these phases only")
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the suite")
     args = ap.parse_args()
