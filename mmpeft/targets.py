@@ -43,6 +43,8 @@ class BackboneFamily:
         q, v: separate query / value ``nn.Linear`` names (when ``qkv`` is None).
         scope: regex of the block names the presets are limited to (None: every name match);
             with a scope the rules' targets are regexes, else name lists.
+        mlp_gate: a second first-layer MLP linear (SwiGLU's gate, e.g. timm's ``mlp.fc1_g``),
+            tuned like ``mlp_in``.
         classes: class names (``module.qualname``) of which one must be present (checked
             first; empty: detection by names only).
         prepared: the targeted names exist only once :func:`mmpeft.prepare.prepare_backbone`
@@ -59,6 +61,7 @@ class BackboneFamily:
     q: str | None = None
     v: str | None = None
     scope: str | None = None
+    mlp_gate: str | None = None
     classes: tuple[str, ...] = ()
     prepared: bool = False
     note: str = ""
@@ -76,7 +79,11 @@ class BackboneFamily:
     def required(self) -> list[str]:
         """Name suffixes that must exist in a model of this family (after preparation)."""
         attn = [self.qkv] if self.qkv is not None else [self.q, self.v]
-        return [n for n in (*attn, self.mlp_in, self.mlp_out) if n is not None]
+        return [n for n in (*attn, *self.mlp_linears()) if n is not None]
+
+    def mlp_linears(self) -> list[str]:
+        """The MLP's linears the LoRA presets tune (gate, input, output)."""
+        return [n for n in (self.mlp_gate, self.mlp_in, self.mlp_out) if n is not None]
 
 
 _HF_SCOPE = r"(.*\.)?layers?\.\d+"  # transformers' encoder layers (not e.g. SigLIP's pooling head)
@@ -86,7 +93,12 @@ FAMILIES: dict[str, BackboneFamily] = {
     # qkv.weight; mmpeft.prepare switches it to timm's own `qkv_bias_separate` so qkv is called
     "timm_eva": BackboneFamily(
         "timm_eva", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp",
-        classes=("timm.models.eva.EvaAttention",), note="timm Eva / EVA02, fused qkv",
+        classes=("timm.models.eva.EvaAttention",), note="timm Eva / EVA02 tiny / small (fused qkv)",
+    ),  # fmt: skip
+    "timm_eva_swiglu": BackboneFamily(
+        "timm_eva_swiglu", None, "mlp.fc1_x", "mlp.fc2", "attn", "mlp", q="attn.q_proj", v="attn.v_proj",
+        mlp_gate="mlp.fc1_g", classes=("timm.models.eva.EvaAttention",),
+        note="timm EVA02 base / large: separate q, k, v and a SwiGLU MLP",
     ),  # fmt: skip
     "timm_eva_split": BackboneFamily(
         "timm_eva_split", None, "mlp.fc1", "mlp.fc2", "attn", "mlp", q="attn.q_proj", v="attn.v_proj",
@@ -193,7 +205,7 @@ def _mmlora(f: BackboneFamily) -> list[RuleConfig]:
     return [
         _attention_lora(f),
         # both MLP linears, lambda-mixed, unscaled (eqs. 9-12)
-        LoRAConfig(targets=f.targets(f.mlp_in, f.mlp_out), rank=4, alpha=None, fusion="scalar"),
+        LoRAConfig(targets=f.targets(*f.mlp_linears()), rank=4, alpha=None, fusion="scalar"),
     ]
 
 

@@ -55,6 +55,9 @@ BACKBONES: dict[str, tuple[Callable[[], nn.Module], int, str]] = {
     "timm_deit": (_timm("deit_tiny_patch16_224", **VIT), 32, "timm"),
     "timm_dinov2": (_timm("vit_small_patch14_reg4_dinov2", img_size=28, depth=2, embed_dim=32, num_heads=2, init_values=0.5), 28, "timm"),
     "timm_eva02": (_timm("eva02_tiny_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2), 28, "timm_eva"),
+    "timm_eva02_swiglu": (
+        _timm("eva02_base_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2), 28, "timm_eva_swiglu"
+    ),
     "timm_swin": (
         _timm("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(1, 2), embed_dim=16), 56, "timm"
     ),
@@ -109,7 +112,8 @@ def test_family_detected_and_presets_resolve(kind: str) -> None:
     for preset, method in (("mmlora", "lora"), ("mmadapter", "adapter"), ("lora", "lora"), ("adapter", "adapter")):
         wrapped = wrap_multimodal(_build(kind), MODS, method, preset=preset)
         layers = dict(wrapped.layers())
-        per_block = 2 if "adapter" in preset else (2 + 2 if BACKBONES[kind][2].startswith("hf") else 1 + 2)
+        fam = detect_family(_build(kind))
+        per_block = 2 if "adapter" in preset else (1 if fam.qkv else 2) + len(fam.mlp_linears())
         assert len(layers) == 2 * per_block, sorted(layers)  # every test model has two blocks
         assert all(not layer.lora_fusion.mixes for n, layer in layers.items() if preset == "lora")
 

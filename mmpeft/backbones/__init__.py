@@ -1,4 +1,5 @@
-"""Frozen backbones: SAM image encoders and their official checkpoints."""
+"""Frozen backbones: SAM image encoders and their official checkpoints; torchvision's ViT attention
+with called projections (see docs/backbones.md for every supported family)."""
 
 from .sam import (
     SAM_SPECS,
@@ -17,8 +18,10 @@ from .sam import (
     sam_encoder_grid,
     sam_encoder_impl,
 )
+from .torchvision_vit import ExplicitMultiheadAttention, make_attention_explicit
 
 __all__ = [
+    "ExplicitMultiheadAttention",
     "SAM_SPECS",
     "SamCheckpointError",
     "SamImpl",
@@ -27,6 +30,7 @@ __all__ = [
     "TimmSamEncoder",
     "build_sam_encoder",
     "load_sam_checkpoint",
+    "make_attention_explicit",
     "read_sam_state_dict",
     "replace_spec",
     "resize_pos_embed",
