@@ -159,7 +159,7 @@ class MultimodalAdapter(MultimodalLayer):
         return self.adapter_up[modality](h)
 
     def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        parts = chunk_args(x, args, kwargs, self.num_modalities)  # tensors with the batch axis split too
+        parts = chunk_args(x, args, kwargs, self.num_modalities)  # x, and arguments that are x, split per modality
         xs = [xm for xm, _, _ in parts]
         # the frozen module once per modality
         ys, rests = zip(*(first_output(self.base_layer(xm, *a, **kw)) for xm, a, kw in parts))
