@@ -29,12 +29,23 @@ def _fingerprint(wrapped: MultimodalModel) -> dict[str, list[int]]:
     return fp
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path`` (never a half-written file)."""
+    """Call ``write(tmp_path)`` and rename the result onto ``path`` (never a half-written file).
+
+    The file gets the permissions of a plainly created one (``0o666 & ~umask``, 0644 under the
+    usual umask), whatever mode the writer gave the temporary file (safetensors uses 0600).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
