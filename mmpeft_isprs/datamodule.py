@@ -24,6 +24,7 @@ from .data import (
     generate_synthetic_vaihingen, synthetic_layout,
 )
 from .distributed import DistInfo, barrier
+from .threads import worker_init
 
 __all__ = [
     "ISPRSDataModule", "EpochBatchSampler", "dsm_rule", "prepare_data_root", "make_layout", "split_ids",
@@ -160,6 +161,6 @@ class ISPRSDataModule:
         sampler = EpochBatchSampler(epoch, start, t.batches_per_epoch, t.batch_size, info.rank, info.world_size)
         return DataLoader(
             self.train_dataset, batch_sampler=sampler, num_workers=t.num_workers,
-            pin_memory=info.device.type == "cuda",
+            pin_memory=info.device.type == "cuda", worker_init_fn=worker_init,  # workers: 1 thread each
             generator=torch.Generator().manual_seed(t.seed),  # workers' seeds never draw from the global RNG
         )  # fmt: skip

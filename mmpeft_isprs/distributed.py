@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .threads import apply_threads, resolve_threads
 
 __all__ = [
     "DistInfo", "init_distributed", "shutdown", "barrier", "all_gather_object",
@@ -74,13 +75,14 @@ def init_distributed(device: str = "auto", threads: int = 0) -> DistInfo:
     Args:
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the backend follows it
             (nccl for CUDA, gloo for CPU).
-        threads: CPU threads per process; 0 divides the machine's cores among the local ranks
-            (``LOCAL_WORLD_SIZE``), which matters when several CPU ranks share one machine.
+        threads: torch CPU threads per process; 0: the thread policy of
+            :mod:`mmpeft_isprs.threads` (the cores free for this process, divided among the
+            local ranks, ``LOCAL_WORLD_SIZE``).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
-    _set_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    apply_threads(resolve_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
     if world <= 1:
         return DistInfo(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -89,13 +91,6 @@ def init_distributed(device: str = "auto", threads: int = 0) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank)
     return DistInfo(rank, world, local, dev, backend)
-
-
-def _set_threads(threads: int, local_world: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif local_world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
 def shutdown() -> None:

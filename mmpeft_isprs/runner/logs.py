@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import platform
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,8 +13,9 @@ from ..config import ExperimentConfig
 from ..data import TileSet
 from ..distributed import DistInfo
 from ..model import MFNet
+from ..threads import current_policy
 
-__all__ = ["CSV_FIELDS", "RunLog", "describe_run"]
+__all__ = ["CSV_FIELDS", "RunLog", "describe_run", "run_header"]
 
 CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "val_OA", "val_mF1", "val_mIoU", "best_epoch", "seconds", "images_per_s")
 
@@ -86,3 +89,28 @@ def describe_run(cfg: ExperimentConfig, model: MFNet, train_tiles: TileSet, val_
         f"{t.batches_per_epoch} batches of {t.batch_size} ({info.world_size} process(es), {info.device}); "
         f"run dir {Path(t.run_dir)}"
     )
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    import mmpeft
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "mmpeft": mmpeft.__version__}
+
+
+def run_header(cfg: ExperimentConfig, info: DistInfo) -> str:
+    """Write ``run.json`` (versions, device, threads, command, resolved config); return its lines for the log."""
+    run_dir = Path(cfg.train.run_dir)
+    threads = current_policy()
+    versions = _versions()
+    payload = {
+        "versions": versions, "device": str(info.device), "world_size": info.world_size,
+        "threads": threads.to_dict(), "command": sys.argv, "config": cfg.to_dict(),
+    }  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(payload, indent=1))
+    return "\n".join([
+        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"device: {info.device} x {info.world_size} process(es); threads: {threads.describe()}",
+        f"resolved config: {run_dir / 'config.yaml'} (with versions and threads: {run_dir / 'run.json'})",
+    ])  # fmt: skip

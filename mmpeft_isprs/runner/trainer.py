@@ -27,7 +27,7 @@ from .checkpoint import (
     BEST, CHECKPOINT, LAST_WEIGHTS, TrainState, restore_checkpoint, resume_checkpoint, save_checkpoint,
     seed_process,
 )
-from .logs import RunLog, describe_run
+from .logs import RunLog, describe_run, run_header
 
 __all__ = ["Trainer", "TrainResult", "fit"]
 
@@ -96,6 +96,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             self.logs.trim(s.epoch)
             self.log(describe_run(self.cfg, self.task.model, self.data.train_tiles, self.data.val_tiles, self.info))  # type: ignore[arg-type]
+            self.log(run_header(self.cfg, self.info))
             if s.epoch >= t.epochs:
                 self.log(f"{self.run_dir} already finished its {t.epochs} epochs; raise train.epochs to train on")
         history: list[dict[str, Any]] = []

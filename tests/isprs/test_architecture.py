@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": ("mmpeft_isprs.model",),
     "data": ("mmpeft_isprs.data",),
     "config": ("mmpeft_isprs.config",),
-    "support": ("mmpeft_isprs.distributed", "mmpeft_isprs.inference", "mmpeft_isprs.metrics"),
+    "support": ("mmpeft_isprs.distributed", "mmpeft_isprs.inference", "mmpeft_isprs.metrics", "mmpeft_isprs.threads"),
     "datamodule": ("mmpeft_isprs.datamodule",),
     "task": ("mmpeft_isprs.task",),
     "runner": ("mmpeft_isprs.runner",),
