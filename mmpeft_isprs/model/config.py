@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from mmpeft import FUSION_RULES
 from mmpeft.backbones import SAM_SPECS
+from mmpeft.wrap import resolve_dtype
 
 __all__ = ["MFNetConfig", "MFNET_PRESETS", "mfnet_preset", "check_input_size", "global_blocks"]
 
@@ -39,7 +40,13 @@ class MFNetConfig:
         stems: per-modality stem kinds, e.g. {"dsm": "repeat"} (default: auto = repeat to 3).
         grad_checkpointing: recompute encoder block activations in backward (less memory).
         efficient_attention: run the encoder blocks without work on window padding, with fused
-            attention (``mmpeft.attention``; same outputs). False: the encoder's own blocks.
+            attention (``mmpeft.attention``; same outputs). True: the attention calls chosen per
+            device at run time (one call over the padded windows on CUDA, the real queries only
+            elsewhere); "real" / "all" force one; False: the encoder's own blocks.
+        base_dtype: keep the frozen encoder weights in this dtype ("bf16", "fp16"; None: float32):
+            half their memory, no per-step casts under autocast; trainable tensors stay float32.
+        compile: "auto" (regional ``torch.compile`` of the encoder blocks on CUDA, none elsewhere),
+            "blocks" (always), "none". Same function as eager; the first step pays the compile time.
         execution: "batched" (one frozen pass over the stacked modalities) or "per_modality"
             (every modality through every layer one after the other: the authors' scheme, for
             benchmarks and checks; same maths).
@@ -66,7 +73,9 @@ class MFNetConfig:
     lambda_init: float | None = None
     stems: dict[str, Any] = field(default_factory=dict)
     grad_checkpointing: bool = False
-    efficient_attention: bool = True
+    efficient_attention: bool | str = True
+    base_dtype: str | None = None
+    compile: str = "auto"
     execution: str = "batched"
     decode_channels: int = 64
     decoder_dropout: float = 0.1
@@ -85,6 +94,11 @@ class MFNetConfig:
             raise ValueError(f"method must be 'adapter', 'lora' or 'none', got {self.method!r}")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be unique and non-empty, got {self.modalities}")
+        if self.efficient_attention not in (True, False, "auto", "real", "all"):
+            raise ValueError(f"efficient_attention must be true, false, 'real' or 'all', got {self.efficient_attention!r}")
+        resolve_dtype(self.base_dtype)  # ValueError naming the accepted names
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.execution not in ("batched", "per_modality"):
             raise ValueError(f"execution must be 'batched' or 'per_modality', got {self.execution!r}")
         if self.num_classes < 2:
@@ -134,6 +148,9 @@ def check_input_size(size: Sequence[int]) -> None:
         )
 
 
+
+#: ``MFNetConfig.compile`` values
+COMPILE_MODES = ("auto", "blocks", "none")
 
 _OPTICAL = {"modalities": ["optical"]}
 #: Named configurations of every row of the paper's Tables IV and V, plus the authors' exact model.

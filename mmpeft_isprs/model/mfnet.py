@@ -44,7 +44,8 @@ def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport |
     options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init")}
     wrapped = wrap_multimodal(
         encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems), fusion=config.fusion,
-        efficient_attention=config.efficient_attention, **{k: v for k, v in options.items() if v is not None},
+        efficient_attention=config.efficient_attention, base_dtype=config.base_dtype,
+        **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
     if config.grad_checkpointing:
         enable_gradient_checkpointing(wrapped.base_model)
@@ -86,9 +87,18 @@ class MFNet(nn.Module):
             feats = per_modality_forward(self.encoder, enc_inputs)
         else:
             feats = self.encoder(enc_inputs)
-        maps = [feats[m] for m in self.modalities]  # each (B, 256, H/16, W/16)
+        # each (B, 256, H/16, W/16); float32 for the trainable DFM when the frozen base runs in bf16
+        maps = [feats[m].float() for m in self.modalities]
         levels = self.dfm(maps) if self.config.dfm else self.dfm(torch.stack(maps).sum(0))
         return self.decoder(levels, self.config.size)
+
+    def compile_for(self, device: torch.device) -> list[str]:
+        """Apply ``config.compile`` for a run on ``device`` ("auto": the encoder blocks on CUDA);
+        returns the names of the compiled blocks (empty when nothing is compiled)."""
+        how = self.config.compile
+        if how == "none" or (how == "auto" and device.type != "cuda"):
+            return []
+        return self.encoder.compile_blocks()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What trains and nothing else: encoder LoRA/adapters/lambdas/stems + DFM + decoder (with BN buffers)."""
