@@ -159,6 +159,8 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmpeft-isprs`` and ``python -m mmpeft_isprs``; returns the exit status."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a redirected log at once
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # --help exits here, before torch is imported
     # overrides may also follow options (eval CONFIG --weights W key=value ...)

@@ -29,7 +29,10 @@ class TrainConfig:
         val_every: validate every N epochs (and always after the last one).
         resume: continue from ``run_dir/last.pt`` (what ``--resume`` sets).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
-        threads: torch CPU threads per process (0: torch's default, divided among local ranks).
+        threads: torch CPU threads per process (0: the cores free for this process, divided
+            among local ranks; see :mod:`mmpeft_isprs.threads`).
+        log_every: a progress line (step, loss, lr, images/s, data wait, ETA) every N steps,
+            and at least every 30 s of training, to any output (files too).
         tensorboard: also log to TensorBoard when it is installed.
         progress: show a progress bar (rank 0).
     """
@@ -54,6 +57,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "auto"
     threads: int = 0
+    log_every: int = 50
     tensorboard: bool = True
     progress: bool = True
 

@@ -33,7 +33,7 @@ BEST = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 FORMAT = "mmpeft_isprs.train/1"
 RESUMABLE_CHANGES = (  # config fields that may differ when a run is resumed
-    "train.resume", "train.epochs", "train.num_workers", "train.device", "train.threads", "train.progress",
+    "train.resume", "train.epochs", "train.num_workers", "train.device", "train.threads", "train.log_every", "train.progress",
     "train.tensorboard", "train.val_every", "train.checkpoint_every", "data.root", "data.cache", "model.checkpoint",
 )  # fmt: skip
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from .checkpoint import (
     seed_process,
 )
 from .logs import RunLog, describe_run, run_header
+from .progress import StepLog
 
 __all__ = ["Trainer", "TrainResult", "fit"]
 
@@ -61,6 +62,13 @@ def fit(cfg: ExperimentConfig, info: DistInfo, *, max_steps: int | None = None, 
     return Trainer(cfg, info, log).fit(task, data, resume=resume, max_steps=max_steps)
 
 
+def _next_timed(batches: Iterator[Any]) -> tuple[Any, float] | None:
+    """The next batch and the seconds spent waiting for it (None at the end)."""
+    t0 = time.perf_counter()
+    batch = next(batches, None)
+    return None if batch is None else (batch, time.perf_counter() - t0)
+
+
 class Trainer:
     """Runs a :class:`SegmentationTask` on an :class:`ISPRSDataModule` for ``train.epochs`` epochs."""
 
@@ -83,6 +91,7 @@ class Trainer:
                 s = self.state
                 self.log(f"resuming {self.run_dir / CHECKPOINT}: epoch {s.epoch + 1}, batch {s.batch}, step {s.step}")
         self.logs = RunLog(self.run_dir, t.tensorboard) if info.is_main else None
+        self.steps = StepLog(self.log, t.log_every, t.epochs * t.batches_per_epoch, t.batch_size)
         try:
             return self._loop(max_steps)
         finally:
@@ -115,13 +124,18 @@ class Trainer:
         bar = tqdm(total=t.batches_per_epoch, initial=s.batch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
                    disable=None if self.info.is_main and t.progress else True,  # None: off when not a terminal
                    dynamic_ncols=True, leave=False)  # fmt: skip
+        self.steps.restart()
         t0 = time.perf_counter()
-        for batch in self.data.train_loader(s.epoch, s.batch):
-            s.loss_sum += self.task.training_step(batch)
+        batches = iter(self.data.train_loader(s.epoch, s.batch))
+        while (batch := _next_timed(batches)) is not None:
+            loss = self.task.training_step(batch[0])
+            s.loss_sum += loss
             s.batch, s.step = s.batch + 1, s.step + 1
             elapsed = s.seconds + time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{s.loss_sum / s.batch:.4f}", img_s=f"{s.batch * t.batch_size / max(elapsed, 1e-9):.1f}")
+            if self.info.is_main:
+                self.steps.update(s.step, loss, batch[1], self.task.lr, f"epoch {s.epoch + 1}/{t.epochs}, batch {s.batch}/{t.batches_per_epoch}")
             done = s.batch >= t.batches_per_epoch
             stop = max_steps is not None and s.step >= max_steps and not done
             if stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0 and not done):
@@ -130,6 +144,7 @@ class Trainer:
                     bar.close()
                     return False
                 self._save()
+                self.steps.restart()
         s.seconds += time.perf_counter() - t0
         bar.close()
         return True

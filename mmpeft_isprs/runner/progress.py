@@ -1,0 +1,62 @@
+"""Progress lines that work in files and terminals alike (mmsegmentation's logger hook).
+
+Every ``train.log_every`` steps, and at least every :data:`MAX_SILENCE` seconds of training, one
+line: step, epoch and batch, mean loss since the last line, learning rate, images/s, the share of
+time spent waiting for data, and the ETA of the remaining training steps. Plain lines, so a
+redirected ``mmpeft-isprs demo > log`` shows them too (the progress bar is for terminals only).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+__all__ = ["StepLog", "MAX_SILENCE", "format_seconds"]
+
+MAX_SILENCE = 25.0  # seconds of training between two lines at most (the promise: 30)
+
+
+def format_seconds(s: float) -> str:
+    """``75`` -> ``"1m15s"``, ``3700`` -> ``"1h01m"``."""
+    s = max(0, int(round(s)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class StepLog:
+    """Accumulates steps and prints a line when due (rank 0 only).
+
+    Args:
+        log: where lines go.
+        every: a line every N steps (0: only by time).
+        total_steps: steps of the whole run (for the ETA).
+        images_per_step: images in one step over all ranks.
+        clock: the time source (a test may pass its own).
+    """
+
+    def __init__(self, log: Callable[[str], None], every: int, total_steps: int, images_per_step: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+        self.log, self.every, self.total, self.images = log, every, total_steps, images_per_step
+        self.clock = clock
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new window (after a pause: validation, checkpoints)."""
+        self.t0 = self.clock()
+        self.steps, self.loss, self.wait = 0, 0.0, 0.0
+
+    def update(self, step: int, loss: float, wait: float, lr: float, where: str) -> str | None:
+        """Count one step (``wait``: seconds spent waiting for its batch); the line when one is due."""
+        self.steps, self.loss, self.wait = self.steps + 1, self.loss + loss, self.wait + wait
+        elapsed = self.clock() - self.t0
+        due = (self.every and step % self.every == 0) or elapsed >= MAX_SILENCE or step == self.total
+        if not due:
+            return None
+        rate = self.steps / max(elapsed, 1e-9)
+        line = (f"step {step}/{self.total} ({where}): loss {self.loss / self.steps:.4f}, lr {lr:.3g}, "
+                f"{rate * self.images:.1f} img/s, data wait {100 * self.wait / max(elapsed, 1e-9):.0f}%, "
+                f"ETA {format_seconds((self.total - step) / max(rate, 1e-9))}")  # fmt: skip
+        self.log(line)
+        self.restart()
+        return line
