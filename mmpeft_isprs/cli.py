@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     p.add_argument("--bands", default=None, help="optical bands to use, e.g. 0,1,2 (for 4-band tiles)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--checkpoint", default=None, help="the SAM file the weights were trained from, if it moved")
 
     p = sub.add_parser("demo", help="optical+DSM vs optical on synthetic data (CPU)", description=DEMO_HELP)
     p.add_argument("--checkpoint", default=None, help="an official SAM file (sam_vit_b_01ec64.pth) instead of random weights")
@@ -104,13 +105,12 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .config import load_config
     from .distributed import init_distributed
-    from .evaluate import evaluate
+    from .evaluate import eval_config, evaluate
 
-    cfg = load_config(args.config, args.overrides)
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: {args.weights} not found")
+    cfg = eval_config(args.config, args.weights, args.overrides)
     evaluate(cfg, args.weights, info=init_distributed(cfg.train.device, cfg.train.threads), out_dir=args.out)
 
 
@@ -123,7 +123,8 @@ def _predict(args: argparse.Namespace) -> None:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
     except ValueError:
         raise ConfigError(f"--bands: expected comma-separated band numbers such as 0,1,2, got {args.bands!r}") from None
-    opts = PredictOptions(args.stride, args.batch_size, args.mode, args.tta_flip, args.amp, bands, progress=sys.stderr.isatty())
+    opts = PredictOptions(args.stride, args.batch_size, args.mode, args.tta_flip, args.amp, bands, progress=sys.stderr.isatty(),
+                          checkpoint=args.checkpoint)
     files = predict_files(args.weights, args.optical, args.dsm, args.out, opts, device=resolve_device(args.device))
     print(f"wrote {len(files)} files to {args.out}")
 

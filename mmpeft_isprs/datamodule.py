@@ -23,6 +23,7 @@ from .data import (
     ModalitySpec, PotsdamLayout, RandomCropDataset, SplitSpec, TileSet, VaihingenLayout,
     generate_synthetic_vaihingen, synthetic_layout,
 )
+from .data.splits import read_id_list
 from .distributed import DistInfo, barrier
 from .threads import worker_init
 
@@ -50,15 +51,34 @@ def prepare_data_root(data: DataConfig, info: DistInfo | None = None) -> None:
     barrier()
 
 
+def _config_splits(data: DataConfig) -> dict[str, list[str]] | None:
+    """Explicit split lists of the config (``data.splits``, ``data.split_files``), or None."""
+    if data.splits and data.split_files:
+        raise ConfigError("data.splits: give splits or split_files, not both")
+    if data.split_files:
+        root = Path(data.root)
+        try:
+            return {k: read_id_list(root / v) for k, v in data.split_files.items()}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"data.split_files: {exc}") from None
+    return {k: [str(i) for i in v] for k, v in data.splits.items()} or None
+
+
 def make_layout(data: DataConfig) -> Layout:
     """The file layout and splits of ``data`` (validation hold-out included)."""
-    split = SplitSpec(data.split, tuple(data.val_ids), data.val_fraction, data.val_seed)
-    if data.dataset == "vaihingen":
-        return VaihingenLayout(split=split)
-    if data.dataset == "potsdam":
-        return PotsdamLayout(split=split, bands=data.potsdam_bands)
-    if data.dataset == "mmhunan":
-        return MMHunanLayout(split=split)
+    split = SplitSpec(
+        data.split, tuple(data.val_ids), data.val_fraction, data.val_seed, data.train_ratio, data.split_seed
+    )  # fmt: skip
+    splits, files = _config_splits(data), dict(data.files) or None
+    try:
+        if data.dataset == "vaihingen":
+            return VaihingenLayout(split=split, splits=splits, files=files)
+        if data.dataset == "potsdam":
+            return PotsdamLayout(split=split, splits=splits, bands=data.potsdam_bands, files=files)
+        if data.dataset == "mmhunan":
+            return MMHunanLayout(split=split, splits=splits, files=files)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if data.dataset == "synthetic":
         return synthetic_layout(data.root, split=split)
     g = data.generic
@@ -66,6 +86,7 @@ def make_layout(data: DataConfig) -> Layout:
         modalities=tuple(ModalitySpec(n, k) for n, k in g.modalities.items()),  # type: ignore[arg-type]
         info=MMHUNAN if g.classes == "mmhunan" else ISPRS, label_format=g.label_format,
         label_dir=g.label_dir, eval_label_dir=g.eval_label_dir, folders=dict(g.folders), split=split,
+        splits=splits,
     )  # fmt: skip
 
 
@@ -140,6 +161,10 @@ class ISPRSDataModule:
         prepare_data_root(d, self.info)
         self.train_tiles = make_tileset(d, "train", labels="full")
         self.val_tiles = make_tileset(d, "val", labels=self.cfg.eval.labels) if split_ids(d, "val") else None
+        layout = make_layout(d)
+        if isinstance(layout, MMHunanLayout) and self.info.is_main:
+            counts = ", ".join(f"{len(split_ids(d, s))} {s}" for s in ("train", "val", "test"))
+            self.log(f"data: {d.dataset} split from {layout.split_source(Path(d.root))}: {counts} tiles")
         if self.val_tiles is None and self.info.is_main:
             self.log("note: no validation split (data.val_ids / data.val_fraction); best.safetensors = last epoch")
         self.train_dataset = RandomCropDataset(

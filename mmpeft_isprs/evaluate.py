@@ -3,6 +3,9 @@
 Evaluation follows the paper's protocol (:mod:`mmpeft_isprs.task.evaluation`): every tile of
 the split predicted with sliding windows, one confusion matrix summed over ranks, OA, per-class
 F1/IoU and mF1/mIoU; ISPRS tiles scored on the eroded ("noBoundary") labels.
+
+The experiment is the one saved with the weights (:func:`eval_config`): a run trained with
+overrides is evaluated with no override repeated; the command line changes only what it names.
 """
 
 from __future__ import annotations
@@ -10,12 +13,38 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .config import ExperimentConfig
+import dataclasses
+import json
+from typing import Sequence
+
+from .config import ConfigError, ExperimentConfig, load_config, upgrade_stored
 from .distributed import DistInfo
 from .runner import score_weights
-from .task import EvalResult
+from .task import EvalResult, read_weights_metadata
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "eval_config"]
+
+
+def eval_config(
+    config: str | Path | None, weights: str | Path, overrides: Sequence[str] = (), log: Callable[[str], None] = print
+) -> ExperimentConfig:
+    """The experiment to evaluate ``weights`` with: the one saved in them plus ``overrides``.
+
+    ``config`` (a YAML file or bundled name) is used only for weights that hold no experiment
+    (written by an early version). The stored ``model_preset`` is not applied again: the saved
+    ``model`` section already holds the merged values, training overrides included.
+    """
+    meta = read_weights_metadata(weights)
+    if "experiment" not in meta:
+        if config is None:
+            raise ConfigError(f"--weights {weights} holds no experiment config: give the CONFIG it was trained with")
+        return load_config(config, overrides)
+    values = upgrade_stored(json.loads(meta["experiment"]))
+    preset = values.pop("model_preset", None)
+    cfg = load_config(values, overrides)
+    if config is not None:
+        log(f"note: using the experiment saved with {weights} ({cfg.name}); {config} is not read, key=value overrides apply")
+    return dataclasses.replace(cfg, model_preset=preset)
 
 
 def evaluate(

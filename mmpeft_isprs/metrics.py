@@ -2,7 +2,9 @@
 
 OA is computed over every class (clutter included, as the authors did); F1, precision,
 recall and IoU per class; mF1 and mIoU average the ``eval_classes`` only (the 5 ISPRS classes
-without clutter, all 7 for MMHunan); Cohen's kappa over all classes. Rows of the matrix are
+without clutter, all 7 for MMHunan); Cohen's kappa over all classes. A class with no pixel in
+the ground truth and none predicted is *absent*: reported as such and left out of the means
+(as mmsegmentation does), instead of entering them as IoU 0. Rows of the matrix are
 the true class, columns the prediction. Everything returned is JSON-serialisable.
 """
 
@@ -99,9 +101,10 @@ def compute_metrics(
 
     Returns:
         ``{"OA", "mF1", "mIoU", "kappa", "pixels", "F1": {name: v}, "IoU": {...},
-        "precision": {...}, "recall": {...}, "support": {name: pixels}, "eval_classes": [names],
-        "confusion": [[...]]}``; values are floats in [0, 1]. A class never labelled nor
-        predicted gets F1 = IoU = 0 (and counts as 0 in the means if it is an eval class).
+        "precision": {...}, "recall": {...}, "support": {name: pixels}, "eval_classes": [names
+        averaged], "absent": [names], "confusion": [[...]]}``; values are floats in [0, 1]. A
+        class never labelled nor predicted is listed in ``absent`` (its per-class values read
+        0) and left out of mF1 and mIoU.
     """
     mat = (cm.mat if isinstance(cm, ConfusionMatrix) else cm).detach().to("cpu", torch.float64)
     k = mat.shape[0]
@@ -117,7 +120,8 @@ def compute_metrics(
     oa = float(div(tp.sum(), total))
     pe = float(div((true * pred).sum(), total * total))
     kappa = (oa - pe) / (1 - pe) if pe < 1 else 0.0
-    ev = list(eval_classes)
+    absent = [i for i in range(k) if true[i] == 0 and pred[i] == 0]
+    ev = [i for i in eval_classes if i not in absent] or list(eval_classes)
     named = lambda v: {class_names[i]: float(v[i]) for i in range(k)}  # noqa: E731
     return {
         "OA": oa,
@@ -131,6 +135,7 @@ def compute_metrics(
         "recall": named(recall),
         "support": {class_names[i]: int(true[i]) for i in range(k)},
         "eval_classes": [class_names[i] for i in ev],
+        "absent": [class_names[i] for i in absent],
         "confusion": mat.to(torch.int64).tolist(),
     }
 
@@ -138,13 +143,18 @@ def compute_metrics(
 def format_table(metrics: dict[str, object], class_names: Sequence[str]) -> str:
     """Plain-text table: one row per class in the given (paper) order, then the means (in %)."""
     rows = [f"{'class':<22}{'F1':>8}{'IoU':>8}{'prec':>8}{'recall':>8}"]
+    absent = list(metrics.get("absent", []))  # type: ignore[call-overload]
     for name in class_names:
+        if name in absent:
+            rows.append(f"{name:<22}  absent (no pixel labelled or predicted)")
+            continue
         cells = [metrics[key][name] * 100 for key in ("F1", "IoU", "precision", "recall")]  # type: ignore[index]
         rows.append(f"{name:<22}" + "".join(f"{c:8.2f}" for c in cells))
     rows.append(
         f"OA {metrics['OA'] * 100:.2f}  mF1 {metrics['mF1'] * 100:.2f}  "  # type: ignore[operator]
         f"mIoU {metrics['mIoU'] * 100:.2f}  kappa {metrics['kappa'] * 100:.2f}  "  # type: ignore[operator]
-        f"(means over {', '.join(metrics['eval_classes'])})"  # type: ignore[arg-type]
+        f"(means over {', '.join(metrics['eval_classes'])}"  # type: ignore[arg-type]
+        + (f"; absent, left out: {', '.join(absent)})" if absent else ")")
     )
     return "\n".join(rows)
 

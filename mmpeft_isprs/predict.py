@@ -8,7 +8,9 @@ Inputs are optical images and DSMs (files or folders, paired by name); outputs p
   ISPRS models), plus ``<stem>_colour.tif`` (georeferenced) for GeoTIFF inputs.
 
 The optical image is scaled by its dtype's maximum (uint8 / 255) and the DSM min-max scaled per
-tile, as in training (the DSM rule stored with the weights is used).
+tile, as in training (the DSM rule stored with the weights is used). The model is the one
+recorded in the weights; ``--checkpoint`` is needed only when its SAM file moved. Optical and
+DSM files pair by name or tile id (zero padding ignored); an unpaired file is named.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 
 from .config import ConfigError, ExperimentConfig
 from .data import (
-    ISPRS, MMHUNAN, DataError, DatasetInfo, dsm_tensor, is_geotiff, optical_tensor, pair_inputs,
+    ISPRS, MMHUNAN, DatasetInfo, check_sizes, dsm_tensor, is_geotiff, optical_tensor, pair_inputs,
     write_prediction,
 )
+from .data.patterns import tile_key_of_name
 from .datamodule import dsm_rule
 from .inference import model_fn, sliding_window_predict
 from .model import MFNet
@@ -50,6 +53,7 @@ class PredictOptions:
     amp: str = "none"
     bands: tuple[int, ...] | None = None
     progress: bool = False
+    checkpoint: str | None = None
 
 
 def predict_files(
@@ -59,7 +63,7 @@ def predict_files(
     """Predict every optical (+ DSM) tile and write its maps into ``out_dir``; returns the files."""
     opts = options or PredictOptions()
     device = torch.device(device)
-    model, experiment = load_trained(weights, device)
+    model, experiment = load_trained(weights, device, checkpoint=opts.checkpoint, key="--checkpoint")
     needs_dsm = len(model.modalities) > 1
     if needs_dsm and not dsm:
         raise ConfigError(f"this model uses {list(model.modalities)}: give --dsm as well")
@@ -75,9 +79,7 @@ def predict_files(
         inputs = {model.modalities[0]: optical_tensor(opt_path, bands)}
         if dsm_path is not None:
             inputs[model.modalities[1]] = dsm_tensor(dsm_path, rule)
-        shapes = {tuple(t.shape[-2:]) for t in inputs.values()}
-        if len(shapes) != 1:
-            raise DataError(f"{opt_path} and {dsm_path}: sizes differ {sorted(shapes)}")
+        check_sizes(tile_key_of_name(opt_path.stem), list(zip((opt_path, dsm_path), inputs.values())))
         scores = sliding_window_predict(
             run, inputs, model.config.num_classes, window=size, stride=min(opts.stride, size),
             batch_size=opts.batch_size, mode=opts.mode, tta_flip=opts.tta_flip, device=device,  # type: ignore[arg-type]

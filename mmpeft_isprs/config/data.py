@@ -54,7 +54,20 @@ class DataConfig:
     Attributes:
         dataset: ``vaihingen``, ``potsdam``, ``mmhunan``, ``generic`` or ``synthetic``.
         root: data folder (layouts in docs/isprs.md).
-        split: ``"paper"`` (the published runs' tiles) or ``"official"`` (ISPRS benchmark split).
+        split: Vaihingen / Potsdam preset: ``"authors"`` (the published runs' tiles; ``"paper"``
+            is its older name) or ``"official"`` (the ISPRS benchmark: Vaihingen 16 / 17,
+            Potsdam 24 / 14 tiles).
+        splits: explicit tile ids per split (``{train: [...], test: [...]}``); replaces the
+            preset, split folders and lists.
+        split_files: id list files per split (one id a line; relative to ``root``), e.g.
+            ``{train: splits/train.txt, test: splits/test.txt}``.
+        train_ratio: flat folders with no lists (MMHunan as downloaded): this fraction of the
+            tiles trains, the rest tests (0.9 = the paper's 450 / 50); recorded in the run.
+        split_seed: seed of the ``train_ratio`` draw.
+        files: file name patterns by role (``optical``, ``dsm``, ``labels``, ``eval_labels``)
+            where your copy's names differ from the archive's, e.g.
+            ``{dsm: "ndsm/dsm_potsdam_{id0}_normalized_lastools.jpg"}``; ``{id}`` is the tile
+            id, ``{id0}`` the id zero-padded (``02_10``); a list gives alternatives.
         val_ids: tiles used for model selection (taken out of training; test tiles are an error).
         val_fraction: instead of ``val_ids``, hold out this fraction of the training tiles.
         val_seed: seed of the ``val_fraction`` draw.
@@ -72,7 +85,12 @@ class DataConfig:
 
     dataset: Literal["vaihingen", "potsdam", "mmhunan", "generic", "synthetic"] = "vaihingen"
     root: str = "data/vaihingen"
-    split: Literal["paper", "official"] = "paper"
+    split: Literal["authors", "official", "paper"] = "authors"
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    split_files: dict[str, str] = field(default_factory=dict)
+    train_ratio: float = 0.9
+    split_seed: int = 0
+    files: dict[str, str | list[str]] = field(default_factory=dict)
     val_ids: list[str] = field(default_factory=list)
     val_fraction: float = 0.0
     val_seed: int = 0

@@ -7,14 +7,15 @@ A sample is a dict: ``"optical"`` float32 (3, H, W) in [0, 1], ``"dsm"`` float32
 """
 
 from .datasets import RandomCropDataset, TileDataset, item_rng, pad_sample
-from .dsm import DsmNormalisation, normalise_dsm, valid_range
-from .inputs import dsm_tensor, is_geotiff, optical_tensor, pair_inputs
+from .dsm import DataWarning, DsmNormalisation, normalise_dsm, valid_range
+from .inputs import check_sizes, dsm_tensor, is_geotiff, optical_tensor, pair_inputs
 from .io import (
     GEO_TAGS, DataError, RasterInfo, TiffWindowReader, raster_info, read_geotags, read_image,
     read_window, write_tiff,
 )
+from .generic import GenericLayout
 from .layouts import (
-    POTSDAM_SPLITS, VAIHINGEN_SPLITS, GenericLayout, Layout, MMHunanLayout, ModalitySpec,
+    POTSDAM_SPLITS, VAIHINGEN_SPLITS, Layout, MMHunanLayout, ModalitySpec,
     PotsdamLayout, SplitSpec, TileFiles, VaihingenLayout,
 )
 from .outputs import write_prediction
@@ -35,10 +36,10 @@ __all__ = [
     "read_window", "read_geotags", "write_tiff",
     "ModalitySpec", "TileFiles", "SplitSpec", "Layout", "VaihingenLayout", "PotsdamLayout",
     "MMHunanLayout", "GenericLayout", "VAIHINGEN_SPLITS", "POTSDAM_SPLITS",
-    "DsmNormalisation", "normalise_dsm", "valid_range",
+    "DsmNormalisation", "DataWarning", "normalise_dsm", "valid_range",
     "TileSet", "TileWindowReader",
     "RandomCropDataset", "TileDataset", "item_rng", "pad_sample",
     "JointFlipRotate", "Compose",
     "generate_synthetic_vaihingen", "synthetic_layout", "synthetic_splits", "SYNTHETIC_VAL_IDS",
-    "pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff", "write_prediction",
+    "pair_inputs", "check_sizes", "optical_tensor", "dsm_tensor", "is_geotiff", "write_prediction",
 ]

@@ -7,6 +7,7 @@ heights are comparable across tiles. A tile with zero range scales to zeros.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,28 +54,39 @@ def invalid_mask(dsm: np.ndarray, nodata: float | None) -> np.ndarray:
     return bad
 
 
-def valid_range(dsm: np.ndarray, cfg: DsmNormalisation, source: str) -> tuple[float, float]:
+class DataWarning(UserWarning):
+    """A data defect that was repaired (e.g. DSM no-data pixels filled); the message names the file."""
+
+
+def valid_range(
+    dsm: np.ndarray, cfg: DsmNormalisation, source: str, tile: str | None = None
+) -> tuple[float, float]:
     """(min, max) of the valid pixels of a whole DSM tile, after checking no-data.
+
+    Missing pixels under ``fill="min"`` give a :class:`DataWarning` with the file, the tile
+    and the pixel count (they are filled with the tile minimum); under ``fill="raise"`` an error.
 
     Args:
         dsm: (H, W) elevation of a whole tile.
         cfg: no-data value and policy.
         source: file name for messages.
+        tile: tile id for messages.
 
     Raises:
         DataError: no valid pixel, or missing pixels while ``cfg.fill == "raise"``.
     """
     dsm = np.asarray(dsm, dtype=np.float64)
     bad = invalid_mask(dsm, cfg.nodata)
+    where = f"{source} (tile {tile})" if tile is not None else source
     if bad.all():
-        raise DataError(f"{source}: DSM has no valid pixel (all NaN or no-data {cfg.nodata})")
-    if bad.any() and cfg.fill == "raise":
+        raise DataError(f"{where}: DSM has no valid pixel (all {bad.size} NaN or no-data {cfg.nodata})")
+    if bad.any():
         row, col = divmod(int(np.flatnonzero(bad)[0]), dsm.shape[1])
-        raise DataError(
-            f"{source}: DSM has {int(bad.sum())} NaN/no-data pixels (no-data value "
-            f"{cfg.nodata}), first at (row {row}, col {col}); use fill='min' to fill them "
-            "with the tile minimum"
-        )
+        what = f"{where}: DSM has {int(bad.sum())} NaN/no-data pixel(s) (no-data value {cfg.nodata}), first at (row {row}, col {col})"
+        if cfg.fill == "raise":
+            raise DataError(f"{what}; set data.dsm_fill=min to fill them with the tile minimum")
+        lo = float(dsm[~bad].min())
+        warnings.warn(f"{what}: filled with the tile minimum {lo:g} (data.dsm_fill=raise rejects them)", DataWarning, stacklevel=2)
     valid = dsm[~bad]
     return float(valid.min()), float(valid.max())
 
@@ -104,4 +116,4 @@ def normalise_dsm(
     return np.clip(x, 0.0, 1.0, out=x)
 
 
-__all__ = ["DsmNormalisation", "invalid_mask", "valid_range", "normalise_dsm"]
+__all__ = ["DsmNormalisation", "DataWarning", "invalid_mask", "valid_range", "normalise_dsm"]

@@ -6,7 +6,6 @@ The optical image is scaled by its dtype's maximum (uint8 / 255), the DSM by a
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -15,8 +14,9 @@ import torch
 
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
 from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
+from .patterns import tile_key_of_name
 
-__all__ = ["pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff"]
+__all__ = ["pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
 
 
 def _list_images(items: Sequence[str | Path], what: str) -> list[Path]:
@@ -35,32 +35,39 @@ def _list_images(items: Sequence[str | Path], what: str) -> list[Path]:
     return files
 
 
-def _tile_key(stem: str) -> str:
-    """The tile id in a file name: the last number group (``area5`` -> 5, ``potsdam_2_10_...`` -> 2_10)."""
-    groups = re.findall(r"\d+(?:_\d+)*", stem)
-    return groups[-1] if groups else stem
-
-
 def pair_inputs(optical: Sequence[str | Path], dsm: Sequence[str | Path]) -> list[tuple[Path, Path | None]]:
-    """Pair optical and DSM files: same file name stem, else the same tile number.
+    """Pair optical and DSM files: same file name stem, else the same tile id (the last number
+    group of the name, zero padding ignored: ``top_potsdam_2_10_RGBIR`` and
+    ``dsm_potsdam_02_10_normalized_lastools`` are tile ``2_10``).
 
     Explicit file lists of equal length are paired in order when no name matches.
-    Raises FileNotFoundError naming the unpaired files.
+    Raises FileNotFoundError naming each unpaired optical file and its tile id.
     """
     opt = _list_images(optical, "optical")
     if not dsm:
         return [(o, None) for o in opt]
     dem = _list_images(dsm, "dsm")
-    for key in (lambda p: p.stem, lambda p: _tile_key(p.stem)):
-        table = {key(d): d for d in dem}
-        if len(table) == len(dem) and all(key(o) in table for o in opt):
-            return [(o, table[key(o)]) for o in opt]
+    by_stem = {d.stem: d for d in dem}
+    if len(by_stem) == len(dem) and all(o.stem in by_stem for o in opt):
+        return [(o, by_stem[o.stem]) for o in opt]
+    by_key: dict[str, list[Path]] = {}
+    for d in dem:
+        by_key.setdefault(tile_key_of_name(d.stem), []).append(d)
+    pairs, problems = [], []
+    for o in opt:
+        key = tile_key_of_name(o.stem)
+        found = by_key.get(key, [])
+        if len(found) == 1:
+            pairs.append((o, found[0]))
+        elif found:
+            problems.append(f"{o} (tile {key}): several DSM files of this tile: {', '.join(str(d) for d in found)}")
+        else:
+            problems.append(f"{o} (tile {key}): no DSM file of tile {key} in --dsm {' '.join(str(x) for x in dsm)}")
+    if not problems:
+        return pairs
     if len(opt) == len(dem) and all(Path(x).is_file() for x in (*optical, *dsm)):
         return list(zip(opt, dem))
-    raise FileNotFoundError(
-        "cannot pair optical and DSM files by name or tile number: optical "
-        f"{[o.name for o in opt][:8]}, dsm {[d.name for d in dem][:8]}; give files in matching order"
-    )
+    raise FileNotFoundError(f"{len(problems)} optical file(s) without a DSM:\n  " + "\n  ".join(problems))
 
 
 def optical_tensor(path: Path, bands: Sequence[int] | None) -> torch.Tensor:
@@ -84,10 +91,17 @@ def dsm_tensor(path: Path, rule: DsmNormalisation) -> torch.Tensor:
     arr = read_image(path)
     if arr.ndim == 3:
         arr = arr[..., 0]
-    scaled = normalise_dsm(arr, rule, valid_range(arr, rule, str(path)))
+    scaled = normalise_dsm(arr, rule, valid_range(arr, rule, str(path), tile_key_of_name(path.stem)))
     return torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))[None]
 
 
 def is_geotiff(path: Path) -> bool:
     """True for a TIFF with georeferencing tags (outputs are then written on its grid)."""
     return path.suffix.lower() in (".tif", ".tiff") and bool(read_geotags(path))
+
+
+def check_sizes(tile: str, tensors: Sequence[tuple[Path, torch.Tensor]]) -> None:
+    """Raise DataError naming each file with its own size when the inputs of a tile differ."""
+    if len({tuple(t.shape[-2:]) for _, t in tensors}) > 1:
+        listing = ", ".join(f"{p} {t.shape[-2]}x{t.shape[-1]}" for p, t in tensors)
+        raise DataError(f"tile {tile}: sizes differ: {listing}")

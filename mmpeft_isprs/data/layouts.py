@@ -2,11 +2,11 @@
 
 A layout maps ``(root, tile_id)`` to the files of one tile (:class:`TileFiles`) and a split
 name (``"train"``, ``"val"``, ``"test"``) to tile ids. It reads no pixels; :class:`TileSet`
-does. Layouts for ISPRS Vaihingen and Potsdam, MMHunan, and :class:`GenericLayout` for a
-user's own tiles.
+does. Layouts for ISPRS Vaihingen and Potsdam and MMHunan here;
+:class:`~.generic.GenericLayout` for a user's own tiles.
 
-Splits: the paper's split by default (``SplitSpec(protocol="paper")``); the official ISPRS
-split with ``protocol="official"``. A validation split is carved out of the training tiles
+Splits: the authors' split by default (``SplitSpec(protocol="authors")``); the official ISPRS
+split with ``protocol="official"``; MMHunan's flat folders split by a seeded ratio. A validation split is carved out of the training tiles
 (``val_ids`` or a seeded ``val_fraction``) for model selection; the authors had none and picked
 the best epoch on the test set.
 """
@@ -14,15 +14,15 @@ the best epoch on the test set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES
 from .palette import ISPRS, MMHUNAN, DatasetInfo
-from .splits import POTSDAM_SPLITS, VAIHINGEN_SPLITS, list_splits
+from .patterns import merge_patterns, resolve_file, tile_key
+from .splits import POTSDAM_SPLITS, VAIHINGEN_SPLITS, list_splits, ratio_split
 
 LabelFormat = Literal["colour", "index"]
 
@@ -64,38 +64,52 @@ class SplitSpec:
     """Which tiles form train / val / test.
 
     Attributes:
-        protocol: ``"paper"`` (the published runs) or ``"official"`` (the ISPRS benchmark).
+        protocol: ``"authors"`` (the published runs; ``"paper"`` is the older name) or
+            ``"official"`` (the ISPRS benchmark) for Vaihingen and Potsdam.
         val_ids: training tiles held out for validation (ids not in the training split are
             used as extra validation tiles; ids of the test split are an error).
         val_fraction: hold out this fraction of the training tiles instead (at least one),
             chosen with ``val_seed``.
         val_seed: seed of the random hold-out.
+        train_ratio: flat folders without split lists (MMHunan as downloaded): this fraction of
+            the tiles trains, the rest tests (the paper's 450 / 50 of 500 patches: 0.9).
+        ratio_seed: seed of that split.
     """
 
-    protocol: str = "paper"
+    protocol: str = "authors"
     val_ids: tuple[str, ...] = ()
     val_fraction: float = 0.0
     val_seed: int = 0
+    train_ratio: float = 0.9
+    ratio_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.val_ids and self.val_fraction:
             raise ValueError("SplitSpec: give val_ids or val_fraction, not both")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"SplitSpec: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ValueError(f"SplitSpec: train_ratio must be in (0, 1), got {self.train_ratio}")
         object.__setattr__(self, "val_ids", tuple(str(i) for i in self.val_ids))
+
+
+FilePatterns = Mapping[str, "str | Sequence[str]"]
 
 
 class Layout(ABC):
     """Base class: file patterns and splits of a data set.
 
-    Subclasses set ``info``, ``modalities``, ``label_format`` and implement
-    :meth:`tile_files` and :meth:`base_splits`.
+    Subclasses set ``info``, ``modalities``, ``label_format`` and ``patterns`` (role ->
+    patterns, see :mod:`.patterns`; roles are the modality names, ``labels`` and
+    ``eval_labels``) and implement :meth:`base_splits`. ``files`` replaces patterns by role
+    (``data.files`` in the config) for copies whose names differ from the archive's.
     """
 
     info: DatasetInfo
     modalities: tuple[ModalitySpec, ...]
     label_format: LabelFormat
     colour_tolerance: int = 0
+    patterns: dict[str, tuple[str, ...]] = {}
 
     def __init__(
         self, split: SplitSpec | None = None, splits: Mapping[str, Sequence[str]] | None = None
@@ -103,14 +117,21 @@ class Layout(ABC):
         self.split = split or SplitSpec()
         self._splits = {k: [str(i) for i in v] for k, v in splits.items()} if splits else None
 
+    def _set_patterns(self, defaults: dict[str, tuple[str, ...]], files: FilePatterns | None) -> None:
+        self.patterns = merge_patterns(defaults, files)
+
     @property
     def has_eval_labels(self) -> bool:
         """True when the data set ships separate (eroded) labels for scoring."""
-        return False
+        return "eval_labels" in self.patterns
 
-    @abstractmethod
     def tile_files(self, root: Path, tile_id: str) -> TileFiles:
         """Paths of the files of tile ``tile_id`` under ``root`` (they need not exist)."""
+        base, stem = _split_tile(Path(root), tile_id)
+        p = self.patterns
+        evals = resolve_file(base, p["eval_labels"], stem) if "eval_labels" in p else None
+        inputs = {m.name: resolve_file(base, p[m.name], stem) for m in self.modalities}
+        return TileFiles(tile_id, inputs, resolve_file(base, p["labels"], stem), evals)
 
     @abstractmethod
     def base_splits(self, root: Path) -> dict[str, list[str]]:
@@ -125,11 +146,12 @@ class Layout(ABC):
         base = self._splits if self._splits is not None else self.base_splits(Path(root))
         train = list(base.get("train", []))
         val = self._val_ids(train, base)
-        test = set(base.get("test", []))
-        leak = sorted(set(val) & test)
+        test = {tile_key(i) for i in base.get("test", [])}
+        leak = sorted(i for i in val if tile_key(i) in test)
         if leak:
             raise ValueError(f"validation tiles {leak} are in the test split")
-        splits = {**base, "train": [i for i in train if i not in set(val)], "val": val}
+        held = {tile_key(i) for i in val}
+        splits = {**base, "train": [i for i in train if tile_key(i) not in held], "val": val}
         if split not in splits:
             raise ValueError(f"unknown split {split!r}; available: {sorted(splits)}")
         if not splits[split] and split != "val":
@@ -156,12 +178,48 @@ class Layout(ABC):
         return {k: list(v) for k, v in table[self.split.protocol].items()}
 
 
+VAIHINGEN_FILES = {
+    "optical": ("top/top_mosaic_09cm_area{id}.tif",),
+    "dsm": ("dsm/dsm_09cm_matching_area{id}.tif",),
+    "labels": (
+        "gts_for_participants/top_mosaic_09cm_area{id}.tif",
+        "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE/top_mosaic_09cm_area{id}.tif",
+    ),
+    "eval_labels": (
+        "gts_eroded_for_participants/top_mosaic_09cm_area{id}_noBoundary.tif",
+        "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE/top_mosaic_09cm_area{id}_noBoundary.tif",
+    ),
+}
+"""Vaihingen's file names as in the archives (labels: participants' folder, else the complete ground truth)."""
+
+POTSDAM_FILES = {
+    "optical": ("4_Ortho_RGBIR/top_potsdam_{id}_RGBIR.tif",),
+    "dsm": ("1_DSM_normalisation/dsm_potsdam_{id0}_normalized_lastools.jpg",),
+    "labels": ("5_Labels_for_participants/top_potsdam_{id}_label.tif", "5_Labels_all/top_potsdam_{id}_label.tif"),
+    "eval_labels": (
+        "5_Labels_for_participants_no_Boundary/top_potsdam_{id}_label_noBoundary.tif",
+        "5_Labels_all_noBoundary/top_potsdam_{id}_label_noBoundary.tif",
+    ),
+}
+"""Potsdam's file names as in the archive: the nDSM's tile numbers are zero-padded (``02_10``)."""
+
+MMHUNAN_FILES = {
+    "optical": ("images_png/{id}.png",), "dsm": ("dsm_pngs/{id}.png",), "labels": ("masks_png/{id}.tif",),
+}
+"""MMHunan's three flat folders."""
+
+
+def _keyed(table: Mapping[str, tuple[str, ...]], optical: str, dsm: str) -> dict[str, tuple[str, ...]]:
+    names = {"optical": optical, "dsm": dsm}
+    return {names.get(k, k): v for k, v in table.items()}
+
+
 class VaihingenLayout(Layout):
     """ISPRS Vaihingen: IRRG ``top`` tiles, float DSM, colour labels (full and eroded).
 
-    Files under ``root``: ``top/top_mosaic_09cm_area{id}.tif``,
-    ``dsm/dsm_09cm_matching_area{id}.tif``, ``gts_for_participants/top_mosaic_09cm_area{id}.tif``,
-    ``gts_eroded_for_participants/top_mosaic_09cm_area{id}_noBoundary.tif``.
+    Files under ``root``: :data:`VAIHINGEN_FILES` (``top/top_mosaic_09cm_area{id}.tif``,
+    ``dsm/dsm_09cm_matching_area{id}.tif``, ``gts_for_participants/...``,
+    ``gts_eroded_for_participants/..._noBoundary.tif``); ``files`` replaces any of them.
     """
 
     info = ISPRS
@@ -173,27 +231,11 @@ class VaihingenLayout(Layout):
         splits: Mapping[str, Sequence[str]] | None = None,
         optical_key: str = "optical",
         dsm_key: str = "dsm",
+        files: FilePatterns | None = None,
     ) -> None:
         super().__init__(split, splits)
         self.modalities = (ModalitySpec(optical_key), ModalitySpec(dsm_key, "elevation"))
-
-    @property
-    def has_eval_labels(self) -> bool:
-        return True
-
-    def tile_files(self, root: Path, tile_id: str) -> TileFiles:
-        root = Path(root)
-        optical, dsm = (m.name for m in self.modalities)
-        return TileFiles(
-            tile_id=tile_id,
-            inputs={
-                optical: root / "top" / f"top_mosaic_09cm_area{tile_id}.tif",
-                dsm: root / "dsm" / f"dsm_09cm_matching_area{tile_id}.tif",
-            },
-            labels=root / "gts_for_participants" / f"top_mosaic_09cm_area{tile_id}.tif",
-            eval_labels=root / "gts_eroded_for_participants"
-            / f"top_mosaic_09cm_area{tile_id}_noBoundary.tif",
-        )
+        self._set_patterns(_keyed(VAIHINGEN_FILES, optical_key, dsm_key), files)
 
     def base_splits(self, root: Path) -> dict[str, list[str]]:
         return self._protocol(VAIHINGEN_SPLITS)
@@ -202,11 +244,11 @@ class VaihingenLayout(Layout):
 class PotsdamLayout(Layout):
     """ISPRS Potsdam: RGB or IRRG from the RGBIR tiles, 8-bit nDSM JPEG, colour labels.
 
-    Files under ``root``: ``4_Ortho_RGBIR/top_potsdam_{id}_RGBIR.tif``,
-    ``1_DSM_normalisation/dsm_potsdam_{id}_normalized_lastools.jpg``,
-    ``5_Labels_for_participants/top_potsdam_{id}_label.tif``,
-    ``5_Labels_for_participants_no_Boundary/top_potsdam_{id}_label_noBoundary.tif``.
-    ``colour_tolerance`` snaps near-palette label colours (0 = exact colours only).
+    Files under ``root``: :data:`POTSDAM_FILES` (``4_Ortho_RGBIR/top_potsdam_{id}_RGBIR.tif``,
+    ``1_DSM_normalisation/dsm_potsdam_{id0}_normalized_lastools.jpg`` with zero-padded numbers,
+    labels in ``5_Labels_for_participants`` or ``5_Labels_all`` and their ``noBoundary``
+    folders); ``files`` replaces any of them. ``colour_tolerance`` snaps near-palette label
+    colours (0 = exact colours only).
     """
 
     info = ISPRS
@@ -221,6 +263,7 @@ class PotsdamLayout(Layout):
         optical_key: str = "optical",
         dsm_key: str = "dsm",
         colour_tolerance: int = 0,
+        files: FilePatterns | None = None,
     ) -> None:
         super().__init__(split, splits)
         if bands not in self.BANDS:
@@ -230,37 +273,10 @@ class PotsdamLayout(Layout):
             ModalitySpec(dsm_key, "elevation", (0,)),
         )
         self.colour_tolerance = int(colour_tolerance)
-
-    @property
-    def has_eval_labels(self) -> bool:
-        return True
-
-    def tile_files(self, root: Path, tile_id: str) -> TileFiles:
-        root = Path(root)
-        optical, dsm = (m.name for m in self.modalities)
-        return TileFiles(
-            tile_id=tile_id,
-            inputs={
-                optical: root / "4_Ortho_RGBIR" / f"top_potsdam_{tile_id}_RGBIR.tif",
-                dsm: root / "1_DSM_normalisation"
-                / f"dsm_potsdam_{tile_id}_normalized_lastools.jpg",
-            },
-            labels=root / "5_Labels_for_participants" / f"top_potsdam_{tile_id}_label.tif",
-            eval_labels=root / "5_Labels_for_participants_no_Boundary"
-            / f"top_potsdam_{tile_id}_label_noBoundary.tif",
-        )
+        self._set_patterns(_keyed(POTSDAM_FILES, optical_key, dsm_key), files)
 
     def base_splits(self, root: Path) -> dict[str, list[str]]:
         return self._protocol(POTSDAM_SPLITS)
-
-
-def _find(folder: Path, stem: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path:
-    """``folder/stem.<suffix>`` for the first suffix that exists (else the first suffix)."""
-    for suffix in suffixes:
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return folder / f"{stem}{suffixes[0]}"
 
 
 def _split_tile(root: Path, tile_id: str) -> tuple[Path, str]:
@@ -274,10 +290,12 @@ def _split_tile(root: Path, tile_id: str) -> tuple[Path, str]:
 class MMHunanLayout(Layout):
     """MMHunan: 256x256 PNG patches, PNG DSM, index labels (``-1`` = ignore), 7 classes.
 
-    Files: ``images_png/{id}.png``, ``dsm_pngs/{id}.png``, ``masks_png/{id}.tif``, either
-    directly under ``root`` with id lists ``root/splits/{split}.txt`` (or ``root/{split}.txt``),
-    or under split folders ``root/{split}/...`` (ids then read ``"{split}/{stem}"``), or with
-    ``splits={...}`` given. No separate eroded labels: scoring uses the same masks.
+    Files: :data:`MMHUNAN_FILES` (``images_png/{id}.png``, ``dsm_pngs/{id}.png``,
+    ``masks_png/{id}.tif``). Splits, first that applies: ``splits={...}`` (the config's
+    ``data.splits`` or ``data.split_files``); split folders ``root/{split}/images_png`` (ids
+    then read ``"{split}/{stem}"``); lists ``root/splits/{split}.txt`` or ``root/{split}.txt``;
+    else the flat folders as downloaded, split at random: ``split.train_ratio`` (0.9: the
+    paper's 450 / 50) seeded by ``split.ratio_seed``. No eroded labels: scoring uses the masks.
     """
 
     info = MMHUNAN
@@ -289,91 +307,46 @@ class MMHunanLayout(Layout):
         splits: Mapping[str, Sequence[str]] | None = None,
         optical_key: str = "optical",
         dsm_key: str = "dsm",
+        files: FilePatterns | None = None,
     ) -> None:
         super().__init__(split, splits)
         self.modalities = (ModalitySpec(optical_key), ModalitySpec(dsm_key, "elevation", (0,)))
+        self._set_patterns(_keyed(MMHUNAN_FILES, optical_key, dsm_key), files)
 
-    def tile_files(self, root: Path, tile_id: str) -> TileFiles:
-        base, stem = _split_tile(Path(root), tile_id)
-        optical, dsm = (m.name for m in self.modalities)
-        return TileFiles(
-            tile_id=tile_id,
-            inputs={
-                optical: base / "images_png" / f"{stem}.png",
-                dsm: base / "dsm_pngs" / f"{stem}.png",
-            },
-            labels=base / "masks_png" / f"{stem}.tif",
-            eval_labels=None,
-        )
+    def flat_ids(self, root: Path) -> list[str]:
+        """Ids of every patch in the flat optical folder (empty when there is none)."""
+        pattern = self.patterns[self.modalities[0].name][0]
+        folder, _, name = pattern.rpartition("/")
+        head, _, tail = name.partition("{id}")
+        path = Path(root) / folder
+        if not path.is_dir():
+            return []
+        names = (p.name for p in path.iterdir() if p.is_file())
+        return sorted(n[len(head) : len(n) - len(tail)] for n in names if n.startswith(head) and n.endswith(tail))
 
-    def base_splits(self, root: Path) -> dict[str, list[str]]:
-        return list_splits(Path(root), "images_png", ("train", "val", "test"))
-
-
-@dataclass
-class GenericLayout(Layout):
-    """Your own tiles: one folder per modality plus a label folder, files sharing a stem.
-
-    ``root/<folder of each modality>/<stem>.<tif|tiff|png|jpg|jpeg>`` and
-    ``root/<label_dir>/<stem>.<ext>`` (optionally ``root/<eval_label_dir>/<stem>.<ext>`` with
-    eroded labels for scoring). Any number of modalities; labels as class indices
-    (``label_format="index"``, values in ``info.ignore_values`` ignored) or colours
-    (``"colour"``, ``info.palette``). Splits: ``splits={...}``, or folders
-    ``root/<split>/<folder>/...``, or lists ``root/splits/<split>.txt`` / ``root/<split>.txt``.
-
-    Example::
-
-        GenericLayout(
-            modalities=(ModalitySpec("optical"), ModalitySpec("dsm", "elevation"),
-                        ModalitySpec("sar")),
-            info=ISPRS, label_format="colour", label_dir="labels",
-        )
-
-    Attributes:
-        modalities: the inputs; each is read from the folder ``folders.get(name, name)``.
-        info: classes, palette, ignore values.
-        label_format: ``"index"`` or ``"colour"``.
-        label_dir: folder of the training labels.
-        eval_label_dir: folder of eroded labels for scoring (``None``: score on label_dir).
-        folders: modality name -> folder name, where they differ.
-        colour_tolerance: snap near-palette colours (colour labels only).
-    """
-
-    modalities: tuple[ModalitySpec, ...] = (ModalitySpec("optical"), ModalitySpec("dsm", "elevation"))
-    info: DatasetInfo = ISPRS
-    label_format: LabelFormat = "index"
-    label_dir: str = "labels"
-    eval_label_dir: str | None = None
-    folders: dict[str, str] = field(default_factory=dict)
-    colour_tolerance: int = 0
-    split: SplitSpec = field(default_factory=SplitSpec)
-    splits: dict[str, list[str]] | None = None
-
-    def __post_init__(self) -> None:
-        names = [m.name for m in self.modalities]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"GenericLayout: modality names must be distinct and non-empty: {names}")
-        if self.label_format not in ("index", "colour"):
-            raise ValueError("GenericLayout: label_format must be 'index' or 'colour'")
-        Layout.__init__(self, self.split, self.splits)
-
-    @property
-    def has_eval_labels(self) -> bool:
-        return self.eval_label_dir is not None
-
-    def tile_files(self, root: Path, tile_id: str) -> TileFiles:
-        base, stem = _split_tile(Path(root), tile_id)
-        inputs = {m.name: _find(base / self.folders.get(m.name, m.name), stem) for m in self.modalities}
-        labels = _find(base / self.label_dir, stem)
-        evals = _find(base / self.eval_label_dir, stem) if self.eval_label_dir else None
-        return TileFiles(tile_id, inputs, labels, evals)
+    def split_source(self, root: Path) -> str:
+        """Where the splits come from, for the run's log."""
+        if self._splits is not None:
+            return "the config's split lists"
+        try:
+            list_splits(Path(root), "images_png", ("train", "val", "test"))
+            return f"split folders or lists under {root}"
+        except ValueError:
+            s = self.split
+            return f"seeded ratio {s.train_ratio} (data.train_ratio, seed data.split_seed={s.ratio_seed})"
 
     def base_splits(self, root: Path) -> dict[str, list[str]]:
-        first = self.modalities[0].name
-        return list_splits(Path(root), self.folders.get(first, first), ("train", "val", "test"))
+        try:
+            return list_splits(Path(root), "images_png", ("train", "val", "test"))
+        except ValueError:
+            ids = self.flat_ids(root)
+            if not ids:
+                raise
+            return ratio_split(ids, self.split.train_ratio, self.split.ratio_seed)
 
 
 __all__ = [
     "ModalitySpec", "TileFiles", "SplitSpec", "Layout", "VaihingenLayout", "PotsdamLayout",
-    "MMHunanLayout", "GenericLayout", "VAIHINGEN_SPLITS", "POTSDAM_SPLITS",
+    "MMHunanLayout", "VAIHINGEN_SPLITS", "POTSDAM_SPLITS", "VAIHINGEN_FILES",
+    "POTSDAM_FILES", "MMHUNAN_FILES",
 ]

@@ -35,8 +35,8 @@ from .scenes import boundary_mask, render_scene
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic_manifest.json"
 SYNTHETIC_VAL_IDS: tuple[str, ...] = ("9", "18", "19")
-_TRAIN = VAIHINGEN_SPLITS["paper"]["train"]
-_TEST = VAIHINGEN_SPLITS["paper"]["test"]
+_TRAIN = VAIHINGEN_SPLITS["authors"]["train"]
+_TEST = VAIHINGEN_SPLITS["authors"]["test"]
 DEFAULT_NUM_TILES = len(_TRAIN) + len(_TEST) + len(SYNTHETIC_VAL_IDS)  # 19
 GSD = 0.09  # metres per pixel, written into the GeoTIFF tags
 

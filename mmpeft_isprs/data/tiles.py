@@ -179,7 +179,7 @@ class TileSet:
             for m in self.modalities:
                 if m.kind == "elevation":
                     raw = self._select(m, read_image(f.inputs[m.name]), f.inputs[m.name])
-                    tile.dsm_range[m.name] = valid_range(raw, self.dsm_rule(m.name), str(f.inputs[m.name]))
+                    tile.dsm_range[m.name] = valid_range(raw, self.dsm_rule(m.name), str(f.inputs[m.name]), f.tile_id)
         return tile
 
     def _check_bands(self, m: ModalitySpec, path: Path, channels: int) -> None:
@@ -197,7 +197,7 @@ class TileSet:
             raw = self._select(m, read_image(path), path)
             if m.kind == "elevation":
                 rule = self.dsm_rule(m.name)
-                tile.dsm_range[m.name] = valid_range(raw, rule, str(path))
+                tile.dsm_range[m.name] = valid_range(raw, rule, str(path), tile.files.tile_id)
                 raw = normalise_dsm(raw, rule, tile.dsm_range[m.name])
             out[m.name] = raw
         if tile.label_path is not None:

@@ -38,17 +38,34 @@ def read_weights_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_trained(path: str | Path, device: torch.device | str = "cpu", checkpoint: str | None = None) -> tuple[MFNet, ExperimentConfig | None]:
+def load_trained(
+    path: str | Path, device: torch.device | str = "cpu", checkpoint: str | None = None, key: str = "model.checkpoint"
+) -> tuple[MFNet, ExperimentConfig | None]:
     """Rebuild a trained MFNet (and the experiment it came from) from its safetensors file.
 
-    The frozen encoder comes from the SAM checkpoint named in the weights (or ``checkpoint``).
-    Without one it was random at training time; it is rebuilt from the stored ``init_seed``,
-    so the same frozen weights come back (same torch build).
+    The model is the one recorded in the weights. Its frozen encoder comes from the SAM
+    checkpoint it was trained from: the path recorded in the weights, or ``checkpoint`` when
+    given (the file moved); a path is needed only then. Weights trained on a random encoder
+    ignore ``checkpoint`` and rebuild that encoder from the stored ``init_seed`` (same torch build).
+
+    Args:
+        key: how the user sets the SAM path (``model.checkpoint`` for ``eval``, ``--checkpoint``
+            for ``predict``), named in the error when the file is missing.
+
+    Raises:
+        FileNotFoundError: the weights need a SAM checkpoint and it is not found.
     """
     meta = read_weights_metadata(path)
+    needed = json.loads(meta["config"]).get("checkpoint") if "config" in meta else None
+    sam = (checkpoint or needed) if needed else None
+    if sam and not Path(sam).is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint {sam} not found: {path} was trained from {Path(str(needed)).name} (its frozen encoder is "
+            f"not stored in the weights); set {key}=/path/to/{Path(str(needed)).name}"
+        )
     seed = meta.get("init_seed")
     if seed is not None:
         torch.manual_seed(int(seed))
-    model = load_mfnet(path, checkpoint=checkpoint)
+    model = load_mfnet(path, checkpoint=sam)
     experiment = config_from_dict(upgrade_stored(json.loads(meta["experiment"]))) if "experiment" in meta else None
     return model.to(device).eval(), experiment

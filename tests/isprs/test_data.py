@@ -218,7 +218,7 @@ def test_vaihingen_splits_paper_official_and_validation(tmp_path):
         VaihingenLayout(SplitSpec(protocol="nope")).split_ids("train", tmp_path)
     assert PotsdamLayout(SplitSpec(protocol="official")).split_ids("test", tmp_path)[-1] == "7_13"
     f = PotsdamLayout().tile_files(tmp_path, "2_10")
-    assert f.inputs["dsm"].name == "dsm_potsdam_2_10_normalized_lastools.jpg"
+    assert f.inputs["dsm"].name == "dsm_potsdam_02_10_normalized_lastools.jpg"
     assert f.eval_labels.name == "top_potsdam_2_10_label_noBoundary.tif"
 
 

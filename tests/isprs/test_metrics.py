@@ -57,12 +57,22 @@ def test_metrics_equal_hand_computed_values():
     assert json.loads(json.dumps(m)) == m
 
 
-def test_absent_class_scores_zero_and_perfect_prediction():
+def test_absent_class_left_out_of_the_means_and_perfect_prediction():
     cm = ConfusionMatrix(3)
     cm.update(torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]))
     m = compute_metrics(cm, NAMES, eval_classes=(0, 1, 2))
-    assert m["OA"] == 1.0 and m["F1"]["c"] == 0.0 and m["mIoU"] == pytest.approx(2 / 3)
+    # class c: no pixel labelled, none predicted -> absent, not an IoU of 0 in the mean
+    assert m["OA"] == 1.0 and m["absent"] == ["c"] and m["eval_classes"] == ["a", "b"]
+    assert m["mIoU"] == pytest.approx(1.0) and m["mF1"] == pytest.approx(1.0)
     assert m["kappa"] == pytest.approx(1.0)
+    table = format_table(m, NAMES)
+    assert "\nc" + " " * 23 + "absent (no pixel labelled or predicted)\n" in table
+    assert table.splitlines()[-1].endswith("(means over a, b; absent, left out: c)")
+    # labelled but never predicted is not absent: IoU 0 enters the mean
+    cm2 = ConfusionMatrix(3)
+    cm2.update(torch.tensor([0, 0, 0]), torch.tensor([0, 0, 2]))
+    m2 = compute_metrics(cm2, NAMES, eval_classes=(0, 1, 2))
+    assert m2["absent"] == ["b"] and m2["mIoU"] == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_merge_and_all_reduce_hooks():

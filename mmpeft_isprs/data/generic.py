@@ -1,0 +1,86 @@
+"""Your own tiles: :class:`GenericLayout` (one folder per modality plus labels, files sharing a stem)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .io import IMAGE_SUFFIXES
+from .layouts import LabelFormat, Layout, ModalitySpec, SplitSpec, TileFiles, _split_tile
+from .palette import ISPRS, DatasetInfo
+from .splits import list_splits
+
+__all__ = ["GenericLayout"]
+
+
+def _find(folder: Path, stem: str, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> Path:
+    """``folder/stem.<suffix>`` for the first suffix that exists (else the first suffix)."""
+    for suffix in suffixes:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return folder / f"{stem}{suffixes[0]}"
+
+
+@dataclass
+class GenericLayout(Layout):
+    """Your own tiles: one folder per modality plus a label folder, files sharing a stem.
+
+    ``root/<folder of each modality>/<stem>.<tif|tiff|png|jpg|jpeg>`` and
+    ``root/<label_dir>/<stem>.<ext>`` (optionally ``root/<eval_label_dir>/<stem>.<ext>`` with
+    eroded labels for scoring). Any number of modalities; labels as class indices
+    (``label_format="index"``, values in ``info.ignore_values`` ignored) or colours
+    (``"colour"``, ``info.palette``). Splits: ``splits={...}``, or folders
+    ``root/<split>/<folder>/...``, or lists ``root/splits/<split>.txt`` / ``root/<split>.txt``.
+
+    Example::
+
+        GenericLayout(
+            modalities=(ModalitySpec("optical"), ModalitySpec("dsm", "elevation"),
+                        ModalitySpec("sar")),
+            info=ISPRS, label_format="colour", label_dir="labels",
+        )
+
+    Attributes:
+        modalities: the inputs; each is read from the folder ``folders.get(name, name)``.
+        info: classes, palette, ignore values.
+        label_format: ``"index"`` or ``"colour"``.
+        label_dir: folder of the training labels.
+        eval_label_dir: folder of eroded labels for scoring (``None``: score on label_dir).
+        folders: modality name -> folder name, where they differ.
+        colour_tolerance: snap near-palette colours (colour labels only).
+    """
+
+    modalities: tuple[ModalitySpec, ...] = (ModalitySpec("optical"), ModalitySpec("dsm", "elevation"))
+    info: DatasetInfo = ISPRS
+    label_format: LabelFormat = "index"
+    label_dir: str = "labels"
+    eval_label_dir: str | None = None
+    folders: dict[str, str] = field(default_factory=dict)
+    colour_tolerance: int = 0
+    split: SplitSpec = field(default_factory=SplitSpec)
+    splits: dict[str, list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.modalities]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"GenericLayout: modality names must be distinct and non-empty: {names}")
+        if self.label_format not in ("index", "colour"):
+            raise ValueError("GenericLayout: label_format must be 'index' or 'colour'")
+        Layout.__init__(self, self.split, self.splits)
+
+    @property
+    def has_eval_labels(self) -> bool:
+        return self.eval_label_dir is not None
+
+    def tile_files(self, root: Path, tile_id: str) -> TileFiles:
+        base, stem = _split_tile(Path(root), tile_id)
+        inputs = {m.name: _find(base / self.folders.get(m.name, m.name), stem) for m in self.modalities}
+        labels = _find(base / self.label_dir, stem)
+        evals = _find(base / self.eval_label_dir, stem) if self.eval_label_dir else None
+        return TileFiles(tile_id, inputs, labels, evals)
+
+    def base_splits(self, root: Path) -> dict[str, list[str]]:
+        first = self.modalities[0].name
+        return list_splits(Path(root), self.folders.get(first, first), ("train", "val", "test"))
