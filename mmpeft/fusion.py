@@ -15,6 +15,18 @@ Registered rules:
   For M = 2 this is exactly eqs. (5)-(6) and (9)-(10) of MFNet. For M = 1 there is nothing to mix,
   so the rule creates no parameter and acts as ``"none"``.
 - ``"matrix"``: a learnable M x M mixing matrix, initialised to the ``"scalar"`` rule's matrix.
+
+Missing modalities (docs/missing_modalities.md). With only a subset ``S`` of the modalities present
+(for the whole batch, or per sample through a presence mask), a linear rule with matrix ``W`` mixes
+with ``W^S`` (:func:`presence_weights`): the weight ``W[m, j]`` of every absent ``j`` is shared
+equally among the present *other* modalities of ``m``, or goes to ``m`` itself when ``m`` is alone::
+
+    W^S[m, k] = W[m, k] + [k != m] * A_m / (|S| - 1)     (|S| > 1),   A_m = sum_{j not in S} W[m, j]
+    W^S[m, m] = W[m, m] + A_m                            (|S| = 1)
+    W^S[m, k] = 0                                        (m or k not in S)
+
+Row sums are preserved. For ``"scalar"`` this is ``lambda_m d_m + (1 - lambda_m) mean_{k in S, k != m} d_k``
+and, alone, ``d_m``; for ``"none"`` the identity. An absent sample's update is zero (row ``m``).
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ __all__ = [
     "FUSION_RULES",
     "build_fusion",
     "register_fusion",
+    "presence_weights",
+    "apply_mixing",
 ]
 
 
@@ -51,6 +65,31 @@ class Fusion(nn.Module):
     def mixing_matrix(self) -> torch.Tensor:
         """The (M, M) matrix W with ``out_m = sum_k W[m, k] * d_k``."""
         raise NotImplementedError
+
+    def present_weights(self, present: Sequence[int] | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixing weights when only some modalities are present (:func:`presence_weights`).
+
+        present: indices (in ``self.modalities``) of the modalities in the batch, ``S`` of them
+        (None: all); mask: optional (S, B) per-sample presence of those modalities.
+        Returns (S, S) without a mask, else (B, S, S) (one matrix per sample).
+        """
+        if not self.linear:
+            raise NotImplementedError(
+                f"fusion rule {type(self).__name__} is not linear; it must override present_weights to "
+                "define what happens when modalities are absent"
+            )
+        m = len(self.modalities)
+        idx = list(range(m)) if present is None else list(present)
+        w = self.mixing_matrix()
+        dev = w.device if mask is None else mask.device
+        w = w.to(dev)
+        if mask is None:
+            p = torch.zeros(m, device=dev, dtype=w.dtype)
+            p[idx] = 1.0
+            return presence_weights(w, p)[idx][:, idx]
+        p = torch.zeros(mask.shape[1], m, device=dev, dtype=w.dtype)  # (B, M)
+        p[:, idx] = mask.t().to(w.dtype)
+        return presence_weights(w, p)[:, idx][:, :, idx]
 
     def _check_updates(self, d: torch.Tensor) -> int:
         """M, after checking that ``d`` holds one update per modality on dim 0."""
@@ -168,8 +207,36 @@ def build_fusion(
     return FUSION_RULES[rule](modalities, init=init, device=device)
 
 
+def presence_weights(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The mixing matrix ``w`` (M, M) restricted to the present modalities ``p`` (..., M) in {0, 1}.
+
+    Returns (..., M, M): ``W^S`` of the module docstring (absent weight shared equally among the
+    present other modalities, onto the diagonal when alone; rows and columns of absent modalities zero).
+    """
+    m = w.shape[0]
+    eye = torch.eye(m, device=w.device, dtype=w.dtype)
+    absent = (w * (1.0 - p)[..., None, :]).sum(-1)  # (..., M): A_m = sum_{j absent} W[m, j]
+    others = p.sum(-1, keepdim=True) - p  # (..., M): present modalities other than m
+    share = torch.where(others > 0, 1.0 / others.clamp(min=1.0), torch.zeros_like(others))  # (..., M)
+    alone = (others == 0).to(w.dtype)  # (..., M)
+    add = absent[..., :, None] * (share[..., :, None] * (1.0 - eye) * p[..., None, :] + alone[..., :, None] * eye)
+    return (w + add) * p[..., :, None] * p[..., None, :]
+
+
+def apply_mixing(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Mix stacked updates d: (S, B', ...) with w: (S, S), or per sample with w: (B, S, S) (B' a
+    multiple of B, each sample's rows contiguous: windows are batch-major)."""
+    s = d.shape[0]
+    w = w.to(d.dtype)
+    if w.dim() == 2:
+        return (w @ d.reshape(s, -1)).reshape(d.shape)
+    dv = d.reshape(s, w.shape[0], -1)  # (S, B, rest)
+    return torch.einsum("bmk,kbr->mbr", w, dv).reshape(d.shape)
+
+
 def lowrank_mix(
-    fusion: Fusion, h: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, inplace: bool = False
+    fusion: Fusion, h: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, inplace: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base_m + fusion(h @ b^T)_m``: per-modality low-rank products, mixed across modalities.
 
@@ -180,19 +247,30 @@ def lowrank_mix(
     (M, T, out) products and their mixing temporaries never exist; the identity rule accumulates
     ``h_m b_m^T`` straight into the base; a non-linear rule gets the full products.
     ``inplace`` accumulates into ``base`` (safe when autograd does not need ``base`` itself).
+    ``weights``: the mixing weights when modalities are missing (:meth:`Fusion.present_weights`):
+    (M, M) replaces the rule's matrix, (B, M, M) mixes each sample with its own matrix.
     """
     m, t, k = h.shape
     n_out = b.shape[1]
     bt = b.transpose(1, 2)
+    if weights is not None and weights.dim() == 3 and not fusion.mixes:
+        keep = weights.diagonal(dim1=1, dim2=2).t().to(h.dtype)  # (M, B): an absent sample's update is zero
+        h = (h.view(m, keep.shape[1], -1, k) * keep[:, :, None, None]).view(m, t, k)
     if not fusion.mixes:
         if base is None:
             return torch.bmm(h, bt)
         return base.baddbmm_(h, bt) if inplace else torch.baddbmm(base, h, bt)
     if not fusion.linear:
-        d = fusion(torch.bmm(h, bt))
+        d = torch.bmm(h, bt)
+        d = fusion(d) if weights is None else apply_mixing(weights, d)
         return d if base is None else base + d.to(base.dtype)
-    w = fusion.mixing_matrix().to(h.dtype)  # (M, M)
-    g = (w[:, :, None, None] * h[None]).permute(0, 2, 1, 3).reshape(m * t, m * k)  # (M*T, M*K)
+    if weights is not None and weights.dim() == 3:  # per sample: g[m, b, t, (k, K)] = W_b[m, k] h[k, b, t]
+        wb = weights.to(h.dtype).permute(1, 0, 2)[:, :, None, :, None]  # (M, B, 1, M, 1)
+        hb = h.view(m, weights.shape[0], -1, k).permute(1, 2, 0, 3)  # (B, T/B, M, K)
+        g = (wb * hb[None]).reshape(m * t, m * k)  # (M*T, M*K)
+    else:
+        w = (fusion.mixing_matrix() if weights is None else weights).to(h.dtype)  # (M, M)
+        g = (w[:, :, None, None] * h[None]).permute(0, 2, 1, 3).reshape(m * t, m * k)  # (M*T, M*K)
     b_cat = b.permute(1, 0, 2).reshape(n_out, m * k)  # (out, M*K) = [b_0 | b_1 | ...]
     if base is None:
         return (g @ b_cat.t()).view(m, t, n_out)

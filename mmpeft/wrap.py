@@ -17,8 +17,10 @@ from .layers import (
     MultimodalLoRA,
     multimodal_layers,
     only_modality,
+    present_modalities,
     set_execution,
 )
+from .presence import NonFiniteAction, Presence, masked_presence
 from .stems import ModalityStem
 from .prepare import check_targets_callable, prepare_backbone
 from .targets import detect_family, match_targets, preset_rules
@@ -95,76 +97,106 @@ class MultimodalModel(nn.Module):
         self.in_channels = in_channels
         self.stems = nn.ModuleDict({m: ModalityStem(m, config.stem(m), in_channels) for m in self.modalities})
         self._compute_dtype: torch.dtype | None = None
+        #: NaN / inf in an input: "error" (default), "absent" (that sample's modality is missing)
+        #: or "off" (no check: no host sync, e.g. when the data pipeline checks on the CPU).
+        self.nonfinite: NonFiniteAction = "error"
 
     # ------------------------------------------------------------------ inputs / outputs
-    def _as_list(self, inputs: Inputs) -> list[torch.Tensor]:
+    def _gather(self, inputs: Inputs) -> tuple[list[str], list[torch.Tensor]]:
+        """The present modalities (model order) and their tensors; absent ones are left out
+        of a dict or passed as None in a sequence. At least one must be present."""
         if isinstance(inputs, torch.Tensor):
             raise TypeError(
                 f"pass one tensor per modality {self.modalities} (a dict or a sequence), not a single tensor"
             )
         if isinstance(inputs, Mapping):
-            missing = [m for m in self.modalities if m not in inputs]
             unknown = [k for k in inputs if k not in self.modalities]
-            if missing or unknown:
-                raise KeyError(
-                    f"inputs must have exactly the modalities {list(self.modalities)}; "
-                    f"missing {missing}, unknown {unknown}"
+            if unknown:
+                raise KeyError(f"unknown modalities {unknown}; this model was built for {list(self.modalities)}")
+            pairs = [(m, inputs[m]) for m in self.modalities if inputs.get(m) is not None]
+        else:
+            xs = list(inputs)
+            if len(xs) != len(self.modalities):
+                raise ValueError(
+                    f"expected {len(self.modalities)} inputs {list(self.modalities)} (None for a missing one), got {len(xs)}"
                 )
-            return [inputs[m] for m in self.modalities]
-        xs = list(inputs)
-        if len(xs) != len(self.modalities):
-            raise ValueError(f"expected {len(self.modalities)} inputs {list(self.modalities)}, got {len(xs)}")
-        return xs
+            pairs = [(m, x) for m, x in zip(self.modalities, xs) if x is not None]
+        if not pairs:
+            raise ValueError(f"no modality given; pass at least one of {list(self.modalities)}")
+        return [m for m, _ in pairs], [x for _, x in pairs]
 
     def stack(self, inputs: Inputs) -> torch.Tensor:
-        """Validate, apply the stems and stack: M tensors (B, c_m, ...) -> (M*B, C, ...)."""
-        xs = self._as_list(inputs)
-        for m, x in zip(self.modalities, xs):
+        """Validate, apply the stems and stack: S tensors (B, c_m, ...) -> (S*B, C, ...), S the
+        modalities present (all of them normally)."""
+        return self._prepare(inputs, None)[1]
+
+    def _prepare(
+        self, inputs: Inputs, presence: Presence | None
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """(present modalities, stacked input (S*B, C, ...), (S, B) presence mask or None)."""
+        names, xs = self._gather(inputs)
+        for m, x in zip(names, xs):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"input of modality {m!r} is a {type(x).__name__}, not a tensor")
-        ref_m, ref = self.modalities[0], xs[0]
-        for m, x in zip(self.modalities, xs):
+        ref_m, ref = names[0], xs[0]
+        for m, x in zip(names, xs):
             if x.dim() != ref.dim() or x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
                 raise ValueError(
                     "all modalities need the same batch and spatial sizes: "
-                    + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(self.modalities, xs))
+                    + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(names, xs))
                     + f" ({m!r} differs from {ref_m!r})"
                 )
-        xs = cast_inputs(self.modalities, xs, input_dtype(self))  # floating, the stems' / model's dtype
-        xs = [self.stems[m](x) for m, x in zip(self.modalities, xs)]
-        x = torch.cat(xs, 0)  # (M*B, C, ...) modality-major
-        return x if self._compute_dtype is None else x.to(self._compute_dtype)
+        mask = masked_presence(self.nonfinite, names, xs, presence)  # mmpeft.presence
+        xs = cast_inputs(names, xs, input_dtype(self))  # floating, the stems' / model's dtype
+        if mask is not None:  # absent samples enter as zeros (a NaN stand-in must not reach the model)
+            xs = [torch.where(mask[i].view(-1, *([1] * (x.dim() - 1))), x, 0) for i, x in enumerate(xs)]
+        x = torch.cat([self.stems[m](x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
+        return names, (x if self._compute_dtype is None else x.to(self._compute_dtype)), mask
 
-    def split(self, out: Any, as_dict: bool = True) -> Any:
-        """Split every tensor of ``out`` (dim 0 = M*B) into one part per modality."""
-        m = len(self.modalities)
+    def split(self, out: Any, as_dict: bool = True, names: Sequence[str] | None = None) -> Any:
+        """Split every tensor of ``out`` (dim 0 = S*B) into one part per modality of ``names``
+        (default: all modalities)."""
+        names = tuple(self.modalities if names is None else names)
+        m = len(names)
         if isinstance(out, torch.Tensor):
             if out.dim() == 0 or out.shape[0] % m != 0:
                 raise ValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
             parts = out.chunk(m, 0)
-            return dict(zip(self.modalities, parts)) if as_dict else list(parts)
+            return dict(zip(names, parts)) if as_dict else list(parts)
         if isinstance(out, Mapping):
-            per = {k: self.split(v, as_dict=False) for k, v in out.items()}
+            per = {k: self.split(v, False, names) for k, v in out.items()}
             res = [{k: v[i] for k, v in per.items()} for i in range(m)]
-            return dict(zip(self.modalities, res)) if as_dict else res
+            return dict(zip(names, res)) if as_dict else res
         if isinstance(out, (list, tuple)):
-            per_t = [self.split(v, as_dict=False) for v in out]
+            per_t = [self.split(v, False, names) for v in out]
             res_t = [type(out)(v[i] for v in per_t) for i in range(m)]
-            return dict(zip(self.modalities, res_t)) if as_dict else res_t
+            return dict(zip(names, res_t)) if as_dict else res_t
         raise TypeError(f"cannot split an output of type {type(out).__name__}")
 
-    def forward(self, inputs: Inputs, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, inputs: Inputs, *args: Any, presence: Presence | None = None, **kwargs: Any) -> Any:
         """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order.
 
-        Returns ``{modality: output}`` for a dict input, else a list in modality order.
-        """
-        return self.call("forward", inputs, *args, **kwargs)
+        Any non-empty subset of the modalities may be given (left out of the dict, or None in the
+        sequence): only those run, mixed as the fusion rules define for missing modalities
+        (docs/missing_modalities.md). ``presence``: optional per-sample mask ``{modality: (B,)
+        bool}`` (training with modality dropout); an absent sample's update is zero, it neither
+        gives nor receives mixing, and its output is not meaningful.
 
-    def call(self, method: str, inputs: Inputs, *args: Any, **kwargs: Any) -> Any:
+        Returns ``{modality: output}`` for the present modalities with a dict input, else a list
+        in modality order (present ones only).
+        """
+        return self.call("forward", inputs, *args, presence=presence, **kwargs)
+
+    def call(self, method: str, inputs: Inputs, *args: Any, presence: Presence | None = None, **kwargs: Any) -> Any:
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
-        x = self.stack(inputs)
-        out = checked_call(self, getattr(self.base_model, method), x, *args, **kwargs)  # mmpeft.verify
-        return self.split(out, as_dict=isinstance(inputs, Mapping))
+        names, x, mask = self._prepare(inputs, presence)
+        fn = getattr(self.base_model, method)
+        if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
+            out = checked_call(self, fn, x, *args, **kwargs)  # mmpeft.verify
+        else:
+            with present_modalities(self, [self.modalities.index(n) for n in names], mask):
+                out = checked_call(self, fn, x, *args, **kwargs)
+        return self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
 
     # ------------------------------------------------------------------ parameters
     def layers(self) -> Iterator[tuple[str, MultimodalLayer]]:

@@ -163,9 +163,9 @@ def test_conv_stem_starts_as_repeat() -> None:
 def test_bad_inputs_give_clear_errors() -> None:
     _, wrapped = _wrap("sam", "lora")
     x = _inputs("sam")
-    with pytest.raises(KeyError, match="missing \\['dsm'\\]"):
-        wrapped({"optical": x["optical"]})
-    with pytest.raises(KeyError, match="unknown \\['sar'\\]"):
+    with pytest.raises(ValueError, match="no modality given"):  # a subset is fine, none is not
+        wrapped({})
+    with pytest.raises(KeyError, match="unknown modalities \\['sar'\\]"):
         wrapped({**x, "sar": x["dsm"]})
     with pytest.raises(ValueError, match="expected 2 inputs"):
         wrapped([x["optical"]])

@@ -1,6 +1,6 @@
 """Multimodal wrapper layers."""
 from .adapter import ACTIVATIONS, MultimodalAdapter
-from .base import Execution, MultimodalLayer, multimodal_layers, only_modality, set_execution
+from .base import Execution, MultimodalLayer, multimodal_layers, only_modality, present_modalities, set_execution
 from .lora import MultimodalLoRA
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "MultimodalLoRA",
     "multimodal_layers",
     "only_modality",
+    "present_modalities",
     "set_execution",
 ]

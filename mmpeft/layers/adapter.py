@@ -132,9 +132,9 @@ class MultimodalAdapter(MultimodalLayer):
 
         z: (M*B', ..., in), y: (M*B', ..., out) -> (M*B', ..., out) (or (M, T, out) when y is None).
         """
-        m, n_out = self.num_modalities, self.out_features
+        mods = self._active()  # the modalities in the batch (all, unless some are missing)
+        m, n_out = len(mods), self.out_features
         zs = z.reshape(m, -1, self.in_features)  # (M, T, in)
-        mods = self.modalities
         wd = torch.stack([self.adapter_down[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, in, hid)
         wu = torch.stack([self.adapter_up[k].weight for k in mods]).to(zs.dtype)  # (M, out, hid)
         if self.adapter_down[mods[0]].bias is not None:
@@ -150,23 +150,24 @@ class MultimodalAdapter(MultimodalLayer):
         if self.scale != 1.0:
             g = g * self.scale
         # not in place: for an "after" adapter y is also the input z its backward needs
+        w = self._mixing()
         if y is None:
-            return lowrank_mix(self.adapter_fusion, g, wu)
-        return lowrank_mix(self.adapter_fusion, g, wu, y.reshape(m, -1, n_out)).view(y.shape)
+            return lowrank_mix(self.adapter_fusion, g, wu, weights=w)
+        return lowrank_mix(self.adapter_fusion, g, wu, y.reshape(m, -1, n_out), weights=w).view(y.shape)
 
     def _adapt(self, z: torch.Tensor, modality: str) -> torch.Tensor:
         h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))
         return self.adapter_up[modality](h)
 
     def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        parts = chunk_args(x, args, kwargs, self.num_modalities)  # x, and arguments that are x, split per modality
+        parts = chunk_args(x, args, kwargs, len(self._active()))  # x, and arguments that are x, split per modality
         xs = [xm for xm, _, _ in parts]
         # the frozen module once per modality
         ys, rests = zip(*(first_output(self.base_layer(xm, *a, **kw)) for xm, a, kw in parts))
         return with_first(self._loop_update(xs if self.placement == "beside" else ys, ys), cat_rests(rests))
 
     def _loop_update(self, zs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-        a = self.adapter_fusion(torch.stack([self._adapt(z, k) for z, k in zip(zs, self.modalities)]))
+        a = self._mix(torch.stack([self._adapt(z, k) for z, k in zip(zs, self._active())]))
         return torch.cat([y + self.scale * am for y, am in zip(ys, a)], 0)
 
     def adapt_output(self, y: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,7 @@ class MultimodalAdapter(MultimodalLayer):
             return y + self.scale * self._adapt(y, self.modalities[self._check_single()])
         self._check_stack(y)
         if self.execution == "loop":
-            ys = y.chunk(self.num_modalities, 0)
+            ys = y.chunk(len(self._active()), 0)
             return self._loop_update(ys, ys)
         return self._adapter_update(y, y)
 

@@ -14,10 +14,12 @@ from typing import Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from ..fusion import Fusion
+from ..fusion import Fusion, apply_mixing
 from ..verify import check_modalities
 
-__all__ = ["MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers"]
+__all__ = [
+    "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers", "present_modalities",
+]
 
 Execution = Literal["batched", "loop"]
 
@@ -46,20 +48,41 @@ class MultimodalLayer(nn.Module):
         self.execution: Execution = "batched"
         self.enabled = True
         self._single: int | None = None  # index of the only modality present (see only_modality)
+        self._present: tuple[int, ...] | None = None  # indices of the modalities in the batch (None: all)
+        self._presence: torch.Tensor | None = None  # (S, B) per-sample presence (None: every sample)
 
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
+
+    def _active(self) -> tuple[str, ...]:
+        """The modalities stacked in the current batch, in order (all of them by default)."""
+        if self._present is None:
+            return self.modalities
+        return tuple(self.modalities[i] for i in self._present)
+
+    def _mixing(self) -> torch.Tensor | None:
+        """None when every modality and sample is present (the rule's own path), else the
+        weights of :meth:`Fusion.present_weights`: (S, S), or (B, S, S) with a presence mask."""
+        if self._present is None and self._presence is None:
+            return None
+        return self._fusion().present_weights(self._present, self._presence)
+
+    def _mix(self, d: torch.Tensor) -> torch.Tensor:
+        """d: (S, B', ...) stacked per-modality updates of the present modalities -> mixed."""
+        w = self._mixing()
+        return self._fusion()(d) if w is None else apply_mixing(w, d)
 
     def _fusion(self) -> Fusion:
         raise NotImplementedError
 
     def _check_stack(self, x: torch.Tensor) -> int:
         """Return B' = x.shape[0] // M, raising a clear error when the batch is not stacked."""
-        m = self.num_modalities
+        mods = self._active()
+        m = len(mods)
         if x.shape[0] % m != 0:
             raise ValueError(
-                f"{type(self).__name__} expects the {m} modalities {self.modalities} stacked on dim 0 "
+                f"{type(self).__name__} expects the {m} modalities {mods} stacked on dim 0 "
                 f"(M*B, ...), got shape {tuple(x.shape)}; call the model returned by wrap_multimodal"
             )
         return x.shape[0] // m
@@ -109,3 +132,21 @@ def only_modality(model: nn.Module, modality: str) -> Iterator[None]:
     finally:
         for layer in layers:
             layer._single = None
+
+
+@contextlib.contextmanager
+def present_modalities(
+    model: nn.Module, present: Sequence[int] | None, presence: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Within the block, layers see a batch of the modalities ``present`` (indices into their
+    modalities, stacked in that order; None: all) with the optional per-sample ``presence``
+    (S, B) bool mask. Fusion rules mix as :meth:`mmpeft.fusion.Fusion.present_weights` defines."""
+    layers = [layer for _, layer in multimodal_layers(model)]
+    for layer in layers:
+        layer._present = None if present is None else tuple(present)
+        layer._presence = presence
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._present, layer._presence = None, None

@@ -129,18 +129,18 @@ class MultimodalLoRA(MultimodalLayer):
         return torch.cat(blocks, 1)
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
-        m, n_out = self.num_modalities, self.out_features
+        mods = self._active()  # the modalities in the batch (all, unless some are missing)
+        m, n_out = len(mods), self.out_features
         out = self.base_layer(x)  # (M*B', ..., out)
         xs = self.lora_dropout(x).reshape(m, -1, self.in_features)  # (M, T, in)
         ranges = self._ranges()
         # all A's of all slices in one batched matmul: (M, T, in) @ (M, in, R) -> (M, T, R), R = S*r
-        a_w = torch.stack(
-            [torch.cat([self._pair(mod, s)[0].weight for s in ranges], 0) for mod in self.modalities]
-        )  # (M, R, in)
+        a_w = torch.stack([torch.cat([self._pair(mod, s)[0].weight for s in ranges], 0) for mod in mods])  # (M, R, in)
         h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype)) * self.scaling  # (M, T, R)
-        b_full = torch.stack([self._b_full(mod) for mod in self.modalities]).to(h.dtype)  # (M, out, R)
+        b_full = torch.stack([self._b_full(mod) for mod in mods]).to(h.dtype)  # (M, out, R)
         # in place into the base output: a linear layer's backward does not need its output
-        return lowrank_mix(self.lora_fusion, h, b_full, out.reshape(m, -1, n_out), inplace=True).view(out.shape)
+        mixed = lowrank_mix(self.lora_fusion, h, b_full, out.reshape(m, -1, n_out), inplace=True, weights=self._mixing())
+        return mixed.view(out.shape)
 
     def _delta(self, x: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
         a, b = self._pair(modality, slice_name)
@@ -154,11 +154,11 @@ class MultimodalLoRA(MultimodalLayer):
         return out
 
     def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
-        xs = x.chunk(self.num_modalities, 0)
+        mods = self._active()
+        xs = x.chunk(len(mods), 0)
         outs = [self.base_layer(xm) for xm in xs]  # the frozen layer once per modality
         for s, (lo, hi) in self._ranges().items():
-            d = torch.stack([self._delta(xm, mod, s) for xm, mod in zip(xs, self.modalities)])
-            d = self.lora_fusion(d)
+            d = self._mix(torch.stack([self._delta(xm, mod, s) for xm, mod in zip(xs, mods)]))
             outs = [o + dm if self.slices is None else _add_slice(o, dm, lo, hi) for o, dm in zip(outs, d)]
         return torch.cat(outs, 0)
 

@@ -1,0 +1,164 @@
+"""Missing modalities: presence masks, modality dropout and the non-finite input check.
+
+A :class:`~mmpeft.wrap.MultimodalModel` accepts any non-empty subset of its modalities (only those
+are stacked and run) and, for training with missing modalities, a per-sample presence mask
+``{modality: (B,) bool}``. The fusion rules define how the present modalities mix
+(:meth:`mmpeft.fusion.Fusion.present_weights`; docs/missing_modalities.md).
+
+- :func:`presence_tensor`: a mask in any accepted form -> (S, B) bool over the present modalities.
+- :func:`modality_dropout`: a random presence mask (each modality dropped with its probability,
+  at least one modality kept per sample).
+- :func:`check_finite`: NaN / inf in an input is a :class:`NonFiniteInputError` naming the
+  modality, the tile (when known) and the pixel count, or (``action="absent"``) marks those
+  samples' modality absent.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping, Sequence, Union
+
+import torch
+
+__all__ = [
+    "NonFiniteInputError",
+    "NonFiniteAction",
+    "Presence",
+    "check_finite",
+    "modality_dropout",
+    "presence_tensor",
+    "dropout_rates",
+    "masked_presence",
+]
+
+#: ``"error"``: raise; ``"absent"``: treat the sample's modality as missing; ``"off"``: no check.
+NonFiniteAction = Literal["error", "absent", "off"]
+#: {modality: (B,) bool} (modalities left out are present in every sample) or an (S, B) bool tensor.
+Presence = Union[Mapping[str, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteInputError(ValueError):
+    """An input holds NaN or inf values (message: modality, tile or sample, pixel count)."""
+
+
+def presence_tensor(presence: Presence, names: Sequence[str], batch: int, device: torch.device) -> torch.Tensor:
+    """``presence`` as an (S, B) bool tensor over ``names`` (the modalities in the batch, in order)."""
+    if isinstance(presence, torch.Tensor):
+        if tuple(presence.shape) != (len(names), batch):
+            raise ValueError(
+                f"a presence tensor must have shape (modalities, batch) = ({len(names)}, {batch}) "
+                f"for {list(names)}, got {tuple(presence.shape)}"
+            )
+        return presence.to(device=device, dtype=torch.bool)
+    unknown = [k for k in presence if k not in names]
+    if unknown:
+        raise KeyError(f"presence names modalities {unknown} that are not in the batch {list(names)}")
+    rows = []
+    for name in names:
+        p = presence.get(name)
+        if p is None:
+            rows.append(torch.ones(batch, dtype=torch.bool, device=device))
+            continue
+        p = torch.as_tensor(p, device=device).to(torch.bool).reshape(-1)
+        if p.shape[0] != batch:
+            raise ValueError(f"presence of {name!r} has {p.shape[0]} entries for a batch of {batch}")
+        rows.append(p)
+    return torch.stack(rows)  # (S, B)
+
+
+def dropout_rates(rates: float | Mapping[str, float], modalities: Sequence[str]) -> dict[str, float]:
+    """``p`` for every modality from one float or ``{modality: p}`` (others 0); checked in [0, 1)."""
+    if isinstance(rates, Mapping):
+        unknown = [k for k in rates if k not in modalities]
+        if unknown:
+            raise ValueError(f"modality_dropout names unknown modalities {unknown}; known: {list(modalities)}")
+        out = {m: float(rates.get(m, 0.0)) for m in modalities}
+    else:
+        out = {m: float(rates) for m in modalities}
+    bad = {m: p for m, p in out.items() if not 0.0 <= p < 1.0}
+    if bad:
+        raise ValueError(f"modality_dropout rates must be in [0, 1), got {bad}")
+    return out
+
+
+def modality_dropout(
+    rates: float | Mapping[str, float], modalities: Sequence[str], batch: int,
+    generator: torch.Generator | None = None, device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """A random presence mask ``{modality: (B,) bool}``: each modality of each sample is dropped
+    with its rate; a sample that would lose every modality keeps one, drawn uniformly."""
+    p = dropout_rates(rates, modalities)
+    probs = torch.tensor([p[m] for m in modalities])  # (M,)
+    keep = torch.rand(len(modalities), batch, generator=generator) >= probs[:, None]  # (M, B)
+    none = ~keep.any(0)  # (B,) samples with nothing left
+    if bool(none.any()):
+        pick = torch.randint(len(modalities), (batch,), generator=generator)
+        keep[pick, torch.arange(batch)] |= none
+    return {m: keep[i].to(device) for i, m in enumerate(modalities)}
+
+
+def _describe(tiles: Sequence[str] | None, b: int) -> str:
+    return f"tile {tiles[b]!r}" if tiles is not None and b < len(tiles) else f"sample {b}"
+
+
+def check_finite(
+    inputs: Mapping[str, torch.Tensor], tiles: Sequence[str] | None = None, action: NonFiniteAction = "error"
+) -> dict[str, torch.Tensor] | None:
+    """Look for NaN / inf in every input (B, C, H, W).
+
+    ``action="error"``: raise :class:`NonFiniteInputError` naming each modality, tile (``tiles[b]``,
+    else the sample index) and count of pixels (positions with a non-finite value in any channel).
+    ``action="absent"``: return a presence mask ``{modality: (B,) bool}`` with those samples'
+    modality absent (None when every value is finite). One reduction and host sync per modality.
+    """
+    if action == "off":
+        return None
+    if action not in ("error", "absent"):
+        raise ValueError(f"non-finite action must be 'error', 'absent' or 'off', got {action!r}")
+    bad: dict[str, torch.Tensor] = {}
+    for name, x in inputs.items():
+        if not x.is_floating_point():
+            continue
+        flags = ~torch.isfinite(x)
+        if bool(flags.any()):  # the host sync; only a failing batch pays the counts below
+            px = flags.any(1) if x.dim() > 2 else flags  # (B, H, W): pixels with any bad channel
+            bad[name] = px.reshape(x.shape[0], -1).sum(1)  # (B,) bad pixels per sample
+    if not bad:
+        return None
+    if action == "absent":
+        return {name: counts == 0 for name, counts in bad.items()}
+    parts = []
+    for name, counts in bad.items():
+        x = inputs[name]
+        total = x[0, 0].numel() if x.dim() > 2 else x[0].numel()
+        for b in torch.nonzero(counts).flatten().tolist():
+            parts.append(f"{name} in {_describe(tiles, b)}: {int(counts[b])} of {total} pixels")
+    raise NonFiniteInputError(
+        "NaN or inf in the inputs: " + "; ".join(parts[:10]) + (f" (+{len(parts) - 10} more)" if len(parts) > 10 else "")
+        + ". Fix the data, or map such samples to a missing modality (nonfinite='absent')"
+    )
+
+
+def _tracing() -> bool:
+    """True under torch.compile tracing or CUDA-graph capture (no host sync allowed there)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def masked_presence(
+    action: NonFiniteAction, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None
+) -> torch.Tensor | None:
+    """The (S, B) presence mask of a forward over the modalities ``names`` with inputs ``xs``:
+    ``presence`` (if any), with non-finite inputs checked per ``action`` (skipped while compiling
+    or capturing a CUDA graph). None when no mask applies (every sample has every modality given)."""
+    batch, device = xs[0].shape[0], xs[0].device
+    mask = None if presence is None else presence_tensor(presence, names, batch, device)
+    if action == "off" or _tracing():
+        return mask
+    if mask is not None:  # samples already absent are not checked
+        xs = [torch.where(mask[i].view(-1, *([1] * (x.dim() - 1))), x, 0) for i, x in enumerate(xs)]
+    found = check_finite(dict(zip(names, xs)), None, action)
+    if found is None:
+        return mask
+    finite = presence_tensor(found, names, batch, device)
+    return finite if mask is None else mask & finite
