@@ -94,6 +94,8 @@ def split_ids(data: DataConfig, split: str) -> list[str]:
     """Tile ids of ``split`` ([] for an empty validation split)."""
     try:
         return make_layout(data).split_ids(split, data.root)
+    except ConfigError:
+        raise
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"data ({data.dataset} in {data.root}): {exc}") from None
 
@@ -109,7 +111,7 @@ def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
     try:
         layout = make_layout(data)
         return TileSet(layout, root, split, labels=labels, dsm=dsm_rule(data), cache=data.cache)  # type: ignore[arg-type]
-    except DataError:
+    except (DataError, ConfigError):
         raise
     except (ValueError, FileNotFoundError) as exc:  # unknown split, empty split, val tiles in the test set
         raise ConfigError(f"data ({data.dataset} in {root}): {exc}") from exc
