@@ -2,10 +2,10 @@
 
 Subcommands::
 
-    mmpeft-isprs train CONFIG [key=value ...] [--resume] [--max-steps N]
+    mmpeft-isprs train CONFIG [key=value ...] [--resume | --overwrite] [--max-steps N]
     mmpeft-isprs eval CONFIG --weights best.safetensors [key=value ...] [--out DIR]
     mmpeft-isprs predict --weights W --optical FILE|DIR ... [--dsm FILE|DIR ...] --out DIR
-    mmpeft-isprs demo [--checkpoint sam_vit_b_01ec64.pth] [--quick] [--out runs/demo] [key=value ...]
+    mmpeft-isprs demo [--checkpoint sam_vit_b_01ec64.pth] [--quick] [--out DIR] [--resume [DIR] | --overwrite] [key=value ...]
     mmpeft-isprs generate-synthetic ROOT [--num-tiles 19] [--tile-size 512] [--seed 0]
     mmpeft-isprs list-configs
 
@@ -18,9 +18,11 @@ wrong types, missing files and data problems are reported before anything trains
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file or bundled config name (see list-configs)")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/last.pt (same as train.resume=true)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in run_dir (same as train.overwrite=true)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (checkpoint written)")
 
     p = sub.add_parser("eval", help="score weights on the test tiles", description="Sliding-window evaluation of whole tiles.")
@@ -82,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="optical+DSM vs optical on synthetic data (CPU)", description=DEMO_HELP)
     p.add_argument("--checkpoint", default=None, help="an official SAM file (sam_vit_b_01ec64.pth) instead of random weights")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data and model)")
-    p.add_argument("--out", default="runs/demo", help="folder for the data and both runs (default runs/demo)")
+    p.add_argument("--out", default=None, help="folder for the data and both runs (default: a new runs/demo/<date>-<time>)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="FOLDER",
+                   help="continue an interrupted demo (default: the latest under runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo in --out")
     _add_overrides(p)
 
     p = sub.add_parser("generate-synthetic", help="write the synthetic Vaihingen-layout data set")
@@ -100,8 +106,11 @@ def _train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train import train
 
-    cfg = load_config(args.config, [*args.overrides, *(["train.resume=true"] if args.resume else [])])
-    train(cfg, max_steps=args.max_steps)
+    flags = [*(["train.resume=true"] if args.resume else []), *(["train.overwrite=true"] if args.overwrite else [])]
+    cfg = load_config(args.config, [*args.overrides, *flags])
+    again = ["mmpeft-isprs", "train", args.config, *args.overrides]
+    with _interruptible(Path(cfg.train.run_dir) / "last.pt", [*again, "--resume"], [*again, "--overwrite"]):
+        train(cfg, max_steps=args.max_steps)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -130,9 +139,29 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import latest_demo_dir, new_demo_dir, run_demo
 
-    run_demo(args.out, checkpoint=args.checkpoint, quick=args.quick, overrides=args.overrides)
+    resume = args.resume is not None
+    out = Path(args.resume if resume and args.resume != "latest" else args.out or (latest_demo_dir() if resume else new_demo_dir()))
+    cmd = ["mmpeft-isprs", "demo", "--resume", str(out)]
+    with _interruptible(out / "demo.json", cmd, cmd):
+        run_demo(out, checkpoint=args.checkpoint, quick=args.quick, overrides=args.overrides, resume=resume,
+                 overwrite=args.overwrite)  # fmt: skip
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command; the message names the command that continues."""
+
+
+@contextlib.contextmanager
+def _interruptible(saved: Path, resume: list[str], restart: list[str]) -> Iterator[None]:
+    """Turn Ctrl-C into :class:`Interrupted` naming the exact command to continue (or restart)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if saved.is_file():
+            raise Interrupted(f"interrupted; the last checkpoint is intact. Continue with:\n  {shlex.join(resume)}") from None
+        raise Interrupted(f"interrupted before anything was saved. Start again with:\n  {shlex.join(restart)}") from None
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -178,8 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted (the last checkpoint is intact; continue with --resume)", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     finally:
         from .distributed import shutdown

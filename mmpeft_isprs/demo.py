@@ -9,13 +9,16 @@ with the mIoU gain from the DSM.
 
 ``--checkpoint sam_vit_b_01ec64.pth`` uses the real SAM encoder instead (slow on a CPU);
 ``--quick`` is a seconds-long smoke run (tiny data and model; numbers meaningless).
+
+Every demo gets its own folder (``runs/demo/<date>-<time>``, or ``--out``); an interrupted demo
+continues with ``mmpeft-isprs demo --resume [FOLDER]`` (the latest one by default), with the
+options it was started with (stored in ``<out>/demo.json``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,10 @@ from .distributed import DistInfo, init_distributed
 from .runner import fit, score_weights
 from .task import EvalResult
 
-__all__ = ["run_demo", "DemoResult", "QUICK_OVERRIDES", "side_by_side"]
+__all__ = ["run_demo", "DemoResult", "QUICK_OVERRIDES", "side_by_side", "new_demo_dir", "latest_demo_dir", "DEMO_ROOT"]
+
+DEMO_ROOT = Path("runs/demo")
+OPTIONS = "demo.json"  # the options a demo folder was started with (read by --resume)
 
 RUNS: tuple[tuple[str, str, list[str]], ...] = (
     ("optical+dsm", "optical_dsm", ["optical", "dsm"]),
@@ -76,10 +82,41 @@ def demo_config(out: str | Path, checkpoint: str | None, quick: bool, overrides:
     return load_config("demo", [*items, *overrides])
 
 
-def _fresh(run_dir: Path) -> None:
-    """Remove an earlier demo run (only folders the demo wrote: they hold its config.yaml)."""
-    if (run_dir / "config.yaml").is_file():
-        shutil.rmtree(run_dir)
+def new_demo_dir(root: str | Path = DEMO_ROOT) -> Path:
+    """A folder for a new demo: ``<root>/<YYYYmmdd-HHMMSS>`` (never one that exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        path, n = Path(root) / f"{stamp}-{n}", n + 1
+    return path
+
+
+def latest_demo_dir(root: str | Path = DEMO_ROOT) -> Path:
+    """The most recent demo folder under ``root`` (the one ``--resume`` continues)."""
+    found = sorted(p.parent for p in Path(root).glob(f"*/{OPTIONS}"))
+    if not found:
+        raise ConfigError(f"--resume: no demo folder under {root} (start one with mmpeft-isprs demo)")
+    return found[-1]
+
+
+def _options(out: Path, checkpoint: str | None, quick: bool, overrides: Sequence[str], resume: bool, overwrite: bool) -> dict[str, Any]:
+    """The options of this demo (read back on resume); refuses to reuse a folder."""
+    stored = out / OPTIONS
+    if resume:
+        if not stored.is_file():
+            raise ConfigError(f"--resume: {out} holds no demo ({OPTIONS} not found)")
+        return json.loads(stored.read_text())
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already holds a demo run: continue it with `mmpeft-isprs demo --resume {out}`, "
+                          "replace it with --overwrite, or choose another --out")  # fmt: skip
+    return {"checkpoint": checkpoint, "quick": quick, "overrides": list(overrides)}
+
+
+def _continue(run_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Resume a run that has a checkpoint; replace it when asked or when nothing was saved yet."""
+    if resume and (run_dir / "last.pt").is_file():
+        return ["train.resume=true"]
+    return ["train.overwrite=true"] if resume or overwrite else []
 
 
 def side_by_side(results: dict[str, EvalResult], class_names: Sequence[str]) -> str:
@@ -98,26 +135,46 @@ def side_by_side(results: dict[str, EvalResult], class_names: Sequence[str]) -> 
 
 
 def run_demo(
-    out: str | Path = "runs/demo", checkpoint: str | None = None, quick: bool = False,
+    out: str | Path | None = None, checkpoint: str | None = None, quick: bool = False,
     overrides: Sequence[str] = (), info: DistInfo | None = None, log: Callable[[str], None] = print,
+    resume: bool = False, overwrite: bool = False,
 ) -> DemoResult:
-    """Train and evaluate both runs (see the module doc); writes ``<out>/demo_summary.json``."""
+    """Train and evaluate both runs (see the module doc); writes ``<out>/demo_summary.json``.
+
+    ``out`` defaults to a new folder under ``runs/demo`` (with ``resume``: the latest one). A
+    folder already used is refused unless ``resume`` (continue it, with its stored options) or
+    ``overwrite``.
+    """
     t0 = time.perf_counter()
-    configs = {label: demo_config(out, checkpoint, quick, overrides, name, mods) for label, name, mods in RUNS}
+    out = Path(out) if out is not None else latest_demo_dir() if resume else new_demo_dir()
+    opts = _options(out, checkpoint, quick, overrides, resume, overwrite)
+    configs = {
+        label: demo_config(out, opts["checkpoint"], opts["quick"],
+                           [*opts["overrides"], *_continue(out / name, resume, overwrite)], name, mods)
+        for label, name, mods in RUNS
+    }  # fmt: skip
     info = info or init_distributed(configs["optical+dsm"].train.device, configs["optical+dsm"].train.threads)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OPTIONS).write_text(json.dumps(opts, indent=1))
+        log(f"demo folder {out} (interrupted? continue with: mmpeft-isprs demo --resume {out})")
     results: dict[str, EvalResult] = {}
     for label, cfg in configs.items():
         if info.is_main:
-            _fresh(Path(cfg.train.run_dir))
             log(f"\n=== {label}: training ({cfg.train.epochs} epochs x {cfg.train.batches_per_epoch} batches of "
                 f"{cfg.train.batch_size} {cfg.crop_size}x{cfg.crop_size} crops) ===")  # fmt: skip
         run = fit(cfg, info, log=log)
         if info.is_main:
             log(f"=== {label}: test tiles ===")
         results[label] = score_weights(cfg, run.best, info=info, out_dir=Path(cfg.train.run_dir) / "test", log=log)
+    return _report(out, configs, results, time.perf_counter() - t0, opts, info, log)
+
+
+def _report(out: Path, configs: dict[str, ExperimentConfig], results: dict[str, EvalResult], seconds: float,
+            opts: dict[str, Any], info: DistInfo, log: Callable[[str], None]) -> DemoResult:  # fmt: skip
+    """The side-by-side table, the summary line and ``demo_summary.json``."""
     names = list(results["optical"].metrics["IoU"])  # type: ignore[arg-type]
     table = side_by_side(results, names)
-    seconds = time.perf_counter() - t0
     a, b = (results[label].metrics["mIoU"] * 100 for label, _, _ in RUNS)  # type: ignore[operator]
     summary = (f"DSM gain: mIoU {a - b:+.2f} points (optical+DSM {a:.2f} vs optical {b:.2f}); "
                f"demo wall time {seconds / 60:.1f} min")  # fmt: skip
@@ -125,8 +182,8 @@ def run_demo(
         log("\n=== test tiles: optical+DSM vs optical ===\n" + table + "\n" + summary)
         maps = [str(Path(c.train.run_dir) / "test" / "predictions") for c in configs.values()]
         log(f"colour maps: {maps[0]} and {maps[1]}")
-        payload: dict[str, Any] = {"seconds": seconds, "gain_mIoU": (a - b) / 100, "quick": quick, "checkpoint": checkpoint,
+        payload: dict[str, Any] = {"seconds": seconds, "gain_mIoU": (a - b) / 100, "quick": opts["quick"],
+                                   "checkpoint": opts["checkpoint"], "table": table, "summary": summary,
                                    "runs": {k: r.metrics for k, r in results.items()}}  # fmt: skip
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "demo_summary.json").write_text(json.dumps(payload, indent=1))
+        (out / "demo_summary.json").write_text(json.dumps(payload, indent=1))
     return DemoResult(results, seconds, summary)

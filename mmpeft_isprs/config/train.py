@@ -28,6 +28,8 @@ class TrainConfig:
         checkpoint_every: also write ``last.pt`` every N steps (0: at epoch ends only).
         val_every: validate every N epochs (and always after the last one).
         resume: continue from ``run_dir/last.pt`` (what ``--resume`` sets).
+        overwrite: replace an earlier run in ``run_dir`` (``--overwrite``); without it, or
+            ``resume``, a run folder already used is an error.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
         threads: torch CPU threads per process (0: the cores free for this process, divided
             among local ranks; see :mod:`mmpeft_isprs.threads`).
@@ -55,6 +57,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     val_every: int = 1
     resume: bool = False
+    overwrite: bool = False
     device: str = "auto"
     threads: int = 0
     log_every: int = 50

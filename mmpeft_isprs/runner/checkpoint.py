@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ BEST = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 FORMAT = "mmpeft_isprs.train/1"
 RESUMABLE_CHANGES = (  # config fields that may differ when a run is resumed
-    "train.resume", "train.epochs", "train.num_workers", "train.device", "train.threads", "train.log_every", "train.progress",
+    "train.resume", "train.overwrite", "train.epochs", "train.num_workers", "train.device", "train.threads", "train.log_every", "train.progress",
     "train.tensorboard", "train.val_every", "train.checkpoint_every", "data.root", "data.cache", "model.checkpoint",
 )  # fmt: skip
 
@@ -116,12 +117,26 @@ def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] |
         if len(ckpt["rng"]) != info.world_size:
             raise ConfigError(f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many (now {info.world_size})")
         return ckpt
-    if path.exists():
+    earlier = [name for name in (CHECKPOINT, "config.yaml", "log.csv", BEST) if (run_dir / name).exists()]
+    if earlier and cfg.train.overwrite:
+        if info.is_main:
+            for name in (*earlier, LAST_WEIGHTS, "run.json", "figures", "metrics", "tensorboard"):
+                _remove(run_dir / name)
+        barrier()
+    elif earlier:
         raise ConfigError(
-            f"{run_dir} already holds {CHECKPOINT} from an earlier run: add --resume (train.resume=true) "
-            "to continue it, or choose another train.run_dir"
+            f"{run_dir} already holds {' and '.join(earlier)} from an earlier run: add --resume "
+            "(train.resume=true) to continue it, --overwrite (train.overwrite=true) to replace it, or "
+            "choose another train.run_dir"
         )
     return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 # --------------------------------------------------------------------------- writing and restoring
