@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", default=None, help="optical bands to use, e.g. 0,1,2 (for 4-band tiles)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--checkpoint", default=None, help="the SAM file the weights were trained from, if it moved")
+    p.add_argument("--cog", action="store_true", help="GeoTIFF inputs: write Cloud-Optimized GeoTIFFs (needs rasterio)")
 
     p = sub.add_parser("demo", help="optical+DSM vs optical on synthetic data (CPU)", description=DEMO_HELP)
     p.add_argument("--checkpoint", default=None, help="an official SAM file (sam_vit_b_01ec64.pth) instead of random weights")
@@ -133,7 +134,7 @@ def _predict(args: argparse.Namespace) -> None:
     except ValueError:
         raise ConfigError(f"--bands: expected comma-separated band numbers such as 0,1,2, got {args.bands!r}") from None
     opts = PredictOptions(args.stride, args.batch_size, args.mode, args.tta_flip, args.amp, bands, progress=sys.stderr.isatty(),
-                          checkpoint=args.checkpoint)
+                          checkpoint=args.checkpoint, cog=args.cog)
     files = predict_files(args.weights, args.optical, args.dsm, args.out, opts, device=resolve_device(args.device))
     print(f"wrote {len(files)} files to {args.out}")
 

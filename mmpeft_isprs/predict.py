@@ -54,6 +54,7 @@ class PredictOptions:
     bands: tuple[int, ...] | None = None
     progress: bool = False
     checkpoint: str | None = None
+    cog: bool = False
 
 
 def predict_files(
@@ -87,7 +88,7 @@ def predict_files(
         )  # fmt: skip
         pred = scores.argmax(0).numpy()
         geo = opt_path if is_geotiff(opt_path) else None
-        written += write_prediction(pred, out_dir, opt_path.stem, info, georef_from=geo)
+        written += write_prediction(pred, out_dir, opt_path.stem, info, georef_from=geo, cog=opts.cog)
         log(f"{opt_path.name}: {pred.shape[0]}x{pred.shape[1]} -> {written[-1].parent}")
     return written
 

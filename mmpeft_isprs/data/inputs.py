@@ -14,6 +14,7 @@ import torch
 
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
 from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
+from .geo import with_file_nodata
 from .patterns import tile_key_of_name
 
 __all__ = ["pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
@@ -87,10 +88,11 @@ def optical_tensor(path: Path, bands: Sequence[int] | None) -> torch.Tensor:
 
 
 def dsm_tensor(path: Path, rule: DsmNormalisation) -> torch.Tensor:
-    """(1, H, W) float32 of the DSM file scaled by ``rule``."""
+    """(1, H, W) float32 of the DSM file scaled by ``rule`` (no-data: the rule's, else the file's)."""
     arr = read_image(path)
     if arr.ndim == 3:
         arr = arr[..., 0]
+    rule = with_file_nodata(rule, path)
     scaled = normalise_dsm(arr, rule, valid_range(arr, rule, str(path), tile_key_of_name(path.stem)))
     return torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))[None]
 

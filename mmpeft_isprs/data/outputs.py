@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .geo import write_cog
 from .io import write_tiff
 from .palette import DatasetInfo, index_to_colour
 
@@ -14,19 +15,24 @@ __all__ = ["write_prediction"]
 
 
 def write_prediction(
-    pred: np.ndarray, out_dir: str | Path, stem: str, info: DatasetInfo, georef_from: str | Path | None = None
+    pred: np.ndarray, out_dir: str | Path, stem: str, info: DatasetInfo, georef_from: str | Path | None = None,
+    cog: bool = False,
 ) -> list[Path]:
     """Write ``pred`` (H, W) class indices as index map and colour map; returns the paths.
 
     With ``georef_from`` (a GeoTIFF of the same size) the index map is a GeoTIFF on its grid
-    and a georeferenced colour GeoTIFF is written beside the colour PNG.
+    and a georeferenced colour GeoTIFF is written beside the colour PNG; ``cog=True`` writes
+    both as Cloud-Optimized GeoTIFFs (needs the rasterio extra).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = np.asarray(pred).astype(np.uint8)
     colour = index_to_colour(index, info)
     paths = []
-    if georef_from is not None:
+    if georef_from is not None and cog:
+        paths.append(write_cog(out / f"{stem}_pred.tif", index, georef_from))
+        paths.append(write_cog(out / f"{stem}_colour.tif", colour, georef_from))
+    elif georef_from is not None:
         paths.append(write_tiff(out / f"{stem}_pred.tif", index, georef_from=georef_from))
         paths.append(write_tiff(out / f"{stem}_colour.tif", colour, georef_from=georef_from))
     else:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
+from .geo import with_file_nodata
 from .io import TIFF_SUFFIXES, DataError, PathLike, TiffWindowReader, raster_info, read_image
 from .layouts import Layout, ModalitySpec, TileFiles
 from .palette import colour_to_index, normalise_index_labels
@@ -144,11 +145,11 @@ class TileSet:
                 f"{len(missing)} missing file(s) under {self.root}:\n  " + "\n  ".join(missing)
             )
 
-    def dsm_rule(self, modality: str) -> DsmNormalisation:
-        """The scaling rule of an elevation modality."""
-        if isinstance(self._dsm, Mapping):
-            return self._dsm.get(modality, DsmNormalisation())
-        return self._dsm or DsmNormalisation()
+    def dsm_rule(self, modality: str, path: Path | None = None) -> DsmNormalisation:
+        """The scaling rule of an elevation modality (with ``path``'s declared no-data value
+        when the rule sets none)."""
+        rule = self._dsm.get(modality, DsmNormalisation()) if isinstance(self._dsm, Mapping) else self._dsm
+        return with_file_nodata(rule or DsmNormalisation(), path) if path is not None else rule or DsmNormalisation()
 
     def _inspect(self, files: list[TileFiles], validate: bool) -> list[_Tile]:
         tiles, problems = [], []
@@ -179,7 +180,8 @@ class TileSet:
             for m in self.modalities:
                 if m.kind == "elevation":
                     raw = self._select(m, read_image(f.inputs[m.name]), f.inputs[m.name])
-                    tile.dsm_range[m.name] = valid_range(raw, self.dsm_rule(m.name), str(f.inputs[m.name]), f.tile_id)
+                    rule = self.dsm_rule(m.name, f.inputs[m.name])
+                    tile.dsm_range[m.name] = valid_range(raw, rule, str(f.inputs[m.name]), f.tile_id)
         return tile
 
     def _check_bands(self, m: ModalitySpec, path: Path, channels: int) -> None:
@@ -196,7 +198,7 @@ class TileSet:
             path = tile.files.inputs[m.name]
             raw = self._select(m, read_image(path), path)
             if m.kind == "elevation":
-                rule = self.dsm_rule(m.name)
+                rule = self.dsm_rule(m.name, path)
                 tile.dsm_range[m.name] = valid_range(raw, rule, str(path), tile.files.tile_id)
                 raw = normalise_dsm(raw, rule, tile.dsm_range[m.name])
             out[m.name] = raw
@@ -277,7 +279,7 @@ class TileSet:
             path = tile.files.inputs[m.name]
             raw = self._select(m, self._readers.read(path, y0, x0, h, w), path)
             if m.kind == "elevation":
-                raw = normalise_dsm(raw, self.dsm_rule(m.name), tile.dsm_range[m.name])
+                raw = normalise_dsm(raw, self.dsm_rule(m.name, path), tile.dsm_range[m.name])
             out[m.name] = raw
         if tile.label_path is not None:
             raw_labels = self._readers.read(tile.label_path, y0, x0, h, w)
