@@ -182,6 +182,9 @@ def _report(out: Path, configs: dict[str, ExperimentConfig], results: dict[str, 
         log("\n=== test tiles: optical+DSM vs optical ===\n" + table + "\n" + summary)
         maps = [str(Path(c.train.run_dir) / "test" / "predictions") for c in configs.values()]
         log(f"colour maps: {maps[0]} and {maps[1]}")
+        figs = [f"{Path(c.train.run_dir) / 'test' / 'figures'} (tiles, confusion) and {Path(c.train.run_dir) / 'figures'} (curves)"
+                for c in configs.values()]  # fmt: skip
+        log(f"figures: {figs[0]}; {figs[1]}")
         payload: dict[str, Any] = {"seconds": seconds, "gain_mIoU": (a - b) / 100, "quick": opts["quick"],
                                    "checkpoint": opts["checkpoint"], "table": table, "summary": summary,
                                    "runs": {k: r.metrics for k, r in results.items()}}  # fmt: skip

@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..config import ExperimentConfig
 from ..datamodule import ISPRSDataModule
 from ..distributed import DistInfo, barrier
+from ..data import TileSet, read_image
 from ..task import EvalResult, evaluate_tileset, load_trained
 
 __all__ = ["score_weights"]
@@ -47,5 +50,29 @@ def score_weights(
         log(f"{cfg.name}: {e.split} split, {len(tiles)} tiles, stride {e.stride}, {e.labels} labels")
         log(result.table)
         log(f"metrics written to {out / 'metrics.json'}")
+        figures = draw_figures(out / "figures", tiles, preds, result, cfg.name)
+        if figures:
+            log(f"figures ({len(figures)}) in {out / 'figures'}: " + ", ".join(p.name for p in figures))
     barrier()
     return result
+
+
+def draw_figures(out: Path, tiles: TileSet, preds: Path | None, result: EvalResult, name: str) -> list[Path]:
+    """The confusion-matrix figure and, when predictions were written, one side-by-side figure per tile."""
+    try:
+        from .figures import confusion_figure, sample_panels, tile_figure
+    except ImportError:  # matplotlib: pip install matplotlib (part of the isprs extra)
+        return []
+    info = tiles.layout.info
+    paths = [confusion_figure(out / "confusion.png", result.confusion.mat.cpu().numpy(), info.class_names,
+                              f"{name}: confusion matrix")]  # fmt: skip
+    for i, tile in enumerate(tiles.ids if preds is not None else []):
+        stem = tile.replace("/", "_")
+        pred_file = next(iter(sorted(preds.glob(f"{stem}_pred.*"))), None)  # type: ignore[union-attr]
+        if pred_file is None:
+            continue
+        sample = tiles.load(i)
+        optical, dsm = sample_panels(sample, tiles.modality_names)
+        paths.append(tile_figure(out / f"tile_{stem}.png", f"{name}: tile {tile}", optical, dsm,
+                                 np.asarray(sample[tiles.label_key]), read_image(pred_file), info))  # fmt: skip
+    return paths

@@ -193,4 +193,12 @@ class Trainer:
         save_checkpoint(self.run_dir / CHECKPOINT, self.task, self.state, self.cfg, self.info)
 
     def _result(self, history: list[dict[str, Any]], finished: bool) -> TrainResult:
+        if self.logs is not None and history:
+            try:
+                from .figures import curves_figure
+            except ImportError:  # matplotlib: pip install matplotlib
+                curves_figure = None  # type: ignore[assignment]
+            curves = curves_figure and curves_figure(self.run_dir / "figures" / "curves.png", self.run_dir / "log.csv")
+            if curves:
+                self.log(f"training curves: {curves}")
         return TrainResult(self.run_dir, self.run_dir / BEST, self.run_dir / CHECKPOINT, self.state, history, finished)
