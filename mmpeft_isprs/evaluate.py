@@ -44,7 +44,7 @@ def eval_config(
     cfg = load_config(values, overrides)
     if config is not None:
         log(f"note: using the experiment saved with {weights} ({cfg.name}); {config} is not read, key=value overrides apply")
-    return dataclasses.replace(cfg, model_preset=preset)
+    return cfg if cfg.model_preset is not None else dataclasses.replace(cfg, model_preset=preset)
 
 
 def evaluate(
