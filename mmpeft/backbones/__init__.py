@@ -1,22 +1,25 @@
 """Frozen backbones: SAM image encoders and their official checkpoints; torchvision's ViT attention
 with called projections (see docs/backbones.md for every supported family)."""
 
-from .sam import (
+from .sam_build import (
     SAM_SPECS,
-    SamCheckpointError,
     SamImpl,
-    SamLoadReport,
     SamSpec,
     TimmSamEncoder,
     build_sam_encoder,
-    load_sam_checkpoint,
-    read_sam_state_dict,
     replace_spec,
-    resize_pos_embed,
-    resize_rel_pos,
     resolve_sam_spec,
     sam_encoder_grid,
     sam_encoder_impl,
+)
+from .sam_load import (
+    SamCheckpointError,
+    SamLoadReport,
+    load_sam_checkpoint,
+    read_sam_state_dict,
+    resize_pos_embed,
+    resize_rel_pos,
+    zero_rel_pos,
 )
 from .torchvision_vit import ExplicitMultiheadAttention, make_attention_explicit
 
@@ -38,4 +41,5 @@ __all__ = [
     "resolve_sam_spec",
     "sam_encoder_grid",
     "sam_encoder_impl",
+    "zero_rel_pos",
 ]

@@ -304,14 +304,16 @@ def load_sam_checkpoint(
             model_state[key].copy_(value)
     report.loaded = [k for k in model_state if k in to_load]
     if zero_rel_pos:
-        report.zeroed = _zero_rel_pos(encoder)
+        report.zeroed = zero_rel_pos(encoder)
     if report.resized:
         resized = ", ".join(f"{k} {a}->{b}" for k, (a, b) in report.resized.items())
         logger.info("resized %s", resized)
     return report
 
 
-def _zero_rel_pos(encoder: nn.Module) -> list[str]:
+def zero_rel_pos(encoder: nn.Module) -> list[str]:
+    """Zero every relative-position table (``rel_pos_h`` / ``rel_pos_w``) of ``encoder`` in place,
+    as the MFNet authors' published runs did; returns the names of the zeroed tensors."""
     zeroed = []
     with torch.no_grad():
         for name, param in encoder.named_parameters():

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalModel, count_parameters, wrap_multimodal
-from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec
-from mmpeft.backbones.sam_load import _zero_rel_pos  # one implementation; private in the core for now
+from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec, zero_rel_pos
 from mmpeft.checkpointing import enable_gradient_checkpointing
 from mmpeft.reference import per_modality_forward
 from mmpeft.wrap import is_trainable_name, state_mismatches
@@ -40,7 +39,7 @@ def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport |
             pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
         )  # fmt: skip
     elif config.zero_rel_pos:
-        _zero_rel_pos(encoder)
+        zero_rel_pos(encoder)
     options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init")}
     wrapped = wrap_multimodal(
         encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems), fusion=config.fusion,
