@@ -428,10 +428,15 @@ _OPTION_NAMES = _LORA_OPTS | _ADAPTER_OPTS | {"fusion", "lambda_init"}
 def _override(rule: RuleConfig, options: dict[str, Any], explicit: bool) -> RuleConfig:
     names = _LORA_OPTS if isinstance(rule, LoRAConfig) else _ADAPTER_OPTS
     updates = {k: v for k, v in options.items() if k in names and v is not None}
-    if not explicit:
-        updates.pop("placement", None)  # presets fix where adapters go
-        if isinstance(rule, LoRAConfig) and rule.slices is None:
-            updates.pop("slices", None)
+    if not explicit:  # presets fix where adapters go and which outputs LoRA updates
+        fixed = [k for k in ("placement", "slices") if k in updates and updates[k] != getattr(rule, k, None)]
+        if fixed:
+            raise ValueError(
+                f"the preset fixes {fixed} (a rule on {rule.targets!r} has "
+                + ", ".join(f"{k}={getattr(rule, k, None)!r}" for k in fixed)
+                + "); pass targets= to choose them yourself"
+            )
+        updates = {k: v for k, v in updates.items() if k not in ("placement", "slices")}
     # the fusion option sets the cross-modal rule of the mixing parts; "none" disables all mixing
     fusion = options.get("fusion")
     if fusion is not None and (explicit or rule.fusion != "none" or fusion == "none"):

@@ -171,3 +171,10 @@ def test_inductor_compiled_blocks_equal_eager() -> None:
     for (n, p), q in zip(eager.named_parameters(), model.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_preset_refuses_to_override_an_explicit_option() -> None:
+    with pytest.raises(ValueError, match=r"the preset fixes \['placement'\]"):
+        wrap_multimodal(tiny_timm_sam(), ("optical", "dsm"), "adapter", placement="beside")
+    with pytest.raises(ValueError, match=r"the preset fixes \['slices'\]"):
+        wrap_multimodal(tiny_timm_sam(), ("optical", "dsm"), "lora", slices=("k",))
