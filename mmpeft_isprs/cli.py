@@ -3,7 +3,7 @@
 Subcommands::
 
     mmpeft-isprs train CONFIG [key=value ...] [--resume | --overwrite] [--max-steps N]
-    mmpeft-isprs eval CONFIG --weights best.safetensors [key=value ...] [--out DIR]
+    mmpeft-isprs eval CONFIG --weights best.safetensors [key=value ...] [--out DIR] [--subsets]
     mmpeft-isprs predict --weights W --optical FILE|DIR ... [--dsm FILE|DIR ...] --out DIR
     mmpeft-isprs demo [--checkpoint sam_vit_b_01ec64.pth] [--quick] [--out DIR] [--resume [DIR] | --overwrite] [key=value ...]
     mmpeft-isprs generate-synthetic ROOT [--num-tiles 19] [--tile-size 512] [--seed 0]
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.add_argument("--weights", required=True, help="best.safetensors (or any file written by training)")
     p.add_argument("--out", default=None, help="output folder (default <run_dir>/eval_<split>)")
+    p.add_argument("--subsets", action="store_true",
+                   help="score every modality subset (optical+dsm, optical, dsm) of the model, side by side")
 
     p = sub.add_parser("predict", help="label new tiles", description="Index and colour maps for tiles of any size.")
     p.add_argument("--weights", required=True, help="best.safetensors written by training")
@@ -121,7 +123,13 @@ def _eval(args: argparse.Namespace) -> None:
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: {args.weights} not found")
     cfg = eval_config(args.config, args.weights, args.overrides)
-    evaluate(cfg, args.weights, info=init_distributed(cfg.train.device, cfg.train.threads), out_dir=args.out)
+    info = init_distributed(cfg.train.device, cfg.train.threads)
+    if args.subsets:
+        from .runner.subsets import score_subsets
+
+        score_subsets(cfg, args.weights, info=info, out_dir=args.out)
+        return
+    evaluate(cfg, args.weights, info=info, out_dir=args.out)
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 __all__ = ["TrainConfig"]
 
@@ -37,6 +37,10 @@ class TrainConfig:
             and at least every 30 s of training, to any output (files too).
         tensorboard: also log to TensorBoard when it is installed.
         progress: show a progress bar (rank 0).
+        modality_dropout: train with missing modalities: each modality of each sample is absent
+            with this probability (one rate, or ``{modality: rate}``; a sample keeps at least one).
+        nonfinite: NaN / inf in an input: ``"error"`` (names modality, tile, pixels) or
+            ``"absent"`` (that sample's modality is treated as missing).
     """
 
     run_dir: str = "runs/default"
@@ -63,5 +67,7 @@ class TrainConfig:
     log_every: int = 50
     tensorboard: bool = True
     progress: bool = True
+    modality_dropout: Union[float, dict[str, float]] = 0.0
+    nonfinite: Literal["error", "absent"] = "error"
 
 

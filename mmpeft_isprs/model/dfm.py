@@ -29,8 +29,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mmpeft import MultimodalModel
+from mmpeft.presence import Presence, masked_presence, presence_tensor
 
 __all__ = [
     "LayerNorm2dChannels",
@@ -41,6 +45,7 @@ __all__ = [
     "PyramidNorm",
     "resolve_pyramid_norms",
     "convert_reference_dfm_state_dict",
+    "branch_presence",
 ]
 
 PyramidNorm = Literal["layernorm", "batchnorm"]
@@ -157,13 +162,24 @@ class SEFusion(nn.Module):
             raise ValueError(f"num_inputs must be >= 1, got {num_inputs}")
         self.se = nn.ModuleList(SqueezeExcitation(channels, reduction) for _ in range(num_inputs))
 
-    def forward(self, inputs: Sequence[Tensor]) -> Tensor:
-        """inputs: num_inputs tensors (B, C, H, W) of one shape -> (B, C, H, W)."""
-        if len(inputs) != len(self.se):
-            raise ValueError(f"SEFusion expects {len(self.se)} inputs, got {len(inputs)}")
-        out = self.se[0](inputs[0])
-        for se, x in zip(list(self.se)[1:], inputs[1:]):
-            out = out + se(x)
+    def forward(
+        self, inputs: Sequence[Tensor], present: Sequence[int] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """inputs: tensors (B, C, H, W) of one shape -> (B, C, H, W).
+
+        Missing modalities: ``present`` = the indices of the inputs given (default all
+        ``num_inputs``); ``mask``: (S, B) bool per-sample presence. The sum runs over the present
+        branches only: ``out_b = sum_{m present in b} SE_m(x_m)_b`` (no rescaling).
+        """
+        idx = list(range(len(self.se))) if present is None else list(present)
+        if len(inputs) != len(idx):
+            raise ValueError(f"SEFusion expects {len(idx)} inputs, got {len(inputs)}")
+        parts = [self.se[i](x) for i, x in zip(idx, inputs)]
+        if mask is not None:  # an absent sample's branch contributes nothing (where: even a NaN branch)
+            parts = [torch.where(mask[j].view(-1, 1, 1, 1), p, torch.zeros_like(p)) for j, p in enumerate(parts)]
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
         return out
 
 
@@ -220,10 +236,10 @@ class DeepFusionModule(nn.Module):
             SEFusion(channels, num_modalities, reduction) for _ in range(self.num_levels)
         )
 
-    def _check_inputs(self, features: Sequence[Tensor]) -> None:
+    def _check_inputs(self, features: Sequence[Tensor], expected: int) -> None:
         shapes = [tuple(f.shape) for f in features]
-        if len(features) != self.num_modalities:
-            raise ValueError(f"DFM expects {self.num_modalities} feature maps, got shapes {shapes}")
+        if len(features) != expected or not features:
+            raise ValueError(f"DFM expects {expected} feature maps, got shapes {shapes}")
         first = shapes[0]
         if len(first) != 4 or first[1] != self.channels or any(s != first for s in shapes):
             raise ValueError(
@@ -231,15 +247,20 @@ class DeepFusionModule(nn.Module):
                 f"got shapes {shapes}"
             )
 
-    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+    def forward(
+        self, features: Sequence[Tensor], present: Sequence[int] | None = None, mask: Tensor | None = None
+    ) -> list[Tensor]:
         """features: num_modalities maps (B, C, h, w) (neck outputs, h, w = input / 16).
 
         Returns the fused maps [(B,C,4h,4w), (B,C,2h,2w), (B,C,h,w), (B,C,h//2,w//2)], i.e.
-        levels 1/4, 1/8, 1/16 and 1/32 of the input.
+        levels 1/4, 1/8, 1/16 and 1/32 of the input. Missing modalities: ``present`` = indices
+        of the modalities whose maps are given (default all), ``mask`` (S, B) per-sample presence;
+        only the present branches run and enter the SE fusion (:class:`SEFusion`).
         """
-        self._check_inputs(features)
-        levels = [pyramid(x) for pyramid, x in zip(self.pyramids, features)]  # [M][4] maps
-        return [fusion([lv[i] for lv in levels]) for i, fusion in enumerate(self.fusions)]
+        idx = list(range(self.num_modalities)) if present is None else list(present)
+        self._check_inputs(features, len(idx))
+        levels = [self.pyramids[i](x) for i, x in zip(idx, features)]  # [S][4] maps
+        return [fusion([lv[i] for lv in levels], idx, mask) for i, fusion in enumerate(self.fusions)]
 
 
 _REF_PYRAMID = re.compile(r"^fpn([1-4])([xy])\.(.+)$")
@@ -269,3 +290,15 @@ def convert_reference_dfm_state_dict(state_dict: Mapping[str, Tensor]) -> dict[s
             continue
         raise KeyError(f"not a reference DFM key: {key!r}")
     return out
+
+
+def branch_presence(
+    encoder: MultimodalModel, inputs: Mapping[str, Tensor], presence: Presence | None
+) -> Tensor | None:
+    """The (S, B) per-sample presence of the given ``inputs`` for the DFM: ``presence`` and, when
+    the encoder maps non-finite inputs to absent (``encoder.nonfinite == "absent"``), the samples
+    with NaN / inf. None when every given modality is present in every sample."""
+    names, xs = list(inputs), list(inputs.values())
+    if encoder.nonfinite == "absent":
+        return masked_presence("absent", names, xs, presence)
+    return None if presence is None else presence_tensor(presence, names, xs[0].shape[0], xs[0].device)

@@ -11,12 +11,13 @@ from torch import nn
 from mmpeft import MultimodalModel, count_parameters, wrap_multimodal
 from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec, zero_rel_pos
 from mmpeft.checkpointing import enable_gradient_checkpointing
+from mmpeft.presence import Presence
 from mmpeft.reference import per_modality_forward
 from mmpeft.wrap import is_trainable_name, state_mismatches
 
 from .config import MFNetConfig, check_input_size, global_blocks
 from .decoder import UNetFormerDecoder
-from .dfm import DeepFusionModule, SimplePyramid
+from .dfm import DeepFusionModule, SimplePyramid, branch_presence
 
 __all__ = ["MFNet", "build_mfnet", "build_encoder"]
 
@@ -71,9 +72,16 @@ class MFNet(nn.Module):
             config.decoder_heads, config.num_classes,
         )  # fmt: skip
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """inputs: {modality: (B, c_m, H, W)} with (H, W) = config size -> logits (B, K, H, W)."""
-        first = inputs[self.modalities[0]] if self.modalities[0] in inputs else None
+    def forward(self, inputs: Mapping[str, torch.Tensor], presence: Presence | None = None) -> torch.Tensor:
+        """inputs: {modality: (B, c_m, H, W)} with (H, W) = config size -> logits (B, K, H, W).
+
+        Any non-empty subset of the modalities may be given: only those run, and the DFM fuses the
+        present branches. ``presence``: optional per-sample mask {modality: (B,) bool} (modality
+        dropout; docs/missing_modalities.md).
+        """
+        inputs = inputs if isinstance(inputs, Mapping) else dict(zip(self.modalities, inputs))
+        enc_inputs = {m: inputs[m] for m in self.modalities if inputs.get(m) is not None}
+        first = next(iter(enc_inputs.values()), None)
         if first is not None and tuple(first.shape[-2:]) != self.config.size:
             check_input_size(first.shape[-2:])
             raise ValueError(
@@ -81,14 +89,20 @@ class MFNet(nn.Module):
                 f"(position embeddings are resized once, at build time); got {tuple(first.shape[-2:])}. "
                 "Build it with img_size set to your crop size."
             )
-        enc_inputs = {m: inputs[m] for m in self.modalities} if isinstance(inputs, Mapping) else inputs
+        names = list(enc_inputs)
+        mask = branch_presence(self.encoder, enc_inputs, presence) if enc_inputs else None
+        if self.config.execution == "per_modality" and (mask is not None or len(names) < len(self.modalities)):
+            raise ValueError("execution 'per_modality' needs every modality; use 'batched' for missing modalities")
         if self.config.execution == "per_modality":
             feats = per_modality_forward(self.encoder, enc_inputs)
         else:
-            feats = self.encoder(enc_inputs)
+            feats = self.encoder(enc_inputs, presence=mask)
         # each (B, 256, H/16, W/16); float32 for the trainable DFM when the frozen base runs in bf16
-        maps = [feats[m].float() for m in self.modalities]
-        levels = self.dfm(maps) if self.config.dfm else self.dfm(torch.stack(maps).sum(0))
+        maps = [feats[m].float() for m in names]
+        if self.config.dfm:
+            levels = self.dfm(maps, [self.modalities.index(m) for m in names], mask)
+        else:
+            levels = self.dfm(sum(m if mask is None else m * mask[i].view(-1, 1, 1, 1) for i, m in enumerate(maps)))
         return self.decoder(levels, self.config.size)
 
     def compile_for(self, device: torch.device) -> list[str]:

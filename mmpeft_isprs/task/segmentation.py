@@ -21,6 +21,7 @@ from ..distributed import DistInfo
 from ..inference import autocast
 from ..model import MFNet, build_mfnet
 from .evaluation import EvalResult, evaluate_tileset
+from .subsets import TrainingPresence
 from .weights import save_trained
 
 __all__ = ["SegmentationTask", "build_model", "make_optimizer", "segmentation_loss"]
@@ -68,6 +69,7 @@ class SegmentationTask:
         if t.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp: fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
         self.model = build_model(cfg, self.device)
+        self.presence = TrainingPresence(cfg, self.model, info.rank)  # modality dropout, NaN check (CPU)
         self.net: torch.nn.Module = self.model
         if info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -83,11 +85,12 @@ class SegmentationTask:
 
     def training_step(self, batch: Mapping[str, Any]) -> float:
         """One optimiser step on ``batch`` ({modality: (B, C, H, W), "mask": (B, H, W)}); returns the loss."""
+        presence = self.presence(batch)  # {modality: (B,) bool} or None
         inputs = {m: batch[m].to(self.device, non_blocking=True) for m in self.model.modalities}
         mask = batch["mask"].to(self.device, non_blocking=True)
         self.net.train()
         with autocast(self.cfg.train.amp, self.device):
-            logits = self.net(inputs)  # (B, K, H, W)
+            logits = self.net(inputs, presence=presence)  # (B, K, H, W)
         loss = segmentation_loss(logits, mask)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

@@ -1,0 +1,125 @@
+"""Missing modalities in the ISPRS pipeline (docs/missing_modalities.md).
+
+- :class:`TrainingPresence`: the per-sample presence mask of a training batch: modality dropout
+  (``train.modality_dropout``: one rate or ``{modality: rate}``) and the non-finite check of the
+  CPU batch, naming the tiles (``train.nonfinite``: ``"error"`` or ``"absent"``).
+- :func:`evaluate_subsets` (and :func:`mmpeft_isprs.runner.subsets.score_subsets`): one trained model scored on every non-empty
+  subset of its modalities (optical + DSM, optical alone, DSM alone), reported side by side
+  (``mmpeft-isprs eval CONFIG --weights W --subsets``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mmpeft.presence import NonFiniteInputError, check_finite, dropout_rates, modality_dropout
+
+from ..config import ConfigError, ExperimentConfig
+from ..data import TileSet
+from ..distributed import DistInfo
+from ..model import MFNet
+from .evaluation import EvalResult, evaluate_tileset
+
+__all__ = [
+    "TrainingPresence", "SubsetModel", "modality_subsets", "evaluate_subsets", "format_subsets",
+]
+
+
+class TrainingPresence:
+    """Presence masks for training batches: modality dropout plus the non-finite check.
+
+    The check runs on the CPU batch (before the copy to the device), so the error names the
+    tiles; the model's own check is then switched off (no host sync in the device step).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, model: MFNet, rank: int = 0) -> None:
+        t = cfg.train
+        self.modalities = tuple(model.modalities)
+        try:
+            self.rates = dropout_rates(t.modality_dropout, self.modalities)
+        except ValueError as exc:
+            raise ConfigError(f"train.modality_dropout: {exc}") from exc
+        self.nonfinite = t.nonfinite
+        self.generator = torch.Generator().manual_seed(int(t.seed) * 1000 + 17 + rank)
+        model.encoder.nonfinite = "off"  # checked here, on the CPU batch
+
+    @property
+    def dropout(self) -> bool:
+        """True when some modality is dropped with a positive rate."""
+        return any(p > 0 for p in self.rates.values())
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+        """{modality: (B,) bool} for ``batch`` (CPU tensors), or None when all is present."""
+        inputs = {m: batch[m] for m in self.modalities}
+        names = batch.get("name")
+        tiles = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+        finite = check_finite(inputs, tiles, self.nonfinite)
+        size = next(iter(inputs.values())).shape[0]
+        drop = modality_dropout(self.rates, self.modalities, size, self.generator) if self.dropout else None
+        if finite is None:
+            return drop
+        mask = {m: finite.get(m, torch.ones(size, dtype=torch.bool)) for m in self.modalities}
+        if drop is not None:
+            mask = {m: mask[m] & drop[m] for m in self.modalities}
+        return mask
+
+
+class SubsetModel(nn.Module):
+    """``model`` run on the modalities ``subset`` only (the others are left out of its input)."""
+
+    def __init__(self, model: MFNet, subset: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.subset = model, tuple(subset)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.subset
+
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """{modality: (B, c, H, W)} (extra modalities ignored) -> logits (B, K, H, W)."""
+        return self.model({m: inputs[m] for m in self.subset})
+
+
+def modality_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every non-empty subset, the full set first, then by decreasing size (model order)."""
+    mods = tuple(modalities)
+    return [c for k in range(len(mods), 0, -1) for c in itertools.combinations(mods, k)]
+
+
+def evaluate_subsets(
+    model: MFNet, tiles: TileSet, cfg: ExperimentConfig, *, info: DistInfo | None = None,
+    subsets: Sequence[Sequence[str]] | None = None, log: Callable[[str], None] = print,
+) -> dict[str, EvalResult]:
+    """Score ``model`` on ``tiles`` once per modality subset; {"optical+dsm": result, ...}."""
+    out: dict[str, EvalResult] = {}
+    for subset in subsets or modality_subsets(model.modalities):
+        key = "+".join(subset)
+        try:
+            out[key] = evaluate_tileset(SubsetModel(model, subset), tiles, cfg, info=info)  # type: ignore[arg-type]
+        except NonFiniteInputError as exc:
+            raise NonFiniteInputError(f"evaluating {key} on {tiles.ids}: {exc}") from exc
+        if info is None or info.is_main:
+            log(f"{key}: mIoU {100 * float(out[key].metrics['mIoU']):.2f}  ({out[key].seconds:.1f} s)")
+    return out
+
+
+def format_subsets(results: Mapping[str, EvalResult], metric: str = "IoU") -> str:
+    """Per-class ``metric`` and OA / mF1 / mIoU (in %) of every subset, one column each."""
+    keys = list(results)
+    first = results[keys[0]].metrics
+    classes = list(first[metric])
+    width, label = max(12, *(len(k) + 2 for k in keys)), max(10, *(len(c) + 2 for c in classes))
+    rows = [f"{metric + ' (%)':<{label}}" + "".join(f"{k:>{width}}" for k in keys)]
+    for c in classes:
+        rows.append(f"{c:<{label}}" + "".join(f"{100 * results[k].metrics[metric][c]:>{width}.2f}" for k in keys))
+    for name in ("OA", "mF1", "mIoU"):
+        rows.append(f"{name:<{label}}" + "".join(f"{100 * float(results[k].metrics[name]):>{width}.2f}" for k in keys))
+    return "\n".join(rows)

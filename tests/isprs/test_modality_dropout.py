@@ -1,0 +1,130 @@
+"""Missing modalities in MFNet and the ISPRS pipeline: the DFM over the present branches,
+modality dropout in training, NaN errors naming tiles, and `eval --subsets`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmpeft.presence import NonFiniteInputError
+from mmpeft_isprs.cli import main
+from mmpeft_isprs.config import ConfigError, load_config
+from mmpeft_isprs.distributed import DistInfo
+from mmpeft_isprs.model import build_mfnet
+from mmpeft_isprs.task import SegmentationTask
+from mmpeft_isprs.task.subsets import TrainingPresence, modality_subsets
+
+TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
+              "window_size": 4, "decoder_heads": 2, "img_size": 64}  # fmt: skip
+
+
+def _model():
+    torch.manual_seed(0)
+    model = build_mfnet(**TINY_MODEL, method="adapter", fusion="scalar").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # non-zero adapters and lambdas: the DSM really mixes into the optical branch
+        for n, p in model.encoder.named_parameters():
+            if p.requires_grad and "stem" not in n:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.6 + 0.2 if "lam" in n else torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _inputs(b: int = 2, s: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"optical": torch.rand(b, 3, s, s, generator=g), "dsm": torch.rand(b, 1, s, s, generator=g)}
+
+
+def test_optical_alone_equals_the_documented_rule_by_hand() -> None:
+    """Optical alone: encoder with the optical update only; DFM = SE_optical(pyramid_optical) at every level."""
+    model = _model()
+    x = _inputs()
+    with torch.no_grad():
+        out = model({"optical": x["optical"]})
+        feat = model.encoder({"optical": x["optical"]})["optical"]
+        pyramid, fusions = model.dfm.pyramids[0], model.dfm.fusions
+        levels = [fusions[i].se[0](lv) for i, lv in enumerate(pyramid(feat))]  # the sum over one branch
+        ref = model.decoder(levels, model.config.size)
+        both = model(x)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert (out - both).abs().max() > 1e-4  # the DSM matters when it is there
+
+
+def test_all_ones_presence_equals_the_plain_path_and_per_sample_absence() -> None:
+    model = _model()
+    x = _inputs(b=3)
+    with torch.no_grad():
+        plain = model(x)
+        ones = model(x, presence={"optical": torch.ones(3, dtype=torch.bool), "dsm": torch.ones(3, dtype=torch.bool)})
+        x["dsm"][1] = float("nan")  # a failed sensor: absent in sample 1
+        masked = model(x, presence={"dsm": torch.tensor([True, False, True])})
+        alone = model({"optical": x["optical"][1:2]})
+    assert torch.allclose(plain, ones, atol=1e-6)
+    assert torch.allclose(masked[1:2], alone, atol=1e-5)
+    assert torch.allclose(masked[[0, 2]], plain[[0, 2]], atol=1e-5)
+
+
+def test_gradients_flow_with_modality_dropout() -> None:
+    model = _model().train()
+    out = model(_inputs(b=2), presence={"dsm": torch.tensor([True, False])})
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, g in grads.items() if g is None]
+    assert not missing, missing[:5]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def _task(**train):
+    values = {"data": {"dataset": "synthetic"}, "model": {**TINY_MODEL, "fusion": "scalar", "method": "adapter"},
+              "train": train, "eval": {"stride": 32, "val_stride": 32}}  # fmt: skip
+    return SegmentationTask(load_config(values), DistInfo())
+
+
+def test_training_presence_names_the_tile_and_maps_nan_to_absent() -> None:
+    task = _task(modality_dropout={"dsm": 0.5})
+    g = torch.Generator().manual_seed(0)
+    batch = {**_inputs(b=2), "mask": torch.randint(0, 6, (2, 64, 64), generator=g), "name": ["area1", "area30"]}
+    masks = [task.presence(batch) for _ in range(20)]
+    assert all(m is not None and m["optical"].all() for m in masks)
+    assert 0 < sum(int(m["dsm"].sum()) for m in masks) < 40  # some DSMs dropped, some kept
+    assert torch.isfinite(torch.tensor(task.training_step(batch)))
+    batch["dsm"][1, 0, :4, :4] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=r"dsm in tile 'area30': 16 of 4096 pixels"):
+        task.training_step(batch)
+    absent = _task(nonfinite="absent")
+    mask = absent.presence(batch)
+    assert mask is not None and mask["dsm"].tolist() == [True, False] and mask["optical"].all()
+    assert torch.isfinite(torch.tensor(absent.training_step(batch)))
+
+
+def test_bad_dropout_config_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="train.modality_dropout.*unknown modalities"):
+        _task(modality_dropout={"sar": 0.5})
+    assert isinstance(TrainingPresence, type) and modality_subsets(("optical", "dsm")) == [
+        ("optical", "dsm"), ("optical",), ("dsm",)]
+
+
+TINY = ["model.backbone=vit_tiny", "model.embed_dim=32", "model.num_heads=2", "model.decode_channels=16",
+        "model.window_size=4", "model.decoder_heads=2", "model.img_size=64", "train.epochs=1",
+        "train.batches_per_epoch=2", "train.batch_size=2", "train.num_workers=0", "train.progress=false",
+        "eval.stride=32", "eval.val_stride=64"]  # fmt: skip
+
+
+def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate-synthetic", str(tmp_path / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "tiny", "data": {"dataset": "synthetic", "root": str(tmp_path / "data"),
+                                   "synthetic": {"num_tiles": 3, "tile_size": 96}}}))  # fmt: skip
+    run = [f"train.run_dir={tmp_path / 'run'}", *TINY]
+    assert main(["train", str(cfg), *run, "train.modality_dropout={dsm: 0.5, optical: 0.2}"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(cfg), "--weights", str(tmp_path / "run" / "best.safetensors"), *run, "--subsets"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("IoU (%)"))
+    assert header.split()[2:] == ["optical+dsm", "optical", "dsm"]
+    assert any(line.startswith("mIoU") and len(line.split()) == 4 for line in out.splitlines())
+    saved = json.loads((tmp_path / "run" / "eval_test" / "subsets.json").read_text())["subsets"]
+    assert list(saved) == ["optical+dsm", "optical", "dsm"] and all(0 <= v["mIoU"] <= 1 for v in saved.values())
