@@ -73,7 +73,9 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def is_trainable_name(name: str) -> bool:
-    """True when a parameter name belongs to a mmpeft module (a segment starts with a prefix)."""
+    """True when a parameter name looks like a mmpeft module's (a segment starts with a prefix):
+    for display and grouping only; what trains and is saved is found structurally
+    (:meth:`MultimodalModel.trainable_names`)."""
     return any(part.startswith(TRAINABLE_PREFIXES) for part in name.split("."))
 
 
@@ -203,9 +205,21 @@ class MultimodalModel(nn.Module):
         """(name, layer) of every multimodal layer."""
         return multimodal_layers(self)
 
+    def trainable_names(self) -> set[str]:
+        """State-dict keys of the tensors mmpeft added, found structurally: every entry of a
+        multimodal layer except its ``base_layer``, and the stems (names are not consulted, so a
+        base submodule called ``adapter_x`` stays frozen and unsaved)."""
+        names = {f"stems.{k}" for k in self.stems.state_dict()}
+        for name, layer in self.layers():
+            for child_name, child in layer.named_children():
+                if child_name != "base_layer":
+                    names.update(f"{name}.{child_name}.{k}" for k in child.state_dict())
+        return names
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the tensors mmpeft added (LoRA, adapters, fusion, stems), detached."""
-        return {k: v.detach() for k, v in self.state_dict().items() if is_trainable_name(k)}
+        own = self.trainable_names()
+        return {k: v.detach() for k, v in self.state_dict().items() if k in own}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load tensors saved by :meth:`trainable_state_dict`; mismatches raise naming the keys."""

@@ -178,3 +178,20 @@ def test_preset_refuses_to_override_an_explicit_option() -> None:
         wrap_multimodal(tiny_timm_sam(), ("optical", "dsm"), "adapter", placement="beside")
     with pytest.raises(ValueError, match=r"the preset fixes \['slices'\]"):
         wrap_multimodal(tiny_timm_sam(), ("optical", "dsm"), "lora", slices=("k",))
+
+
+def test_trainables_are_found_structurally_not_by_name() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, 8, 8, 8)
+            self.adapter_head = nn.Linear(8, 8)  # a base module whose name looks like mmpeft's
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.adapter_head(self.fc(self.patch_embed(x).flatten(2).transpose(1, 2)))
+
+    model = wrap_multimodal(Odd(), ("optical", "dsm"), targets=["fc"])
+    saved = model.trainable_state_dict()
+    assert saved and not any(k.startswith("base_model.adapter_head") for k in saved)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(t) for t in model.trainable_tensors()}
