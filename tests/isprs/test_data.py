@@ -271,9 +271,11 @@ def test_dsm_nodata_fill_raise_zero_range_and_global(tmp_path):
     lay = VaihingenLayout()
     with pytest.raises(DataError, match=r"area1.tif.*2 NaN/no-data.*row 0, col 0"):
         TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation(nodata=-9999, fill="raise"))
-    d = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation(nodata=-9999)).load(0)["dsm"][0]
+    with pytest.warns(UserWarning, match=r"\(tile 1\): DSM has 2 NaN/no-data pixel\(s\)"):
+        d = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation(nodata=-9999)).load(0)["dsm"][0]
     assert float(d[0, 0]) == 0.0 and float(d[1, 1]) == 0.0 and float(d[2, 2]) == 1.0 and float(d[3, 3]) == 0.0
-    g = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation("global", min=90, max=130, nodata=-9999)).load(0)["dsm"][0]
+    with pytest.warns(UserWarning):
+        g = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation("global", min=90, max=130, nodata=-9999)).load(0)["dsm"][0]
     assert float(g[3, 3]) == pytest.approx(0.25) and float(g[2, 2]) == pytest.approx(0.5)
     write_tiff(tmp_path / "dsm" / "dsm_09cm_matching_area1.tif", np.full((8, 8), 7.0, np.float32))
     flat = TileSet(lay, tmp_path, ["1"]).load(0)["dsm"]
