@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence, Union
 
 import torch
-import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
 from .layers import only_modality, set_execution
@@ -24,37 +24,19 @@ from .wrap import MultimodalModel
 __all__ = ["per_modality_forward"]
 
 
-def _partition(x: torch.Tensor, ws: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """x: (B, H, W, C) -> windows (B*nW, ws, ws, C), padded (Hp, Wp)."""
-    b, h, w, c = x.shape
-    ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
-    x = F.pad(x, (0, 0, 0, pw, 0, ph))
-    hp, wp = h + ph, w + pw
-    x = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, ws, ws, C)
-    return x.reshape(-1, ws, ws, c), (hp, wp)
-
-
-def _unpartition(win: torch.Tensor, ws: int, pad_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
-    """windows (B*nW, ws, ws, C) -> (B, H, W, C)."""
-    hp, wp = pad_hw
-    b = win.shape[0] // ((hp // ws) * (wp // ws))
-    x = win.view(b, hp // ws, wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
-    return x[:, : hw[0], : hw[1]].contiguous()
-
-
 def _attention_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x + attn(norm1(x)) with window partition, for one modality. x: (B, H, W, C)."""
     h, w = x.shape[1:3]
     y = block.norm1(x)
     ws = int(getattr(block, "window_size", 0))
     if ws > 0:
-        y, pad_hw = _partition(y, ws)
+        y, pad_hw = window_partition(y, ws)  # SAM's own partition (pads to a multiple of ws)
     y = block.attn(y)
     ls1 = getattr(block, "ls1", None)
     if ls1 is not None:
         y = ls1(y)
     if ws > 0:
-        y = _unpartition(y, ws, pad_hw, (h, w))
+        y = window_unpartition(y, ws, pad_hw, (h, w))
     return x + y
 
 

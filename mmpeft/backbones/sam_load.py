@@ -304,7 +304,7 @@ def load_sam_checkpoint(
             model_state[key].copy_(value)
     report.loaded = [k for k in model_state if k in to_load]
     if zero_rel_pos:
-        report.zeroed = zero_rel_pos(encoder)
+        report.zeroed = _zero_tables(encoder)  # (the argument zero_rel_pos shadows the function)
     if report.resized:
         resized = ", ".join(f"{k} {a}->{b}" for k, (a, b) in report.resized.items())
         logger.info("resized %s", resized)
@@ -314,6 +314,10 @@ def load_sam_checkpoint(
 def zero_rel_pos(encoder: nn.Module) -> list[str]:
     """Zero every relative-position table (``rel_pos_h`` / ``rel_pos_w``) of ``encoder`` in place,
     as the MFNet authors' published runs did; returns the names of the zeroed tensors."""
+    return _zero_tables(encoder)
+
+
+def _zero_tables(encoder: nn.Module) -> list[str]:
     zeroed = []
     with torch.no_grad():
         for name, param in encoder.named_parameters():

@@ -97,8 +97,9 @@ class MFNet(nn.Module):
             feats = per_modality_forward(self.encoder, enc_inputs)
         else:
             feats = self.encoder(enc_inputs, presence=mask)
-        # each (B, 256, H/16, W/16); float32 for the trainable DFM when the frozen base runs in bf16
-        maps = [feats[m].float() for m in names]
+        # each (B, 256, H/16, W/16), in the trainable DFM's dtype (float32 when the frozen base runs in bf16)
+        dtype = next(self.dfm.parameters()).dtype
+        maps = [feats[m].to(dtype) for m in names]
         if self.config.dfm:
             levels = self.dfm(maps, [self.modalities.index(m) for m in names], mask)
         else:
