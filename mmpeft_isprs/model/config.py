@@ -46,7 +46,9 @@ class MFNetConfig:
         base_dtype: keep the frozen encoder weights in this dtype ("bf16", "fp16"; None: float32):
             half their memory, no per-step casts under autocast; trainable tensors stay float32.
         compile: "auto" (regional ``torch.compile`` of the encoder blocks on CUDA, none elsewhere),
-            "blocks" (always), "none". Same function as eager; the first step pays the compile time.
+            "blocks" (always), "model" (``torch.compile`` of the whole training forward),
+            "model-ro" (the same with ``mode="reduce-overhead"``: CUDA graphs), "none". Same
+            function as eager; the first step pays the compile time.
         execution: "batched" (one frozen pass over the stacked modalities) or "per_modality"
             (every modality through every layer one after the other: the authors' scheme, for
             benchmarks and checks; same maths).
@@ -150,7 +152,7 @@ def check_input_size(size: Sequence[int]) -> None:
 
 
 #: ``MFNetConfig.compile`` values
-COMPILE_MODES = ("auto", "blocks", "none")
+COMPILE_MODES = ("auto", "blocks", "model", "model-ro", "none")
 
 _OPTICAL = {"modalities": ["optical"]}
 #: Named configurations of every row of the paper's Tables IV and V, plus the authors' exact model.

@@ -106,13 +106,24 @@ class MFNet(nn.Module):
             levels = self.dfm(sum(m if mask is None else m * mask[i].view(-1, 1, 1, 1) for i, m in enumerate(maps)))
         return self.decoder(levels, self.config.size)
 
-    def compile_for(self, device: torch.device) -> list[str]:
-        """Apply ``config.compile`` for a run on ``device`` ("auto": the encoder blocks on CUDA);
-        returns the names of the compiled blocks (empty when nothing is compiled)."""
+    def compile_mode(self, device: torch.device) -> str:
+        """``config.compile`` resolved for a run on ``device`` ("auto": "blocks" on CUDA, else "none")."""
         how = self.config.compile
-        if how == "none" or (how == "auto" and device.type != "cuda"):
-            return []
-        return self.encoder.compile_blocks()
+        return ("blocks" if device.type == "cuda" else "none") if how == "auto" else how
+
+    def compile_for(self, device: torch.device) -> list[str]:
+        """Compile the encoder blocks in place when ``compile_mode(device)`` is "blocks"; returns
+        their names. The whole-model modes are applied by the caller to what it runs
+        (``torch.compile(net)``, see :meth:`compiled`)."""
+        return self.encoder.compile_blocks() if self.compile_mode(device) == "blocks" else []
+
+    def compiled(self, net: nn.Module, device: torch.device) -> nn.Module:
+        """``net`` (this model, or its DDP wrapper) compiled whole when ``compile_mode(device)`` is
+        "model" or "model-ro"; else ``net`` itself."""
+        mode = self.compile_mode(device)
+        if mode not in ("model", "model-ro"):
+            return net
+        return torch.compile(net, mode="reduce-overhead" if mode == "model-ro" else None)  # type: ignore[return-value]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What trains and nothing else: encoder LoRA/adapters/lambdas/stems + DFM + decoder (with BN buffers)."""

@@ -74,6 +74,7 @@ class SegmentationTask:
         if info.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.net = self.model.compiled(self.net, self.device)  # model.compile "model" / "model-ro"
         self.optimizer = make_optimizer(t, [p for p in self.model.parameters() if p.requires_grad])
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(t.milestones), t.gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")

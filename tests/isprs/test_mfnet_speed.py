@@ -47,3 +47,15 @@ def test_compile_switch() -> None:
         MFNetConfig(**TINY, base_dtype="half-ish")
     with pytest.raises(ValueError, match="efficient_attention must be"):
         MFNetConfig(**TINY, efficient_attention="some")  # type: ignore[arg-type]
+
+
+def test_compile_modes_resolve() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert build_mfnet(**TINY).compile_mode(cuda) == "blocks"
+    assert build_mfnet(**TINY).compile_mode(cpu) == "none"
+    model = build_mfnet(**TINY, compile="model")
+    assert model.compile_for(cpu) == []  # nothing compiled in place
+    assert model.compiled(model, cpu) is not model  # the whole forward, compiled lazily
+    blocks = build_mfnet(**TINY, compile="blocks")
+    assert blocks.compile_for(cpu) == ["blocks.0", "blocks.1"]
+    assert blocks.compiled(blocks, cpu) is blocks
