@@ -146,3 +146,54 @@ def test_api_doc_names_every_export() -> None:
         if f"**`{name}`**" not in text
     ]
     assert not missing, f"docs/api.md does not document {missing}"
+
+
+def _demo_docs():
+    """tools/demo_docs.py as a module (a repository script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_docs", ROOT / "tools" / "demo_docs.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_docs_writes_the_summary_into_the_page(tmp_path) -> None:
+    """The script replaces exactly the marked block of docs/isprs.md, and --check sees the difference."""
+    import json
+
+    tool = _demo_docs()
+    text = (DOCS / "isprs.md").read_text()
+    assert tool.HEADER in tool.doc_block(text)
+    summary = {"table": "class  a  b\nmIoU  1.00  2.00", "summary": "DSM gain: mIoU -1.00 points; demo wall time 3.2 min",
+               "quick": False, "checkpoint": None}  # fmt: skip
+    page = tmp_path / "isprs.md"
+    page.write_text(text)
+    (tmp_path / "s.json").write_text(json.dumps(summary))
+    assert tool.main(["--check", "--doc", str(page), str(tmp_path / "s.json")]) == 1
+    assert tool.main(["--doc", str(page), str(tmp_path / "s.json")]) == 0
+    new = page.read_text()
+    assert tool.doc_block(new) == tool.render(summary)
+    outside = text.replace(tool.doc_block(text), "")
+    assert new.replace(tool.render(summary), "") == outside  # nothing else changed
+    later = {**summary, "summary": summary["summary"].replace("3.2 min", "9.9 min")}
+    (tmp_path / "s.json").write_text(json.dumps(later))
+    assert tool.main(["--check", "--doc", str(page), str(tmp_path / "s.json")]) == 0  # the wall time may differ
+
+
+@pytest.mark.slow
+def test_demo_table_in_the_docs_is_what_a_fresh_demo_prints(tmp_path, one_thread) -> None:
+    """A full `mmpeft-isprs demo` (one torch thread, as for the docs; ~7 min on 2 cores) prints the docs' table."""
+    import json
+
+    from mmpeft_isprs.demo import run_demo
+
+    tool = _demo_docs()
+    run_demo(tmp_path / "demo", overrides=["train.threads=1"], log=lambda _: None)
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    block = tool.doc_block((DOCS / "isprs.md").read_text())
+    assert tool.same_results(block, tool.render(summary)), (
+        f"docs/isprs.md's demo table differs from a fresh demo's; update it with\n"
+        f"  python tools/demo_docs.py {tmp_path / 'demo' / 'demo_summary.json'}\ndocs:\n{block}\ndemo:\n{tool.render(summary)}"
+    )
