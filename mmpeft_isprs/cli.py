@@ -8,6 +8,7 @@ Subcommands::
     mmpeft-isprs demo [--checkpoint sam_vit_b_01ec64.pth] [--quick] [--out DIR] [--resume [DIR] | --overwrite] [key=value ...]
     mmpeft-isprs generate-synthetic ROOT [--num-tiles 19] [--tile-size 512] [--seed 0]
     mmpeft-isprs list-configs
+    mmpeft-isprs help [TOPIC [SECTION]]
 
 CONFIG is a YAML file or the name of a bundled config (``list-configs``). Overrides are dotted
 keys with YAML values (``train.lr=0.005``, ``model.modalities=[optical]``); unknown keys,
@@ -33,6 +34,7 @@ EXAMPLES = """examples:
   torchrun --nproc_per_node 4 -m mmpeft_isprs train potsdam_mmlora_vit_l
   mmpeft-isprs eval vaihingen_mmadapter_vit_b --weights runs/vaihingen_mmadapter_vit_b/best.safetensors
   mmpeft-isprs predict --weights best.safetensors --optical top/ --dsm dsm/ --out predictions/
+  mmpeft-isprs help isprs                             # the guide (help lists every page)
 """
 
 
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="regenerate even if the folder holds a data set")
 
     sub.add_parser("list-configs", help="list the bundled configs")
+
+    p = sub.add_parser("help", help="print the documentation (topics, a page, a section)")
+    p.add_argument("topic", nargs="?", help="a page (isprs, quickstart, ...); none: list the pages")
+    p.add_argument("section", nargs="?", help="only the first section whose heading contains this text")
     return parser
 
 
@@ -208,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "help":  # before torch and the isprs extra: works on any install
+        from .help import show_help
+
+        return show_help(args.topic, args.section)
     from .config import ConfigError
     from .data import DataError
 

@@ -105,8 +105,8 @@ def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
     root = Path(data.root)
     if not root.is_dir():
         raise ConfigError(
-            f"data.root: folder {root} not found (dataset {data.dataset}); see docs/isprs.md for the "
-            "expected layout, or set data.root=/path/to/data"
+            f"data.root: folder {root} not found (dataset {data.dataset}); `mmpeft-isprs help isprs layouts` shows the "
+            "expected layout; or set data.root=/path/to/data"
         )
     try:
         layout = make_layout(data)
