@@ -9,7 +9,7 @@ from torch import nn
 
 from ..fusion import Fusion, build_fusion, lowrank_mix
 from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
-from .base import MultimodalLayer
+from .base import MultimodalLayer, by_modality
 
 __all__ = ["MultimodalAdapter", "ACTIVATIONS"]
 
@@ -133,8 +133,8 @@ class MultimodalAdapter(MultimodalLayer):
         z: (M*B', ..., in), y: (M*B', ..., out) -> (M*B', ..., out) (or (M, T, out) when y is None).
         """
         mods = self._active()  # the modalities in the batch (all, unless some are missing)
-        m, n_out = len(mods), self.out_features
-        zs = z.reshape(m, -1, self.in_features)  # (M, T, in)
+        m = len(mods)
+        zs = by_modality(z, m)  # (M, T, in)
         wd = torch.stack([self.adapter_down[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, in, hid)
         wu = torch.stack([self.adapter_up[k].weight for k in mods]).to(zs.dtype)  # (M, out, hid)
         if self.adapter_down[mods[0]].bias is not None:
@@ -153,7 +153,7 @@ class MultimodalAdapter(MultimodalLayer):
         w = self._mixing()
         if y is None:
             return lowrank_mix(self.adapter_fusion, g, wu, weights=w)
-        return lowrank_mix(self.adapter_fusion, g, wu, y.reshape(m, -1, n_out), weights=w).view(y.shape)
+        return lowrank_mix(self.adapter_fusion, g, wu, by_modality(y, m), weights=w).view(y.shape)
 
     def _adapt(self, z: torch.Tensor, modality: str) -> torch.Tensor:
         h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))

@@ -12,13 +12,14 @@ import contextlib
 from typing import Iterator, Literal, Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from ..fusion import Fusion, apply_mixing
 from ..verify import check_modalities
 
 __all__ = [
-    "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers", "present_modalities",
+    "by_modality", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers", "present_modalities",
 ]
 
 Execution = Literal["batched", "loop"]
@@ -150,3 +151,9 @@ def present_modalities(
     finally:
         for layer in layers:
             layer._present, layer._presence = None, None
+
+
+def by_modality(x: torch.Tensor, m: int) -> torch.Tensor:
+    """The stacked (M*B', ..., C) tensor as (M, T, C): one row block per modality, every token of
+    it (T = B' times the inner sizes) in a row. A view when ``x`` is contiguous."""
+    return rearrange(x, "(m n) ... c -> m (n ...) c", m=m)

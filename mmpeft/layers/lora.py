@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fusion import Fusion, build_fusion, lowrank_mix
-from .base import MultimodalLayer
+from .base import MultimodalLayer, by_modality
 
 __all__ = ["MultimodalLoRA"]
 
@@ -130,16 +130,16 @@ class MultimodalLoRA(MultimodalLayer):
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         mods = self._active()  # the modalities in the batch (all, unless some are missing)
-        m, n_out = len(mods), self.out_features
+        m = len(mods)
         out = self.base_layer(x)  # (M*B', ..., out)
-        xs = self.lora_dropout(x).reshape(m, -1, self.in_features)  # (M, T, in)
+        xs = by_modality(self.lora_dropout(x), m)  # (M, T, in)
         ranges = self._ranges()
         # all A's of all slices in one batched matmul: (M, T, in) @ (M, in, R) -> (M, T, R), R = S*r
         a_w = torch.stack([torch.cat([self._pair(mod, s)[0].weight for s in ranges], 0) for mod in mods])  # (M, R, in)
         h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype)) * self.scaling  # (M, T, R)
         b_full = torch.stack([self._b_full(mod) for mod in mods]).to(h.dtype)  # (M, out, R)
         # in place into the base output: a linear layer's backward does not need its output
-        mixed = lowrank_mix(self.lora_fusion, h, b_full, out.reshape(m, -1, n_out), inplace=True, weights=self._mixing())
+        mixed = lowrank_mix(self.lora_fusion, h, b_full, by_modality(out, m), inplace=True, weights=self._mixing())
         return mixed.view(out.shape)
 
     def _delta(self, x: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
