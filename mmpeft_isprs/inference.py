@@ -16,6 +16,8 @@ Modes:
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping, Protocol, Sequence
 
 import torch
@@ -111,13 +113,18 @@ def _read_batch(
     source: WindowSource, pos: Sequence[tuple[int, int]], hw: tuple[int, int], window: int,
     device: torch.device | str | None,
 ) -> dict[str, torch.Tensor]:
-    """Windows at ``pos`` -> {name: (B, C, window, window)} on ``device`` (zero-padded)."""
+    """Windows at ``pos`` -> {name: (B, C, window, window)} on ``device`` (zero-padded; through
+    pinned memory to a CUDA device, so the copy overlaps the model's work)."""
     reads = [source.read(y, x, *hw) for y, x in pos]
     pad = (0, window - hw[1], 0, window - hw[0])
-    return {
-        name: F.pad(torch.stack([r[name] for r in reads]).float(), pad).to(device)
-        for name in reads[0]
-    }
+    cuda = torch.device(device).type == "cuda" if device is not None else False
+    out = {}
+    for name in reads[0]:
+        t = F.pad(torch.stack([r[name] for r in reads]).float(), pad)
+        if cuda and t.device.type == "cpu":
+            t = t.pin_memory().to(device, non_blocking=True)
+        out[name] = t.to(device)
+    return out
 
 
 def _accumulate(
@@ -151,6 +158,8 @@ def sliding_window_predict(
     device: torch.device | str | None = None,
     progress: bool = False,
     out_device: torch.device | str = "cpu",
+    accumulate_on: torch.device | str | None = None,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """Predict a whole tile by overlapping windows.
 
@@ -166,7 +175,11 @@ def sliding_window_predict(
         tta_flip: also predict the left-right, up-down and both-flipped windows and average.
         device: where the model runs (inputs are moved there batch by batch).
         progress: show a tqdm bar.
-        out_device: where the (K, H, W) accumulators live.
+        out_device: where the returned (K, H, W) scores go.
+        accumulate_on: where the accumulators live (default: ``device`` when it is a GPU, so
+            the windows' scores never leave it; else ``out_device``).
+        prefetch: read (and copy to ``device``) the next batch of windows in a background
+            thread while the model runs on the current one.
 
     Returns:
         (K, H, W) float32 scores on ``out_device``: probabilities (average) or summed logits.
@@ -182,18 +195,32 @@ def sliding_window_predict(
     H, W = source.size  # type: ignore[union-attr]
     hw = (min(window, H), min(window, W))
     positions = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
-    acc = torch.zeros(num_classes, H, W, dtype=torch.float32, device=out_device)
-    count = torch.zeros(H, W, dtype=torch.float32, device=out_device) if mode == "average" else None
-    batches = _batches(positions, batch_size)
+    if accumulate_on is None:
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        accumulate_on = device if on_gpu else out_device
+    acc = torch.zeros(num_classes, H, W, dtype=torch.float32, device=accumulate_on)
+    count = torch.zeros(H, W, dtype=torch.float32, device=accumulate_on) if mode == "average" else None
+    batches = list(_batches(positions, batch_size))
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=-(-len(positions) // batch_size), desc="windows")
-    for pos in batches:
-        batch = _read_batch(source, pos, hw, window, device)  # type: ignore[arg-type]
-        scores = _forward(model_fn, batch, tta_flip, mode, num_classes)[..., : hw[0], : hw[1]]
-        _accumulate(acc, count, scores.to(out_device), pos, hw)
-    return acc.div_(count) if count is not None else acc  # in place: no second (K, H, W)
+        bar = tqdm(total=len(batches), desc="windows")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        read = partial(_read_batch, source, hw=hw, window=window, device=device)  # type: ignore[arg-type]
+        pending = pool.submit(read, batches[0]) if prefetch else None
+        for i, pos in enumerate(batches):
+            batch = pending.result() if pending is not None else read(pos)
+            if prefetch and i + 1 < len(batches):
+                pending = pool.submit(read, batches[i + 1])  # read ahead while the model runs
+            scores = _forward(model_fn, batch, tta_flip, mode, num_classes)[..., : hw[0], : hw[1]]
+            _accumulate(acc, count, scores.to(acc.device), pos, hw)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    out = acc.div_(count) if count is not None else acc  # in place: no second (K, H, W)
+    return out.to(out_device)
 
 
 __all__ = ["sliding_window_predict", "window_starts", "WindowSource", "TensorSource", "ModelFn", "autocast", "model_fn"]

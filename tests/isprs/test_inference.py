@@ -161,3 +161,19 @@ def test_tileset_window_reader_lazy_equals_in_memory(tmp_path):
         a = sliding_window_predict(model, lazy.window_reader(0), 4, window=64, stride=24, mode=mode)
         b = sliding_window_predict(model, inputs, 4, window=64, stride=24, mode=mode)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_read_ahead_and_accumulation_place_change_nothing() -> None:
+    """Windows read ahead in a thread and scores accumulated elsewhere: the same scores, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    inputs = {"optical": torch.rand(3, 50, 70, generator=g), "dsm": torch.rand(1, 50, 70, generator=g)}
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+    def model(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return conv(torch.cat([batch["optical"], batch["dsm"]], 1))
+
+    ref = sliding_window_predict(model, inputs, 3, 32, 12, batch_size=4, prefetch=False)
+    for kw in ({"prefetch": True}, {"prefetch": True, "accumulate_on": "cpu", "out_device": "cpu"}):
+        out = sliding_window_predict(model, inputs, 3, 32, 12, batch_size=4, **kw)  # type: ignore[arg-type]
+        assert torch.equal(out, ref)
+    assert ref.device.type == "cpu" and ref.shape == (3, 50, 70)
