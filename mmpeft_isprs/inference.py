@@ -145,6 +145,46 @@ def _accumulate(
             count_v[y : y + hw[0], x : x + hw[1]] += 1
 
 
+def _check_args(mode: str, window: int, stride: int, batch_size: int) -> None:
+    if mode not in ("average", "logit_sum"):
+        raise ValueError(f"sliding_window_predict: mode must be average or logit_sum, got {mode!r}")
+    if not 1 <= stride <= window or batch_size < 1:
+        raise ValueError(
+            f"sliding_window_predict: need 1 <= stride ({stride}) <= window ({window}) "
+            f"and batch_size ({batch_size}) >= 1"
+        )
+
+
+def _accumulators(
+    k: int, size: tuple[int, int], mode: str, on: torch.device | str | None,
+    device: torch.device | str | None, out_device: torch.device | str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (K, H, W) score and (H, W) count accumulators, on ``on`` (default: the model's GPU,
+    else ``out_device``)."""
+    if on is None:
+        on = device if device is not None and torch.device(device).type == "cuda" else out_device
+    acc = torch.zeros(k, *size, dtype=torch.float32, device=on)
+    return acc, (torch.zeros(*size, dtype=torch.float32, device=on) if mode == "average" else None)
+
+
+def _read_ahead(
+    read: Callable[[Sequence[tuple[int, int]]], dict[str, torch.Tensor]],
+    batches: Sequence[Sequence[tuple[int, int]]], prefetch: bool,
+) -> Iterator[tuple[Sequence[tuple[int, int]], dict[str, torch.Tensor]]]:
+    """(positions, windows) of every batch; with ``prefetch`` the next batch is read in a
+    background thread while the caller works on the current one."""
+    if not prefetch:
+        yield from ((pos, read(pos)) for pos in batches)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, batches[0])
+        for i, pos in enumerate(batches):
+            batch = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(read, batches[i + 1])
+            yield pos, batch
+
+
 @torch.no_grad()
 def sliding_window_predict(
     model_fn: ModelFn,
@@ -184,39 +224,24 @@ def sliding_window_predict(
     Returns:
         (K, H, W) float32 scores on ``out_device``: probabilities (average) or summed logits.
     """
-    if mode not in ("average", "logit_sum"):
-        raise ValueError(f"sliding_window_predict: mode must be average or logit_sum, got {mode!r}")
-    if not 1 <= stride <= window or batch_size < 1:
-        raise ValueError(
-            f"sliding_window_predict: need 1 <= stride ({stride}) <= window ({window}) "
-            f"and batch_size ({batch_size}) >= 1"
-        )
+    _check_args(mode, window, stride, batch_size)
     source = inputs if hasattr(inputs, "read") else TensorSource(inputs)  # type: ignore[arg-type]
     H, W = source.size  # type: ignore[union-attr]
     hw = (min(window, H), min(window, W))
     positions = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
-    if accumulate_on is None:
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        accumulate_on = device if on_gpu else out_device
-    acc = torch.zeros(num_classes, H, W, dtype=torch.float32, device=accumulate_on)
-    count = torch.zeros(H, W, dtype=torch.float32, device=accumulate_on) if mode == "average" else None
+    acc, count = _accumulators(num_classes, (H, W), mode, accumulate_on, device, out_device)
     batches = list(_batches(positions, batch_size))
+    read = partial(_read_batch, source, hw=hw, window=window, device=device)  # type: ignore[arg-type]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(batches), desc="windows")
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        read = partial(_read_batch, source, hw=hw, window=window, device=device)  # type: ignore[arg-type]
-        pending = pool.submit(read, batches[0]) if prefetch else None
-        for i, pos in enumerate(batches):
-            batch = pending.result() if pending is not None else read(pos)
-            if prefetch and i + 1 < len(batches):
-                pending = pool.submit(read, batches[i + 1])  # read ahead while the model runs
-            scores = _forward(model_fn, batch, tta_flip, mode, num_classes)[..., : hw[0], : hw[1]]
-            _accumulate(acc, count, scores.to(acc.device), pos, hw)
-            if bar is not None:
-                bar.update()
+    for pos, batch in _read_ahead(read, batches, prefetch):
+        scores = _forward(model_fn, batch, tta_flip, mode, num_classes)[..., : hw[0], : hw[1]]
+        _accumulate(acc, count, scores.to(acc.device), pos, hw)
+        if bar is not None:
+            bar.update()
     if bar is not None:
         bar.close()
     out = acc.div_(count) if count is not None else acc  # in place: no second (K, H, W)
