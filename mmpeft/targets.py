@@ -189,7 +189,7 @@ def detect_family(model: nn.Module) -> BackboneFamily:
     raise ValueError(
         f"cannot tell which ViT family {type(model).__name__} belongs to (known: "
         + "; ".join(f"{f.name}: {f.required()}" for f in FAMILIES.values())
-        + "); pass `targets=` explicitly, or register a BackboneFamily in mmpeft.FAMILIES (docs/backbones.md)"
+        + "); pass `targets=` explicitly, or register a BackboneFamily in mmpeft.FAMILIES (see help(mmpeft.targets), or `mmpeft-isprs help backbones`)"
     )
 
 

@@ -145,7 +145,7 @@ def checked_call(model: nn.Module, fn: Callable[..., Any], x: torch.Tensor, *arg
         raise WrapError(
             f"{name} was read as an attribute by its host module instead of being called ({err}); the host "
             "uses the original module's tensors directly, so the multimodal update would be bypassed. "
-            "Target another module (docs/backbones.md lists each family's placement)"
+            "Target another module (`mmpeft-isprs help backbones` lists each family's placement)"
         ) from err
     exempt = _run_by_mmpeft(model)
     missing = [n for n, layer in layers if not layer.__dict__.get(_CALLED) and n not in exempt]
