@@ -94,7 +94,7 @@ def timed_interleaved(args: argparse.Namespace, method: str, schemes: list[str])
             failed[s] = f"{type(e).__name__}: {str(e)[:400]}"
             print(f"{method:8s} {s:34s} FAILED {failed[s]}", flush=True)
     frames = _compiled_frames()
-    times: dict[str, list[float]] = {s: [] for s in schemes}
+    times: dict[str, list[float]] = {s: [] for s in steps}  # the schemes that built and ran
     for _ in range(args.steps):
         for s, f in steps.items():
             _sync(args.device)
