@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write  # noqa: E402
-from steps import COMPILE, NAMES, Spec, compile_model, count_ops, make_step  # noqa: E402
+from steps import COMPILE, NAMES, Spec, build_model, count_ops, make_step  # noqa: E402
 
 SCHEMES = NAMES
 _DEFAULTS = {"tile": "2500x2000", "stride": 128, "infer_batch": 8, "threads": 0}
@@ -155,23 +155,14 @@ def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from mmpeft_isprs.inference import sliding_window_predict, window_starts
-    from mmpeft_isprs.model import build_mfnet
 
     name, _, mods = args.scheme.partition("+")
     spec = Spec.parse("ours" + ("+" + mods if mods else ""))
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    kw: dict[str, Any] = dict(backbone=args.backbone, method=args.method, img_size=args.size,
-                              efficient_attention=spec.queries if name != "inference_padded" else False)  # fmt: skip
-    if args.quick:
-        kw.update(embed_dim=64, depth=4, num_heads=2)
-    with dev:
-        model = build_mfnet(**kw).eval()
+    model, run = build_model(args, spec, args.method, efficient_attention=spec.queries if name != "inference_padded" else False)
+    model.eval()
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_of(args))
-    model.encoder.nonfinite = "off"  # no host sync per batch (the pipeline checks tiles when it reads them)
-    if spec.base:
-        model.encoder.set_base_dtype(amp or torch.bfloat16)
-    run = compile_model(model, spec.compile, model.encoder)
     h, w = (int(v) for v in args.tile.split("x"))
     on = dev if dev.type == "cuda" else torch.device("cpu")
     tile = {"optical": torch.rand(3, h, w, device=on), "dsm": torch.rand(1, h, w, device=on)}

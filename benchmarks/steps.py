@@ -134,29 +134,38 @@ def floor_step(args: argparse.Namespace, spec: Spec) -> Callable[[], None]:
     return step
 
 
-def model_step(args: argparse.Namespace, spec: Spec, method: str) -> Callable[[], None]:
-    """One MFNet training step (SGD with momentum, cross-entropy) of ``spec``."""
+def build_model(args: argparse.Namespace, spec: Spec, method: str, **config: Any) -> tuple[Any, Any]:
+    """The MFNet of ``spec`` built directly on ``args.device``: (model, what to call: the model
+    or its compiled form). ``config``: further ``MFNetConfig`` fields."""
     import torch
 
     from mmpeft_isprs.model import build_mfnet
 
-    dev, amp = torch.device(args.device), _dtype(spec.amp_of(args))
-    x, y = _inputs(args, dev)
-    kw: dict[str, Any] = dict(backbone=args.backbone, method=method, img_size=args.size)
+    kw: dict[str, Any] = dict(backbone=args.backbone, method=method, img_size=args.size, **config)
     if args.quick:
         kw.update(embed_dim=64, depth=4, num_heads=2)
-    kw.update(
+    with torch.device(args.device):
+        model = build_mfnet(**kw)
+    model.encoder.nonfinite = "off"  # as the training task does: inputs are checked on the CPU batch
+    if spec.base:
+        model.encoder.set_base_dtype(_dtype(spec.amp_of(args)) or torch.bfloat16)
+    return model, compile_model(model, spec.compile, model.encoder)
+
+
+def model_step(args: argparse.Namespace, spec: Spec, method: str) -> Callable[[], None]:
+    """One MFNet training step (SGD with momentum, cross-entropy) of ``spec``."""
+    import torch
+
+    dev, amp = torch.device(args.device), _dtype(spec.amp_of(args))
+    x, y = _inputs(args, dev)
+    model, run = build_model(
+        args, spec, method,
         impl="segment_anything" if spec.name == "per_modality_sam" else "timm",
         execution="per_modality" if spec.name.startswith("per_modality") else "batched",
         grad_checkpointing=spec.name == "ours_ckpt",
         efficient_attention=spec.queries if spec.name in ("ours", "ours_ckpt") else False,
-    )
-    with dev:
-        model = build_mfnet(**kw).train()
-    model.encoder.nonfinite = "off"  # as the training task does: inputs are checked on the CPU batch
-    if spec.base:
-        model.encoder.set_base_dtype(amp or torch.bfloat16)
-    run = compile_model(model, spec.compile, model.encoder)
+    )  # fmt: skip
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=spec.foreach)
     scaler = torch.amp.GradScaler(enabled=amp == torch.float16)

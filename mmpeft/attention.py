@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import runner_of, set_block_features
+from .blocks import blocks_with, runner_of, set_block_features
 from .layers import MultimodalAdapter, MultimodalLayer
 
 __all__ = [
@@ -264,4 +264,4 @@ def disable_efficient_attention(model: nn.Module) -> int:
 
 def efficient_attention_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks of ``model`` running the efficient forward."""
-    return [n for n, m in model.named_modules() if (r := runner_of(m)) is not None and r.efficient is not None]
+    return blocks_with(model, lambda r: r.efficient is not None)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch.utils.checkpoint as cp
 from torch import nn
 
-__all__ = ["BlockRunner", "runner_of", "set_block_features"]
+__all__ = ["BlockRunner", "runner_of", "set_block_features", "blocks_with"]
 
 #: ``efficient(block, *args, **kwargs)``: an equivalent implementation of the block's forward.
 BlockFn = Callable[..., Any]
@@ -82,3 +82,8 @@ def set_block_features(
         return runner
     vars(block).pop("forward", None)
     return None
+
+
+def blocks_with(model: nn.Module, feature: Callable[[BlockRunner], bool]) -> list[str]:
+    """Names of the modules of ``model`` whose runner has ``feature`` (e.g. ``lambda r: r.checkpoint``)."""
+    return [n for n, m in model.named_modules() if (r := runner_of(m)) is not None and feature(r)]

@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from .blocks import runner_of, set_block_features
+from .blocks import blocks_with, runner_of, set_block_features
 
 __all__ = ["enable_gradient_checkpointing", "disable_gradient_checkpointing", "checkpointed_blocks"]
 
@@ -46,4 +46,4 @@ def disable_gradient_checkpointing(model: nn.Module) -> int:
 
 def checkpointed_blocks(model: nn.Module) -> list[str]:
     """Names of the modules of ``model`` running with gradient checkpointing."""
-    return [n for n, m in model.named_modules() if (r := runner_of(m)) is not None and r.checkpoint]
+    return blocks_with(model, lambda r: r.checkpoint)

@@ -205,16 +205,19 @@ class MultimodalModel(nn.Module):
         """(name, layer) of every multimodal layer."""
         return multimodal_layers(self)
 
-    def trainable_names(self) -> set[str]:
-        """State-dict keys of the tensors mmpeft added, found structurally: every entry of a
-        multimodal layer except its ``base_layer``, and the stems (names are not consulted, so a
-        base submodule called ``adapter_x`` stays frozen and unsaved)."""
-        names = {f"stems.{k}" for k in self.stems.state_dict()}
+    def _own_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, module) of what mmpeft added: the stems and every child of a
+        multimodal layer except its ``base_layer``. The one structural source of trainables."""
+        yield "stems", self.stems
         for name, layer in self.layers():
             for child_name, child in layer.named_children():
                 if child_name != "base_layer":
-                    names.update(f"{name}.{child_name}.{k}" for k in child.state_dict())
-        return names
+                    yield f"{name}.{child_name}", child
+
+    def trainable_names(self) -> set[str]:
+        """State-dict keys of the tensors mmpeft added, found structurally (:meth:`_own_modules`;
+        names are not consulted, so a base submodule called ``adapter_x`` stays frozen and unsaved)."""
+        return {f"{prefix}.{k}" for prefix, module in self._own_modules() for k in module.state_dict()}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the tensors mmpeft added (LoRA, adapters, fusion, stems), detached."""
@@ -307,12 +310,7 @@ class MultimodalModel(nn.Module):
 
     def trainable_tensors(self) -> list[torch.Tensor]:
         """The parameters and buffers mmpeft added (multimodal layers without their base, stems)."""
-        out: list[torch.Tensor] = list(self.stems.parameters()) + list(self.stems.buffers())
-        for _, layer in self.layers():
-            for name, child in layer.named_children():
-                if name != "base_layer":
-                    out += list(child.parameters()) + list(child.buffers())
-        return out
+        return [t for _, module in self._own_modules() for t in (*module.parameters(), *module.buffers())]
 
     # ------------------------------------------------------------------ execution
     def set_execution(self, execution: Execution) -> None:
