@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..fusion import Fusion, build_fusion, lowrank_mix
+from ..lowrank import mixed_up, stacked_linear
 from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
 from .base import MultimodalLayer, by_modality
 
@@ -127,33 +128,32 @@ class MultimodalAdapter(MultimodalLayer):
         y, rest = first_output(self.base_layer(x, *args, **kwargs))  # (M*B', ..., out)
         return with_first(self._adapter_update(x if self.placement == "beside" else y, y), rest)
 
-    def _adapter_update(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """y + (mixed) adapter(z), batched over modalities; the increment alone when y is None.
+    def _adapter_update(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + (mixed) adapter(z), batched over modalities.
 
-        z: (M*B', ..., in), y: (M*B', ..., out) -> (M*B', ..., out) (or (M, T, out) when y is None).
+        z: (M*B', ..., in), y: (M*B', ..., out) -> (M*B', ..., out).
         """
         mods = self._active()  # the modalities in the batch (all, unless some are missing)
         m = len(mods)
-        zs = by_modality(z, m)  # (M, T, in)
-        wd = torch.stack([self.adapter_down[k].weight for k in mods]).transpose(1, 2).to(zs.dtype)  # (M, in, hid)
-        wu = torch.stack([self.adapter_up[k].weight for k in mods]).to(zs.dtype)  # (M, out, hid)
-        if self.adapter_down[mods[0]].bias is not None:
-            bd = torch.stack([self.adapter_down[k].bias for k in mods])[:, None].to(zs.dtype)  # (M, 1, hid)
-            g = torch.baddbmm(bd, zs, wd)  # (M, T, hid)
-            bu = torch.stack([self.adapter_up[k].bias for k in mods])[:, :, None].to(zs.dtype)  # (M, out, 1)
-            g = self.adapter_dropout(self.adapter_act(g))
+        downs = [self.adapter_down[k] for k in mods]
+        ups = [self.adapter_up[k] for k in mods]
+        bias = downs[0].bias is not None
+        h = stacked_linear(z, m, [d.weight for d in downs], [d.bias for d in downs] if bias else None)
+        g = self.adapter_dropout(self.adapter_act(h))  # (M, T, hid)
+        fused, w = self._fused_weights()
+        if fused:  # up projections, biases and mixing in one node (a new tensor: for an "after"
+            # adapter y is also the input z its backward needs)
+            b_up = [u.bias for u in ups] if bias else None
+            return mixed_up(y, g, w, [u.weight for u in ups], biases=b_up, scale=self.scale)
+        wu = torch.stack([u.weight for u in ups]).to(g.dtype)  # (M, out, hid)
+        if bias:
+            bu = torch.stack([u.bias for u in ups])[:, :, None].to(g.dtype)  # (M, out, 1)
             # fold the up bias into the GEMM: [g, 1] @ [U, b]^T = U g + b
             g = torch.cat([g, torch.ones_like(g[..., :1])], -1)  # (M, T, hid+1)
             wu = torch.cat([wu, bu], -1)  # (M, out, hid+1)
-        else:
-            g = self.adapter_dropout(self.adapter_act(torch.bmm(zs, wd)))
         if self.scale != 1.0:
             g = g * self.scale
-        # not in place: for an "after" adapter y is also the input z its backward needs
-        w = self._mixing()
-        if y is None:
-            return lowrank_mix(self.adapter_fusion, g, wu, weights=w)
-        return lowrank_mix(self.adapter_fusion, g, wu, by_modality(y, m), weights=w).view(y.shape)
+        return lowrank_mix(self.adapter_fusion, g, wu, by_modality(y, m), weights=self._mixing()).view(y.shape)
 
     def _adapt(self, z: torch.Tensor, modality: str) -> torch.Tensor:
         h = self.adapter_dropout(self.adapter_act(self.adapter_down[modality](z)))

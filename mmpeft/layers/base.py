@@ -74,6 +74,18 @@ class MultimodalLayer(nn.Module):
         w = self._mixing()
         return self._fusion()(d) if w is None else apply_mixing(w, d)
 
+    def _fused_weights(self) -> tuple[bool, torch.Tensor | None]:
+        """Whether the fused nodes of :mod:`mmpeft.lowrank` apply, and their (M, M) mixing weights
+        (None: the identity). They do for a linear rule mixing the whole batch alike; a
+        non-linear rule or per-sample presence takes the general path."""
+        fusion = self._fusion()
+        w = self._mixing()
+        if not fusion.linear or (w is not None and w.dim() != 2):
+            return False, None
+        if not fusion.mixes:
+            return True, None if w is None else w
+        return True, fusion.mixing_matrix() if w is None else w
+
     def _fusion(self) -> Fusion:
         raise NotImplementedError
 

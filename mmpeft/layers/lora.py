@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fusion import Fusion, build_fusion, lowrank_mix
+from ..lowrank import mixed_up, stacked_linear
 from .base import MultimodalLayer, by_modality
 
 __all__ = ["MultimodalLoRA"]
@@ -132,11 +133,16 @@ class MultimodalLoRA(MultimodalLayer):
         mods = self._active()  # the modalities in the batch (all, unless some are missing)
         m = len(mods)
         out = self.base_layer(x)  # (M*B', ..., out)
-        xs = by_modality(self.lora_dropout(x), m)  # (M, T, in)
         ranges = self._ranges()
-        # all A's of all slices in one batched matmul: (M, T, in) @ (M, in, R) -> (M, T, R), R = S*r
-        a_w = torch.stack([torch.cat([self._pair(mod, s)[0].weight for s in ranges], 0) for mod in mods])  # (M, R, in)
-        h = torch.bmm(xs, a_w.transpose(1, 2).to(xs.dtype)) * self.scaling  # (M, T, R)
+        # all A's of all slices in one node: (M*B', ..., in) -> (M, T, R), R = S*r
+        h = stacked_linear(self.lora_dropout(x), m, [self._pair(mod, s)[0].weight for mod in mods for s in ranges])
+        fused, w = self._fused_weights()
+        if fused:  # the B's and the mixing in one node
+            ups = [self._pair(mod, s)[1].weight for mod in mods for s in ranges]
+            r = self.rank
+            cols = [(lo, hi, j * r, (j + 1) * r) for j, (lo, hi) in enumerate(ranges.values())]
+            return mixed_up(out, h, w, ups, cols, scale=self.scaling)
+        h = h * self.scaling
         b_full = torch.stack([self._b_full(mod) for mod in mods]).to(h.dtype)  # (M, out, R)
         # in place into the base output: a linear layer's backward does not need its output
         mixed = lowrank_mix(self.lora_fusion, h, b_full, by_modality(out, m), inplace=True, weights=self._mixing())
