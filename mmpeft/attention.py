@@ -29,7 +29,7 @@ work unchanged, in every execution mode. Outputs equal the stock blocks' to floa
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,18 @@ def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     length = 2 * size - 1
     if rel_pos.shape[0] != length:
         rel_pos = F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()
-    idx = torch.arange(size, device=rel_pos.device)
-    return rel_pos[(idx[:, None] - idx[None, :] + size - 1)]
+    if torch.compiler.is_compiling():  # traced once: no cache
+        idx = torch.arange(size, device=rel_pos.device)
+        return rel_pos[idx[:, None] - idx[None, :] + size - 1]
+    return rel_pos[_rel_index(size, rel_pos.device)]
+
+
+@lru_cache(maxsize=64)
+def _rel_index(size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) index of the relative position i - j in a table of 2*size-1 rows (a constant:
+    built once per size and device, not in every step)."""
+    idx = torch.arange(size, device=device)
+    return idx[:, None] - idx[None, :] + size - 1
 
 
 def _heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
@@ -95,7 +105,8 @@ def _rel_tables(core: nn.Module, k_size: tuple[int, int], dtype: torch.dtype) ->
     of the block (queries on a corner of the grid use their first rows), or None without rel pos."""
     if not getattr(core, "use_rel_pos", False):
         return None
-    return _rel_pos(k_size[0], core.rel_pos_h).to(dtype), _rel_pos(k_size[1], core.rel_pos_w).to(dtype)
+    tables = _rel_pos(k_size[0], core.rel_pos_h), _rel_pos(k_size[1], core.rel_pos_w)
+    return tables if tables[0].dtype == dtype else (tables[0].to(dtype), tables[1].to(dtype))
 
 
 def _attention(

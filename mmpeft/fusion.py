@@ -133,24 +133,26 @@ class ScalarFusion(Fusion):
 
     def __init__(self, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> None:
         super().__init__(modalities)
-        self.mixes = len(self.modalities) > 1
+        m = len(self.modalities)
+        self.mixes = m > 1
         self.lam = nn.ParameterDict()
         if self.mixes:
             for name in self.modalities:
                 self.lam[name] = nn.Parameter(torch.full((1,), float(init), device=device))
+            # W = off + lam[:, None] * (eye - off): the constant parts, built once (not saved)
+            eye = torch.eye(m, device=device)
+            off = (1.0 - eye) / (m - 1)  # mean over the other modalities
+            self.register_buffer("_off", off, persistent=False)
+            self.register_buffer("_diag", eye - off, persistent=False)
 
     def lambdas(self) -> torch.Tensor:
         """(M,) the current lambda values, in modality order."""
         return torch.cat([self.lam[n] for n in self.modalities])
 
     def mixing_matrix(self) -> torch.Tensor:
-        m = len(self.modalities)
         if not self.mixes:
             return torch.eye(1)
-        lam = self.lambdas()  # (M,)
-        eye = torch.eye(m, device=lam.device, dtype=lam.dtype)
-        off = (1.0 - eye) / (m - 1)  # mean over the other modalities
-        return lam[:, None] * eye + (1.0 - lam)[:, None] * off
+        return torch.addcmul(self._off, self.lambdas()[:, None], self._diag)
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         if not self.mixes:

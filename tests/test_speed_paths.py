@@ -194,4 +194,7 @@ def test_trainables_are_found_structurally_not_by_name() -> None:
     model = wrap_multimodal(Odd(), ("optical", "dsm"), targets=["fc"])
     saved = model.trainable_state_dict()
     assert saved and not any(k.startswith("base_model.adapter_head") for k in saved)
-    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(t) for t in model.trainable_tensors()}
+    own = model.trainable_tensors()
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(t) for t in own if t.requires_grad}
+    constants = {id(b) for b in model.buffers()}  # the fusion rules' constant (unsaved) parts
+    assert all(t.requires_grad or id(t) in constants for t in own)
