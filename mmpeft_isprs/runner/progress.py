@@ -9,7 +9,10 @@ redirected ``mmpeft-isprs demo > log`` shows them too (the progress bar is for t
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["StepLog", "MAX_SILENCE", "format_seconds"]
 
@@ -44,17 +47,19 @@ class StepLog:
     def restart(self) -> None:
         """Start a new window (after a pause: validation, checkpoints)."""
         self.t0 = self.clock()
-        self.steps, self.loss, self.wait = 0, 0.0, 0.0
+        self.steps, self.wait = 0, 0.0
+        self.loss: float | torch.Tensor = 0.0
 
-    def update(self, step: int, loss: float, wait: float, lr: float, where: str) -> str | None:
-        """Count one step (``wait``: seconds spent waiting for its batch); the line when one is due."""
+    def update(self, step: int, loss: float | torch.Tensor, wait: float, lr: float, where: str) -> str | None:
+        """Count one step (``wait``: seconds spent waiting for its batch); the line when one is due.
+        ``loss`` may be a device tensor: it is summed there and read only when a line is due."""
         self.steps, self.loss, self.wait = self.steps + 1, self.loss + loss, self.wait + wait
         elapsed = self.clock() - self.t0
         due = (self.every and step % self.every == 0) or elapsed >= MAX_SILENCE or step == self.total
         if not due:
             return None
         rate = self.steps / max(elapsed, 1e-9)
-        line = (f"step {step}/{self.total} ({where}): loss {self.loss / self.steps:.4f}, lr {lr:.3g}, "
+        line = (f"step {step}/{self.total} ({where}): loss {float(self.loss) / self.steps:.4f}, lr {lr:.3g}, "
                 f"{rate * self.images:.1f} img/s, data wait {100 * self.wait / max(elapsed, 1e-9):.0f}%, "
                 f"ETA {format_seconds((self.total - step) / max(rate, 1e-9))}")  # fmt: skip
         self.log(line)

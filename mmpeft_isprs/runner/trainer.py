@@ -76,6 +76,7 @@ class Trainer:
         self.cfg, self.info, self.log = cfg, info, log
         self.run_dir = Path(cfg.train.run_dir)
         self.state = TrainState()
+        self._pending: torch.Tensor | None = None  # losses of this epoch not yet read from the device
 
     def fit(
         self, task: SegmentationTask, data: ISPRSDataModule, *, resume: dict[str, Any] | None = None,
@@ -125,15 +126,17 @@ class Trainer:
                    disable=None if self.info.is_main and t.progress else True,  # None: off when not a terminal
                    dynamic_ncols=True, leave=False)  # fmt: skip
         self.steps.restart()
-        t0 = time.perf_counter()
+        t0 = shown = time.perf_counter()
         batches = iter(self.data.train_loader(s.epoch, s.batch))
         while (batch := _next_timed(batches)) is not None:
-            loss = self.task.training_step(batch[0])
-            s.loss_sum += loss
+            loss = self.task.training_step(batch[0])  # a device tensor: read only when shown
+            self._pending = loss if self._pending is None else self._pending + loss
             s.batch, s.step = s.batch + 1, s.step + 1
             elapsed = s.seconds + time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{s.loss_sum / s.batch:.4f}", img_s=f"{s.batch * t.batch_size / max(elapsed, 1e-9):.1f}")
+            if not bar.disable and time.perf_counter() - shown >= 1.0:  # the bar's loss: once a second
+                shown = time.perf_counter()
+                bar.set_postfix(loss=f"{self._fold() / s.batch:.4f}", img_s=f"{s.batch * t.batch_size / max(elapsed, 1e-9):.1f}")
             if self.info.is_main:
                 self.steps.update(s.step, loss, batch[1], self.task.lr, f"epoch {s.epoch + 1}/{t.epochs}, batch {s.batch}/{t.batches_per_epoch}")
             done = s.batch >= t.batches_per_epoch
@@ -162,7 +165,7 @@ class Trainer:
     def _end_epoch(self) -> dict[str, Any]:
         t, s, info = self.cfg.train, self.state, self.info
         lr = self.task.lr
-        loss = float(sum_tensor(torch.tensor([s.loss_sum], dtype=torch.float64, device=info.device)).item())
+        loss = float(sum_tensor(torch.tensor([self._fold()], dtype=torch.float64, device=info.device)).item())
         loss /= max(1, t.batches_per_epoch * info.world_size)
         epoch = s.epoch + 1
         self.task.end_epoch()
@@ -189,7 +192,16 @@ class Trainer:
         self._save()
         return row
 
+    def _fold(self) -> float:
+        """The epoch's loss sum so far: the losses not yet read are added to it (this waits for
+        the device; done when a number is shown or saved, never inside the step)."""
+        if self._pending is not None:
+            self.state.loss_sum += float(self._pending)
+            self._pending = None
+        return self.state.loss_sum
+
     def _save(self) -> None:
+        self._fold()
         save_checkpoint(self.run_dir / CHECKPOINT, self.task, self.state, self.cfg, self.info)
 
     def _result(self, history: list[dict[str, Any]], finished: bool) -> TrainResult:

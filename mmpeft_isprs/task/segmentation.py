@@ -84,8 +84,12 @@ class SegmentationTask:
         """The current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def training_step(self, batch: Mapping[str, Any]) -> float:
-        """One optimiser step on ``batch`` ({modality: (B, C, H, W), "mask": (B, H, W)}); returns the loss."""
+    def training_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """One optimiser step on ``batch`` ({modality: (B, C, H, W), "mask": (B, H, W)}).
+
+        Returns the loss as a 0-dim tensor on the model's device, not a number: reading it waits
+        for the device, so the step itself never does (the host queues the next step while the
+        GPU computes this one); the runner reads the losses when it logs."""
         presence = self.presence(batch)  # {modality: (B,) bool} or None
         inputs = {m: batch[m].to(self.device, non_blocking=True) for m in self.model.modalities}
         mask = batch["mask"].to(self.device, non_blocking=True)
@@ -97,7 +101,7 @@ class SegmentationTask:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return loss.detach()
 
     def evaluation_step(self, tiles: TileSet, info: DistInfo, stride: int | None = None) -> EvalResult:
         """Sliding-window scores of the model on every tile of ``tiles`` (validation)."""

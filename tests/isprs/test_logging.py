@@ -7,9 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmpeft_isprs.data import generate_synthetic_vaihingen
 from mmpeft_isprs.runner.progress import MAX_SILENCE, StepLog, format_seconds
+from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.train import train
 from tests.isprs.test_train import tiny_config
 
@@ -74,3 +76,38 @@ def test_training_prints_progress_lines_and_header(data_root: Path, tmp_path: Pa
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["train"]["log_every"] == 2 and run["threads"]["threads"] >= 1
     assert set(run["versions"]) == {"python", "torch", "mmpeft"} and run["device"] == "cpu"
+
+
+class _CountedLoss(torch.Tensor):
+    """A loss tensor that counts how often the host reads a number out of it."""
+
+    reads = 0
+
+    def __float__(self) -> float:
+        type(self).reads += 1
+        return super().__float__()
+
+    def item(self) -> float:  # type: ignore[override]
+        type(self).reads += 1
+        return super().item()
+
+
+def test_losses_are_read_at_log_time_not_every_step(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """The step returns a device tensor and the runner reads it only for a line, a checkpoint or
+    the epoch's mean: no host synchronisation per step (issue 9)."""
+    real = SegmentationTask.training_step
+    seen: list[torch.Tensor] = []
+
+    def step(self, batch):  # type: ignore[no-untyped-def]
+        loss = real(self, batch)
+        seen.append(loss)
+        return loss.as_subclass(_CountedLoss)
+
+    monkeypatch.setattr(SegmentationTask, "training_step", step)
+    _CountedLoss.reads = 0
+    out: list[str] = []
+    train(tiny_config(data_root, tmp_path / "run", epochs=1, batches_per_epoch=6, log_every=100), log=out.append)
+    assert len(seen) == 6 and all(isinstance(x, torch.Tensor) and x.dim() == 0 for x in seen)
+    assert _CountedLoss.reads == 2  # the run's last line and the epoch's mean, not one per step
+    line = next(x for x in out if LINE.match(x))
+    assert f"loss {sum(float(x) for x in seen) / 6:.4f}" in line  # the line still shows the mean

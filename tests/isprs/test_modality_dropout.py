@@ -90,14 +90,14 @@ def test_training_presence_names_the_tile_and_maps_nan_to_absent() -> None:
     masks = [task.presence(batch) for _ in range(20)]
     assert all(m is not None and m["optical"].all() for m in masks)
     assert 0 < sum(int(m["dsm"].sum()) for m in masks) < 40  # some DSMs dropped, some kept
-    assert torch.isfinite(torch.tensor(task.training_step(batch)))
+    assert torch.isfinite(task.training_step(batch))
     batch["dsm"][1, 0, :4, :4] = float("nan")
     with pytest.raises(NonFiniteInputError, match=r"dsm in tile 'area30': 16 of 4096 pixels"):
         task.training_step(batch)
     absent = _task(nonfinite="absent")
     mask = absent.presence(batch)
     assert mask is not None and mask["dsm"].tolist() == [True, False] and mask["optical"].all()
-    assert torch.isfinite(torch.tensor(absent.training_step(batch)))
+    assert torch.isfinite(absent.training_step(batch))
 
 
 def test_bad_dropout_config_is_a_config_error() -> None:

@@ -38,7 +38,7 @@ def test_matrix_fusion_reaches_the_encoder_and_learns(method: str) -> None:
     assert any(isinstance(m, MatrixFusion) for m in task.model.modules())
     before = {n: p.detach().clone() for n, p in mixes.items()}
     losses = [task.training_step(_batch(i)) for i in range(3)]  # weight decay 0: only gradients move them
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(torch.stack(losses)))
     assert any(not torch.equal(before[n], p) for n, p in mixes.items()), "the mixing matrices never changed"
     assert set(mixes) <= set(task.model.trainable_state_dict())  # saved with the weights
 
