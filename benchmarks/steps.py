@@ -13,6 +13,8 @@ A spec is a scheme name with optional ``+modifiers``, e.g. ``ours+bf16+base+comp
   (``torch.compile`` of the whole model), ``compile=model-ro`` (``mode="reduce-overhead"``:
   CUDA graphs);
 - ``queries=real|all|auto``: the windows' attention calls of ``mmpeft.attention``;
+- ``relpos=mask|channels|auto``: how ``mmpeft.attention`` adds the relative positions (an
+  additive mask, or extra query/key channels with no mask);
 - ``foreach``: the optimizer's multi-tensor implementation (a few kernels per step instead of
   a few per tensor; the default on CUDA, not on CPU).
 """
@@ -37,6 +39,7 @@ class Spec:
     base: bool = False
     compile: str = "none"
     queries: str = "auto"
+    relpos: str = "auto"
     foreach: bool | None = None
 
     @classmethod
@@ -57,6 +60,8 @@ class Spec:
                 spec.compile = val
             elif key == "queries" and val in ("real", "all", "auto"):
                 spec.queries = val
+            elif key == "relpos" and val in ("mask", "channels", "auto"):
+                spec.relpos = val
             else:
                 raise ValueError(f"unknown modifier {mod!r} in scheme {text!r}")
         return spec
@@ -114,7 +119,7 @@ def floor_step(args: argparse.Namespace, spec: Spec) -> Callable[[], None]:
     with dev:
         encoder = build_sam_encoder(sam, impl="timm", img_size=(args.size, args.size)).requires_grad_(False)
     if spec.name == "floor_efficient":
-        enable_efficient_attention(encoder, spec.queries)
+        enable_efficient_attention(encoder, spec.queries, spec.relpos)
     if spec.base and amp is not None:
         encoder.to(amp)
     stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)  # (2B, 3, H, W)
@@ -147,6 +152,9 @@ def build_model(args: argparse.Namespace, spec: Spec, method: str, **config: Any
     with torch.device(args.device):
         model = build_mfnet(**kw)
     model.encoder.nonfinite = "off"  # as the training task does: inputs are checked on the CPU batch
+    queries = config.get("efficient_attention", True)
+    if spec.relpos != "auto" and queries:
+        model.encoder.enable_efficient_attention("auto" if queries is True else str(queries), spec.relpos)
     if spec.base:
         model.encoder.set_base_dtype(_dtype(spec.amp_of(args)) or torch.bfloat16)
     return model, compile_model(model, spec.compile, model.encoder)

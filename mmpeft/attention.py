@@ -18,8 +18,12 @@ gradient checkpointing):
   the windows are grouped by their real extent (full, cut at the bottom, at the right, both), one
   call each; ``queries="all"``: one call over all the padded windows, cropped afterwards (fewer,
   larger kernels: what a GPU prefers); ``"auto"`` picks per device at run time;
-- attention is ``torch.nn.functional.scaled_dot_product_attention`` with the decomposed
-  relative-position bias as its additive mask (segment-anything's own encoder runs unfused);
+- attention is ``torch.nn.functional.scaled_dot_product_attention`` (segment-anything's own
+  encoder runs unfused) with the decomposed relative-position bias either as its additive mask
+  (``rel_pos="mask"``) or folded into extra query and key channels (``rel_pos="channels"``:
+  ``q' = [s q, bias_h(q), bias_w(q)]``, ``k' = [k, onehot(key row), onehot(key column)]``, so that
+  ``q' . k' = s q . k + bias``): without a mask the fused (flash) kernels apply and no
+  (B, heads, Tq, Tk) bias is stored for the backward; ``"auto"`` picks per device;
 - the output projection (and an adapter placed after the attention) runs on the real tokens only.
 
 Wrapped layers inside (LoRA on qkv, an adapter after the attention, LoRA or adapters on the MLP)
@@ -40,6 +44,7 @@ from .layers import MultimodalAdapter, MultimodalLayer
 
 __all__ = [
     "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",
+    "resolve_rel_pos", "REL_POS",
 ]
 
 #: block classes whose forward is known (qualified names; nothing is imported to check them)
@@ -111,10 +116,11 @@ def _rel_tables(core: nn.Module, k_size: tuple[int, int], dtype: torch.dtype) ->
 
 def _attention(
     core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_size: tuple[int, int],
-    rel: tuple[torch.Tensor, torch.Tensor] | None, training: bool,
+    rel: tuple[torch.Tensor, torch.Tensor] | None, training: bool, rel_pos: str = "mask",
 ) -> torch.Tensor:  # fmt: skip
     """Attention of queries on a ``q_size`` grid (B, nh, Tq, hd) over keys (B, nh, Tk, hd) -> (B, Tq, C).
-    The query grid is the top-left corner of the key grid whose tables ``rel`` holds."""
+    The query grid is the top-left corner of the key grid whose tables ``rel`` holds; ``rel_pos``
+    ("mask" or "channels", see the module doc) is how their bias enters the attention."""
     q_norm, k_norm = getattr(core, "q_norm", None), getattr(core, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
@@ -128,12 +134,55 @@ def _attention(
         rq = q.reshape(b, heads, qh, qw, -1)
         bias_h = torch.einsum("nahwc,hkc->nahwk", rq, rh)
         bias_w = torch.einsum("nahwc,wkc->nahwk", rq, rw)
-        mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, tq, k.shape[2])
+        if rel_pos == "channels":
+            bias = (bias_h.reshape(b, heads, tq, -1), bias_w.reshape(b, heads, tq, -1))
+        else:
+            mask = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, tq, k.shape[2])
     drop = getattr(core, "attn_drop", None)
     p = float(drop.p) if training and isinstance(drop, nn.Dropout) else 0.0
     scale = getattr(core, "scale", None)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+    if rel is not None and rel_pos == "channels":
+        out = _folded_attention(q, k, v, bias, p, q.shape[-1] ** -0.5 if scale is None else scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
     return out.transpose(1, 2).reshape(b, tq, -1)
+
+
+def _folded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor], p: float, scale: float
+) -> torch.Tensor:
+    """SDPA of q (B, nh, Tq, hd) over k, v (B, nh, Tk, hd) with the decomposed relative-position
+    bias ``bias_h[q, key row] + bias_w[q, key column]`` (bias: (B, nh, Tq, kh), (B, nh, Tq, kw))
+    as extra channels: ``[s q, bias_h, bias_w] . [k, onehot(row), onehot(col)]``; no mask.
+    Channels are zero-padded to a multiple of 8 (the fused kernels' alignment) and v to the same
+    width (flash wants one head size), the output cropped back."""
+    b, heads, tk, hd = k.shape
+    kh, kw = bias[0].shape[-1], bias[1].shape[-1]
+    width = hd + kh + kw
+    pad = -width % 8
+    onehot = _key_onehots(kh, kw, k.device, k.dtype)  # (Tk, kh + kw)
+    qq = torch.cat([q * scale, *bias], -1)
+    kk = torch.cat([k, onehot.expand(b, heads, tk, kh + kw)], -1)
+    if pad:
+        qq, kk = F.pad(qq, (0, pad)), F.pad(kk, (0, pad))
+    out = F.scaled_dot_product_attention(qq, kk, F.pad(v, (0, width + pad - hd)), dropout_p=p, scale=1.0)
+    return out[..., :hd]
+
+
+def _key_onehots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(kh*kw, kh + kw): for each key of a kh x kw grid (row-major), one-hot of its row, then of its column."""
+    if torch.compiler.is_compiling():
+        return _onehots(kh, kw, device, dtype)
+    return _cached_onehots(kh, kw, device, dtype)
+
+
+def _onehots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    rows = torch.arange(kh * kw, device=device) // kw
+    cols = torch.arange(kh * kw, device=device) % kw
+    return torch.cat([F.one_hot(rows, kh), F.one_hot(cols, kw)], 1).to(dtype)
+
+
+_cached_onehots = lru_cache(maxsize=64)(_onehots)
 
 
 def _padded_qkv(core: nn.Module, y: torch.Tensor, ws: int) -> tuple[torch.Tensor, int, int]:
@@ -161,7 +210,9 @@ def _groups(size: int, ws: int) -> list[tuple[slice, int]]:
     return [g for g in ((slice(0, n - 1), ws), (slice(n - 1, n), last)) if g[0].stop > g[0].start]
 
 
-def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, queries: str, training: bool) -> torch.Tensor:
+def _windowed_attention(
+    core: nn.Module, y: torch.Tensor, ws: int, queries: str, training: bool, rel_pos: str = "mask"
+) -> torch.Tensor:
     """SAM's windowed attention of y: (N, H, W, C) before the output projection -> (N, H, W, C).
 
     Keys and values cover the padded windows (as in SAM). ``queries="all"``: every window's
@@ -177,7 +228,7 @@ def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, queries: str,
     if queries == "all":
         nh, nw = hp // ws, wp // ws
         q, k, v = _heads(grid.reshape(n * nh * nw, ws * ws, 3 * c), 3, heads)
-        o = _attention(core, q, k, v, (ws, ws), rel, training)  # (N*nH*nW, ws*ws, C)
+        o = _attention(core, q, k, v, (ws, ws), rel, training, rel_pos)  # (N*nH*nW, ws*ws, C)
         o = o.view(n, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hp, wp, c)
         return o[:, :h, :w] if (hp, wp) != (h, w) else o
     rows = []
@@ -188,7 +239,7 @@ def _windowed_attention(core: nn.Module, y: torch.Tensor, ws: int, queries: str,
             a, b = sub.shape[1:3]
             k, v = _heads(sub[..., c:].reshape(n * a * b, ws * ws, 2 * c), 2, heads)  # keys: the padded windows
             q = _heads(sub[:, :, :, :qh, :qw, :c].reshape(n * a * b, qh * qw, c), 1, heads)[0]
-            o = _attention(core, q, k, v, (qh, qw), rel, training)  # (N*a*b, qh*qw, C)
+            o = _attention(core, q, k, v, (qh, qw), rel, training, rel_pos)  # (N*a*b, qh*qw, C)
             cols.append(o.view(n, a, b, qh, qw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, a * qh, b * qw, c))
         rows.append(torch.cat(cols, 2) if len(cols) > 1 else cols[0])
     return torch.cat(rows, 1) if len(rows) > 1 else rows[0]
@@ -202,18 +253,29 @@ def resolve_queries(queries: str, device: torch.device) -> str:
     return queries
 
 
-def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "auto") -> torch.Tensor:
+def resolve_rel_pos(rel_pos: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"mask"`` on CUDA (the measured configuration there; ``"channels"`` awaits a
+    GPU measurement), ``"channels"`` elsewhere (on the CPU the flash kernel then runs the training
+    attention, which refuses a mask that needs a gradient: less memory, measured not slower)."""
+    if rel_pos == "auto":
+        return "mask" if device.type == "cuda" else "channels"
+    return rel_pos
+
+
+def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "auto", rel_pos: str = "auto") -> torch.Tensor:
     """The block's function on x: (N, H, W, C), without work on window padding."""
     n, h, w, c = x.shape
     attn = block.attn
     core = _core(attn)
     ws = int(getattr(block, "window_size", 0) or 0)
     y = block.norm1(x)
+    rel_pos = resolve_rel_pos(rel_pos, x.device)
     if ws > 0:
-        a = _windowed_attention(core, y, ws, resolve_queries(queries, x.device), block.training)
+        a = _windowed_attention(core, y, ws, resolve_queries(queries, x.device), block.training, rel_pos)
     else:
         q, k, v = _heads(core.qkv(y).reshape(n, h * w, -1), 3, int(core.num_heads))
-        a = _attention(core, q, k, v, (h, w), _rel_tables(core, (h, w), y.dtype), block.training).view(n, h, w, c)
+        rel = _rel_tables(core, (h, w), y.dtype)
+        a = _attention(core, q, k, v, (h, w), rel, block.training, rel_pos).view(n, h, w, c)
     a = core.proj(a)  # real tokens only
     proj_drop = getattr(core, "proj_drop", None)
     if proj_drop is not None:
@@ -234,9 +296,10 @@ def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "
 
 
 QUERIES = ("auto", "real", "all")
+REL_POS = ("auto", "mask", "channels")
 
 
-def enable_efficient_attention(model: nn.Module, queries: str = "auto") -> list[str]:
+def enable_efficient_attention(model: nn.Module, queries: str = "auto", rel_pos: str = "auto") -> list[str]:
     """Run the SAM-style blocks of ``model`` padding-free with fused attention (see module doc).
 
     Applies to segment-anything's and timm's SAM ``Block`` (other blocks are left as they are),
@@ -247,16 +310,21 @@ def enable_efficient_attention(model: nn.Module, queries: str = "auto") -> list[
             grouped by window extent: least work), ``"all"`` (one attention call over the padded
             windows, cropped: fewest kernels) or ``"auto"`` (chosen per device at run time, see
             :func:`resolve_queries`).
+        rel_pos: how the relative-position bias enters the attention: ``"mask"`` (SDPA's additive
+            mask), ``"channels"`` (extra query/key channels, no mask: fused kernels, no stored
+            bias) or ``"auto"`` (per device at run time, :func:`resolve_rel_pos`). Same function.
 
     Returns the names of the blocks now running this way (again: a new ``queries`` applies).
     Undo with :func:`disable_efficient_attention`.
     """
     if queries not in QUERIES:
         raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+    if rel_pos not in REL_POS:
+        raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
     names = []
     for name, block in model.named_modules():
         if _supported(block):
-            set_block_features(block, efficient=partial(_efficient_block_forward, queries=queries))
+            set_block_features(block, efficient=partial(_efficient_block_forward, queries=queries, rel_pos=rel_pos))
             names.append(name)
     return names
 

@@ -23,6 +23,7 @@ differentiable once (no double backward).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -36,9 +37,15 @@ Slice = tuple[int, int, int, int]
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the node computes in: autocast's where it is on for x's device, else x's."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
+
+
+def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off inside the node (it casts explicitly); nothing where the device has none."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,7 +59,7 @@ class _StackedLinear(torch.autograd.Function):
         ws, bs = params[:n_weights], params[n_weights:]
         w = _cast(torch.cat(ws, 0), dt).view(m, -1, ws[0].shape[1])  # (M, K, in)
         xc = _cast(x, dt).reshape(m, -1, x.shape[-1])  # (M, T, in)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             if bs:
                 b = _cast(torch.cat(bs, 0), dt).view(m, 1, -1)  # (M, 1, K)
                 h = torch.baddbmm(b, xc, w.transpose(1, 2))
@@ -108,7 +115,7 @@ class _MixedUp(torch.autograd.Function):
         wc = g2 = None
         res = flat.new_empty(base.shape)  # the output in its own storage (a view would be refused)
         out = res.view(m, t, n_out)
-        with torch.autocast(h.device.type, enabled=False):
+        with _no_autocast(h):
             if w is None:  # identity: out_i = base_i + s (h_i @ U_i^T + b_i)
                 u = _stacked_up(ups, slices, m, n_out, k, dt, whole)  # (M, out, K)
                 torch.baddbmm(flat.view(m, t, n_out), hc, u.transpose(1, 2), alpha=scale, out=out)

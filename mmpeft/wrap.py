@@ -239,12 +239,12 @@ class MultimodalModel(nn.Module):
         print(trainable_summary(self))
 
     # ------------------------------------------------------------------ block features
-    def enable_efficient_attention(self, queries: str = "auto") -> list[str]:
-        """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.attention`);
-        returns the names of the blocks affected."""
+    def enable_efficient_attention(self, queries: str = "auto", rel_pos: str = "auto") -> list[str]:
+        """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.attention`; ``queries``
+        and ``rel_pos`` as there); returns the names of the blocks affected."""
         from .attention import enable_efficient_attention
 
-        return enable_efficient_attention(self.base_model, queries)
+        return enable_efficient_attention(self.base_model, queries, rel_pos)
 
     def disable_efficient_attention(self) -> int:
         """The stock blocks again; returns how many were changed."""

@@ -123,3 +123,12 @@ def test_argument_errors_name_the_mismatch() -> None:
         mixed_up(torch.randn(2, 4, 5), torch.randn(2, 3, 2), None, [torch.randn(5, 2)] * 2)
     with pytest.raises(ValueError, match="up weights for 2 modalities x 1 slices"):
         mixed_up(torch.randn(2, 3, 5), torch.randn(2, 3, 2), torch.randn(2, 2), [torch.randn(5, 2)])
+
+
+def test_nodes_run_on_the_meta_device() -> None:
+    """Shapes flow through on a device without autocast (models built on meta, then materialised)."""
+    x = torch.empty(4, 3, 8, device="meta")
+    ws = [torch.empty(2, 8, device="meta", requires_grad=True) for _ in range(2)]
+    h = stacked_linear(x, 2, ws)
+    out = mixed_up(x, h, None, [torch.empty(8, 2, device="meta") for _ in range(2)])
+    assert h.shape == (2, 6, 2) and out.shape == x.shape and out.device.type == "meta"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmpeft import wrap_multimodal
-from mmpeft.attention import resolve_queries
+from mmpeft.attention import resolve_queries, resolve_rel_pos
 from mmpeft.blocks import runner_of, set_block_features
 
 from .conftest import tiny_timm_sam
@@ -72,9 +72,13 @@ def test_base_dtype_names_are_checked() -> None:
 
 @pytest.mark.parametrize("preset", ["mmadapter", "mmlora", "mmadapter_authors"])
 def test_attention_query_modes_match_stock_blocks(preset: str) -> None:
+    """Both query modes with both ways of adding the relative positions (an additive mask, or
+    extra q/k channels) equal the stock blocks: outputs and every trainable gradient."""
     results = []
-    for mode in (False, "real", "all"):
-        model = _model(preset, efficient_attention=mode).train()
+    for mode in (False, ("real", "mask"), ("real", "channels"), ("all", "mask"), ("all", "channels")):
+        model = _model(preset, efficient_attention=False).train()
+        if mode:
+            assert model.enable_efficient_attention(*mode)
         out = model(X)
         _loss(out).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -84,6 +88,30 @@ def test_attention_query_modes_match_stock_blocks(preset: str) -> None:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         for n in g0:
             torch.testing.assert_close(grads[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_rel_pos_channels_use_no_mask_and_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"channels" calls SDPA without a mask (so that fused kernels may run); "auto" resolves per device."""
+    calls: list[bool] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(k.get("attn_mask") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = _model()
+    model.enable_efficient_attention("all", "channels")
+    model(X)
+    assert calls and not any(calls)
+    calls.clear()
+    model.enable_efficient_attention("all", "mask")
+    model(X)
+    assert calls and all(calls)
+    assert resolve_rel_pos("auto", torch.device("cuda")) == "mask"
+    assert resolve_rel_pos("auto", torch.device("cpu")) == "channels"
+    with pytest.raises(ValueError, match="rel_pos must be one of"):
+        model.enable_efficient_attention("all", "bias")
 
 
 def test_auto_queries_resolve_per_device() -> None:
