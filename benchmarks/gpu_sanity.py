@@ -1,7 +1,8 @@
 """Sanity checks on the benchmark device before timing anything (the first phase of gpu_suite.py).
 
 On a small SAM encoder wrapped with MMAdapter and MMLoRA (random, perturbed trainables), built
-on the device: the efficient attention paths (``queries`` "real" / "all") against the stock
+on the device: the efficient attention paths (``queries`` "real" / "all", ``rel_pos`` "mask" /
+"channels") against the stock
 blocks in fp32; the bf16 frozen base against fp32 autocast; compiled (regional and whole) against
 eager. Writes ``sanity.json`` / ``sanity.md`` (max abs differences relative to the output scale).
 """
@@ -57,7 +58,10 @@ def checks(dev: Any) -> dict[str, float]:
         with torch.no_grad():
             ref = stock(x)["optical"]
             for q in ("real", "all"):
-                res[f"{preset}: queries={q} vs stock blocks, fp32"] = _rel(_model(preset, dev, efficient_attention=q)(x)["optical"], ref)
+                for rel_pos in ("mask", "channels"):
+                    model = _model(preset, dev, efficient_attention=False)
+                    model.enable_efficient_attention(q, rel_pos)
+                    res[f"{preset}: queries={q}, rel_pos={rel_pos} vs stock blocks, fp32"] = _rel(model(x)["optical"], ref)
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 amp = stock(x)["optical"]
             base = _model(preset, dev, base_dtype="bf16")

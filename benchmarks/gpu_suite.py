@@ -1,20 +1,25 @@
-"""Every GPU figure of docs/performance.md in one run (about 8 minutes on one H100), never hanging.
+"""Every GPU figure of docs/performance.md in two calls of under 10 minutes on one H100, never hanging.
 
 Phases, each in its own process under a time limit (a phase that fails or runs out of time is
 recorded and the suite goes on), results into one folder:
 
 1. ``sanity``: device, versions; the bf16 frozen base against fp32 autocast, compiled against
    eager, on a small SAM encoder on the device.
-2. ``train_adapter`` / ``train_lora``: MFNet vit_b training steps at batch 10, the schemes
+2. ``train_adapter`` / ``train_lora``: MFNet vit_b training steps at batch 10, eager, the schemes
    interleaved in one process (``benchmarks/speed.py``): the authors' per-modality scheme in
-   fp32 (b), the frozen floor in bf16 (c), ours in bf16 eager / with the bf16 base / compiled,
-   operator and CUDA-kernel counts per step, compile time, recompilations.
-3. ``memory``: peak CUDA memory of one training step of the six Table VI configurations at batch
-   1 (bf16 base + autocast), and vit_h MMAdapter at batch 10 without checkpointing.
-4. ``inference``: sliding-window inference over a 2500x2000 tile at stride 32 (windows/s).
+   fp32 (b), the frozen floor in bf16 (c), ours with the bf16 frozen base, with the relative
+   positions as a mask and as extra q/k channels; operator and CUDA-kernel counts per step.
+3. ``memory`` / ``memory_channels``: peak CUDA memory of one training step of the six Table VI
+   configurations at batch 1 (bf16 base + autocast), and vit_h MMAdapter at batch 10 without
+   checkpointing; with either way of adding the relative positions.
+4. ``compiled_adapter`` / ``compiled_lora``: the references and ours with regionally compiled
+   encoder blocks (compile time, recompilations).
+5. ``inference``: sliding-window inference over a 2500x2000 tile at stride 32 (windows/s).
+6. ``cuda_graphs``: the whole step compiled with CUDA graphs (``mode="reduce-overhead"``).
 
-    python benchmarks/gpu_suite.py --out results_gpu          # on a CUDA machine
-    python benchmarks/gpu_suite.py --quick --device cpu       # smoke test of the suite itself
+    python benchmarks/gpu_suite.py --group first --out results_gpu    # phases 1-3, about 6 minutes on an H100
+    python benchmarks/gpu_suite.py --group second --out results_gpu   # phases 4-6, about 9 minutes
+    python benchmarks/gpu_suite.py --quick --device cpu               # smoke test of the suite itself
 
 Writes ``<out>/<phase>.json``, ``<out>/<phase>.log`` and ``<out>/summary.md``.
 """
@@ -34,15 +39,21 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 
-TRAIN_ADAPTER = [
-    "per_modality+fp32", "floor+bf16", "ours+bf16", "ours+bf16+base", "ours+bf16+base+queries=real",
-    "ours_padded+bf16+base", "ours+bf16+base+compile=blocks", "ours+bf16+base+compile=model-ro",
+# eager schemes: the references (b) and (c), ours with the frozen bf16 base (relative positions as
+# an additive mask: the measured default on CUDA; as extra q/k channels: the candidate), and
+# ours with the grouped real-query attention (the CPU's choice)
+EAGER = ["per_modality+fp32", "floor+bf16", "ours+bf16+base", "ours+bf16+base+relpos=channels"]
+TRAIN_ADAPTER = [*EAGER, "ours+bf16+base+queries=real"]
+TRAIN_LORA = EAGER
+# compiled schemes in their own phases (cold Inductor compiles take about a minute each): the
+# references again, so that the ratios come from one process
+COMPILED = [
+    "per_modality+fp32", "floor+bf16", "ours+bf16+base+compile=blocks", "ours+bf16+base+relpos=channels+compile=blocks",
 ]  # fmt: skip
-TRAIN_LORA = [
-    "per_modality+fp32", "floor+bf16", "ours+bf16+base", "ours+bf16+base+compile=blocks",
-    "ours+bf16+base+compile=model-ro",
-]  # fmt: skip
-INFERENCE = ["inference+bf16+base", "inference+bf16+base+compile=model-ro"]
+INFERENCE = ["inference+bf16+base", "inference+bf16+base+relpos=channels", "inference+bf16+base+compile=model-ro"]
+#: two calls of at most 10 minutes each cover every phase
+GROUPS = {"first": ["sanity", "train_adapter", "train_lora", "memory", "memory_channels"],
+          "second": ["compiled_adapter", "compiled_lora", "inference", "cuda_graphs"]}  # fmt: skip
 
 
 def phases(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
@@ -52,16 +63,21 @@ def phases(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
     train = [PY, str(HERE / "speed.py"), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", "3",
              "--count-ops", "--no-memory", *common]  # fmt: skip
     tile = "2500x2000" if not args.quick else "300x300"
+    memory = [PY, str(HERE / "memory.py"), "--device", args.device, "--batches", "1", "--extra", "adapter:vit_h:10",
+              "--timeout", "60", "--out", out, *(["--backbones", "vit_b"] if args.quick else [])]  # fmt: skip
     return [
         ("sanity", [PY, str(HERE / "gpu_sanity.py"), "--device", args.device, "--out", out], 75),
-        ("train_adapter", [*train, "--methods", "adapter", "--tag", "gpu_adapter", "--schemes", *TRAIN_ADAPTER], 170),
-        ("train_lora", [*train, "--methods", "lora", "--tag", "gpu_lora", "--schemes", *TRAIN_LORA], 120),
-        ("memory", [PY, str(HERE / "memory.py"), "--device", args.device, "--batches", "1", "--scheme",
-                    "ours+bf16+base", "--extra", "adapter:vit_h:10", "--timeout", "60", "--tag", "gpu", "--out", out,
-                    *(["--backbones", "vit_b"] if args.quick else [])], 90),  # fmt: skip
+        ("train_adapter", [*train, "--methods", "adapter", "--tag", "gpu_adapter", "--schemes", *TRAIN_ADAPTER], 90),
+        ("train_lora", [*train, "--methods", "lora", "--tag", "gpu_lora", "--schemes", *TRAIN_LORA], 80),
+        ("memory", [*memory, "--scheme", "ours+bf16+base", "--tag", "gpu"], 110),
+        ("memory_channels", [*memory, "--scheme", "ours+bf16+base+relpos=channels", "--tag", "gpu_channels"], 110),
+        ("compiled_adapter", [*train, "--methods", "adapter", "--tag", "gpu_compiled_adapter", "--schemes", *COMPILED], 170),
+        ("compiled_lora", [*train, "--methods", "lora", "--tag", "gpu_compiled_lora", "--schemes", *COMPILED], 170),
         ("inference", [PY, str(HERE / "speed.py"), "--inference-only", "--methods", "adapter", "--tile", tile,
                        "--stride", "32", "--infer-batch", "64", "--timeout", "100", "--inference-variants", *INFERENCE,
-                       "--tag", "gpu_inference", *common], 90),  # fmt: skip
+                       "--tag", "gpu_inference", *common], 120),  # fmt: skip
+        ("cuda_graphs", [*train, "--methods", "adapter", "--tag", "gpu_cuda_graphs", "--schemes", "floor+bf16",
+                         "ours+bf16+base+compile=model-ro"], 150),  # fmt: skip
     ]
 
 
@@ -85,7 +101,9 @@ def run_phase(name: str, cmd: list[str], limit: int, out: Path) -> dict[str, Any
 def summary(out: Path, runs: list[dict[str, Any]]) -> str:
     lines = ["# GPU suite", "", "| phase | status | seconds |", "|---|---|---:|"]
     lines += [f"| {r['phase']} | {r['status']} | {r['seconds']} |" for r in runs]
-    for md in ("sanity", "speed_gpu_adapter", "speed_gpu_lora", "memory_gpu", "speed_gpu_inference"):
+    names = ["sanity", "speed_gpu_adapter", "speed_gpu_lora", "memory_gpu", "memory_gpu_channels", "speed_gpu_compiled_adapter",
+             "speed_gpu_compiled_lora", "speed_gpu_inference", "speed_gpu_cuda_graphs"]  # fmt: skip
+    for md in names:
         path = out / f"{md}.md"
         if path.is_file():
             lines += ["", f"## {md}", "", path.read_text().strip()]
@@ -100,12 +118,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget", type=int, default=550, help="seconds for the whole suite; later phases are skipped")
     ap.add_argument("--only", nargs="+", default=None, help="run these phases only")
+    ap.add_argument("--group", choices=sorted(GROUPS), default=None,
+                    help="the phases of one call of at most 10 minutes: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in GROUPS.items()))
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the suite")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start, runs = time.perf_counter(), []
+    only = args.only or (GROUPS[args.group] if args.group else None)
     for name, cmd, limit in phases(args):
-        if args.only and name not in args.only:
+        if only and name not in only:
             continue
         left = args.budget - (time.perf_counter() - start)
         if left < 20:

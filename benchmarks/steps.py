@@ -13,7 +13,7 @@ A spec is a scheme name with optional ``+modifiers``, e.g. ``ours+bf16+base+comp
   (``torch.compile`` of the whole model), ``compile=model-ro`` (``mode="reduce-overhead"``:
   CUDA graphs);
 - ``queries=real|all|auto``: the windows' attention calls of ``mmpeft.attention``;
-- ``relpos=mask|channels|auto``: how ``mmpeft.attention`` adds the relative positions (an
+- ``relpos=mask|channels``: how ``mmpeft.attention`` adds the relative positions (an
   additive mask, or extra query/key channels with no mask);
 - ``foreach``: the optimizer's multi-tensor implementation (a few kernels per step instead of
   a few per tensor; the default on CUDA, not on CPU).
@@ -39,7 +39,7 @@ class Spec:
     base: bool = False
     compile: str = "none"
     queries: str = "auto"
-    relpos: str = "auto"
+    relpos: str = "mask"
     foreach: bool | None = None
 
     @classmethod
@@ -60,7 +60,7 @@ class Spec:
                 spec.compile = val
             elif key == "queries" and val in ("real", "all", "auto"):
                 spec.queries = val
-            elif key == "relpos" and val in ("mask", "channels", "auto"):
+            elif key == "relpos" and val in ("mask", "channels"):
                 spec.relpos = val
             else:
                 raise ValueError(f"unknown modifier {mod!r} in scheme {text!r}")
@@ -153,7 +153,7 @@ def build_model(args: argparse.Namespace, spec: Spec, method: str, **config: Any
         model = build_mfnet(**kw)
     model.encoder.nonfinite = "off"  # as the training task does: inputs are checked on the CPU batch
     queries = config.get("efficient_attention", True)
-    if spec.relpos != "auto" and queries:
+    if spec.relpos != "mask" and queries:
         model.encoder.enable_efficient_attention("auto" if queries is True else str(queries), spec.relpos)
     if spec.base:
         model.encoder.set_base_dtype(_dtype(spec.amp_of(args)) or torch.bfloat16)

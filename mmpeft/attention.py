@@ -23,7 +23,8 @@ gradient checkpointing):
   (``rel_pos="mask"``) or folded into extra query and key channels (``rel_pos="channels"``:
   ``q' = [s q, bias_h(q), bias_w(q)]``, ``k' = [k, onehot(key row), onehot(key column)]``, so that
   ``q' . k' = s q . k + bias``): without a mask the fused (flash) kernels apply and no
-  (B, heads, Tq, Tk) bias is stored for the backward; ``"auto"`` picks per device;
+  (B, heads, Tq, Tk) bias is stored for the backward (on the CPU this measured slower: the mask
+  is the default);
 - the output projection (and an adapter placed after the attention) runs on the real tokens only.
 
 Wrapped layers inside (LoRA on qkv, an adapter after the attention, LoRA or adapters on the MLP)
@@ -44,7 +45,7 @@ from .layers import MultimodalAdapter, MultimodalLayer
 
 __all__ = [
     "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",
-    "resolve_rel_pos", "REL_POS",
+    "REL_POS",
 ]
 
 #: block classes whose forward is known (qualified names; nothing is imported to check them)
@@ -253,23 +254,13 @@ def resolve_queries(queries: str, device: torch.device) -> str:
     return queries
 
 
-def resolve_rel_pos(rel_pos: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"mask"`` on CUDA (the measured configuration there; ``"channels"`` awaits a
-    GPU measurement), ``"channels"`` elsewhere (on the CPU the flash kernel then runs the training
-    attention, which refuses a mask that needs a gradient: less memory, measured not slower)."""
-    if rel_pos == "auto":
-        return "mask" if device.type == "cuda" else "channels"
-    return rel_pos
-
-
-def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "auto", rel_pos: str = "auto") -> torch.Tensor:
+def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "auto", rel_pos: str = "mask") -> torch.Tensor:
     """The block's function on x: (N, H, W, C), without work on window padding."""
     n, h, w, c = x.shape
     attn = block.attn
     core = _core(attn)
     ws = int(getattr(block, "window_size", 0) or 0)
     y = block.norm1(x)
-    rel_pos = resolve_rel_pos(rel_pos, x.device)
     if ws > 0:
         a = _windowed_attention(core, y, ws, resolve_queries(queries, x.device), block.training, rel_pos)
     else:
@@ -296,10 +287,10 @@ def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "
 
 
 QUERIES = ("auto", "real", "all")
-REL_POS = ("auto", "mask", "channels")
+REL_POS = ("mask", "channels")
 
 
-def enable_efficient_attention(model: nn.Module, queries: str = "auto", rel_pos: str = "auto") -> list[str]:
+def enable_efficient_attention(model: nn.Module, queries: str = "auto", rel_pos: str = "mask") -> list[str]:
     """Run the SAM-style blocks of ``model`` padding-free with fused attention (see module doc).
 
     Applies to segment-anything's and timm's SAM ``Block`` (other blocks are left as they are),
@@ -311,8 +302,9 @@ def enable_efficient_attention(model: nn.Module, queries: str = "auto", rel_pos:
             windows, cropped: fewest kernels) or ``"auto"`` (chosen per device at run time, see
             :func:`resolve_queries`).
         rel_pos: how the relative-position bias enters the attention: ``"mask"`` (SDPA's additive
-            mask), ``"channels"`` (extra query/key channels, no mask: fused kernels, no stored
-            bias) or ``"auto"`` (per device at run time, :func:`resolve_rel_pos`). Same function.
+            mask; the default: measured faster and leaner on the CPU) or ``"channels"`` (extra
+            query/key channels, no mask: fused kernels may run, no bias stored for the backward;
+            a candidate for the GPU, not yet measured there). Same function.
 
     Returns the names of the blocks now running this way (again: a new ``queries`` applies).
     Undo with :func:`disable_efficient_attention`.

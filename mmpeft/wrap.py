@@ -239,7 +239,7 @@ class MultimodalModel(nn.Module):
         print(trainable_summary(self))
 
     # ------------------------------------------------------------------ block features
-    def enable_efficient_attention(self, queries: str = "auto", rel_pos: str = "auto") -> list[str]:
+    def enable_efficient_attention(self, queries: str = "auto", rel_pos: str = "mask") -> list[str]:
         """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.attention`; ``queries``
         and ``rel_pos`` as there); returns the names of the blocks affected."""
         from .attention import enable_efficient_attention

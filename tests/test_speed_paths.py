@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmpeft import wrap_multimodal
-from mmpeft.attention import resolve_queries, resolve_rel_pos
+from mmpeft.attention import resolve_queries
 from mmpeft.blocks import runner_of, set_block_features
 
 from .conftest import tiny_timm_sam
@@ -90,8 +90,8 @@ def test_attention_query_modes_match_stock_blocks(preset: str) -> None:
             torch.testing.assert_close(grads[n], g0[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_rel_pos_channels_use_no_mask_and_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"channels" calls SDPA without a mask (so that fused kernels may run); "auto" resolves per device."""
+def test_rel_pos_channels_use_no_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"channels" calls SDPA without a mask (so that fused kernels may run); "mask" (the default) with one."""
     calls: list[bool] = []
     real = torch.nn.functional.scaled_dot_product_attention
 
@@ -101,15 +101,12 @@ def test_rel_pos_channels_use_no_mask_and_resolve_per_device(monkeypatch: pytest
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     model = _model()
+    model(X)
+    assert calls and all(calls)
+    calls.clear()
     model.enable_efficient_attention("all", "channels")
     model(X)
     assert calls and not any(calls)
-    calls.clear()
-    model.enable_efficient_attention("all", "mask")
-    model(X)
-    assert calls and all(calls)
-    assert resolve_rel_pos("auto", torch.device("cuda")) == "mask"
-    assert resolve_rel_pos("auto", torch.device("cpu")) == "channels"
     with pytest.raises(ValueError, match="rel_pos must be one of"):
         model.enable_efficient_attention("all", "bias")
 
