@@ -124,6 +124,8 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start, runs = time.perf_counter(), []
+    earlier = args.out / "suite.json"  # phases of an earlier call into the same folder (--group first)
+    kept = json.loads(earlier.read_text()) if earlier.is_file() else []
     only = args.only or (GROUPS[args.group] if args.group else None)
     for name, cmd, limit in phases(args):
         if only and name not in only:
@@ -133,9 +135,10 @@ def main() -> None:
             runs.append({"phase": name, "status": "skipped (suite budget spent)", "seconds": 0, "command": " ".join(cmd)})
             continue
         runs.append(run_phase(name, cmd, int(min(limit, left)), args.out))
-        (args.out / "suite.json").write_text(json.dumps(runs, indent=2))
-        (args.out / "summary.md").write_text(summary(args.out, runs))
-    print(summary(args.out, runs))
+        every = [r for r in kept if r["phase"] not in {x["phase"] for x in runs}] + runs
+        (args.out / "suite.json").write_text(json.dumps(every, indent=2))
+        (args.out / "summary.md").write_text(summary(args.out, every))
+    print(summary(args.out, [r for r in kept if r["phase"] not in {x["phase"] for x in runs}] + runs))
 
 
 if __name__ == "__main__":

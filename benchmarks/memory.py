@@ -53,6 +53,7 @@ def main() -> None:
             r: dict[str, Any] = run_scheme(ns, method, args.scheme)
         except RuntimeError as e:  # one configuration out of memory or time must not lose the others
             print(f"{method} {backbone} batch {batch}: {str(e)[-500:]}", flush=True)
+            data[f"{method}_{backbone}_b{batch}"] = {"error": str(e)[-500:]}
             rows.append(f"| MM{'Adapter' if method == 'adapter' else 'LoRA'} {backbone} | {batch} | failed | | | |")
             continue
         paper = PAPER_MB[(method, backbone)]

@@ -197,8 +197,10 @@ def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, 
     if getattr(args, "timeout", 0):
         cmd = ["timeout", "-k", "10", str(args.timeout)] + cmd
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if res.returncode in (124, 137) and getattr(args, "timeout", 0):
+        raise RuntimeError(f"{method}/{scheme} timed out after {args.timeout} s (--timeout)")
     if res.returncode != 0:
-        raise RuntimeError(f"{method}/{scheme} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{method}/{scheme} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
