@@ -52,6 +52,10 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t if scale == 1.0 else t * scale
+
+
 class _StackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, m: int, n_weights: int, *params: torch.Tensor) -> torch.Tensor:
@@ -120,10 +124,10 @@ class _MixedUp(torch.autograd.Function):
                 u = _stacked_up(ups, slices, m, n_out, k, dt, whole)  # (M, out, K)
                 torch.baddbmm(flat.view(m, t, n_out), hc, u.transpose(1, 2), alpha=scale, out=out)
                 if b is not None:
-                    out += (b * scale)[:, None]
+                    out += _scaled(b, scale)[:, None]
             else:
                 # G[i, t, j, c] = s W[i, j] h_j[t, c]: the mixed low-rank activations, (M*T, M*K)
-                wc = _cast(w, dt) * scale
+                wc = _scaled(_cast(w, dt), scale)
                 wr = wc[:, :, None].expand(m, m, k).reshape(m, 1, m * k)  # W[i, j] repeated over c
                 g2 = (wr * hc.transpose(0, 1).reshape(1, t, m * k)).view(m * t, m * k)  # contiguous
                 u = _side_by_side(ups, slices, m, n_out, k, dt, whole)  # (out, M*K), U_j in block j
@@ -145,12 +149,14 @@ class _MixedUp(torch.autograd.Function):
         dsum = d3.sum(1) if b is not None else None  # (M, out)
         need_h = ctx.needs_input_grad[1]
         if wc is None:
-            dh = torch.bmm(d3, u).mul_(scale) if need_h else None
-            if whole:  # (M, out, K) in one GEMM, one contiguous piece per modality
-                dups = list(torch.bmm(d3.transpose(1, 2), hc).mul_(scale).unbind(0))
-            else:  # one GEMM per piece, in the parameters' own layout
-                dups = [scale * (d3[i, :, lo:hi].t() @ hc[i, :, c0:c1]) for i in range(m) for lo, hi, c0, c1 in slices]
-            dbs = list((dsum * scale).unbind(0)) if dsum is not None else []
+            dh = _scaled(torch.bmm(d3, u), scale) if need_h else None
+            du = _scaled(torch.bmm(d3.transpose(1, 2), hc), scale)  # (M, out, K) in one GEMM
+            if whole:  # one contiguous piece per modality
+                dups = list(du.unbind(0))
+            else:  # modality-major pieces, one view per slice and modality
+                per_slice = [du[:, lo:hi, c0:c1].unbind(0) for lo, hi, c0, c1 in slices]
+                dups = [per_slice[j][i] for i in range(m) for j in range(len(slices))]
+            dbs = list(_scaled(dsum, scale).unbind(0)) if dsum is not None else []
             return (dout, dh, None, None, None, None, *dups, *dbs)
         d2 = d3.reshape(m * t, n_out)
         dg = (d2 @ u).view(m, t, m, k)  # dL/dG
@@ -161,21 +167,24 @@ class _MixedUp(torch.autograd.Function):
             dwc = dwc + dsum @ b.t()
         dups = [d2[:, lo:hi].t() @ g2[:, i * k + c0 : i * k + c1] for i in range(m) for lo, hi, c0, c1 in slices]
         dbs = list((wc.t() @ dsum).unbind(0)) if dsum is not None else []
-        return (dout, dh, dwc * scale if scale != 1.0 else dwc, None, None, None, *dups, *dbs)
+        return (dout, dh, _scaled(dwc, scale), None, None, None, *dups, *dbs)
 
 
-def _stacked_up(ups, slices, m, n_out, k, dt, whole):  # type: ignore[no-untyped-def]
+def _stacked_up(
+    ups: Sequence[torch.Tensor], slices: tuple[Slice, ...], m: int, n_out: int, k: int, dt: torch.dtype, whole: bool
+) -> torch.Tensor:
     """(M, out, K): each modality's up weights in their output rows and h columns, zeros elsewhere."""
     if whole:
-        return _cast(torch.stack(ups), dt)
+        return _cast(torch.stack(list(ups)), dt)
     u = torch.zeros(m, n_out, k, dtype=dt, device=ups[0].device)
-    for i in range(m):
-        for j, (lo, hi, c0, c1) in enumerate(slices):
-            u[i, lo:hi, c0:c1] = ups[i * len(slices) + j]
+    for j, (lo, hi, c0, c1) in enumerate(slices):  # one copy per slice, all modalities at once
+        u[:, lo:hi, c0:c1] = torch.stack(list(ups[j :: len(slices)]))
     return u
 
 
-def _side_by_side(ups, slices, m, n_out, k, dt, whole):  # type: ignore[no-untyped-def]
+def _side_by_side(
+    ups: Sequence[torch.Tensor], slices: tuple[Slice, ...], m: int, n_out: int, k: int, dt: torch.dtype, whole: bool
+) -> torch.Tensor:
     """(out, M*K): the modalities' up weights side by side (the column order of G)."""
     if whole:
         return _cast(torch.cat(list(ups), 1), dt)
