@@ -135,10 +135,15 @@ def main() -> None:
             runs.append({"phase": name, "status": "skipped (suite budget spent)", "seconds": 0, "command": " ".join(cmd)})
             continue
         runs.append(run_phase(name, cmd, int(min(limit, left)), args.out))
-        every = [r for r in kept if r["phase"] not in {x["phase"] for x in runs}] + runs
-        (args.out / "suite.json").write_text(json.dumps(every, indent=2))
-        (args.out / "summary.md").write_text(summary(args.out, every))
-    print(summary(args.out, [r for r in kept if r["phase"] not in {x["phase"] for x in runs}] + runs))
+        (args.out / "suite.json").write_text(json.dumps(_merged(kept, runs), indent=2))
+        (args.out / "summary.md").write_text(summary(args.out, _merged(kept, runs)))
+    print(summary(args.out, _merged(kept, runs)))
+
+
+def _merged(kept: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The phases of an earlier call not run again, then this call's."""
+    done = {r["phase"] for r in runs}
+    return [r for r in kept if r["phase"] not in done] + runs
 
 
 if __name__ == "__main__":

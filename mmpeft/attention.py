@@ -35,6 +35,7 @@ work unchanged, in every execution mode. Outputs equal the stock blocks' to floa
 from __future__ import annotations
 
 from functools import lru_cache, partial
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,16 +87,22 @@ def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     length = 2 * size - 1
     if rel_pos.shape[0] != length:
         rel_pos = F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()
-    if torch.compiler.is_compiling():  # traced once: no cache
-        idx = torch.arange(size, device=rel_pos.device)
-        return rel_pos[idx[:, None] - idx[None, :] + size - 1]
-    return rel_pos[_rel_index(size, rel_pos.device)]
+    return rel_pos[_constant(_rel_index, size, rel_pos.device)]
 
 
-@lru_cache(maxsize=64)
+def _constant(build: Callable[..., torch.Tensor], *key: Any) -> torch.Tensor:
+    """The constant tensor ``build(*key)``: built once per key in eager mode (not in every step),
+    built inside the graph while compiling (traced once there)."""
+    return build(*key) if torch.compiler.is_compiling() else _cached(build, *key)
+
+
+@lru_cache(maxsize=128)
+def _cached(build: Callable[..., torch.Tensor], *key: Any) -> torch.Tensor:
+    return build(*key)
+
+
 def _rel_index(size: int, device: torch.device) -> torch.Tensor:
-    """(size, size) index of the relative position i - j in a table of 2*size-1 rows (a constant:
-    built once per size and device, not in every step)."""
+    """(size, size) index of the relative position i - j in a table of 2*size-1 rows."""
     idx = torch.arange(size, device=device)
     return idx[:, None] - idx[None, :] + size - 1
 
@@ -161,7 +168,7 @@ def _folded_attention(
     kh, kw = bias[0].shape[-1], bias[1].shape[-1]
     width = hd + kh + kw
     pad = -width % 8
-    onehot = _key_onehots(kh, kw, k.device, k.dtype)  # (Tk, kh + kw)
+    onehot = _constant(_onehots, kh, kw, k.device, k.dtype)  # (Tk, kh + kw)
     qq = torch.cat([q * scale, *bias], -1)
     kk = torch.cat([k, onehot.expand(b, heads, tk, kh + kw)], -1)
     if pad:
@@ -170,20 +177,12 @@ def _folded_attention(
     return out[..., :hd]
 
 
-def _key_onehots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(kh*kw, kh + kw): for each key of a kh x kw grid (row-major), one-hot of its row, then of its column."""
-    if torch.compiler.is_compiling():
-        return _onehots(kh, kw, device, dtype)
-    return _cached_onehots(kh, kw, device, dtype)
-
-
 def _onehots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(kh*kw, kh + kw): for each key of a kh x kw grid (row-major), one-hot of its row, then of its column."""
     rows = torch.arange(kh * kw, device=device) // kw
     cols = torch.arange(kh * kw, device=device) % kw
     return torch.cat([F.one_hot(rows, kh), F.one_hot(cols, kw)], 1).to(dtype)
 
-
-_cached_onehots = lru_cache(maxsize=64)(_onehots)
 
 
 def _padded_qkv(core: nn.Module, y: torch.Tensor, ws: int) -> tuple[torch.Tensor, int, int]:

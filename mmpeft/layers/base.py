@@ -82,9 +82,9 @@ class MultimodalLayer(nn.Module):
         w = self._mixing()
         if not fusion.linear or (w is not None and w.dim() != 2):
             return False, None
-        if not fusion.mixes:
-            return True, None if w is None else w
-        return True, fusion.mixing_matrix() if w is None else w
+        if w is None and fusion.mixes:
+            w = fusion.mixing_matrix()
+        return True, w  # None: the identity rule over the whole batch
 
     def _fusion(self) -> Fusion:
         raise NotImplementedError
