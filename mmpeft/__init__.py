@@ -9,36 +9,51 @@ __version__ = "0.1.0"
 
 from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig  # noqa: E402
 from .fusion import FUSION_RULES, Fusion, build_fusion, register_fusion  # noqa: E402
-from .io import load_multimodal, save_multimodal  # noqa: E402
+from .io import atomic_write, load_multimodal, save_multimodal  # noqa: E402
 from .layers import MultimodalAdapter, MultimodalLayer, MultimodalLoRA, only_modality, set_execution  # noqa: E402
+from .presence import (  # noqa: E402
+    NonFiniteInputError, Presence, check_finite, dropout_rates, modality_dropout, presence_tensor,
+)
+from .reference import per_modality_forward  # noqa: E402
 from .params import ParamReport, count_parameters, trainable_summary  # noqa: E402
 from .targets import FAMILIES, PRESETS, detect_family, match_targets  # noqa: E402
-from .wrap import MultimodalModel, build_config, wrap_multimodal  # noqa: E402
+from .wrap import MultimodalModel, build_config, is_trainable_name, resolve_dtype, state_mismatches, wrap_multimodal  # noqa: E402
 
 __all__ = [
     "AdapterConfig",
+    "atomic_write",
+    "build_config",
+    "build_fusion",
+    "check_finite",
+    "count_parameters",
+    "detect_family",
+    "dropout_rates",
     "FAMILIES",
-    "FUSION_RULES",
     "Fusion",
+    "FUSION_RULES",
+    "is_trainable_name",
+    "load_multimodal",
     "LoRAConfig",
+    "match_targets",
+    "modality_dropout",
     "MultimodalAdapter",
     "MultimodalConfig",
     "MultimodalLayer",
     "MultimodalLoRA",
     "MultimodalModel",
-    "PRESETS",
-    "ParamReport",
-    "StemConfig",
-    "build_config",
-    "build_fusion",
-    "count_parameters",
-    "detect_family",
-    "load_multimodal",
-    "match_targets",
+    "NonFiniteInputError",
     "only_modality",
+    "ParamReport",
+    "per_modality_forward",
+    "Presence",
+    "presence_tensor",
+    "PRESETS",
     "register_fusion",
+    "resolve_dtype",
     "save_multimodal",
     "set_execution",
+    "state_mismatches",
+    "StemConfig",
     "trainable_summary",
     "wrap_multimodal",
 ]

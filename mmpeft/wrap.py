@@ -133,7 +133,7 @@ class MultimodalModel(nn.Module):
         return self._prepare(inputs, None)[1]
 
     def _prepare(
-        self, inputs: Inputs, presence: Presence | None
+        self, inputs: Inputs, presence: Presence | None, finite_checked: bool = False
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
         """(present modalities, stacked input (S*B, C, ...), (S, B) presence mask or None)."""
         names, xs = self._gather(inputs)
@@ -148,12 +148,34 @@ class MultimodalModel(nn.Module):
                     + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(names, xs))
                     + f" ({m!r} differs from {ref_m!r})"
                 )
-        mask = masked_presence(self.nonfinite, names, xs, presence)  # mmpeft.presence
+        mask = self._mask(names, xs, presence, finite_checked)
         xs = cast_inputs(names, xs, input_dtype(self))  # floating, the stems' / model's dtype
         if mask is not None:  # absent samples enter as zeros (a NaN stand-in must not reach the model)
             xs = [torch.where(mask[i].view(-1, *([1] * (x.dim() - 1))), x, 0) for i, x in enumerate(xs)]
         x = torch.cat([self.stems[m](x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
         return names, (x if self._compute_dtype is None else x.to(self._compute_dtype)), mask
+
+    def _mask(
+        self, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None, finite_checked: bool
+    ) -> torch.Tensor | None:
+        """The (S, B) presence mask of a forward (the one place it is computed; None: all present)."""
+        return masked_presence("off" if finite_checked else self.nonfinite, names, xs, presence)
+
+    def presence_mask(self, inputs: Inputs, presence: Presence | None = None) -> torch.Tensor | None:
+        """The (S, B) bool presence mask a forward on ``inputs`` would use, over the modalities
+        given (model order): ``presence`` combined with the non-finite check of
+        :meth:`set_nonfinite`; None when every sample has every given modality. Pass it back as
+        ``forward(inputs, presence=mask, finite_checked=True)`` so the check is not run twice."""
+        names, xs = self._gather(inputs)
+        return self._mask(names, xs, presence, False)
+
+    def set_nonfinite(self, action: NonFiniteAction) -> None:
+        """What a NaN / inf in an input does: ``"error"`` (default: raise naming the modality),
+        ``"absent"`` (that sample's modality counts as missing) or ``"off"`` (no check, no host
+        sync: the data pipeline checks, e.g. on the CPU)."""
+        if action not in ("error", "absent", "off"):
+            raise ValueError(f"nonfinite must be 'error', 'absent' or 'off', got {action!r}")
+        self.nonfinite = action
 
     def split(self, out: Any, as_dict: bool = True, names: Sequence[str] | None = None) -> Any:
         """Split every tensor of ``out`` (dim 0 = S*B) into one part per modality of ``names``
@@ -175,7 +197,9 @@ class MultimodalModel(nn.Module):
             return dict(zip(names, res_t)) if as_dict else res_t
         raise TypeError(f"cannot split an output of type {type(out).__name__}")
 
-    def forward(self, inputs: Inputs, *args: Any, presence: Presence | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self, inputs: Inputs, *args: Any, presence: Presence | None = None, finite_checked: bool = False, **kwargs: Any
+    ) -> Any:
         """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order.
 
         Any non-empty subset of the modalities may be given (left out of the dict, or None in the
@@ -184,14 +208,20 @@ class MultimodalModel(nn.Module):
         bool}`` (training with modality dropout); an absent sample's update is zero, it neither
         gives nor receives mixing, and its output is not meaningful.
 
+        ``finite_checked``: the inputs were already checked for NaN / inf (e.g. ``presence`` comes
+        from :meth:`presence_mask`), so the check is skipped.
+
         Returns ``{modality: output}`` for the present modalities with a dict input, else a list
         in modality order (present ones only).
         """
-        return self.call("forward", inputs, *args, presence=presence, **kwargs)
+        return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **kwargs)
 
-    def call(self, method: str, inputs: Inputs, *args: Any, presence: Presence | None = None, **kwargs: Any) -> Any:
+    def call(
+        self, method: str, inputs: Inputs, *args: Any, presence: Presence | None = None,
+        finite_checked: bool = False, **kwargs: Any,
+    ) -> Any:  # fmt: skip
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
-        names, x, mask = self._prepare(inputs, presence)
+        names, x, mask = self._prepare(inputs, presence, finite_checked)
         fn = getattr(self.base_model, method)
         if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
             out = checked_call(self, fn, x, *args, **kwargs)  # mmpeft.verify
