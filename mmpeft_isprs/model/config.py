@@ -6,9 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from mmpeft import FUSION_RULES
+from mmpeft import FUSION_RULES, resolve_dtype
 from mmpeft.backbones import SAM_SPECS
-from mmpeft.wrap import resolve_dtype
 
 __all__ = ["MFNetConfig", "MFNET_PRESETS", "mfnet_preset", "check_input_size", "global_blocks"]
 

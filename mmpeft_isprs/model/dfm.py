@@ -33,9 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpeft import MultimodalModel
-from mmpeft.presence import Presence, masked_presence, presence_tensor
-
 __all__ = [
     "LayerNorm2dChannels",
     "SimplePyramid",
@@ -45,7 +42,6 @@ __all__ = [
     "PyramidNorm",
     "resolve_pyramid_norms",
     "convert_reference_dfm_state_dict",
-    "branch_presence",
 ]
 
 PyramidNorm = Literal["layernorm", "batchnorm"]
@@ -291,14 +287,3 @@ def convert_reference_dfm_state_dict(state_dict: Mapping[str, Tensor]) -> dict[s
         raise KeyError(f"not a reference DFM key: {key!r}")
     return out
 
-
-def branch_presence(
-    encoder: MultimodalModel, inputs: Mapping[str, Tensor], presence: Presence | None
-) -> Tensor | None:
-    """The (S, B) per-sample presence of the given ``inputs`` for the DFM: ``presence`` and, when
-    the encoder maps non-finite inputs to absent (``encoder.nonfinite == "absent"``), the samples
-    with NaN / inf. None when every given modality is present in every sample."""
-    names, xs = list(inputs), list(inputs.values())
-    if encoder.nonfinite == "absent":
-        return masked_presence("absent", names, xs, presence)
-    return None if presence is None else presence_tensor(presence, names, xs[0].shape[0], xs[0].device)

@@ -8,16 +8,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from mmpeft import MultimodalModel, count_parameters, wrap_multimodal
+from mmpeft import (
+    MultimodalModel, Presence, count_parameters, is_trainable_name, per_modality_forward, state_mismatches,
+    wrap_multimodal,
+)
 from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec, zero_rel_pos
-from mmpeft.checkpointing import enable_gradient_checkpointing
-from mmpeft.presence import Presence
-from mmpeft.reference import per_modality_forward
-from mmpeft.wrap import is_trainable_name, state_mismatches
 
 from .config import MFNetConfig, check_input_size, global_blocks
 from .decoder import UNetFormerDecoder
-from .dfm import DeepFusionModule, SimplePyramid, branch_presence
+from .dfm import DeepFusionModule, SimplePyramid
 
 __all__ = ["MFNet", "build_mfnet", "build_encoder"]
 
@@ -48,7 +47,7 @@ def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport |
         **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
     if config.grad_checkpointing:
-        enable_gradient_checkpointing(wrapped.base_model)
+        wrapped.set_grad_checkpointing(True)
     return wrapped, report, spec.out_chans
 
 
@@ -90,13 +89,15 @@ class MFNet(nn.Module):
                 "Build it with img_size set to your crop size."
             )
         names = list(enc_inputs)
-        mask = branch_presence(self.encoder, enc_inputs, presence) if enc_inputs else None
+        # the one place the (S, B) presence mask is computed (presence + the encoder's NaN / inf check);
+        # the encoder and the DFM both use it, and the encoder does not check the inputs again
+        mask = self.encoder.presence_mask(enc_inputs, presence) if enc_inputs else None
         if self.config.execution == "per_modality" and (mask is not None or len(names) < len(self.modalities)):
             raise ValueError("execution 'per_modality' needs every modality; use 'batched' for missing modalities")
         if self.config.execution == "per_modality":
-            feats = per_modality_forward(self.encoder, enc_inputs)
+            feats = self._per_modality(enc_inputs)
         else:
-            feats = self.encoder(enc_inputs, presence=mask)
+            feats = self.encoder(enc_inputs, presence=mask, finite_checked=True)
         # each (B, 256, H/16, W/16), in the trainable DFM's dtype (float32 when the frozen base runs in bf16)
         dtype = next(self.dfm.parameters()).dtype
         maps = [feats[m].to(dtype) for m in names]
@@ -105,6 +106,16 @@ class MFNet(nn.Module):
         else:
             levels = self.dfm(sum(m if mask is None else m * mask[i].view(-1, 1, 1, 1) for i, m in enumerate(maps)))
         return self.decoder(levels, self.config.size)
+
+    def _per_modality(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The reference per-modality execution, without checking the inputs for NaN / inf again
+        (:meth:`forward` did, through ``presence_mask``)."""
+        action = self.encoder.nonfinite
+        self.encoder.set_nonfinite("off")
+        try:
+            return per_modality_forward(self.encoder, inputs)
+        finally:
+            self.encoder.set_nonfinite(action)
 
     def compile_mode(self, device: torch.device) -> str:
         """``config.compile`` resolved for a run on ``device`` ("auto": "blocks" on CUDA, else "none")."""

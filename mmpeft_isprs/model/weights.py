@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmpeft.io import atomic_write
+from mmpeft import atomic_write
 
 from .mfnet import MFNet, build_mfnet
 

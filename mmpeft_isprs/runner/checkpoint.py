@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpeft.io import atomic_write
+from mmpeft import atomic_write
 
 from ..config import ConfigError, ExperimentConfig, upgrade_stored
 from ..distributed import DistInfo, all_gather_object, barrier

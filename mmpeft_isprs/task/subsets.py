@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from mmpeft.presence import NonFiniteInputError, check_finite, dropout_rates, modality_dropout
+from mmpeft import NonFiniteInputError, check_finite, dropout_rates, modality_dropout
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import TileSet
@@ -45,7 +45,7 @@ class TrainingPresence:
             raise ConfigError(f"train.modality_dropout: {exc}") from exc
         self.nonfinite = t.nonfinite
         self.generator = torch.Generator().manual_seed(int(t.seed) * 1000 + 17 + rank)
-        model.encoder.nonfinite = "off"  # checked here, on the CPU batch
+        model.encoder.set_nonfinite("off")  # checked here, on the CPU batch
 
     @property
     def dropout(self) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from mmpeft.presence import NonFiniteInputError
+from mmpeft import NonFiniteInputError
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.distributed import DistInfo

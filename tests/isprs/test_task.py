@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import mmpeft
-from mmpeft.fusion import MatrixFusion
 from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.distributed import DistInfo
 from mmpeft_isprs.model import MFNetConfig, build_mfnet
 from mmpeft_isprs.task import SegmentationTask, segmentation_loss
 
+MatrixFusion = mmpeft.FUSION_RULES["matrix"]  # through the public registry only
 TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
               "window_size": 4, "decoder_heads": 2, "img_size": 64}  # fmt: skip
 
