@@ -28,8 +28,8 @@ from .distributed import DistInfo, barrier
 from .threads import worker_init
 
 __all__ = [
-    "ISPRSDataModule", "EpochBatchSampler", "dsm_rule", "prepare_data_root", "make_layout", "split_ids",
-    "make_tileset",
+    "ISPRSDataModule", "EpochBatchSampler", "dsm_rule", "prepare_data_root", "make_layout", "open_layout",
+    "split_ids", "make_tileset",
 ]  # fmt: skip
 
 
@@ -90,18 +90,8 @@ def make_layout(data: DataConfig) -> Layout:
     )  # fmt: skip
 
 
-def split_ids(data: DataConfig, split: str) -> list[str]:
-    """Tile ids of ``split`` ([] for an empty validation split)."""
-    try:
-        return make_layout(data).split_ids(split, data.root)
-    except ConfigError:
-        raise
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"data ({data.dataset} in {data.root}): {exc}") from None
-
-
-def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
-    """The validated tiles of ``split`` (raises DataError listing every problem found)."""
+def open_layout(data: DataConfig) -> Layout:
+    """:func:`make_layout` of an existing ``data.root``; every problem a :class:`ConfigError`."""
     root = Path(data.root)
     if not root.is_dir():
         raise ConfigError(
@@ -109,7 +99,30 @@ def make_tileset(data: DataConfig, split: str, labels: str = "full") -> TileSet:
             "expected layout; or set data.root=/path/to/data"
         )
     try:
-        layout = make_layout(data)
+        return make_layout(data)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"data ({data.dataset} in {root}): {exc}") from exc
+
+
+def split_ids(data: DataConfig, split: str, layout: Layout | None = None) -> list[str]:
+    """Tile ids of ``split`` ([] for an empty validation split); ``layout``: the one
+    :func:`make_layout` built (built here when None)."""
+    try:
+        return (layout or make_layout(data)).split_ids(split, data.root)
+    except ConfigError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data ({data.dataset} in {data.root}): {exc}") from None
+
+
+def make_tileset(data: DataConfig, split: str, labels: str = "full", layout: Layout | None = None) -> TileSet:
+    """The validated tiles of ``split`` (raises DataError listing every problem found);
+    ``layout``: the one :func:`open_layout` built (built here when None)."""
+    layout = layout or open_layout(data)
+    root = Path(data.root)
+    try:
         return TileSet(layout, root, split, labels=labels, dsm=dsm_rule(data), cache=data.cache)  # type: ignore[arg-type]
     except (DataError, ConfigError):
         raise
@@ -156,16 +169,25 @@ class ISPRSDataModule:
         self.train_tiles: TileSet | None = None
         self.val_tiles: TileSet | None = None
         self.train_dataset: RandomCropDataset | None = None
+        self._layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout:
+        """The file layout and splits of the data section, built once (the synthetic set is
+        generated first if missing); every split and tile set of this module uses it."""
+        if self._layout is None:
+            prepare_data_root(self.cfg.data, self.info)
+            self._layout = open_layout(self.cfg.data)
+        return self._layout
 
     def setup(self) -> None:
         """Open the training and validation tiles and build the training set (raises before training)."""
-        d, t = self.cfg.data, self.cfg.train
-        prepare_data_root(d, self.info)
-        self.train_tiles = make_tileset(d, "train", labels="full")
-        self.val_tiles = make_tileset(d, "val", labels=self.cfg.eval.labels) if split_ids(d, "val") else None
-        layout = make_layout(d)
+        d, t, layout = self.cfg.data, self.cfg.train, self.layout
+        self.train_tiles = make_tileset(d, "train", labels="full", layout=layout)
+        has_val = bool(split_ids(d, "val", layout))
+        self.val_tiles = make_tileset(d, "val", labels=self.cfg.eval.labels, layout=layout) if has_val else None
         if isinstance(layout, MMHunanLayout) and self.info.is_main:
-            counts = ", ".join(f"{len(split_ids(d, s))} {s}" for s in ("train", "val", "test"))
+            counts = ", ".join(f"{len(split_ids(d, s, layout))} {s}" for s in ("train", "val", "test"))
             self.log(f"data: {d.dataset} split from {layout.split_source(Path(d.root))}: {counts} tiles")
         if self.val_tiles is None and self.info.is_main:
             self.log("note: no validation split (data.val_ids / data.val_fraction); best.safetensors = last epoch")
@@ -177,8 +199,7 @@ class ISPRSDataModule:
 
     def tiles(self, split: str, labels: str = "full") -> TileSet:
         """The labelled tiles of ``split`` (the synthetic set is generated first if missing)."""
-        prepare_data_root(self.cfg.data, self.info)
-        return make_tileset(self.cfg.data, split, labels=labels)
+        return make_tileset(self.cfg.data, split, labels=labels, layout=self.layout)
 
     def train_loader(self, epoch: int, start: int = 0) -> DataLoader:
         """Batches ``start..`` of ``epoch`` (this rank's share), after :meth:`setup`."""

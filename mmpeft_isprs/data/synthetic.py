@@ -69,16 +69,18 @@ def _geotags(tile_index: int, size: int) -> list[tuple[int, int, int, Any]]:
     ]
 
 
-def _paths(root: Path, tile_id: str) -> dict[str, Path]:
-    f = VaihingenLayout().tile_files(root, tile_id)
+def _paths(layout: VaihingenLayout, root: Path, tile_id: str) -> dict[str, Path]:
+    f = layout.tile_files(root, tile_id)
     assert f.labels is not None and f.eval_labels is not None
     return {"top": f.inputs["optical"], "dsm": f.inputs["dsm"], "gts": f.labels, "eroded": f.eval_labels}
 
 
-def _write_tile(root: Path, tile_id: str, index: int, size: int, seed: int, radius: int) -> list[str]:
+def _write_tile(
+    layout: VaihingenLayout, root: Path, tile_id: str, index: int, size: int, seed: int, radius: int
+) -> list[str]:
     rng = np.random.default_rng([seed, int(tile_id)])
     scene = render_scene(rng, size, scale=min(1.0, max(0.5, size / 512)))
-    paths = _paths(root, tile_id)
+    paths = _paths(layout, root, tile_id)
     tags = _geotags(index, size)
     write_tiff(paths["top"], scene.image, geotags=tags)
     write_tiff(paths["dsm"], scene.dsm, geotags=tags)
@@ -126,9 +128,9 @@ def generate_synthetic_vaihingen(
     if existing is None and root.is_dir() and any(root.iterdir()) and not overwrite:
         raise FileExistsError(f"{root} is not empty and has no {MANIFEST}; pass overwrite=True")
     ids = splits["train"] + splits["val"] + splits["test"]
-    files = []
+    files, layout = [], VaihingenLayout()
     for index, tile_id in enumerate(ids):
-        files += _write_tile(root, tile_id, index, tile_size, seed, boundary_radius)
+        files += _write_tile(layout, root, tile_id, index, tile_size, seed, boundary_radius)
     manifest = {"generator": "mmpeft_isprs.data.synthetic", "version": GENERATOR_VERSION,
                 "params": params, "splits": splits, "files": files}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks completion

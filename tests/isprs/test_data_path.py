@@ -1,5 +1,5 @@
 """The application's data path, once: public core names only, one presence mask (one NaN check)
-per forward."""
+per forward, one layout per data module."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import torch
 import mmpeft
 import mmpeft.backbones
 from mmpeft import presence_tensor
+from mmpeft_isprs.config import load_config
+from mmpeft_isprs.data import Layout, generate_synthetic_vaihingen
+from mmpeft_isprs.datamodule import ISPRSDataModule
 from mmpeft_isprs.model import build_mfnet
+from tests.isprs.test_layouts_real import make_mmhunan_archive
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
@@ -131,3 +135,41 @@ def test_per_modality_execution_checks_once_and_restores_the_action(monkeypatch:
         batched = model(x)
     assert len(calls) == 2 and model.encoder.nonfinite == "error"
     assert torch.allclose(out, batched, atol=1e-4)
+
+
+def _count_layouts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every layout constructed (every layout class runs ``Layout.__init__``)."""
+    original, made = Layout.__init__, []
+
+    def counted(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Layout, "__init__", counted)
+    return made
+
+
+@pytest.mark.parametrize("dataset", ["synthetic", "mmhunan"])
+def test_setup_builds_the_layout_once(dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / dataset
+    if dataset == "mmhunan":  # its setup also logs the split sizes and where they come from
+        make_mmhunan_archive(root, 8)
+        cfg = load_config("mmhunan_mmlora_vit_b", [f"data.root={root}", "data.val_fraction=0.25", "data.cache=false"])
+    else:
+        generate_synthetic_vaihingen(root, num_tiles=3, tile_size=96)
+        cfg = load_config({"data": {"dataset": "synthetic", "root": str(root), "synthetic": {"num_tiles": 3, "tile_size": 96}}})
+    made, lines = _count_layouts(monkeypatch), []
+    dm = ISPRSDataModule(cfg, log=lines.append)
+    dm.setup()
+    assert made == ["MMHunanLayout" if dataset == "mmhunan" else "VaihingenLayout"]
+    assert dm.train_tiles is not None and dm.val_tiles is not None and len(dm.val_tiles.ids) >= 1
+    test = dm.tiles("test")  # evaluation's tiles reuse it too
+    assert len(made) == 1 and test.layout is dm.layout and dm.train_tiles.layout is dm.layout
+    if dataset == "mmhunan":
+        assert any(line.startswith("data: mmhunan split from seeded ratio") for line in lines), lines
+
+
+def test_generating_the_synthetic_set_builds_one_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _count_layouts(monkeypatch)
+    manifest = generate_synthetic_vaihingen(tmp_path / "s", num_tiles=3, tile_size=64)
+    assert made == ["VaihingenLayout"] and len(manifest["files"]) == 12
