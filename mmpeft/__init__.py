@@ -9,17 +9,25 @@ __version__ = "0.1.0"
 
 from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig  # noqa: E402
 from .fusion import FUSION_RULES, Fusion, build_fusion, register_fusion  # noqa: E402
-from .io import atomic_write, load_multimodal, save_multimodal  # noqa: E402
-from .layers import MultimodalAdapter, MultimodalLayer, MultimodalLoRA, only_modality, set_execution  # noqa: E402
+from .model import MultimodalModel  # noqa: E402
+from .tuners import (  # noqa: E402
+    METHODS, MergeError, Method, MultimodalAdapter, MultimodalLayer, MultimodalLoRA, only_modality, register_method,
+    set_execution,
+)
+from .utils import atomic_write, resolve_dtype, state_mismatches  # noqa: E402
 from .presence import (  # noqa: E402
     NonFiniteInputError, Presence, check_finite, dropout_rates, modality_dropout, presence_tensor,
 )
 from .reference import per_modality_forward  # noqa: E402
 from .params import ParamReport, count_parameters, trainable_summary  # noqa: E402
 from .targets import FAMILIES, PRESETS, detect_family, match_targets  # noqa: E402
-from .wrap import MultimodalModel, build_config, is_trainable_name, resolve_dtype, state_mismatches, wrap_multimodal  # noqa: E402
+from .wrap import build_config, is_trainable_name, load_multimodal, save_multimodal, wrap_multimodal  # noqa: E402
 
 __all__ = [
+    "METHODS",
+    "MergeError",
+    "Method",
+    "register_method",
     "AdapterConfig",
     "atomic_write",
     "build_config",

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import blocks_with, runner_of, set_block_features
-from .layers import MultimodalAdapter, MultimodalLayer
+from .tuners import MultimodalAdapter, MultimodalLayer
 
 __all__ = [
     "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .io import atomic_write
-from .layers import MultimodalAdapter, MultimodalLoRA
-from .wrap import MultimodalModel
+from .model import MultimodalModel
+from .tuners import MultimodalAdapter, MultimodalLoRA
+from .utils import atomic_write
 
 __all__ = ["export_peft", "peft_lora_weights", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
 

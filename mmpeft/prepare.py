@@ -2,8 +2,8 @@
 
 Some backbones read a projection's ``.weight`` instead of calling the module, which would bypass
 (or crash on) a multimodal layer put in its place. :func:`prepare_backbone` turns each known case
-into an equivalent model whose projections are called, and locks running-statistics norms
-(:mod:`mmpeft.norms`). Every change keeps the model's function and its state-dict keys.
+into an equivalent model whose projections are called, and lists the running-statistics norms
+to keep in eval mode (:mod:`mmpeft.norms`). Every change keeps the model's function and its state-dict keys.
 
 - timm ``EvaAttention`` (EVA02, rotary) with q/v biases computes
   ``F.linear(x, self.qkv.weight, qkv_bias)``; timm's own ``qkv_bias_separate = True`` makes it
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .norms import freeze_norm_statistics
+from .norms import frozen_norms
 
 __all__ = ["BypassError", "prepare_backbone", "check_targets_callable"]
 
@@ -46,7 +46,7 @@ def prepare_backbone(model: nn.Module) -> dict[str, list[str]]:
         from .backbones.torchvision_vit import make_attention_explicit
 
         report["explicit_attention"] = make_attention_explicit(model)
-    report["frozen_norms"] = freeze_norm_statistics(model)
+    report["frozen_norms"] = frozen_norms(model)
     return report
 
 

@@ -18,8 +18,8 @@ import torch
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
-from .layers import only_modality, set_execution
-from .wrap import MultimodalModel
+from .tuners import only_modality, set_execution
+from .model import MultimodalModel
 
 __all__ = ["per_modality_forward"]
 

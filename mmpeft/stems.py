@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import StemConfig
 
-__all__ = ["ModalityStem", "build_stem"]
+__all__ = ["ModalityStem"]
 
 
 class ModalityStem(nn.Module):
@@ -61,8 +61,3 @@ class ModalityStem(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.modality!r}, kind={self.kind!r}, in={self.in_channels}, out={self.model_channels}"
-
-
-def build_stem(modality: str, config: StemConfig, model_channels: int | None) -> ModalityStem:
-    """Build the stem of ``modality``."""
-    return ModalityStem(modality, config, model_channels)

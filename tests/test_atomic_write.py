@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mmpeft.io import atomic_write
+from mmpeft.utils import atomic_write
 
 
 def _mode(path: Path) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 from mmpeft import only_modality, set_execution, wrap_multimodal
 from mmpeft.attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
 from mmpeft.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
-from mmpeft.layers import MultimodalAdapter, MultimodalLoRA
+from mmpeft.tuners import MultimodalAdapter, MultimodalLoRA
 
 from .conftest import tiny_sam, tiny_timm_sam, tiny_timm_vit
 
@@ -114,7 +114,7 @@ def test_adapt_output_equals_forward_in_every_mode() -> None:
                 torch.testing.assert_close(ad.adapt_output(base(x)), ad(x))
     with torch.no_grad(), only_modality(ad, "b"):  # fusion "none": one modality alone
         torch.testing.assert_close(ad.adapt_output(base(x[:2])), ad(x[:2]))
-    ad.enabled = False
+    ad.enable_adapters(False)
     assert torch.equal(ad.adapt_output(x), x)
     beside = MultimodalAdapter(base, ("a", "b"), in_features=8, hidden=2, placement="beside")
     with pytest.raises(ValueError, match="after"):

@@ -1,32 +1,47 @@
-"""Common machinery of the multimodal wrapper layers.
+"""The layer contract every multimodal method implements (peft's ``BaseTunerLayer`` for N modalities).
 
 A multimodal layer holds the original frozen module as ``base_layer`` and sees its input with the
 modality axis riding in the batch: ``x: (M*B', ...)`` modality-major, i.e. ``x.view(M, -1, ...)``
 gives one chunk per modality. ``B'`` may be the batch or, deep inside SAM, the batch times the
 number of attention windows: window partition keeps the order batch-major, so the chunks stay aligned.
+
+Every piece of state a layer has is a declared attribute (no flags or hooks put on it from outside):
+
+- ``execution``: ``"batched"`` or ``"loop"`` (:func:`set_execution`);
+- ``adapters_enabled``: False while adapters are disabled (the layer is its ``base_layer``);
+- ``single``: index of the only modality in the batch (:func:`only_modality`), else None;
+- ``present`` / ``presence``: the modalities in the batch (indices) and the per-sample (S, B)
+  mask (:func:`present_modalities`), None when all are present;
+- ``call_check`` / ``called``: the first-forward check of :mod:`mmpeft.verify`;
+- ``merged``: whether the updates are folded into per-modality weights (methods that can merge).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal, Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from ..fusion import Fusion, apply_mixing
-from ..verify import check_modalities
+from ..utils import check_modalities
 
 __all__ = [
-    "by_modality", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers", "present_modalities",
-]
+    "by_modality", "MergeError", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
+    "present_modalities",
+]  # fmt: skip
 
 Execution = Literal["batched", "loop"]
 
 
+class MergeError(ValueError):
+    """A layer whose update cannot be folded into a weight (the message says why)."""
+
+
 class MultimodalLayer(nn.Module):
-    """Base class of ``MultimodalLoRA`` and ``MultimodalAdapter``.
+    """Base class of every multimodal method's layer (``MultimodalLoRA``, ``MultimodalAdapter``).
 
     Attributes:
         base_layer: the wrapped frozen module (its parameters are never trained).
@@ -35,10 +50,12 @@ class MultimodalLayer(nn.Module):
             products as one batched matmul) or ``"loop"`` (the same maths, the base layer and every
             per-modality module run on one modality at a time: a reference path and the authors'
             execution scheme).
+        adapters_enabled: False while the layer computes its ``base_layer`` alone.
+        single, present, presence, call_check, called: see the module docstring.
     """
 
-    #: prefix carried by every trainable tensor of the subclass (``lora_``, ``adapter_``).
-    prefix: str = ""
+    #: the method's name in :data:`mmpeft.tuners.METHODS`.
+    method: ClassVar[str] = ""
 
     def __init__(self, base_layer: nn.Module, modalities: Sequence[str]) -> None:
         super().__init__()
@@ -47,27 +64,67 @@ class MultimodalLayer(nn.Module):
         self.base_layer = base_layer
         self.modalities: tuple[str, ...] = tuple(check_modalities(modalities))  # distinct names, not a str
         self.execution: Execution = "batched"
-        self.enabled = True
-        self._single: int | None = None  # index of the only modality present (see only_modality)
-        self._present: tuple[int, ...] | None = None  # indices of the modalities in the batch (None: all)
-        self._presence: torch.Tensor | None = None  # (S, B) per-sample presence (None: every sample)
+        self.adapters_enabled = True
+        self.single: int | None = None  # index of the only modality present (see only_modality)
+        self.present: tuple[int, ...] | None = None  # indices of the modalities in the batch (None: all)
+        self.presence: torch.Tensor | None = None  # (S, B) per-sample presence (None: every sample)
+        self.call_check: int | None = None  # the first forward's stacked batch size, while checked
+        self.called = False  # whether the checked forward called this layer on the stacked batch
 
     @property
     def num_modalities(self) -> int:
         return len(self.modalities)
 
+    # ------------------------------------------------------------------ the contract
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the layer computes its frozen ``base_layer`` alone (peft's name)."""
+        return not self.adapters_enabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the layer's updates on (True) or off (False: the output is ``base_layer``'s)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        self.adapters_enabled = enabled
+
+    @property
+    def merged(self) -> bool:
+        """Whether the updates are folded into per-modality weights (:meth:`merge`)."""
+        return False
+
+    def cannot_merge(self) -> str | None:
+        """Why this layer's update cannot be folded into a weight (None when it can)."""
+        return f"{type(self).__name__} has no weight form of its update"
+
+    def merge(self) -> None:
+        """Fold every modality's update into a per-modality copy of the frozen weight."""
+        raise MergeError(self.cannot_merge())
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (a no-op when not merged)."""
+
+    def get_delta_weight(self, modality: str) -> torch.Tensor:
+        """The weight update of ``modality`` (same shape as the base weight), for layers that merge."""
+        raise MergeError(self.cannot_merge())
+
+    def _note_call(self, x: torch.Tensor) -> None:
+        """Record, during the checked first forward, a call on the stacked batch."""
+        if self.call_check is not None and x.dim() > 0 and x.shape[0] % self.call_check == 0:
+            self.called = True
+
+    # ------------------------------------------------------------------ modalities in the batch
     def _active(self) -> tuple[str, ...]:
         """The modalities stacked in the current batch, in order (all of them by default)."""
-        if self._present is None:
+        if self.present is None:
             return self.modalities
-        return tuple(self.modalities[i] for i in self._present)
+        return tuple(self.modalities[i] for i in self.present)
 
     def _mixing(self) -> torch.Tensor | None:
         """None when every modality and sample is present (the rule's own path), else the
         weights of :meth:`Fusion.present_weights`: (S, S), or (B, S, S) with a presence mask."""
-        if self._present is None and self._presence is None:
+        if self.present is None and self.presence is None:
             return None
-        return self._fusion().present_weights(self._present, self._presence)
+        return self._fusion().present_weights(self.present, self.presence)
 
     def _mix(self, d: torch.Tensor) -> torch.Tensor:
         """d: (S, B', ...) stacked per-modality updates of the present modalities -> mixed."""
@@ -101,7 +158,7 @@ class MultimodalLayer(nn.Module):
         return x.shape[0] // m
 
     def _check_single(self) -> int:
-        idx = self._single
+        idx = self.single
         assert idx is not None
         if self._fusion().mixes:
             raise RuntimeError(
@@ -139,12 +196,12 @@ def only_modality(model: nn.Module, modality: str) -> Iterator[None]:
     for layer in layers:
         if modality not in layer.modalities:
             raise KeyError(f"unknown modality {modality!r}; known: {layer.modalities}")
-        layer._single = layer.modalities.index(modality)
+        layer.single = layer.modalities.index(modality)
     try:
         yield
     finally:
         for layer in layers:
-            layer._single = None
+            layer.single = None
 
 
 @contextlib.contextmanager
@@ -156,13 +213,13 @@ def present_modalities(
     (S, B) bool mask. Fusion rules mix as :meth:`mmpeft.fusion.Fusion.present_weights` defines."""
     layers = [layer for _, layer in multimodal_layers(model)]
     for layer in layers:
-        layer._present = None if present is None else tuple(present)
-        layer._presence = presence
+        layer.present = None if present is None else tuple(present)
+        layer.presence = presence
     try:
         yield
     finally:
         for layer in layers:
-            layer._present, layer._presence = None, None
+            layer.present, layer.presence = None, None
 
 
 def by_modality(x: torch.Tensor, m: int) -> torch.Tensor:

@@ -7,15 +7,15 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from ..fusion import Fusion, build_fusion, lowrank_mix
-from ..lowrank import mixed_up, stacked_linear
-from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
-from .base import MultimodalLayer, by_modality
+from ...fusion import Fusion, build_fusion, lowrank_mix
+from ...lowrank import mixed_up, stacked_linear
+from ...outputs import cat_rests, chunk_args, first_output, take_input, with_first
+from ...utils import check_int
+from ..base import MultimodalLayer, by_modality
 
-__all__ = ["MultimodalAdapter", "ACTIVATIONS"]
+__all__ = ["MultimodalAdapter"]
 
 Placement = Literal["beside", "after"]
-ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
 class MultimodalAdapter(MultimodalLayer):
@@ -50,7 +50,7 @@ class MultimodalAdapter(MultimodalLayer):
         fusion, lambda_init: the fusion rule and its initial value.
     """
 
-    prefix = "adapter_"
+    method = "adapter"
 
     def __init__(
         self,
@@ -76,8 +76,7 @@ class MultimodalAdapter(MultimodalLayer):
         out_features = in_features if out_features is None else out_features
         if placement == "after" and out_features != in_features:
             raise ValueError("an adapter placed 'after' a module maps its output to itself: in == out")
-        if hidden <= 0:
-            raise ValueError(f"adapter bottleneck width must be positive, got {hidden}")
+        check_int("hidden (the adapter's bottleneck width)", hidden)
         self.in_features, self.out_features, self.hidden = in_features, out_features, hidden
         self.placement: Placement = placement
         self.scale = scale
@@ -102,6 +101,12 @@ class MultimodalAdapter(MultimodalLayer):
     def _fusion(self) -> Fusion:
         return self.adapter_fusion
 
+    def cannot_merge(self) -> str | None:
+        return (
+            "a bottleneck adapter computes up(act(down(z))): the activation between its projections is not "
+            "linear, so no weight matrix equals it (only LoRA layers merge)"
+        )
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out).
@@ -112,9 +117,10 @@ class MultimodalAdapter(MultimodalLayer):
         passed through (:mod:`mmpeft.outputs`).
         """
         x, kwargs = take_input(self.base_layer, x, kwargs)
-        if not self.enabled:
+        self._note_call(x)
+        if not self.adapters_enabled:
             return self.base_layer(x, *args, **kwargs)
-        if self._single is not None:
+        if self.single is not None:
             mod = self.modalities[self._check_single()]
             y, rest = first_output(self.base_layer(x, *args, **kwargs))
             z = x if self.placement == "beside" else y
@@ -180,9 +186,10 @@ class MultimodalAdapter(MultimodalLayer):
         """
         if self.placement != "after":
             raise ValueError("adapt_output applies to adapters placed 'after' a module")
-        if not self.enabled:
+        self._note_call(y)
+        if not self.adapters_enabled:
             return y
-        if self._single is not None:
+        if self.single is not None:
             return y + self.scale * self._adapt(y, self.modalities[self._check_single()])
         self._check_stack(y)
         if self.execution == "loop":

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fusion import Fusion, build_fusion, lowrank_mix
-from ..lowrank import mixed_up, stacked_linear
-from .base import MultimodalLayer, by_modality
+from ...fusion import Fusion, build_fusion, lowrank_mix
+from ...lowrank import mixed_up, stacked_linear
+from ...utils import check_int, check_number
+from ..base import MergeError, MultimodalLayer, by_modality
 
 __all__ = ["MultimodalLoRA"]
 
@@ -42,7 +43,7 @@ class MultimodalLoRA(MultimodalLayer):
         lambda_init: initial value of the fusion parameters.
     """
 
-    prefix = "lora_"
+    method = "lora"
 
     def __init__(
         self,
@@ -58,12 +59,11 @@ class MultimodalLoRA(MultimodalLayer):
         super().__init__(base_layer, modalities)
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"MultimodalLoRA wraps nn.Linear, got {type(base_layer).__name__}")
-        if rank <= 0:
-            raise ValueError(f"rank must be positive, got {rank}")
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.rank = rank
-        self.scaling = (rank if alpha is None else alpha) / rank
+        self.rank = check_int("rank", rank)
+        #: alpha / rank; the only place it is computed (alpha None: scaling 1)
+        self.scaling = 1.0 if alpha is None else check_number("alpha", alpha, positive=True) / rank
         self.slices: dict[str, tuple[int, int]] | None = _check_slices(slices, self.out_features)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dev, dt = base_layer.weight.device, base_layer.weight.dtype
@@ -81,6 +81,8 @@ class MultimodalLoRA(MultimodalLayer):
                     {s: nn.Linear(rank, b - a, bias=False, device=dev, dtype=dt) for s, (a, b) in self.slices.items()}
                 )
         self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
+        #: (M, out, in) per-modality merged weights while merged (:meth:`merge`), else None
+        self.register_buffer("merged_weight", None, persistent=False)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -104,12 +106,67 @@ class MultimodalLoRA(MultimodalLayer):
     def _pairs_all(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
         return [(m, *self._pair(m, s)) for m in self.modalities for s in self._ranges()]
 
+    # ------------------------------------------------------------------ merging
+    @property
+    def merged(self) -> bool:
+        return self.merged_weight is not None
+
+    def cannot_merge(self) -> str | None:
+        if not self.lora_fusion.mixes:
+            return None
+        return (
+            f"its fusion rule {type(self.lora_fusion).__name__} mixes modalities: each modality's output adds "
+            "the other modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied "
+            "to x_m alone can express (merge needs fusion='none', e.g. the preset 'lora' or the MMLoRA "
+            "attention rule)"
+        )
+
+    def get_delta_weight(self, modality: str) -> torch.Tensor:
+        """(out, in) float32: ``scaling * B_m A_m`` (slice B's in their output rows, zeros elsewhere)."""
+        if modality not in self.modalities:
+            raise KeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        a = torch.cat([self._pair(modality, s)[0].weight for s in self._ranges()], 0).float()  # (S*r, in)
+        return self._b_full(modality).float() @ a * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold each modality's update into its own copy ``W + scaling B_m A_m`` of the frozen
+        weight ((M, out, in) in the weight's dtype: M times the layer's weight memory). The frozen
+        weight itself is never written, so :meth:`unmerge` restores it exactly."""
+        reason = self.cannot_merge()
+        if reason is not None:
+            raise MergeError(f"cannot merge: {reason}")
+        w = self.base_layer.weight
+        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # (M, out, in)
+        self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+
+    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (S*B', ..., in) -> (S*B', ..., out) with the merged per-modality weights."""
+        w, b = self.merged_weight, self.base_layer.bias
+        assert w is not None
+        if self.single is not None:
+            return F.linear(x, w[self.single], b)
+        idx = list(range(len(self.modalities))) if self.present is None else list(self.present)
+        xs = by_modality(x, len(idx))  # (S, T, in)
+        y = torch.bmm(xs, w[idx].transpose(1, 2).to(x.dtype))  # (S, T, out)
+        if b is not None:
+            y = y + b.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out)."""
-        if not self.enabled:
+        self._note_call(x)
+        if not self.adapters_enabled:
             return self.base_layer(x)
-        if self._single is not None:
+        if self.merged and self.presence is None:  # per-sample presence: the unmerged path
+            if self.single is None:
+                self._check_stack(x)
+            return self._forward_merged(x)
+        if self.single is not None:
             return self._forward_single(x, self.modalities[self._check_single()])
         self._check_stack(x)
         if self.execution == "loop":
@@ -170,7 +227,7 @@ class MultimodalLoRA(MultimodalLayer):
 
     def extra_repr(self) -> str:
         sl = "" if self.slices is None else f", slices={self.slices}"
-        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}{sl}"
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}{sl}, merged={self.merged}"
 
 
 def _add_slice(out: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

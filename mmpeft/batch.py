@@ -1,0 +1,73 @@
+"""The modality axis: gather the given modalities, check their sizes, split outputs back.
+
+A :class:`~mmpeft.MultimodalModel` stacks its inputs modality-major on the batch axis,
+``(S*B, ...)`` for the S modalities given, and splits every tensor of the output back into S parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+
+__all__ = ["Inputs", "gather", "check_sizes", "split_output"]
+
+#: ``{modality: (B, c_m, ...)}`` or a sequence in the model's modality order (None: missing).
+Inputs = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+
+
+def gather(modalities: Sequence[str], inputs: Inputs) -> tuple[list[str], list[torch.Tensor]]:
+    """The present modalities (model order) and their tensors; absent ones are left out of a dict
+    or passed as None in a sequence. At least one must be present; each must be a tensor."""
+    if isinstance(inputs, torch.Tensor):
+        raise TypeError(f"pass one tensor per modality {tuple(modalities)} (a dict or a sequence), not a single tensor")
+    if isinstance(inputs, Mapping):
+        unknown = [k for k in inputs if k not in modalities]
+        if unknown:
+            raise KeyError(f"unknown modalities {unknown}; this model was built for {list(modalities)}")
+        pairs = [(m, inputs[m]) for m in modalities if inputs.get(m) is not None]
+    else:
+        xs = list(inputs)
+        if len(xs) != len(modalities):
+            raise ValueError(
+                f"expected {len(modalities)} inputs {list(modalities)} (None for a missing one), got {len(xs)}"
+            )
+        pairs = [(m, x) for m, x in zip(modalities, xs) if x is not None]
+    if not pairs:
+        raise ValueError(f"no modality given; pass at least one of {list(modalities)}")
+    for m, x in pairs:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input of modality {m!r} is a {type(x).__name__}, not a tensor")
+    return [m for m, _ in pairs], [x for _, x in pairs]
+
+
+def check_sizes(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
+    """All modalities need the same number of dimensions, batch and spatial sizes."""
+    ref_m, ref = names[0], xs[0]
+    for m, x in zip(names, xs):
+        if x.dim() != ref.dim() or x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
+            raise ValueError(
+                "all modalities need the same batch and spatial sizes: "
+                + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(names, xs))
+                + f" ({m!r} differs from {ref_m!r})"
+            )
+
+
+def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
+    """Split every tensor of ``out`` (dim 0 = S*B) into one part per modality of ``names``:
+    ``{modality: part}`` (``as_dict``) or a list; tuples, lists and mappings are split inside."""
+    m = len(names)
+    if isinstance(out, torch.Tensor):
+        if out.dim() == 0 or out.shape[0] % m != 0:
+            raise ValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
+        parts = out.chunk(m, 0)
+        return dict(zip(names, parts)) if as_dict else list(parts)
+    if isinstance(out, Mapping):
+        per = {k: split_output(v, names, False) for k, v in out.items()}
+        res = [{k: v[i] for k, v in per.items()} for i in range(m)]
+        return dict(zip(names, res)) if as_dict else res
+    if isinstance(out, (list, tuple)):
+        per_t = [split_output(v, names, False) for v in out]
+        res_t = [type(out)(v[i] for v in per_t) for i in range(m)]
+        return dict(zip(names, res_t)) if as_dict else res_t
+    raise TypeError(f"cannot split an output of type {type(out).__name__}")

@@ -1,0 +1,104 @@
+"""Wrap-time changes to the host model: the rules' layers swapped in, ``modules_to_save`` copies.
+
+:func:`apply_rules` freezes the model and replaces every targeted module by its method's layer
+(:data:`mmpeft.tuners.METHODS`); :func:`wrap_modules_to_save` puts a :class:`ModuleToSave` in
+place of each module that trains in full. Both change the model in place.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from .config import MultimodalConfig
+from .prepare import check_targets_callable
+from .targets import match_targets
+from .tuners import method_of, multimodal_layers
+from .tuners.options import Targets
+
+__all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "set_submodule", "wrap_modules_to_save"]
+
+
+class ModuleToSave(nn.Module):
+    """A module of the host that trains in full (peft's ``modules_to_save``), e.g. a new head.
+
+    ``original_module`` keeps the frozen original (used while adapters are disabled);
+    ``trained_module`` is a trainable copy, saved with the adapters and restored on load.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original.requires_grad_(False)
+        self.trained_module = copy.deepcopy(original).requires_grad_(True)
+        self.adapters_enabled = True
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.adapters_enabled = enabled
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.trained_module if self.adapters_enabled else self.original_module
+        return module(*args, **kwargs)
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` of ``model`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
+    """{module name: index of the rule that targets it}; a module claimed twice is an error."""
+    owner: dict[str, int] = {}
+    for i, rule in enumerate(config.rules):
+        wraps = method_of(rule).wraps
+        for n in match_targets(model, rule.targets, wraps[0] if wraps else None):
+            if n in owner:
+                raise ValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
+            owner[n] = i
+    return owner
+
+
+def apply_rules(model: nn.Module, config: MultimodalConfig) -> list[str]:
+    """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names."""
+    if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
+        raise ValueError("this model is already wrapped by mmpeft; wrap the original model once")
+    owner = _owners(model, config)
+    check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
+    model.requires_grad_(False)
+    # deepest first, so a parent wrapper receives its already patched children
+    for n in sorted(owner, key=lambda s: s.count("."), reverse=True):
+        rule = config.rules[owner[n]]
+        set_submodule(model, n, method_of(rule).build(rule, model.get_submodule(n), n, config.modalities))
+    return sorted(owner)
+
+
+def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str]) -> list[str]:
+    """Put a :class:`ModuleToSave` in place of every module ``targets`` selects; returns their names.
+
+    A module that holds (or is) a multimodal layer cannot also train in full: error naming it.
+    """
+    names = match_targets(model, targets)
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
+    for n in names:
+        inside = [a for a in adapted if a == n or a.startswith(n + ".") or n.startswith(a + ".")]
+        if inside:
+            raise ValueError(
+                f"modules_to_save selects {n}, which holds or is inside the adapted module(s) {inside[:3]}: "
+                "a module either trains in full or carries multimodal layers; narrow modules_to_save or targets"
+            )
+        set_submodule(model, n, ModuleToSave(model.get_submodule(n)))
+    return names
+
+
+def infer_in_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's patch embedding (its first convolution), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and ("patch_embed" in name or name.endswith("proj")):
+            return module.in_channels
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None

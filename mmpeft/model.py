@@ -1,0 +1,275 @@
+"""``MultimodalModel``: a frozen model patched with multimodal layers, its features as methods.
+
+What state a wrapped model is in is held in declared attributes: ``nonfinite`` (the NaN / inf
+action), ``adapters_enabled``, ``call_check_pending`` (the first forward verifies every layer
+ran), ``frozen_norms`` (kept in eval mode), ``compute_dtype``; each layer's own state is
+described in :mod:`mmpeft.tuners.base`; block features in :mod:`mmpeft.blocks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import merge as _merge
+from .batch import Inputs, check_sizes, gather, split_output
+from .config import MultimodalConfig
+from .features import BlockFeatures
+from .inject import ModuleToSave
+from .params import trainable_summary
+from .presence import NonFiniteAction, Presence, masked_presence
+from .saving import Persistence
+from .stems import ModalityStem
+from .tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, present_modalities, set_execution
+from .utils import state_mismatches
+from .verify import cast_inputs, checked_call, input_dtype
+
+__all__ = ["MultimodalModel"]
+
+
+class MultimodalModel(Persistence, BlockFeatures, nn.Module):
+    """A frozen model patched with multimodal layers; one input and one output per modality.
+
+    ``forward(inputs)`` stacks the modalities modality-major on the batch axis, runs the frozen
+    model once on ``(M*B, ...)`` and splits every tensor of the output back into M parts. Build
+    one with :func:`~mmpeft.wrap_multimodal` or :meth:`from_pretrained` (:mod:`mmpeft.saving`: also
+    ``from_config`` and ``save_pretrained``).
+
+    Attributes:
+        base_model: the patched model (its own weights frozen).
+        config: the :class:`MultimodalConfig` it was built from.
+        stems: per-modality input stems (``stems[modality]``).
+        nonfinite: what a NaN / inf input does (:meth:`set_nonfinite`).
+        adapters_enabled: False inside :meth:`disable_adapters`.
+        call_check_pending: the next forward verifies that every multimodal layer runs.
+        frozen_norms: names of the running-statistics norms kept in eval mode (:mod:`mmpeft.norms`).
+    """
+
+    def __init__(
+        self, base_model: nn.Module, config: MultimodalConfig, in_channels: int | None, frozen_norms: Sequence[str] = ()
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.modalities: tuple[str, ...] = tuple(config.modalities)
+        self.in_channels = in_channels
+        self.stems = nn.ModuleDict({m: ModalityStem(m, config.stem(m), in_channels) for m in self.modalities})
+        self._compute_dtype: torch.dtype | None = None
+        self.nonfinite: NonFiniteAction = "error"
+        self.adapters_enabled = True
+        self.call_check_pending = True
+        self.frozen_norms: tuple[str, ...] = tuple(frozen_norms)
+
+    # ------------------------------------------------------------------ inputs / outputs
+    def stack(self, inputs: Inputs) -> torch.Tensor:
+        """Validate, apply the stems and stack: S tensors (B, c_m, ...) -> (S*B, C, ...), S the
+        modalities present (all of them normally)."""
+        return self._prepare(inputs, None)[1]
+
+    def _prepare(
+        self, inputs: Inputs, presence: Presence | None, finite_checked: bool = False
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """(present modalities, stacked input (S*B, C, ...), (S, B) presence mask or None)."""
+        names, xs = gather(self.modalities, inputs)
+        check_sizes(names, xs)
+        mask = self._mask(names, xs, presence, finite_checked)
+        xs = cast_inputs(names, xs, input_dtype(self))  # floating, the stems' / model's dtype
+        if mask is not None:  # absent samples enter as zeros (a NaN stand-in must not reach the model)
+            xs = [torch.where(mask[i].view(-1, *([1] * (x.dim() - 1))), x, 0) for i, x in enumerate(xs)]
+        x = torch.cat([self.stems[m](x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
+        x = x if self._compute_dtype is None else x.to(self._compute_dtype)
+        if self._needs_input_grads() and not x.requires_grad:
+            x.requires_grad_(True)  # reentrant checkpointing passes gradients only to inputs that need them
+        return names, x, mask
+
+    def _needs_input_grads(self) -> bool:
+        """True while training under the host's own gradient checkpointing (Hugging Face's
+        ``is_gradient_checkpointing``, timm's ``grad_checkpointing``), which may be reentrant."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        base = self.base_model
+        for attr in ("is_activation_checkpointing", "is_gradient_checkpointing", "grad_checkpointing"):
+            if hasattr(type(base), attr) or attr in vars(base):  # the first the host has (no deprecated one)
+                return bool(getattr(base, attr))
+        return False
+
+    def _mask(
+        self, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None, finite_checked: bool
+    ) -> torch.Tensor | None:
+        """The (S, B) presence mask of a forward (the one place it is computed; None: all present)."""
+        return masked_presence("off" if finite_checked else self.nonfinite, names, xs, presence)
+
+    def presence_mask(self, inputs: Inputs, presence: Presence | None = None) -> torch.Tensor | None:
+        """The (S, B) bool presence mask a forward on ``inputs`` would use, over the modalities
+        given (model order): ``presence`` combined with the non-finite check of
+        :meth:`set_nonfinite`; None when every sample has every given modality. Pass it back as
+        ``forward(inputs, presence=mask, finite_checked=True)`` so the check is not run twice."""
+        names, xs = gather(self.modalities, inputs)
+        return self._mask(names, xs, presence, False)
+
+    def set_nonfinite(self, action: NonFiniteAction) -> None:
+        """What a NaN / inf in an input does: ``"error"`` (default: raise naming the modality),
+        ``"absent"`` (that sample's modality counts as missing) or ``"off"`` (no check, no host
+        sync: the data pipeline checks, e.g. on the CPU)."""
+        if action not in ("error", "absent", "off"):
+            raise ValueError(f"nonfinite must be 'error', 'absent' or 'off', got {action!r}")
+        self.nonfinite = action
+
+    def split(self, out: Any, as_dict: bool = True, names: Sequence[str] | None = None) -> Any:
+        """Split every tensor of ``out`` (dim 0 = S*B) into one part per modality of ``names``
+        (default: all modalities)."""
+        return split_output(out, tuple(self.modalities if names is None else names), as_dict)
+
+    def forward(
+        self, inputs: Inputs, *args: Any, presence: Presence | None = None, finite_checked: bool = False, **kwargs: Any
+    ) -> Any:
+        """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order.
+
+        Any non-empty subset of the modalities may be given (left out of the dict, or None in the
+        sequence): only those run, mixed as the fusion rules define for missing modalities
+        (docs/missing_modalities.md). ``presence``: optional per-sample mask ``{modality: (B,)
+        bool}`` (training with modality dropout); an absent sample's update is zero, it neither
+        gives nor receives mixing, and its output is not meaningful. ``finite_checked``: the
+        inputs were already checked for NaN / inf (``presence`` from :meth:`presence_mask`).
+
+        Returns ``{modality: output}`` for the present modalities with a dict input, else a list
+        in modality order (present ones only).
+        """
+        return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **kwargs)
+
+    def call(
+        self, method: str, inputs: Inputs, *args: Any, presence: Presence | None = None,
+        finite_checked: bool = False, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
+        names, x, mask = self._prepare(inputs, presence, finite_checked)
+        fn = getattr(self.base_model, method)
+        if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
+            out = self._run(fn, x, *args, **kwargs)
+        else:
+            with present_modalities(self, [self.modalities.index(n) for n in names], mask):
+                out = self._run(fn, x, *args, **kwargs)
+        return self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
+
+    def _run(self, fn: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self.call_check_pending or torch.compiler.is_compiling():
+            return fn(x, *args, **kwargs)
+        out = checked_call(list(self.layers()), fn, x, *args, **kwargs)  # mmpeft.verify
+        self.call_check_pending = False
+        return out
+
+    def skip_call_check(self) -> None:
+        """Do not verify on the first forward that every layer runs (e.g. a wrapped module is
+        used by another method of the base model than the one called)."""
+        self.call_check_pending = False
+
+    def train(self, mode: bool = True) -> "MultimodalModel":
+        """nn.Module's ``train``, keeping :attr:`frozen_norms` in eval mode."""
+        super().train(mode)
+        for name in self.frozen_norms:
+            self.base_model.get_submodule(name).eval()
+        return self
+
+    # ------------------------------------------------------------------ parameters
+    def layers(self) -> Iterator[tuple[str, MultimodalLayer]]:
+        """(name, layer) of every multimodal layer."""
+        return multimodal_layers(self)
+
+    def modules_to_save(self) -> Iterator[tuple[str, ModuleToSave]]:
+        """(name, wrapper) of every module that trains in full (``modules_to_save``)."""
+        return ((n, m) for n, m in self.named_modules() if isinstance(m, ModuleToSave))
+
+    def _own_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, module) of what mmpeft added: the stems, every child of a multimodal
+        layer except its ``base_layer``, the trained copies of the modules to save. The one
+        structural source of trainables."""
+        yield "stems", self.stems
+        for name, layer in self.layers():
+            for child_name, child in layer.named_children():
+                if child_name != "base_layer":
+                    yield f"{name}.{child_name}", child
+        for name, wrapper in self.modules_to_save():
+            yield f"{name}.trained_module", wrapper.trained_module
+
+    def trainable_names(self) -> set[str]:
+        """State-dict keys of the tensors mmpeft added, found structurally (:meth:`_own_modules`;
+        names are not consulted, so a base submodule called ``adapter_x`` stays frozen and unsaved)."""
+        return {f"{prefix}.{k}" for prefix, module in self._own_modules() for k in module.state_dict()}
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        """The parameters and buffers mmpeft added (multimodal layers without their base, stems)."""
+        return [t for _, module in self._own_modules() for t in (*module.parameters(), *module.buffers())]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the tensors mmpeft added (LoRA, adapters, fusion, stems, modules to save), detached."""
+        own = self.trainable_names()
+        return {k: v.detach() for k, v in self.state_dict().items() if k in own}
+
+    def unsaved_trainables(self) -> list[str]:
+        """Names of parameters that require grad but would not be saved (e.g. a head unfrozen by
+        hand instead of through ``modules_to_save``)."""
+        own = self.trainable_names()
+        return [n for n, p in self.named_parameters() if p.requires_grad and n not in own]
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load tensors saved by :meth:`trainable_state_dict`; mismatches raise naming the keys."""
+        own = self.trainable_state_dict()
+        problems = state_mismatches(own, state, strict)
+        if problems:
+            raise ValueError("cannot load multimodal weights: " + " | ".join(problems))
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), as peft's method of that name."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """peft-style one-line summary of trainable versus all parameters."""
+        print(trainable_summary(self))
+
+    # ------------------------------------------------------------------ execution
+    def set_execution(self, execution: Execution) -> None:
+        """``"batched"`` (default) or ``"loop"`` (every layer per modality: the reference path)."""
+        set_execution(self, execution)
+
+    @contextlib.contextmanager
+    def only_modality(self, modality: str) -> Iterator[None]:
+        """Within the block the layers see a batch of ``modality`` only (non-mixing layers)."""
+        with only_modality(self, modality):
+            yield
+
+    # ------------------------------------------------------------------ adapters
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        """Turn every multimodal layer and module to save on (True) or off (False: the model
+        computes the frozen model's function on the stems' outputs)."""
+        _merge.set_enabled(self, enabled)
+        self.adapters_enabled = enabled
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block the model computes the frozen model (adapters and modules to save off)."""
+        before = self.adapters_enabled
+        self.set_adapters_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_adapters_enabled(before)
+
+    def merge_adapters(self) -> list[str]:
+        """Fold every LoRA update into per-modality copies of its frozen weight (:mod:`mmpeft.merge`);
+        raises naming each layer that cannot merge and why. Returns the merged layers' names."""
+        return _merge.merge_layers(self)
+
+    def unmerge_adapters(self) -> list[str]:
+        """Undo :meth:`merge_adapters` (the frozen weights were never written). Returns the names."""
+        return _merge.unmerge_layers(self)
+
+    def merge_and_unload(self, modality: str, inplace: bool = False) -> nn.Module:
+        """A plain model of the base class computing this model's output for ``modality`` (on the
+        input after the modality's stem), with no mmpeft module: every update merged into the
+        weights. A copy unless ``inplace``. Raises naming what cannot merge."""
+        return _merge.merge_and_unload(self, modality, inplace)

@@ -1,0 +1,114 @@
+"""Building a wrapped model from a config, saving it and loading it back (``MultimodalModel``'s
+class methods and ``save_pretrained``); the file format is :mod:`mmpeft.io`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+
+from torch import nn
+
+from . import __version__
+from .config import MultimodalConfig
+from .inject import apply_rules, infer_in_channels, wrap_modules_to_save
+from .io import read_adapter, write_adapter
+from .prepare import prepare_backbone
+from .tuners import multimodal_layers
+from .utils import dtype_name
+
+__all__ = ["Persistence"]
+
+T = TypeVar("T", bound="Persistence")
+
+
+def _fingerprint(model: nn.Module) -> dict[str, list[int]]:
+    """Shapes of the frozen weights of every wrapped module (checked again on load)."""
+    return {
+        f"{name}.base_layer.{pname}": list(p.shape)
+        for name, layer in multimodal_layers(model)
+        for pname, p in layer.base_layer.named_parameters()
+    }
+
+
+def _check_fingerprint(wrapped: nn.Module, saved: dict[str, list[int]], strict: bool) -> None:
+    found = _fingerprint(wrapped)
+    bad = [k for k in saved if k in found and found[k] != saved[k]]
+    if bad:
+        raise ValueError(
+            "the base model differs from the one the adapters were trained on: "
+            + "; ".join(f"{k}: saved {tuple(saved[k])} vs model {tuple(found[k])}" for k in bad[:10])
+        )
+    gone = sorted(set(saved) ^ set(found))
+    if gone and strict:
+        raise ValueError(f"the wrapped modules differ from the saved ones, e.g. {gone[:5]}")
+
+
+class Persistence:
+    """Construction and persistence of :class:`~mmpeft.MultimodalModel` (mixed into it)."""
+
+    config: MultimodalConfig
+    in_channels: int | None
+
+    @classmethod
+    def from_config(cls: type[T], model: nn.Module, config: MultimodalConfig, efficient_attention: bool | str = True) -> T:
+        """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does)."""
+        report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.prepare)
+        adapted = apply_rules(model, config)
+        if config.modules_to_save is not None:
+            wrap_modules_to_save(model, config.modules_to_save, adapted)
+        in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)
+        wrapped = cls(model, config, in_channels, report["frozen_norms"])  # type: ignore[call-arg]
+        p = next(iter(model.parameters()), None)
+        if p is not None:
+            wrapped.stems.to(p.device)  # type: ignore[attr-defined]
+        if efficient_attention:
+            wrapped.enable_efficient_attention("auto" if efficient_attention is True else str(efficient_attention))  # type: ignore[attr-defined]
+        if config.base_dtype is not None:
+            wrapped.set_base_dtype(config.base_dtype)  # type: ignore[attr-defined]
+        return wrapped
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T], base_model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False,
+        strict: bool = True, efficient_attention: bool | str = True,
+    ) -> T:  # fmt: skip
+        """Wrap a freshly built ``base_model`` as saved in ``directory`` and load the tensors.
+
+        As peft's ``PeftModel.from_pretrained``: for inference unless ``is_trainable`` (eval mode,
+        no tensor requires grad); with ``is_trainable`` the adapters and modules to save train
+        and the mode is left as the base model's. Raises ValueError naming the keys when the base
+        model's size differs from the saved one or tensors are missing, unexpected or misshapen,
+        and naming a fusion rule the config uses that this process has not registered.
+        """
+        tensors, meta = read_adapter(directory)
+        config = MultimodalConfig.from_dict(meta["config"])
+        wrapped = cls.from_config(base_model, config, efficient_attention)
+        _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
+        wrapped.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
+        if not is_trainable:
+            wrapped.requires_grad_(False)  # type: ignore[attr-defined]
+            wrapped.eval()  # type: ignore[attr-defined]
+        return wrapped
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the trainable tensors (safetensors) and the config (JSON) to ``directory``.
+
+        A parameter that trains but would not be saved is an error naming it (add it to
+        ``modules_to_save`` when wrapping, or freeze it): nothing trained is dropped silently."""
+        unsaved = self.unsaved_trainables()  # type: ignore[attr-defined]
+        if unsaved:
+            raise ValueError(
+                f"{len(unsaved)} parameter(s) require grad but are not part of the adapters, so they would not be "
+                f"saved: {unsaved[:6]}{' ...' if len(unsaved) > 6 else ''}. Wrap with modules_to_save=[...] naming "
+                "their modules (they then train and are saved), or freeze them with requires_grad_(False)"
+            )
+        dtype: Any = self.compute_dtype  # type: ignore[attr-defined]
+        config = MultimodalConfig.from_dict({**self.config.to_dict(), "base_dtype": dtype_name(dtype)})
+        meta = {
+            "version": __version__, "config": config.to_dict(), "in_channels": self.in_channels,
+            "base_fingerprint": _fingerprint(self),  # type: ignore[arg-type]
+        }  # fmt: skip
+        write_adapter(directory, self.trainable_state_dict(), meta)  # type: ignore[attr-defined]
+
+

@@ -1,0 +1,22 @@
+"""The multimodal methods, in the shape of peft's tuners: per method its config and its layer
+(``lora/``, ``adapter/``), one registry (:data:`METHODS`) and one layer contract (:mod:`.base`)."""
+
+from .adapter import ACTIVATIONS, AdapterConfig, MultimodalAdapter
+from .base import (
+    Execution,
+    MergeError,
+    MultimodalLayer,
+    by_modality,
+    multimodal_layers,
+    only_modality,
+    present_modalities,
+    set_execution,
+)
+from .lora import LoRAConfig, MultimodalLoRA
+from .registry import METHODS, Method, get_method, method_of, register_method
+
+__all__ = [
+    "ACTIVATIONS", "AdapterConfig", "Execution", "LoRAConfig", "METHODS", "MergeError", "Method", "MultimodalAdapter",
+    "MultimodalLayer", "MultimodalLoRA", "by_modality", "get_method", "method_of", "multimodal_layers",
+    "only_modality", "present_modalities", "register_method", "set_execution",
+]  # fmt: skip

@@ -1,0 +1,34 @@
+"""The adapter method: per-modality bottleneck adapters beside or after frozen modules."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from ..registry import Method, register_method
+from .config import ACTIVATIONS, AdapterConfig
+from .layer import MultimodalAdapter
+
+__all__ = ["ACTIVATIONS", "AdapterConfig", "MultimodalAdapter", "build_adapter"]
+
+
+def _adapter_dims(module: nn.Module, placement: str, name: str) -> tuple[int, int]:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot infer the channels of {name} ({type(module).__name__}): it holds no nn.Linear")
+    out = linears[-1].out_features
+    return (linears[0].in_features if placement == "beside" else out), out
+
+
+def build_adapter(rule: AdapterConfig, module: nn.Module, name: str, modalities: Sequence[str]) -> MultimodalAdapter:
+    """The :class:`MultimodalAdapter` of ``rule`` beside or after ``module`` called ``name``."""
+    c_in, c_out = _adapter_dims(module, rule.placement, name)
+    return MultimodalAdapter(
+        module, modalities, in_features=c_in, out_features=c_out, hidden=max(1, int(c_in * rule.ratio)),
+        placement=rule.placement, activation=ACTIVATIONS[rule.activation], bias=rule.bias,
+        dropout=rule.dropout, scale=rule.scale, init=rule.init, fusion=rule.fusion, lambda_init=rule.lambda_init,
+    )  # fmt: skip
+
+
+register_method(Method("adapter", AdapterConfig, MultimodalAdapter, build_adapter, None, "mmadapter"))

@@ -1,0 +1,60 @@
+"""The LoRA method's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ...utils import check_int, check_number
+from ..options import Targets, check_fusion, check_targets
+
+__all__ = ["LoRAConfig"]
+
+
+@dataclass
+class LoRAConfig:
+    """Multimodal LoRA on the ``nn.Linear`` modules selected by ``targets``.
+
+    Attributes:
+        targets: peft semantics: a list of names matches modules whose qualified name equals or
+            ends with ``.<name>``; a single string is a regex that must match the whole name.
+        rank: LoRA rank r (a positive int).
+        alpha: scaling numerator, a positive finite number (scaling = alpha / rank); None means
+            alpha = rank, i.e. scaling 1 (peft's default is ``lora_alpha=8``: scaling 8 / r).
+        dropout: dropout on the LoRA input, in [0, 1).
+        slices: tune only these parts of a fused output (e.g. ["q", "v"] of a fused qkv); only on
+            a fused projection (output = len(split) x input channels, or a module named qkv).
+        split: names of the equal parts the output is divided into when ``slices`` is set.
+        fusion: cross-modal fusion rule ("scalar", "none", "matrix" or a registered one).
+        lambda_init: initial value of the fusion parameters (0.5 in the paper); any finite real.
+    """
+
+    targets: Targets
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    slices: list[str] | None = None
+    split: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    fusion: str = "scalar"
+    lambda_init: float = 0.5
+    kind: Literal["lora"] = "lora"
+
+    def __post_init__(self) -> None:
+        self.targets = check_targets(self.targets)
+        check_int("rank", self.rank)
+        if self.alpha is not None:
+            self.alpha = check_number("alpha", self.alpha, positive=True)
+        self.dropout = check_number("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.split = list(self.split)
+        if len(self.split) < 2 or len(set(self.split)) != len(self.split):
+            raise ValueError(f"split must name two or more distinct parts, got {self.split}")
+        if self.slices is not None:
+            self.slices = list(self.slices)
+            unknown = [s for s in self.slices if s not in self.split]
+            if unknown or not self.slices:
+                raise ValueError(f"slices {self.slices} must be a non-empty subset of split {self.split}")
+        self.lambda_init = check_fusion(self.fusion, self.lambda_init)
+        if self.kind != "lora":
+            raise ValueError(f"a LoRAConfig has kind 'lora', got {self.kind!r}")

@@ -1,0 +1,34 @@
+"""Checks shared by the methods' configs (targets, fusion rule, lambda_init)."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from ..fusion import FUSION_RULES
+from ..utils import check_number
+
+__all__ = ["Targets", "check_targets", "check_fusion"]
+
+#: a list of module names (suffix match) or one regex over the whole qualified name.
+Targets = Union[str, list[str]]
+
+
+def check_targets(targets: Any) -> Targets:
+    """``targets`` as a regex string or a non-empty list of names."""
+    if isinstance(targets, str):
+        return targets
+    targets = list(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets must be a regex string or a non-empty list of module names, got {targets!r}")
+    return targets
+
+
+def check_fusion(fusion: Any, lambda_init: Any) -> float:
+    """Validate the fusion rule's name (a rule registered in this process) and its initial value
+    (a finite real number: any sign; 0.5 in the paper). Returns ``lambda_init`` as a float."""
+    if fusion not in FUSION_RULES:
+        raise ValueError(
+            f"unknown fusion rule {fusion!r}; known: {sorted(FUSION_RULES)} (a rule of your own must be "
+            "registered with mmpeft.register_fusion before building or loading a config that names it)"
+        )
+    return check_number("lambda_init", lambda_init)

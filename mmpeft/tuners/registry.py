@@ -1,0 +1,68 @@
+"""The one place a method is named: its config, its layer and how a layer is built from a rule.
+
+``wrap_multimodal(method=...)``, :class:`~mmpeft.MultimodalConfig` (a rule's ``kind``) and
+option checking all read :data:`METHODS`; a new method registers one :class:`Method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .base import MultimodalLayer
+
+__all__ = ["Method", "METHODS", "register_method", "get_method", "method_of"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One multimodal method.
+
+    Attributes:
+        name: the method's name (``method=`` of ``wrap_multimodal``, ``kind`` of its rules).
+        config: its rule dataclass (``targets`` plus the method's options as fields).
+        layer: its :class:`~mmpeft.tuners.base.MultimodalLayer` subclass.
+        build: ``build(rule, module, name, modalities)``: the layer wrapping ``module``.
+        wraps: module types the layer can wrap (None: any module).
+        preset: the preset used when neither ``targets`` nor ``preset`` is given.
+    """
+
+    name: str
+    config: type
+    layer: type[MultimodalLayer]
+    build: Callable[[Any, nn.Module, str, Sequence[str]], MultimodalLayer]
+    wraps: tuple[type[nn.Module], ...] | None
+    preset: str
+
+    def options(self) -> list[str]:
+        """The option names the method takes: its config's fields but ``targets`` and ``kind``."""
+        return [f.name for f in dataclasses.fields(self.config) if f.name not in ("targets", "kind")]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> None:
+    """Add ``method`` to :data:`METHODS` (a name taken by another method is an error)."""
+    old = METHODS.get(method.name)
+    if old is not None and old != method:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+
+
+def get_method(name: Any) -> Method:
+    """The registered method called ``name``; ValueError listing the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def method_of(rule: Any) -> Method:
+    """The method a rule config belongs to (by its type)."""
+    for method in METHODS.values():
+        if isinstance(rule, method.config):
+            return method
+    raise TypeError(f"{type(rule).__name__} is the config of no registered method ({sorted(METHODS)})")

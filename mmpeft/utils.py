@@ -1,0 +1,130 @@
+"""Leaf helpers of the core (imported by everything, importing nothing of mmpeft).
+
+- :func:`check_modalities`: modality names are a sequence of distinct, non-empty identifiers
+  (a plain string such as ``"optical"`` is refused rather than read as seven modalities).
+- :func:`resolve_dtype`: ``"bf16"`` / ``"fp16"`` / ``"fp32"`` or a torch floating dtype.
+- :func:`check_int`, :func:`check_number`: typed, finite option values with the option's name
+  in the error.
+- :func:`state_mismatches`: readable problems between a model's tensors and a saved state.
+- :func:`atomic_write`: write a file under a temporary name and rename it into place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+__all__ = [
+    "DTYPES", "atomic_write", "check_int", "check_modalities", "check_number", "dtype_name", "resolve_dtype",
+    "state_mismatches",
+]  # fmt: skip
+
+
+def check_modalities(modalities: Any) -> list[str]:
+    """``modalities`` as a list of names; ValueError/TypeError unless it is a sequence (not a
+    string) of distinct, non-empty identifier strings that do not shadow a module attribute."""
+    if isinstance(modalities, (str, bytes)):
+        raise TypeError(
+            f"modalities must be a sequence of names, got the string {modalities!r}; "
+            f"write ({modalities!r},) for a single modality"
+        )
+    if isinstance(modalities, (set, frozenset, Mapping)) or not isinstance(modalities, Iterable):
+        raise TypeError(f"modalities must be an ordered sequence of names (list or tuple), got {type(modalities).__name__}")
+    names = list(modalities)
+    if not names:
+        raise ValueError("at least one modality is required")
+    bad = [m for m in names if not isinstance(m, str) or not m.isidentifier()]
+    if bad:
+        raise ValueError(f"modality names must be non-empty identifier strings (no dots or spaces), got {bad}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"modality names must be distinct, got {names}")
+    return names
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``, else TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_number(name: str, value: Any, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (not a bool; > 0 when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return float(value)
+
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch floating dtype, or None) -> the dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            raise ValueError(f"base dtype must be a floating dtype, got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch dtype")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """The JSON name of a dtype (``torch.bfloat16`` -> ``"bfloat16"``; None stays None)."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def state_mismatches(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], strict: bool = True
+) -> list[str]:
+    """Readable problems between a model's tensors ``own`` and a saved ``state``: wrong shapes
+    (always), missing and unexpected keys (when ``strict``), each naming the keys."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    problems = []
+    if shape:
+        problems.append(
+            "shape mismatch: "
+            + "; ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:10])
+            + (f" (+{len(shape) - 10} more)" if len(shape) > 10 else "")
+        )
+    if strict and missing:
+        problems.append(f"missing {len(missing)} keys, e.g. {missing[:5]}")
+    if strict and unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:5]}")
+    return problems
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path`` (never a half-written file).
+
+    The file gets the permissions of a plainly created one (``0o666 & ~umask``, 0644 under the
+    usual umask), whatever mode the writer gave the temporary file (safetensors uses 0600).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
