@@ -5,7 +5,7 @@ modalities stacked as ``(M*B, ...)`` and learns only small per-modality LoRA / a
 whose updates are mixed across modalities by a fusion rule.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig  # noqa: E402
 from .fusion import FUSION_RULES, Fusion, build_fusion, register_fusion  # noqa: E402
@@ -19,9 +19,9 @@ from .presence import (  # noqa: E402
     NonFiniteInputError, Presence, check_finite, dropout_rates, modality_dropout, presence_tensor,
 )
 from .reference import per_modality_forward  # noqa: E402
-from .params import ParamReport, count_parameters, trainable_summary  # noqa: E402
+from .params import ParamReport, count_parameters, is_trainable_name, trainable_summary  # noqa: E402
 from .targets import FAMILIES, PRESETS, detect_family, match_targets  # noqa: E402
-from .wrap import build_config, is_trainable_name, load_multimodal, save_multimodal, wrap_multimodal  # noqa: E402
+from .wrap import build_config, load_multimodal, save_multimodal, wrap_multimodal  # noqa: E402
 
 __all__ = [
     "METHODS",

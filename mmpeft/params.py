@@ -7,7 +7,21 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["ParamGroup", "ParamReport", "count_parameters", "trainable_summary", "kind_of"]
+from .tuners import METHODS
+
+__all__ = ["ParamGroup", "ParamReport", "count_parameters", "trainable_summary", "kind_of", "is_trainable_name"]
+
+
+def _prefixes() -> dict[str, str]:
+    """{name prefix: group}: each registered method's (``lora_``, ``adapter_``) and the stems'."""
+    return {**{f"{name}_": name for name in METHODS}, "stem_": "stem"}
+
+
+def is_trainable_name(name: str) -> bool:
+    """True when a parameter name looks like a mmpeft module's (a segment starts with a method's
+    prefix, ``stem_``, or is a module to save's ``trained_module``): for display and grouping only;
+    what trains and is saved is found structurally (``MultimodalModel.trainable_names``)."""
+    return kind_of(name) != "base"
 
 
 @dataclass
@@ -60,13 +74,16 @@ class ParamReport:
 
 
 def kind_of(name: str) -> str:
-    """Group of a parameter by the mmpeft prefix in its name (lora, adapter, fusion, stem, base)."""
+    """Group of a parameter by the mmpeft prefix in its name (lora, adapter, fusion, stem,
+    modules_to_save, base)."""
     parts = name.split(".")
-    if any(p in ("lora_fusion", "adapter_fusion") for p in parts):
+    if any(p.endswith("_fusion") and p.removesuffix("_fusion") in METHODS for p in parts):
         return "fusion"
-    for prefix, kind in (("lora_", "lora"), ("adapter_", "adapter"), ("stem_", "stem")):
+    for prefix, kind in _prefixes().items():
         if any(p.startswith(prefix) for p in parts):
             return kind
+    if "trained_module" in parts:
+        return "modules_to_save"
     return "base"
 
 

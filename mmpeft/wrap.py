@@ -13,19 +13,11 @@ from .model import MultimodalModel
 from .targets import detect_family, preset_rules
 from .tuners import METHODS, Method, get_method, method_of
 from .tuners.options import Targets
-from .utils import check_modalities, dtype_name, resolve_dtype
+from .utils import dtype_name, resolve_dtype
 
-__all__ = ["wrap_multimodal", "build_config", "load_multimodal", "save_multimodal", "TRAINABLE_PREFIXES", "is_trainable_name"]
+__all__ = ["wrap_multimodal", "build_config", "load_multimodal", "save_multimodal"]
 
-TRAINABLE_PREFIXES = ("lora_", "adapter_", "stem_")
 _MODEL_OPTIONS = ("stems", "in_channels", "modules_to_save")  # options of the wrapped model, any method
-
-
-def is_trainable_name(name: str) -> bool:
-    """True when a parameter name looks like a mmpeft module's (a segment starts with a prefix):
-    for display and grouping only; what trains and is saved is found structurally
-    (:meth:`MultimodalModel.trainable_names`)."""
-    return any(part.startswith(TRAINABLE_PREFIXES) for part in name.split("."))
 
 
 def _preset_method(preset: str, rules: list[RuleConfig], method: str | None) -> None:
@@ -92,7 +84,6 @@ def build_config(
     **options: Any,
 ) -> MultimodalConfig:
     """The :class:`MultimodalConfig` ``wrap_multimodal`` would use (see its arguments)."""
-    modalities = check_modalities(modalities)  # a sequence of distinct names, never a str
     model_opts = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     if method is not None:
         get_method(method)
@@ -111,7 +102,7 @@ def build_config(
     rules = [_override(r, options, explicit=targets is not None) for r in rules]
     stems = {k: _stem(v) for k, v in (model_opts.get("stems") or {}).items()}
     return MultimodalConfig(
-        list(modalities), rules, stems, model_opts.get("in_channels"), preset,
+        modalities, rules, stems, model_opts.get("in_channels"), preset,  # type: ignore[arg-type]  # modalities: checked there
         model_opts.get("modules_to_save"), dtype_name(resolve_dtype(base_dtype)),
     )  # fmt: skip
 
