@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import MultimodalConfig
 from .inject import apply_rules, infer_in_channels, wrap_modules_to_save
 from .io import read_adapter, write_adapter
