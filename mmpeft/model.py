@@ -220,7 +220,10 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         problems = state_mismatches(own, state, strict)
         if problems:
             raise ValueError("cannot load multimodal weights: " + " | ".join(problems))
+        merged = _merge.unmerge_layers(self)
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        for name in merged:  # merged weights follow the new LoRA weights
+            self.get_submodule(name).merge()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), as peft's method of that name."""

@@ -124,6 +124,10 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_frozen_weights(build) -
     x = _inputs(64 if build is tiny_sam else 32)
     before, after = _unmerged_and_merged(w, x)
     assert all(layer.merged for _, layer in w.layers())
+    w.train()
+    with pytest.raises(RuntimeError, match="merged.*no gradient"):
+        w(x)  # training through merged weights would leave the LoRA weights unchanged
+    w.eval()
     for m in MODS:
         torch.testing.assert_close(after[m], before[m], atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # a subset of the modalities, and one modality alone, also merged
@@ -247,3 +251,16 @@ def test_reentrant_checkpointing_of_the_host_still_trains_every_lora_tensor() ->
     sum(o["pooler_output"].pow(2).mean() + o["last_hidden_state"].pow(2).mean() for o in out.values()).backward()
     lora = {n: p for n, p in w.named_parameters() if "lora_" in n}
     assert len(lora) == 32 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+
+def test_loading_weights_into_a_merged_model_merges_them_again() -> None:
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="lora")
+    other = wrap_multimodal(tiny_timm_vit(), MODS, preset="lora")
+    _randomise(other, seed=9)
+    x = _inputs()
+    w.merge_adapters()
+    w.load_trainable_state_dict(other.trainable_state_dict())
+    assert all(layer.merged for _, layer in w.layers())
+    with torch.no_grad():
+        for m in MODS:
+            torch.testing.assert_close(w(x)[m], other(x)[m], atol=1e-5, rtol=1e-5)

@@ -143,12 +143,21 @@ class MultimodalLoRA(MultimodalLayer):
     def unmerge(self) -> None:
         self.merged_weight = None
 
+    def _check_merged_inference(self) -> None:
+        """A merged layer has no gradient path to its LoRA weights: training through it would
+        leave them unchanged without a word, so it is an error."""
+        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_A.parameters()):
+            raise RuntimeError(
+                "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
+                "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
+            )
+
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
         """x: (S*B', ..., in) -> (S*B', ..., out) with the merged per-modality weights."""
         w, b = self.merged_weight, self.base_layer.bias
         assert w is not None
         if self.single is not None:
-            return F.linear(x, w[self.single], b)
+            return F.linear(x, w[self.single].to(x.dtype), None if b is None else b.to(x.dtype))
         idx = list(range(len(self.modalities))) if self.present is None else list(self.present)
         xs = by_modality(x, len(idx))  # (S, T, in)
         y = torch.bmm(xs, w[idx].transpose(1, 2).to(x.dtype))  # (S, T, out)
@@ -163,6 +172,7 @@ class MultimodalLoRA(MultimodalLayer):
         if not self.adapters_enabled:
             return self.base_layer(x)
         if self.merged and self.presence is None:  # per-sample presence: the unmerged path
+            self._check_merged_inference()
             if self.single is None:
                 self._check_stack(x)
             return self._forward_merged(x)
