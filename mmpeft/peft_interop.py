@@ -147,7 +147,17 @@ def _pattern_key(path: str) -> str:
     return re.escape(path)
 
 
-def _lora_config(exported: list[_Exported]) -> "object":
+def _saved_modules(wrapped: MultimodalModel) -> dict[str, torch.Tensor]:
+    """peft's saved form of the modules to save: ``base_model.model.<path>.<tensor>`` of the trained copy."""
+    tensors = {}
+    for name, wrapper in wrapped.modules_to_save():
+        path = name[len(_BASE) :] if name.startswith(_BASE) else name
+        for key, t in wrapper.trained_module.state_dict().items():
+            tensors[f"base_model.model.{path}.{key}"] = t.detach().cpu()
+    return tensors
+
+
+def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = None) -> "object":
     from peft import LoraConfig
 
     common = Counter((e.rank, e.alpha) for e in exported).most_common(1)[0][0]
@@ -164,6 +174,7 @@ def _lora_config(exported: list[_Exported]) -> "object":
         bias="none",
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
+        modules_to_save=modules_to_save or None,
         # no hub name: peft would try to look it up online when saving embedding layers
         base_model_name_or_path=None,
     )
@@ -183,7 +194,8 @@ def export_peft(
 
     Files: ``adapter_config.json`` (``peft.LoraConfig.save_pretrained``) and
     ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight`` /
-    ``.lora_B.weight`` (peft's saved layout, adapter name removed).
+    ``.lora_B.weight`` (peft's saved layout, adapter name removed). Modules to save (a trained
+    head) go into peft's ``modules_to_save`` with their trained tensors.
 
     Raises:
         ValueError: a layer mixes modalities (fusion "scalar"/"matrix" with M > 1), the model holds
@@ -194,8 +206,9 @@ def export_peft(
     exported = [_export_layer(layer, modality, name) for name, layer in wrapped.layers()]  # type: ignore[arg-type]
     if not exported:
         raise ValueError("the model has no LoRA layer to export")
-    config = _lora_config(exported)
-    tensors: dict[str, torch.Tensor] = {}
+    saved = [n[len(_BASE) :] if n.startswith(_BASE) else n for n, _ in wrapped.modules_to_save()]
+    config = _lora_config(exported, saved)
+    tensors: dict[str, torch.Tensor] = _saved_modules(wrapped)
     for e in exported:
         tensors[f"base_model.model.{e.path}.lora_A.weight"] = e.lora_a.cpu()
         tensors[f"base_model.model.{e.path}.lora_B.weight"] = e.lora_b.cpu()

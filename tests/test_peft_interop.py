@@ -109,3 +109,19 @@ def test_adapters_stems_and_names_raise(tmp_path) -> None:
         export_peft(learned, "sar", tmp_path)
     with pytest.raises(ValueError, match="no LoRA layer"):
         export_peft(wrap_multimodal(tiny_sam(), preset="frozen"), "dsm", tmp_path)
+
+
+def test_modules_to_save_export_to_peft(tmp_path) -> None:
+    """A trained head (modules_to_save) travels into peft's modules_to_save: the peft model is exact."""
+    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), preset="lora", modules_to_save=["head"])
+    _randomise_trainables(wrapped)
+    export_peft(wrapped, "optical", tmp_path)
+    assert json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["head"]
+    peft_model = peft.PeftModel.from_pretrained(tiny_timm_vit(), str(tmp_path))
+    x = _inputs(32)
+    with torch.no_grad():
+        expected = wrapped(x)["optical"]
+        got = peft_model(x["optical"])
+        plain = tiny_timm_vit()(x["optical"])
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
