@@ -125,17 +125,14 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .distributed import init_distributed
     from .evaluate import eval_config, evaluate
+    from .task import read_weights
 
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: {args.weights} not found")
-    cfg = eval_config(args.config, args.weights, args.overrides)
+    weights = read_weights(args.weights)  # the one read of the file: config, model and metrics all use it
+    cfg = eval_config(args.config, weights, args.overrides)
     info = init_distributed(cfg.train.device, cfg.train.threads)
-    if args.subsets:
-        from .runner.subsets import score_subsets
-
-        score_subsets(cfg, args.weights, info=info, out_dir=args.out)
-        return
-    evaluate(cfg, args.weights, info=info, out_dir=args.out)
+    evaluate(cfg, weights, subsets=args.subsets, info=info, out_dir=args.out)
 
 
 def _predict(args: argparse.Namespace) -> None:

@@ -10,49 +10,53 @@ overrides is evaluated with no override repeated; the command line changes only 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
-
 import dataclasses
 import json
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from .config import ConfigError, ExperimentConfig, load_config, upgrade_stored
 from .distributed import DistInfo
+from .model import MFNetFile
 from .runner import score_weights
-from .task import EvalResult, read_weights_metadata
+from .task import EvalResult, read_weights
 
 __all__ = ["evaluate", "eval_config"]
 
 
 def eval_config(
-    config: str | Path | None, weights: str | Path, overrides: Sequence[str] = (), log: Callable[[str], None] = print
-) -> ExperimentConfig:
+    config: str | Path | None, weights: str | Path | MFNetFile, overrides: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> ExperimentConfig:  # fmt: skip
     """The experiment to evaluate ``weights`` with: the one saved in them plus ``overrides``.
 
-    ``config`` (a YAML file or bundled name) is used only for weights that hold no experiment
-    (written by an early version). The stored ``model_preset`` is not applied again: the saved
-    ``model`` section already holds the merged values, training overrides included.
+    ``weights``: a path, or the file already read (:func:`~mmpeft_isprs.task.read_weights`; the
+    command reads it once for this and for :func:`evaluate`). ``config`` (a YAML file or bundled
+    name) is used only for weights that hold no experiment (written by an early version). The
+    stored ``model_preset`` is not applied again: the saved ``model`` section already holds the
+    merged values, training overrides included.
     """
-    meta = read_weights_metadata(weights)
+    stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
+    meta, path = stored.metadata, stored.path
     if "experiment" not in meta:
         if config is None:
-            raise ConfigError(f"--weights {weights} holds no experiment config: give the CONFIG it was trained with")
+            raise ConfigError(f"--weights {path} holds no experiment config: give the CONFIG it was trained with")
         return load_config(config, overrides)
     values = upgrade_stored(json.loads(meta["experiment"]))
     preset = values.pop("model_preset", None)
     cfg = load_config(values, overrides)
     if config is not None:
-        log(f"note: using the experiment saved with {weights} ({cfg.name}); {config} is not read, key=value overrides apply")
+        log(f"note: using the experiment saved with {path} ({cfg.name}); {config} is not read, key=value overrides apply")
     return cfg if cfg.model_preset is not None else dataclasses.replace(cfg, model_preset=preset)
 
 
 def evaluate(
-    cfg: ExperimentConfig, weights: str | Path, *, info: DistInfo | None = None, out_dir: str | Path | None = None,
-    log: Callable[[str], None] = print,
+    cfg: ExperimentConfig, weights: str | Path | MFNetFile, *, subsets: bool = False, info: DistInfo | None = None,
+    out_dir: str | Path | None = None, log: Callable[[str], None] = print,
 ) -> EvalResult:
-    """Load ``weights``, score ``cfg.eval.split``, write JSON (rank 0); see :func:`~mmpeft_isprs.runner.score_weights`.
+    """Load ``weights``, score ``cfg.eval.split`` (with ``subsets``: also every modality subset,
+    in ``result.subsets``), write JSON (rank 0); see :func:`~mmpeft_isprs.runner.score_weights`.
 
     ``info``: the process group (default: one process on the CPU; the CLI joins torchrun's).
     """
-    return score_weights(cfg, weights, info=info, out_dir=out_dir, log=log)
+    return score_weights(cfg, weights, subsets=subsets, info=info, out_dir=out_dir, log=log)

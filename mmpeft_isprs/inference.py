@@ -197,6 +197,7 @@ def sliding_window_predict(
     tta_flip: bool = False,
     device: torch.device | str | None = None,
     progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
     out_device: torch.device | str = "cpu",
     accumulate_on: torch.device | str | None = None,
     prefetch: bool = True,
@@ -215,6 +216,8 @@ def sliding_window_predict(
         tta_flip: also predict the left-right, up-down and both-flipped windows and average.
         device: where the model runs (inputs are moved there batch by batch).
         progress: show a tqdm bar.
+        on_batch: called with the number of windows of each batch once it is scored (progress
+            lines of a long evaluation).
         out_device: where the returned (K, H, W) scores go.
         accumulate_on: where the accumulators live (default: ``device`` when it is a GPU, so
             the windows' scores never leave it; else ``out_device``).
@@ -232,18 +235,15 @@ def sliding_window_predict(
     acc, count = _accumulators(num_classes, (H, W), mode, accumulate_on, device, out_device)
     batches = list(_batches(positions, batch_size))
     read = partial(_read_batch, source, hw=hw, window=window, device=device)  # type: ignore[arg-type]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(batches), desc="windows")
-    for pos, batch in _read_ahead(read, batches, prefetch):
-        scores = _forward(model_fn, batch, tta_flip, mode, num_classes)[..., : hw[0], : hw[1]]
-        _accumulate(acc, count, scores.to(acc.device), pos, hw)
-        if bar is not None:
+    with tqdm(total=len(batches), desc="windows", disable=not progress) as bar:
+        for pos, batch in _read_ahead(read, batches, prefetch):
+            scores = _forward(model_fn, batch, tta_flip, mode, num_classes)[..., : hw[0], : hw[1]]
+            _accumulate(acc, count, scores.to(acc.device), pos, hw)
             bar.update()
-    if bar is not None:
-        bar.close()
+            if on_batch is not None:
+                on_batch(len(pos))
     out = acc.div_(count) if count is not None else acc  # in place: no second (K, H, W)
     return out.to(out_device)
 

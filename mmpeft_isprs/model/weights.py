@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -14,7 +16,7 @@ from mmpeft import atomic_write
 
 from .mfnet import MFNet, build_mfnet
 
-__all__ = ["save_mfnet", "load_mfnet"]
+__all__ = ["save_mfnet", "load_mfnet", "read_mfnet", "MFNetFile"]
 
 
 def save_mfnet(model: MFNet, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> None:
@@ -25,23 +27,39 @@ def save_mfnet(model: MFNet, path: str | os.PathLike, extra: Mapping[str, str] |
     atomic_write(path, lambda p: save_file(tensors, p, metadata=meta))
 
 
-def load_mfnet(path: str | os.PathLike, checkpoint: str | None = None, **overrides: Any) -> MFNet:
-    """Rebuild the MFNet saved at ``path`` and load its trained tensors.
+@dataclass(frozen=True)
+class MFNetFile:
+    """One read of an MFNet safetensors file: its string metadata and its tensors (the file is
+    opened once; everything that needs either takes this)."""
+
+    path: Path
+    metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor]
+
+
+def read_mfnet(path: str | os.PathLike) -> MFNetFile:
+    """Open ``path`` once: metadata and tensors."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"MFNet checkpoint {path} not found")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return MFNetFile(Path(path), meta, tensors)
+
+
+def load_mfnet(path: str | os.PathLike | MFNetFile, checkpoint: str | None = None, **overrides: Any) -> MFNet:
+    """Rebuild the MFNet saved at ``path`` (or already read by :func:`read_mfnet`) and load its trained tensors.
 
     Args:
         checkpoint: the SAM file the model was trained from (default: the path in its config).
         overrides: config fields to change (e.g. ``grad_checkpointing``); shapes must still match.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"MFNet checkpoint {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "mfnet":
-            raise ValueError(f"{path} is not an MFNet checkpoint written by save_mfnet")
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = json.loads(meta["config"])
+    stored = path if isinstance(path, MFNetFile) else read_mfnet(path)
+    if stored.metadata.get("format") != "mfnet":
+        raise ValueError(f"{stored.path} is not an MFNet checkpoint written by save_mfnet")
+    cfg = json.loads(stored.metadata["config"])
     if checkpoint is not None:
         cfg["checkpoint"] = checkpoint
     model = build_mfnet(cfg, **overrides)
-    model.load_trainable_state_dict(state)
+    model.load_trainable_state_dict(stored.tensors)
     return model

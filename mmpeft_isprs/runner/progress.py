@@ -4,6 +4,9 @@ Every ``train.log_every`` steps, and at least every :data:`MAX_SILENCE` seconds 
 line: step, epoch and batch, mean loss since the last line, learning rate, images/s, the share of
 time spent waiting for data, and the ETA of the remaining training steps. Plain lines, so a
 redirected ``mmpeft-isprs demo > log`` shows them too (the progress bar is for terminals only).
+
+Evaluation (:class:`EvalProgress`) prints the same kind of line: windows done / total, elapsed,
+windows/s and ETA, at every tenth of the windows and at least every :data:`EVAL_SILENCE` seconds.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["StepLog", "MAX_SILENCE", "format_seconds"]
+__all__ = ["StepLog", "EvalProgress", "MAX_SILENCE", "EVAL_SILENCE", "format_seconds"]
 
 MAX_SILENCE = 25.0  # seconds of training between two lines at most (the promise: 30)
+EVAL_SILENCE = 10.0  # seconds of evaluation between two lines at most (a line is printed after a batch)
 
 
 def format_seconds(s: float) -> str:
@@ -65,3 +69,30 @@ class StepLog:
         self.log(line)
         self.restart()
         return line
+
+
+class EvalProgress:
+    """Progress lines of an evaluation (rank 0): called with the windows of every scored batch.
+
+    A line at every tenth of ``total`` and at least every ``every_s`` seconds (after the batch
+    that crosses it): ``eval: D/T windows (P%), elapsed E, R windows/s, ETA S``.
+    """
+
+    def __init__(self, log: Callable[[str], None], total: int, what: str = "eval", every_s: float = EVAL_SILENCE,
+                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+        self.log, self.total, self.what, self.every_s, self.clock = log, max(int(total), 1), what, every_s, clock
+        self.done = 0
+        self.t0 = self.last = clock()
+
+    def __call__(self, windows: int) -> None:
+        tenth = -(-self.total // 10)  # ceil
+        before, self.done = self.done, self.done + windows
+        now = self.clock()
+        if self.done // tenth == before // tenth and now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last, elapsed = now, now - self.t0
+        rate = self.done / max(elapsed, 1e-9)
+        line = (f"{self.what}: {self.done}/{self.total} windows ({100 * self.done / self.total:.0f}%), "
+                f"elapsed {format_seconds(elapsed)}, {rate:.1f} windows/s, "
+                f"ETA {format_seconds(max(self.total - self.done, 0) / max(rate, 1e-9))}")  # fmt: skip
+        self.log(line)

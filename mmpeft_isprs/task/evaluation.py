@@ -12,31 +12,42 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import TileSet, write_prediction
 from ..distributed import DistInfo, shard
-from ..inference import model_fn, sliding_window_predict
+from ..inference import model_fn, sliding_window_predict, window_starts
 from ..metrics import ConfusionMatrix, compute_metrics, format_table
 from ..model import MFNet
 
-__all__ = ["EvalResult", "evaluate_tileset"]
+__all__ = ["EvalResult", "evaluate_tileset", "eval_windows"]
 
 
 @dataclass
 class EvalResult:
-    """Metrics (see :func:`~mmpeft_isprs.metrics.compute_metrics`), the matrix, and the table."""
+    """Metrics (see :func:`~mmpeft_isprs.metrics.compute_metrics`), the matrix, and the table.
+
+    ``subsets``: with ``eval --subsets``, the result of every modality subset ({"optical+dsm": ...,
+    "optical": ..., "dsm": ...}; this result is the first, all modalities)."""
 
     metrics: dict[str, Any]
     confusion: ConfusionMatrix
     table: str
     seconds: float
+    subsets: dict[str, EvalResult] | None = None
+
+
+def eval_windows(tiles: TileSet, window: int, stride: int, info: DistInfo | None = None) -> int:
+    """The sliding windows :func:`evaluate_tileset` scores on this rank (its shard of the tiles)."""
+    info = info or DistInfo()
+    shapes = [tiles.shape(i) for i in shard(range(len(tiles)), info.rank, info.world_size)]
+    return sum(len(window_starts(h, window, stride)) * len(window_starts(w, window, stride)) for h, w in shapes)
 
 
 def evaluate_tileset(
     model: MFNet, tiles: TileSet, cfg: ExperimentConfig, *, stride: int | None = None,
-    info: DistInfo | None = None, out_dir: str | Path | None = None, progress: bool = False,
+    info: DistInfo | None = None, out_dir: str | Path | None = None, progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Score ``model`` on every tile of ``tiles`` (sharded over ranks; one summed matrix).
 
@@ -47,6 +58,8 @@ def evaluate_tileset(
         stride: overrides ``cfg.eval.stride`` (validation uses ``eval.val_stride``).
         info: rank and device (single CPU process when None).
         out_dir: also write each tile's index and colour maps there (each rank its own tiles).
+        progress: called with the number of windows of every scored batch (progress lines,
+            :class:`~mmpeft_isprs.runner.progress.EvalProgress`; :func:`eval_windows` is the total).
     """
     info = info or DistInfo()
     t0 = time.perf_counter()
@@ -62,7 +75,7 @@ def evaluate_tileset(
         scores = sliding_window_predict(
             run, tiles.window_reader(i), k, window=model.config.size[0], stride=stride or e.stride,
             batch_size=e.batch_size, mode=e.mode, tta_flip=e.tta_flip, device=info.device,
-            progress=progress,
+            on_batch=progress,
         )  # fmt: skip
         pred = scores.argmax(0)
         cm.update(pred, tiles.load(i)[tiles.label_key])  # type: ignore[arg-type]

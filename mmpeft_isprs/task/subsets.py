@@ -3,14 +3,16 @@
 - :class:`TrainingPresence`: the per-sample presence mask of a training batch: modality dropout
   (``train.modality_dropout``: one rate or ``{modality: rate}``) and the non-finite check of the
   CPU batch, naming the tiles (``train.nonfinite``: ``"error"`` or ``"absent"``).
-- :func:`evaluate_subsets` (and :func:`mmpeft_isprs.runner.subsets.score_subsets`): one trained model scored on every non-empty
-  subset of its modalities (optical + DSM, optical alone, DSM alone), reported side by side
-  (``mmpeft-isprs eval CONFIG --weights W --subsets``).
+- :func:`evaluate_subsets`: one trained model scored on every non-empty subset of its
+  modalities (optical + DSM, optical alone, DSM alone), or on the full set only: the evaluation
+  step of ``mmpeft-isprs eval`` (:func:`mmpeft_isprs.runner.score_weights`), ``--subsets`` or not;
+  :func:`format_subsets` reports the subsets side by side.
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -96,17 +98,26 @@ def modality_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
 
 def evaluate_subsets(
     model: MFNet, tiles: TileSet, cfg: ExperimentConfig, *, info: DistInfo | None = None,
-    subsets: Sequence[Sequence[str]] | None = None, log: Callable[[str], None] = print,
+    subsets: Sequence[Sequence[str]] | None = None, out_dir: str | Path | None = None,
+    progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None,
 ) -> dict[str, EvalResult]:
-    """Score ``model`` on ``tiles`` once per modality subset; {"optical+dsm": result, ...}."""
+    """Score ``model`` on ``tiles`` once per modality subset; {"optical+dsm": result, ...}.
+
+    ``subsets``: default every subset (:func:`modality_subsets`); the full set runs ``model``
+    itself. ``out_dir`` (predictions) applies to the first subset only; ``progress`` as in
+    :func:`evaluate_tileset`; ``log``: one mIoU line per subset (rank 0), none when None.
+    """
     out: dict[str, EvalResult] = {}
-    for subset in subsets or modality_subsets(model.modalities):
+    for i, subset in enumerate(subsets or modality_subsets(model.modalities)):
         key = "+".join(subset)
+        net = model if tuple(subset) == tuple(model.modalities) else SubsetModel(model, subset)
         try:
-            out[key] = evaluate_tileset(SubsetModel(model, subset), tiles, cfg, info=info)  # type: ignore[arg-type]
+            out[key] = evaluate_tileset(
+                net, tiles, cfg, info=info, out_dir=out_dir if i == 0 else None, progress=progress  # type: ignore[arg-type]
+            )  # fmt: skip
         except NonFiniteInputError as exc:
             raise NonFiniteInputError(f"evaluating {key} on {tiles.ids}: {exc}") from exc
-        if info is None or info.is_main:
+        if log is not None and (info is None or info.is_main):
             log(f"{key}: mIoU {100 * float(out[key].metrics['mIoU']):.2f}  ({out[key].seconds:.1f} s)")
     return out
 

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
 
 from ..config import ExperimentConfig, config_from_dict, upgrade_stored
-from ..model import MFNet, load_mfnet, save_mfnet
+from ..model import MFNet, MFNetFile, load_mfnet, read_mfnet, save_mfnet
 
-__all__ = ["save_trained", "load_trained", "read_weights_metadata"]
+__all__ = ["save_trained", "load_trained", "read_weights"]
 
 
 def save_trained(model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, metrics: Mapping[str, Any] | None) -> None:
@@ -30,18 +29,20 @@ def save_trained(model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, me
     save_mfnet(model, path, extra=extra)
 
 
-def read_weights_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a ``best.safetensors`` written by training."""
+def read_weights(path: str | Path) -> MFNetFile:
+    """A ``best.safetensors`` written by training, read once (metadata and tensors): pass it to
+    :func:`load_trained` and to whatever reads its metadata, so the file is opened once."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return read_mfnet(path)
 
 
 def load_trained(
-    path: str | Path, device: torch.device | str = "cpu", checkpoint: str | None = None, key: str = "model.checkpoint"
-) -> tuple[MFNet, ExperimentConfig | None]:
-    """Rebuild a trained MFNet (and the experiment it came from) from its safetensors file.
+    weights: str | Path | MFNetFile, device: torch.device | str = "cpu", checkpoint: str | None = None,
+    key: str = "model.checkpoint",
+) -> tuple[MFNet, ExperimentConfig | None]:  # fmt: skip
+    """Rebuild a trained MFNet (and the experiment it came from) from its safetensors file
+    (a path, or the file already read by :func:`read_weights`).
 
     The model is the one recorded in the weights. Its frozen encoder comes from the SAM
     checkpoint it was trained from: the path recorded in the weights, or ``checkpoint`` when
@@ -55,7 +56,8 @@ def load_trained(
     Raises:
         FileNotFoundError: the weights need a SAM checkpoint and it is not found.
     """
-    meta = read_weights_metadata(path)
+    stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
+    meta, path = stored.metadata, stored.path
     needed = json.loads(meta["config"]).get("checkpoint") if "config" in meta else None
     sam = (checkpoint or needed) if needed else None
     if sam and not Path(sam).is_file():
@@ -66,6 +68,6 @@ def load_trained(
     seed = meta.get("init_seed")
     if seed is not None:
         torch.manual_seed(int(seed))
-    model = load_mfnet(path, checkpoint=sam)
+    model = load_mfnet(stored, checkpoint=sam)
     experiment = config_from_dict(upgrade_stored(json.loads(meta["experiment"]))) if "experiment" in meta else None
     return model.to(device).eval(), experiment

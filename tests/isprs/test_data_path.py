@@ -1,9 +1,11 @@
-"""The application's data path, once: public core names only, one presence mask (one NaN check)
-per forward, one layout per data module."""
+"""The application's data path, once: one presence mask (one NaN check) per forward, one layout
+per data module, one evaluation path (``--subsets`` included) that opens the weights file once
+and prints progress lines with an ETA."""
 
 from __future__ import annotations
 
-import ast
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -11,40 +13,21 @@ import pytest
 import torch
 
 import mmpeft
-import mmpeft.backbones
 from mmpeft import presence_tensor
+import mmpeft_isprs.evaluate
+import mmpeft_isprs.task.evaluation
+import mmpeft_isprs.task.subsets
+from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import load_config
 from mmpeft_isprs.data import Layout, generate_synthetic_vaihingen
 from mmpeft_isprs.datamodule import ISPRSDataModule
 from mmpeft_isprs.model import build_mfnet
+from mmpeft_isprs.runner.progress import EvalProgress
+from mmpeft_isprs.task import save_trained
 from tests.isprs.test_layouts_real import make_mmhunan_archive
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
               "window_size": 4, "decoder_heads": 2, "img_size": 64}  # fmt: skip
-PUBLIC = {"mmpeft": set(mmpeft.__all__), "mmpeft.backbones": set(mmpeft.backbones.__all__)}
-
-
-def core_imports(path: Path) -> list[str]:
-    """Every import of the core in ``path`` that is not a public name, as 'file:line: what'."""
-    bad = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):  # only ``import mmpeft`` (for mmpeft.__version__)
-            bad += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names if a.name.startswith("mmpeft.")]
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            if node.module == "mmpeft" or node.module.startswith("mmpeft."):
-                names = {a.name for a in node.names}
-                allowed = PUBLIC.get(node.module, set())
-                bad += [f"{path.name}:{node.lineno}: from {node.module} import {n}" for n in sorted(names - allowed)]
-    return bad
-
-
-def test_the_application_imports_only_what_mmpeft_exports(tmp_path: Path) -> None:
-    found = [b for p in sorted((ROOT / "mmpeft_isprs").rglob("*.py")) for b in core_imports(p)]
-    assert found == []
-    (tmp_path / "bad.py").write_text("from mmpeft.presence import masked_presence\nimport mmpeft.wrap\n"
-                                     "from mmpeft import wrap_multimodal, _private\n")  # fmt: skip
-    assert len(core_imports(tmp_path / "bad.py")) == 3  # the checker can fail
 
 
 def _model(nonfinite: str = "error"):
@@ -173,3 +156,94 @@ def test_generating_the_synthetic_set_builds_one_layout(tmp_path: Path, monkeypa
     made = _count_layouts(monkeypatch)
     manifest = generate_synthetic_vaihingen(tmp_path / "s", num_tiles=3, tile_size=64)
     assert made == ["VaihingenLayout"] and len(manifest["files"]) == 12
+
+
+# ------------------------------------------------------------------ one eval path
+PROGRESS = re.compile(r"^eval: (\d+)/(\d+) windows \(\d+%\), elapsed \S+, [\d.]+ windows/s, ETA \S+$")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny synthetic data set (1 test tile of 96 px: 4 windows of 64 at stride 32) and weights
+    written as training writes them (random frozen encoder, rebuilt from the stored seed)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    generate_synthetic_vaihingen(tmp / "data", num_tiles=3, tile_size=96)
+    cfg = load_config({"name": "tiny", "data": {"dataset": "synthetic", "root": str(tmp / "data"),
+                                                "synthetic": {"num_tiles": 3, "tile_size": 96}},
+                       "model": TINY_MODEL, "train": {"run_dir": str(tmp / "run")},
+                       "eval": {"stride": 32, "val_stride": 64, "batch_size": 1}})  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    save_trained(build_mfnet(cfg.model), tmp / "best.safetensors", cfg, epoch=1, metrics=None)
+    return tmp, tmp / "best.safetensors"
+
+
+def _count_opens(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[str]:
+    """Opens of ``path`` by any safetensors reader the application holds (patched where it looks them up)."""
+    opened: list[str] = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("mmpeft_isprs"):
+            continue
+        for attr in ("safe_open", "load_file"):
+            original = getattr(module, attr, None)
+            if original is None or not callable(original):
+                continue
+
+            def counted(target, *args, _original=original, **kwargs):
+                if Path(target).resolve() == path.resolve():
+                    opened.append(name)
+                return _original(target, *args, **kwargs)
+
+            monkeypatch.setattr(module, attr, counted)
+    return opened
+
+
+@pytest.mark.parametrize("subsets", [False, True])
+def test_eval_reads_the_weights_once_through_one_path(
+    subsets: bool, trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp, weights = trained
+    calls: list[bool] = []
+    scored: list[tuple[str, ...]] = []
+    evaluate, evaluate_tileset = mmpeft_isprs.evaluate.evaluate, mmpeft_isprs.task.evaluation.evaluate_tileset
+
+    def spy_evaluate(*args, **kwargs):
+        calls.append(kwargs.get("subsets", False))
+        return evaluate(*args, **kwargs)
+
+    def spy_tileset(model, *args, **kwargs):
+        scored.append(tuple(model.modalities))
+        return evaluate_tileset(model, *args, **kwargs)
+
+    monkeypatch.setattr(mmpeft_isprs.evaluate, "evaluate", spy_evaluate)
+    monkeypatch.setattr(mmpeft_isprs.task.subsets, "evaluate_tileset", spy_tileset)
+    opened = _count_opens(monkeypatch, weights)
+    out_dir = tmp / f"out_{subsets}"
+    assert main(["eval", "tiny", "--weights", str(weights), "--out", str(out_dir), *(["--subsets"] if subsets else [])]) == 0
+    assert len(opened) == 1, opened
+    assert calls == [subsets]  # the same function, --subsets or not
+    assert scored == ([("optical", "dsm"), ("optical",), ("dsm",)] if subsets else [("optical", "dsm")])
+    assert json.loads((out_dir / "metrics.json").read_text())["weights"] == str(weights)
+    assert (out_dir / "subsets.json").is_file() == subsets
+    lines = [line for line in capsys.readouterr().out.splitlines() if PROGRESS.match(line)]
+    counts = [tuple(map(int, PROGRESS.match(line).groups())) for line in lines]  # type: ignore[union-attr]
+    total = 12 if subsets else 4  # one 96 px tile: 2 x 2 windows of 64 at stride 32, per subset
+    assert counts and all(t == total for _, t in counts) and counts[-1][0] == total
+    assert [d for d, _ in counts] == sorted({d for d, _ in counts})  # increasing, no repeats
+
+
+def test_eval_progress_lines_by_count_and_by_time() -> None:
+    now, lines = [0.0], []
+    progress = EvalProgress(lines.append, total=100, every_s=10.0, clock=lambda: now[0])
+    for _ in range(4):  # 4 windows in 4 s: no tenth crossed, no 10 s silence yet
+        now[0] += 1.0
+        progress(2)
+    assert lines == []
+    now[0] += 1.0
+    progress(2)  # 10 of 100: a tenth
+    assert lines == ["eval: 10/100 windows (10%), elapsed 5s, 2.0 windows/s, ETA 45s"]
+    now[0] += 30.0
+    progress(1)  # 11 of 100 after 30 s of silence: a line by time
+    assert len(lines) == 2 and lines[1].startswith("eval: 11/100 windows (11%), elapsed 35s") and lines[1].endswith("0.3 windows/s, ETA 4m43s")  # 89 left at 11/35 per s
+    now[0] += 1.0
+    progress(89)
+    assert lines[-1].startswith("eval: 100/100 windows (100%)") and lines[-1].endswith("ETA 0s")
