@@ -267,7 +267,7 @@ def _ratio(res: dict[str, dict[str, Any]], a: str, b: str, key: str = "median_s"
     return None
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="vit_b")
     ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
@@ -303,16 +303,12 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--scheme", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--method", default="adapter", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    for spec in args.schemes:
-        Spec.parse(spec)  # unknown names or modifiers fail before any work
-    if args.threads:
-        import torch
+    return ap
 
-        torch.set_num_threads(args.threads)
-    if args.worker:
-        print(json.dumps(inference_worker(args) if args.scheme.startswith("inference") else worker(args)))
-        return
+
+def _train_results(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """{method: {scheme: record}}: the training-step schemes timed interleaved, then each scheme's
+    memory in a fresh process (unless --no-memory)."""
     results: dict[str, dict[str, Any]] = {}
     for method in [] if args.inference_only else args.methods:
         results[method] = timed_interleaved(args, method, args.schemes)
@@ -327,13 +323,23 @@ def main() -> None:
                 if "error" in r:
                     continue
                 print(f"{method:8s} {scheme:30s} {r['median_s']:.4f} s  first {r['first_step_s']:.1f} s  ops {r.get('ops')}", flush=True)
+    return results
+
+
+def _inference_results(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """{method: {variant: record}} of tile inference (empty without --inference / --inference-only)."""
     inference: dict[str, dict[str, Any]] = {}
     if args.inference or args.inference_only:
         for method in args.methods:
             for variant in args.inference_variants:  # default: mmpeft.attention on / off
                 r = inference.setdefault(method, {})[variant] = run_scheme(args, method, variant)
                 print(f"{method:8s} {variant} {r['images_per_s']:.2f} images/s", flush=True)
-    ratios = {
+    return inference
+
+
+def _ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per method, the time and memory ratios between schemes (None where a scheme was not run)."""
+    return {
         m: {
             "a_over_b": _ratio(r, "ours", "per_modality"),
             "a_over_c": _ratio(r, "ours", "floor"),
@@ -345,10 +351,24 @@ def main() -> None:
         }
         for m, r in results.items()
     }
-    name = "speed" + (f"_{args.tag}" if args.tag else "")
-    write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": ratios, "inference": inference},
-          (table(results, args) if results else "") + inference_table(inference, args), args.out)
 
+
+def main() -> None:
+    args = _parser().parse_args()
+    for spec in args.schemes:
+        Spec.parse(spec)  # unknown names or modifiers fail before any work
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(inference_worker(args) if args.scheme.startswith("inference") else worker(args)))
+        return
+    results = _train_results(args)
+    inference = _inference_results(args)
+    name = "speed" + (f"_{args.tag}" if args.tag else "")
+    write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": _ratios(results), "inference": inference},
+          (table(results, args) if results else "") + inference_table(inference, args), args.out)
 
 if __name__ == "__main__":
     main()

@@ -264,38 +264,14 @@ def load_sam_checkpoint(
         A :class:`SamLoadReport`. Global blocks' relative tables are linearly resized to
         ``2*H/16-1`` / ``2*W/16-1`` rows, so forward never resizes anything.
     """
-    if pos_embed_interp not in ("bicubic", "antialias"):
-        raise ValueError(
-            f"pos_embed_interp must be 'bicubic' or 'antialias', got {pos_embed_interp!r}"
-        )
-    if any(t.is_meta for t in encoder.state_dict().values()):
-        raise ValueError("encoder is on the meta device; materialise it first, e.g. "
-                         "encoder.to_empty(device='cpu')")
+    _check_load_arguments(encoder, pos_embed_interp)
     impl = sam_encoder_impl(encoder)
     state, source = read_sam_state_dict(checkpoint)
     official, dropped, foreign = _split_encoder_keys(state, source)
     report = SamLoadReport(impl=impl, source=source, dropped=dropped, unexpected=list(foreign))
 
     model_state = encoder.state_dict()
-    model_shapes = {k: tuple(v.shape) for k, v in model_state.items()}
-    to_load: dict[str, torch.Tensor] = {}
-    mismatched: list[tuple[str, Shape, Shape]] = []
-    for name, (ckpt_key, value) in official.items():
-        key = _to_impl_key(name, impl)
-        if key not in model_shapes:
-            report.unexpected.append(ckpt_key)
-            continue
-        target = model_shapes[key]
-        if tuple(value.shape) != target:
-            resized = _fit_tensor(encoder, key, value, target, pos_embed_interp == "antialias")
-            if resized is None:
-                mismatched.append((key, tuple(value.shape), target))
-                continue
-            report.resized[key] = (tuple(value.shape), target)
-            value = resized
-        to_load[key] = value
-    ckpt_shapes = {name: tuple(v.shape) for name, (_, v) in official.items()}
-    _check_shapes(mismatched, ckpt_shapes, model_shapes, source)
+    to_load = _fit_to_encoder(encoder, official, report, pos_embed_interp == "antialias")
     report.missing = [k for k in model_state if k not in to_load]
     _check_keys(report, strict)
 
@@ -309,6 +285,44 @@ def load_sam_checkpoint(
         resized = ", ".join(f"{k} {a}->{b}" for k, (a, b) in report.resized.items())
         logger.info("resized %s", resized)
     return report
+
+
+def _check_load_arguments(encoder: nn.Module, pos_embed_interp: str) -> None:
+    if pos_embed_interp not in ("bicubic", "antialias"):
+        raise ValueError(
+            f"pos_embed_interp must be 'bicubic' or 'antialias', got {pos_embed_interp!r}"
+        )
+    if any(t.is_meta for t in encoder.state_dict().values()):
+        raise ValueError("encoder is on the meta device; materialise it first, e.g. "
+                         "encoder.to_empty(device='cpu')")
+
+
+def _fit_to_encoder(
+    encoder: nn.Module, official: dict[str, tuple[str, torch.Tensor]], report: SamLoadReport, antialias: bool,
+) -> dict[str, torch.Tensor]:
+    """{encoder key: tensor to copy}: the checkpoint's encoder tensors renamed to ``report.impl``'s
+    keys and resized where the encoder's grid differs (recorded in ``report.resized``); keys the
+    encoder lacks go to ``report.unexpected``; shapes that cannot be fitted raise."""
+    model_shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    to_load: dict[str, torch.Tensor] = {}
+    mismatched: list[tuple[str, Shape, Shape]] = []
+    for name, (ckpt_key, value) in official.items():
+        key = _to_impl_key(name, report.impl)
+        if key not in model_shapes:
+            report.unexpected.append(ckpt_key)
+            continue
+        target = model_shapes[key]
+        if tuple(value.shape) != target:
+            resized = _fit_tensor(encoder, key, value, target, antialias)
+            if resized is None:
+                mismatched.append((key, tuple(value.shape), target))
+                continue
+            report.resized[key] = (tuple(value.shape), target)
+            value = resized
+        to_load[key] = value
+    ckpt_shapes = {name: tuple(v.shape) for name, (_, v) in official.items()}
+    _check_shapes(mismatched, ckpt_shapes, model_shapes, report.source)
+    return to_load
 
 
 def zero_rel_pos(encoder: nn.Module) -> list[str]:
