@@ -53,8 +53,7 @@ def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
     """{module name: index of the rule that targets it}; a module claimed twice is an error."""
     owner: dict[str, int] = {}
     for i, rule in enumerate(config.rules):
-        wraps = method_of(rule).wraps
-        for n in match_targets(model, rule.targets, wraps[0] if wraps else None):
+        for n in match_targets(model, rule.targets, method_of(rule).wraps):
             if n in owner:
                 raise ValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
             owner[n] = i

@@ -139,7 +139,13 @@ def _matches(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def match_targets(model: nn.Module, targets: Targets, want: type[nn.Module] | None = None) -> list[str]:
+def _names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def match_targets(
+    model: nn.Module, targets: Targets, want: type[nn.Module] | tuple[type[nn.Module], ...] | None = None
+) -> list[str]:
     """Qualified names of the modules of ``model`` selected by ``targets`` (peft semantics).
 
     Raises ValueError listing what exists when nothing matches, and TypeError naming the module
@@ -151,7 +157,7 @@ def match_targets(model: nn.Module, targets: Targets, want: type[nn.Module] | No
         suffixes = sorted({".".join(n.split(".")[-2:]) for n in candidates})
         raise ValueError(
             f"targets {targets!r} match no module of {type(model).__name__}. "
-            f"Module name endings that exist{' (' + want.__name__ + ')' if want else ''}: "
+            f"Module name endings that exist{' (' + _names(want) + ')' if want else ''}: "
             f"{suffixes[:40]}{' ...' if len(suffixes) > 40 else ''}"
         )
     if want is not None:
@@ -160,7 +166,7 @@ def match_targets(model: nn.Module, targets: Targets, want: type[nn.Module] | No
         if wrong:
             raise TypeError(
                 f"targets {targets!r} select {wrong[0]} of type {type(modules[wrong[0]]).__name__}, "
-                f"but this method needs {want.__name__} modules"
+                f"but this method needs {_names(want)} modules"
             )
     return names
 
