@@ -6,7 +6,7 @@ A sample is a dict: ``"optical"`` float32 (3, H, W) in [0, 1], ``"dsm"`` float32
 ``IGNORE_INDEX`` = 255, and ``"name"`` (tile id).
 """
 
-from .datasets import RandomCropDataset, TileDataset, item_rng, pad_sample
+from .datasets import RandomCropDataset, item_rng, pad_sample
 from .dsm import DataWarning, DsmNormalisation, normalise_dsm, valid_range
 from .inputs import check_sizes, dsm_tensor, is_geotiff, optical_tensor, pair_inputs
 from .io import (
@@ -27,7 +27,7 @@ from .synthetic import (
     SYNTHETIC_VAL_IDS, generate_synthetic_vaihingen, synthetic_layout, synthetic_splits,
 )
 from .tiles import TileSet, TileWindowReader
-from .transforms import Compose, JointFlipRotate
+from .transforms import JointFlipRotate
 
 __all__ = [
     "IGNORE_INDEX", "DatasetInfo", "ISPRS", "MMHUNAN", "colour_to_index", "index_to_colour",
@@ -38,8 +38,8 @@ __all__ = [
     "MMHunanLayout", "GenericLayout", "VAIHINGEN_SPLITS", "POTSDAM_SPLITS",
     "DsmNormalisation", "DataWarning", "normalise_dsm", "valid_range",
     "TileSet", "TileWindowReader",
-    "RandomCropDataset", "TileDataset", "item_rng", "pad_sample",
-    "JointFlipRotate", "Compose",
+    "RandomCropDataset", "item_rng", "pad_sample",
+    "JointFlipRotate",
     "generate_synthetic_vaihingen", "synthetic_layout", "synthetic_splits", "SYNTHETIC_VAL_IDS",
     "pair_inputs", "check_sizes", "optical_tensor", "dsm_tensor", "is_geotiff", "write_prediction",
 ]

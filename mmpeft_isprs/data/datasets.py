@@ -1,4 +1,4 @@
-"""Torch datasets over a :class:`TileSet`: random training crops and whole evaluation tiles.
+"""Torch datasets over a :class:`TileSet`: random training crops.
 
 ``RandomCropDataset`` follows the published runs: each item is a random tile and a random
 crop (256x256, 1000 batches per epoch in the paper). Item ``index`` of epoch ``epoch`` draws
@@ -40,9 +40,9 @@ class RandomCropDataset(Dataset):
 
     Items: ``{modality: (C, s, s) float32, label_key: (s, s) int64, "name": str}``.
 
-    Call :meth:`set_epoch` at the start of every epoch (before iterating; with
-    ``persistent_workers=True`` the workers keep their own copy, so there pass
-    ``(epoch, index)`` tuples as indices instead, which ``__getitem__`` accepts).
+    Indices are ``(epoch, index)`` pairs (what :class:`~mmpeft_isprs.datamodule.EpochBatchSampler`
+    yields): the dataset holds no epoch state, so every DataLoader worker, persistent or not,
+    returns the same crop for the same pair. A plain ``index`` means ``(0, index)``.
     """
 
     def __init__(
@@ -62,17 +62,12 @@ class RandomCropDataset(Dataset):
         self.samples_per_epoch, self.seed, self.transforms = int(samples_per_epoch), int(seed), transforms
         areas = np.array([h * w for h, w in (tileset.shape(i) for i in range(len(tileset)))], float)
         self._p = areas / areas.sum() if tile_weights == "area" else None
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose crops ``__getitem__`` returns."""
-        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        epoch, index = index if isinstance(index, tuple) else (0, index)
         if not 0 <= index < self.samples_per_epoch:
             raise IndexError(f"RandomCropDataset: index {index} out of range {self.samples_per_epoch}")
         rng = item_rng(self.seed, epoch, index)
@@ -102,24 +97,4 @@ def pad_sample(sample: dict[str, Any], size: int, label_key: str = "mask") -> di
     return out
 
 
-class TileDataset(Dataset):
-    """Whole tiles one by one, for evaluation (use ``batch_size=1`` or iterate directly).
-
-    Items: ``{modality: (C, H, W) float32, label_key: (H, W) int64, "name": str}``.
-    For tiles too large for memory use ``tileset.window_reader(i)`` with
-    :func:`~mmpeft_isprs.inference.sliding_window_predict` instead.
-    """
-
-    def __init__(self, tileset: TileSet) -> None:
-        self.tileset = tileset
-
-    def __len__(self) -> int:
-        return len(self.tileset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self.tileset):
-            raise IndexError(f"TileDataset: index {index} out of range {len(self.tileset)}")
-        return self.tileset.load(index)
-
-
-__all__ = ["RandomCropDataset", "TileDataset", "item_rng", "pad_sample"]
+__all__ = ["RandomCropDataset", "item_rng", "pad_sample"]

@@ -79,16 +79,4 @@ class JointFlipRotate:
         return out
 
 
-class Compose:
-    """Apply transforms in order, all drawing from the same ``rng``."""
-
-    def __init__(self, transforms: list[Transform]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, sample: Sample, rng: Rng) -> Sample:
-        for t in self.transforms:
-            sample = t(sample, rng)
-        return sample
-
-
-__all__ = ["JointFlipRotate", "Compose", "Transform", "Sample"]
+__all__ = ["JointFlipRotate", "Transform", "Sample"]
