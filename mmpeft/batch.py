@@ -53,18 +53,29 @@ def check_sizes(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
             )
 
 
+def _same_mapping(like: Mapping[str, Any], fields: dict[str, Any]) -> Any:
+    """``fields`` as a mapping of ``like``'s type (a ModelOutput keeps its class and attributes)."""
+    if type(like) is dict:
+        return fields
+    try:
+        return type(like)(**fields)
+    except TypeError:
+        return fields
+
+
 def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
     """Split every tensor of ``out`` (dim 0 = S*B) into one part per modality of ``names``:
-    ``{modality: part}`` (``as_dict``) or a list; tuples, lists and mappings are split inside."""
+    ``{modality: part}`` (``as_dict``) or a list; tuples, lists and mappings are split inside
+    (a mapping keeps its type: a Hugging Face ``BaseModelOutputWithPooling`` per modality)."""
     m = len(names)
     if isinstance(out, torch.Tensor):
         if out.dim() == 0 or out.shape[0] % m != 0:
             raise ValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
         parts = out.chunk(m, 0)
         return dict(zip(names, parts)) if as_dict else list(parts)
-    if isinstance(out, Mapping):
-        per = {k: split_output(v, names, False) for k, v in out.items()}
-        res = [{k: v[i] for k, v in per.items()} for i in range(m)]
+    if isinstance(out, Mapping):  # a dict, or a Hugging Face ModelOutput (rebuilt as its own type)
+        per = {k: split_output(v, names, False) if v is not None else [None] * m for k, v in out.items()}
+        res = [_same_mapping(out, {k: v[i] for k, v in per.items()}) for i in range(m)]
         return dict(zip(names, res)) if as_dict else res
     if isinstance(out, (list, tuple)):
         per_t = [split_output(v, names, False) for v in out]

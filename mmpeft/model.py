@@ -9,6 +9,7 @@ described in :mod:`mmpeft.tuners.base`; block features in :mod:`mmpeft.blocks`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -124,9 +125,12 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         return split_output(out, tuple(self.modalities if names is None else names), as_dict)
 
     def forward(
-        self, inputs: Inputs, *args: Any, presence: Presence | None = None, finite_checked: bool = False, **kwargs: Any
-    ) -> Any:
-        """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order.
+        self, inputs: Inputs | None = None, *args: Any, presence: Presence | None = None,
+        finite_checked: bool = False, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order, given by position
+        or by the keyword of the base model's own first parameter (``pixel_values=`` for a
+        Hugging Face model); other arguments go to the base model unchanged.
 
         Any non-empty subset of the modalities may be given (left out of the dict, or None in the
         sequence): only those run, mixed as the fusion rules define for missing modalities
@@ -136,17 +140,20 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         inputs were already checked for NaN / inf (``presence`` from :meth:`presence_mask`).
 
         Returns ``{modality: output}`` for the present modalities with a dict input, else a list
-        in modality order (present ones only).
+        in modality order (present ones only); each output of the base model's own type (a
+        Hugging Face ``ModelOutput`` stays one, with its fields).
         """
         return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **kwargs)
 
     def call(
-        self, method: str, inputs: Inputs, *args: Any, presence: Presence | None = None,
+        self, method: str, inputs: Inputs | None, *args: Any, presence: Presence | None = None,
         finite_checked: bool = False, **kwargs: Any,
     ) -> Any:  # fmt: skip
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
-        names, x, mask = self._prepare(inputs, presence, finite_checked)
         fn = getattr(self.base_model, method)
+        if inputs is None:  # given by the keyword of the method's first parameter
+            fn, inputs = _by_keyword(fn, kwargs)
+        names, x, mask = self._prepare(inputs, presence, finite_checked)
         if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
             out = self._run(fn, x, *args, **kwargs)
         else:
@@ -276,3 +283,17 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         input after the modality's stem), with no mmpeft module: every update merged into the
         weights. A copy unless ``inplace``. Raises naming what cannot merge."""
         return _merge.merge_and_unload(self, modality, inplace)
+
+
+def _by_keyword(fn: Any, kwargs: dict[str, Any]) -> tuple[Any, Inputs]:
+    """(a function taking the stacked input first, the per-modality inputs) when they come as
+    ``fn``'s first parameter by keyword (popped from ``kwargs``)."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    name = params[0].name if params else None
+    if name is None or kwargs.get(name) is None:
+        raise TypeError(
+            f"no input given: pass the modalities' inputs by position or as {name or 'the first argument'}="
+            "{modality: tensor}"
+        )
+    inputs = kwargs.pop(name)
+    return (lambda x, *a, **k: fn(*a, **{name: x}, **k)), inputs

@@ -36,6 +36,12 @@ __all__ = [
 Execution = Literal["batched", "loop"]
 
 
+def _exporting() -> bool:
+    """True while ``torch.export`` traces (``torch.compiler.is_exporting``; False where torch lacks it)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 class MergeError(ValueError):
     """A layer whose update cannot be folded into a weight (the message says why)."""
 
@@ -134,10 +140,11 @@ class MultimodalLayer(nn.Module):
     def _fused_weights(self) -> tuple[bool, torch.Tensor | None]:
         """Whether the fused nodes of :mod:`mmpeft.lowrank` apply, and their (M, M) mixing weights
         (None: the identity). They do for a linear rule mixing the whole batch alike; a
-        non-linear rule or per-sample presence takes the general path."""
+        non-linear rule or per-sample presence takes the general path, and so does
+        ``torch.export`` (it cannot trace the nodes' ``out=`` products with trainable inputs)."""
         fusion = self._fusion()
         w = self._mixing()
-        if not fusion.linear or (w is not None and w.dim() != 2):
+        if not fusion.linear or (w is not None and w.dim() != 2) or _exporting():
             return False, None
         if w is None and fusion.mixes:
             w = fusion.mixing_matrix()
