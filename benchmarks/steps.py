@@ -151,7 +151,7 @@ def build_model(args: argparse.Namespace, spec: Spec, method: str, **config: Any
         kw.update(embed_dim=64, depth=4, num_heads=2)
     with torch.device(args.device):
         model = build_mfnet(**kw)
-    model.encoder.nonfinite = "off"  # as the training task does: inputs are checked on the CPU batch
+    model.encoder.set_nonfinite("off")  # as the training task does: inputs are checked on the CPU batch
     queries = config.get("efficient_attention", True)
     if spec.relpos != "mask" and queries:
         model.encoder.enable_efficient_attention("auto" if queries is True else str(queries), spec.relpos)

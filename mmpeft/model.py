@@ -65,10 +65,10 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         self.frozen_norms: tuple[str, ...] = tuple(frozen_norms)
 
     # ------------------------------------------------------------------ inputs / outputs
-    def stack(self, inputs: Inputs) -> torch.Tensor:
+    def stack(self, inputs: Inputs, finite_checked: bool = False) -> torch.Tensor:
         """Validate, apply the stems and stack: S tensors (B, c_m, ...) -> (S*B, C, ...), S the
-        modalities present (all of them normally)."""
-        return self._prepare(inputs, None)[1]
+        modalities present (all of them normally). ``finite_checked``: skip the NaN / inf check."""
+        return self._prepare(inputs, None, finite_checked)[1]
 
     def _prepare(
         self, inputs: Inputs, presence: Presence | None, finite_checked: bool = False

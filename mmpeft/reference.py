@@ -41,16 +41,18 @@ def _attention_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def per_modality_forward(
-    wrapped: MultimodalModel, inputs: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+    wrapped: MultimodalModel, inputs: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]],
+    finite_checked: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run ``wrapped`` (a wrapped SAM-style encoder) modality by modality; returns {modality: neck output}.
 
     Numerically the same function as ``wrapped(inputs)`` (up to float rounding), executed the way
     the authors' code executes it. Leaves the layers in ``"batched"`` execution afterwards.
+    ``finite_checked``: the inputs were already checked for NaN / inf (as in ``wrapped.forward``).
     """
     enc = wrapped.base_model
     mods = wrapped.modalities
-    xs = wrapped.stack(inputs).chunk(len(mods), 0)  # validated, stems applied
+    xs = wrapped.stack(inputs, finite_checked).chunk(len(mods), 0)  # validated, stems applied
     hs: list[torch.Tensor] = []
     for m, x in zip(mods, xs):
         with only_modality(wrapped, m):

@@ -110,12 +110,7 @@ class MFNet(nn.Module):
     def _per_modality(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The reference per-modality execution, without checking the inputs for NaN / inf again
         (:meth:`forward` did, through ``presence_mask``)."""
-        action = self.encoder.nonfinite
-        self.encoder.set_nonfinite("off")
-        try:
-            return per_modality_forward(self.encoder, inputs)
-        finally:
-            self.encoder.set_nonfinite(action)
+        return per_modality_forward(self.encoder, inputs, finite_checked=True)
 
     def compile_mode(self, device: torch.device) -> str:
         """``config.compile`` resolved for a run on ``device`` ("auto": "blocks" on CUDA, else "none")."""
