@@ -56,10 +56,7 @@ class DemoResult:
     seconds: float
     summary: str
 
-    @property
-    def gain(self) -> float:
-        """mIoU(optical + DSM) - mIoU(optical), in [0, 1] units."""
-        return float(self.results["optical+dsm"].metrics["mIoU"]) - float(self.results["optical"].metrics["mIoU"])
+
 
 
 def _backbone_of(checkpoint: str) -> str:

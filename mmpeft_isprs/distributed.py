@@ -21,7 +21,7 @@ from .threads import apply_threads, resolve_threads
 
 __all__ = [
     "DistInfo", "init_distributed", "shutdown", "barrier", "all_gather_object",
-    "broadcast_object", "shard", "resolve_device", "sum_tensor",
+    "shard", "resolve_device", "sum_tensor",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -123,15 +123,6 @@ def all_gather_object(obj: T) -> list[T]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not _active():
-        return obj
-    box = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]  # type: ignore[return-value]
 
 
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:

@@ -84,10 +84,6 @@ class ConfusionMatrix:
             self.mat = result.to(self.mat.device, torch.int64)
         return self
 
-    def reset(self) -> None:
-        """Zero the matrix."""
-        self.mat.zero_()
-
 
 def compute_metrics(
     cm: ConfusionMatrix | torch.Tensor, class_names: Sequence[str], eval_classes: Sequence[int]

@@ -70,10 +70,6 @@ class GenericLayout(Layout):
             raise ValueError("GenericLayout: label_format must be 'index' or 'colour'")
         Layout.__init__(self, self.split, self.splits)
 
-    @property
-    def has_eval_labels(self) -> bool:
-        return self.eval_label_dir is not None
-
     def tile_files(self, root: Path, tile_id: str) -> TileFiles:
         base, stem = _split_tile(Path(root), tile_id)
         inputs = {m.name: _find(base / self.folders.get(m.name, m.name), stem) for m in self.modalities}

@@ -26,7 +26,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 PathLike = str | os.PathLike[str]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 GEO_TAGS: tuple[int, ...] = (33550, 33922, 34264, 34735, 34736, 34737)
 """ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory, GeoDoubleParams,

@@ -120,11 +120,6 @@ class Layout(ABC):
     def _set_patterns(self, defaults: dict[str, tuple[str, ...]], files: FilePatterns | None) -> None:
         self.patterns = merge_patterns(defaults, files)
 
-    @property
-    def has_eval_labels(self) -> bool:
-        """True when the data set ships separate (eroded) labels for scoring."""
-        return "eval_labels" in self.patterns
-
     def tile_files(self, root: Path, tile_id: str) -> TileFiles:
         """Paths of the files of tile ``tile_id`` under ``root`` (they need not exist)."""
         base, stem = _split_tile(Path(root), tile_id)
