@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import disable_efficient_attention, enable_efficient_attention
-from .checkpointing import DEFAULT_PATTERN, disable_gradient_checkpointing, enable_gradient_checkpointing
+from .attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
+from .checkpointing import (
+    DEFAULT_PATTERN, checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing,
+)
 from .utils import resolve_dtype
 
 __all__ = ["BlockFeatures"]
@@ -68,6 +70,13 @@ class BlockFeatures:
         if not names:
             raise ValueError(f"{type(self.base_model).__name__} has no list of repeated blocks to compile")
         return names
+
+    def block_features(self) -> dict[str, list[str]]:
+        """The blocks running with each feature: ``efficient_attention``, ``checkpointing``."""
+        return {
+            "efficient_attention": efficient_attention_blocks(self.base_model),
+            "checkpointing": checkpointed_blocks(self.base_model),
+        }
 
     @property
     def compute_dtype(self) -> torch.dtype | None:

@@ -252,6 +252,24 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         with only_modality(self, modality):
             yield
 
+    def status(self) -> dict[str, Any]:
+        """What state the model is in, in one place: mode, adapters on or off, merged layers,
+        execution per layer kind, the NaN action, the compute dtype, block features, locked
+        norms, modules to save, and whether the first-forward check is still pending."""
+        layers = list(self.layers())
+        return {
+            "training": self.training,
+            "adapters_enabled": self.adapters_enabled,
+            "merged": [n for n, layer in layers if layer.merged],
+            "execution": sorted({layer.execution for _, layer in layers}),
+            "nonfinite": self.nonfinite,
+            "compute_dtype": None if self.compute_dtype is None else str(self.compute_dtype),
+            **self.block_features(),
+            "frozen_norms": list(self.frozen_norms),
+            "modules_to_save": [n for n, _ in self.modules_to_save()],
+            "call_check_pending": self.call_check_pending,
+        }
+
     # ------------------------------------------------------------------ adapters
     def set_adapters_enabled(self, enabled: bool) -> None:
         """Turn every multimodal layer and module to save on (True) or off (False: the model

@@ -264,3 +264,21 @@ def test_loading_weights_into_a_merged_model_merges_them_again() -> None:
     with torch.no_grad():
         for m in MODS:
             torch.testing.assert_close(w(x)[m], other(x)[m], atol=1e-5, rtol=1e-5)
+
+
+def test_status_says_what_state_the_model_is_in() -> None:
+    w = wrap_multimodal(tiny_sam(), MODS, preset="lora", modules_to_save=["neck"])
+    s = w.status()
+    assert s["call_check_pending"] and s["adapters_enabled"] and s["merged"] == [] and s["execution"] == ["batched"]
+    assert s["efficient_attention"] == ["blocks.0", "blocks.1"] and s["checkpointing"] == []
+    assert s["modules_to_save"] == ["base_model.neck"] and s["nonfinite"] == "error"
+    with torch.no_grad():
+        w(_inputs(64))
+    w.merge_adapters()
+    w.set_grad_checkpointing(True)
+    w.set_nonfinite("absent")
+    with w.disable_adapters():
+        s = w.status()
+    assert not s["call_check_pending"] and not s["adapters_enabled"] and s["nonfinite"] == "absent"
+    assert len(s["merged"]) == 6 and s["checkpointing"] == ["blocks.0", "blocks.1"]
+    assert w.status()["adapters_enabled"]
