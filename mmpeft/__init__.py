@@ -21,7 +21,7 @@ from .presence import (  # noqa: E402
 from .reference import per_modality_forward  # noqa: E402
 from .params import ParamReport, count_parameters, is_trainable_name, trainable_summary  # noqa: E402
 from .targets import FAMILIES, PRESETS, detect_family, match_targets  # noqa: E402
-from .wrap import build_config, load_multimodal, save_multimodal, wrap_multimodal  # noqa: E402
+from .wrap import build_config, load_multimodal, plan_targets, save_multimodal, wrap_multimodal  # noqa: E402
 
 __all__ = [
     "METHODS",
@@ -55,6 +55,7 @@ __all__ = [
     "per_modality_forward",
     "Presence",
     "presence_tensor",
+    "plan_targets",
     "PRESETS",
     "register_fusion",
     "resolve_dtype",

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import MultimodalConfig
 from .prepare import check_targets_callable
+from .selection import all_linear, is_all_linear
 from .targets import match_targets
 from .tuners import method_of, multimodal_layers
 from .tuners.options import Targets
@@ -53,7 +54,11 @@ def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
     """{module name: index of the rule that targets it}; a module claimed twice is an error."""
     owner: dict[str, int] = {}
     for i, rule in enumerate(config.rules):
-        for n in match_targets(model, rule.targets, method_of(rule).wraps):
+        if is_all_linear(rule.targets):
+            names = all_linear(model, config.modules_to_save)
+        else:
+            names = match_targets(model, rule.targets, method_of(rule).wraps)
+        for n in names:
             if n in owner:
                 raise ValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
             owner[n] = i

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from .config import MultimodalConfig, RuleConfig, StemConfig
+from .inject import _owners
 from .model import MultimodalModel
+from .prepare import prepare_backbone
+from .selection import (
+    PATTERN_FIELDS,
+    SELECTION_OPTIONS,
+    Selection,
+    is_all_linear,
+    resolve_rules,
+)
 from .targets import detect_family, preset_rules
 from .tuners import METHODS, Method, get_method, method_of
 from .tuners.options import Targets
 from .utils import dtype_name, resolve_dtype
 
-__all__ = ["wrap_multimodal", "build_config", "load_multimodal", "save_multimodal"]
+__all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
 
 _MODEL_OPTIONS = ("stems", "in_channels", "modules_to_save")  # options of the wrapped model, any method
 
@@ -35,7 +45,7 @@ def _check_options(options: Mapping[str, Any], methods: list[Method]) -> None:
         takers = [m.name for m in METHODS.values() if key in m.options()]
         missing = [m.name for m in methods if key not in m.options()]
         if not takers:
-            known = sorted({o for m in methods for o in m.options()} | set(_MODEL_OPTIONS))
+            known = sorted({o for m in methods for o in m.options()} | set(_MODEL_OPTIONS) | set(SELECTION_OPTIONS))
             raise TypeError(f"unknown option {key!r}; the options of {[m.name for m in methods]} are {known}")
         if missing:
             raise TypeError(
@@ -73,6 +83,63 @@ def _stem(v: Any) -> StemConfig:
     raise TypeError(f"cannot read a stem from {v!r}; use 'repeat', ('conv1x1', channels) or StemConfig")
 
 
+def _lora_only(sel: Selection, methods: list[Method]) -> None:
+    for option, f in PATTERN_FIELDS.items():
+        lacking = [m.name for m in methods if getattr(sel, option) and f not in m.options()]
+        if lacking:
+            takers = [m.name for m in METHODS.values() if f in m.options()]
+            raise TypeError(
+                f"option {option!r} sets the {f!r} of {'/'.join(takers)} rules; method {lacking[0]!r} has no {f!r}"
+            )
+
+
+def _planned(model: nn.Module, in_place: bool) -> nn.Module:
+    """``model`` as it will be wrapped (:func:`mmpeft.prepare.prepare_backbone` changes the
+    names of an ``nn.MultiheadAttention``'s projections): prepared in place, or a prepared copy."""
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return model
+    view = model if in_place else copy.deepcopy(model)
+    prepare_backbone(view)
+    return view
+
+
+def _rules(
+    model: nn.Module, method: str | None, preset: str | None, targets: Targets | None, options: dict[str, Any]
+) -> tuple[list[RuleConfig], str | None]:
+    if method is not None:
+        get_method(method)
+    if targets is not None:
+        if preset is not None:
+            raise ValueError("pass either preset= or targets=, not both")
+        return [get_method(method or "lora").config(targets=targets)], None
+    preset = preset or get_method(method or "lora").preset
+    rules = preset_rules(preset, detect_family(model))
+    _preset_method(preset, rules, method)
+    return rules, preset
+
+
+def _build(
+    model: nn.Module, modalities: Sequence[str], method: str | None, preset: str | None, targets: Targets | None,
+    base_dtype: torch.dtype | str | None, options: dict[str, Any], in_place: bool,
+) -> MultimodalConfig:  # fmt: skip
+    model_opts = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
+    sel = Selection.pop(options)
+    rules, preset = _rules(model, method, preset, targets, options)
+    methods = [get_method(method)] if method is not None and not rules else sorted(
+        {method_of(r).name: method_of(r) for r in rules}.values(), key=lambda m: m.name
+    )  # fmt: skip
+    _check_options(options, methods or [get_method("lora")])
+    _lora_only(sel, methods or [get_method("lora")])
+    rules = [_override(r, options, explicit=targets is not None) for r in rules]
+    if sel.given() or any(is_all_linear(r.targets) for r in rules):
+        rules = resolve_rules(_planned(model, in_place), rules, sel, model_opts.get("modules_to_save"))
+    stems = {k: _stem(v) for k, v in (model_opts.get("stems") or {}).items()}
+    return MultimodalConfig(
+        modalities, rules, stems, model_opts.get("in_channels"), preset,  # type: ignore[arg-type]  # modalities: checked there
+        model_opts.get("modules_to_save"), dtype_name(resolve_dtype(base_dtype)),
+    )  # fmt: skip
+
+
 def build_config(
     model: nn.Module,
     modalities: Sequence[str] = ("optical", "dsm"),
@@ -83,28 +150,43 @@ def build_config(
     base_dtype: torch.dtype | str | None = None,
     **options: Any,
 ) -> MultimodalConfig:
-    """The :class:`MultimodalConfig` ``wrap_multimodal`` would use (see its arguments)."""
-    model_opts = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
-    if method is not None:
-        get_method(method)
-    if targets is not None:
-        if preset is not None:
-            raise ValueError("pass either preset= or targets=, not both")
-        rules: list[RuleConfig] = [get_method(method or "lora").config(targets=targets)]
-    else:
-        preset = preset or get_method(method or "lora").preset
-        rules = preset_rules(preset, detect_family(model))
-        _preset_method(preset, rules, method)
-    methods = [get_method(method)] if method is not None and not rules else sorted(
-        {method_of(r).name: method_of(r) for r in rules}.values(), key=lambda m: m.name
-    )  # fmt: skip
-    _check_options(options, methods or [get_method("lora")])
-    rules = [_override(r, options, explicit=targets is not None) for r in rules]
-    stems = {k: _stem(v) for k, v in (model_opts.get("stems") or {}).items()}
-    return MultimodalConfig(
-        modalities, rules, stems, model_opts.get("in_channels"), preset,  # type: ignore[arg-type]  # modalities: checked there
-        model_opts.get("modules_to_save"), dtype_name(resolve_dtype(base_dtype)),
-    )  # fmt: skip
+    """The :class:`MultimodalConfig` ``wrap_multimodal`` would use (see its arguments); ``model``
+    is not changed. With ``"all-linear"`` or a selection option the rules name their modules."""
+    return _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=False)
+
+
+class PlannedTarget(NamedTuple):
+    """One module a wrap would patch: its name, the method and the rule's options."""
+
+    name: str
+    method: str
+    options: dict[str, Any]
+
+
+def plan_targets(
+    model: nn.Module,
+    modalities: Sequence[str] = ("optical", "dsm"),
+    method: str | None = None,
+    *,
+    preset: str | None = None,
+    targets: Targets | None = None,
+    config: MultimodalConfig | None = None,
+    base_dtype: torch.dtype | str | None = None,
+    **options: Any,
+) -> list[PlannedTarget]:
+    """The modules ``wrap_multimodal`` called with the same arguments would patch, in the model's
+    order, without changing ``model`` (a dry run): ``[(name, method, {option: value})]``."""
+    view = _planned(model, in_place=False)
+    if config is None:
+        config = _build(view, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
+    elif options or targets is not None or preset is not None or method is not None or base_dtype is not None:
+        raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
+    owner = _owners(view, config)
+    rules = config.rules
+    return [
+        PlannedTarget(n, rules[owner[n]].kind, {k: v for k, v in rules[owner[n]].__dict__.items() if k not in ("targets", "kind")})
+        for n, _ in view.named_modules() if n in owner
+    ]  # fmt: skip
 
 
 def wrap_multimodal(
@@ -129,7 +211,9 @@ def wrap_multimodal(
             the model; with ``preset`` the method is the preset's (a different one is an error).
         preset: one of :data:`mmpeft.targets.PRESETS` ("mmlora", "mmadapter", "lora", "adapter",
             "mmadapter_authors", ...).
-        targets: modules to patch instead of a preset: a list of names (suffix match) or a regex.
+        targets: modules to patch instead of a preset: a list of names (suffix match), a regex, or
+            ``"all-linear"`` (peft's shorthand: every ``nn.Linear`` but the output head, see
+            :func:`mmpeft.selection.all_linear`).
         config: a complete :class:`MultimodalConfig` (overrides everything else).
         efficient_attention: run SAM-style blocks (segment-anything, timm's SAM) without work on
             window padding and with fused attention (:mod:`mmpeft.attention`; same outputs).
@@ -145,14 +229,17 @@ def wrap_multimodal(
             it. For the model: ``stems`` ({modality: "repeat" | ("conv1x1", c) | StemConfig}),
             ``in_channels`` (inferred from the first conv by default) and ``modules_to_save``
             (modules that train in full and are saved with the adapters: names or a regex).
+            Selection, as peft (narrowing a preset too; see :mod:`mmpeft.selection`, and
+            :func:`plan_targets` for a dry run): ``exclude`` (names or a regex), ``layers`` (block
+            indices), ``layers_pattern`` (block list names, default "blocks", "layers", "layer")
+            and, for LoRA, ``rank_pattern`` / ``alpha_pattern`` ({key: value}, a key matching the
+            end of a module name). An option that would change nothing is an error naming it.
 
     Returns:
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
     if config is None:
-        config = build_config(
-            model, modalities, method, preset=preset, targets=targets, base_dtype=base_dtype, **options
-        )  # fmt: skip
+        config = _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
     elif options or targets is not None or preset is not None or method is not None or base_dtype is not None:
         raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
     return MultimodalModel.from_config(model, config, efficient_attention)
