@@ -11,8 +11,8 @@ from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig  # n
 from .fusion import FUSION_RULES, Fusion, build_fusion, register_fusion  # noqa: E402
 from .model import MultimodalModel  # noqa: E402
 from .tuners import (  # noqa: E402
-    METHODS, MergeError, Method, MultimodalAdapter, MultimodalLayer, MultimodalLoRA, only_modality, register_method,
-    set_execution,
+    METHODS, MergeError, Method, MultimodalAdapter, MultimodalLayer, MultimodalLoRA, MultimodalLoRAConv2d,
+    only_modality, register_method, set_execution,
 )
 from .utils import atomic_write, resolve_dtype, state_mismatches  # noqa: E402
 from .presence import (  # noqa: E402
@@ -48,6 +48,7 @@ __all__ = [
     "MultimodalConfig",
     "MultimodalLayer",
     "MultimodalLoRA",
+    "MultimodalLoRAConv2d",
     "MultimodalModel",
     "NonFiniteInputError",
     "only_modality",

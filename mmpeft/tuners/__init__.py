@@ -12,11 +12,11 @@ from .base import (
     present_modalities,
     set_execution,
 )
-from .lora import LoRAConfig, MultimodalLoRA
+from .lora import LoRAConfig, MultimodalLoRA, MultimodalLoRAConv2d
 from .registry import METHODS, Method, get_method, method_of, register_method
 
 __all__ = [
     "ACTIVATIONS", "AdapterConfig", "Execution", "LoRAConfig", "METHODS", "MergeError", "Method", "MultimodalAdapter",
-    "MultimodalLayer", "MultimodalLoRA", "by_modality", "get_method", "method_of", "multimodal_layers",
-    "only_modality", "present_modalities", "register_method", "set_execution",
+    "MultimodalLayer", "MultimodalLoRA", "MultimodalLoRAConv2d", "by_modality", "get_method", "method_of",
+    "multimodal_layers", "only_modality", "present_modalities", "register_method", "set_execution",
 ]  # fmt: skip

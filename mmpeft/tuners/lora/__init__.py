@@ -1,4 +1,4 @@
-"""The LoRA method: per-modality low-rank updates of frozen ``nn.Linear`` layers."""
+"""The LoRA method: per-modality low-rank updates of frozen ``nn.Linear`` and ``nn.Conv2d`` layers."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from typing import Sequence
 
 from torch import nn
 
+from ..base import MultimodalLayer
 from ..registry import Method, register_method
 from .config import LoRAConfig
+from .conv import MultimodalLoRAConv2d
 from .layer import MultimodalLoRA
 
-__all__ = ["LoRAConfig", "MultimodalLoRA", "build_lora"]
+__all__ = ["LoRAConfig", "MultimodalLoRA", "MultimodalLoRAConv2d", "build_lora"]
 
 
 def _slice_ranges(rule: LoRAConfig, layer: nn.Linear, name: str) -> dict[str, tuple[int, int]] | None:
@@ -29,14 +31,43 @@ def _slice_ranges(rule: LoRAConfig, layer: nn.Linear, name: str) -> dict[str, tu
     return {s: (rule.split.index(s) * step, (rule.split.index(s) + 1) * step) for s in rule.slices}
 
 
-def build_lora(rule: LoRAConfig, module: nn.Module, name: str, modalities: Sequence[str]) -> MultimodalLoRA:
-    """The :class:`MultimodalLoRA` of ``rule`` around the ``nn.Linear`` ``module`` called ``name``."""
+#: the LoRA variants' plain values: a convolution takes plain LoRA only
+_CONV_PLAIN = {"use_rslora": False, "init_lora_weights": "kaiming", "lora_bias": False, "use_dora": False}
+
+
+def _build_conv(rule: LoRAConfig, module: nn.Conv2d, name: str, modalities: Sequence[str]) -> MultimodalLoRAConv2d:
+    """The :class:`MultimodalLoRAConv2d` of ``rule`` around the ``nn.Conv2d`` ``module`` called ``name``."""
+    if rule.slices is not None:
+        raise ValueError(
+            f"{name} is a Conv2d ({module.in_channels} -> {module.out_channels} channels): slices={rule.slices} cut "
+            "the outputs of a fused qkv projection, which a convolution is not; give it a rule without slices"
+        )
+    variants = [f"{k}={getattr(rule, k)!r}" for k, v in _CONV_PLAIN.items() if getattr(rule, k, v) != v]
+    if variants:
+        raise ValueError(
+            f"{name} is a Conv2d: {', '.join(variants)} are LoRA variants of nn.Linear layers only; give the "
+            "convolution its own rule without them"
+        )
+    try:
+        return MultimodalLoRAConv2d(
+            module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout, fusion=rule.fusion,
+            lambda_init=rule.lambda_init,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
+
+
+def build_lora(rule: LoRAConfig, module: nn.Module, name: str, modalities: Sequence[str]) -> MultimodalLayer:
+    """The LoRA layer of ``rule`` around ``module`` called ``name``: :class:`MultimodalLoRA` for an
+    ``nn.Linear``, :class:`MultimodalLoRAConv2d` for an ``nn.Conv2d``."""
+    if isinstance(module, nn.Conv2d):
+        return _build_conv(rule, module, name, modalities)
     if not isinstance(module, nn.Linear):
-        raise TypeError(f"{name} is a {type(module).__name__}; the LoRA method wraps nn.Linear modules")
+        raise TypeError(f"{name} is a {type(module).__name__}; the LoRA method wraps nn.Linear and nn.Conv2d modules")
     return MultimodalLoRA(
         module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout,
         slices=_slice_ranges(rule, module, name), fusion=rule.fusion, lambda_init=rule.lambda_init,
     )  # fmt: skip
 
 
-register_method(Method("lora", LoRAConfig, MultimodalLoRA, build_lora, (nn.Linear,), "mmlora"))
+register_method(Method("lora", LoRAConfig, MultimodalLoRA, build_lora, (nn.Linear, nn.Conv2d), "mmlora"))

@@ -1,0 +1,214 @@
+"""Multimodal LoRA around a frozen ``nn.Conv2d`` (e.g. a ViT's patch embedding)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...fusion import Fusion, build_fusion
+from ...utils import check_int, check_number
+from ..base import MergeError, MultimodalLayer
+
+__all__ = ["MultimodalLoRAConv2d"]
+
+
+class MultimodalLoRAConv2d(MultimodalLayer):
+    """Per-modality low-rank updates of a frozen 2-d convolution, mixed by a fusion rule.
+
+    As peft's LoRA ``Conv2d``: ``A_m`` is a convolution ``in -> r`` with the base layer's kernel,
+    stride, padding, dilation and padding mode, ``B_m`` a 1x1 convolution ``r -> out``. For
+    modality ``m`` with input ``x_m`` (N, in, H, W)::
+
+        d_m = scaling * B_m(A_m(dropout(x_m)))
+        out_m = base_layer(x_m) + fusion(d)_m
+
+    Its weight form is ``scaling * B_m A_m`` contracted over the rank: (out, in, kh, kw), the base
+    weight's shape. Parameters follow peft's naming: ``lora_A.<modality>.weight`` (r, in, kh, kw),
+    ``lora_B.<modality>.weight`` (out, r, 1, 1). Only ``groups=1`` convolutions are supported.
+
+    Args:
+        base_layer: the frozen ``nn.Conv2d`` (kept as ``self.base_layer``).
+        modalities: modality names in stacked order.
+        rank: LoRA rank r.
+        alpha: scaling numerator; ``scaling = alpha / rank``; ``None`` means scaling 1.
+        dropout: dropout on the LoRA input.
+        fusion: fusion rule name (see :mod:`mmpeft.fusion`).
+        lambda_init: initial value of the fusion parameters.
+    """
+
+    method = "lora"
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        modalities: Sequence[str],
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        fusion: str = "scalar",
+        lambda_init: float = 0.5,
+    ) -> None:
+        super().__init__(base_layer, modalities)
+        _check_conv(base_layer)
+        self.in_channels = base_layer.in_channels
+        self.out_channels = base_layer.out_channels
+        self.rank = check_int("rank", rank)
+        #: alpha / rank; the only place it is computed (alpha None: scaling 1)
+        self.scaling = 1.0 if alpha is None else check_number("alpha", alpha, positive=True) / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev, dt = base_layer.weight.device, base_layer.weight.dtype
+        b = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        for name in self.modalities:
+            self.lora_A[name] = nn.Conv2d(
+                b.in_channels, rank, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
+                padding_mode=b.padding_mode, device=dev, dtype=dt,
+            )  # fmt: skip
+            self.lora_B[name] = nn.Conv2d(rank, b.out_channels, 1, bias=False, device=dev, dtype=dt)
+        self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
+        #: (M, out, in, kh, kw) per-modality merged weights while merged (:meth:`merge`), else None
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A: kaiming-uniform(a=sqrt(5)) (as peft / loralib); B: zeros, so the update starts at 0."""
+        for name in self.modalities:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+
+    def _fusion(self) -> Fusion:
+        return self.lora_fusion
+
+    # ------------------------------------------------------------------ merging
+    @property
+    def merged(self) -> bool:
+        return self.merged_weight is not None
+
+    def cannot_merge(self) -> str | None:
+        if not self.lora_fusion.mixes:
+            return None
+        return (
+            f"its fusion rule {type(self.lora_fusion).__name__} mixes modalities: each modality's output adds "
+            "the other modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied "
+            "to x_m alone can express (merge needs fusion='none')"
+        )
+
+    def get_delta_weight(self, modality: str) -> torch.Tensor:
+        """(out, in, kh, kw) float32: ``scaling * sum_r B_m[:, r] A_m[r]`` (B_m is 1x1)."""
+        if modality not in self.modalities:
+            raise KeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        a = self.lora_A[modality].weight.float()  # (r, in, kh, kw)
+        b = self.lora_B[modality].weight.float().flatten(1)  # (out, r)
+        return torch.einsum("or,rikl->oikl", b, a) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold each modality's update into its own copy ``W + delta_m`` of the frozen weight
+        ((M, out, in, kh, kw) in the weight's dtype). The frozen weight itself is never written,
+        so :meth:`unmerge` restores it exactly."""
+        reason = self.cannot_merge()
+        if reason is not None:
+            raise MergeError(f"cannot merge: {reason}")
+        w = self.base_layer.weight
+        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])
+        self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+
+    def _check_merged_inference(self) -> None:
+        """A merged layer has no gradient path to its LoRA weights: training through it is an error."""
+        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_A.parameters()):
+            raise RuntimeError(
+                "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
+                "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
+            )
+
+    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (S*N, in, H, W) -> (S*N, out, H', W') with the merged per-modality weights."""
+        w, b = self.merged_weight, self.base_layer.bias
+        assert w is not None
+        b = None if b is None else b.to(x.dtype)
+        if self.single is not None:
+            return self._conv(x, w[self.single].to(x.dtype), b)
+        idx = list(range(len(self.modalities))) if self.present is None else list(self.present)
+        y = self._grouped(x, w[idx].to(x.dtype), b)  # (S, N, out, H', W')
+        return y.reshape(x.shape[0], *y.shape[2:])
+
+    # ------------------------------------------------------------------ convolutions
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+        """The base layer's convolution (stride, padding, dilation, padding mode) with ``weight``."""
+        base = self.base_layer
+        padding = base.padding
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            padding = (0, 0)
+        return F.conv2d(x, weight, bias, base.stride, padding, base.dilation, groups)
+
+    def _grouped(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """One grouped convolution applying ``weight[s]`` (S, o, in, kh, kw) to modality s of the
+        stacked x (S*N, in, H, W), with the shared ``bias`` (o,). Returns (S, N, o, H', W')."""
+        s = weight.shape[0]
+        n, c, h, w = x.shape
+        xg = x.view(s, n // s, c, h, w).transpose(0, 1).reshape(n // s, s * c, h, w)  # (N, S*in, H, W)
+        y = self._conv(xg, weight.flatten(0, 1), None if bias is None else bias.repeat(s), groups=s)
+        return y.view(n // s, s, -1, *y.shape[-2:]).transpose(0, 1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (M*N, in, H, W) stacked modality-major -> (M*N, out, H', W')."""
+        self._note_call(x)
+        if not self.adapters_enabled:
+            return self.base_layer(x)
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects a (M*N, C, H, W) batch, got shape {tuple(x.shape)}")
+        if self.merged and self.presence is None:  # per-sample presence: the unmerged path
+            self._check_merged_inference()
+            if self.single is None:
+                self._check_stack(x)
+            return self._forward_merged(x)
+        if self.single is not None:
+            return self.base_layer(x) + self._delta(x, self.modalities[self._check_single()])
+        self._check_stack(x)
+        if self.execution == "loop":
+            return self._forward_loop(x)
+        return self._forward_batched(x)
+
+    def _delta(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        return self.lora_B[modality](self.lora_A[modality](self.lora_dropout(x))) * self.scaling
+
+    def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen convolution once over the stacked batch; every A_m in one grouped convolution."""
+        mods = self._active()
+        out = self.base_layer(x)  # (S*N, out, H', W')
+        a = torch.stack([self.lora_A[m].weight for m in mods])  # (S, r, in, kh, kw)
+        h = self._grouped(self.lora_dropout(x), a)  # (S, N, r, H', W')
+        b = torch.stack([self.lora_B[m].weight.flatten(1) for m in mods]).to(h.dtype)  # (S, out, r)
+        d = torch.einsum("snrhw,sor->snohw", h, b) * self.scaling
+        return out + self._mix(d).reshape(out.shape).to(out.dtype)
+
+    def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
+        mods = self._active()
+        xs = x.chunk(len(mods), 0)
+        outs = [self.base_layer(xm) for xm in xs]  # the frozen layer once per modality
+        d = self._mix(torch.stack([self._delta(xm, mod) for xm, mod in zip(xs, mods)]))
+        return torch.cat([o + dm for o, dm in zip(outs, d)], 0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _check_conv(layer: nn.Module) -> None:
+    """Refuse what the layer cannot express: not a Conv2d, or a grouped convolution."""
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"MultimodalLoRAConv2d wraps nn.Conv2d, got {type(layer).__name__}")
+    if layer.groups != 1:
+        raise ValueError(
+            f"MultimodalLoRAConv2d supports groups=1 convolutions only, got groups={layer.groups}: a grouped "
+            "(e.g. depthwise) convolution's weight has no full in -> out map for a rank-r update B A"
+        )
