@@ -67,6 +67,8 @@ def build_lora(rule: LoRAConfig, module: nn.Module, name: str, modalities: Seque
     return MultimodalLoRA(
         module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout,
         slices=_slice_ranges(rule, module, name), fusion=rule.fusion, lambda_init=rule.lambda_init,
+        use_rslora=rule.use_rslora, init_lora_weights=rule.init_lora_weights, lora_bias=rule.lora_bias,
+        use_dora=rule.use_dora,
     )  # fmt: skip
 
 

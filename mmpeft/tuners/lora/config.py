@@ -7,6 +7,7 @@ from typing import Literal
 
 from ...utils import check_int, check_number
 from ..options import Targets, check_fusion, check_targets
+from .variants import check_init, lora_scaling
 
 __all__ = ["LoRAConfig"]
 
@@ -19,14 +20,24 @@ class LoRAConfig:
         targets: peft semantics: a list of names matches modules whose qualified name equals or
             ends with ``.<name>``; a single string is a regex that must match the whole name.
         rank: LoRA rank r (a positive int).
-        alpha: scaling numerator, a positive finite number (scaling = alpha / rank); None means
-            alpha = rank, i.e. scaling 1 (peft's default is ``lora_alpha=8``: scaling 8 / r).
+        alpha: scaling numerator, a positive finite number (scaling = alpha / rank, or
+            alpha / sqrt(rank) with ``use_rslora``); None means scaling 1 (peft's default is
+            ``lora_alpha=8``: scaling 8 / r).
         dropout: dropout on the LoRA input, in [0, 1).
         slices: tune only these parts of a fused output (e.g. ["q", "v"] of a fused qkv); only on
             a fused projection (output = len(split) x input channels, or a module named qkv).
         split: names of the equal parts the output is divided into when ``slices`` is set.
         fusion: cross-modal fusion rule ("scalar", "none", "matrix" or a registered one).
         lambda_init: initial value of the fusion parameters (0.5 in the paper); any finite real.
+        use_rslora: rank-stabilised LoRA, scaling = alpha / sqrt(rank) (peft's ``use_rslora``);
+            needs an explicit ``alpha``.
+        init_lora_weights: "kaiming" (peft's True), "gaussian", "pissa" or "olora" (peft's names).
+            PiSSA / OLoRA keep the frozen weight untouched and subtract their initial pair from
+            every modality's update (docs/peft.md), so the update starts at 0 under every fusion rule.
+        lora_bias: a trainable bias on each modality's B (peft's ``lora_bias``), mixed with the
+            update; such layers cannot merge.
+        use_dora: DoRA, a trainable magnitude per modality and output row (peft's ``use_dora``);
+            only with a fusion rule that does not mix (``fusion="none"``).
     """
 
     targets: Targets
@@ -37,6 +48,10 @@ class LoRAConfig:
     split: list[str] = field(default_factory=lambda: ["q", "k", "v"])
     fusion: str = "scalar"
     lambda_init: float = 0.5
+    use_rslora: bool = False
+    init_lora_weights: str = "kaiming"
+    lora_bias: bool = False
+    use_dora: bool = False
     kind: Literal["lora"] = "lora"
 
     def __post_init__(self) -> None:
@@ -56,5 +71,10 @@ class LoRAConfig:
             if unknown or not self.slices:
                 raise ValueError(f"slices {self.slices} must be a non-empty subset of split {self.split}")
         self.lambda_init = check_fusion(self.fusion, self.lambda_init)
+        for name in ("use_rslora", "lora_bias", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self.init_lora_weights = check_init(self.init_lora_weights)
+        lora_scaling(self.rank, self.alpha, self.use_rslora)  # rsLoRA needs an explicit alpha
         if self.kind != "lora":
             raise ValueError(f"a LoRAConfig has kind 'lora', got {self.kind!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -11,8 +10,12 @@ from torch import nn
 
 from ...fusion import Fusion, build_fusion, lowrank_mix
 from ...lowrank import mixed_up, stacked_linear
-from ...utils import check_int, check_number
+from ...utils import check_int
 from ..base import MergeError, MultimodalLayer, by_modality
+from .variants import (
+    DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, check_init, check_slices, decompose, dora_extra, dora_scale,
+    init_pair, lora_scaling, row_norms, slice_rows,
+)  # fmt: skip
 
 __all__ = ["MultimodalLoRA"]
 
@@ -22,25 +25,33 @@ class MultimodalLoRA(MultimodalLayer):
 
     For modality ``m`` with input ``x_m`` and output slice ``s`` (the whole output by default)::
 
-        d_m^s = scaling * B_m^s A_m^s dropout(x_m)
+        d_m^s = scaling * (B_m^s A_m^s dropout(x_m) + b_m^s)
         out_m[..., s] = base_layer(x_m)[..., s] + fusion(d^s)_m
 
     With fusion ``"scalar"`` and two modalities this is eqs. (9)-(12) of MFNet; with ``"none"`` it is
     standard LoRA per modality. Parameters follow peft's naming: ``lora_A.<modality>.weight``
-    (r, in) and ``lora_B.<modality>.weight`` (out, r); with output slices (e.g. the q and v thirds of a
-    fused qkv) one pair per slice: ``lora_A.<modality>.<slice>.weight``.
+    (r, in) and ``lora_B.<modality>.weight`` (out, r) (``.bias`` with ``lora_bias``); with output
+    slices (e.g. the q and v thirds of a fused qkv) one pair per slice: ``lora_A.<modality>.<slice>.weight``.
+    The variants (:mod:`.variants`, docs/peft.md): rsLoRA scaling, the initialisations (PiSSA / OLoRA
+    subtract their frozen initial pair, ``lora_offset``, from every update: ``d_m`` starts at 0 and
+    the frozen weight is never written), ``lora_bias`` (``b_m`` above, mixed with the rest) and DoRA
+    (``lora_magnitude_vector.<modality>``; fusion rules that mix are refused).
 
     Args:
         base_layer: the frozen ``nn.Linear`` (kept as ``self.base_layer``).
         modalities: modality names in stacked order.
         rank: LoRA rank r.
-        alpha: scaling numerator; ``scaling = alpha / rank``; ``None`` means ``alpha = rank``
-            (scaling 1, the paper's MLP LoRA).
+        alpha: scaling numerator; ``scaling = alpha / rank`` (``alpha / sqrt(rank)`` with
+            ``use_rslora``); ``None`` means scaling 1 (the paper's MLP LoRA).
         dropout: dropout on the LoRA input.
         slices: optional ``{name: (start, stop)}`` output ranges that receive an update; others
             are left untouched (no zero-padding copies are made).
         fusion: fusion rule name (see :mod:`mmpeft.fusion`).
         lambda_init: initial value of the fusion parameters.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (needs ``alpha``).
+        init_lora_weights: ``"kaiming"``, ``"gaussian"``, ``"pissa"`` or ``"olora"``.
+        lora_bias: a trainable bias on every B (zero at init).
+        use_dora: DoRA's per-modality magnitude (needs a fusion rule that does not mix).
     """
 
     method = "lora"
@@ -55,6 +66,10 @@ class MultimodalLoRA(MultimodalLayer):
         slices: Mapping[str, tuple[int, int]] | None = None,
         fusion: str = "scalar",
         lambda_init: float = 0.5,
+        use_rslora: bool = False,
+        init_lora_weights: str = "kaiming",
+        lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__(base_layer, modalities)
         if not isinstance(base_layer, nn.Linear):
@@ -62,34 +77,67 @@ class MultimodalLoRA(MultimodalLayer):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.rank = check_int("rank", rank)
-        #: alpha / rank; the only place it is computed (alpha None: scaling 1)
-        self.scaling = 1.0 if alpha is None else check_number("alpha", alpha, positive=True) / rank
-        self.slices: dict[str, tuple[int, int]] | None = _check_slices(slices, self.out_features)
+        #: alpha / rank (alpha / sqrt(rank) with rsLoRA); the only place it is computed (alpha None: 1)
+        self.scaling = lora_scaling(rank, alpha, bool(use_rslora))
+        self.init_lora_weights = check_init(init_lora_weights)
+        self.lora_bias, self.use_dora = bool(lora_bias), bool(use_dora)
+        self.slices: dict[str, tuple[int, int]] | None = check_slices(slices, self.out_features)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dev, dt = base_layer.weight.device, base_layer.weight.dtype
+        self._build_pairs()
+        dev = base_layer.weight.device
+        self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
+        if self.use_dora and self.lora_fusion.mixes:
+            raise ValueError(f"use_dora=True with fusion={fusion!r}: {DORA_MIXING}")
+        #: (M, out, in) per-modality merged weights while merged (:meth:`merge`), else None
+        self.register_buffer("merged_weight", None, persistent=False)
+        self.lora_offset: LowRankOffset | None = None  # PiSSA / OLoRA's frozen (A_0, B_0)
+        self.reset_lora_parameters()
+        self._rows = slice_rows(self._ranges(), self.out_features)
+        if self.use_dora:  # ||W + delta_m|| = ||W|| at init (delta_m = 0 for every initialisation)
+            norms = row_norms(base_layer.weight, self._rows)
+            self.lora_magnitude_vector = nn.ParameterDict({m: nn.Parameter(norms.clone()) for m in self.modalities})
+
+    def _build_pairs(self) -> None:
+        dev, dt = self.base_layer.weight.device, self.base_layer.weight.dtype
+
+        def pair(n_out: int) -> tuple[nn.Linear, nn.Linear]:
+            a = nn.Linear(self.in_features, self.rank, bias=False, device=dev, dtype=dt)
+            return a, nn.Linear(self.rank, n_out, bias=self.lora_bias, device=dev, dtype=dt)
+
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         for name in self.modalities:
             if self.slices is None:
-                self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
-                self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+                self.lora_A[name], self.lora_B[name] = pair(self.out_features)
             else:
-                self.lora_A[name] = nn.ModuleDict(
-                    {s: nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt) for s in self.slices}
-                )
-                self.lora_B[name] = nn.ModuleDict(
-                    {s: nn.Linear(rank, b - a, bias=False, device=dev, dtype=dt) for s, (a, b) in self.slices.items()}
-                )
-        self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
-        #: (M, out, in) per-modality merged weights while merged (:meth:`merge`), else None
-        self.register_buffer("merged_weight", None, persistent=False)
-        self.reset_lora_parameters()
+                pairs = {s: pair(hi - lo) for s, (lo, hi) in self.slices.items()}
+                self.lora_A[name] = nn.ModuleDict({s: p[0] for s, p in pairs.items()})
+                self.lora_B[name] = nn.ModuleDict({s: p[1] for s, p in pairs.items()})
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """A: kaiming-uniform(a=sqrt(5)) (as peft / loralib); B: zeros, so the update starts at 0."""
-        for _, a, b in self._pairs_all():
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-            nn.init.zeros_(b.weight)
+        """As ``init_lora_weights`` says; the update starts at 0 for every modality.
+
+        "kaiming": A kaiming-uniform(a=sqrt(5)) (peft / loralib), B zeros; "gaussian": A normal with
+        std 1/r, B zeros; "pissa" / "olora": every modality's (A, B) = (A_0, B_0) from the frozen
+        weight (of each slice), kept in ``lora_offset`` and subtracted from the update."""
+        if self.init_lora_weights not in FROM_WEIGHT:
+            for _, a, b in self._pairs_all():
+                init_pair(a, b, self.init_lora_weights, self.rank)
+            return
+        w = self.base_layer.weight
+        pairs = {}
+        for s, (lo, hi) in self._ranges().items():
+            a0, b0 = decompose(w[lo:hi], self.rank, self.scaling, self.init_lora_weights)
+            pairs[s] = (a0.to(w.dtype), b0.to(w.dtype))
+        for m in self.modalities:
+            for s, (a0, b0) in pairs.items():
+                a, b = self._pair(m, s)
+                a.weight.copy_(a0)
+                b.weight.copy_(b0)
+                if b.bias is not None:
+                    nn.init.zeros_(b.bias)
+        self.lora_offset = LowRankOffset(pairs)
 
     def _fusion(self) -> Fusion:
         return self.lora_fusion
@@ -112,25 +160,47 @@ class MultimodalLoRA(MultimodalLayer):
         return self.merged_weight is not None
 
     def cannot_merge(self) -> str | None:
-        if not self.lora_fusion.mixes:
-            return None
-        return (
-            f"its fusion rule {type(self.lora_fusion).__name__} mixes modalities: each modality's output adds "
-            "the other modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied "
-            "to x_m alone can express (merge needs fusion='none', e.g. the preset 'lora' or the MMLoRA "
-            "attention rule)"
-        )
+        if self.lora_fusion.mixes:
+            return (
+                f"its fusion rule {type(self.lora_fusion).__name__} mixes modalities: each modality's output adds "
+                "the other modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied "
+                "to x_m alone can express (merge needs fusion='none', e.g. the preset 'lora' or the MMLoRA "
+                "attention rule)"
+            )
+        if self.lora_bias:
+            return (
+                "lora_bias=True: each modality's update has a bias s * b_m, and merging writes weights only "
+                "(merge_and_unload folds get_delta_weight into the weight); train without lora_bias to merge"
+            )
+        return None
+
+    def _lora_weight(self, modality: str) -> torch.Tensor:
+        """(out, in) float32: ``scaling * (B_m A_m - B_0 A_0)`` (slice B's in their output rows)."""
+        ranges = self._ranges()
+        downs = [self._pair(modality, s)[0].weight for s in ranges]
+        if self.lora_offset is not None:
+            downs += [self.lora_offset.down(s) for s in ranges]
+        return self._up_full(modality).float() @ torch.cat(downs, 0).float() * self.scaling
+
+    def _dora_scale(self, modality: str) -> torch.Tensor:
+        """(out,) DoRA's ``mag_m / ||W + delta_m||`` (1 on rows outside the slices)."""
+        w = self.base_layer.weight
+        return dora_scale(self.lora_magnitude_vector[modality], w, self._lora_weight(modality), self._rows)
 
     def get_delta_weight(self, modality: str) -> torch.Tensor:
-        """(out, in) float32: ``scaling * B_m A_m`` (slice B's in their output rows, zeros elsewhere)."""
+        """(out, in) float32: ``scaling * (B_m A_m - B_0 A_0)`` (B_0 A_0 = 0 but for PiSSA / OLoRA;
+        slice B's in their output rows, zeros elsewhere); with DoRA ``g_m (W + delta_m) - W``."""
         if modality not in self.modalities:
             raise KeyError(f"unknown modality {modality!r}; known: {self.modalities}")
-        a = torch.cat([self._pair(modality, s)[0].weight for s in self._ranges()], 0).float()  # (S*r, in)
-        return self._b_full(modality).float() @ a * self.scaling
+        delta = self._lora_weight(modality)
+        if not self.use_dora:
+            return delta
+        g = self._dora_scale(modality).float()[:, None]  # (out, 1)
+        return (g - 1) * self.base_layer.weight.float() + g * delta
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold each modality's update into its own copy ``W + scaling B_m A_m`` of the frozen
+        """Fold each modality's update into its own copy ``W + get_delta_weight(m)`` of the frozen
         weight ((M, out, in) in the weight's dtype: M times the layer's weight memory). The frozen
         weight itself is never written, so :meth:`unmerge` restores it exactly."""
         reason = self.cannot_merge()
@@ -183,80 +253,144 @@ class MultimodalLoRA(MultimodalLayer):
             return self._forward_loop(x)
         return self._forward_batched(x)
 
-    def _b_full(self, modality: str) -> torch.Tensor:
-        """(out, S*r): the slice B's of ``modality`` in their output rows, zeros elsewhere.
+    def _pad_rows(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """(out, S*k): per-slice (len, k) pieces in their output rows, zeros elsewhere.
 
-        Only this tiny weight is zero-padded (out x S*r elements), never an activation.
+        Only this tiny weight is zero-padded (out x S*k elements), never an activation.
         """
         if self.slices is None:
-            return self.lora_B[modality].weight  # type: ignore[return-value]
-        blocks = []
-        for s, (lo, hi) in self.slices.items():
-            b = self._pair(modality, s)[1].weight  # (len, r)
-            blocks.append(F.pad(b, (0, 0, lo, self.out_features - hi)))  # (out, r)
-        return torch.cat(blocks, 1)
+            return pieces[0]
+        n = self.out_features
+        return torch.cat([F.pad(p, (0, 0, lo, n - hi)) for p, (lo, hi) in zip(pieces, self.slices.values())], 1)
+
+    def _up_full(self, modality: str) -> torch.Tensor:
+        """(out, K): the B's of ``modality`` (then -B_0 of the offset) in their output rows, zeros elsewhere."""
+        ranges = self._ranges()
+        b = self._pad_rows([self._pair(modality, s)[1].weight for s in ranges])
+        if self.lora_offset is None:
+            return b
+        return torch.cat([b, -self._pad_rows([self.lora_offset.up(s) for s in ranges])], 1)
+
+    def _bias_full(self, modality: str) -> torch.Tensor:
+        """(out,): the B biases of ``modality`` in their output rows, zeros elsewhere."""
+        return self._pad_rows([self._pair(modality, s)[1].bias[:, None] for s in self._ranges()]).sum(1)
+
+    def _down(self, x: torch.Tensor, xd: torch.Tensor, mods: Sequence[str]) -> torch.Tensor:
+        """(M, T, K): every A of every slice of each modality on ``xd`` (x after dropout), then
+        the offset's A_0 on ``x``, in one node where the two inputs are one tensor."""
+        ranges, m = self._ranges(), len(mods)
+        downs = [self._pair(mod, s)[0].weight for mod in mods for s in ranges]
+        if self.lora_offset is None:
+            return stacked_linear(xd, m, downs)
+        a0 = [self.lora_offset.down(s) for s in ranges]
+        if xd is x:
+            n = len(ranges)
+            return stacked_linear(x, m, [w for i in range(m) for w in downs[i * n : (i + 1) * n] + a0])
+        return torch.cat([stacked_linear(xd, m, downs), stacked_linear(x, m, a0 * m)], -1)
+
+    def _up_pieces(self, mods: Sequence[str]) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]]]:
+        """The up weights (modality-major, one per slice, then the offset's -B_0) and their columns."""
+        ranges, r = self._ranges(), self.rank
+        cols = [(lo, hi, j * r, (j + 1) * r) for j, (lo, hi) in enumerate(ranges.values())]
+        ups = [[self._pair(mod, s)[1].weight for s in ranges] for mod in mods]
+        if self.lora_offset is not None:
+            n = len(ranges)
+            cols += [(lo, hi, (n + j) * r, (n + j + 1) * r) for j, (lo, hi) in enumerate(ranges.values())]
+            neg = [-self.lora_offset.up(s) for s in ranges]
+            ups = [u + neg for u in ups]
+        return [u for per_mod in ups for u in per_mod], cols
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         mods = self._active()  # the modalities in the batch (all, unless some are missing)
         m = len(mods)
         out = self.base_layer(x)  # (M*B', ..., out)
-        ranges = self._ranges()
-        # all A's of all slices in one node: (M*B', ..., in) -> (M, T, R), R = S*r
-        h = stacked_linear(self.lora_dropout(x), m, [self._pair(mod, s)[0].weight for mod in mods for s in ranges])
+        xd = self.lora_dropout(x)
+        h = self._down(x, xd, mods)  # (M*B', ..., in) -> (M, T, K)
+        if self.use_dora:
+            return self._dora_batched(xd, out, h, mods)
+        biases = [self._bias_full(mod) for mod in mods] if self.lora_bias else None
         fused, w = self._fused_weights()
-        if fused:  # the B's and the mixing in one node
-            ups = [self._pair(mod, s)[1].weight for mod in mods for s in ranges]
-            r = self.rank
-            cols = [(lo, hi, j * r, (j + 1) * r) for j, (lo, hi) in enumerate(ranges.values())]
-            return mixed_up(out, h, w, ups, cols, scale=self.scaling)
+        if fused:  # the B's, the biases and the mixing in one node
+            ups, cols = self._up_pieces(mods)
+            return mixed_up(out, h, w, ups, cols, biases=biases, scale=self.scaling)
         h = h * self.scaling
-        b_full = torch.stack([self._b_full(mod) for mod in mods]).to(h.dtype)  # (M, out, R)
+        b_full = torch.stack([self._up_full(mod) for mod in mods]).to(h.dtype)  # (M, out, K)
+        if biases is not None:  # the bias as one more rank-space column: h_k[:, K] = s, B[:, K] = b_k
+            h = torch.cat([h, h.new_full((*h.shape[:2], 1), self.scaling)], -1)
+            b_full = torch.cat([b_full, torch.stack(biases).to(h.dtype)[:, :, None]], -1)
         # in place into the base output: a linear layer's backward does not need its output
         mixed = lowrank_mix(self.lora_fusion, h, b_full, by_modality(out, m), inplace=True, weights=self._mixing())
         return mixed.view(out.shape)
 
-    def _delta(self, x: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
+    def _dora_batched(
+        self, xd: torch.Tensor, out: torch.Tensor, h: torch.Tensor, mods: Sequence[str]
+    ) -> torch.Tensor:
+        """DoRA on the stacked batch (a rule that does not mix): out + (g - 1) W x' + g d."""
+        m = len(mods)
+        b_full = torch.stack([self._up_full(mod) for mod in mods]).to(h.dtype)  # (M, out, K)
+        d = torch.bmm(h, b_full.transpose(1, 2)) * self.scaling  # (M, T, out)
+        if self.lora_bias:
+            d = d + torch.stack([self._bias_full(mod) for mod in mods]).to(d.dtype)[:, None] * self.scaling
+        g = torch.stack([self._dora_scale(mod) for mod in mods])[:, None]  # (M, 1, out)
+        wx = by_modality(self._frozen_product(xd, out), m)  # (M, T, out)
+        extra = self._mix(dora_extra(g, wx, d))  # the identity, or zero for absent samples
+        return (by_modality(out, m) + extra.to(out.dtype)).view(out.shape)
+
+    def _frozen_product(self, xd: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``W x'`` without the bias: from the base output when x' is x (no dropout), else computed."""
+        b = self.base_layer.bias
+        if isinstance(self.lora_dropout, nn.Identity) or not self.lora_dropout.training:
+            return out if b is None else out - b.to(out.dtype)
+        return F.linear(xd, self.base_layer.weight.to(xd.dtype))
+
+    def _delta(self, x: torch.Tensor, xd: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
+        """``scaling * (B A x' + b - B_0 A_0 x)`` of one modality and slice (x' = x after dropout)."""
         a, b = self._pair(modality, slice_name)
-        return b(a(self.lora_dropout(x))) * self.scaling
+        d = b(a(xd))
+        if self.lora_offset is not None:
+            off = self.lora_offset
+            d = d - F.linear(F.linear(x, off.down(slice_name).to(x.dtype)), off.up(slice_name).to(x.dtype))
+        return d * self.scaling
+
+    def _full_delta(self, x: torch.Tensor, xd: torch.Tensor, modality: str) -> torch.Tensor:
+        """(..., out): the update of ``modality`` over every output (zeros outside the slices)."""
+        if self.slices is None:
+            return self._delta(x, xd, modality, "all")
+        n = self.out_features
+        pieces = [F.pad(self._delta(x, xd, modality, s), (lo, n - hi)) for s, (lo, hi) in self.slices.items()]
+        return torch.stack(pieces).sum(0)
+
+    def _dora_one(self, x: torch.Tensor, out: torch.Tensor, modality: str) -> torch.Tensor:
+        """DoRA's addition ``(g - 1) W x' + g d`` for one modality's input x and base output."""
+        xd = self.lora_dropout(x)
+        return dora_extra(self._dora_scale(modality), self._frozen_product(xd, out), self._full_delta(x, xd, modality))
 
     def _forward_single(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.use_dora:
+            return out + self._dora_one(x, out, modality).to(out.dtype)
+        xd = self.lora_dropout(x)
         for s, (lo, hi) in self._ranges().items():
-            d = self._delta(x, modality, s)
-            out = out + d if self.slices is None else _add_slice(out, d, lo, hi)
+            d = self._delta(x, xd, modality, s)
+            out = out + d if self.slices is None else add_slice(out, d, lo, hi)
         return out
 
     def _forward_loop(self, x: torch.Tensor) -> torch.Tensor:
         mods = self._active()
         xs = x.chunk(len(mods), 0)
         outs = [self.base_layer(xm) for xm in xs]  # the frozen layer once per modality
+        if self.use_dora:
+            extra = self._mix(torch.stack([self._dora_one(xm, o, mod) for xm, o, mod in zip(xs, outs, mods)]))
+            return torch.cat([o + e.to(o.dtype) for o, e in zip(outs, extra)], 0)
+        xds = [self.lora_dropout(xm) for xm in xs]
         for s, (lo, hi) in self._ranges().items():
-            d = self._mix(torch.stack([self._delta(xm, mod, s) for xm, mod in zip(xs, mods)]))
-            outs = [o + dm if self.slices is None else _add_slice(o, dm, lo, hi) for o, dm in zip(outs, d)]
+            d = self._mix(torch.stack([self._delta(xm, xdm, mod, s) for xm, xdm, mod in zip(xs, xds, mods)]))
+            outs = [o + dm if self.slices is None else add_slice(o, dm, lo, hi) for o, dm in zip(outs, d)]
         return torch.cat(outs, 0)
 
     def extra_repr(self) -> str:
         sl = "" if self.slices is None else f", slices={self.slices}"
-        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}{sl}, merged={self.merged}"
-
-
-def _add_slice(out: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """out with d added to out[..., lo:hi] (out of place)."""
-    return torch.cat([out[..., :lo], out[..., lo:hi] + d, out[..., hi:]], -1)
-
-
-def _check_slices(
-    slices: Mapping[str, tuple[int, int]] | None, out_features: int
-) -> dict[str, tuple[int, int]] | None:
-    if slices is None:
-        return None
-    if not slices:
-        raise ValueError("slices must name at least one output range")
-    checked: dict[str, tuple[int, int]] = {}
-    for name, (lo, hi) in slices.items():
-        if not (0 <= lo < hi <= out_features):
-            raise ValueError(f"slice {name!r}=({lo}, {hi}) is outside the layer's {out_features} outputs")
-        if "." in name:
-            raise ValueError(f"slice names may not contain '.', got {name!r}")
-        checked[name] = (int(lo), int(hi))
-    return checked
+        var = "".join(f", {k}" for k, on in (("lora_bias", self.lora_bias), ("dora", self.use_dora)) if on)
+        init = "" if self.init_lora_weights == "kaiming" else f", init={self.init_lora_weights}"
+        head = f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
+        return f"{head}{sl}{init}{var}, merged={self.merged}"
