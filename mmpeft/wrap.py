@@ -104,7 +104,7 @@ def _planned(model: nn.Module, in_place: bool) -> nn.Module:
 
 
 def _rules(
-    model: nn.Module, method: str | None, preset: str | None, targets: Targets | None, options: dict[str, Any]
+    model: nn.Module, method: str | None, preset: str | None, targets: Targets | None
 ) -> tuple[list[RuleConfig], str | None]:
     if method is not None:
         get_method(method)
@@ -124,7 +124,7 @@ def _build(
 ) -> MultimodalConfig:  # fmt: skip
     model_opts = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     sel = Selection.pop(options)
-    rules, preset = _rules(model, method, preset, targets, options)
+    rules, preset = _rules(model, method, preset, targets)
     methods = [get_method(method)] if method is not None and not rules else sorted(
         {method_of(r).name: method_of(r) for r in rules}.values(), key=lambda m: m.name
     )  # fmt: skip

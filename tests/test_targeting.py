@@ -140,6 +140,12 @@ def test_exclude_and_layers_narrow_a_preset() -> None:
     no_fc2 = plan_targets(base, MODS, preset="mmlora", exclude=["mlp.fc2"])
     assert [p for p in full if not p.name.endswith("fc2")] == no_fc2
     assert only0[0].options["slices"] == ["q", "v"] and only0[1].options["fusion"] == "scalar"  # the preset's options
+    ranked = plan_targets(base, MODS, preset="mmlora", rank_pattern={"fc1": 8}, alpha_pattern={r"blocks\.1\.attn\.qkv": 2.0})
+    assert [(p.name, p.options["rank"], p.options["alpha"]) for p in ranked] == [
+        ("blocks.0.attn.qkv", 4, 1.0), ("blocks.0.mlp.fc1", 8, None), ("blocks.0.mlp.fc2", 4, None),
+        ("blocks.1.attn.qkv", 4, 2.0), ("blocks.1.mlp.fc1", 8, None), ("blocks.1.mlp.fc2", 4, None),
+    ]  # fmt: skip
+    assert [p.options["slices"] for p in ranked if p.name.endswith("qkv")] == [["q", "v"]] * 2  # the rest is the preset's
     adapters = plan_targets(base, MODS, preset="mmadapter", layers=1)
     assert [p.name for p in adapters] == ["blocks.1.attn", "blocks.1.mlp"] and {p.method for p in adapters} == {"adapter"}
 
