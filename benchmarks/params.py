@@ -18,6 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write  # noqa: E402
 
+from mmpeft import wrap_multimodal  # noqa: E402
+from mmpeft.backbones.sam_build import build_sam_encoder  # noqa: E402
 from mmpeft_isprs.model import build_mfnet  # noqa: E402
 
 # Table VI of the paper: "fine-tuning parameters in SAM's encoder + DFM and decoder" (millions)
@@ -46,6 +48,65 @@ def count(method: str, backbone: str) -> dict[str, int]:
     }
 
 
+# LoRA variants on SAM vit_b (timm's SAM: attn.qkv, attn.proj, mlp.fc1, mlp.fc2), r=4, lora_alpha=8, fusion none
+VARIANT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+VARIANTS = {
+    "lora": {}, "rslora": {"use_rslora": True}, "gaussian": {"init_lora_weights": "gaussian"},
+    "pissa": {"init_lora_weights": "pissa"}, "olora": {"init_lora_weights": "olora"}, "lora_bias": {"lora_bias": True},
+    "dora": {"use_dora": True},
+}  # fmt: skip
+
+
+def _peft_count(options: dict) -> int:
+    """peft's trainable count for the same LoraConfig on the same targets (meta device). peft's
+    PiSSA / OLoRA cannot initialise on the meta device; the initialisation adds no parameter, so
+    they are counted with ``init_lora_weights=False``."""
+    import peft
+
+    init = options.get("init_lora_weights", "kaiming")
+    kw = {**options, "init_lora_weights": True if init == "kaiming" else init}
+    if init in ("pissa", "olora"):
+        kw["init_lora_weights"] = False
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=VARIANT_TARGETS, **kw)
+    model = peft.get_peft_model(build_sam_encoder("vit_b", device="meta"), config)
+    return int(model.get_nb_trainable_parameters()[0])
+
+
+def _mmpeft_count(options: dict, modalities: tuple[str, ...]) -> tuple[int, int]:
+    """(trainable parameters, saved frozen buffers) of mmpeft's LoRA with ``options`` (fusion none)."""
+    w = wrap_multimodal(
+        build_sam_encoder("vit_b", device="meta"), modalities, "lora", targets=VARIANT_TARGETS, rank=4, alpha=8.0,
+        fusion="none", efficient_attention=False, **options,
+    )  # fmt: skip
+    trainable = sum(p.numel() for p in w.parameters() if p.requires_grad)
+    return trainable, sum(b.numel() for _, layer in w.layers() for b in layer.buffers() if b.numel())
+
+
+def variant_counts() -> tuple[dict, list[str]]:
+    """The LoRA variants' trainable counts on SAM vit_b beside peft's, as JSON data and table lines."""
+    data, rows = {}, []
+    for name, options in VARIANTS.items():
+        one, buffers = _mmpeft_count(options, ("optical",))
+        two, _ = _mmpeft_count(options, ("optical", "dsm"))
+        ref = _peft_count(options)
+        data[name] = {"options": options, "peft": ref, "mmpeft_1_modality": one, "mmpeft_2_modalities": two,
+                      "saved_frozen_buffers": buffers, "equal_to_peft": one == ref}  # fmt: skip
+        opts = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "(defaults)"
+        rows.append(f"| {name} | {opts} | {ref:,} | {one:,} | {two:,} | {buffers:,} |")
+        if one != ref:
+            raise SystemExit(f"LoRA variant {name}: mmpeft counts {one:,} trainable parameters, peft {ref:,}")
+    lines = [
+        "", "LoRA variants on SAM vit_b (attn.qkv, attn.proj, mlp.fc1, mlp.fc2; r=4, lora_alpha=8; fusion none):",
+        "",
+        "| variant | options | peft | mmpeft, 1 modality | mmpeft, 2 modalities | saved frozen buffers (1 modality) |",
+        "|---|---|---:|---:|---:|---:|", *rows, "",
+        "Saved frozen buffers: PiSSA / OLoRA's initial (A_0, B_0), kept so that the frozen weight is never written "
+        "(docs/peft.md). peft's PiSSA / OLoRA counted with init_lora_weights=False (they cannot run on the meta "
+        "device).",
+    ]  # fmt: skip
+    return data, lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
@@ -67,6 +128,7 @@ def main() -> None:
             )
             if not ok:
                 raise SystemExit(f"{name}: encoder count {c['encoder_trainable']:,} differs from the paper's")
+    variants, variant_lines = variant_counts()
     seconds = time.perf_counter() - t0
     head = data["adapter_vit_b"]["dfm"] + data["adapter_vit_b"]["decoder"]
     table = "\n".join([
@@ -79,9 +141,11 @@ def main() -> None:
         f"{head:,} + {SAM_MASK_DECODER:,} + {SAM_PROMPT_ENCODER:,} = {head + SAM_MASK_DECODER + SAM_PROMPT_ENCODER:,}.",
         "Frozen counts are at 256x256 input (position embedding resized to 16x16 once).",
         f"Built on the meta device in {seconds:.1f} s.",
+        *variant_lines,
     ])  # fmt: skip
     data["dfm_plus_decoder"] = head
     data["paper_6_22M_explained"] = head + SAM_MASK_DECODER + SAM_PROMPT_ENCODER
+    data["lora_variants_vit_b"] = variants
     data["seconds"] = seconds
     write("params", data, table, args.out)
 
