@@ -267,3 +267,29 @@ def test_lora_variants_are_refused_on_a_convolution(option: str, value: object) 
         pytest.skip(f"LoRAConfig has no {option}")
     with pytest.raises(ValueError, match=rf"patch_embed\.proj is a Conv2d: {option}=True .*nn.Linear layers only"):
         wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=BOTH, alpha=2.0, fusion="none", **{option: value})
+
+
+def test_a_bfloat16_base_runs_every_path_with_float32_lora_weights() -> None:
+    ref = _wrap("none", ["patch_embed.proj"])
+    w = _wrap("none", ["patch_embed.proj"], base_dtype="bfloat16")
+    layer = w.base_model.patch_embed.proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora_A["dsm"].weight.dtype == torch.float32
+    x = _inputs()
+    with torch.no_grad():
+        want = ref(x)
+    w.train()
+    for execution in ("batched", "loop"):
+        w.set_execution(execution)
+        w.zero_grad()
+        out = w(x)
+        sum(o.float().pow(2).mean() for o in out.values()).backward()
+        assert layer.lora_A["dsm"].weight.grad.dtype == torch.float32 and layer.lora_B["dsm"].weight.grad.any()
+        for m in MODS:
+            torch.testing.assert_close(out[m].float(), want[m], atol=0.05, rtol=0.05)
+    w.eval()
+    with torch.no_grad():
+        with w.only_modality("dsm"):
+            alone = w.base_model(_three(x["dsm"]).bfloat16()).float()
+        torch.testing.assert_close(alone, want["dsm"], atol=0.05, rtol=0.05)
+        w.merge_adapters()
+        torch.testing.assert_close(w(x)["optical"].float(), want["optical"], atol=0.05, rtol=0.05)

@@ -180,13 +180,15 @@ class MultimodalLoRAConv2d(MultimodalLayer):
         return self._forward_batched(x)
 
     def _delta(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        return self.lora_B[modality](self.lora_A[modality](self.lora_dropout(x))) * self.scaling
+        """scaling * B_m(A_m(dropout(x))); the (float32 master) weights cast to x's dtype."""
+        h = self._conv(self.lora_dropout(x), self.lora_A[modality].weight.to(x.dtype), None)
+        return F.conv2d(h, self.lora_B[modality].weight.to(h.dtype)) * self.scaling
 
     def _forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen convolution once over the stacked batch; every A_m in one grouped convolution."""
         mods = self._active()
         out = self.base_layer(x)  # (S*N, out, H', W')
-        a = torch.stack([self.lora_A[m].weight for m in mods])  # (S, r, in, kh, kw)
+        a = torch.stack([self.lora_A[m].weight for m in mods]).to(x.dtype)  # (S, r, in, kh, kw)
         h = self._grouped(self.lora_dropout(x), a)  # (S, N, r, H', W')
         b = torch.stack([self.lora_B[m].weight.flatten(1) for m in mods]).to(h.dtype)  # (S, out, r)
         d = torch.einsum("snrhw,sor->snohw", h, b) * self.scaling
