@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import MultimodalConfig
@@ -36,11 +37,29 @@ class ModuleToSave(nn.Module):
         self.adapters_enabled = True
 
     def enable_adapters(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
         self.adapters_enabled = enabled
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        module = self.trained_module if self.adapters_enabled else self.original_module
-        return module(*args, **kwargs)
+        if not self.adapters_enabled:
+            return self.original_module(*args, **kwargs)
+        dtype = _input_dtype(args, kwargs)
+        own = {k: t for k, t in self.trained_module.state_dict(keep_vars=True).items()}
+        if dtype is None or all(not t.is_floating_point() or t.dtype == dtype for t in own.values()):
+            return self.trained_module(*args, **kwargs)
+        # float32 masters under a low-precision frozen base: computed in the input's dtype, the
+        # gradients flowing back through the cast to the float32 tensors
+        cast = {k: t.to(dtype) if t.is_floating_point() else t for k, t in own.items()}
+        return torch.func.functional_call(self.trained_module, cast, args, kwargs)
+
+
+def _input_dtype(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of the first floating tensor argument (None when there is none)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.dtype
+    return None
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

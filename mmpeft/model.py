@@ -274,6 +274,8 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
     def set_adapters_enabled(self, enabled: bool) -> None:
         """Turn every multimodal layer and module to save on (True) or off (False: the model
         computes the frozen model's function on the stems' outputs)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
         _merge.set_enabled(self, enabled)
         self.adapters_enabled = enabled
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from .model import MultimodalModel
-from .tuners import MultimodalAdapter, MultimodalLoRA
+from .tuners import MultimodalAdapter, MultimodalLoRA, MultimodalLoRAConv2d
 from .utils import atomic_write
 
 __all__ = ["export_peft", "peft_lora_weights", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
@@ -58,7 +58,7 @@ class _Exported:
         return int(self.lora_a.shape[0])
 
 
-def _own_factor(layer: MultimodalLoRA, idx: int, name: str) -> float:
+def _own_factor(layer: MultimodalLoRA | MultimodalLoRAConv2d, idx: int, name: str) -> float:
     """The factor the fusion rule puts on modality ``idx``'s own update (1 for "none")."""
     fusion = layer.lora_fusion
     if fusion.mixes:
@@ -84,14 +84,16 @@ def _own_factor(layer: MultimodalLoRA, idx: int, name: str) -> float:
     return float(w[idx, idx])
 
 
-def _export_layer(layer: MultimodalLoRA, modality: str, name: str) -> _Exported:
+def _export_layer(layer: MultimodalLoRA | MultimodalLoRAConv2d, modality: str, name: str) -> _Exported:
     idx = layer.modalities.index(modality)
     factor = _own_factor(layer, idx, name)
     dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, torch.nn.Dropout) else 0.0
     r = layer.rank
     path = name[len(_BASE) :] if name.startswith(_BASE) else name
     with torch.no_grad():
-        if layer.slices is None:
+        if isinstance(layer, MultimodalLoRAConv2d):  # peft's Conv2d LoRA: A (r, in, kh, kw), B (out, r, 1, 1)
+            lora_a, lora_b = layer.lora_A[modality].weight.detach().clone(), layer.lora_B[modality].weight.detach().clone()
+        elif layer.slices is None:
             a, b = layer._pair(modality, "all")
             lora_a, lora_b = a.weight.detach().clone(), b.weight.detach().clone()
         else:
@@ -117,7 +119,7 @@ def _check_exportable(wrapped: MultimodalModel, modality: str, allow_learned_ste
             "peft LoRA layers add a low-rank B A x to a linear layer, while an adapter is a "
             "Linear -> activation -> Linear module beside or after a block part. Only LoRA exports."
         )
-    others = [n for n, layer in wrapped.layers() if not isinstance(layer, MultimodalLoRA)]
+    others = [n for n, layer in wrapped.layers() if not isinstance(layer, (MultimodalLoRA, MultimodalLoRAConv2d))]
     if others:
         raise ValueError(f"only MultimodalLoRA layers can be exported; found {others[:3]}")
     stem = wrapped.stems[modality]

@@ -52,16 +52,17 @@ def per_modality_forward(
     """
     enc = wrapped.base_model
     mods = wrapped.modalities
-    xs = wrapped.stack(inputs, finite_checked).chunk(len(mods), 0)  # validated, stems applied
-    hs: list[torch.Tensor] = []
-    for m, x in zip(mods, xs):
-        with only_modality(wrapped, m):
-            h = enc.patch_embed(x)  # (B, H, W, C)
-            if getattr(enc, "pos_embed", None) is not None:
-                if enc.pos_embed.shape[1:3] != h.shape[1:3]:
-                    raise ValueError(f"pos_embed {tuple(enc.pos_embed.shape)} does not match the grid {tuple(h.shape)}")
-                h = h + enc.pos_embed
-            hs.append(h)
+    x = wrapped.stack(inputs, finite_checked)  # (M*B, C, H, W): validated, stems applied
+    set_execution(wrapped, "loop")
+    try:  # the patch embedding per modality (a LoRA on it may mix, so it sees every modality)
+        hs = list(enc.patch_embed(x).chunk(len(mods), 0))  # M x (B, H, W, C)
+    finally:
+        set_execution(wrapped, "batched")
+    pos = getattr(enc, "pos_embed", None)
+    if pos is not None:
+        if pos.shape[1:3] != hs[0].shape[1:3]:
+            raise ValueError(f"pos_embed {tuple(pos.shape)} does not match the grid {tuple(hs[0].shape)}")
+        hs = [h + pos for h in hs]
     set_execution(wrapped, "loop")
     try:
         for block in enc.blocks:

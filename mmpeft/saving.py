@@ -70,7 +70,7 @@ class Persistence:
 
     @classmethod
     def from_pretrained(
-        cls: type[T], base_model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False,
+        cls: type[T], base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
         strict: bool = True, efficient_attention: bool | str = True,
     ) -> T:  # fmt: skip
         """Wrap a freshly built ``base_model`` as saved in ``directory`` and load the tensors.

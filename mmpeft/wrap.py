@@ -128,6 +128,9 @@ def _build(
     methods = [get_method(method)] if method is not None and not rules else sorted(
         {method_of(r).name: method_of(r) for r in rules}.values(), key=lambda m: m.name
     )  # fmt: skip
+    if not rules and (options or sel.given()):
+        given = sorted(options) + sel.given()
+        raise TypeError(f"preset {preset!r} adapts no module, so the options {given} would change nothing")
     _check_options(options, methods or [get_method("lora")])
     _lora_only(sel, methods or [get_method("lora")])
     rules = [_override(r, options, explicit=targets is not None) for r in rules]
@@ -246,7 +249,7 @@ def wrap_multimodal(
 
 
 def load_multimodal(
-    base_model: nn.Module, directory: str | os.PathLike, strict: bool = True, is_trainable: bool = False
+    base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, strict: bool = True
 ) -> MultimodalModel:
     """:meth:`MultimodalModel.from_pretrained`: for inference (eval mode, frozen) unless ``is_trainable``."""
     return MultimodalModel.from_pretrained(base_model, directory, is_trainable=is_trainable, strict=strict)

@@ -282,3 +282,17 @@ def test_status_says_what_state_the_model_is_in() -> None:
     assert not s["call_check_pending"] and not s["adapters_enabled"] and s["nonfinite"] == "absent"
     assert len(s["merged"]) == 6 and s["checkpointing"] == ["blocks.0", "blocks.1"]
     assert w.status()["adapters_enabled"]
+
+
+def test_modules_to_save_under_a_bf16_base_and_options_a_frozen_preset_would_drop() -> None:
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora", modules_to_save=["head"], base_dtype="bf16")
+    assert w.base_model.head.trained_module.weight.dtype == torch.float32  # the master copy
+    out = w(_inputs())  # no autocast: the trained head computes in bf16
+    assert out["optical"].dtype == torch.bfloat16
+    out["optical"].float().pow(2).mean().backward()
+    assert w.base_model.head.trained_module.weight.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        w.set_adapters_enabled(0)  # type: ignore[arg-type]
+    assert w.base_model.head.adapters_enabled and w.adapters_enabled  # nothing half switched
+    with pytest.raises(TypeError, match="preset 'frozen' adapts no module.*rank"):
+        wrap_multimodal(tiny_timm_vit(), MODS, preset="frozen", rank=8)

@@ -293,3 +293,17 @@ def test_a_bfloat16_base_runs_every_path_with_float32_lora_weights() -> None:
         torch.testing.assert_close(alone, want["dsm"], atol=0.05, rtol=0.05)
         w.merge_adapters()
         torch.testing.assert_close(w(x)["optical"].float(), want["optical"], atol=0.05, rtol=0.05)
+
+
+def test_the_reference_execution_runs_a_mixing_lora_on_the_patch_embedding() -> None:
+    """per_modality_forward (the authors' execution) with a scalar-mixing conv LoRA on SAM's patch
+    embedding and mixing LoRA on the MLP equals the batched forward."""
+    from mmpeft import per_modality_forward
+
+    w = _wrap("scalar", targets=["patch_embed.proj", "mlp.lin1"], build=tiny_sam)
+    x = _inputs(64)
+    with torch.no_grad():
+        want = w(x)
+        got = per_modality_forward(w, x)
+    for m in MODS:
+        torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)

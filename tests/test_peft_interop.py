@@ -125,3 +125,17 @@ def test_modules_to_save_export_to_peft(tmp_path) -> None:
         plain = tiny_timm_vit()(x["optical"])
     assert (expected - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_conv_lora_on_the_patch_embedding_exports_to_peft(tmp_path) -> None:
+    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=["patch_embed.proj", "attn.qkv"],
+                              fusion="none", rank=2, alpha=4.0)  # fmt: skip
+    _randomise_trainables(wrapped)
+    export_peft(wrapped, "dsm", tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_timm_vit(), str(tmp_path))
+    x = _inputs(32)
+    with torch.no_grad():
+        expected = wrapped(x)["dsm"]
+        got = peft_model(x["dsm"].repeat(1, 3, 1, 1))
+    assert type(peft_model.base_model.model.patch_embed.proj).__name__ == "Conv2d"  # peft's LoRA Conv2d layer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
