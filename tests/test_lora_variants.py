@@ -272,3 +272,22 @@ def test_pissa_offset_is_the_principal_part_and_mixing_starts_at_zero() -> None:
     for m in MODS:  # every modality starts at (A_0, B_0); its update s (B A - B_0 A_0) at 0
         assert torch.equal(layer.lora_A[m].weight, off.down("all"))
         assert layer.get_delta_weight(m).abs().max() < 1e-6  # B A - B_0 A_0 as one GEMM: rounding only
+
+
+@pytest.mark.parametrize("execution", ["batched", "loop"])
+def test_scalar_mixing_of_bias_and_offset_by_hand(execution: str) -> None:
+    """out_m = W x_m + b + lam_m d_m + (1 - lam_m) d_k with d_m = s (B_m A_m x_m + b_m - B_0 A_0 x_m)."""
+    torch.manual_seed(0)
+    layer = MultimodalLoRA(nn.Linear(6, 5), MODS, rank=2, alpha=3.0, fusion="scalar", lora_bias=True,
+                           init_lora_weights="olora")  # fmt: skip
+    _randomise(layer)
+    layer.execution = execution
+    x = torch.randn(2 * 3, 4, 6)  # (M*B, T, in)
+    off = layer.lora_offset
+    xs = x.chunk(2)
+    d = [layer.scaling * (layer.lora_B[m](layer.lora_A[m](xm)) - xm @ off.down("all").T @ off.up("all").T)
+         for m, xm in zip(MODS, xs)]  # fmt: skip
+    lam = [layer.lora_fusion.lam[m] for m in MODS]
+    want = torch.cat([layer.base_layer(xs[i]) + lam[i] * d[i] + (1 - lam[i]) * d[1 - i] for i in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
