@@ -15,6 +15,12 @@ linear layer: ``A = [A_q; A_v]`` stacked on the rank axis and ``B`` block-struct
 ``s`` of each layer is kept as peft's ``lora_alpha / r`` (``lora_alpha = s * rank``), using
 ``rank_pattern`` / ``alpha_pattern`` where modules differ.
 
+The LoRA variants export as peft's: rsLoRA through the scaling, ``lora_bias`` as ``lora_B.bias``,
+DoRA as ``lora_magnitude_vector`` (over every row: the factor is 1 outside the slices), PiSSA /
+OLoRA as one more rank block ``[A_0; -B_0]`` holding the frozen offset (exact in inference; with
+dropout in training peft would drop out the offset's input too). A conv LoRA exports as peft's
+Conv2d LoRA. Modules to save go into peft's ``modules_to_save``.
+
 What cannot be exported (ValueError): layers that mix modalities (peft computes one update from
 one input; cross-modal mixing needs every modality's update inside the same layer at once),
 bottleneck adapters (not a peft LoRA), and learnable input stems (outside the base model).
@@ -52,6 +58,8 @@ class _Exported:
     lora_b: torch.Tensor
     alpha: float
     dropout: float
+    bias: torch.Tensor | None = None  # (out,) lora_bias: B's bias
+    magnitude: torch.Tensor | None = None  # (out,) DoRA's lora_magnitude_vector
 
     @property
     def rank(self) -> int:
@@ -92,19 +100,56 @@ def _export_layer(layer: MultimodalLoRA | MultimodalLoRAConv2d, modality: str, n
     path = name[len(_BASE) :] if name.startswith(_BASE) else name
     with torch.no_grad():
         if isinstance(layer, MultimodalLoRAConv2d):  # peft's Conv2d LoRA: A (r, in, kh, kw), B (out, r, 1, 1)
-            lora_a, lora_b = layer.lora_A[modality].weight.detach().clone(), layer.lora_B[modality].weight.detach().clone()
-        elif layer.slices is None:
-            a, b = layer._pair(modality, "all")
-            lora_a, lora_b = a.weight.detach().clone(), b.weight.detach().clone()
-        else:
-            # rank S*r: A = [A_s1; A_s2; ...]; B zero except B[rows of s_i, i*r:(i+1)*r] = B_si
-            slices = list(layer.slices.items())
-            lora_a = torch.cat([layer._pair(modality, s)[0].weight.detach() for s, _ in slices], 0)
-            lora_b = lora_a.new_zeros(layer.out_features, r * len(slices))
-            for i, (s, (lo, hi)) in enumerate(slices):
-                lora_b[lo:hi, i * r : (i + 1) * r] = layer._pair(modality, s)[1].weight.detach()
+            lora_a = layer.lora_A[modality].weight.detach().clone()
+            lora_b = layer.lora_B[modality].weight.detach().clone()
+            return _Exported(path, lora_a, lora_b, layer.scaling * factor * r, dropout)
+        lora_a, lora_b, bias = _linear_pieces(layer, modality)
+        magnitude = _full_magnitude(layer, modality, lora_a, lora_b) if getattr(layer, "use_dora", False) else None
     scaling = layer.scaling * factor
-    return _Exported(path, lora_a.contiguous(), lora_b.contiguous(), scaling * lora_a.shape[0], dropout)
+    return _Exported(path, lora_a, lora_b, scaling * lora_a.shape[0], dropout, bias, magnitude)
+
+
+def _linear_pieces(layer: MultimodalLoRA, modality: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A (R, in), B (out, R) and the B bias (out,) or None of ``modality``'s update as one peft LoRA.
+
+    Each slice's pair sits in its own rank block, B only in the slice's rows (rank S*r for sliced
+    qkv); a PiSSA / OLoRA layer adds its frozen offset as a second block ``[A_0; -B_0]`` (rank
+    2r per slice): ``s (B A - B_0 A_0) x``, exact without dropout (inference)."""
+    pieces: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
+    offset = getattr(layer, "lora_offset", None)
+    for s, (lo, hi) in layer._ranges().items():
+        a, b = layer._pair(modality, s)
+        pieces.append((a.weight.detach(), b.weight.detach(), lo, hi))
+        if offset is not None:
+            pieces.append((offset.down(s).detach(), -offset.up(s).detach(), lo, hi))
+    lora_a = torch.cat([a for a, _, _, _ in pieces], 0).float()
+    lora_b = lora_a.new_zeros(layer.out_features, lora_a.shape[0])
+    col = 0
+    for a, b, lo, hi in pieces:
+        lora_b[lo:hi, col : col + a.shape[0]] = b.float()
+        col += a.shape[0]
+    bias = None
+    if getattr(layer, "lora_bias", False):
+        bias = lora_a.new_zeros(layer.out_features)
+        for s, (lo, hi) in layer._ranges().items():
+            bias[lo:hi] = layer._pair(modality, s)[1].bias.detach().float()
+    return lora_a.contiguous(), lora_b.contiguous(), bias
+
+
+def _full_magnitude(layer: MultimodalLoRA, modality: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """(out,) DoRA magnitude over every row: the layer's own in its slices' rows and, elsewhere,
+    the row norms of ``W + delta`` (DoRA's factor 1 there, as in the layer)."""
+    w = layer.base_layer.weight.detach().float()
+    full = torch.linalg.norm(w + layer.scaling * lora_b @ lora_a, dim=1)
+    rows = layer._rows if layer._rows is not None else list(range(layer.out_features))
+    full[rows] = layer.lora_magnitude_vector[modality].detach().float()
+    return full
+
+
+def _plain_norms(wrapped: MultimodalModel, e: _Exported) -> torch.Tensor:
+    """Row norms of ``W + delta`` of a layer without DoRA: peft's DoRA factor is then 1."""
+    w = wrapped.base_model.get_submodule(e.path).base_layer.weight.detach().float()
+    return torch.linalg.norm(w + (e.alpha / e.rank) * e.lora_b.float() @ e.lora_a.float(), dim=1)
 
 
 def _check_exportable(wrapped: MultimodalModel, modality: str, allow_learned_stem: bool) -> None:
@@ -165,6 +210,16 @@ def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = 
     common = Counter((e.rank, e.alpha) for e in exported).most_common(1)[0][0]
     rank_pattern = {_pattern_key(e.path): e.rank for e in exported if e.rank != common[0]}
     alpha_pattern = {_pattern_key(e.path): e.alpha for e in exported if e.alpha != common[1]}
+    bias = any(e.bias is not None for e in exported)
+    dora = any(e.magnitude is not None for e in exported)
+    if (bias or dora) and any(e.lora_a.dim() == 4 for e in exported):
+        raise ValueError(
+            "peft's lora_bias / use_dora apply to every layer, and a conv LoRA here has neither; cannot export"
+        )
+    if bias and dora:
+        raise ValueError(
+            "peft does not support lora_bias together with use_dora; this model uses both, so it cannot be exported"
+        )
     dropouts = {e.dropout for e in exported}
     if len(dropouts) > 1:
         raise ValueError(f"peft has one lora_dropout per adapter; the layers use {sorted(dropouts)}")
@@ -177,6 +232,8 @@ def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = 
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         modules_to_save=modules_to_save or None,
+        lora_bias=bias,
+        use_dora=dora,
         # no hub name: peft would try to look it up online when saving embedding layers
         base_model_name_or_path=None,
     )
@@ -212,8 +269,15 @@ def export_peft(
     config = _lora_config(exported, saved)
     tensors: dict[str, torch.Tensor] = _saved_modules(wrapped)
     for e in exported:
-        tensors[f"base_model.model.{e.path}.lora_A.weight"] = e.lora_a.cpu()
-        tensors[f"base_model.model.{e.path}.lora_B.weight"] = e.lora_b.cpu()
+        key = f"base_model.model.{e.path}"
+        tensors[f"{key}.lora_A.weight"] = e.lora_a.cpu()
+        tensors[f"{key}.lora_B.weight"] = e.lora_b.cpu()
+        if config.lora_bias:  # type: ignore[attr-defined]  # every layer: zeros where it has none
+            bias = e.bias if e.bias is not None else e.lora_b.new_zeros(e.lora_b.shape[0])
+            tensors[f"{key}.lora_B.bias"] = bias.cpu()
+        if config.use_dora:  # type: ignore[attr-defined]  # factor 1 where a layer has no DoRA
+            mag = e.magnitude if e.magnitude is not None else _plain_norms(wrapped, e)
+            tensors[f"{key}.lora_magnitude_vector"] = mag.cpu()
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(d))  # type: ignore[attr-defined]

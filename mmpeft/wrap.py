@@ -226,7 +226,9 @@ def wrap_multimodal(
             no per-step casts of frozen weights under autocast, half their memory. Inputs are
             cast to it; trainable tensors stay float32 (master copies). Recorded in the config.
         **options: the method's options, i.e. its config's fields (:class:`LoRAConfig`: ``rank``,
-            ``alpha``, ``dropout``, ``slices``, ``split``; :class:`AdapterConfig`: ``placement``,
+            ``alpha``, ``dropout``, ``slices``, ``split``, and peft's variants ``use_rslora``,
+            ``init_lora_weights``, ``lora_bias``, ``use_dora`` (docs/peft.md); on ``nn.Linear``
+            and ``nn.Conv2d`` modules; :class:`AdapterConfig`: ``placement``,
             ``ratio``, ``activation``, ``bias``, ``dropout``, ``scale``, ``init``; both:
             ``fusion``, ``lambda_init``); an option the method does not take is an error naming
             it. For the model: ``stems`` ({modality: "repeat" | ("conv1x1", c) | StemConfig}),

@@ -296,3 +296,22 @@ def test_modules_to_save_under_a_bf16_base_and_options_a_frozen_preset_would_dro
     assert w.base_model.head.adapters_enabled and w.adapters_enabled  # nothing half switched
     with pytest.raises(TypeError, match="preset 'frozen' adapts no module.*rank"):
         wrap_multimodal(tiny_timm_vit(), MODS, preset="frozen", rank=8)
+
+
+@pytest.mark.parametrize("preset", ["mmlora", "lora"])
+def test_a_bf16_base_runs_the_loop_and_single_paths(preset: str) -> None:
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset=preset, base_dtype="bf16")
+    _randomise(w)
+    x = _inputs()
+    with torch.no_grad():
+        batched = w(x)
+        w.set_execution("loop")
+        loop = w(x)
+    for m in MODS:
+        assert loop[m].dtype == torch.bfloat16
+        torch.testing.assert_close(loop[m].float(), batched[m].float(), atol=3e-2, rtol=3e-2)
+    if preset == "lora":  # no mixing: one modality alone through the single path
+        w.set_execution("batched")
+        with torch.no_grad(), w.only_modality("dsm"):
+            alone = w.base_model(x["dsm"].repeat(1, 3, 1, 1).bfloat16())
+        torch.testing.assert_close(alone.float(), batched["dsm"].float(), atol=3e-2, rtol=3e-2)

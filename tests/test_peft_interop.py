@@ -139,3 +139,27 @@ def test_conv_lora_on_the_patch_embedding_exports_to_peft(tmp_path) -> None:
         got = peft_model(x["dsm"].repeat(1, 3, 1, 1))
     assert type(peft_model.base_model.model.patch_embed.proj).__name__ == "Conv2d"  # peft's LoRA Conv2d layer
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"use_rslora": True, "alpha": 4.0}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"},
+     {"lora_bias": True}, {"use_dora": True}, {"init_lora_weights": "gaussian"}],
+)  # fmt: skip
+@pytest.mark.parametrize("targets", [["attn.qkv"], ["mlp.fc1", "mlp.fc2"]])
+def test_lora_variants_export_to_peft_exactly(tmp_path, options: dict, targets: list[str]) -> None:
+    """Every variant: the peft adapter on the plain model computes the wrapped model's output
+    (sliced qkv: the q/v blocks; PiSSA / OLoRA: the frozen offset as a second rank block)."""
+    slices = ["q", "v"] if targets == ["attn.qkv"] else None
+    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=targets, fusion="none", rank=2,
+                              slices=slices, **options)  # fmt: skip
+    _randomise_trainables(wrapped)
+    export_peft(wrapped, "dsm", tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_timm_vit(), str(tmp_path))
+    x = _inputs(32)
+    with torch.no_grad():
+        expected = wrapped(x)["dsm"]
+        got = peft_model(x["dsm"].repeat(1, 3, 1, 1))
+        plain = tiny_timm_vit()(x["dsm"].repeat(1, 3, 1, 1))
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ __all__ = ["LoRAConfig"]
 
 @dataclass
 class LoRAConfig:
-    """Multimodal LoRA on the ``nn.Linear`` modules selected by ``targets``.
+    """Multimodal LoRA on the ``nn.Linear`` (and ``nn.Conv2d``: plain LoRA only) modules selected by ``targets``.
 
     Attributes:
         targets: peft semantics: a list of names matches modules whose qualified name equals or

@@ -345,8 +345,8 @@ class MultimodalLoRA(MultimodalLayer):
 
     def _delta(self, x: torch.Tensor, xd: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
         """``scaling * (B A x' + b - B_0 A_0 x)`` of one modality and slice (x' = x after dropout)."""
-        a, b = self._pair(modality, slice_name)
-        d = b(a(xd))
+        a, b = self._pair(modality, slice_name)  # float32 masters, computed in the input's dtype
+        d = F.linear(F.linear(xd, a.weight.to(xd.dtype)), b.weight.to(xd.dtype), _cast(b.bias, xd.dtype))
         if self.lora_offset is not None:
             off = self.lora_offset
             d = d - F.linear(F.linear(x, off.down(slice_name).to(x.dtype)), off.up(slice_name).to(x.dtype))
@@ -394,3 +394,7 @@ class MultimodalLoRA(MultimodalLayer):
         init = "" if self.init_lora_weights == "kaiming" else f", init={self.init_lora_weights}"
         head = f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
         return f"{head}{sl}{init}{var}, merged={self.merged}"
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
