@@ -7,7 +7,10 @@ s * B_m A_m x``. :func:`export_peft` writes those updates in peft's own director
     peft_model = peft.PeftModel.from_pretrained(plain_base_model, directory)
 
 computes exactly what ``wrapped(...)[m]`` computes, on the input after the modality's stem (for
-the default "auto"/"repeat" stems: the DSM repeated to 3 channels).
+the default "auto"/"repeat" stems: the DSM repeated to 3 channels). Where wrapping's preparation
+of the host changes a module peft would adapt (EVA02's qkv, torchvision's attention), the export
+maps it onto the plain model or refuses it, naming why (:mod:`mmpeft.peft_families`);
+``for_prepared_base=True`` writes the adapter for ``prepare_for_peft(plain_base_model)`` instead.
 
 Sliced LoRA (e.g. the q and v thirds of a fused qkv) becomes a rank ``S*r`` LoRA on the whole
 linear layer: ``A = [A_q; A_v]`` stacked on the rank axis and ``B`` block-structured, ``B[q rows,
@@ -32,13 +35,14 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .model import MultimodalModel
+from .peft_families import Exported as _Exported
+from .peft_families import PlainModelError, place, prepare_for_peft, to_plain  # noqa: F401  (re-exported)
 from .tuners import MultimodalAdapter, MultimodalLoRA, MultimodalLoRAConv2d
 from .utils import atomic_write
 
@@ -47,23 +51,6 @@ __all__ = ["export_peft", "peft_lora_weights", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
 PEFT_CONFIG_NAME = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 _BASE = "base_model."  # prefix of the patched model inside MultimodalModel
-
-
-@dataclass
-class _Exported:
-    """One module in peft form: A (R, in), B (out, R), peft alpha for scaling alpha / R."""
-
-    path: str
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    alpha: float
-    dropout: float
-    bias: torch.Tensor | None = None  # (out,) lora_bias: B's bias
-    magnitude: torch.Tensor | None = None  # (out,) DoRA's lora_magnitude_vector
-
-    @property
-    def rank(self) -> int:
-        return int(self.lora_a.shape[0])
 
 
 def _own_factor(layer: MultimodalLoRA | MultimodalLoRAConv2d, idx: int, name: str) -> float:
@@ -177,7 +164,7 @@ def _check_exportable(wrapped: MultimodalModel, modality: str, allow_learned_ste
 
 
 def peft_lora_weights(wrapped: MultimodalModel, modality: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``{module path in the plain model: (lora_A (R, in), lora_B (out, R), scaling)}`` for ``modality``.
+    """``{module path in the prepared base model: (lora_A (R, in), lora_B (out, R), scaling)}`` for ``modality``.
 
     The effective update of each module is ``scaling * lora_B @ lora_A``; sliced layers are
     expanded to the zero-padded rank ``S*r`` form. Raises ValueError where peft cannot express a layer.
@@ -207,9 +194,10 @@ def _saved_modules(wrapped: MultimodalModel) -> dict[str, torch.Tensor]:
 def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = None) -> "object":
     from peft import LoraConfig
 
-    common = Counter((e.rank, e.alpha) for e in exported).most_common(1)[0][0]
-    rank_pattern = {_pattern_key(e.path): e.rank for e in exported if e.rank != common[0]}
-    alpha_pattern = {_pattern_key(e.path): e.alpha for e in exported if e.alpha != common[1]}
+    targets = [e for e in exported if e.target]  # not: the out_proj of peft's MultiheadAttention LoRA
+    common = Counter((e.rank, e.alpha) for e in targets).most_common(1)[0][0]
+    rank_pattern = {_pattern_key(e.path): e.rank for e in targets if e.rank != common[0]}
+    alpha_pattern = {_pattern_key(e.path): e.alpha for e in targets if e.alpha != common[1]}
     bias = any(e.bias is not None for e in exported)
     dora = any(e.magnitude is not None for e in exported)
     if (bias or dora) and any(e.lora_a.dim() == 4 for e in exported):
@@ -226,7 +214,7 @@ def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = 
     return LoraConfig(
         r=common[0],
         lora_alpha=common[1],
-        target_modules=[e.path for e in exported],  # full names: peft matches a list by suffix
+        target_modules=[e.path for e in targets],  # full names: peft matches a list by suffix
         lora_dropout=dropouts.pop(),
         bias="none",
         rank_pattern=rank_pattern,
@@ -245,11 +233,21 @@ def export_peft(
     directory: str | os.PathLike,
     *,
     allow_learned_stem: bool = False,
+    for_prepared_base: bool = False,
 ) -> None:
     """Write ``modality``'s LoRA as a peft adapter directory for the plain (unwrapped) base model.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces ``wrapped``'s output
     for ``modality`` on the input after its stem (the DSM repeated to 3 channels by default).
+
+    Wrapping prepares some hosts (:mod:`mmpeft.peft_families`). torchvision's ViT: the LoRA of its
+    attention's ``in_proj`` / ``out_proj`` becomes peft's own LoRA for ``nn.MultiheadAttention``.
+    timm EVA02 (q/v biases): the plain model never calls ``attn.qkv``, so an adapter holding it is
+    refused unless ``for_prepared_base``; with it the adapter keeps the wrapped model's paths and
+    is exact on the plain model prepared as wrapping prepares it::
+
+        export_peft(wrapped, "dsm", directory, for_prepared_base=True)
+        peft.PeftModel.from_pretrained(mmpeft.peft_families.prepare_for_peft(plain_model), directory)
 
     Files: ``adapter_config.json`` (``peft.LoraConfig.save_pretrained``) and
     ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight`` /
@@ -259,13 +257,17 @@ def export_peft(
     Raises:
         ValueError: a layer mixes modalities (fusion "scalar"/"matrix" with M > 1), the model holds
             adapters, it holds no LoRA layer, or the modality has a learnable stem (unless
-            ``allow_learned_stem``).
+            ``allow_learned_stem``); :class:`mmpeft.peft_families.PlainModelError` (a ValueError)
+            naming a module the plain model would not hold or not call (without ``for_prepared_base``).
     """
     _check_exportable(wrapped, modality, allow_learned_stem)
     exported = [_export_layer(layer, modality, name) for name, layer in wrapped.layers()]  # type: ignore[arg-type]
     if not exported:
         raise ValueError("the model has no LoRA layer to export")
     saved = [n[len(_BASE) :] if n.startswith(_BASE) else n for n, _ in wrapped.modules_to_save()]
+    for path in saved:
+        place(wrapped.base_model, path, for_prepared_base, saved=True)
+    exported = to_plain(wrapped.base_model, exported, for_prepared_base)
     config = _lora_config(exported, saved)
     tensors: dict[str, torch.Tensor] = _saved_modules(wrapped)
     for e in exported:
@@ -282,5 +284,6 @@ def export_peft(
     d.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(d))  # type: ignore[attr-defined]
     meta = {"format": "pt", "mmpeft_modality": modality, "mmpeft_modalities": json.dumps(list(wrapped.modalities)),
-            "mmpeft_base_model": type(wrapped.base_model).__name__}  # fmt: skip
+            "mmpeft_base_model": type(wrapped.base_model).__name__,
+            "mmpeft_prepared_base": json.dumps(for_prepared_base)}  # fmt: skip
     atomic_write(d / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))

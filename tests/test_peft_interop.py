@@ -7,12 +7,18 @@ from typing import Iterator
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from mmpeft import wrap_multimodal
+from mmpeft.peft_families import PlainModelError, place, prepare_for_peft
 from mmpeft.peft_interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, peft_lora_weights
 
 from .conftest import tiny_sam, tiny_timm_vit
+from .test_backbones import BACKBONES, _build, _tensor
+from .test_backbones import _inputs as _family_inputs
+from .test_backbones import _randomise_trainables as _randomise_family
 from .test_wrap import _randomise_trainables
 
 peft = pytest.importorskip("peft")
@@ -163,3 +169,118 @@ def test_lora_variants_export_to_peft_exactly(tmp_path, options: dict, targets: 
         plain = tiny_timm_vit()(x["dsm"].repeat(1, 3, 1, 1))
     assert (expected - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- every backbone family
+
+
+
+def _peft_output(kind: str, directory, x: torch.Tensor, prepared: bool) -> tuple[torch.Tensor, object]:
+    plain = _build(kind)  # a fresh plain model: the same seed, the same frozen weights
+    peft_model = peft.PeftModel.from_pretrained(prepare_for_peft(plain) if prepared else plain, str(directory)).eval()
+    with torch.no_grad():
+        return _tensor(peft_model(x.repeat(1, 3 // x.shape[1], 1, 1))), peft_model
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+def test_every_family_exports_exactly_or_refuses_naming_why(tmp_path, kind: str) -> None:
+    """Preset "lora" (fusion none) on each family: the peft adapter on a fresh plain model computes
+    ``wrapped(x)[m]`` to 1e-5; EVA02's qkv is refused (the plain model never calls it) and exact
+    on the prepared plain model (for_prepared_base). torchvision: peft's MultiheadAttention LoRA."""
+    wrapped = wrap_multimodal(_build(kind), ("optical", "dsm"), preset="lora")
+    _randomise_family(wrapped)  # the trainables only (test_wrap's also sets DINOv2's frozen lambda1)
+    x = _family_inputs(kind)
+    with torch.no_grad():
+        expected = _tensor(wrapped(x)["dsm"])
+        plain = _tensor(_build(kind)(x["dsm"].repeat(1, 3, 1, 1)))
+    assert (expected - plain).abs().max() > 1e-3  # the LoRA matters
+    if kind == "timm_eva02":
+        with pytest.raises(PlainModelError, match=r"blocks\.0\.attn\.qkv: .*never calls its qkv.*for_prepared_base=True"):
+            export_peft(wrapped, "dsm", tmp_path / "plain")
+        assert not (tmp_path / "plain").exists()
+    else:
+        export_peft(wrapped, "dsm", tmp_path / "plain")
+        got, peft_model = _peft_output(kind, tmp_path / "plain", x["dsm"], prepared=False)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        if kind == "torchvision":
+            attn = peft_model.base_model.model.encoder.layers[0].self_attention
+            assert type(attn).__name__ == "MultiheadAttention" and type(attn).__module__.startswith("peft.")
+    export_peft(wrapped, "dsm", tmp_path / "prepared", for_prepared_base=True)
+    got, _ = _peft_output(kind, tmp_path / "prepared", x["dsm"], prepared=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with safe_open(str(tmp_path / "prepared" / PEFT_WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["mmpeft_prepared_base"] == "true"
+
+
+def test_torchvision_attention_maps_onto_peft_and_out_proj_is_refused(tmp_path) -> None:
+    """in_proj alone (q, v slices, rank 3): peft's MultiheadAttention LoRA with a zero out_proj
+    pair, exact. An out_proj update is refused (peft 0.21 adds it twice), exact when prepared."""
+    wrapped = wrap_multimodal(_build("torchvision"), ("optical", "dsm"), "lora", fusion="none", rank=3, alpha=6.0,
+                              targets=["self_attention.in_proj"], slices=["q", "v"])  # fmt: skip
+    _randomise_family(wrapped)
+    export_peft(wrapped, "optical", tmp_path)
+    saved = load_file(str(tmp_path / PEFT_WEIGHTS_NAME))
+    key = "base_model.model.encoder.layers.encoder_layer_0.self_attention"
+    assert saved[f"{key}.lora_A.weight"].shape == (6, 16) and saved[f"{key}.lora_B.weight"].shape == (48, 6)
+    assert not saved[f"{key}.base_layer.out_proj.lora_B.weight"].any()
+    x = _family_inputs("torchvision")
+    with torch.no_grad():
+        expected = wrapped(x)["optical"]
+    got, peft_model = _peft_output("torchvision", tmp_path, x["optical"], prepared=False)
+    from peft.utils import get_peft_model_state_dict
+
+    assert sorted(saved) == sorted(get_peft_model_state_dict(peft_model))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    both = wrap_multimodal(_build("torchvision"), ("optical", "dsm"), "lora", fusion="none", rank=3,
+                           targets=["self_attention.in_proj", "self_attention.out_proj"], rank_pattern={"out_proj": 2})
+    _randomise_family(both)
+    with pytest.raises(PlainModelError, match=r"encoder_layer_0\.self_attention\.out_proj: .*adds its out_proj update twice"):
+        export_peft(both, "dsm", tmp_path / "both")
+    export_peft(both, "dsm", tmp_path / "both", for_prepared_base=True)
+    with torch.no_grad():
+        expected = both(x)["dsm"]
+    got, _ = _peft_output("torchvision", tmp_path / "both", x["dsm"], prepared=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_dora_is_refused_unless_for_the_prepared_model(tmp_path) -> None:
+    wrapped = wrap_multimodal(_build("torchvision"), ("optical", "dsm"), preset="lora", use_dora=True)
+    _randomise_family(wrapped)
+    with pytest.raises(PlainModelError, match=r"self_attention\.in_proj uses lora_bias or DoRA.*for_prepared_base=True"):
+        export_peft(wrapped, "dsm", tmp_path / "plain")
+    export_peft(wrapped, "dsm", tmp_path, for_prepared_base=True)
+    x = _family_inputs("torchvision")
+    with torch.no_grad():
+        expected = wrapped(x)["dsm"]
+    got, _ = _peft_output("torchvision", tmp_path, x["dsm"], prepared=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paths_only_mmpeft_creates_are_named() -> None:
+    """A module inside one of mmpeft's own modules cannot exist in the plain model; the parts of
+    an ExplicitMultiheadAttention map onto peft's attention LoRA, other modules inside it do not."""
+    from mmpeft import MultimodalLoRA
+
+    host = nn.Sequential(MultimodalLoRA(nn.Linear(4, 4), ("optical", "dsm")))
+    with pytest.raises(PlainModelError, match=r"0\.base_layer: 0 is mmpeft's MultimodalLoRA"):
+        place(host, "0.base_layer", prepared=True)
+    tv = prepare_for_peft(_build("torchvision"))
+    attn = "encoder.layers.encoder_layer_1.self_attention"
+    assert place(tv, f"{attn}.in_proj", prepared=False).part == "in_proj"
+    assert place(tv, f"{attn}.in_proj", prepared=True).path == f"{attn}.in_proj"
+    with pytest.raises(PlainModelError, match=r"out_proj: .*ExplicitMultiheadAttention, which exists only after.*nn.MultiheadAttention"):
+        place(tv, f"{attn}.out_proj", prepared=False, saved=True)  # a module to save there: no mapping
+
+
+def test_any_timm_attention_reading_qkv_weight_is_named() -> None:
+    """BEiT's attention (q/v biases): once wrapping switched qkv_bias_separate on, the plain model
+    (switch off) would read qkv.weight; refused unless the adapter is for the prepared model."""
+    import timm
+
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, depth=1, embed_dim=16, num_heads=1)
+    beit.blocks[0].attn.qkv_bias_separate = True  # what mmpeft.prepare does to it
+    with pytest.raises(PlainModelError, match=r"blocks\.0\.attn\.qkv: the plain timm Attention .*F\.linear"):
+        place(beit, "blocks.0.attn.qkv", prepared=False)
+    assert place(beit, "blocks.0.attn.qkv", prepared=True).path == "blocks.0.attn.qkv"
+    assert place(beit, "blocks.0.attn.proj", prepared=False).path == "blocks.0.attn.proj"
