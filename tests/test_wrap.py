@@ -34,10 +34,12 @@ def _randomise_trainables(model: nn.Module, seed: int = 5) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.requires_grad and "lam" not in n and "stem" not in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif "lam" in n:
+            if not p.requires_grad:  # frozen tensors (e.g. DINOv2's layer-scale lambda1) stay as built
+                continue
+            if "_fusion." in n:
                 p.uniform_(0.2, 0.9, generator=g)
+            elif "stem" not in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 BACKBONES = ["sam", "timm_sam", "timm_vit", "custom"]
