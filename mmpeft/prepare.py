@@ -5,11 +5,14 @@ Some backbones read a projection's ``.weight`` instead of calling the module, wh
 into an equivalent model whose projections are called, and lists the running-statistics norms
 to keep in eval mode (:mod:`mmpeft.norms`). Every change keeps the model's function and its state-dict keys.
 
-- timm ``EvaAttention`` (EVA02, rotary) with q/v biases computes
-  ``F.linear(x, self.qkv.weight, qkv_bias)``; timm's own ``qkv_bias_separate = True`` makes it
+- timm attentions with q/v biases and a ``qkv_bias_separate`` switch (``EvaAttention`` of
+  EVA02, BEiT's ``Attention``, Swin V2's ``WindowAttention``) compute
+  ``F.linear(x, self.qkv.weight, qkv_bias)``; timm's own ``qkv_bias_separate = True`` makes them
   call ``self.qkv(x)`` and add the bias after (the same sum, rounding aside).
 - torchvision's ``EncoderBlock.self_attention`` (``nn.MultiheadAttention``) becomes
   :class:`mmpeft.backbones.torchvision_vit.ExplicitMultiheadAttention`.
+- torchvision's Swin ``ShiftedWindowAttention`` / ``V2`` get a forward calling ``qkv`` and ``proj``
+  (:mod:`mmpeft.backbones.torchvision_swin`; the module's class changes, nothing else).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ class BypassError(ValueError):
     """A targeted module would be read by its parent (``.weight``) rather than called."""
 
 
-def _separate_eva_bias(model: nn.Module) -> list[str]:
+def _separate_qkv_bias(model: nn.Module) -> list[str]:
+    """timm attentions (Eva, BEiT, Swin V2) that read ``qkv.weight`` when they have q/v biases:
+    switched to timm's ``qkv_bias_separate`` path, which calls ``qkv``."""
     changed = []
     for name, m in model.named_modules():
-        if type(m).__name__ == "EvaAttention" and type(m).__module__.startswith("timm."):
+        if type(m).__module__.startswith("timm.") and hasattr(m, "qkv_bias_separate"):
             if getattr(m, "qkv", None) is not None and getattr(m, "q_bias", None) is not None:
                 m.qkv_bias_separate = True
                 changed.append(name)
@@ -38,14 +43,17 @@ def _separate_eva_bias(model: nn.Module) -> list[str]:
 def prepare_backbone(model: nn.Module) -> dict[str, list[str]]:
     """Make ``model``'s projections called modules and lock its norms, in place.
 
-    Returns the names of the modules changed, per kind of change (``"eva_qkv_bias"``,
-    ``"explicit_attention"``, ``"frozen_norms"``).
+    Returns the names of the modules changed, per kind of change (``"eva_qkv_bias"``: every timm
+    attention switched to ``qkv_bias_separate``, EVA's or not; ``"explicit_attention"``,
+    ``"explicit_window_attention"``, ``"frozen_norms"``).
     """
-    report = {"eva_qkv_bias": _separate_eva_bias(model), "explicit_attention": [], "frozen_norms": []}
+    report = {"eva_qkv_bias": _separate_qkv_bias(model), "explicit_attention": [], "explicit_window_attention": []}
     if any(type(m).__module__.startswith("torchvision.") for m in model.modules()):
+        from .backbones.torchvision_swin import make_swin_attention_explicit
         from .backbones.torchvision_vit import make_attention_explicit
 
         report["explicit_attention"] = make_attention_explicit(model)
+        report["explicit_window_attention"] = make_swin_attention_explicit(model)
     report["frozen_norms"] = frozen_norms(model)
     return report
 

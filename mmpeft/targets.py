@@ -41,6 +41,8 @@ class BackboneFamily:
         attn: the module an "after" adapter follows: the attention, or its output projection.
         mlp: the MLP, which a "beside" adapter runs parallel to.
         q, v: separate query / value ``nn.Linear`` names (when ``qkv`` is None).
+        kv: a fused key-value ``nn.Linear`` (PVTv2's ``attn.kv``, rows k then v) used with ``q``
+            instead of ``v``: LoRA on its v half.
         scope: regex of the block names the presets are limited to (None: every name match);
             with a scope the rules' targets are regexes, else name lists.
         mlp_gate: a second first-layer MLP linear (SwiGLU's gate, e.g. timm's ``mlp.fc1_g``),
@@ -49,6 +51,8 @@ class BackboneFamily:
             first; empty: detection by names only).
         prepared: the targeted names exist only once :func:`mmpeft.prepare.prepare_backbone`
             has run (``wrap_multimodal`` runs it): detection by ``classes`` alone.
+        adapter_refused: why the adapter presets cannot place their adapters in this family
+            (None: they can); wrapping with one raises ValueError with this reason.
         note: one line on what the family is and what the presets do differently.
     """
 
@@ -64,11 +68,13 @@ class BackboneFamily:
     mlp_gate: str | None = None
     classes: tuple[str, ...] = ()
     prepared: bool = False
+    kv: str | None = None
+    adapter_refused: str | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
-        if (self.qkv is None) == (self.q is None or self.v is None):
-            raise ValueError(f"family {self.name!r}: give either qkv or both q and v")
+        if (self.qkv is None) == (self.q is None or (self.v is None) == (self.kv is None)):
+            raise ValueError(f"family {self.name!r}: give either qkv, or q and one of v / kv")
 
     def targets(self, *parts: str) -> Targets:
         """Targets selecting ``parts`` (name suffixes), within :attr:`scope` when set."""
@@ -78,7 +84,7 @@ class BackboneFamily:
 
     def required(self) -> list[str]:
         """Name suffixes that must exist in a model of this family (after preparation)."""
-        attn = [self.qkv] if self.qkv is not None else [self.q, self.v]
+        attn = [self.qkv] if self.qkv is not None else [self.q, self.v or self.kv]
         return [n for n in (*attn, *self.mlp_linears()) if n is not None]
 
     def mlp_linears(self) -> list[str]:
@@ -87,6 +93,14 @@ class BackboneFamily:
 
 
 _HF_SCOPE = r"(.*\.)?layers?\.\d+"  # transformers' encoder layers (not e.g. SigLIP's pooling head)
+_HF_BLOCKS = r"(.*\.)?blocks\.\d+"  # transformers' Swin / Segformer blocks (stages hold `blocks`)
+_TV_SWIN = "torchvision.models.swin_transformer.ShiftedWindowAttention"
+_MM_SWIN = "mmpeft.backbones.torchvision_swin.ExplicitShiftedWindowAttention"
+_HF_SWIN_NO_ADAPTER = (
+    "transformers' Swin layers have no module holding the whole MLP (the layer calls `intermediate` "
+    "then `output` itself), so no 'beside' adapter can run parallel to it; use the LoRA presets, or "
+    "pass targets= (e.g. targets=['attention.output.dense'], placement='after')"
+)
 
 FAMILIES: dict[str, BackboneFamily] = {
     # timm's Eva / EVA02 (rotary): fused qkv whose bias timm adds inside F.linear reading
@@ -110,6 +124,40 @@ FAMILIES: dict[str, BackboneFamily] = {
         "torchvision", "self_attention.in_proj", "mlp.0", "mlp.3", "self_attention.out_proj", "mlp",
         classes=("torchvision.models.vision_transformer.EncoderBlock",), prepared=True,
         note="torchvision VisionTransformer (vit_b_16, ...)",
+    ),  # fmt: skip
+    # timm's Hiera: HieraBlock reads `attn.q_stride`, so the "after" adapter follows the
+    # attention's output projection (its last operation) instead of replacing the attention
+    "timm_hiera": BackboneFamily(
+        "timm_hiera", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn.proj", "mlp",
+        classes=("timm.models.hiera.MaskUnitAttention",), note="timm Hiera (hiera_tiny_224, ...); adapter after attn.proj",
+    ),  # fmt: skip
+    # timm's PVTv2: separate q, fused kv (LoRA on its v half), spatial-reduction keys
+    "timm_pvt_v2": BackboneFamily(
+        "timm_pvt_v2", None, "mlp.fc1", "mlp.fc2", "attn", "mlp", q="attn.q", kv="attn.kv",
+        classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
+    ),  # fmt: skip
+    # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
+    # mmpeft.prepare gives it a forward that calls them (same module, same state-dict keys). The
+    # "after" adapter follows attn.proj (v2's attention ends its nn.Linear list with cpb_mlp's)
+    "torchvision_swin": BackboneFamily(
+        "torchvision_swin", "attn.qkv", "mlp.0", "mlp.3", "attn.proj", "mlp",
+        classes=(_TV_SWIN, _TV_SWIN + "V2", _MM_SWIN, _MM_SWIN + "V2"), note="torchvision swin_t / swin_v2_t, ...",
+    ),  # fmt: skip
+    # transformers' Swinv2Model (and SwinModel of transformers 4): blocks.j.attention.self.{query,
+    # key,value}, the attention's output dense, intermediate.dense / output.dense; no MLP module
+    "hf_swinv2": BackboneFamily(
+        "hf_swinv2", None, "intermediate.dense", "output.dense", "attention.output.dense", "intermediate",
+        q="attention.self.query", v="attention.self.value", scope=_HF_BLOCKS, adapter_refused=_HF_SWIN_NO_ADAPTER,
+        classes=("transformers.models.swin.modeling_swin.SwinSelfAttention",
+                 "transformers.models.swinv2.modeling_swinv2.Swinv2SelfAttention"),
+        note="transformers Swinv2Model (SwinModel of transformers 4): LoRA presets only",
+    ),  # fmt: skip
+    # transformers 5's SwinModel and SegformerModel: stages' blocks.j.attention.{q,k,v,o}_proj, mlp.fc1 / fc2
+    "hf_swin_segformer": BackboneFamily(
+        "hf_swin_segformer", None, "mlp.fc1", "mlp.fc2", "attention.o_proj", "mlp", q="attention.q_proj",
+        v="attention.v_proj", scope=_HF_BLOCKS, classes=("transformers.models.swin.modeling_swin.SwinAttention",
+                                                         "transformers.models.segformer.modeling_segformer.SegformerAttention"),
+        note="transformers 5 SwinModel, SegformerModel (the MiT encoder)",
     ),  # fmt: skip
     # segment-anything's ImageEncoderViT: blocks.i.attn.qkv, blocks.i.mlp.lin1 / lin2
     "segment_anything": BackboneFamily(
@@ -180,8 +228,7 @@ def _fits(fam: BackboneFamily, names: list[str], classes: set[str]) -> bool:
         return False
     if fam.prepared:
         return True
-    found = [n for n in names if fam.scope is None or re.fullmatch(rf"{fam.scope}\..*", n)]
-    return all(any(_matches(n, [part]) for n in found) for part in fam.required())
+    return all(any(_matches(n, fam.targets(part)) for n in names) for part in fam.required())  # as the presets match
 
 
 def detect_family(model: nn.Module) -> BackboneFamily:
@@ -199,23 +246,31 @@ def detect_family(model: nn.Module) -> BackboneFamily:
     )
 
 
-def _attention_lora(f: BackboneFamily) -> LoRAConfig:
+def _attention_lora(f: BackboneFamily) -> list[RuleConfig]:
     # q and v, per modality, scaling alpha / r = 1 / 4, no cross-modal mixing
     if f.qkv is not None:
-        return LoRAConfig(targets=f.targets(f.qkv), rank=4, alpha=1.0, slices=["q", "v"], fusion="none")
-    assert f.q is not None and f.v is not None
-    return LoRAConfig(targets=f.targets(f.q, f.v), rank=4, alpha=1.0, fusion="none")
+        return [LoRAConfig(targets=f.targets(f.qkv), rank=4, alpha=1.0, slices=["q", "v"], fusion="none")]
+    assert f.q is not None
+    if f.kv is not None:  # separate q, fused kv: its v half
+        return [
+            LoRAConfig(targets=f.targets(f.q), rank=4, alpha=1.0, fusion="none"),
+            LoRAConfig(targets=f.targets(f.kv), rank=4, alpha=1.0, slices=["v"], split=["k", "v"], fusion="none"),
+        ]
+    assert f.v is not None
+    return [LoRAConfig(targets=f.targets(f.q, f.v), rank=4, alpha=1.0, fusion="none")]
 
 
 def _mmlora(f: BackboneFamily) -> list[RuleConfig]:
     return [
-        _attention_lora(f),
+        *_attention_lora(f),
         # both MLP linears, lambda-mixed, unscaled (eqs. 9-12)
         LoRAConfig(targets=f.targets(*f.mlp_linears()), rank=4, alpha=None, fusion="scalar"),
     ]
 
 
 def _mmadapter(f: BackboneFamily, init: str = "zeros") -> list[RuleConfig]:
+    if f.adapter_refused is not None:
+        raise ValueError(f"the adapter presets cannot be placed in family {f.name!r}: {f.adapter_refused}")
     return [
         # per-modality adapter after the attention, with its own skip
         AdapterConfig(targets=f.targets(f.attn), placement="after", ratio=0.25, fusion="none", init=init),  # type: ignore[arg-type]

@@ -1,0 +1,238 @@
+"""The families found by structure beyond plain ViTs (BEiT, Hiera, SAM2's Hiera, MViTv2, PVTv2,
+timm Swin V2, torchvision Swin v1 / v2, transformers Swin / Swinv2 / Segformer) on tiny random
+models: detection, identity at init, batched equal to loop, modalities independent without
+fusion, gradients, frozen weights, presence masks, save / load; and each family's special case
+(timm's qkv_bias_separate, torchvision Swin's explicit attention, Hiera's adapter placement,
+PVTv2's kv half, transformers Swin's refused adapter)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import mmpeft
+from mmpeft import detect_family, wrap_multimodal
+
+from .test_backbones import MODS, _one_thread, _randomise_trainables, _tensor, _timm  # noqa: F401  (autouse fixture)
+
+
+def _mvit() -> nn.Module:
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=1), img_size=(64, 64), num_classes=0)
+
+
+def _tv_swin(v2: bool = False, **kw: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision.models import swin_transformer as sw
+
+        extra = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
+        sizes = dict(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[1, 2], window_size=[4, 4]) | kw
+        return sw.SwinTransformer(**sizes, num_classes=5, **extra)  # type: ignore[arg-type]
+
+    return build
+
+
+def _norms_on(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """timm's Swin V2 zero-initialises its post-norms (the residual branches are off): turn them on."""
+
+    def on() -> nn.Module:
+        model = build()
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.LayerNorm) and m.weight is not None and not m.weight.any():
+                    m.weight.fill_(1.0)
+        return model
+
+    return on
+
+
+def _hf(model: str, config: str, **sizes: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        transformers = pytest.importorskip("transformers")
+        return getattr(transformers, model)(getattr(transformers, config)(**sizes))
+
+    return build
+
+
+_HF_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[1, 2], window_size=4)
+_SEGFORMER = dict(
+    num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+    patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
+)  # fmt: skip
+BOTH, LORA = ("lora", "adapter"), ("lora",)
+# name: (builder, input size, expected family, methods whose default preset applies)
+FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...]]] = {
+    "timm_beit": (_timm("beit_base_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2), 32, "timm", BOTH),
+    "timm_swinv2": (
+        _norms_on(_timm("swinv2_tiny_window8_256", img_size=32, window_size=4, depths=(2, 1), num_heads=(1, 2), embed_dim=16)),
+        32, "timm", BOTH,
+    ),  # fmt: skip
+    "timm_hiera": (_timm("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)), 64, "timm_hiera", BOTH),
+    "timm_sam2_hiera": (
+        _timm("sam2_hiera_tiny", embed_dim=16, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
+              window_spec=(4, 4, 2, 2), global_pos_size=(2, 2)),
+        64, "timm", BOTH,
+    ),  # fmt: skip
+    "timm_mvitv2": (_mvit, 64, "timm", BOTH),
+    "timm_pvt_v2": (
+        _timm("pvt_v2_b0", embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2)),
+        64, "timm_pvt_v2", BOTH,
+    ),  # fmt: skip
+    "tv_swin": (_tv_swin(), 32, "torchvision_swin", BOTH),
+    "tv_swin_v2": (_tv_swin(v2=True), 32, "torchvision_swin", BOTH),
+    "hf_swin": (_hf("SwinModel", "SwinConfig", **_HF_SWIN), 32, "hf_swin_segformer", BOTH),
+    "hf_swinv2": (_hf("Swinv2Model", "Swinv2Config", **_HF_SWIN), 32, "hf_swinv2", LORA),
+    "hf_segformer": (_hf("SegformerModel", "SegformerConfig", **_SEGFORMER), 32, "hf_swin_segformer", BOTH),
+}
+CASES = [(k, m) for k, v in FAMILY_MODELS.items() for m in v[3]]
+SPLIT = {"lora": "lora", "adapter": "adapter"}  # the presets of each method without cross-modal mixing
+
+
+def _build(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FAMILY_MODELS[kind][0]().eval()
+
+
+def _inputs(kind: str, batch: int = 2) -> dict[str, torch.Tensor]:
+    s = FAMILY_MODELS[kind][1]
+    g = torch.Generator().manual_seed(3)
+    return {"optical": torch.rand(batch, 3, s, s, generator=g), "dsm": torch.rand(batch, 1, s, s, generator=g)}
+
+
+def _close(a: Any, b: Any, atol: float = 1e-5) -> bool:
+    return torch.allclose(_tensor(a), _tensor(b), atol=atol)
+
+
+@pytest.mark.parametrize("kind", FAMILY_MODELS)
+def test_detected(kind: str) -> None:
+    assert detect_family(_build(kind)).name == FAMILY_MODELS[kind][2]
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_identity_at_init(kind: str, method: str) -> None:
+    base = _build(kind)
+    wrapped = wrap_multimodal(copy.deepcopy(base), MODS, method)  # mmlora / mmadapter: zero-initialised updates
+    x = _inputs(kind)
+    with torch.no_grad():
+        out = wrapped(x)
+        assert _close(out["optical"], base(x["optical"]))
+        assert _close(out["dsm"], base(x["dsm"].repeat(1, 3, 1, 1)))
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_batched_equals_loop_and_modalities_independent(kind: str, method: str) -> None:
+    wrapped = wrap_multimodal(_build(kind), MODS, method)  # with the presets' mixing
+    _randomise_trainables(wrapped)
+    x = _inputs(kind)
+    with torch.no_grad():
+        batched = wrapped(x)
+        wrapped.set_execution("loop")
+        looped = wrapped(x)
+    assert all(_close(batched[m], looped[m]) for m in MODS)
+    split = wrap_multimodal(_build(kind), MODS, preset=SPLIT[method])  # fusion "none"
+    _randomise_trainables(split)
+    with torch.no_grad():
+        together = split(x)
+        for m in MODS:
+            assert _close(together[m], split({m: x[m]})[m]), m  # each modality as if run alone
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_training_step_touches_only_trainables(kind: str, method: str) -> None:
+    wrapped = wrap_multimodal(_build(kind), MODS, method)
+    wrapped.train()
+    _randomise_trainables(wrapped)
+    frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
+    loss = sum(_tensor(o).square().mean() for o in wrapped(_inputs(kind)).values())
+    loss.backward()
+    no_grad = [n for n, p in wrapped.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad, f"trainables without gradient: {no_grad[:5]}"
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in wrapped.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, trainable[n]) for n, p in wrapped.named_parameters() if n in trainable)
+
+
+@pytest.mark.parametrize(("kind", "method"), CASES)
+def test_presence_mask_and_save_load(kind: str, method: str, tmp_path: Any) -> None:
+    wrapped = wrap_multimodal(_build(kind), MODS, preset=SPLIT[method])
+    _randomise_trainables(wrapped)
+    x = _inputs(kind)
+    with torch.no_grad():
+        full = wrapped(x)
+        masked = wrapped(x, presence={"dsm": torch.tensor([True, False])})
+    assert _close(masked["optical"], full["optical"])  # no mixing: the optical branch never sees the DSM
+    assert _close(_tensor(masked["dsm"])[:1], _tensor(full["dsm"])[:1])  # the present DSM sample
+    wrapped.save_pretrained(tmp_path)
+    loaded = mmpeft.load_multimodal(_build(kind), tmp_path)
+    with torch.no_grad():
+        again = loaded(x)
+    assert all(torch.allclose(_tensor(again[m]), _tensor(full[m]), atol=1e-6) for m in MODS)
+
+
+# ---------------------------------------------------------------------- special cases
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("size", [32, 40])  # 40: a 10x10 grid padded to 12x12 windows
+def test_torchvision_swin_explicit_attention_is_the_same_function(v2: bool, size: int) -> None:
+    from mmpeft.backbones.torchvision_swin import make_swin_attention_explicit
+
+    torch.manual_seed(0)
+    base = _tv_swin(v2=v2)().eval()
+    with torch.no_grad():  # non-zero biases everywhere (v2's key bias too: torchvision drops it)
+        for n, p in base.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    swapped = copy.deepcopy(base)
+    names = make_swin_attention_explicit(swapped)
+    assert names == ["features.1.0.attn", "features.1.1.attn", "features.3.0.attn"]
+    assert list(swapped.state_dict()) == list(base.state_dict())
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(swapped(x), base(x), atol=1e-5)
+    wrapped = wrap_multimodal(copy.deepcopy(base), MODS, "lora", preset="lora")
+    with torch.no_grad():
+        wrapped.base_model.features[1][1].attn.qkv.lora_B["dsm"]["v"].weight.normal_(0.0, 0.5)
+        out = wrapped({"optical": x, "dsm": x[:, :1]})
+    assert torch.allclose(out["optical"], base(x), atol=1e-5)  # the update reaches the dsm output only
+    assert not torch.allclose(out["dsm"], base(x[:, :1].repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_timm_qkv_bias_separate_switched_for_beit_and_swinv2() -> None:
+    from mmpeft.prepare import prepare_backbone
+
+    for kind, attn in (("timm_beit", "blocks.0.attn"), ("timm_swinv2", "layers.0.blocks.0.attn")):
+        base = _build(kind)
+        assert not base.get_submodule(attn).qkv_bias_separate
+        prepared = copy.deepcopy(base)
+        assert attn in prepare_backbone(prepared)["eva_qkv_bias"]
+        x = _inputs(kind)["optical"]
+        with torch.no_grad():
+            assert torch.allclose(prepared(x), base(x), atol=1e-5)
+
+
+def test_hiera_adapter_follows_the_attention_projection() -> None:
+    wrapped = wrap_multimodal(_build("timm_hiera"), MODS, "adapter")
+    names = [n for n, _ in wrapped.layers()]
+    assert "base_model.blocks.1.attn.proj" in names and "base_model.blocks.1.attn" not in names
+    assert wrapped.base_model.blocks[1].attn.q_stride > 1  # HieraBlock reads it: the attention stays itself
+
+
+def test_pvt_v2_lora_tunes_q_and_the_v_half_of_kv() -> None:
+    wrapped = wrap_multimodal(_build("timm_pvt_v2"), MODS, "lora")
+    attn = wrapped.base_model.stages[0].blocks[0].attn
+    assert attn.kv.slices == {"v": (16, 32)} and attn.q.slices is None
+
+
+def test_transformers_swin_adapter_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="no module holding the whole MLP"):
+        wrap_multimodal(_build("hf_swinv2"), MODS, "adapter")
+    after = wrap_multimodal(_build("hf_swinv2"), MODS, "adapter", targets=["attention.output.dense"], placement="after")
+    assert len(dict(after.layers())) == 3
