@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-__all__ = ["Inputs", "gather", "check_sizes", "split_output"]
+__all__ = ["Inputs", "gather", "check_dims", "check_sizes", "split_output"]
 
 #: ``{modality: (B, c_m, ...)}`` or a sequence in the model's modality order (None: missing).
 Inputs = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -41,15 +41,40 @@ def gather(modalities: Sequence[str], inputs: Inputs) -> tuple[list[str], list[t
     return [m for m, _ in pairs], [x for _, x in pairs]
 
 
+def _shapes(names: Sequence[str], xs: Sequence[torch.Tensor]) -> str:
+    return ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(names, xs))
+
+
+def check_dims(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
+    """Every input needs (batch, channels, spatial...): 3 dimensions at least, and all modalities
+    the same number. ValueError naming the modality and its shape (a single sample, one axis
+    fewer than the others, is told to add the batch axis)."""
+    flat = [m for m, x in zip(names, xs) if x.dim() < 3]
+    if flat:
+        raise ValueError(
+            f"the inputs of {flat} lack axes ({_shapes(names, xs)}): each modality's input needs "
+            "(batch, channels, spatial...), e.g. (B, C, H, W) for an image model"
+        )
+    most = max(x.dim() for x in xs)
+    fewer = [m for m, x in zip(names, xs) if x.dim() < most]
+    if fewer:
+        single = [m for m, x in zip(names, xs) if x.dim() == most - 1]
+        hint = f"; {single} look like single samples: add the batch axis (x[None] or x.unsqueeze(0))" if single else ""
+        raise ValueError(
+            f"all modalities need the same number of dimensions, {fewer} have fewer: {_shapes(names, xs)}{hint}"
+        )
+
+
 def check_sizes(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
-    """All modalities need the same number of dimensions, batch and spatial sizes."""
+    """All modalities need the same number of dimensions (3 at least), batch and spatial sizes."""
+    check_dims(names, xs)
     ref_m, ref = names[0], xs[0]
     for m, x in zip(names, xs):
-        if x.dim() != ref.dim() or x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
+        if x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
+            hint = "; single samples (channels, H, W)? add the batch axis: x[None]" if x.dim() == 3 else ""
             raise ValueError(
-                "all modalities need the same batch and spatial sizes: "
-                + ", ".join(f"{k}={tuple(v.shape)}" for k, v in zip(names, xs))
-                + f" ({m!r} differs from {ref_m!r})"
+                f"all modalities need the same batch and spatial sizes: {_shapes(names, xs)} ({m!r} differs from "
+                f"{ref_m!r}){hint}"
             )
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from .tuners import AdapterConfig, LoRAConfig, get_method
 from .tuners.options import Targets, check_targets
-from .utils import check_modalities, resolve_dtype
+from .utils import check_int, check_modalities, resolve_dtype
 
-__all__ = ["LoRAConfig", "AdapterConfig", "StemConfig", "MultimodalConfig", "RuleConfig", "Targets"]
+__all__ = ["LoRAConfig", "AdapterConfig", "StemConfig", "MultimodalConfig", "RuleConfig", "Targets", "parse_stem"]
 
 RuleConfig = Union[LoRAConfig, AdapterConfig]
 STEM_KINDS = ("auto", "identity", "repeat", "conv1x1")
@@ -26,17 +26,48 @@ class StemConfig:
     Attributes:
         kind: "auto" (identity if the channels match, else repeat), "identity", "repeat"
             (the paper: 1-channel DSM repeated to 3) or "conv1x1" (a learnable 1x1 convolution).
-        in_channels: the modality's channel count (required for "conv1x1").
+        in_channels: the modality's channel count: declared (required for "conv1x1"), or None
+            until the modality's first input, which records it here (so it is saved with the
+            config); every later input of the modality must have this many channels.
     """
 
     kind: str = "auto"
     in_channels: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in STEM_KINDS:
+        if not isinstance(self.kind, str) or self.kind not in STEM_KINDS:
             raise ValueError(f"unknown stem kind {self.kind!r}; known: {STEM_KINDS}")
-        if self.kind == "conv1x1" and (self.in_channels is None or self.in_channels <= 0):
-            raise ValueError("a 'conv1x1' stem needs the modality's in_channels")
+        if self.in_channels is not None:
+            check_int("a stem's in_channels", self.in_channels)
+        elif self.kind == "conv1x1":
+            raise ValueError("a 'conv1x1' stem needs the modality's in_channels, e.g. ('conv1x1', 1)")
+
+
+_STEM_FORMS = "'repeat', ('repeat', channels), ('conv1x1', channels), {'kind': ..., 'in_channels': ...} or StemConfig"
+
+
+def parse_stem(value: Any, modality: str | None = None) -> StemConfig:
+    """A :class:`StemConfig` from the short forms ``wrap_multimodal(stems=...)`` takes: a kind
+    (``"repeat"``), ``(kind,)``, ``(kind, in_channels)``, a mapping of its fields, or a StemConfig.
+    Errors name the modality and the forms."""
+    where = f"stem of modality {modality!r}" if modality is not None else "stem"
+    try:
+        if isinstance(value, StemConfig):
+            return value
+        if isinstance(value, str):
+            return StemConfig(kind=value)
+        if isinstance(value, (tuple, list)) and 1 <= len(value) <= 2:
+            if value[0] == "conv1x1" and len(value) == 1:
+                raise ValueError(f"{tuple(value)!r} lacks the channel count: write ('conv1x1', channels)")
+            return StemConfig(*value)
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"kind", "in_channels"})
+            if unknown:
+                raise ValueError(f"unknown stem fields {unknown}; a stem has 'kind' and 'in_channels'")
+            return StemConfig(**value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from exc
+    raise TypeError(f"{where}: cannot read a stem from {value!r}; use {_STEM_FORMS}")
 
 
 @dataclass
@@ -65,7 +96,7 @@ class MultimodalConfig:
 
     def __post_init__(self) -> None:
         self.modalities = check_modalities(self.modalities)  # distinct identifiers; a str is refused
-        self.stems = {k: (v if isinstance(v, StemConfig) else StemConfig(**v)) for k, v in self.stems.items()}
+        self.stems = {k: parse_stem(v, k) for k, v in self.stems.items()}
         unknown = sorted(set(self.stems) - set(self.modalities))
         if unknown:
             raise ValueError(f"stems given for unknown modalities {unknown}; modalities are {self.modalities}")
@@ -77,7 +108,8 @@ class MultimodalConfig:
             resolve_dtype(self.base_dtype)  # a known name
 
     def stem(self, modality: str) -> StemConfig:
-        return self.stems.get(modality, StemConfig())
+        """The modality's stem config, stored (a channel count recorded at first use is saved)."""
+        return self.stems.setdefault(modality, StemConfig())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,7 +125,7 @@ class MultimodalConfig:
             if unknown:
                 raise ValueError(f"unknown options {unknown} in a {method.name!r} rule of the config")
             rules.append(method.config(**r))
-        stems = {k: StemConfig(**v) for k, v in d.pop("stems", {}).items()}
+        stems = {k: parse_stem(v, k) for k, v in d.pop("stems", {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(d) - known)
         if extra:

@@ -5,12 +5,13 @@ are stacked and run) and, for training with missing modalities, a per-sample pre
 ``{modality: (B,) bool}``. The fusion rules define how the present modalities mix
 (:meth:`mmpeft.fusion.Fusion.present_weights`; docs/missing_modalities.md).
 
-- :func:`presence_tensor`: a mask in any accepted form -> (S, B) bool over the present modalities.
+- :func:`presence_tensor`: a mask in any accepted form -> (S, B) bool over the present modalities;
+  a sample with every modality absent is an error naming it (:func:`refuse_empty`).
 - :func:`modality_dropout`: a random presence mask (each modality dropped with its probability,
-  at least one modality kept per sample).
+  at least one modality kept per sample, among those ``available``: e.g. the finite ones).
 - :func:`check_finite`: NaN / inf in an input is a :class:`NonFiniteInputError` naming the
   modality, the tile (when known) and the pixel count, or (``action="absent"``) marks those
-  samples' modality absent.
+  samples' modality absent (a sample with no finite modality left is the error, naming it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "presence_tensor",
     "dropout_rates",
     "masked_presence",
+    "refuse_empty",
 ]
 
 #: ``"error"``: raise; ``"absent"``: treat the sample's modality as missing; ``"off"``: no check.
@@ -40,29 +42,52 @@ class NonFiniteInputError(ValueError):
     """An input holds NaN or inf values (message: modality, tile or sample, pixel count)."""
 
 
-def presence_tensor(presence: Presence, names: Sequence[str], batch: int, device: torch.device) -> torch.Tensor:
-    """``presence`` as an (S, B) bool tensor over ``names`` (the modalities in the batch, in order)."""
+def _rows(presence: Presence, names: Sequence[str], batch: int) -> torch.Tensor:
+    """``presence`` as an (S, B) bool tensor on its own device (a dict of CPU masks stays on the CPU)."""
     if isinstance(presence, torch.Tensor):
         if tuple(presence.shape) != (len(names), batch):
             raise ValueError(
                 f"a presence tensor must have shape (modalities, batch) = ({len(names)}, {batch}) "
                 f"for {list(names)}, got {tuple(presence.shape)}"
             )
-        return presence.to(device=device, dtype=torch.bool)
+        return presence.to(torch.bool)
     unknown = [k for k in presence if k not in names]
     if unknown:
         raise KeyError(f"presence names modalities {unknown} that are not in the batch {list(names)}")
-    rows = []
-    for name in names:
-        p = presence.get(name)
-        if p is None:
-            rows.append(torch.ones(batch, dtype=torch.bool, device=device))
-            continue
-        p = torch.as_tensor(p, device=device).to(torch.bool).reshape(-1)
+    given = {n: torch.as_tensor(presence[n]).to(torch.bool).reshape(-1) for n in names if presence.get(n) is not None}
+    for name, p in given.items():
         if p.shape[0] != batch:
             raise ValueError(f"presence of {name!r} has {p.shape[0]} entries for a batch of {batch}")
-        rows.append(p)
-    return torch.stack(rows)  # (S, B)
+    dev = next(iter(given.values())).device if given else torch.device("cpu")
+    ones = torch.ones(batch, dtype=torch.bool, device=dev)
+    return torch.stack([given[n].to(dev) if n in given else ones for n in names])  # (S, B)
+
+
+def refuse_empty(mask: torch.Tensor, names: Sequence[str], tiles: Sequence[str] | None = None, why: str = "") -> None:
+    """ValueError naming every sample (tile) of the (S, B) ``mask`` with no present modality
+    (one host sync when ``mask`` is on a device)."""
+    empty = ~mask.any(0)
+    if not bool(empty.any()):
+        return
+    where = [_describe(tiles, b) for b in torch.nonzero(empty).flatten().tolist()]
+    raise ValueError(
+        f"every modality of {list(names)} is absent in {', '.join(where[:10])}"
+        + (f" (+{len(where) - 10} more)" if len(where) > 10 else "")
+        + (f" ({why})" if why else "")
+        + ": a sample needs at least one present modality; leave such samples out of the batch"
+    )
+
+
+def presence_tensor(
+    presence: Presence, names: Sequence[str], batch: int, device: torch.device, check: bool = True
+) -> torch.Tensor:
+    """``presence`` as an (S, B) bool tensor over ``names`` (the modalities in the batch, in order).
+    ``check``: a sample with every modality absent is a ValueError naming it (checked on the
+    mask's own device, so a CPU mask costs no device sync; skipped while compiling or capturing)."""
+    mask = _rows(presence, names, batch)
+    if check and not _tracing():
+        refuse_empty(mask, names, why="by the presence mask")
+    return mask.to(device=device)
 
 
 def dropout_rates(rates: float | Mapping[str, float], modalities: Sequence[str]) -> dict[str, float]:
@@ -83,15 +108,29 @@ def dropout_rates(rates: float | Mapping[str, float], modalities: Sequence[str])
 def modality_dropout(
     rates: float | Mapping[str, float], modalities: Sequence[str], batch: int,
     generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    available: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A random presence mask ``{modality: (B,) bool}``: each modality of each sample is dropped
-    with its rate; a sample that would lose every modality keeps one, drawn uniformly."""
+    with its rate; a sample that would lose every modality keeps one, drawn uniformly.
+
+    ``available``: ``{modality: (B,) bool}`` of what each sample has (e.g. the finite inputs,
+    :func:`check_finite` with ``"absent"``; modalities left out: all samples): only those can be
+    kept, and the one a sample keeps is drawn among them. A sample with none is a ValueError."""
     p = dropout_rates(rates, modalities)
     probs = torch.tensor([p[m] for m in modalities])  # (M,)
     keep = torch.rand(len(modalities), batch, generator=generator) >= probs[:, None]  # (M, B)
-    none = ~keep.any(0)  # (B,) samples with nothing left
-    if bool(none.any()):
-        pick = torch.randint(len(modalities), (batch,), generator=generator)
+    if available is None:
+        none = ~keep.any(0)  # (B,) samples with nothing left
+        if bool(none.any()):
+            pick = torch.randint(len(modalities), (batch,), generator=generator)
+            keep[pick, torch.arange(batch)] |= none
+        return {m: keep[i].to(device) for i, m in enumerate(modalities)}
+    avail = _rows(available, modalities, batch).cpu()
+    refuse_empty(avail, modalities, why="no modality available to keep")
+    keep &= avail
+    none = ~keep.any(0)
+    if bool(none.any()):  # the largest of uniform draws over the available ones: uniform among them
+        pick = (torch.rand(len(modalities), batch, generator=generator) * avail).argmax(0)
         keep[pick, torch.arange(batch)] |= none
     return {m: keep[i].to(device) for i, m in enumerate(modalities)}
 
@@ -125,6 +164,7 @@ def check_finite(
     if not bad:
         return None
     if action == "absent":
+        _refuse_all_bad(inputs, bad, tiles)
         return {name: counts == 0 for name, counts in bad.items()}
     parts = []
     for name, counts in bad.items():
@@ -136,6 +176,23 @@ def check_finite(
         "NaN or inf in the inputs: " + "; ".join(parts[:10]) + (f" (+{len(parts) - 10} more)" if len(parts) > 10 else "")
         + ". Fix the data, or map such samples to a missing modality (nonfinite='absent')"
     )
+
+
+def _refuse_all_bad(
+    inputs: Mapping[str, torch.Tensor], bad: Mapping[str, torch.Tensor], tiles: Sequence[str] | None
+) -> None:
+    """NonFiniteInputError naming every sample (tile) whose every input holds NaN / inf."""
+    if set(bad) != set(inputs):
+        return
+    every = torch.stack([bad[n] > 0 for n in inputs]).all(0)  # (B,)
+    samples = torch.nonzero(every).flatten().tolist()
+    if samples:
+        where = [f"{_describe(tiles, b)} (" + ", ".join(f"{n}: {int(bad[n][b])} pixels" for n in inputs) + ")" for b in samples]
+        raise NonFiniteInputError(
+            f"every modality holds NaN or inf in {'; '.join(where[:10])}"
+            + (f" (+{len(where) - 10} more)" if len(where) > 10 else "")
+            + ": with nonfinite='absent' such a sample has no modality left; fix the data or leave the sample out"
+        )
 
 
 def _tracing() -> bool:
@@ -160,5 +217,12 @@ def masked_presence(
     found = check_finite(dict(zip(names, xs)), None, action)
     if found is None:
         return mask
-    finite = presence_tensor(found, names, batch, device)
-    return finite if mask is None else mask & finite
+    finite = _rows(found, names, batch).to(device)
+    if mask is None:
+        return finite
+    both = mask & finite
+    try:
+        refuse_empty(both, names, why="absent by the presence mask or holding NaN / inf, with nonfinite='absent'")
+    except ValueError as exc:
+        raise NonFiniteInputError(str(exc)) from None
+    return both

@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from torch import nn
 
 __all__ = [
-    "DTYPES", "atomic_write", "check_int", "check_modalities", "check_number", "dtype_name", "resolve_dtype",
-    "state_mismatches",
+    "DTYPES", "RESERVED_NAMES", "atomic_write", "check_int", "check_modalities", "check_number", "dtype_name",
+    "resolve_dtype", "state_mismatches",
 ]  # fmt: skip
+
+#: Names a modality cannot take: attributes of ``nn.ModuleDict`` / ``nn.ParameterDict`` (and so of
+#: ``nn.Module``: ``forward``, ``train``, ``to``, ``state_dict``, ``keys``, ``items``, ``update``, ...).
+#: Modalities become keys of such dicts (the stems, LoRA / adapter / fusion weights), and torch
+#: refuses a key that shadows an attribute.
+RESERVED_NAMES = frozenset(dir(nn.ModuleDict())) | frozenset(dir(nn.ParameterDict()))
 
 
 def check_modalities(modalities: Any) -> list[str]:
@@ -42,6 +49,13 @@ def check_modalities(modalities: Any) -> list[str]:
         raise ValueError(f"modality names must be non-empty identifier strings (no dots or spaces), got {bad}")
     if len(set(names)) != len(names):
         raise ValueError(f"modality names must be distinct, got {names}")
+    reserved = [m for m in names if m in RESERVED_NAMES]
+    if reserved:
+        raise ValueError(
+            f"modality names {reserved} are attributes of torch's nn.Module / nn.ModuleDict: modalities become "
+            f"keys of module dicts (the stems, the per-modality weights), which cannot shadow an attribute; "
+            f"rename them, e.g. {[m.strip('_') + '_image' for m in reserved]}"
+        )
     return names
 
 
