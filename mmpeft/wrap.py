@@ -9,7 +9,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .config import MultimodalConfig, RuleConfig, StemConfig
+from .config import MultimodalConfig, RuleConfig, parse_stem
 from .inject import _owners
 from .model import MultimodalModel
 from .prepare import prepare_backbone
@@ -71,18 +71,6 @@ def _override(rule: RuleConfig, options: Mapping[str, Any], explicit: bool) -> R
     return type(rule)(**{**rule.__dict__, **updates})
 
 
-def _stem(v: Any) -> StemConfig:
-    if isinstance(v, StemConfig):
-        return v
-    if isinstance(v, str):
-        return StemConfig(kind=v)
-    if isinstance(v, (tuple, list)) and len(v) == 2:
-        return StemConfig(kind=v[0], in_channels=v[1])
-    if isinstance(v, Mapping):
-        return StemConfig(**v)
-    raise TypeError(f"cannot read a stem from {v!r}; use 'repeat', ('conv1x1', channels) or StemConfig")
-
-
 def _lora_only(sel: Selection, methods: list[Method]) -> None:
     for option, f in PATTERN_FIELDS.items():
         lacking = [m.name for m in methods if getattr(sel, option) and f not in m.options()]
@@ -136,7 +124,7 @@ def _build(
     rules = [_override(r, options, explicit=targets is not None) for r in rules]
     if sel.given() or any(is_all_linear(r.targets) for r in rules):
         rules = resolve_rules(_planned(model, in_place), rules, sel, model_opts.get("modules_to_save"))
-    stems = {k: _stem(v) for k, v in (model_opts.get("stems") or {}).items()}
+    stems = {k: parse_stem(v, k) for k, v in (model_opts.get("stems") or {}).items()}
     return MultimodalConfig(
         modalities, rules, stems, model_opts.get("in_channels"), preset,  # type: ignore[arg-type]  # modalities: checked there
         model_opts.get("modules_to_save"), dtype_name(resolve_dtype(base_dtype)),

@@ -61,13 +61,11 @@ class TrainingPresence:
         tiles = [str(n) for n in names] if isinstance(names, (list, tuple)) else None
         finite = check_finite(inputs, tiles, self.nonfinite)
         size = next(iter(inputs.values())).shape[0]
-        drop = modality_dropout(self.rates, self.modalities, size, self.generator) if self.dropout else None
+        if self.dropout:  # drops among the finite modalities, keeping one per sample
+            return modality_dropout(self.rates, self.modalities, size, self.generator, available=finite)
         if finite is None:
-            return drop
-        mask = {m: finite.get(m, torch.ones(size, dtype=torch.bool)) for m in self.modalities}
-        if drop is not None:
-            mask = {m: mask[m] & drop[m] for m in self.modalities}
-        return mask
+            return None
+        return {m: finite.get(m, torch.ones(size, dtype=torch.bool)) for m in self.modalities}
 
 
 class SubsetModel(nn.Module):

@@ -128,3 +128,15 @@ def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, caps
     assert any(line.startswith("mIoU") and len(line.split()) == 4 for line in out.splitlines())
     saved = json.loads((tmp_path / "run" / "eval_test" / "subsets.json").read_text())["subsets"]
     assert list(saved) == ["optical+dsm", "optical", "dsm"] and all(0 <= v["mIoU"] <= 1 for v in saved.values())
+
+
+def test_dropout_never_empties_a_sample_whose_other_modality_is_not_finite() -> None:
+    """A NaN DSM (absent) and heavy dropout: the optical is kept for that tile, every draw."""
+    task = _task(modality_dropout={"optical": 0.9, "dsm": 0.9}, nonfinite="absent")
+    g = torch.Generator().manual_seed(0)
+    batch = {**_inputs(b=2), "mask": torch.randint(0, 6, (2, 64, 64), generator=g), "name": ["a", "b"]}
+    batch["dsm"][1, 0, :4, :4] = float("nan")
+    for _ in range(50):
+        mask = task.presence(batch)
+        assert mask is not None and not mask["dsm"][1] and mask["optical"][1]  # the finite one stays
+        assert all(bool(mask["optical"][i] | mask["dsm"][i]) for i in range(2))
