@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import MultimodalConfig
 from .prepare import check_targets_callable
+from .probe import ProbeError, probe_batch_factors, probe_input
 from .selection import all_linear, is_all_linear
 from .targets import match_targets
 from .tuners import method_of, multimodal_layers
@@ -84,18 +85,44 @@ def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
     return owner
 
 
-def apply_rules(model: nn.Module, config: MultimodalConfig) -> list[str]:
-    """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names."""
+def apply_rules(
+    model: nn.Module, config: MultimodalConfig, *, probe: bool = True, probe_size: tuple[int, int] | None = None
+) -> list[str]:
+    """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names.
+
+    ``probe``: first run the model's forward on a small input at batch 1 and 2
+    (:mod:`mmpeft.probe`): a targeted module that is never called, or whose input does not carry
+    the batch axis, is an error naming it; each layer gets its ``batch_factor``. Off (False) for a
+    model whose forward takes other inputs: the layers then check dim 0 by divisibility only.
+    ``probe_size``: the (H, W) of the dry run's input (default: :func:`mmpeft.probe.probe_input`).
+    """
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
         raise ValueError("this model is already wrapped by mmpeft; wrap the original model once")
     owner = _owners(model, config)
     check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
+    factors: dict[str, int | None] = {}
+    size = probe_size or probe_input(model)
+    if probe and owner:
+        factors = probe_batch_factors(model, sorted(owner), _probe_channels(model, config), size)
     model.requires_grad_(False)
     # deepest first, so a parent wrapper receives its already patched children
     for n in sorted(owner, key=lambda s: s.count("."), reverse=True):
         rule = config.rules[owner[n]]
-        set_submodule(model, n, method_of(rule).build(rule, model.get_submodule(n), n, config.modalities))
+        layer = method_of(rule).build(rule, model.get_submodule(n), n, config.modalities)
+        layer.batch_factor = factors.get(n)
+        layer.factor_size = tuple(size) if n in factors else None
+        set_submodule(model, n, layer)
     return sorted(owner)
+
+
+def _probe_channels(model: nn.Module, config: MultimodalConfig) -> int:
+    c = config.in_channels if config.in_channels is not None else infer_in_channels(model)
+    if c is None:
+        raise ProbeError(
+            f"the wrap-time dry run cannot tell the input channels of {type(model).__name__} (no convolution): "
+            "pass in_channels="
+        )
+    return c
 
 
 def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str]) -> list[str]:

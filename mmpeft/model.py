@@ -25,6 +25,7 @@ from .presence import NonFiniteAction, Presence, masked_presence
 from .saving import Persistence
 from .stems import ModalityStem
 from .tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, present_modalities, set_execution
+from .tuners.base import stacked_batch
 from .utils import state_mismatches
 from .verify import cast_inputs, checked_call, input_dtype
 
@@ -154,11 +155,12 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         if inputs is None:  # given by the keyword of the method's first parameter
             fn, inputs = _by_keyword(fn, kwargs)
         names, x, mask = self._prepare(inputs, presence, finite_checked)
-        if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
-            out = self._run(fn, x, *args, **kwargs)
-        else:
-            with present_modalities(self, [self.modalities.index(n) for n in names], mask):
+        with stacked_batch(self, x.shape[0] // len(names), x.shape[2:]):  # layers check their inputs' leading size
+            if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
                 out = self._run(fn, x, *args, **kwargs)
+            else:
+                with present_modalities(self, [self.modalities.index(n) for n in names], mask):
+                    out = self._run(fn, x, *args, **kwargs)
         return self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
 
     def _run(self, fn: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -23,7 +23,7 @@ CORE_LAYERS: dict[str, tuple[str, ...]] = {
                "mmpeft.outputs", "mmpeft.batch"),
     "tuners": ("mmpeft.tuners",),
     "config": ("mmpeft.config", "mmpeft.targets", "mmpeft.selection"),
-    "host": ("mmpeft.backbones", "mmpeft.norms", "mmpeft.prepare", "mmpeft.stems", "mmpeft.verify", "mmpeft.blocks",
+    "host": ("mmpeft.backbones", "mmpeft.norms", "mmpeft.prepare", "mmpeft.stems", "mmpeft.verify", "mmpeft.probe", "mmpeft.blocks",
              "mmpeft.attention", "mmpeft.checkpointing"),
     "inject": ("mmpeft.inject", "mmpeft.merge", "mmpeft.io"),
     "features": ("mmpeft.features", "mmpeft.saving", "mmpeft.params"),

@@ -13,6 +13,16 @@ Every piece of state a layer has is a declared attribute (no flags or hooks put 
 - ``present`` / ``presence``: the modalities in the batch (indices) and the per-sample (S, B)
   mask (:func:`present_modalities`), None when all are present;
 - ``call_check`` / ``called``: the first-forward check of :mod:`mmpeft.verify`;
+- ``batch_factor`` / ``factor_size``: k, the leading size of the layer's input per sample of one
+  modality, found by the wrap-time dry run (:mod:`mmpeft.probe`: 1 for tokens, the number of
+  windows in windowed blocks) on an input of spatial size ``factor_size``; None for a layer built
+  by hand (no dry run);
+- ``batch_size`` / ``input_size``: B, the batch of one modality in the current forward, and its
+  input's spatial size (:func:`stacked_batch`, set by the wrapped model around each forward),
+  else None. With B known the stacked input's leading size must be S*k*B (or S*B:
+  :mod:`mmpeft.attention` runs SAM's windowed modules on the un-windowed grid) when the input
+  has the dry run's size, a multiple of S*B at another size (windows vary with it); without B
+  dim 0 must divide by S;
 - ``merged``: whether the updates are folded into per-modality weights (methods that can merge).
 """
 
@@ -30,7 +40,7 @@ from ..utils import check_modalities
 
 __all__ = [
     "by_modality", "MergeError", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
-    "present_modalities",
+    "present_modalities", "stacked_batch",
 ]  # fmt: skip
 
 Execution = Literal["batched", "loop"]
@@ -76,6 +86,10 @@ class MultimodalLayer(nn.Module):
         self.presence: torch.Tensor | None = None  # (S, B) per-sample presence (None: every sample)
         self.call_check: int | None = None  # the first forward's stacked batch size, while checked
         self.called = False  # whether the checked forward called this layer on the stacked batch
+        self.batch_factor: int | None = None  # k: leading size per sample (wrap-time dry run), None: unknown
+        self.factor_size: tuple[int, ...] | None = None  # the dry run's input spatial size, for which k holds
+        self.batch_size: int | None = None  # B of the current forward (stacked_batch), None: unknown
+        self.input_size: tuple[int, ...] | None = None  # its input's spatial size (stacked_batch)
 
     @property
     def num_modalities(self) -> int:
@@ -154,15 +168,28 @@ class MultimodalLayer(nn.Module):
         raise NotImplementedError
 
     def _check_stack(self, x: torch.Tensor) -> int:
-        """Return B' = x.shape[0] // M, raising a clear error when the batch is not stacked."""
+        """Return B' = x.shape[0] // S (S modalities present), raising a clear error when the batch
+        is not stacked: with ``batch_size`` B and ``batch_factor`` k known dim 0 must be S*k*B (or
+        S*B) at the dry run's input size, a multiple of S*B at another; else a multiple of S."""
         mods = self._active()
         m = len(mods)
-        if x.shape[0] % m != 0:
+        n = x.shape[0] if x.dim() > 0 else 0
+        k, b = self.batch_factor, self.batch_size
+        if b is not None and k is not None:  # k unknown (a layer built by hand): divisibility only
+            exact = self.factor_size is not None and self.input_size == self.factor_size
+            if (n not in (m * k * b, m * b)) if exact else (n == 0 or n % (m * b) != 0):
+                want = f"{m * k * b} ({m} x {k} x {b}){f' or {m * b}' if k != 1 else ''}" if exact else f"a multiple of {m * b}"
+                raise ValueError(
+                    f"{type(self).__name__} (batch_factor={k}) got an input of shape {tuple(x.shape)}; with the {m} "
+                    f"modalities {mods} of batch {b} stacked on dim 0 its leading size must be {want}: the "
+                    "input does not carry the batch axis"
+                )
+        if x.dim() == 0 or n % m != 0:
             raise ValueError(
                 f"{type(self).__name__} expects the {m} modalities {mods} stacked on dim 0 "
                 f"(M*B, ...), got shape {tuple(x.shape)}; call the model returned by wrap_multimodal"
             )
-        return x.shape[0] // m
+        return n // m
 
     def _check_single(self) -> int:
         idx = self.single
@@ -227,6 +254,22 @@ def present_modalities(
     finally:
         for layer in layers:
             layer.present, layer.presence = None, None
+
+
+@contextlib.contextmanager
+def stacked_batch(model: nn.Module, batch_size: int, input_size: Sequence[int] | None = None) -> Iterator[None]:
+    """Within the block, layers know the batch of one modality, ``batch_size``, and the input's
+    spatial size (their ``batch_size`` / ``input_size``), and check their inputs' leading size
+    against them (:meth:`MultimodalLayer._check_stack`)."""
+    layers = [layer for _, layer in multimodal_layers(model)]
+    size = None if input_size is None else tuple(int(s) for s in input_size)
+    for layer in layers:
+        layer.batch_size, layer.input_size = int(batch_size), size
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.batch_size, layer.input_size = None, None
 
 
 def by_modality(x: torch.Tensor, m: int) -> torch.Tensor:
