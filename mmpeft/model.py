@@ -23,7 +23,7 @@ from .inject import ModuleToSave
 from .params import trainable_summary
 from .presence import NonFiniteAction, Presence, masked_presence
 from .saving import Persistence
-from .stems import ModalityStem
+from .stems import ModalityStem, check_stem_inputs
 from .tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, present_modalities, set_execution
 from .tuners.base import stacked_batch
 from .utils import state_mismatches
@@ -77,6 +77,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         """(present modalities, stacked input (S*B, C, ...), (S, B) presence mask or None)."""
         names, xs = gather(self.modalities, inputs)
         check_sizes(names, xs)
+        check_stem_inputs(self.stems, names, xs, positional=not isinstance(inputs, Mapping))  # before any work
         mask = self._mask(names, xs, presence, finite_checked)
         xs = cast_inputs(names, xs, input_dtype(self))  # floating, the stems' / model's dtype
         if mask is not None:  # absent samples enter as zeros (a NaN stand-in must not reach the model)

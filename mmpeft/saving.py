@@ -51,10 +51,15 @@ class Persistence:
     in_channels: int | None
 
     @classmethod
-    def from_config(cls: type[T], model: nn.Module, config: MultimodalConfig, efficient_attention: bool | str = True) -> T:
-        """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does)."""
+    def from_config(
+        cls: type[T], model: nn.Module, config: MultimodalConfig, efficient_attention: bool | str = True,
+        probe: bool | tuple[int, int] = True,
+    ) -> T:  # fmt: skip
+        """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
+        ``probe``: the wrap-time dry run of :func:`mmpeft.inject.apply_rules`, True, False or its (H, W))."""
         report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.prepare)
-        adapted = apply_rules(model, config)
+        size = tuple(probe) if isinstance(probe, (tuple, list)) else None
+        adapted = apply_rules(model, config, probe=bool(probe), probe_size=size)  # type: ignore[arg-type]
         if config.modules_to_save is not None:
             wrap_modules_to_save(model, config.modules_to_save, adapted)
         in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)
@@ -71,7 +76,7 @@ class Persistence:
     @classmethod
     def from_pretrained(
         cls: type[T], base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
-        strict: bool = True, efficient_attention: bool | str = True,
+        strict: bool = True, efficient_attention: bool | str = True, probe: bool | tuple[int, int] = True,
     ) -> T:  # fmt: skip
         """Wrap a freshly built ``base_model`` as saved in ``directory`` and load the tensors.
 
@@ -83,7 +88,7 @@ class Persistence:
         """
         tensors, meta = read_adapter(directory)
         config = MultimodalConfig.from_dict(meta["config"])
-        wrapped = cls.from_config(base_model, config, efficient_attention)
+        wrapped = cls.from_config(base_model, config, efficient_attention, probe)
         _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
         wrapped.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
         if not is_trainable:

@@ -140,7 +140,11 @@ def check_stem_inputs(
     """Check every input of a call against its modality's stem (dimensions, channel count)
     before any work, recording nothing; ``positional``: the inputs came as a sequence (the
     error then says which modality a misplaced input looks like). ValueError naming each."""
-    problems = [p for m, x in zip(names, xs) if (p := stems[m].problem(x)) is not None]
+    problems = []
+    for m, x in zip(names, xs):  # a plain loop: torch.compile traces it (not a walrus in a comprehension)
+        problem = stems[m].problem(x)
+        if problem is not None:
+            problems.append(problem)
     if problems:
         hint = _order_hint(stems, names, xs) if positional else ""
         raise ValueError("; ".join(problems) + hint)

@@ -190,6 +190,7 @@ def wrap_multimodal(
     config: MultimodalConfig | None = None,
     efficient_attention: bool | str = True,
     base_dtype: torch.dtype | str | None = None,
+    probe: bool | tuple[int, int] = True,
     **options: Any,
 ) -> MultimodalModel:
     """Freeze ``model`` and patch it for ``modalities`` with multimodal LoRA or adapters.
@@ -210,9 +211,12 @@ def wrap_multimodal(
             window padding and with fused attention (:mod:`mmpeft.attention`; same outputs).
             ``True`` chooses the attention calls per device at run time (``"auto"``); ``"real"``
             or ``"all"`` force one (see :func:`mmpeft.attention.enable_efficient_attention`).
-        base_dtype: keep the frozen weights in this dtype (``torch.bfloat16`` or ``"bf16"``):
-            no per-step casts of frozen weights under autocast, half their memory. Inputs are
-            cast to it; trainable tensors stay float32 (master copies). Recorded in the config.
+        probe: first run the model on a small random input at batch 1 and 2 (:mod:`mmpeft.probe`):
+            a targeted module never called, or whose input does not carry the batch axis (a
+            position table), is an error naming it. ``(H, W)``: the dry run's input size (default:
+            read off the model, else 224); ``False`` for a model whose forward takes no image batch.
+        base_dtype: keep the frozen weights in this dtype (``torch.bfloat16`` or ``"bf16"``; inputs
+            cast to it, trainable tensors float32 masters; recorded in the config).
         **options: the method's options, i.e. its config's fields (:class:`LoRAConfig`: ``rank``,
             ``alpha``, ``dropout``, ``slices``, ``split``, and peft's variants ``use_rslora``,
             ``init_lora_weights``, ``lora_bias``, ``use_dora`` (docs/peft.md); on ``nn.Linear``
@@ -235,14 +239,16 @@ def wrap_multimodal(
         config = _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
     elif options or targets is not None or preset is not None or method is not None or base_dtype is not None:
         raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
-    return MultimodalModel.from_config(model, config, efficient_attention)
+    return MultimodalModel.from_config(model, config, efficient_attention, probe)
 
 
 def load_multimodal(
-    base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, strict: bool = True
+    base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, strict: bool = True,
+    **options: Any,
 ) -> MultimodalModel:
-    """:meth:`MultimodalModel.from_pretrained`: for inference (eval mode, frozen) unless ``is_trainable``."""
-    return MultimodalModel.from_pretrained(base_model, directory, is_trainable=is_trainable, strict=strict)
+    """:meth:`MultimodalModel.from_pretrained`: for inference (eval mode, frozen) unless
+    ``is_trainable``; ``options``: its ``efficient_attention``, ``probe``."""
+    return MultimodalModel.from_pretrained(base_model, directory, is_trainable=is_trainable, strict=strict, **options)
 
 
 def save_multimodal(wrapped: MultimodalModel, directory: str | os.PathLike) -> None:

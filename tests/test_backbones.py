@@ -15,6 +15,7 @@ from torch import nn
 from mmpeft import MultimodalLoRA, detect_family, wrap_multimodal
 from mmpeft.norms import MixingNormError
 from mmpeft.prepare import BypassError
+from mmpeft.probe import ProbeError
 from mmpeft.verify import WrapError
 
 from .conftest import tiny_sam, tiny_timm_sam
@@ -262,15 +263,17 @@ class _ReadsWeight(nn.Module):
         self.fc = nn.Linear(4, 4)
         self.unused = nn.Linear(4, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 4)
-        return F.linear(x, self.fc.weight, self.fc.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 4, 1, 1)
+        return F.linear(x.flatten(1), self.fc.weight, self.fc.bias)
 
 
 def test_bypassed_and_unused_layers_are_named() -> None:
-    x = {"optical": torch.rand(2, 4), "dsm": torch.rand(2, 4)}
+    x = {"optical": torch.rand(2, 4, 1, 1), "dsm": torch.rand(2, 4, 1, 1)}
+    with pytest.raises(ProbeError, match=r"_ReadsWeight.*probe=False"):  # the dry run needs an image batch
+        wrap_multimodal(_ReadsWeight(), MODS, "lora", targets=["fc"], in_channels=4)
     with pytest.raises(WrapError, match=r"base_model\.fc .*'weight'"):
-        wrap_multimodal(_ReadsWeight(), MODS, "lora", targets=["fc"], in_channels=4)(x)
-    unused = wrap_multimodal(_ReadsWeight(), MODS, "adapter", targets=["unused"], in_channels=4)
+        wrap_multimodal(_ReadsWeight(), MODS, "lora", targets=["fc"], in_channels=4, probe=False)(x)
+    unused = wrap_multimodal(_ReadsWeight(), MODS, "adapter", targets=["unused"], in_channels=4, probe=False)
     with pytest.raises(WrapError, match=r"base_model\.unused"):
         unused(x)
     unused.skip_call_check()
@@ -287,7 +290,7 @@ def test_frozen_batchnorm_never_mixes_modalities_nor_updates() -> None:
         return net.eval()
 
     base = make()
-    wrapped = wrap_multimodal(make(), MODS, "lora", targets=["3"])
+    wrapped = wrap_multimodal(make(), MODS, "lora", targets=["3"], probe=(8, 8))
     wrapped.train()
     bn = wrapped.base_model[1]
     stats = (bn.running_mean.clone(), bn.running_var.clone())

@@ -68,7 +68,6 @@ def test_check_stem_inputs_calls_out_a_swapped_sequence_and_records_nothing() ->
         check_stem_inputs(w.stems, names, xs, positional=True)
 
 
-@pytest.mark.xfail(strict=True, reason="needs model.py _prepare to call check_stem_inputs before the stems")
 def test_a_swapped_first_call_is_refused_before_any_stem_records() -> None:
     w, (opt, dsm) = _wrapped(stems={"dsm": ("repeat", 1)}), _inputs()
     with pytest.raises(ValueError, match=r"model's order \('optical', 'dsm'\)"):
@@ -114,7 +113,6 @@ def test_a_conv1x1_stem_without_channels_is_a_clear_error() -> None:
     assert parse_stem(("repeat",)) == StemConfig("repeat") and parse_stem(["conv1x1", 2]) == StemConfig("conv1x1", 2)
 
 
-@pytest.mark.xfail(strict=True, reason="needs wrap.py to read stems with mmpeft.config.parse_stem")
 def test_wrap_reads_a_conv1x1_stem_without_channels_as_a_clear_error() -> None:
     with pytest.raises(ValueError, match="'dsm'.*lacks the channel count"):
         _wrapped(stems={"dsm": ("conv1x1",)})

@@ -40,9 +40,11 @@ def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport |
         )  # fmt: skip
     elif config.zero_rel_pos:
         zero_rel_pos(encoder)
-    options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init")}
+    options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init", "fusion")}
+    if config.mmpeft_preset == "frozen":  # no layer: the options would change nothing (an error in mmpeft)
+        options = {}
     wrapped = wrap_multimodal(
-        encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems), fusion=config.fusion,
+        encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems),
         efficient_attention=config.efficient_attention, base_dtype=config.base_dtype,
         **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
