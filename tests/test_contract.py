@@ -315,3 +315,18 @@ def test_a_bf16_base_runs_the_loop_and_single_paths(preset: str) -> None:
         with torch.no_grad(), w.only_modality("dsm"):
             alone = w.base_model(x["dsm"].repeat(1, 3, 1, 1).bfloat16())
         torch.testing.assert_close(alone.float(), batched["dsm"].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_a_host_reading_a_setting_of_a_wrapped_module_gets_the_base_layers() -> None:
+    """timm Hiera's block reads ``attn.q_stride`` of the attention an "after" adapter wraps."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=0, img_size=(64, 64), embed_dim=16,
+                              num_heads=1, stages=(1, 1, 1, 1))  # fmt: skip
+    w = wrap_multimodal(model, MODS, "adapter", targets=["attn"], placement="after", probe=(64, 64))
+    attn = w.base_model.blocks[0].attn
+    assert attn.q_stride == attn.base_layer.q_stride
+    with pytest.raises(AttributeError):
+        attn.qkv_weight_that_does_not_exist  # noqa: B018
+    x = _inputs(64)
+    with torch.no_grad():
+        assert w(x)["optical"].shape == (2, 128)

@@ -29,7 +29,7 @@ Every piece of state a layer has is a declared attribute (no flags or hooks put 
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar, Iterator, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import torch
 from einops import rearrange
@@ -90,6 +90,22 @@ class MultimodalLayer(nn.Module):
         self.factor_size: tuple[int, ...] | None = None  # the dry run's input spatial size, for which k holds
         self.batch_size: int | None = None  # B of the current forward (stacked_batch), None: unknown
         self.input_size: tuple[int, ...] | None = None  # its input's spatial size (stacked_batch)
+
+    def __getattr__(self, name: str) -> Any:
+        """A plain setting of the wrapped module its host reads (timm Hiera's ``attn.q_stride``,
+        ``num_heads``, flags) comes from ``base_layer``. Tensors and modules do not: a host that
+        reads ``.weight`` of a wrapped module would bypass the update, and the first forward
+        names it (:mod:`mmpeft.verify`)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is None or name.startswith("_") or not hasattr(base, name):
+                raise
+            value = getattr(base, name)
+            if isinstance(value, (torch.Tensor, nn.Module)) or callable(value):
+                raise
+            return value
 
     @property
     def num_modalities(self) -> int:
