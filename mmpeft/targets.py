@@ -18,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from .config import AdapterConfig, LoRAConfig, RuleConfig, Targets
+from .structure import StructureError, find_structure, warn_structural
 
 __all__ = [
     "BackboneFamily",
@@ -26,6 +27,7 @@ __all__ = [
     "detect_family",
     "match_targets",
     "preset_rules",
+    "structural_family",
 ]
 
 
@@ -231,19 +233,34 @@ def _fits(fam: BackboneFamily, names: list[str], classes: set[str]) -> bool:
     return all(any(_matches(n, fam.targets(part)) for n in names) for part in fam.required())  # as the presets match
 
 
+def structural_family(model: nn.Module) -> BackboneFamily:
+    """The family ``"structural"``: the presets' modules found from ``model``'s structure by
+    :func:`mmpeft.structure.find_structure` (names inside the repeated blocks, ``scope`` their
+    list). Raises :class:`~mmpeft.structure.StructureError` saying what was found when ambiguous."""
+    return BackboneFamily("structural", **find_structure(model).family_fields())
+
+
 def detect_family(model: nn.Module) -> BackboneFamily:
     """The first :class:`BackboneFamily` of :data:`FAMILIES` that ``model`` belongs to: one of its
-    marker classes is present (when it has any) and its attention and MLP names exist."""
+    marker classes is present (when it has any) and its attention and MLP names exist. Else the
+    placement found from the structure (:func:`structural_family`), announced by a
+    :class:`~mmpeft.structure.StructuralFamilyWarning` naming the chosen modules."""
     names = [n for n, _ in model.named_modules() if n]
     classes = _class_names(model)
     for fam in FAMILIES.values():
         if _fits(fam, names, classes):
             return fam
-    raise ValueError(
-        f"cannot tell which ViT family {type(model).__name__} belongs to (known: "
-        + "; ".join(f"{f.name}: {f.required()}" for f in FAMILIES.values())
-        + "); pass `targets=` explicitly, or register a BackboneFamily in mmpeft.FAMILIES (see help(mmpeft.targets), or `mmpeft-isprs help backbones`)"
-    )
+    try:
+        structure = find_structure(model)
+    except StructureError as err:
+        raise ValueError(
+            f"cannot tell which ViT family {type(model).__name__} belongs to (known: "
+            + "; ".join(f"{f.name}: {f.required()}" for f in FAMILIES.values())
+            + f"), nor place the presets by its structure: {err}. Pass `targets=` explicitly, or register a "
+            "BackboneFamily in mmpeft.FAMILIES (see help(mmpeft.targets), or `mmpeft-isprs help backbones`)"
+        ) from None
+    warn_structural(structure.summary(type(model).__name__))
+    return BackboneFamily("structural", **structure.family_fields())
 
 
 def _attention_lora(f: BackboneFamily) -> list[RuleConfig]:

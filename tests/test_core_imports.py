@@ -22,7 +22,7 @@ CORE_LAYERS: dict[str, tuple[str, ...]] = {
     "leaves": ("mmpeft._version", "mmpeft.utils", "mmpeft.fusion", "mmpeft.lowrank", "mmpeft.presence",
                "mmpeft.outputs", "mmpeft.batch"),
     "tuners": ("mmpeft.tuners",),
-    "config": ("mmpeft.config", "mmpeft.targets", "mmpeft.selection"),
+    "config": ("mmpeft.config", "mmpeft.structure", "mmpeft.targets", "mmpeft.selection"),
     "host": ("mmpeft.backbones", "mmpeft.norms", "mmpeft.prepare", "mmpeft.stems", "mmpeft.verify", "mmpeft.probe", "mmpeft.blocks",
              "mmpeft.attention", "mmpeft.checkpointing"),
     "inject": ("mmpeft.inject", "mmpeft.merge", "mmpeft.io"),
