@@ -18,6 +18,7 @@ from .utils import atomic_write, resolve_dtype, state_mismatches  # noqa: E402
 from .presence import (  # noqa: E402
     NonFiniteInputError, Presence, check_finite, dropout_rates, modality_dropout, presence_tensor,
 )
+from .lockstep_reference import reference_forward  # noqa: E402
 from .reference import per_modality_forward  # noqa: E402
 from .params import ParamReport, count_parameters, is_trainable_name, trainable_summary  # noqa: E402
 from .targets import FAMILIES, PRESETS, detect_family, match_targets  # noqa: E402
@@ -27,6 +28,7 @@ __all__ = [
     "METHODS",
     "MergeError",
     "Method",
+    "reference_forward",
     "register_method",
     "AdapterConfig",
     "atomic_write",

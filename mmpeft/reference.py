@@ -51,6 +51,13 @@ def per_modality_forward(
     ``finite_checked``: the inputs were already checked for NaN / inf (as in ``wrapped.forward``).
     """
     enc = wrapped.base_model
+    missing = [a for a in ("patch_embed", "blocks", "neck") if not hasattr(enc, a)]
+    if missing:
+        raise TypeError(
+            f"per_modality_forward runs SAM-style encoders block by block as the MFNet authors' code does; "
+            f"{type(enc).__name__} has no {missing}. For any model, mmpeft.reference_forward runs it modality "
+            "by modality through its own forward"
+        )
     mods = wrapped.modalities
     x = wrapped.stack(inputs, finite_checked)  # (M*B, C, H, W): validated, stems applied
     set_execution(wrapped, "loop")

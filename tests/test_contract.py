@@ -83,7 +83,7 @@ def test_every_value_is_checked(option: str, value: object, error: type[Exceptio
 def test_lambda_init_may_be_any_finite_real() -> None:
     w = wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["mlp.fc1"], lambda_init=-0.25)
     lam = w.base_model.blocks[0].mlp.fc1.lora_fusion.lam
-    assert [float(lam[m]) for m in MODS] == [-0.25, -0.25]
+    assert [float(lam[m].detach()) for m in MODS] == [-0.25, -0.25]
 
 
 # ---------------------------------------------------------------------- disable

@@ -29,7 +29,7 @@ CORE_LAYERS: dict[str, tuple[str, ...]] = {
     "features": ("mmpeft.features", "mmpeft.saving", "mmpeft.params"),
     "model": ("mmpeft.model",),
     "wrap": ("mmpeft.wrap",),
-    "interop": ("mmpeft.peft_interop", "mmpeft.peft_families", "mmpeft.reference"),
+    "interop": ("mmpeft.peft_interop", "mmpeft.peft_families", "mmpeft.reference", "mmpeft.lockstep_reference"),
     "api": ("mmpeft",),
 }  # fmt: skip
 CORE_ORDER = list(CORE_LAYERS)  # bottom to top: a layer imports its own and the layers below it

@@ -90,6 +90,7 @@ class MultimodalLayer(nn.Module):
         self.factor_size: tuple[int, ...] | None = None  # the dry run's input spatial size, for which k holds
         self.batch_size: int | None = None  # B of the current forward (stacked_batch), None: unknown
         self.input_size: tuple[int, ...] | None = None  # its input's spatial size (stacked_batch)
+        self.reference: Any = None  # a Lockstep while the per-modality reference runs (mmpeft.reference)
 
     def __getattr__(self, name: str) -> Any:
         """A plain setting of the wrapped module its host reads (timm Hiera's ``attn.q_stride``,

@@ -118,6 +118,8 @@ class MultimodalAdapter(MultimodalLayer):
         """
         x, kwargs = take_input(self.base_layer, x, kwargs)
         self._note_call(x)
+        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
+            return self.reference.call(self, "forward", x, args, kwargs)
         if not self.adapters_enabled:
             return self.base_layer(x, *args, **kwargs)
         if self.single is not None:
@@ -187,6 +189,8 @@ class MultimodalAdapter(MultimodalLayer):
         if self.placement != "after":
             raise ValueError("adapt_output applies to adapters placed 'after' a module")
         self._note_call(y)
+        if self.reference is not None:
+            return self.reference.call(self, "adapt_output", y, (), {})
         if not self.adapters_enabled:
             return y
         if self.single is not None:

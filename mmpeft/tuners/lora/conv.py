@@ -163,6 +163,8 @@ class MultimodalLoRAConv2d(MultimodalLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M*N, in, H, W) stacked modality-major -> (M*N, out, H', W')."""
         self._note_call(x)
+        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
+            return self.reference.call(self, "forward", x, (), {})
         if not self.adapters_enabled:
             return self.base_layer(x)
         if x.dim() != 4:

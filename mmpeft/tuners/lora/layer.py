@@ -13,8 +13,8 @@ from ...lowrank import mixed_up, stacked_linear
 from ...utils import check_int
 from ..base import MergeError, MultimodalLayer, by_modality
 from .variants import (
-    DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, check_init, check_slices, decompose, dora_extra, dora_scale,
-    init_pair, lora_scaling, row_norms, slice_rows,
+    DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, cast_or_none, check_init, check_slices, decompose, dora_extra,
+    dora_scale, init_pair, lora_scaling, row_norms, slice_rows,
 )  # fmt: skip
 
 __all__ = ["MultimodalLoRA"]
@@ -239,6 +239,8 @@ class MultimodalLoRA(MultimodalLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out)."""
         self._note_call(x)
+        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
+            return self.reference.call(self, "forward", x, (), {})
         if not self.adapters_enabled:
             return self.base_layer(x)
         if self.merged and self.presence is None:  # per-sample presence: the unmerged path
@@ -346,7 +348,7 @@ class MultimodalLoRA(MultimodalLayer):
     def _delta(self, x: torch.Tensor, xd: torch.Tensor, modality: str, slice_name: str) -> torch.Tensor:
         """``scaling * (B A x' + b - B_0 A_0 x)`` of one modality and slice (x' = x after dropout)."""
         a, b = self._pair(modality, slice_name)  # float32 masters, computed in the input's dtype
-        d = F.linear(F.linear(xd, a.weight.to(xd.dtype)), b.weight.to(xd.dtype), _cast(b.bias, xd.dtype))
+        d = F.linear(F.linear(xd, a.weight.to(xd.dtype)), b.weight.to(xd.dtype), cast_or_none(b.bias, xd.dtype))
         if self.lora_offset is not None:
             off = self.lora_offset
             d = d - F.linear(F.linear(x, off.down(slice_name).to(x.dtype)), off.up(slice_name).to(x.dtype))
@@ -394,7 +396,3 @@ class MultimodalLoRA(MultimodalLayer):
         init = "" if self.init_lora_weights == "kaiming" else f", init={self.init_lora_weights}"
         head = f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
         return f"{head}{sl}{init}{var}, merged={self.merged}"
-
-
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)

@@ -29,7 +29,7 @@ from ...utils import check_number
 
 __all__ = [
     "INITS", "check_init", "lora_scaling", "init_pair", "decompose", "LowRankOffset", "slice_rows", "dora_scale",
-    "dora_extra", "row_norms", "DORA_MIXING", "add_slice", "check_slices",
+    "dora_extra", "row_norms", "DORA_MIXING", "add_slice", "check_slices", "cast_or_none",
 ]  # fmt: skip
 
 #: why DoRA and a mixing fusion rule do not go together
@@ -191,3 +191,8 @@ def check_slices(
             raise ValueError(f"slice names may not contain '.', got {name!r}")
         checked[name] = (int(lo), int(hi))
     return checked
+
+
+def cast_or_none(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (None stays None): float32 masters used in a low-precision forward."""
+    return None if t is None else t.to(dtype)

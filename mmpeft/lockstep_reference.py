@@ -1,0 +1,67 @@
+"""``reference_forward``: any wrapped model run modality by modality through its own forward.
+
+The independent reference for every family: the batched path stacks the modalities on the batch
+axis and runs every module once; this runs the host model's own ``forward`` once per modality on
+that modality's batch alone, so a module that wrongly treats the stacked batch (a table cut into
+"modalities", statistics over the batch) shows up as a difference. Mixing layers exchange the
+other modalities' updates through :class:`mmpeft.tuners.lockstep.Lockstep` (passes until the
+recorded inputs repeat; at most one more than the number of mixing calls).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .batch import Inputs
+from .model import MultimodalModel
+from .tuners.lockstep import Lockstep
+
+__all__ = ["reference_forward"]
+
+
+def reference_forward(
+    wrapped: MultimodalModel, inputs: Inputs, *args: Any, max_passes: int | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """``{modality: output}`` of ``wrapped`` computed one modality at a time (every modality given).
+
+    The same function as ``wrapped(inputs, *args, **kwargs)`` up to float rounding, for any host
+    model. Cost: (number of passes) x M forwards of the frozen model; a model without mixing
+    layers needs one pass. Raises RuntimeError when ``max_passes`` (default: mixing calls + 2)
+    are not enough to repeat the recorded inputs exactly.
+    """
+    mods = wrapped.modalities
+    xs = wrapped.stack(inputs).chunk(len(mods), 0)  # validated, stems applied; (B, C, ...) each
+    if len(xs) != len(mods):
+        raise ValueError(f"the reference needs every modality {list(mods)}; got {len(xs)}")
+    layers = [layer for _, layer in wrapped.layers()]
+    state = Lockstep(len(mods))
+    for layer in layers:
+        layer.reference = state
+    try:
+        return dict(zip(mods, _passes(wrapped, xs, state, max_passes, args, kwargs)))
+    finally:
+        for layer in layers:
+            layer.reference = None
+
+
+def _passes(
+    wrapped: MultimodalModel, xs: tuple[torch.Tensor, ...], state: Lockstep, max_passes: int | None,
+    args: tuple[Any, ...], kwargs: dict[str, Any],
+) -> list[Any]:  # fmt: skip
+    limit = max_passes
+    n = 0
+    while True:
+        outs = []
+        state.mixing_calls = 0
+        for i, x in enumerate(xs):
+            state.begin(i)
+            outs.append(wrapped.base_model(x, *args, **kwargs))
+        n += 1
+        if limit is None:
+            limit = state.mixing_calls // len(xs) + 2
+        if state.end_pass() or state.mixing_calls == 0:
+            return outs
+        if n >= limit:
+            raise RuntimeError(f"the per-modality reference did not settle in {n} passes")
