@@ -146,6 +146,18 @@ def build_config(
     return _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=False)
 
 
+def _config_of(
+    model: nn.Module, modalities: Sequence[str], method: str | None, preset: str | None, targets: Targets | None,
+    config: MultimodalConfig | None, base_dtype: torch.dtype | str | None, options: dict[str, Any],
+) -> MultimodalConfig:  # fmt: skip
+    """``config`` as given, else built from the other arguments (the model may be prepared in place)."""
+    if config is None:
+        return _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
+    if options or targets is not None or preset is not None or method is not None or base_dtype is not None:
+        raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
+    return config
+
+
 class PlannedTarget(NamedTuple):
     """One module a wrap would patch: its name, the method and the rule's options."""
 
@@ -168,10 +180,7 @@ def plan_targets(
     """The modules ``wrap_multimodal`` called with the same arguments would patch, in the model's
     order, without changing ``model`` (a dry run): ``[(name, method, {option: value})]``."""
     view = _planned(model, in_place=False)
-    if config is None:
-        config = _build(view, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
-    elif options or targets is not None or preset is not None or method is not None or base_dtype is not None:
-        raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
+    config = _config_of(view, modalities, method, preset, targets, config, base_dtype, options)
     owner = _owners(view, config)
     rules = config.rules
     return [
@@ -235,10 +244,7 @@ def wrap_multimodal(
     Returns:
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
-    if config is None:
-        config = _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
-    elif options or targets is not None or preset is not None or method is not None or base_dtype is not None:
-        raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
+    config = _config_of(model, modalities, method, preset, targets, config, base_dtype, options)
     return MultimodalModel.from_config(model, config, efficient_attention, probe)
 
 

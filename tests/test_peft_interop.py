@@ -136,15 +136,21 @@ def test_modules_to_save_export_to_peft(tmp_path) -> None:
 def test_conv_lora_on_the_patch_embedding_exports_to_peft(tmp_path) -> None:
     wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=["patch_embed.proj", "attn.qkv"],
                               fusion="none", rank=2, alpha=4.0)  # fmt: skip
+    peft_model, expected, got, _ = _dsm_through_peft(wrapped, tmp_path)
+    assert type(peft_model.base_model.model.patch_embed.proj).__name__ == "Conv2d"  # peft's LoRA Conv2d layer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _dsm_through_peft(wrapped, tmp_path) -> tuple:
+    """Randomise, export the dsm's LoRA, load it in peft onto a fresh tiny timm ViT; returns
+    (peft model, wrapped output, peft output, plain model output) on the same dsm input."""
     _randomise_trainables(wrapped)
     export_peft(wrapped, "dsm", tmp_path)
     peft_model = peft.PeftModel.from_pretrained(tiny_timm_vit(), str(tmp_path))
     x = _inputs(32)
+    dsm3 = x["dsm"].repeat(1, 3, 1, 1)
     with torch.no_grad():
-        expected = wrapped(x)["dsm"]
-        got = peft_model(x["dsm"].repeat(1, 3, 1, 1))
-    assert type(peft_model.base_model.model.patch_embed.proj).__name__ == "Conv2d"  # peft's LoRA Conv2d layer
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        return peft_model, wrapped(x)["dsm"], peft_model(dsm3), tiny_timm_vit()(dsm3)
 
 
 @pytest.mark.parametrize(
@@ -159,14 +165,7 @@ def test_lora_variants_export_to_peft_exactly(tmp_path, options: dict, targets: 
     slices = ["q", "v"] if targets == ["attn.qkv"] else None
     wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=targets, fusion="none", rank=2,
                               slices=slices, **options)  # fmt: skip
-    _randomise_trainables(wrapped)
-    export_peft(wrapped, "dsm", tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(tiny_timm_vit(), str(tmp_path))
-    x = _inputs(32)
-    with torch.no_grad():
-        expected = wrapped(x)["dsm"]
-        got = peft_model(x["dsm"].repeat(1, 3, 1, 1))
-        plain = tiny_timm_vit()(x["dsm"].repeat(1, 3, 1, 1))
+    _, expected, got, plain = _dsm_through_peft(wrapped, tmp_path)
     assert (expected - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -39,7 +39,7 @@ from ..fusion import Fusion, apply_mixing
 from ..utils import check_modalities
 
 __all__ = [
-    "by_modality", "MergeError", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
+    "by_modality", "MergeError", "WeightMerging", "mixing_refusal", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
     "present_modalities", "stacked_batch",
 ]  # fmt: skip
 
@@ -54,6 +54,17 @@ def _exporting() -> bool:
 
 class MergeError(ValueError):
     """A layer whose update cannot be folded into a weight (the message says why)."""
+
+
+def mixing_refusal(fusion: Fusion) -> str | None:
+    """Why a layer whose rule is ``fusion`` cannot merge (None when the rule does not mix)."""
+    if not fusion.mixes:
+        return None
+    return (
+        f"its fusion rule {type(fusion).__name__} mixes modalities: each modality's output adds the other "
+        "modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied to x_m alone "
+        "can express (merge needs fusion='none', e.g. the preset 'lora' or the MMLoRA attention rule)"
+    )
 
 
 class MultimodalLayer(nn.Module):
@@ -293,3 +304,50 @@ def by_modality(x: torch.Tensor, m: int) -> torch.Tensor:
     """The stacked (M*B', ..., C) tensor as (M, T, C): one row block per modality, every token of
     it (T = B' times the inner sizes) in a row. A view when ``x`` is contiguous."""
     return rearrange(x, "(m n) ... c -> m (n ...) c", m=m)
+
+
+class WeightMerging:
+    """Merging for layers whose update has a weight form (mixed into the LoRA layers).
+
+    ``merge`` keeps one copy ``W + get_delta_weight(m)`` per modality in the non-persistent buffer
+    ``merged_weight`` ((M, *W.shape) in W's dtype: M times the layer's weight memory) and never
+    writes the frozen ``W``, so ``unmerge`` restores it exactly. A merged layer refuses to train
+    (its LoRA weights would get no gradient)."""
+
+    merged_weight: torch.Tensor | None
+    modalities: tuple[str, ...]
+    base_layer: nn.Module
+    training: bool
+
+    def cannot_merge(self) -> str | None:  # defined by the layer
+        raise NotImplementedError
+
+    def get_delta_weight(self, modality: str) -> torch.Tensor:  # defined by the layer
+        raise NotImplementedError
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_weight is not None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold each modality's update into its own copy of the frozen weight."""
+        reason = self.cannot_merge()
+        if reason is not None:
+            raise MergeError(f"cannot merge: {reason}")
+        w = self.base_layer.weight
+        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # (M, *W.shape)
+        self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
+
+    def unmerge(self) -> None:
+        self.merged_weight = None
+
+    def _check_merged_inference(self) -> None:
+        """A merged layer has no gradient path to its LoRA weights: training through it would
+        leave them unchanged without a word, so it is an error."""
+        trainable = any(p.requires_grad for p in self.lora_A.parameters())  # type: ignore[attr-defined]
+        if self.training and torch.is_grad_enabled() and trainable:
+            raise RuntimeError(
+                "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
+                "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
+            )

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...fusion import Fusion, build_fusion
-from ...utils import check_int, check_number
-from ..base import MergeError, MultimodalLayer
+from ...utils import check_int
+from ..base import MultimodalLayer, WeightMerging, mixing_refusal
+from .variants import lora_scaling
 
 __all__ = ["MultimodalLoRAConv2d"]
 
 
-class MultimodalLoRAConv2d(MultimodalLayer):
+class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     """Per-modality low-rank updates of a frozen 2-d convolution, mixed by a fusion rule.
 
     As peft's LoRA ``Conv2d``: ``A_m`` is a convolution ``in -> r`` with the base layer's kernel,
@@ -57,8 +58,7 @@ class MultimodalLoRAConv2d(MultimodalLayer):
         self.in_channels = base_layer.in_channels
         self.out_channels = base_layer.out_channels
         self.rank = check_int("rank", rank)
-        #: alpha / rank; the only place it is computed (alpha None: scaling 1)
-        self.scaling = 1.0 if alpha is None else check_number("alpha", alpha, positive=True) / rank
+        self.scaling = lora_scaling(rank, alpha)  # alpha / rank (alpha None: scaling 1), as the linear LoRA
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dev, dt = base_layer.weight.device, base_layer.weight.dtype
         b = base_layer
@@ -85,18 +85,8 @@ class MultimodalLoRAConv2d(MultimodalLayer):
         return self.lora_fusion
 
     # ------------------------------------------------------------------ merging
-    @property
-    def merged(self) -> bool:
-        return self.merged_weight is not None
-
     def cannot_merge(self) -> str | None:
-        if not self.lora_fusion.mixes:
-            return None
-        return (
-            f"its fusion rule {type(self.lora_fusion).__name__} mixes modalities: each modality's output adds "
-            "the other modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied "
-            "to x_m alone can express (merge needs fusion='none')"
-        )
+        return mixing_refusal(self.lora_fusion)
 
     def get_delta_weight(self, modality: str) -> torch.Tensor:
         """(out, in, kh, kw) float32: ``scaling * sum_r B_m[:, r] A_m[r]`` (B_m is 1x1)."""
@@ -105,29 +95,6 @@ class MultimodalLoRAConv2d(MultimodalLayer):
         a = self.lora_A[modality].weight.float()  # (r, in, kh, kw)
         b = self.lora_B[modality].weight.float().flatten(1)  # (out, r)
         return torch.einsum("or,rikl->oikl", b, a) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold each modality's update into its own copy ``W + delta_m`` of the frozen weight
-        ((M, out, in, kh, kw) in the weight's dtype). The frozen weight itself is never written,
-        so :meth:`unmerge` restores it exactly."""
-        reason = self.cannot_merge()
-        if reason is not None:
-            raise MergeError(f"cannot merge: {reason}")
-        w = self.base_layer.weight
-        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])
-        self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
-
-    def unmerge(self) -> None:
-        self.merged_weight = None
-
-    def _check_merged_inference(self) -> None:
-        """A merged layer has no gradient path to its LoRA weights: training through it is an error."""
-        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_A.parameters()):
-            raise RuntimeError(
-                "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
-                "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
-            )
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
         """x: (S*N, in, H, W) -> (S*N, out, H', W') with the merged per-modality weights."""

@@ -11,7 +11,7 @@ from torch import nn
 from ...fusion import Fusion, build_fusion, lowrank_mix
 from ...lowrank import mixed_up, stacked_linear
 from ...utils import check_int
-from ..base import MergeError, MultimodalLayer, by_modality
+from ..base import MultimodalLayer, WeightMerging, by_modality, mixing_refusal
 from .variants import (
     DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, cast_or_none, check_init, check_slices, decompose, dora_extra,
     dora_scale, init_pair, lora_scaling, row_norms, slice_rows,
@@ -20,7 +20,7 @@ from .variants import (
 __all__ = ["MultimodalLoRA"]
 
 
-class MultimodalLoRA(MultimodalLayer):
+class MultimodalLoRA(WeightMerging, MultimodalLayer):
     """Per-modality low-rank updates of a frozen linear layer, mixed by a fusion rule.
 
     For modality ``m`` with input ``x_m`` and output slice ``s`` (the whole output by default)::
@@ -155,18 +155,10 @@ class MultimodalLoRA(MultimodalLayer):
         return [(m, *self._pair(m, s)) for m in self.modalities for s in self._ranges()]
 
     # ------------------------------------------------------------------ merging
-    @property
-    def merged(self) -> bool:
-        return self.merged_weight is not None
-
     def cannot_merge(self) -> str | None:
-        if self.lora_fusion.mixes:
-            return (
-                f"its fusion rule {type(self.lora_fusion).__name__} mixes modalities: each modality's output adds "
-                "the other modalities' updates B_k A_k x_k, computed from *their* inputs, which no weight applied "
-                "to x_m alone can express (merge needs fusion='none', e.g. the preset 'lora' or the MMLoRA "
-                "attention rule)"
-            )
+        mixing = mixing_refusal(self.lora_fusion)
+        if mixing is not None:
+            return mixing
         if self.lora_bias:
             return (
                 "lora_bias=True: each modality's update has a bias s * b_m, and merging writes weights only "
@@ -197,30 +189,6 @@ class MultimodalLoRA(MultimodalLayer):
             return delta
         g = self._dora_scale(modality).float()[:, None]  # (out, 1)
         return (g - 1) * self.base_layer.weight.float() + g * delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold each modality's update into its own copy ``W + get_delta_weight(m)`` of the frozen
-        weight ((M, out, in) in the weight's dtype: M times the layer's weight memory). The frozen
-        weight itself is never written, so :meth:`unmerge` restores it exactly."""
-        reason = self.cannot_merge()
-        if reason is not None:
-            raise MergeError(f"cannot merge: {reason}")
-        w = self.base_layer.weight
-        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # (M, out, in)
-        self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
-
-    def unmerge(self) -> None:
-        self.merged_weight = None
-
-    def _check_merged_inference(self) -> None:
-        """A merged layer has no gradient path to its LoRA weights: training through it would
-        leave them unchanged without a word, so it is an error."""
-        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_A.parameters()):
-            raise RuntimeError(
-                "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
-                "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
-            )
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
         """x: (S*B', ..., in) -> (S*B', ..., out) with the merged per-modality weights."""
