@@ -130,13 +130,13 @@ FAMILIES: dict[str, BackboneFamily] = {
     # timm's Hiera: HieraBlock reads `attn.q_stride`, so the "after" adapter follows the
     # attention's output projection (its last operation) instead of replacing the attention
     "timm_hiera": BackboneFamily(
-        "timm_hiera", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn.proj", "mlp",
+        name="timm_hiera", qkv="attn.qkv", mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn="attn.proj", mlp="mlp",
         classes=("timm.models.hiera.MaskUnitAttention",), note="timm Hiera (hiera_tiny_224, ...); adapter after attn.proj",
     ),  # fmt: skip
     # timm's PVTv2: separate q, fused kv (LoRA on its v half), spatial-reduction keys
     "timm_pvt_v2": BackboneFamily(
-        "timm_pvt_v2", None, "mlp.fc1", "mlp.fc2", "attn", "mlp", q="attn.q", kv="attn.kv",
-        classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
+        name="timm_pvt_v2", qkv=None, q="attn.q", kv="attn.kv", mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn="attn",
+        mlp="mlp", classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
     ),  # fmt: skip
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
     # mmpeft.prepare gives it a forward that calls them (same module, same state-dict keys). The

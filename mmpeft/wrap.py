@@ -167,16 +167,10 @@ class PlannedTarget(NamedTuple):
 
 
 def plan_targets(
-    model: nn.Module,
-    modalities: Sequence[str] = ("optical", "dsm"),
-    method: str | None = None,
-    *,
-    preset: str | None = None,
-    targets: Targets | None = None,
-    config: MultimodalConfig | None = None,
-    base_dtype: torch.dtype | str | None = None,
-    **options: Any,
-) -> list[PlannedTarget]:
+    model: nn.Module, modalities: Sequence[str] = ("optical", "dsm"), method: str | None = None, *,
+    config: MultimodalConfig | None = None, preset: str | None = None, targets: Targets | None = None,
+    base_dtype: torch.dtype | str | None = None, **options: Any,
+) -> list[PlannedTarget]:  # fmt: skip
     """The modules ``wrap_multimodal`` called with the same arguments would patch, in the model's
     order, without changing ``model`` (a dry run): ``[(name, method, {option: value})]``."""
     view = _planned(model, in_place=False)

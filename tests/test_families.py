@@ -17,7 +17,7 @@ from torch import nn
 import mmpeft
 from mmpeft import detect_family, wrap_multimodal
 
-from .test_backbones import MODS, _one_thread, _randomise_trainables, _tensor, _timm  # noqa: F401  (autouse fixture)
+from .test_backbones import MODS, _one_thread, _randomise_trainables, _tensor, _timm, train_and_check  # noqa: F401  (autouse fixture)
 
 
 def _mvit() -> nn.Module:
@@ -144,19 +144,7 @@ def test_batched_equals_loop_and_modalities_independent(kind: str, method: str) 
 
 @pytest.mark.parametrize(("kind", "method"), CASES)
 def test_training_step_touches_only_trainables(kind: str, method: str) -> None:
-    wrapped = wrap_multimodal(_build(kind), MODS, method)
-    wrapped.train()
-    _randomise_trainables(wrapped)
-    frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if not p.requires_grad}
-    trainable = {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad}
-    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
-    loss = sum(_tensor(o).square().mean() for o in wrapped(_inputs(kind)).values())
-    loss.backward()
-    no_grad = [n for n, p in wrapped.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
-    assert not no_grad, f"trainables without gradient: {no_grad[:5]}"
-    opt.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in wrapped.named_parameters() if n in frozen)
-    assert any(not torch.equal(p, trainable[n]) for n, p in wrapped.named_parameters() if n in trainable)
+    train_and_check(wrap_multimodal(_build(kind), MODS, method), _inputs(kind))
 
 
 @pytest.mark.parametrize(("kind", "method"), CASES)

@@ -154,17 +154,16 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_frozen_weights() -> Non
         assert torch.equal(w(x)["optical"], before["optical"])
 
 
+@torch.no_grad()
 def test_merge_and_unload_gives_the_plain_model_of_one_modality() -> None:
-    w = _wrap("none", BOTH)
-    x = _inputs()
-    with torch.no_grad():
-        want = w(x)
-        for m in MODS:
-            plain = w.merge_and_unload(m)
-            assert type(plain.patch_embed.proj) is nn.Conv2d
-            assert not [n for n, mod in plain.named_modules() if type(mod).__module__.startswith("mmpeft")]
-            torch.testing.assert_close(plain(_three(x[m])), want[m], atol=1e-5, rtol=1e-5)
-        assert torch.equal(w(x)["dsm"], want["dsm"])  # a copy was unloaded
+    w, x = _wrap("none", BOTH), _inputs()
+    want = w(x)
+    plains = {m: w.merge_and_unload(m) for m in MODS}
+    for m, plain in plains.items():
+        assert type(plain.patch_embed.proj) is nn.Conv2d
+        assert not [n for n, mod in plain.named_modules() if type(mod).__module__.startswith("mmpeft")]
+        torch.testing.assert_close(plain(_three(x[m])), want[m], atol=1e-5, rtol=1e-5)
+    assert torch.equal(w(x)["dsm"], want["dsm"])  # a copy was unloaded
 
 
 def test_a_mixing_rule_cannot_merge_and_says_why() -> None:

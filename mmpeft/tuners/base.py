@@ -342,6 +342,22 @@ class WeightMerging:
     def unmerge(self) -> None:
         self.merged_weight = None
 
+    def _shared_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The cases every LoRA forward shares, in order: the call check, the per-modality
+        reference, adapters disabled, merged weights (per-sample presence takes the unmerged
+        path). Returns the output, or None when the layer's own paths apply."""
+        self._note_call(x)  # type: ignore[attr-defined]
+        if self.reference is not None:  # type: ignore[attr-defined]  # mmpeft.tuners.lockstep
+            return self.reference.call(self, "forward", x, (), {})  # type: ignore[attr-defined]
+        if not self.adapters_enabled:  # type: ignore[attr-defined]
+            return self.base_layer(x)  # type: ignore[no-any-return]
+        if self.merged and self.presence is None:  # type: ignore[attr-defined]
+            self._check_merged_inference()
+            if self.single is None:  # type: ignore[attr-defined]
+                self._check_stack(x)  # type: ignore[attr-defined]
+            return self._forward_merged(x)  # type: ignore[attr-defined,no-any-return]
+        return None
+
     def _check_merged_inference(self) -> None:
         """A merged layer has no gradient path to its LoRA weights: training through it would
         leave them unchanged without a word, so it is an error."""

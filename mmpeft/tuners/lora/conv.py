@@ -44,15 +44,9 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     method = "lora"
 
     def __init__(
-        self,
-        base_layer: nn.Conv2d,
-        modalities: Sequence[str],
-        rank: int = 4,
-        alpha: float | None = None,
-        dropout: float = 0.0,
-        fusion: str = "scalar",
-        lambda_init: float = 0.5,
-    ) -> None:
+        self, base_layer: nn.Conv2d, modalities: Sequence[str], rank: int = 4, alpha: float | None = None,
+        dropout: float = 0.0, fusion: str = "scalar", lambda_init: float = 0.5,
+    ) -> None:  # fmt: skip
         super().__init__(base_layer, modalities)
         _check_conv(base_layer)
         self.in_channels = base_layer.in_channels
@@ -129,18 +123,11 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M*N, in, H, W) stacked modality-major -> (M*N, out, H', W')."""
-        self._note_call(x)
-        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
-            return self.reference.call(self, "forward", x, (), {})
-        if not self.adapters_enabled:
-            return self.base_layer(x)
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__} expects a (M*N, C, H, W) batch, got shape {tuple(x.shape)}")
-        if self.merged and self.presence is None:  # per-sample presence: the unmerged path
-            self._check_merged_inference()
-            if self.single is None:
-                self._check_stack(x)
-            return self._forward_merged(x)
+        shared = self._shared_forward(x)  # call check, reference, disabled, merged
+        if shared is not None:
+            return shared
         if self.single is not None:
             return self.base_layer(x) + self._delta(x, self.modalities[self._check_single()])
         self._check_stack(x)

@@ -206,16 +206,9 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out)."""
-        self._note_call(x)
-        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
-            return self.reference.call(self, "forward", x, (), {})
-        if not self.adapters_enabled:
-            return self.base_layer(x)
-        if self.merged and self.presence is None:  # per-sample presence: the unmerged path
-            self._check_merged_inference()
-            if self.single is None:
-                self._check_stack(x)
-            return self._forward_merged(x)
+        shared = self._shared_forward(x)  # call check, reference, disabled, merged
+        if shared is not None:
+            return shared
         if self.single is not None:
             return self._forward_single(x, self.modalities[self._check_single()])
         self._check_stack(x)
