@@ -148,3 +148,20 @@ def check_stem_inputs(
     if problems:
         hint = _order_hint(stems, names, xs) if positional else ""
         raise ValueError("; ".join(problems) + hint)
+    if positional:
+        _check_order_knowable(stems, names, xs)
+
+
+def _check_order_knowable(stems: Mapping[str, ModalityStem], names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
+    """A sequence in which modalities with no channel count yet get inputs of different channel
+    counts: swapping two of them would run (repeating a 1-channel DSM into the optical slot) and
+    fix the wrong counts, so it is refused until the counts are known. (A swap with a modality
+    whose count is known fails that modality's check.)"""
+    unknown = [m for m in names if stems[m].in_channels is None]
+    if len({int(x.shape[1]) for m, x in zip(names, xs) if m in unknown}) > 1:
+        given = ", ".join(f"{m}={tuple(x.shape)}" for m, x in zip(names, xs))
+        raise ValueError(
+            f"a sequence is read in the model's order {tuple(stems)}, and nothing tells a swapped order apart "
+            f"while {unknown} have no channel count ({given}): pass a dict ({{modality: tensor}}), or declare "
+            "the counts (stems={'dsm': ('repeat', 1)}); after a first call the counts are known and a sequence works"
+        )

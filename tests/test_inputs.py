@@ -48,7 +48,9 @@ def test_dict_list_missing_modality_and_presence_run() -> None:
 # ---------------------------------------------------------------- channel counts per modality
 def test_a_later_count_for_a_modality_names_both_counts_and_the_order() -> None:
     w, (opt, dsm) = _wrapped(), _inputs()
-    w([opt, dsm])  # fixes optical = 3, dsm = 1
+    with pytest.raises(ValueError, match=r"nothing tells a swapped order apart while \['optical', 'dsm'\]"):
+        w([dsm, opt])  # the silent case: a first sequence in the wrong order
+    w({"optical": opt, "dsm": dsm})  # fixes optical = 3, dsm = 1
     with pytest.raises(ValueError, match=r"'optical' takes 3 channels \(fixed at its first use\), got 1.*order"):
         w([dsm, opt])
     with pytest.raises(ValueError, match=r"'dsm' takes 1 channel \(fixed at its first use\), got 3"):
@@ -62,7 +64,7 @@ def test_check_stem_inputs_calls_out_a_swapped_sequence_and_records_nothing() ->
                                          r"as 'dsm'.*model's order \('optical', 'dsm'\)"):  # fmt: skip
         check_stem_inputs(w.stems, names, xs, positional=True)
     assert w.stems["optical"].in_channels is None  # nothing recorded by a failed check
-    w([opt, dsm])
+    w({"optical": opt, "dsm": dsm})
     with pytest.raises(ValueError, match=r"'optical' takes 3 .*'dsm' takes 1 .*place of 'optical' has 1 channel, as 'dsm', "
                                          r"the input in the place of 'dsm' has 3 channels, as 'optical'"):  # fmt: skip
         check_stem_inputs(w.stems, names, xs, positional=True)

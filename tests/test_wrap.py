@@ -126,6 +126,9 @@ def test_mixing_makes_modalities_interact() -> None:
 def test_timm_forward_features_and_sequence_inputs() -> None:
     _, wrapped = _wrap("timm_sam", "adapter")
     x = _inputs("timm_sam")
+    with pytest.raises(ValueError, match="swapped order"):  # counts unknown: a first sequence is ambiguous
+        wrapped.call("forward_features", [x["optical"], x["dsm"]])
+    wrapped.call("forward_features", x)  # a dict fixes each modality's channel count
     feats = wrapped.call("forward_features", [x["optical"], x["dsm"]])
     assert isinstance(feats, list) and feats[0].shape == (2, 16, 4, 4)
 
