@@ -27,9 +27,6 @@ class BlockFeatures:
     base_model: nn.Module
     _compute_dtype: torch.dtype | None
 
-    def trainable_tensors(self) -> list[torch.Tensor]:  # defined by MultimodalModel
-        raise NotImplementedError
-
     def enable_efficient_attention(self, queries: str = "auto", rel_pos: str = "mask") -> list[str]:
         """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.attention`; ``queries``
         and ``rel_pos`` as there); returns the names of the blocks affected."""
@@ -92,7 +89,7 @@ class BlockFeatures:
         model runs in ``dtype`` with or without autocast. ``None`` or float32 restores float32.
         """
         dt = resolve_dtype(dtype)
-        own = {id(t) for t in self.trainable_tensors()}
+        own = {id(t) for t in self.trainable_tensors()}  # type: ignore[attr-defined]  # MultimodalModel's
         for t in list(self.base_model.parameters()) + list(self.base_model.buffers()):
             if t.is_floating_point():
                 t.data = t.data.to(torch.float32 if id(t) in own else dt or torch.float32)

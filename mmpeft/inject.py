@@ -101,8 +101,9 @@ def apply_rules(
     owner = _owners(model, config)
     check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
     factors: dict[str, int | None] = {}
-    size = probe_size or probe_input(model)
+    size: tuple[int, int] | None = None
     if probe and owner:
+        size = probe_size or probe_input(model)
         factors = probe_batch_factors(model, sorted(owner), _probe_channels(model, config), size)
     model.requires_grad_(False)
     # deepest first, so a parent wrapper receives its already patched children
@@ -110,7 +111,7 @@ def apply_rules(
         rule = config.rules[owner[n]]
         layer = method_of(rule).build(rule, model.get_submodule(n), n, config.modalities)
         layer.batch_factor = factors.get(n)
-        layer.factor_size = tuple(size) if n in factors else None
+        layer.factor_size = tuple(size) if size is not None and n in factors else None
         set_submodule(model, n, layer)
     return sorted(owner)
 

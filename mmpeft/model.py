@@ -24,8 +24,8 @@ from .params import trainable_summary
 from .presence import NonFiniteAction, Presence, masked_presence
 from .saving import Persistence
 from .stems import ModalityStem, check_stem_inputs
-from .tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, present_modalities, set_execution
-from .tuners.base import stacked_batch
+from .tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, set_execution
+from .tuners.base import layer_state
 from .utils import state_mismatches
 from .verify import cast_inputs, checked_call, input_dtype
 
@@ -82,7 +82,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         xs = cast_inputs(names, xs, input_dtype(self))  # floating, the stems' / model's dtype
         if mask is not None:  # absent samples enter as zeros (a NaN stand-in must not reach the model)
             xs = [torch.where(mask[i].view(-1, *([1] * (x.dim() - 1))), x, 0) for i, x in enumerate(xs)]
-        x = torch.cat([self.stems[m](x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
+        x = torch.cat([self.stems[m].map_checked(x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
         x = x if self._compute_dtype is None else x.to(self._compute_dtype)
         if self._needs_input_grads() and not x.requires_grad:
             x.requires_grad_(True)  # reentrant checkpointing passes gradients only to inputs that need them
@@ -103,7 +103,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         self, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None, finite_checked: bool
     ) -> torch.Tensor | None:
         """The (S, B) presence mask of a forward (the one place it is computed; None: all present)."""
-        return masked_presence("off" if finite_checked else self.nonfinite, names, xs, presence)
+        return masked_presence("off" if finite_checked else self.nonfinite, names, xs, presence, checked=finite_checked)
 
     def presence_mask(self, inputs: Inputs, presence: Presence | None = None) -> torch.Tensor | None:
         """The (S, B) bool presence mask a forward on ``inputs`` would use, over the modalities
@@ -156,12 +156,13 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         if inputs is None:  # given by the keyword of the method's first parameter
             fn, inputs = _by_keyword(fn, kwargs)
         names, x, mask = self._prepare(inputs, presence, finite_checked)
-        with stacked_batch(self, x.shape[0] // len(names), x.shape[2:]):  # layers check their inputs' leading size
-            if len(names) == len(self.modalities) and mask is None:  # every modality of every sample
-                out = self._run(fn, x, *args, **kwargs)
-            else:
-                with present_modalities(self, [self.modalities.index(n) for n in names], mask):
-                    out = self._run(fn, x, *args, **kwargs)
+        # the layers check their inputs' leading size against the batch; a subset of the
+        # modalities or a presence mask changes how they mix
+        state: dict[str, Any] = {"batch_size": x.shape[0] // len(names), "input_size": tuple(x.shape[2:])}
+        if len(names) != len(self.modalities) or mask is not None:
+            state.update(present=tuple(self.modalities.index(n) for n in names), presence=mask)
+        with layer_state(self, **state):
+            out = self._run(fn, x, *args, **kwargs)
         return self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
 
     def _run(self, fn: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

@@ -203,13 +203,16 @@ def _tracing() -> bool:
 
 
 def masked_presence(
-    action: NonFiniteAction, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None
+    action: NonFiniteAction, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None,
+    checked: bool = False,
 ) -> torch.Tensor | None:
     """The (S, B) presence mask of a forward over the modalities ``names`` with inputs ``xs``:
     ``presence`` (if any), with non-finite inputs checked per ``action`` (skipped while compiling
-    or capturing a CUDA graph). None when no mask applies (every sample has every modality given)."""
+    or capturing a CUDA graph). None when no mask applies (every sample has every modality given).
+    ``checked``: ``presence`` was built by this function before (no empty-sample check again: on
+    a device mask it would cost a host sync per forward)."""
     batch, device = xs[0].shape[0], xs[0].device
-    mask = None if presence is None else presence_tensor(presence, names, batch, device)
+    mask = None if presence is None else presence_tensor(presence, names, batch, device, check=not checked)
     if action == "off" or _tracing():
         return mask
     if mask is not None:  # samples already absent are not checked

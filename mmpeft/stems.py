@@ -101,10 +101,14 @@ class ModalityStem(nn.Module):
             self.config.in_channels, self.channels_origin = int(x.shape[1]), "first use"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, c, ...) -> (B, C_model, ...)."""
+        """x: (B, c, ...) -> (B, C_model, ...), after :meth:`problem` (an error naming it)."""
         problem = self.problem(x)
         if problem is not None:
             raise ValueError(f"{problem.rstrip('.')}. If the inputs come as a sequence, check their order (or pass a dict)")
+        return self.map_checked(x)
+
+    def map_checked(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for an input :func:`check_stem_inputs` has already checked."""
         self.record(x)
         c, target = x.shape[1], self.model_channels
         if self.kind == "conv1x1":

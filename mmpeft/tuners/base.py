@@ -40,7 +40,7 @@ from ..utils import check_modalities
 
 __all__ = [
     "by_modality", "MergeError", "WeightMerging", "mixing_refusal", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
-    "present_modalities", "stacked_batch",
+    "present_modalities", "stacked_batch", "layer_state",
 ]  # fmt: skip
 
 Execution = Literal["batched", "loop"]
@@ -249,55 +249,52 @@ def set_execution(model: nn.Module, execution: Execution) -> None:
 
 
 @contextlib.contextmanager
-def only_modality(model: nn.Module, modality: str) -> Iterator[None]:
+def layer_state(model: nn.Module, **values: Any) -> Iterator[None]:
+    """Within the block every multimodal layer of ``model`` has the declared state ``values``
+    (``single``, ``present``, ``presence``, ``batch_size``, ``input_size``); the values they had
+    come back afterwards. One walk over the model, plain attribute writes (run every forward)."""
+    layers = [layer for _, layer in multimodal_layers(model)]
+    before = [{k: vars(layer)[k] for k in values} for layer in layers]  # KeyError: not a declared state
+    for layer in layers:
+        vars(layer).update(values)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, before):
+            vars(layer).update(old)
+
+
+def only_modality(model: nn.Module, modality: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, layers see a batch of the single ``modality`` (not the stacked batch).
 
     Only layers whose fusion rule does not mix may run this way; a mixing layer raises.
     """
-    layers = [layer for _, layer in multimodal_layers(model)]
-    for layer in layers:
-        if modality not in layer.modalities:
-            raise KeyError(f"unknown modality {modality!r}; known: {layer.modalities}")
-        layer.single = layer.modalities.index(modality)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.single = None
+    orders = {layer.modalities for _, layer in multimodal_layers(model)}
+    unknown = [o for o in orders if modality not in o]
+    if unknown:
+        raise KeyError(f"unknown modality {modality!r}; known: {unknown[0]}")
+    if len(orders) > 1:
+        raise ValueError(f"the layers of this model stack their modalities in different orders: {sorted(orders)}")
+    return layer_state(model, single=orders.pop().index(modality) if orders else None)
 
 
-@contextlib.contextmanager
 def present_modalities(
     model: nn.Module, present: Sequence[int] | None, presence: torch.Tensor | None = None
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Within the block, layers see a batch of the modalities ``present`` (indices into their
     modalities, stacked in that order; None: all) with the optional per-sample ``presence``
     (S, B) bool mask. Fusion rules mix as :meth:`mmpeft.fusion.Fusion.present_weights` defines."""
-    layers = [layer for _, layer in multimodal_layers(model)]
-    for layer in layers:
-        layer.present = None if present is None else tuple(present)
-        layer.presence = presence
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.present, layer.presence = None, None
+    return layer_state(model, present=None if present is None else tuple(present), presence=presence)
 
 
-@contextlib.contextmanager
-def stacked_batch(model: nn.Module, batch_size: int, input_size: Sequence[int] | None = None) -> Iterator[None]:
+def stacked_batch(
+    model: nn.Module, batch_size: int, input_size: Sequence[int] | None = None
+) -> contextlib.AbstractContextManager[None]:
     """Within the block, layers know the batch of one modality, ``batch_size``, and the input's
     spatial size (their ``batch_size`` / ``input_size``), and check their inputs' leading size
     against them (:meth:`MultimodalLayer._check_stack`)."""
-    layers = [layer for _, layer in multimodal_layers(model)]
     size = None if input_size is None else tuple(int(s) for s in input_size)
-    for layer in layers:
-        layer.batch_size, layer.input_size = int(batch_size), size
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.batch_size, layer.input_size = None, None
+    return layer_state(model, batch_size=int(batch_size), input_size=size)
 
 
 def by_modality(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -319,12 +316,6 @@ class WeightMerging:
     base_layer: nn.Module
     training: bool
 
-    def cannot_merge(self) -> str | None:  # defined by the layer
-        raise NotImplementedError
-
-    def get_delta_weight(self, modality: str) -> torch.Tensor:  # defined by the layer
-        raise NotImplementedError
-
     @property
     def merged(self) -> bool:
         return self.merged_weight is not None
@@ -332,11 +323,11 @@ class WeightMerging:
     @torch.no_grad()
     def merge(self) -> None:
         """Fold each modality's update into its own copy of the frozen weight."""
-        reason = self.cannot_merge()
+        reason = self.cannot_merge()  # type: ignore[attr-defined]  # the layer's (MultimodalLayer contract)
         if reason is not None:
             raise MergeError(f"cannot merge: {reason}")
         w = self.base_layer.weight
-        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # (M, *W.shape)
+        deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # type: ignore[attr-defined]
         self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
 
     def unmerge(self) -> None:
