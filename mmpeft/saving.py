@@ -44,6 +44,15 @@ def _check_fingerprint(wrapped: nn.Module, saved: dict[str, list[int]], strict: 
         raise ValueError(f"the wrapped modules differ from the saved ones, e.g. {gone[:5]}")
 
 
+def _probe_size(probe: Any) -> tuple[int, int] | None:
+    """The (H, W) of ``probe=(H, W)``; None for True / False; else a TypeError naming the value."""
+    if isinstance(probe, bool):
+        return None
+    if isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(v, int) and v > 0 for v in probe):
+        return (int(probe[0]), int(probe[1]))
+    raise TypeError(f"probe must be True, False or an (H, W) pair of positive ints, got {probe!r}")
+
+
 class Persistence:
     """Construction and persistence of :class:`~mmpeft.MultimodalModel` (mixed into it)."""
 
@@ -58,8 +67,8 @@ class Persistence:
         """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
         ``probe``: the wrap-time dry run of :func:`mmpeft.inject.apply_rules`, True, False or its (H, W))."""
         report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.prepare)
-        size = tuple(probe) if isinstance(probe, (tuple, list)) else None
-        adapted = apply_rules(model, config, probe=bool(probe), probe_size=size)  # type: ignore[arg-type]
+        size = _probe_size(probe)
+        adapted = apply_rules(model, config, probe=probe is not False, probe_size=size)
         if config.modules_to_save is not None:
             wrap_modules_to_save(model, config.modules_to_save, adapted)
         in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)

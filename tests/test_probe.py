@@ -176,3 +176,9 @@ def test_failed_dry_run_and_unused_module_are_named() -> None:
         apply_rules(copy.deepcopy(net), build_config(net, ("optical", "dsm"), "lora", targets=["0", "2"]))
     assert apply_rules(net, build_config(net, ("optical", "dsm"), "lora", targets=["0", "2"]), probe_size=(8, 8))
     assert net[0].batch_factor == 1 and net[2].batch_factor == 1
+
+
+@pytest.mark.parametrize("probe", ["yes", (64,), (0, 64), 1])
+def test_a_probe_value_that_cannot_be_honoured_is_named(probe: object) -> None:
+    with pytest.raises(TypeError, match="probe must be True, False or an \\(H, W\\) pair"):
+        wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=["mlp.fc1"], probe=probe)
