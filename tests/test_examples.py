@@ -182,6 +182,24 @@ def test_demo_docs_writes_the_summary_into_the_page(tmp_path) -> None:
     assert tool.main(["--check", "--doc", str(page), str(tmp_path / "s.json")]) == 0  # the wall time may differ
 
 
+def test_demo_figures_are_compared_within_the_stated_tolerance() -> None:
+    """Another CPU's drift (+36.77 vs +37.07, seen on the same torch) passes; a real change or a new row fails."""
+    tool = _demo_docs()
+    block = tool.doc_block((DOCS / "isprs.md").read_text())
+    assert tool.differences(block, block) == []
+    drifted = block.replace("79.87", "79.73").replace("42.79", "42.96").replace("+37.07", "+36.77")
+    assert drifted != block and tool.differences(block, drifted) == []
+    far = block.replace("42.79", "47.79")
+    assert any("mIoU" in d for d in tool.differences(block, far))  # 5 points on a summary row
+    assert tool.differences(block, block.replace("+37.07", "+33.07"))  # the gain by 4 points
+    assert any("text differs" in d for d in tool.differences(block, block.replace("building", "roof")))
+    assert tool.differences(block, block.replace("OA ", "OA 1.00 ", 1))  # a figure more on a row
+    stated = " ".join((DOCS / "isprs.md").read_text().split())
+    for phrase in (f"mIoU rows within {tool.TOLERANCE['summary']:g} point", f"gain within {tool.TOLERANCE['gain']:g} points",
+                   f"IoU within {tool.TOLERANCE['class']:g} points"):  # fmt: skip
+        assert phrase in stated, f"docs/isprs.md does not state {phrase!r}"
+
+
 @pytest.mark.slow
 def test_demo_table_in_the_docs_is_what_a_fresh_demo_prints(tmp_path, one_thread) -> None:
     """A full `mmpeft-isprs demo` (one torch thread, as for the docs; ~7 min on 2 cores) prints the docs' table."""
@@ -193,7 +211,8 @@ def test_demo_table_in_the_docs_is_what_a_fresh_demo_prints(tmp_path, one_thread
     run_demo(tmp_path / "demo", overrides=["train.threads=1"], log=lambda _: None)
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     block = tool.doc_block((DOCS / "isprs.md").read_text())
-    assert tool.same_results(block, tool.render(summary)), (
-        f"docs/isprs.md's demo table differs from a fresh demo's; update it with\n"
+    found = tool.differences(block, tool.render(summary))  # the last digits vary by CPU: within tool.TOLERANCE
+    assert not found, (
+        f"docs/isprs.md's demo table differs from a fresh demo's beyond the stated tolerance: {found}; update it with\n"
         f"  python tools/demo_docs.py {tmp_path / 'demo' / 'demo_summary.json'}\ndocs:\n{block}\ndemo:\n{tool.render(summary)}"
     )

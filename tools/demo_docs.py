@@ -5,8 +5,11 @@
     python tools/demo_docs.py --check SUMMARY       # exit 1 if the docs' table differs
 
 The block is what ``mmpeft-isprs demo`` prints at the end (table and summary line), taken from
-``demo_summary.json``; only the wall time may differ between runs, so ``--check`` ignores it.
-``tests/test_examples.py`` checks the docs against a fresh demo (slow) and this script (fast).
+``demo_summary.json``. On one machine and one PyTorch version only the wall time differs between
+runs; on another CPU the last digits drift (600 float32 steps round differently with the CPU's
+kernels: +36.77 against +37.07 was seen on the same torch 2.14.1). ``--check`` and the slow test
+in ``tests/test_examples.py`` therefore compare the block's text exactly and its figures within
+``TOLERANCE`` (points): the docs state the same bounds.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ END = "<!-- end of demo table -->"
 HEADER = "=== test tiles: optical+DSM vs optical ==="
 _WALL = re.compile(r"; demo wall time [0-9.]+ min")
 _REGION = re.compile(re.escape(BEGIN) + r"\n(.*?)" + re.escape(END), re.S)
+_NUMBER = re.compile(r"[+-]?\d+\.\d+")
+#: the largest difference (in points) accepted between two demos' figures, by the row they are on:
+#: the summary rows of each run, the DSM gain (a difference of two mIoUs) and the per-class rows.
+TOLERANCE = {"summary": 1.0, "gain": 2.0, "class": 10.0}
+_SUMMARY_ROWS = ("OA", "mF1", "mIoU")
 
 
 def render(summary: dict) -> str:
@@ -42,6 +50,40 @@ def doc_block(text: str) -> str:
 def same_results(a: str, b: str) -> bool:
     """Equal up to the wall time."""
     return _WALL.sub("", a) == _WALL.sub("", b)
+
+
+def _row_kind(line: str) -> str:
+    label = line.split()[0] if line.split() else ""
+    if line.startswith("DSM gain"):
+        return "summary"
+    return "summary" if label in _SUMMARY_ROWS else "class"
+
+
+def differences(a: str, b: str, tolerance: dict[str, float] | None = None) -> list[str]:
+    """What differs between two blocks beyond ``tolerance`` (default ``TOLERANCE``); [] when they agree.
+
+    The text around the figures (class names, row labels, headers) must be identical and every row
+    must hold the same count of figures; each figure may differ by the tolerance of its row: a row's
+    last figure (the gain column) and the gain in the summary line by ``tolerance["gain"]``.
+    """
+    tol = {**TOLERANCE, **(tolerance or {})}
+    lines_a, lines_b = _WALL.sub("", a).splitlines(), _WALL.sub("", b).splitlines()
+    if len(lines_a) != len(lines_b):
+        return [f"{len(lines_a)} lines against {len(lines_b)}"]
+    found = []
+    for la, lb in zip(lines_a, lines_b):
+        if _NUMBER.sub("#", la).split() != _NUMBER.sub("#", lb).split():
+            found.append(f"text differs: {la!r} vs {lb!r}")
+            continue
+        na, nb = [float(x) for x in _NUMBER.findall(la)], [float(x) for x in _NUMBER.findall(lb)]
+        kind = _row_kind(la)
+        summary_line = la.startswith("DSM gain")
+        for i, (x, y) in enumerate(zip(na, nb)):
+            gain = i == 0 if summary_line else (i == len(na) - 1 and len(na) % 2 == 1)
+            bound = tol["gain"] if gain else tol[kind]
+            if abs(x - y) > bound + 1e-9:
+                found.append(f"{la.split()[0]}: {x:.2f} vs {y:.2f} (more than {bound} points apart)")
+    return found
 
 
 def update(text: str, summary: dict) -> str:
@@ -71,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     text = doc.read_text()
     if same_results(doc_block(text), render(summary)):
         print(f"{doc}: demo table up to date ({path})")
+        return 0
+    if args.check and not differences(doc_block(text), render(summary)):
+        print(f"{doc}: demo table agrees within the stated tolerance ({path}); the last digits vary by CPU")
         return 0
     if args.check:
         print(f"{doc}: demo table differs from {path}; run `python tools/demo_docs.py {path}`", file=sys.stderr)
