@@ -4,7 +4,7 @@ Subcommands::
 
     mmpeft-isprs train CONFIG [key=value ...] [--resume | --overwrite] [--max-steps N]
     mmpeft-isprs eval CONFIG --weights best.safetensors [key=value ...] [--out DIR] [--subsets]
-    mmpeft-isprs predict --weights W --optical FILE|DIR ... [--dsm FILE|DIR ...] --out DIR
+    mmpeft-isprs predict --weights W --optical FILE|DIR ... [--dsm FILE|DIR ...] [--input NAME=DIR ...] --out DIR
     mmpeft-isprs demo [--checkpoint sam_vit_b_01ec64.pth] [--quick] [--out DIR] [--resume [DIR] | --overwrite] [key=value ...]
     mmpeft-isprs generate-synthetic ROOT [--num-tiles 19] [--tile-size 512] [--seed 0]
     mmpeft-isprs list-configs
@@ -23,7 +23,7 @@ import contextlib
 import shlex
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -49,6 +49,26 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, values in YAML (train.lr=0.005)")
 
 
+def _add_predict(sub: Any) -> None:
+    """The ``predict`` sub-parser."""
+    p = sub.add_parser("predict", help="label new tiles", description="Index and colour maps for tiles of any size.")
+    p.add_argument("--weights", required=True, help="best.safetensors written by training")
+    p.add_argument("--optical", nargs="+", default=[], help="optical image files or folders (the model's first modality)")
+    p.add_argument("--dsm", nargs="*", default=[], help="DSM files or folders (paired by name or tile number)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="files or a folder of modality NAME (repeat per modality: --input nir=4_Ortho_RGBIR/)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stride", type=int, default=128, help="window stride (default 128; the paper used 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--mode", choices=("average", "logit_sum"), default="average", help="how overlapping windows combine")
+    p.add_argument("--tta-flip", action="store_true", help="average over flipped windows as well")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
+    p.add_argument("--bands", default=None, help="optical bands to use, e.g. 0,1,2 (for 4-band tiles)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--checkpoint", default=None, help="the SAM file the weights were trained from, if it moved")
+    p.add_argument("--cog", action="store_true", help="GeoTIFF inputs: write Cloud-Optimized GeoTIFFs (needs rasterio)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-parser per command)."""
     parser = argparse.ArgumentParser(
@@ -72,20 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subsets", action="store_true",
                    help="score every modality subset (optical+dsm, optical, dsm) of the model, side by side")
 
-    p = sub.add_parser("predict", help="label new tiles", description="Index and colour maps for tiles of any size.")
-    p.add_argument("--weights", required=True, help="best.safetensors written by training")
-    p.add_argument("--optical", nargs="+", required=True, help="optical image files or folders")
-    p.add_argument("--dsm", nargs="*", default=[], help="DSM files or folders (paired by name or tile number)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--stride", type=int, default=128, help="window stride (default 128; the paper used 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--mode", choices=("average", "logit_sum"), default="average", help="how overlapping windows combine")
-    p.add_argument("--tta-flip", action="store_true", help="average over flipped windows as well")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
-    p.add_argument("--bands", default=None, help="optical bands to use, e.g. 0,1,2 (for 4-band tiles)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--checkpoint", default=None, help="the SAM file the weights were trained from, if it moved")
-    p.add_argument("--cog", action="store_true", help="GeoTIFF inputs: write Cloud-Optimized GeoTIFFs (needs rasterio)")
+    _add_predict(sub)
 
     p = sub.add_parser("demo", help="optical+DSM vs optical on synthetic data (CPU)", description=DEMO_HELP)
     p.add_argument("--checkpoint", default=None, help="an official SAM file (sam_vit_b_01ec64.pth) instead of random weights")
@@ -144,9 +151,18 @@ def _predict(args: argparse.Namespace) -> None:
         bands = tuple(int(b) for b in args.bands.split(",")) if args.bands else None
     except ValueError:
         raise ConfigError(f"--bands: expected comma-separated band numbers such as 0,1,2, got {args.bands!r}") from None
+    inputs: dict[str, list[str]] = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--input: expected NAME=PATH (e.g. nir=4_Ortho_RGBIR/), got {item!r}")
+        inputs.setdefault(name, []).append(path)
+    if not args.optical and not inputs:
+        raise ConfigError("predict: give the inputs (--optical FILE|DIR ..., --dsm ..., or --input NAME=PATH per modality)")
     opts = PredictOptions(args.stride, args.batch_size, args.mode, args.tta_flip, args.amp, bands, progress=sys.stderr.isatty(),
                           checkpoint=args.checkpoint, cog=args.cog)
-    files = predict_files(args.weights, args.optical, args.dsm, args.out, opts, device=resolve_device(args.device))
+    files = predict_files(args.weights, args.optical, args.dsm, args.out, opts, device=resolve_device(args.device),
+                          inputs=inputs)
     print(f"wrote {len(files)} files to {args.out}")
 
 

@@ -11,6 +11,7 @@ run gets the same crop for the same index, and skipping consumed batches on resu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,7 +30,7 @@ from .threads import worker_init
 
 __all__ = [
     "ISPRSDataModule", "EpochBatchSampler", "dsm_rule", "prepare_data_root", "make_layout", "open_layout",
-    "split_ids", "make_tileset",
+    "split_ids", "make_tileset", "modality_specs",
 ]  # fmt: skip
 
 
@@ -64,8 +65,47 @@ def _config_splits(data: DataConfig) -> dict[str, list[str]] | None:
     return {k: [str(i) for i in v] for k, v in data.splits.items()} or None
 
 
+def _modality_specs(layout: Layout, data: DataConfig) -> tuple[ModalitySpec, ...]:
+    """The layout's modalities refined and extended by ``data.modalities`` (sources, bands, kinds, statistics)."""
+    base = {m.name: m for m in layout.modalities}
+    roles = sorted(k for k in layout.patterns if k not in ("labels", "eval_labels"))
+    out = dict(base)
+    for name, e in data.modalities.items():
+        src = e.source or name
+        if data.dataset != "generic" and src not in roles:
+            raise ConfigError(
+                f"data.modalities.{name}.source: {data.dataset} has no file role {src!r} (roles: {roles}); "
+                f"name one (e.g. source: optical) or add its file pattern with data.files.{src}"
+            )
+        parent = base.get(src)
+        kind = e.kind or (parent.kind if parent else ("elevation" if src == "dsm" else "image"))
+        bands = tuple(e.bands) if e.bands is not None else (parent.bands if parent else None)
+        if kind == "elevation" and bands is not None and len(bands) != 1:
+            raise ConfigError(f"data.modalities.{name}.bands: an elevation modality keeps one band, got {list(bands)}")
+        stats = (tuple(e.mean), tuple(e.std)) if e.mean is not None and e.std is not None else (None, None)
+        source = parent.source if parent is not None and src == name else src
+        out[name] = ModalitySpec(name, kind, bands, None if source == name else source, *stats)  # type: ignore[arg-type]
+    return tuple(out.values())
+
+
 def make_layout(data: DataConfig) -> Layout:
-    """The file layout and splits of ``data`` (validation hold-out included)."""
+    """The file layout and splits of ``data`` (validation hold-out included), with the
+    modalities of ``data.modalities``."""
+    layout = _base_layout(data)
+    if data.modalities:
+        layout.modalities = _modality_specs(layout, data)
+    return layout
+
+
+def modality_specs(data: DataConfig) -> dict[str, ModalitySpec]:
+    """Each modality ``data`` provides, as read (sources, bands, kinds, statistics), without
+    opening the data folder (the synthetic set's modalities are Vaihingen's)."""
+    dataset = "vaihingen" if data.dataset == "synthetic" else data.dataset
+    data = dataclasses.replace(data, dataset=dataset, split_files={}, splits={})
+    return {m.name: m for m in make_layout(data).modalities}
+
+
+def _base_layout(data: DataConfig) -> Layout:
     split = SplitSpec(
         data.split, tuple(data.val_ids), data.val_fraction, data.val_seed, data.train_ratio, data.split_seed
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """Run a trained MFNet on tiles of any size and write index and colour maps.
 
-Inputs are optical images and DSMs (files or folders, paired by name); outputs per tile:
+Inputs are the files or folders of each modality (``--optical``, ``--dsm``, ``--input NAME=DIR``),
+paired by name or tile id; outputs per tile (named by the first modality's file):
 
 - ``<stem>_pred.png``: the class index map (uint8; 0..K-1), or ``<stem>_pred.tif`` when the
   optical input is a GeoTIFF (written on the same grid: georeferencing tags copied);
@@ -15,19 +16,20 @@ DSM files pair by name or tile id (zero padding ignored); an unpaired file is na
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .config import ConfigError, ExperimentConfig
 from .data import (
-    ISPRS, MMHUNAN, DatasetInfo, check_sizes, dsm_tensor, is_geotiff, optical_tensor, pair_inputs,
+    ISPRS, MMHUNAN, DatasetInfo, ModalitySpec, check_sizes, is_geotiff, modality_tensor, pair_modalities,
     write_prediction,
 )
 from .data.patterns import tile_key_of_name
-from .datamodule import dsm_rule
+from .datamodule import dsm_rule, modality_specs
 from .inference import model_fn, sliding_window_predict
 from .model import MFNet
 from .task import load_trained
@@ -60,35 +62,78 @@ class PredictOptions:
 def predict_files(
     weights: str | Path, optical: Sequence[str | Path], dsm: Sequence[str | Path], out_dir: str | Path,
     options: PredictOptions | None = None, device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+    inputs: Mapping[str, Sequence[str | Path]] | None = None,
 ) -> list[Path]:
-    """Predict every optical (+ DSM) tile and write its maps into ``out_dir``; returns the files."""
+    """Predict every tile and write its maps into ``out_dir``; returns the files.
+
+    ``optical`` and ``dsm`` are the files or folders of the modalities of these names (else the
+    model's first and second);
+    ``inputs`` gives any modality's by name (``{"nir": ["4_Ortho_RGBIR/"]}``). A modality read
+    from the same source as a given one (Potsdam's near-infrared band of the RGBIR tiles) reuses
+    its files when not given. Files pair by tile (:func:`~mmpeft_isprs.data.pair_modalities`).
+    """
     opts = options or PredictOptions()
     device = torch.device(device)
     model, experiment = load_trained(weights, device, checkpoint=opts.checkpoint, key="--checkpoint")
-    needs_dsm = len(model.modalities) > 1
-    if needs_dsm and not dsm:
-        raise ConfigError(f"this model uses {list(model.modalities)}: give --dsm as well")
-    pairs = pair_inputs(optical, dsm if needs_dsm else [])
-    bands = opts.bands
-    if bands is None and experiment is not None and experiment.data.dataset == "potsdam":
-        bands = (0, 1, 2) if experiment.data.potsdam_bands == "rgb" else (3, 0, 1)
+    specs = _specs(model, experiment, opts.bands)
+    sources, flags = _sources(model, specs, optical, dsm, inputs or {})
     info, size = dataset_info(model, experiment), model.config.size[0]
     rule = dsm_rule(experiment.data if experiment is not None else None)
     run = model_fn(model, device, opts.amp)
     written: list[Path] = []
-    for opt_path, dsm_path in pairs:
-        inputs = {model.modalities[0]: optical_tensor(opt_path, bands)}
-        if dsm_path is not None:
-            inputs[model.modalities[1]] = dsm_tensor(dsm_path, rule)
-        check_sizes(tile_key_of_name(opt_path.stem), list(zip((opt_path, dsm_path), inputs.values())))
+    first = model.modalities[0]
+    for files in pair_modalities(sources, flags):
+        tensors = {m: modality_tensor(files[m], specs[m], rule, 3 if m == first else None) for m in model.modalities}
+        check_sizes(tile_key_of_name(files[first].stem), [(files[m], tensors[m]) for m in model.modalities])
         scores = sliding_window_predict(
-            run, inputs, model.config.num_classes, window=size, stride=min(opts.stride, size),
+            run, tensors, model.config.num_classes, window=size, stride=min(opts.stride, size),
             batch_size=opts.batch_size, mode=opts.mode, tta_flip=opts.tta_flip, device=device,  # type: ignore[arg-type]
             progress=opts.progress,
         )  # fmt: skip
         pred = scores.argmax(0).numpy()
-        geo = opt_path if is_geotiff(opt_path) else None
-        written += write_prediction(pred, out_dir, opt_path.stem, info, georef_from=geo, cog=opts.cog)
-        log(f"{opt_path.name}: {pred.shape[0]}x{pred.shape[1]} -> {written[-1].parent}")
+        geo = files[first] if is_geotiff(files[first]) else None
+        written += write_prediction(pred, out_dir, files[first].stem, info, georef_from=geo, cog=opts.cog)
+        log(f"{files[first].name}: {pred.shape[0]}x{pred.shape[1]} -> {written[-1].parent}")
     return written
 
+
+def _specs(model: MFNet, experiment: ExperimentConfig | None, bands: tuple[int, ...] | None) -> dict[str, ModalitySpec]:
+    """How each of the model's modalities is read: as in its experiment's data section (the
+    first one's bands replaced by ``--bands``); without one, the first as an image, the others
+    as elevation."""
+    known = modality_specs(experiment.data) if experiment is not None else {}
+    first = model.modalities[0]
+    specs = {m: known.get(m) or ModalitySpec(m, "image" if m == first else "elevation") for m in model.modalities}
+    if bands is not None:
+        specs[first] = dataclasses.replace(specs[first], bands=tuple(bands))
+    return specs
+
+
+def _sources(
+    model: MFNet, specs: Mapping[str, ModalitySpec], optical: Sequence[str | Path], dsm: Sequence[str | Path],
+    inputs: Mapping[str, Sequence[str | Path]],
+) -> tuple[dict[str, Sequence[str | Path]], dict[str, str]]:  # fmt: skip
+    """The files of every modality of the model, in its order, and the flag that gave them."""
+    mods = list(model.modalities)
+    unknown = sorted(set(inputs) - set(mods))
+    if unknown:
+        raise ConfigError(f"--input: this model has no modality {unknown}; it uses {mods}")
+    first = "optical" if "optical" in mods else mods[0]  # --optical / --dsm: these names, else the first / second
+    second = "dsm" if "dsm" in mods else mods[min(1, len(mods) - 1)]
+    given: dict[str, Sequence[str | Path]] = {first: optical} if optical else {}
+    flags = {first: "--optical"}
+    if dsm and len(mods) > 1:
+        given[second], flags[second] = dsm, "--dsm"
+    given.update(inputs)
+    sources: dict[str, Sequence[str | Path]] = {}
+    for m in mods:
+        if m not in given:
+            same = next((g for g in given if specs[g].role == specs[m].role), None)
+            if same is None:
+                hint = "give --dsm as well" if m == second and not inputs else f"give --input {m}=FILE|DIR"
+                raise ConfigError(f"this model uses {mods}: {hint}")
+            given[m] = given[same]
+            flags.setdefault(m, flags.get(same, f"--input {same}="))
+        sources[m] = given[m]
+        flags.setdefault(m, f"--input {m}=")
+    return sources, flags

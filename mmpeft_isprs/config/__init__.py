@@ -18,7 +18,7 @@ cross-field checks), :mod:`.schema` (typed conversion, unknown and removed keys)
 :mod:`.loading` (files and overrides).
 """
 
-from .data import DATASETS, DataConfig, GenericConfig, SyntheticConfig
+from .data import DATASETS, DataConfig, GenericConfig, ModalityConfig, SyntheticConfig, provided_modalities
 from .evaluation import EvalConfig
 from .experiment import ExperimentConfig, config_from_dict, upgrade_stored, validate
 from .loading import (
@@ -29,7 +29,7 @@ from .schema import REMOVED_KEYS, ConfigError
 from .train import TrainConfig
 
 __all__ = [
-    "ConfigError", "DataConfig", "SyntheticConfig", "GenericConfig", "TrainConfig", "EvalConfig",
+    "ConfigError", "DataConfig", "ModalityConfig", "provided_modalities", "SyntheticConfig", "GenericConfig", "TrainConfig", "EvalConfig",
     "ExperimentConfig", "load_config", "parse_overrides", "apply_overrides", "config_from_dict",
     "bundled_configs", "resolve_config_path", "CONFIG_DIR", "yaml_load", "validate", "DATASETS",
     "REMOVED_KEYS", "upgrade_stored",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DataConfig", "SyntheticConfig", "GenericConfig", "DATASETS"]
+__all__ = ["DataConfig", "SyntheticConfig", "GenericConfig", "ModalityConfig", "DATASETS", "provided_modalities"]
 
 DATASETS = ("vaihingen", "potsdam", "mmhunan", "generic", "synthetic")
 
@@ -48,6 +48,42 @@ class GenericConfig:
 
 
 @dataclass
+class ModalityConfig:
+    """One input modality read from the data set (``data.modalities.<name>``).
+
+    Attributes:
+        source: where its pixels come from: a file role of the layout (``optical`` or ``dsm``
+            for Vaihingen, Potsdam and MMHunan, or a role added with ``data.files``); for
+            ``generic``, a folder under the root. Null: the modality's own name.
+        bands: band indices of the source file to keep, in order (e.g. ``[3]``: Potsdam's
+            near-infrared band of the RGBIR tiles); null keeps the source's default bands.
+        kind: ``image`` (integers divided by their dtype's maximum) or ``elevation`` (DSM scaling
+            of the ``data.dsm_*`` keys); null: ``elevation`` for a ``dsm`` source, else ``image``.
+        mean, std: per-band normalisation after that scaling, ``(x - mean) / std``, one number
+            per kept band (null: none, as the paper).
+    """
+
+    source: str | None = None
+    bands: list[int] | None = None
+    kind: Literal["image", "elevation"] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bands is not None and (not self.bands or min(self.bands) < 0):
+            raise ValueError(f"bands must be a non-empty list of band indices >= 0, got {self.bands}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give mean and std together (one number per band each)")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != len(self.std):
+                raise ValueError(f"mean has {len(self.mean)} numbers, std {len(self.std)}: one per band each")
+            if self.bands is not None and len(self.mean) != len(self.bands):
+                raise ValueError(f"mean and std have {len(self.mean)} numbers for {len(self.bands)} band(s) {self.bands}")
+            if min(self.std) <= 0:
+                raise ValueError(f"std must be > 0, got {self.std}")
+
+
+@dataclass
 class DataConfig:
     """Where the tiles are and how they are split and scaled (the crop side is ``model.img_size``).
 
@@ -79,6 +115,10 @@ class DataConfig:
         potsdam_bands: ``"rgb"`` (the paper) or ``"irrg"`` from Potsdam's RGBIR tiles.
         tile_weights: ``"uniform"`` (every tile equally likely, the authors) or ``"area"``.
         cache: keep decoded tiles in memory (false: read windows from disk).
+        modalities: modalities beyond (or refining) the data set's ``optical`` and ``dsm``, by
+            name (:class:`ModalityConfig`): e.g. ``{nir: {source: optical, bands: [3]}}`` reads
+            Potsdam's near-infrared band from the RGBIR tiles as a modality of its own; ``model.modalities``
+            picks among them.
         synthetic: options of the synthetic data set.
         generic: options of the generic layout.
     """
@@ -102,7 +142,15 @@ class DataConfig:
     potsdam_bands: Literal["rgb", "irrg"] = "rgb"
     tile_weights: Literal["uniform", "area"] = "uniform"
     cache: bool = True
+    modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     generic: GenericConfig = field(default_factory=GenericConfig)
 
 
+
+
+def provided_modalities(data: DataConfig) -> list[str]:
+    """The modality names ``data`` provides: the data set's own (``optical`` and ``dsm``, or
+    ``data.generic.modalities``) and the entries of ``data.modalities``, in that order."""
+    base = list(data.generic.modalities) if data.dataset == "generic" else ["optical", "dsm"]
+    return base + [m for m in data.modalities if m not in base]

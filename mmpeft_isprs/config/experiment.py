@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..model import MFNET_PRESETS, MFNetConfig
-from .data import DataConfig
+from .data import DataConfig, provided_modalities
 from .evaluation import EvalConfig
 from .schema import ConfigError, build_dataclass
 from .train import TrainConfig
@@ -88,14 +88,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _need(m.num_classes == classes, "model.num_classes",
           f"{d.dataset} has {classes} classes, the model {m.num_classes}")  # fmt: skip
     if d.dataset == "generic":
-        known = set(d.generic.modalities)
-        bad = [x for x in m.modalities if x not in known]
-        _need(not bad, "model.modalities", f"{bad} not among data.generic.modalities {sorted(known)}")
         kinds = set(d.generic.modalities.values()) - {"image", "elevation"}
         _need(not kinds, "data.generic.modalities", f"kinds must be image or elevation, got {sorted(kinds)}")
-    else:
-        bad = [x for x in m.modalities if x not in ("optical", "dsm")]
-        _need(not bad, "model.modalities", f"{d.dataset} provides optical and dsm, not {bad}")
+    known = provided_modalities(d)
+    bad = [x for x in m.modalities if x not in known]
+    where = "data.generic.modalities" if d.dataset == "generic" else "its optical and dsm"
+    _need(not bad, "model.modalities", f"{d.dataset} provides {known} ({where} and data.modalities), not {bad}; "
+          "add a modality with data.modalities.<name>={source: ..., bands: [...]}")  # fmt: skip
 
 
 def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:

@@ -83,7 +83,14 @@ def apply_overrides(values: dict[str, Any], overrides: Sequence[tuple[str, Any]]
                     raise ConfigError(f"override {key!r}: {'.'.join(parts[: depth + 1])} is not a section")
                 child = node.get(part)
                 node[part] = child = dict(child) if isinstance(child, Mapping) else {}
-                child[".".join(parts[depth + 1 :])] = value
+                rest = parts[depth + 1 :]
+                entry_type = (typing.get_args(hint) or (str, Any))[-1]
+                if len(rest) == 2 and dataclasses.is_dataclass(entry_type):  # data.modalities.nir.bands
+                    entry = child.get(rest[0])
+                    child[rest[0]] = entry = dict(entry) if isinstance(entry, Mapping) else {}
+                    entry[rest[1]] = value
+                else:
+                    child[".".join(rest)] = value
                 break
     return values
 

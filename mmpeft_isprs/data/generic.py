@@ -72,11 +72,14 @@ class GenericLayout(Layout):
 
     def tile_files(self, root: Path, tile_id: str) -> TileFiles:
         base, stem = _split_tile(Path(root), tile_id)
-        inputs = {m.name: _find(base / self.folders.get(m.name, m.name), stem) for m in self.modalities}
+        inputs = {m.name: _find(base / self.folder(m), stem) for m in self.modalities}
         labels = _find(base / self.label_dir, stem)
         evals = _find(base / self.eval_label_dir, stem) if self.eval_label_dir else None
         return TileFiles(tile_id, inputs, labels, evals)
 
+    def folder(self, m: ModalitySpec) -> str:
+        """The folder modality ``m`` is read from: ``folders[name]``, else its source's folder."""
+        return self.folders.get(m.name) or self.folders.get(m.role, m.role)
+
     def base_splits(self, root: Path) -> dict[str, list[str]]:
-        first = self.modalities[0].name
-        return list_splits(Path(root), self.folders.get(first, first), ("train", "val", "test"))
+        return list_splits(Path(root), self.folder(self.modalities[0]), ("train", "val", "test"))

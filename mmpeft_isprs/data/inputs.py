@@ -1,23 +1,27 @@
-"""Loose input files for prediction: pairing optical and DSM files, reading them as model tensors.
+"""Loose input files for prediction: pairing the files of each modality by tile, reading them as model tensors.
 
-The optical image is scaled by its dtype's maximum (uint8 / 255), the DSM by a
-:class:`~.dsm.DsmNormalisation` rule (per tile min-max by default), as in training.
+Each modality is read as in training (:mod:`.bands`): its bands, images scaled by their dtype's
+maximum (uint8 / 255), elevation by a :class:`~.dsm.DsmNormalisation` rule (per tile min-max by
+default), then its ``mean`` / ``std`` when it has them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from .bands import check_bands, select_bands, to_chw
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
 from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
 from .geo import with_file_nodata
+from .layouts import ModalitySpec
 from .patterns import tile_key_of_name
 
-__all__ = ["pair_inputs", "optical_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
+__all__ = ["pair_inputs", "pair_modalities", "modality_tensor", "optical_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
 
 
 def _list_images(items: Sequence[str | Path], what: str) -> list[Path]:
@@ -27,12 +31,12 @@ def _list_images(items: Sequence[str | Path], what: str) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"--{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
+                raise FileNotFoundError(f"{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
             files += found
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"--{what}: {p} not found")
+            raise FileNotFoundError(f"{what}: {p} not found")
     return files
 
 
@@ -44,31 +48,55 @@ def pair_inputs(optical: Sequence[str | Path], dsm: Sequence[str | Path]) -> lis
     Explicit file lists of equal length are paired in order when no name matches.
     Raises FileNotFoundError naming each unpaired optical file and its tile id.
     """
-    opt = _list_images(optical, "optical")
+    opt = _list_images(optical, "--optical")
     if not dsm:
         return [(o, None) for o in opt]
-    dem = _list_images(dsm, "dsm")
+    return list(zip(opt, _pair_one(opt, optical, dsm, "optical", "DSM", "--dsm")))
+
+
+def pair_modalities(sources: Mapping[str, Sequence[str | Path]], flags: Mapping[str, str] | None = None) -> list[dict[str, Path]]:
+    """One ``{modality: file}`` per tile: the first modality's files are the tiles, every other
+    modality's file is paired with each as :func:`pair_inputs` pairs a DSM (stem, else tile id,
+    else the order of equal-length file lists). ``flags``: how the command line names each
+    modality's files (``--input nir=``), for the errors.
+
+    Raises FileNotFoundError naming each tile and the folder without its file.
+    """
+    names = list(sources)
+    flags = {**{n: f"--input {n}=" for n in names}, **(flags or {})}
+    first = _list_images(sources[names[0]], flags[names[0]].rstrip("="))
+    columns = {names[0]: first}
+    for name in names[1:]:
+        columns[name] = _pair_one(first, sources[names[0]], sources[name], names[0], name, flags[name])
+    return [{n: columns[n][i] for n in names} for i in range(len(first))]
+
+
+def _pair_one(opt: list[Path], optical: Sequence[str | Path], dsm: Sequence[str | Path], first: str, label: str,
+              flag: str) -> list[Path]:  # fmt: skip
+    """The file of ``dsm`` paired with each of ``opt`` (see :func:`pair_inputs`)."""
+    dem = _list_images(dsm, flag.rstrip("="))
     by_stem = {d.stem: d for d in dem}
     if len(by_stem) == len(dem) and all(o.stem in by_stem for o in opt):
-        return [(o, by_stem[o.stem]) for o in opt]
+        return [by_stem[o.stem] for o in opt]
     by_key: dict[str, list[Path]] = {}
     for d in dem:
         by_key.setdefault(tile_key_of_name(d.stem), []).append(d)
     pairs, problems = [], []
+    given = flag + ("" if flag.endswith("=") else " ") + " ".join(str(x) for x in dsm)
     for o in opt:
         key = tile_key_of_name(o.stem)
         found = by_key.get(key, [])
         if len(found) == 1:
-            pairs.append((o, found[0]))
+            pairs.append(found[0])
         elif found:
-            problems.append(f"{o} (tile {key}): several DSM files of this tile: {', '.join(str(d) for d in found)}")
+            problems.append(f"{o} (tile {key}): several {label} files of this tile: {', '.join(str(d) for d in found)}")
         else:
-            problems.append(f"{o} (tile {key}): no DSM file of tile {key} in --dsm {' '.join(str(x) for x in dsm)}")
+            problems.append(f"{o} (tile {key}): no {label} file of tile {key} in {given}")
     if not problems:
         return pairs
     if len(opt) == len(dem) and all(Path(x).is_file() for x in (*optical, *dsm)):
-        return list(zip(opt, dem))
-    raise FileNotFoundError(f"{len(problems)} optical file(s) without a DSM:\n  " + "\n  ".join(problems))
+        return dem
+    raise FileNotFoundError(f"{len(problems)} {first} file(s) without a {label}:\n  " + "\n  ".join(problems))
 
 
 def optical_tensor(path: Path, bands: Sequence[int] | None) -> torch.Tensor:
@@ -95,6 +123,25 @@ def dsm_tensor(path: Path, rule: DsmNormalisation) -> torch.Tensor:
     rule = with_file_nodata(rule, path)
     scaled = normalise_dsm(arr, rule, valid_range(arr, rule, str(path), tile_key_of_name(path.stem)))
     return torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))[None]
+
+
+def modality_tensor(path: Path, spec: ModalitySpec, rule: DsmNormalisation, channels: int | None = None) -> torch.Tensor:
+    """(C, H, W) float32 of modality ``spec`` read from ``path``: its bands (an elevation without
+    bands: the first), scaled as in training (elevation by ``rule``, no-data: the rule's, else
+    the file's), normalised by its statistics. ``channels``: the band count the model takes when
+    ``spec`` keeps every band (a file with another count is an error saying to choose bands)."""
+    arr = read_image(path)
+    have = 1 if arr.ndim == 2 else arr.shape[-1]
+    if spec.kind == "elevation" and spec.bands is None:
+        spec = dataclasses.replace(spec, bands=(0,))
+    check_bands(spec, path, have)
+    if spec.bands is None and channels is not None and have != channels:
+        raise DataError(f"{path}: {spec.name} must have {channels} bands, has {have}; choose them with --bands (e.g. 0,1,2)")
+    arr = select_bands(spec, arr)
+    if spec.kind == "elevation":
+        rule = with_file_nodata(rule, path)
+        arr = normalise_dsm(arr, rule, valid_range(arr, rule, str(path), tile_key_of_name(path.stem)))
+    return to_chw(arr, spec)
 
 
 def is_geotiff(path: Path) -> bool:

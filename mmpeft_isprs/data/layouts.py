@@ -32,21 +32,35 @@ class ModalitySpec:
     """One input modality.
 
     Attributes:
-        name: key of the modality in samples (e.g. ``"optical"``, ``"dsm"``).
+        name: key of the modality in samples (e.g. ``"optical"``, ``"dsm"``, ``"nir"``).
         kind: ``"image"``: integer values divided by their dtype's maximum (uint8 / 255),
             floats kept; ``"elevation"``: no-data handling and DSM scaling to [0, 1]
             (see :class:`~mmpeft_isprs.data.tiles.DsmNormalisation`).
         bands: channel indices to keep, in order (e.g. ``(3, 0, 1)`` = IRRG from RGBIR);
             ``None`` keeps all.
+        source: the file role it is read from (a key of the layout's patterns, or for
+            :class:`~.generic.GenericLayout` a folder); ``None``: its own name. Two modalities may
+            share a source (Potsdam's RGB and near-infrared from one RGBIR tile).
+        mean, std: per-band normalisation after the scaling, ``(x - mean) / std`` (None: none).
     """
 
     name: str
     kind: Literal["image", "elevation"] = "image"
     bands: tuple[int, ...] | None = None
+    source: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "elevation"):
             raise ValueError(f"ModalitySpec {self.name}: kind must be image or elevation")
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std or ())):
+            raise ValueError(f"ModalitySpec {self.name}: give mean and std together, one number per band each")
+
+    @property
+    def role(self) -> str:
+        """The file role (pattern key or folder) this modality is read from."""
+        return self.source or self.name
 
 
 @dataclass(frozen=True)
@@ -125,7 +139,7 @@ class Layout(ABC):
         base, stem = _split_tile(Path(root), tile_id)
         p = self.patterns
         evals = resolve_file(base, p["eval_labels"], stem) if "eval_labels" in p else None
-        inputs = {m.name: resolve_file(base, p[m.name], stem) for m in self.modalities}
+        inputs = {m.name: resolve_file(base, p[m.role], stem) for m in self.modalities}
         return TileFiles(tile_id, inputs, resolve_file(base, p["labels"], stem), evals)
 
     @abstractmethod

@@ -24,6 +24,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from .bands import check_bands, select_bands, to_chw
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
 from .geo import with_file_nodata
 from .io import TIFF_SUFFIXES, DataError, PathLike, TiffWindowReader, raster_info, read_image
@@ -134,12 +135,7 @@ class TileSet:
         return f.labels
 
     def _check_missing(self, files: list[TileFiles]) -> None:
-        missing = []
-        for f in files:
-            paths = list(f.inputs.values())
-            label = self._label_path(f)
-            paths += [label] if label is not None else []
-            missing += [str(p) for p in paths if not p.is_file()]
+        missing = missing_files(self.layout, files, self.labels)
         if missing:
             raise DataError(
                 f"{len(missing)} missing file(s) under {self.root}:\n  " + "\n  ".join(missing)
@@ -171,7 +167,7 @@ class TileSet:
             listing = ", ".join(f"{p} {s.height}x{s.width}" for p, s in sizes.items())
             raise DataError(f"tile {f.tile_id}: sizes differ: {listing}")
         for m in self.modalities:
-            self._check_bands(m, f.inputs[m.name], sizes[f.inputs[m.name]].channels)
+            check_bands(m, f.inputs[m.name], sizes[f.inputs[m.name]].channels)
         tile = _Tile(f, label, dims.pop(), {})
         if self.cache or validate:
             arrays = self._decode_tile(tile)
@@ -179,24 +175,17 @@ class TileSet:
         else:
             for m in self.modalities:
                 if m.kind == "elevation":
-                    raw = self._select(m, read_image(f.inputs[m.name]), f.inputs[m.name])
+                    raw = select_bands(m, read_image(f.inputs[m.name]))
                     rule = self.dsm_rule(m.name, f.inputs[m.name])
                     tile.dsm_range[m.name] = valid_range(raw, rule, str(f.inputs[m.name]), f.tile_id)
         return tile
-
-    def _check_bands(self, m: ModalitySpec, path: Path, channels: int) -> None:
-        if m.bands is not None and max(m.bands) >= channels:
-            raise DataError(f"{path}: has {channels} band(s), {m.name} needs bands {m.bands}")
-        kept = len(m.bands) if m.bands is not None else channels
-        if m.kind == "elevation" and kept != 1:
-            raise DataError(f"{path}: elevation {m.name} must have one band, has {kept}")
 
     def _decode_tile(self, tile: _Tile) -> dict[str, np.ndarray]:
         """Decode a whole tile (checks labels and DSM no-data); fills ``tile.dsm_range``."""
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
             path = tile.files.inputs[m.name]
-            raw = self._select(m, read_image(path), path)
+            raw = select_bands(m, read_image(path))
             if m.kind == "elevation":
                 rule = self.dsm_rule(m.name, path)
                 tile.dsm_range[m.name] = valid_range(raw, rule, str(path), tile.files.tile_id)
@@ -205,14 +194,6 @@ class TileSet:
         if tile.label_path is not None:
             out[self.label_key] = self._labels(read_image(tile.label_path), tile.label_path)
         return out
-
-    @staticmethod
-    def _select(m: ModalitySpec, arr: np.ndarray, path: Path) -> np.ndarray:
-        """Keep the modality's bands: -> (H, W) for elevation, (H, W, C) for images."""
-        arr = arr[..., None] if arr.ndim == 2 else arr
-        if m.bands is not None:
-            arr = arr[..., list(m.bands)]
-        return arr[..., 0] if m.kind == "elevation" else arr
 
     def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """Raw label pixels -> (H, W) uint8 mask (255 = ignore)."""
@@ -277,7 +258,7 @@ class TileSet:
         out: dict[str, np.ndarray] = {}
         for m in self.modalities:
             path = tile.files.inputs[m.name]
-            raw = self._select(m, self._readers.read(path, y0, x0, h, w), path)
+            raw = select_bands(m, self._readers.read(path, y0, x0, h, w))
             if m.kind == "elevation":
                 raw = normalise_dsm(raw, self.dsm_rule(m.name, path), tile.dsm_range[m.name])
             out[m.name] = raw
@@ -289,7 +270,7 @@ class TileSet:
     def _to_sample(self, arrays: Mapping[str, np.ndarray], name: str) -> dict[str, object]:
         sample: dict[str, object] = {}
         for m in self.modalities:
-            sample[m.name] = _to_chw(arrays[m.name], m)
+            sample[m.name] = to_chw(arrays[m.name], m)
         if self.label_key in arrays:
             sample[self.label_key] = torch.from_numpy(arrays[self.label_key].astype(np.int64))
         sample["name"] = name
@@ -300,15 +281,23 @@ class TileSet:
         return TileWindowReader(self, index)
 
 
-def _to_chw(arr: np.ndarray, m: ModalitySpec) -> torch.Tensor:
-    """(h, w) or (h, w, C) array -> (C, h, w) float32 tensor (images scaled by dtype max)."""
-    if m.kind == "elevation":
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
-    x = np.ascontiguousarray(np.moveaxis(arr, -1, 0))
-    t = torch.from_numpy(x)
-    if np.issubdtype(arr.dtype, np.integer):
-        return t.float().div_(float(np.iinfo(arr.dtype).max))
-    return t.float()
+def missing_files(layout: Layout, files: Sequence[TileFiles], labels: LabelKind = "full") -> list[str]:
+    """Every missing input or label file of ``files``, each with its tile, what it is and its
+    folder; a label file with alternatives (the participants' folder, else the complete ground
+    truth) names the other folders looked in."""
+    out = []
+    for f in files:
+        eroded = labels == "eroded" and f.eval_labels is not None
+        label = None if labels == "none" else (f.eval_labels if eroded else f.labels)
+        role = "eval_labels" if eroded else "labels"
+        paths = [(p, f"modality {m}") for m, p in f.inputs.items()] + ([(label, role)] if label is not None else [])
+        for path, what in paths:
+            if path.is_file():
+                continue
+            others = sorted({str(Path(p).parent) for p in layout.patterns.get(role, ())[1:]}) if what == role else []
+            also = f"; also looked in {', '.join(others)}" if others else ""
+            out.append(f"{path} (tile {f.tile_id}, {what}, folder {path.parent}{also})")
+    return out
 
 
 class TileWindowReader:
@@ -326,4 +315,4 @@ class TileWindowReader:
         return {k: sample[k] for k in self.tileset.modality_names}  # type: ignore[misc]
 
 
-__all__ = ["TileSet", "TileWindowReader", "LabelKind"]
+__all__ = ["TileSet", "TileWindowReader", "LabelKind", "missing_files"]

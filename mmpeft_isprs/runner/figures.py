@@ -1,7 +1,7 @@
 """Pictures of a run, drawn with matplotlib (the ``isprs`` extra) into ``<run>/figures``.
 
-- :func:`tile_figure`: one evaluated tile side by side: input, DSM, ground truth, prediction and
-  the error map, with the class legend;
+- :func:`tile_figure`: one evaluated tile side by side: every modality, ground truth, prediction
+  and the error map, with the class legend;
 - :func:`curves_figure`: training loss and validation mIoU per epoch (from ``log.csv``);
 - :func:`confusion_figure`: the row-normalised confusion matrix with counts.
 
@@ -35,7 +35,7 @@ def _figure(width: float, height: float) -> Any:
 def _display(arr: Any) -> np.ndarray:
     """(H, W), (H, W, C) or (C, H, W) to an image in [0, 1] (first three bands, per-band stretch)."""
     a = np.asarray(arr, dtype=np.float32)
-    if a.ndim == 3 and a.shape[0] <= 4 and a.shape[-1] > 4:
+    if a.ndim == 3 and a.shape[0] <= 16 and a.shape[-1] > 16:
         a = a.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
     if a.ndim == 3:
         a = a[..., :3] if a.shape[-1] >= 3 else a[..., 0]
@@ -44,8 +44,12 @@ def _display(arr: Any) -> np.ndarray:
 
 
 def tile_figure(path: Path, title: str, optical: Any, dsm: Any | None, truth: np.ndarray, pred: np.ndarray,
-                info: DatasetInfo) -> Path:  # fmt: skip
-    """Input | DSM | ground truth | prediction | errors, with the class legend; returns ``path``."""
+                info: DatasetInfo, elevation: Sequence[str] = ("dsm",)) -> Path:  # fmt: skip
+    """Every input | ground truth | prediction | errors, with the class legend; returns ``path``.
+
+    ``optical``: a mapping ``{modality: array}`` (one panel per modality, in order; those named in
+    ``elevation`` drawn with a terrain colour map, other single bands in grey; ``dsm`` unused),
+    or the optical array with the DSM (or None) in ``dsm``."""
     from matplotlib.patches import Patch
 
     truth, pred = np.asarray(truth), np.asarray(pred)
@@ -56,9 +60,10 @@ def tile_figure(path: Path, title: str, optical: Any, dsm: Any | None, truth: np
     shown = np.where(valid, truth, 0)
     truth_rgb = index_to_colour(shown.astype(np.uint8), info)
     truth_rgb[~valid] = 0
-    panels = [("input", _display(optical), None), ("DSM", _display(dsm) if dsm is not None else None, "terrain"),
-              ("ground truth", truth_rgb, None), ("prediction", index_to_colour(pred.astype(np.uint8), info), None),
-              (f"errors ({100 * float((truth != pred)[valid].mean() if valid.any() else 0):.1f}%)", errors, None)]  # fmt: skip
+    panels = _input_panels(optical if isinstance(optical, Mapping) else {"input": optical, "DSM": dsm},
+                           (*elevation, "DSM"))  # fmt: skip
+    panels += [("ground truth", truth_rgb, None), ("prediction", index_to_colour(pred.astype(np.uint8), info), None),
+               (f"errors ({100 * float((truth != pred)[valid].mean() if valid.any() else 0):.1f}%)", errors, None)]  # fmt: skip
     fig = _figure(3.2 * len(panels), 4.2)
     for i, (name, img, cmap) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -121,7 +126,16 @@ def confusion_figure(path: Path, matrix: Any, class_names: Sequence[str], title:
     return path
 
 
-def sample_panels(sample: Mapping[str, Any], names: Sequence[str]) -> tuple[Any, Any | None]:
-    """The optical input and the DSM (or None) of a tile sample with modalities ``names``."""
-    dsm = next((sample[n] for n in names if n != names[0] and n in sample), None)
-    return sample[names[0]], dsm
+def _input_panels(inputs: Mapping[str, Any], elevation: Sequence[str]) -> list[tuple[str, Any, str | None]]:
+    """One (title, image, colour map) per input: elevation in terrain colours, single bands in grey."""
+    panels = []
+    for name, arr in inputs.items():
+        img = _display(arr) if arr is not None else None
+        cmap = "terrain" if name in elevation else ("gray" if img is not None and img.ndim == 2 else None)
+        panels.append((name, img, cmap))
+    return panels
+
+
+def sample_panels(sample: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Every modality of a tile sample with modalities ``names``, in order, as (H, W, C) arrays."""
+    return {n: np.moveaxis(np.asarray(sample[n]), 0, -1) for n in names if n in sample}

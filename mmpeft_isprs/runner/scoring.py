@@ -100,7 +100,7 @@ def draw_figures(out: Path, tiles: TileSet, preds: Path | None, result: EvalResu
         if pred_file is None:
             continue
         sample = tiles.load(i)
-        optical, dsm = sample_panels(sample, tiles.modality_names)
-        paths.append(tile_figure(out / f"tile_{stem}.png", f"{name}: tile {tile}", optical, dsm,
-                                 np.asarray(sample[tiles.label_key]), read_image(pred_file), info))  # fmt: skip
+        elevation = [m.name for m in tiles.modalities if m.kind == "elevation"]
+        paths.append(tile_figure(out / f"tile_{stem}.png", f"{name}: tile {tile}", sample_panels(sample, tiles.modality_names),
+                                 None, np.asarray(sample[tiles.label_key]), read_image(pred_file), info, elevation))  # fmt: skip
     return paths

@@ -4,7 +4,7 @@
   (``train.modality_dropout``: one rate or ``{modality: rate}``) and the non-finite check of the
   CPU batch, naming the tiles (``train.nonfinite``: ``"error"`` or ``"absent"``).
 - :func:`evaluate_subsets`: one trained model scored on every non-empty subset of its
-  modalities (optical + DSM, optical alone, DSM alone), or on the full set only: the evaluation
+  modalities (all 2^M - 1: optical + DSM, optical alone, DSM alone for two), or on the full set only: the evaluation
   step of ``mmpeft-isprs eval`` (:func:`mmpeft_isprs.runner.score_weights`), ``--subsets`` or not;
   :func:`format_subsets` reports the subsets side by side.
 """
@@ -121,14 +121,20 @@ def evaluate_subsets(
 
 
 def format_subsets(results: Mapping[str, EvalResult], metric: str = "IoU") -> str:
-    """Per-class ``metric`` and OA / mF1 / mIoU (in %) of every subset, one column each."""
+    """Per-class ``metric`` and OA / mF1 / mIoU (in %) of every subset side by side: one column
+    per subset for up to three (two modalities), one row per subset beyond (seven for three)."""
     keys = list(results)
-    first = results[keys[0]].metrics
-    classes = list(first[metric])
+    classes = list(results[keys[0]].metrics[metric])
+    cells = {k: [results[k].metrics[metric][c] for c in classes] + [float(results[k].metrics[n]) for n in ("OA", "mF1", "mIoU")]
+             for k in keys}  # fmt: skip
+    names = [*classes, "OA", "mF1", "mIoU"]
+    if len(keys) > 3:
+        label = max(12, *(len(k) + 2 for k in keys))
+        widths = [max(8, len(n) + 2) for n in names]
+        rows = [f"{metric + ' (%)':<{label}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+        rows += [f"{k:<{label}}" + "".join(f"{100 * v:>{w}.2f}" for v, w in zip(cells[k], widths)) for k in keys]
+        return "\n".join(rows)
     width, label = max(12, *(len(k) + 2 for k in keys)), max(10, *(len(c) + 2 for c in classes))
     rows = [f"{metric + ' (%)':<{label}}" + "".join(f"{k:>{width}}" for k in keys)]
-    for c in classes:
-        rows.append(f"{c:<{label}}" + "".join(f"{100 * results[k].metrics[metric][c]:>{width}.2f}" for k in keys))
-    for name in ("OA", "mF1", "mIoU"):
-        rows.append(f"{name:<{label}}" + "".join(f"{100 * float(results[k].metrics[name]):>{width}.2f}" for k in keys))
+    rows += [f"{n:<{label}}" + "".join(f"{100 * cells[k][i]:>{width}.2f}" for k in keys) for i, n in enumerate(names)]
     return "\n".join(rows)

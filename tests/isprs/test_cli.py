@@ -42,7 +42,7 @@ def test_module_entry_point_and_console_script() -> None:
 def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list-configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 20 and any(line.startswith("vaihingen_mmadapter_vit_b ") and "83.24" in line for line in lines)
+    assert len(lines) == 21 and any(line.startswith("vaihingen_mmadapter_vit_b ") and "83.24" in line for line in lines)
 
 
 @pytest.mark.parametrize(

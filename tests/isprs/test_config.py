@@ -15,7 +15,7 @@ PAPER = [f"{d}_{m}_{b}" for d in ("vaihingen", "potsdam", "mmhunan") for m in ("
 
 
 def test_bundled_configs_cover_the_paper_runs() -> None:
-    assert set(bundled_configs()) == {*PAPER, "demo", "synthetic"}
+    assert set(bundled_configs()) == {*PAPER, "demo", "synthetic", "potsdam_rgb_nir_dsm_mmadapter_vit_b"}
     for name in PAPER:
         cfg = load_config(name)
         dataset, method, backbone = name.split("_", 2)
