@@ -3,18 +3,18 @@
 Schemes (each measured in its own subprocess so that peak memory is its own):
 
 - ``ours``: the stacked (M*B) pass through timm's SAM encoder, padding-free windows and fused
-  attention (``mmpeft.attention``), batched per-modality products, in-place q/v slice updates.
+  attention (``mmpeft.runtime.attention``), batched per-modality products, in-place q/v slice updates.
 - ``ours_ckpt``: the same with gradient checkpointing of the frozen encoder blocks.
 - ``ours_padded``: ``ours`` with the encoder's own blocks (``efficient_attention=False``): the
   windowed blocks project the zero padding too. ``ours`` vs ``ours_padded`` measures
-  ``mmpeft.attention``; ``ours_padded`` vs ``per_modality`` measures the stacked pass alone.
+  ``mmpeft.runtime.attention``; ``ours_padded`` vs ``per_modality`` measures the stacked pass alone.
 - ``per_modality``: the same layers run modality after modality through every layer (the
   authors' execution scheme, built from our code: ``execution="per_modality"``).
 - ``per_modality_sam``: as ``per_modality`` on segment-anything's encoder (unfused attention),
   the closest to the authors' code.
 - ``floor``: the frozen timm SAM encoder alone, forward + backward on the stacked batch of
   M*B images (input gradients only): the cost under any fine-tuning step.
-- ``floor_efficient``: the floor with ``mmpeft.attention`` enabled on the frozen encoder.
+- ``floor_efficient``: the floor with ``mmpeft.runtime.attention`` enabled on the frozen encoder.
 
     python benchmarks/speed.py                      # CPU: batch 2, vit_b, both methods
     python benchmarks/speed.py --device cuda --batch 10 --amp bf16
@@ -148,7 +148,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Windows per second of sliding-window inference over one tile.
 
-    The scheme is ``inference`` (``mmpeft.attention``) or ``inference_padded`` (the encoder's own
+    The scheme is ``inference`` (``mmpeft.runtime.attention``) or ``inference_padded`` (the encoder's own
     blocks) with the modifiers of :class:`steps.Spec` (``bf16``, ``base``, ``compile=...``,
     ``queries=...``). On CUDA the tile lives on the device and the scores accumulate there.
     """
@@ -253,7 +253,7 @@ def inference_table(inference: dict[str, dict[str, Any]], args: argparse.Namespa
     if not inference:
         return ""
     lines = ["", "", f"Tile inference, {args.tile} tile, window {args.size}, stride {args.stride}, batch {args.infer_batch} "
-             "('inference': mmpeft.attention on, the default; 'inference_padded': the encoder's own blocks):",
+             "('inference': mmpeft.runtime.attention on, the default; 'inference_padded': the encoder's own blocks):",
              "", "| method | variant | windows | seconds | images/s |", "|---|---|---:|---:|---:|"]  # fmt: skip
     lines += [f"| {m} | {v} | {r['windows']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |"
               for m, rs in inference.items() for v, r in rs.items()]  # fmt: skip
@@ -331,7 +331,7 @@ def _inference_results(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     inference: dict[str, dict[str, Any]] = {}
     if args.inference or args.inference_only:
         for method in args.methods:
-            for variant in args.inference_variants:  # default: mmpeft.attention on / off
+            for variant in args.inference_variants:  # default: mmpeft.runtime.attention on / off
                 r = inference.setdefault(method, {})[variant] = run_scheme(args, method, variant)
                 print(f"{method:8s} {variant} {r['images_per_s']:.2f} images/s", flush=True)
     return inference

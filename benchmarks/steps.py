@@ -2,18 +2,18 @@
 
 A spec is a scheme name with optional ``+modifiers``, e.g. ``ours+bf16+base+compile=model``:
 
-- names: ``ours`` (stacked pass, ``mmpeft.attention``), ``ours_ckpt`` (and gradient
+- names: ``ours`` (stacked pass, ``mmpeft.runtime.attention``), ``ours_ckpt`` (and gradient
   checkpointing), ``ours_padded`` (the encoder's own blocks), ``per_modality`` (the same layers
   modality after modality: the authors' scheme), ``per_modality_sam`` (on segment-anything's
   encoder), ``floor`` (the frozen timm SAM encoder alone, forward + backward of the stacked
-  batch), ``floor_efficient`` (the floor with ``mmpeft.attention``);
+  batch), ``floor_efficient`` (the floor with ``mmpeft.runtime.attention``);
 - ``bf16`` / ``fp16``: autocast (overrides the command's ``--amp`` for this scheme), ``fp32``: none;
 - ``base``: frozen weights kept in the autocast dtype (``base_dtype``; bf16 without autocast);
 - ``compile=blocks`` (regional, ``MultimodalModel.compile_blocks``), ``compile=model``
   (``torch.compile`` of the whole model), ``compile=model-ro`` (``mode="reduce-overhead"``:
   CUDA graphs);
-- ``queries=real|all|auto``: the windows' attention calls of ``mmpeft.attention``;
-- ``relpos=mask|channels``: how ``mmpeft.attention`` adds the relative positions (an
+- ``queries=real|all|auto``: the windows' attention calls of ``mmpeft.runtime.attention``;
+- ``relpos=mask|channels``: how ``mmpeft.runtime.attention`` adds the relative positions (an
   additive mask, or extra query/key channels with no mask);
 - ``foreach``: the optimizer's multi-tensor implementation (a few kernels per step instead of
   a few per tensor; the default on CUDA, not on CPU).
@@ -109,7 +109,7 @@ def floor_step(args: argparse.Namespace, spec: Spec) -> Callable[[], None]:
     """The frozen encoder alone: forward + backward of the stacked batch (input gradients)."""
     import torch
 
-    from mmpeft.attention import enable_efficient_attention
+    from mmpeft.runtime.attention import enable_efficient_attention
     from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
 
     dev, amp = torch.device(args.device), _dtype(spec.amp_of(args))

@@ -1,4 +1,4 @@
-"""mmpeft.attention: padding-free windows and fused attention compute the stock blocks' function."""
+"""mmpeft.runtime.attention: padding-free windows and fused attention compute the stock blocks' function."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from mmpeft import only_modality, set_execution, wrap_multimodal
-from mmpeft.attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
-from mmpeft.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from mmpeft.runtime.attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
+from mmpeft.runtime.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from mmpeft.tuners import MultimodalAdapter, MultimodalLoRA
 
 from .conftest import tiny_sam, tiny_timm_sam, tiny_timm_vit

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft import MultimodalLoRA, detect_family, wrap_multimodal
-from mmpeft.norms import MixingNormError
-from mmpeft.prepare import BypassError
-from mmpeft.probe import ProbeError
-from mmpeft.verify import WrapError
+from mmpeft.runtime.norms import MixingNormError
+from mmpeft.targeting.prepare import BypassError
+from mmpeft.targeting.probe import ProbeError
+from mmpeft.runtime.verify import WrapError
 
 from .conftest import tiny_sam, tiny_timm_sam
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmpeft import MergeError, MultimodalModel, build_config, load_multimodal, wrap_multimodal
-from mmpeft.fusion import FUSION_RULES, register_fusion
+from mmpeft.tuners.fusion import FUSION_RULES, register_fusion
 
 from .conftest import tiny_sam, tiny_timm_vit
 

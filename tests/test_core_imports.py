@@ -1,5 +1,5 @@
-"""The layers inside the core (docs/architecture.md, "Inside the core"), checked on the source:
-no import circle between ``mmpeft`` modules, and imports run one way, from the leaves up.
+"""The packages of the core (docs/architecture.md, "Inside the core"), checked on the source:
+no import circle between ``mmpeft`` modules, and a package imports only the packages it may.
 
 Every import is counted, at module level and inside functions (a lazy import is still a
 dependency), relative ones resolved. An import of a package counts as an edge to its
@@ -16,29 +16,37 @@ import pytest
 
 from tests.isprs import test_architecture as arch
 
-# core layer -> modules (a module belongs to the longest prefix; the package ``mmpeft`` itself,
-# its ``__init__``, is the public API on top)
-CORE_LAYERS: dict[str, tuple[str, ...]] = {
-    "leaves": ("mmpeft._version", "mmpeft.utils", "mmpeft.fusion", "mmpeft.lowrank", "mmpeft.presence",
-               "mmpeft.outputs", "mmpeft.batch"),
+# core package -> its modules (a module belongs to the longest prefix; the package ``mmpeft``
+# itself, its ``__init__``, is the public API on top)
+CORE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "base": ("mmpeft._version", "mmpeft.utils"),
     "tuners": ("mmpeft.tuners",),
-    "config": ("mmpeft.config", "mmpeft.structure", "mmpeft.targets", "mmpeft.selection"),
-    "host": ("mmpeft.backbones", "mmpeft.norms", "mmpeft.prepare", "mmpeft.stems", "mmpeft.verify", "mmpeft.probe", "mmpeft.blocks",
-             "mmpeft.attention", "mmpeft.checkpointing"),
-    "inject": ("mmpeft.inject", "mmpeft.merge", "mmpeft.io"),
-    "features": ("mmpeft.features", "mmpeft.saving", "mmpeft.params"),
+    "config": ("mmpeft.config",),
+    "backbones": ("mmpeft.backbones",),
+    "runtime": ("mmpeft.runtime",),
+    "targeting": ("mmpeft.targeting",),
     "model": ("mmpeft.model",),
-    "wrap": ("mmpeft.wrap",),
-    "interop": ("mmpeft.peft_interop", "mmpeft.peft_families", "mmpeft.reference", "mmpeft.lockstep_reference"),
+    "interop": ("mmpeft.interop",),
     "api": ("mmpeft",),
 }  # fmt: skip
-CORE_ORDER = list(CORE_LAYERS)  # bottom to top: a layer imports its own and the layers below it
+#: the stated direction: which packages each package may import (besides its own modules)
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "base": frozenset(),
+    "tuners": frozenset({"base"}),
+    "config": frozenset({"tuners", "base"}),
+    "backbones": frozenset({"base"}),
+    "runtime": frozenset({"config", "tuners", "base"}),
+    "targeting": frozenset({"runtime", "backbones", "config", "tuners", "base"}),
+    "model": frozenset({"targeting", "runtime", "config", "tuners", "base"}),
+    "interop": frozenset({"model", "targeting", "runtime", "backbones", "config", "tuners", "base"}),
+    "api": frozenset(CORE_PACKAGES) - {"api"},
+}
 
 
-def core_layer_of(module: str) -> str | None:
+def core_package_of(module: str) -> str | None:
     if module == "mmpeft":
         return "api"
-    hits = [(p, layer) for layer, ps in CORE_LAYERS.items() if layer != "api" for p in ps
+    hits = [(p, pkg) for pkg, ps in CORE_PACKAGES.items() if pkg != "api" for p in ps
             if module == p or module.startswith(p + ".")]  # fmt: skip
     return max(hits, key=lambda h: len(h[0]))[1] if hits else None
 
@@ -91,18 +99,18 @@ def import_cycles(graph: dict[str, dict[str, int]]) -> list[str]:
     return found
 
 
-def upward_imports(files: list[Path]) -> list[str]:
-    """Imports that run down the table (a lower layer importing a higher one), or of modules in no layer."""
+def forbidden_imports(files: list[Path]) -> list[str]:
+    """Imports against the stated direction (``MAY_IMPORT``), or of modules in no package."""
     problems, paths = [], {arch.module_name(p): p.relative_to(arch.ROOT) for p in files}
     for mod, edges in core_graph(files).items():
-        own = core_layer_of(mod)
+        own = core_package_of(mod)
         for target, line in sorted(edges.items()):
-            other = core_layer_of(target)
+            other = core_package_of(target)
             where = f"{paths[mod]}:{line}: {own} ({mod}) imports {other} ({target})"
             if own is None or other is None:
-                problems.append(where + ": module in no core layer (add it to CORE_LAYERS and docs/architecture.md)")
-            elif CORE_ORDER.index(other) > CORE_ORDER.index(own):
-                problems.append(where + ": imports run one way, from the leaves up")
+                problems.append(where + ": module in no core package (add it to CORE_PACKAGES and docs/architecture.md)")
+            elif other != own and other not in MAY_IMPORT[own]:
+                problems.append(where + f": {own} may import only {sorted(MAY_IMPORT[own])}")
     return problems
 
 
@@ -110,8 +118,19 @@ def test_no_import_circle_inside_the_core() -> None:
     assert import_cycles(core_graph(core_files())) == []
 
 
-def test_core_imports_run_one_way() -> None:
-    assert upward_imports(core_files()) == []
+def test_core_imports_follow_the_stated_direction() -> None:
+    assert forbidden_imports(core_files()) == []
+
+
+def test_the_stated_direction_has_no_circle_and_is_drawn_in_the_docs() -> None:
+    """MAY_IMPORT is itself one-way (a package never reaches itself), and docs/architecture.md
+    gives each package one line with what it may import."""
+    graph = {pkg: {other: 0 for other in allowed} for pkg, allowed in MAY_IMPORT.items()}
+    assert import_cycles(graph) == []
+    text = (arch.ROOT / "docs" / "architecture.md").read_text()
+    for pkg in CORE_PACKAGES:
+        if pkg not in ("api", "base"):
+            assert f"`mmpeft/{pkg}/`" in text or f"`mmpeft/{pkg}.py`" in text, f"docs/architecture.md does not draw {pkg}"
 
 
 def _fake_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> list[Path]:
@@ -125,32 +144,34 @@ def _fake_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str,
 def test_the_checker_catches_an_import_circle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A circle through a lazy import, and one through the package ``__init__`` (``from . import __version__``)."""
     files = _fake_core(tmp_path, monkeypatch, {
-        "mmpeft/__init__.py": "__version__ = '0'\nfrom .model import Model\n",
-        "mmpeft/model.py": "from .saving import save\n",
-        "mmpeft/saving.py": "from . import __version__\n",
-        "mmpeft/io.py": "from .utils import f\n",
-        "mmpeft/utils.py": "def g():\n    from mmpeft.wrap import w\n",
-        "mmpeft/wrap.py": "from . import io\n",
+        "mmpeft/__init__.py": "__version__ = '0'\nfrom .model.multimodal import Model\n",
+        "mmpeft/model/__init__.py": "",
+        "mmpeft/model/multimodal.py": "from .saving import save\n",
+        "mmpeft/model/saving.py": "from .. import __version__\n",
+        "mmpeft/model/io.py": "from ..utils import f\n",
+        "mmpeft/utils.py": "def g():\n    from mmpeft.model.wrap import w\n",
+        "mmpeft/model/wrap.py": "from . import io\n",
         "mmpeft/tuners/__init__.py": "from .base import Layer\n",
-        "mmpeft/tuners/base.py": "from ..fusion import Fusion\n",  # a package's own submodules: no circle
-        "mmpeft/fusion.py": "",
+        "mmpeft/tuners/base.py": "from .fusion import Fusion\n",  # a package's own submodules: no circle
+        "mmpeft/tuners/fusion.py": "",
     })  # fmt: skip
     cycles = import_cycles(core_graph(files))
-    assert cycles == ["mmpeft -> mmpeft.model -> mmpeft.saving -> mmpeft",
-                      "mmpeft.io -> mmpeft.utils -> mmpeft.wrap -> mmpeft.io"], cycles
+    assert cycles == ["mmpeft -> mmpeft.model.multimodal -> mmpeft.model.saving -> mmpeft",
+                      "mmpeft.model.io -> mmpeft.utils -> mmpeft.model.wrap -> mmpeft.model.io"], cycles
 
 
-def test_the_checker_catches_an_upward_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A leaf importing the model (inside a function), the tuners importing the config, an unlisted module."""
+def test_the_checker_catches_an_import_against_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime importing the model (inside a function), the tuners importing the config, an unlisted module."""
     files = _fake_core(tmp_path, monkeypatch, {
-        "mmpeft/__init__.py": "from .wrap import wrap\n",
-        "mmpeft/wrap.py": "from .model import Model\nfrom .tuners import Layer\n",  # downward: fine
-        "mmpeft/model.py": "", "mmpeft/config.py": "",
-        "mmpeft/utils.py": "def f():\n    from .model import Model\n",
+        "mmpeft/__init__.py": "from .model.wrap import wrap\n",
+        "mmpeft/model/wrap.py": "from .multimodal import Model\nfrom ..tuners import Layer\n",  # allowed
+        "mmpeft/model/multimodal.py": "", "mmpeft/config.py": "",
+        "mmpeft/runtime/stems.py": "def f():\n    from ..model.multimodal import Model\n",
         "mmpeft/tuners/__init__.py": "from ..config import Config\n",
         "mmpeft/novel.py": "from .utils import f\n",
     })  # fmt: skip
-    found = upward_imports(files)
+    found = forbidden_imports(files)
     assert len(found) == 3, found
-    assert any(p.startswith("mmpeft/utils.py:2: leaves (mmpeft.utils) imports model") for p in found), found
-    assert any("mmpeft.novel" in p and "no core layer" in p for p in found), found
+    assert any(p.startswith("mmpeft/runtime/stems.py:2: runtime (mmpeft.runtime.stems) imports model") for p in found), found
+    assert any(p.startswith("mmpeft/tuners/__init__.py:1: tuners") and "may import only ['base']" in p for p in found), found
+    assert any("mmpeft.novel" in p and "no core package" in p for p in found), found

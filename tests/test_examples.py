@@ -94,7 +94,7 @@ def tiny_sam_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(ROOT / p)])
 def test_doc_snippets_run(page: str, tmp_path, monkeypatch, one_thread, request) -> None:
     """Every python block of the page runs, in order, in one namespace (as a reader would)."""
-    from mmpeft.fusion import FUSION_RULES
+    from mmpeft.tuners.fusion import FUSION_RULES
 
     if page in TINY_PAGES:
         request.getfixturevalue("tiny_sam_models")
@@ -133,15 +133,15 @@ def test_every_page_is_checked() -> None:
 def test_api_doc_names_every_export() -> None:
     """docs/api.md lists every name exported by mmpeft and its public submodules (add new ones there)."""
     import mmpeft
-    import mmpeft.attention
+    import mmpeft.runtime.attention
     import mmpeft.backbones
-    import mmpeft.checkpointing
-    import mmpeft.peft_interop
+    import mmpeft.runtime.checkpointing
+    import mmpeft.interop.peft_interop
 
     text = (DOCS / "api.md").read_text()
     missing = [
         f"{mod.__name__}.{name}"
-        for mod in (mmpeft, mmpeft.backbones, mmpeft.peft_interop, mmpeft.attention, mmpeft.checkpointing)
+        for mod in (mmpeft, mmpeft.backbones, mmpeft.interop.peft_interop, mmpeft.runtime.attention, mmpeft.runtime.checkpointing)
         for name in mod.__all__
         if f"**`{name}`**" not in text
     ]

@@ -194,7 +194,7 @@ def test_torchvision_swin_explicit_attention_is_the_same_function(v2: bool, size
 
 
 def test_timm_qkv_bias_separate_switched_for_beit_and_swinv2() -> None:
-    from mmpeft.prepare import prepare_backbone
+    from mmpeft.targeting.prepare import prepare_backbone
 
     for kind, attn in (("timm_beit", "blocks.0.attn"), ("timm_swinv2", "layers.0.blocks.0.attn")):
         base = _build(kind)

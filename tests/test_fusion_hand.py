@@ -143,14 +143,14 @@ def test_fusion_none_and_single_modality_have_no_lambda() -> None:
 
 
 def test_matrix_fusion_starts_as_scalar() -> None:
-    from mmpeft.fusion import MatrixFusion, ScalarFusion
+    from mmpeft.tuners.fusion import MatrixFusion, ScalarFusion
 
     d = torch.randn(3, 5, 4)
     assert torch.allclose(MatrixFusion("abc", init=0.3)(d), ScalarFusion("abc", init=0.3)(d), atol=1e-6)
 
 
 def test_single_modality_rules_are_identity_and_parameter_free() -> None:
-    from mmpeft.fusion import build_fusion
+    from mmpeft.tuners.fusion import build_fusion
 
     d = torch.randn(1, 3, 4)
     for rule in ("none", "scalar", "matrix"):
@@ -160,7 +160,7 @@ def test_single_modality_rules_are_identity_and_parameter_free() -> None:
 
 def test_custom_nonlinear_fusion_batched_equals_loop() -> None:
     """A registered rule that is not a linear map takes the generic path; both paths agree."""
-    from mmpeft.fusion import Fusion, register_fusion
+    from mmpeft.tuners.fusion import Fusion, register_fusion
 
     class TanhSum(Fusion):  # out_m = tanh(sum_k d_k): not linear
         def forward(self, d: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mmpeft import MultimodalConfig, NonFiniteInputError, StemConfig, check_finite, modality_dropout, wrap_multimodal
-from mmpeft.batch import check_sizes
+from mmpeft.runtime.batch import check_sizes
 from mmpeft.config import parse_stem
-from mmpeft.io import CONFIG_NAME
-from mmpeft.presence import masked_presence, presence_tensor
-from mmpeft.stems import check_stem_inputs
+from mmpeft.model.io import CONFIG_NAME
+from mmpeft.runtime.presence import masked_presence, presence_tensor
+from mmpeft.runtime.stems import check_stem_inputs
 from mmpeft.utils import check_modalities
 
 from .conftest import tiny_timm_vit

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmpeft import count_parameters, load_multimodal, trainable_summary, wrap_multimodal
-from mmpeft.io import CONFIG_NAME, WEIGHTS_NAME
+from mmpeft.model.io import CONFIG_NAME, WEIGHTS_NAME
 
 from .conftest import tiny_sam, tiny_timm_sam
 from .test_wrap import _randomise_trainables

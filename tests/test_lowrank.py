@@ -1,11 +1,11 @@
-"""The fused low-rank nodes (mmpeft.lowrank) against plain autograd: values and every gradient."""
+"""The fused low-rank nodes (mmpeft.tuners.lowrank) against plain autograd: values and every gradient."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mmpeft.lowrank import mixed_up, stacked_linear
+from mmpeft.tuners.lowrank import mixed_up, stacked_linear
 
 
 def _leaf(*shape: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:

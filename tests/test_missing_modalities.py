@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalLoRA, build_fusion, wrap_multimodal
-from mmpeft.fusion import presence_weights
-from mmpeft.presence import NonFiniteInputError, check_finite, modality_dropout
+from mmpeft.tuners.fusion import presence_weights
+from mmpeft.runtime.presence import NonFiniteInputError, check_finite, modality_dropout
 
 from .conftest import tiny_sam, tiny_timm_vit
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmpeft import wrap_multimodal
-from mmpeft.peft_families import PlainModelError, place, prepare_for_peft
-from mmpeft.peft_interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, peft_lora_weights
+from mmpeft.interop.peft_families import PlainModelError, place, prepare_for_peft
+from mmpeft.interop.peft_interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, peft_lora_weights
 
 from .conftest import tiny_sam, tiny_timm_vit
 from .test_backbones import BACKBONES, _build, _tensor
@@ -278,7 +278,7 @@ def test_any_timm_attention_reading_qkv_weight_is_named() -> None:
     import timm
 
     beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, depth=1, embed_dim=16, num_heads=1)
-    beit.blocks[0].attn.qkv_bias_separate = True  # what mmpeft.prepare does to it
+    beit.blocks[0].attn.qkv_bias_separate = True  # what mmpeft.targeting.prepare does to it
     with pytest.raises(PlainModelError, match=r"blocks\.0\.attn\.qkv: the plain timm Attention .*F\.linear"):
         place(beit, "blocks.0.attn.qkv", prepared=False)
     assert place(beit, "blocks.0.attn.qkv", prepared=True).path == "blocks.0.attn.qkv"

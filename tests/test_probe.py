@@ -1,4 +1,4 @@
-"""The wrap-time dry run (mmpeft.probe): modules whose input has no batch axis are refused by name,
+"""The wrap-time dry run (mmpeft.targeting.probe): modules whose input has no batch axis are refused by name,
 every layer learns its batch factor, and the stacked forward checks the leading size exactly."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from mmpeft import wrap_multimodal
-from mmpeft.inject import apply_rules
-from mmpeft.probe import ProbeError, dry_run, probe_batch_factors
+from mmpeft.targeting.inject import apply_rules
+from mmpeft.targeting.probe import ProbeError, dry_run, probe_batch_factors
 from mmpeft.tuners import MultimodalLoRA
 from mmpeft.tuners.base import stacked_batch
-from mmpeft.verify import WrapError
+from mmpeft.runtime.verify import WrapError
 from tests.conftest import tiny_custom, tiny_sam, tiny_timm_vit
 
 MODS3 = ("optical", "dsm", "sar")
@@ -164,7 +164,7 @@ def test_failed_dry_run_and_unused_module_are_named() -> None:
         wrap_multimodal(_Unused(), ("optical", "dsm"), "lora", targets=["fc", "unused"])
     # without the probe: wrapped, the layers keep the divisibility check
     from mmpeft.config import MultimodalConfig
-    from mmpeft.wrap import build_config
+    from mmpeft.model.wrap import build_config
 
     model = _NeedsText()
     config: MultimodalConfig = build_config(model, ("optical", "dsm"), "lora", targets=["fc"])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mmpeft import reference_forward, wrap_multimodal
-from mmpeft.verify import WrapError
+from mmpeft.runtime.verify import WrapError
 
 from . import test_backbones as tb
 from . import test_families as tf

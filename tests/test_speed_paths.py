@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from mmpeft import wrap_multimodal
-from mmpeft.attention import resolve_queries
-from mmpeft.blocks import runner_of, set_block_features
+from mmpeft.runtime.attention import resolve_queries
+from mmpeft.runtime.blocks import runner_of, set_block_features
 
 from .conftest import tiny_timm_sam
 

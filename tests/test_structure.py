@@ -1,4 +1,4 @@
-"""Placement by structure (mmpeft.structure): a transformer of no known family gets the presets'
+"""Placement by structure (mmpeft.targeting.structure): a transformer of no known family gets the presets'
 modules from its module tree; the choice equals the known families' on their models; an
 ambiguous structure is refused saying what was found."""
 
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from mmpeft import FAMILIES, detect_family, wrap_multimodal
-from mmpeft.structure import StructuralFamilyWarning, StructureError, find_structure
-from mmpeft.targets import BackboneFamily, match_targets, structural_family
-from mmpeft.wrap import plan_targets
+from mmpeft.targeting.structure import StructuralFamilyWarning, StructureError, find_structure
+from mmpeft.targeting.targets import BackboneFamily, match_targets, structural_family
+from mmpeft.model.wrap import plan_targets
 from tests.conftest import CustomBlock, tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
 
 MODS = ("optical", "dsm")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalModel, count_parameters, set_execution, wrap_multimodal
-from mmpeft.reference import per_modality_forward
+from mmpeft.interop.reference import per_modality_forward
 
 from .conftest import tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
 

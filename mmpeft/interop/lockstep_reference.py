@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from .batch import Inputs
-from .model import MultimodalModel
-from .tuners.lockstep import Lockstep
+from ..runtime.batch import Inputs
+from ..model.multimodal import MultimodalModel
+from ..tuners.lockstep import Lockstep
 
 __all__ = ["reference_forward"]
 

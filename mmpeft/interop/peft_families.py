@@ -1,6 +1,6 @@
 """Where a wrapped model's LoRA lands in the plain model peft loads it onto (:func:`export_peft`).
 
-Wrapping prepares the host (:func:`mmpeft.prepare.prepare_backbone`) so that every projection it
+Wrapping prepares the host (:func:`mmpeft.targeting.prepare.prepare_backbone`) so that every projection it
 adapts is a called module. The plain model peft loads an adapter onto is not prepared, and two
 preparations change what a peft LoRA there would do:
 
@@ -31,15 +31,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbones.torchvision_vit import ExplicitMultiheadAttention
-from .prepare import prepare_backbone
+from ..backbones.torchvision_vit import ExplicitMultiheadAttention
+from ..targeting.prepare import prepare_backbone
 
 __all__ = ["Exported", "Placement", "PlainModelError", "place", "prepare_for_peft", "to_plain"]
 
 _MHA_PARTS = ("in_proj", "out_proj")
 _PREPARED_HINT = (
     "Export with for_prepared_base=True and load the adapter onto the plain model prepared as wrapping "
-    "prepares it: peft.PeftModel.from_pretrained(mmpeft.peft_families.prepare_for_peft(plain_model), directory) "
+    "prepares it: peft.PeftModel.from_pretrained(mmpeft.interop.peft_families.prepare_for_peft(plain_model), directory) "
     "(the same function and state dict as the plain model)."
 )
 
@@ -49,7 +49,7 @@ class PlainModelError(ValueError):
 
 
 def prepare_for_peft(model: nn.Module) -> nn.Module:
-    """``model`` prepared in place as wrapping prepares it (:func:`mmpeft.prepare.prepare_backbone`:
+    """``model`` prepared in place as wrapping prepares it (:func:`mmpeft.targeting.prepare.prepare_backbone`:
     EVA02's ``qkv_bias_separate = True``, torchvision's explicit attention, norms in eval), returned.
 
     The function and the state-dict keys are unchanged; an adapter written by
@@ -110,7 +110,7 @@ def _refuse_mmpeft_ancestor(path: str, prefix: str, anc: nn.Module, child: str) 
         why = "the plain model holds an nn.MultiheadAttention there, which reads its projections' weights" if (
             isinstance(anc, ExplicitMultiheadAttention)) else "the plain model holds the original module there"
         return PlainModelError(
-            f"{path}: {prefix} is mmpeft's {cls}, which exists only after mmpeft's preparation (mmpeft.prepare); "
+            f"{path}: {prefix} is mmpeft's {cls}, which exists only after mmpeft's preparation (mmpeft.targeting.prepare); "
             f"{why} and does not call a {child!r} module, so a peft LoRA there would never act. {_PREPARED_HINT}"
         )
     return PlainModelError(f"{path}: {prefix} is mmpeft's {cls}, which the plain model does not hold; peft cannot place a module there")
@@ -135,7 +135,7 @@ def place(base: nn.Module, path: str, prepared: bool, *, saved: bool = False) ->
             f"{path}: the plain timm {type(parent).__name__} {'.'.join(parts[:-1])} (q/v biases, qkv_bias_separate "
             "False as timm builds it) computes F.linear(x, qkv.weight, qkv_bias) and never calls its qkv module, so "
             "a peft LoRA there would never act (peft only warns); wrapping set qkv_bias_separate = True "
-            f"(mmpeft.prepare) so that qkv is called. {_PREPARED_HINT}"
+            f"(mmpeft.targeting.prepare) so that qkv is called. {_PREPARED_HINT}"
         )
     return Placement(path)
 

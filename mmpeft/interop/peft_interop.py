@@ -9,7 +9,7 @@ s * B_m A_m x``. :func:`export_peft` writes those updates in peft's own director
 computes exactly what ``wrapped(...)[m]`` computes, on the input after the modality's stem (for
 the default "auto"/"repeat" stems: the DSM repeated to 3 channels). Where wrapping's preparation
 of the host changes a module peft would adapt (EVA02's qkv, torchvision's attention), the export
-maps it onto the plain model or refuses it, naming why (:mod:`mmpeft.peft_families`);
+maps it onto the plain model or refuses it, naming why (:mod:`mmpeft.interop.peft_families`);
 ``for_prepared_base=True`` writes the adapter for ``prepare_for_peft(plain_base_model)`` instead.
 
 Sliced LoRA (e.g. the q and v thirds of a fused qkv) becomes a rank ``S*r`` LoRA on the whole
@@ -40,11 +40,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model import MultimodalModel
+from ..model.multimodal import MultimodalModel
 from .peft_families import Exported as _Exported
 from .peft_families import PlainModelError, place, prepare_for_peft, to_plain  # noqa: F401  (re-exported)
-from .tuners import MultimodalAdapter, MultimodalLoRA, MultimodalLoRAConv2d
-from .utils import atomic_write
+from ..tuners import MultimodalAdapter, MultimodalLoRA, MultimodalLoRAConv2d
+from ..utils import atomic_write
 
 __all__ = ["export_peft", "peft_lora_weights", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
 
@@ -240,14 +240,14 @@ def export_peft(
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then reproduces ``wrapped``'s output
     for ``modality`` on the input after its stem (the DSM repeated to 3 channels by default).
 
-    Wrapping prepares some hosts (:mod:`mmpeft.peft_families`). torchvision's ViT: the LoRA of its
+    Wrapping prepares some hosts (:mod:`mmpeft.interop.peft_families`). torchvision's ViT: the LoRA of its
     attention's ``in_proj`` / ``out_proj`` becomes peft's own LoRA for ``nn.MultiheadAttention``.
     timm EVA02 (q/v biases): the plain model never calls ``attn.qkv``, so an adapter holding it is
     refused unless ``for_prepared_base``; with it the adapter keeps the wrapped model's paths and
     is exact on the plain model prepared as wrapping prepares it::
 
         export_peft(wrapped, "dsm", directory, for_prepared_base=True)
-        peft.PeftModel.from_pretrained(mmpeft.peft_families.prepare_for_peft(plain_model), directory)
+        peft.PeftModel.from_pretrained(mmpeft.interop.peft_families.prepare_for_peft(plain_model), directory)
 
     Files: ``adapter_config.json`` (``peft.LoraConfig.save_pretrained``) and
     ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight`` /
@@ -257,7 +257,7 @@ def export_peft(
     Raises:
         ValueError: a layer mixes modalities (fusion "scalar"/"matrix" with M > 1), the model holds
             adapters, it holds no LoRA layer, or the modality has a learnable stem (unless
-            ``allow_learned_stem``); :class:`mmpeft.peft_families.PlainModelError` (a ValueError)
+            ``allow_learned_stem``); :class:`mmpeft.interop.peft_families.PlainModelError` (a ValueError)
             naming a module the plain model would not hold or not call (without ``for_prepared_base``).
     """
     _check_exportable(wrapped, modality, allow_learned_stem)

@@ -18,8 +18,8 @@ import torch
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
-from .tuners import only_modality, set_execution
-from .model import MultimodalModel
+from ..tuners import only_modality, set_execution
+from ..model.multimodal import MultimodalModel
 
 __all__ = ["per_modality_forward"]
 

@@ -1,6 +1,6 @@
 """The wrapped model's block features and precision, as methods (mixed into ``MultimodalModel``).
 
-Efficient attention (:mod:`mmpeft.attention`), gradient checkpointing (:mod:`mmpeft.checkpointing`)
+Efficient attention (:mod:`mmpeft.runtime.attention`), gradient checkpointing (:mod:`mmpeft.runtime.checkpointing`)
 and regional compilation change how the frozen model's blocks run; ``set_base_dtype`` keeps the
 frozen weights in a low precision while the trainable tensors stay float32 masters.
 """
@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
-from .checkpointing import (
+from ..runtime.attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
+from ..runtime.checkpointing import (
     DEFAULT_PATTERN, checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing,
 )
-from .utils import resolve_dtype
+from ..utils import resolve_dtype
 
 __all__ = ["BlockFeatures"]
 
@@ -28,7 +28,7 @@ class BlockFeatures:
     _compute_dtype: torch.dtype | None
 
     def enable_efficient_attention(self, queries: str = "auto", rel_pos: str = "mask") -> list[str]:
-        """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.attention`; ``queries``
+        """Run SAM-style blocks padding-free with fused attention (:mod:`mmpeft.runtime.attention`; ``queries``
         and ``rel_pos`` as there); returns the names of the blocks affected."""
         return enable_efficient_attention(self.base_model, queries, rel_pos)
 
@@ -37,7 +37,7 @@ class BlockFeatures:
         return disable_efficient_attention(self.base_model)
 
     def set_grad_checkpointing(self, enable: bool = True, pattern: str | None = None) -> list[str]:
-        """Recompute the frozen blocks' activations in backward (:mod:`mmpeft.checkpointing`).
+        """Recompute the frozen blocks' activations in backward (:mod:`mmpeft.runtime.checkpointing`).
 
         ``pattern``: a regex over module names of the base model (default: ``blocks.<i>``).
         Returns the names of the modules checkpointed (empty when disabling).

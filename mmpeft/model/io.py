@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .utils import atomic_write
+from ..utils import atomic_write
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "write_adapter", "read_adapter"]
 

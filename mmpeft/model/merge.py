@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import runner_of, set_block_features
-from .inject import ModuleToSave, set_submodule
-from .tuners import MergeError, multimodal_layers
+from ..runtime.blocks import runner_of, set_block_features
+from ..targeting.inject import ModuleToSave, set_submodule
+from ..tuners import MergeError, multimodal_layers
 
 __all__ = ["set_enabled", "merge_layers", "unmerge_layers", "merge_and_unload"]
 

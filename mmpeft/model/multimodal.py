@@ -3,7 +3,7 @@
 What state a wrapped model is in is held in declared attributes: ``nonfinite`` (the NaN / inf
 action), ``adapters_enabled``, ``call_check_pending`` (the first forward verifies every layer
 ran), ``frozen_norms`` (kept in eval mode), ``compute_dtype``; each layer's own state is
-described in :mod:`mmpeft.tuners.base`; block features in :mod:`mmpeft.blocks`.
+described in :mod:`mmpeft.tuners.base`; block features in :mod:`mmpeft.runtime.blocks`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import torch
 from torch import nn
 
 from . import merge as _merge
-from .batch import Inputs, check_sizes, gather, split_output
-from .config import MultimodalConfig
+from ..runtime.batch import Inputs, check_sizes, gather, split_output
+from ..config import MultimodalConfig
 from .features import BlockFeatures
-from .inject import ModuleToSave
+from ..targeting.inject import ModuleToSave
 from .params import trainable_summary
-from .presence import NonFiniteAction, Presence, masked_presence
+from ..runtime.presence import NonFiniteAction, Presence, masked_presence
 from .saving import Persistence
-from .stems import ModalityStem, check_stem_inputs
-from .tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, set_execution
-from .tuners.base import layer_state
-from .utils import state_mismatches
-from .verify import cast_inputs, checked_call, input_dtype
+from ..runtime.stems import ModalityStem, check_stem_inputs
+from ..tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, set_execution
+from ..tuners.base import layer_state
+from ..utils import state_mismatches
+from ..runtime.verify import cast_inputs, checked_call, input_dtype
 
 __all__ = ["MultimodalModel"]
 
@@ -37,7 +37,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
 
     ``forward(inputs)`` stacks the modalities modality-major on the batch axis, runs the frozen
     model once on ``(M*B, ...)`` and splits every tensor of the output back into M parts. Build
-    one with :func:`~mmpeft.wrap_multimodal` or :meth:`from_pretrained` (:mod:`mmpeft.saving`: also
+    one with :func:`~mmpeft.wrap_multimodal` or :meth:`from_pretrained` (:mod:`mmpeft.model.saving`: also
     ``from_config`` and ``save_pretrained``).
 
     Attributes:
@@ -47,7 +47,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         nonfinite: what a NaN / inf input does (:meth:`set_nonfinite`).
         adapters_enabled: False inside :meth:`disable_adapters`.
         call_check_pending: the next forward verifies that every multimodal layer runs.
-        frozen_norms: names of the running-statistics norms kept in eval mode (:mod:`mmpeft.norms`).
+        frozen_norms: names of the running-statistics norms kept in eval mode (:mod:`mmpeft.runtime.norms`).
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
     def _run(self, fn: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.call_check_pending or torch.compiler.is_compiling():
             return fn(x, *args, **kwargs)
-        out = checked_call(list(self.layers()), fn, x, *args, **kwargs)  # mmpeft.verify
+        out = checked_call(list(self.layers()), fn, x, *args, **kwargs)  # mmpeft.runtime.verify
         self.call_check_pending = False
         return out
 
@@ -294,7 +294,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
             self.set_adapters_enabled(before)
 
     def merge_adapters(self) -> list[str]:
-        """Fold every LoRA update into per-modality copies of its frozen weight (:mod:`mmpeft.merge`);
+        """Fold every LoRA update into per-modality copies of its frozen weight (:mod:`mmpeft.model.merge`);
         raises naming each layer that cannot merge and why. Returns the merged layers' names."""
         return _merge.merge_layers(self)
 

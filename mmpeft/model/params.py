@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from .tuners import METHODS
+from ..tuners import METHODS
 
 __all__ = ["ParamGroup", "ParamReport", "count_parameters", "trainable_summary", "kind_of", "is_trainable_name"]
 

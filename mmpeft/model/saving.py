@@ -1,5 +1,5 @@
 """Building a wrapped model from a config, saving it and loading it back (``MultimodalModel``'s
-class methods and ``save_pretrained``); the file format is :mod:`mmpeft.io`."""
+class methods and ``save_pretrained``); the file format is :mod:`mmpeft.model.io`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ._version import __version__
-from .config import MultimodalConfig
-from .inject import apply_rules, infer_in_channels, wrap_modules_to_save
+from .._version import __version__
+from ..config import MultimodalConfig
+from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
 from .io import read_adapter, write_adapter
-from .prepare import prepare_backbone
-from .tuners import multimodal_layers
-from .utils import dtype_name
+from ..targeting.prepare import prepare_backbone
+from ..tuners import multimodal_layers
+from ..utils import dtype_name
 
 __all__ = ["Persistence"]
 
@@ -65,8 +65,8 @@ class Persistence:
         probe: bool | tuple[int, int] = True,
     ) -> T:  # fmt: skip
         """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
-        ``probe``: the wrap-time dry run of :func:`mmpeft.inject.apply_rules`, True, False or its (H, W))."""
-        report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.prepare)
+        ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W))."""
+        report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.targeting.prepare)
         size = _probe_size(probe)
         adapted = apply_rules(model, config, probe=probe is not False, probe_size=size)
         if config.modules_to_save is not None:

@@ -9,21 +9,21 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .config import MultimodalConfig, RuleConfig, parse_stem
-from .inject import _owners
-from .model import MultimodalModel
-from .prepare import prepare_backbone
-from .selection import (
+from ..config import MultimodalConfig, RuleConfig, parse_stem
+from ..targeting.inject import _owners
+from .multimodal import MultimodalModel
+from ..targeting.prepare import prepare_backbone
+from ..targeting.selection import (
     PATTERN_FIELDS,
     SELECTION_OPTIONS,
     Selection,
     is_all_linear,
     resolve_rules,
 )
-from .targets import detect_family, preset_rules
-from .tuners import METHODS, Method, get_method, method_of
-from .tuners.options import Targets
-from .utils import dtype_name, resolve_dtype
+from ..targeting.targets import detect_family, preset_rules
+from ..tuners import METHODS, Method, get_method, method_of
+from ..tuners.options import Targets
+from ..utils import dtype_name, resolve_dtype
 
 __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
 
@@ -82,7 +82,7 @@ def _lora_only(sel: Selection, methods: list[Method]) -> None:
 
 
 def _planned(model: nn.Module, in_place: bool) -> nn.Module:
-    """``model`` as it will be wrapped (:func:`mmpeft.prepare.prepare_backbone` changes the
+    """``model`` as it will be wrapped (:func:`mmpeft.targeting.prepare.prepare_backbone` changes the
     names of an ``nn.MultiheadAttention``'s projections): prepared in place, or a prepared copy."""
     if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         return model
@@ -204,17 +204,17 @@ def wrap_multimodal(
         method: a registered method, ``"lora"`` (default) or ``"adapter"``. Without ``targets``
             the method's paper placement is used (preset "mmlora" / "mmadapter"), detected from
             the model; with ``preset`` the method is the preset's (a different one is an error).
-        preset: one of :data:`mmpeft.targets.PRESETS` ("mmlora", "mmadapter", "lora", "adapter",
+        preset: one of :data:`mmpeft.targeting.targets.PRESETS` ("mmlora", "mmadapter", "lora", "adapter",
             "mmadapter_authors", ...).
         targets: modules to patch instead of a preset: a list of names (suffix match), a regex, or
             ``"all-linear"`` (peft's shorthand: every ``nn.Linear`` but the output head, see
-            :func:`mmpeft.selection.all_linear`).
+            :func:`mmpeft.targeting.selection.all_linear`).
         config: a complete :class:`MultimodalConfig` (overrides everything else).
         efficient_attention: run SAM-style blocks (segment-anything, timm's SAM) without work on
-            window padding and with fused attention (:mod:`mmpeft.attention`; same outputs).
+            window padding and with fused attention (:mod:`mmpeft.runtime.attention`; same outputs).
             ``True`` chooses the attention calls per device at run time (``"auto"``); ``"real"``
-            or ``"all"`` force one (see :func:`mmpeft.attention.enable_efficient_attention`).
-        probe: first run the model on a small random input at batch 1 and 2 (:mod:`mmpeft.probe`):
+            or ``"all"`` force one (see :func:`mmpeft.runtime.attention.enable_efficient_attention`).
+        probe: first run the model on a small random input at batch 1 and 2 (:mod:`mmpeft.targeting.probe`):
             a targeted module never called, or whose input does not carry the batch axis (a
             position table), is an error naming it. ``(H, W)``: the dry run's input size (default:
             read off the model, else 224); ``False`` for a model whose forward takes no image batch.
@@ -229,7 +229,7 @@ def wrap_multimodal(
             it. For the model: ``stems`` ({modality: "repeat" | ("conv1x1", c) | StemConfig}),
             ``in_channels`` (inferred from the first conv by default) and ``modules_to_save``
             (modules that train in full and are saved with the adapters: names or a regex).
-            Selection, as peft (narrowing a preset too; see :mod:`mmpeft.selection`, and
+            Selection, as peft (narrowing a preset too; see :mod:`mmpeft.targeting.selection`, and
             :func:`plan_targets` for a dry run): ``exclude`` (names or a regex), ``layers`` (block
             indices), ``layers_pattern`` (block list names, default "blocks", "layers", "layer")
             and, for LoRA, ``rank_pattern`` / ``alpha_pattern`` ({key: value}, a key matching the

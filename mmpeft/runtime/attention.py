@@ -8,7 +8,7 @@ output projections see are padding, and the output projection's result on them i
 
 :func:`enable_efficient_attention` replaces the ``forward`` of such blocks (names and state-dict keys
 are unchanged) by one that computes
-the same function with less work (installed through :mod:`mmpeft.blocks`, which also carries
+the same function with less work (installed through :mod:`mmpeft.runtime.blocks`, which also carries
 gradient checkpointing):
 
 - the qkv projection runs on the real tokens only; the padded tokens' q, k, v are the
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import blocks_with, runner_of, set_block_features
-from .tuners import MultimodalAdapter, MultimodalLayer
+from ..tuners import MultimodalAdapter, MultimodalLayer
 
 __all__ = [
     "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",
@@ -293,7 +293,7 @@ def enable_efficient_attention(model: nn.Module, queries: str = "auto", rel_pos:
     """Run the SAM-style blocks of ``model`` padding-free with fused attention (see module doc).
 
     Applies to segment-anything's and timm's SAM ``Block`` (other blocks are left as they are),
-    wrapped or not, before or after :func:`mmpeft.checkpointing.enable_gradient_checkpointing`.
+    wrapped or not, before or after :func:`mmpeft.runtime.checkpointing.enable_gradient_checkpointing`.
 
     Args:
         queries: which queries of the padded windows attend: ``"real"`` (only the real tokens',

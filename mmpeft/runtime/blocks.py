@@ -1,7 +1,7 @@
 """One mechanism for the features that change how a block of the frozen model runs.
 
-Efficient attention (:mod:`mmpeft.attention`) replaces a SAM-style block's function by an
-equivalent one; gradient checkpointing (:mod:`mmpeft.checkpointing`) recomputes a block's
+Efficient attention (:mod:`mmpeft.runtime.attention`) replaces a SAM-style block's function by an
+equivalent one; gradient checkpointing (:mod:`mmpeft.runtime.checkpointing`) recomputes a block's
 activations in backward. Both are settings of one :class:`BlockRunner` installed as the block's
 instance ``forward`` (names and state-dict keys unchanged, like timm's ``set_grad_checkpointing``):
 the runner composes them (checkpointing wraps whichever function computes the block) and the

@@ -16,8 +16,8 @@ DEFAULT_PATTERN = r"(.*\.)?blocks\.\d+"
 def enable_gradient_checkpointing(model: nn.Module, pattern: str = DEFAULT_PATTERN) -> list[str]:
     """Recompute the activations of every module whose name fully matches ``pattern`` in backward.
 
-    Module names and state-dict keys are unchanged (a :class:`mmpeft.blocks.BlockRunner` runs the
-    module). Only active in training mode; composes with :mod:`mmpeft.attention` in either order.
+    Module names and state-dict keys are unchanged (a :class:`mmpeft.runtime.blocks.BlockRunner` runs the
+    module). Only active in training mode; composes with :mod:`mmpeft.runtime.attention` in either order.
     Returns the names of the checkpointed modules.
     """
     names = []

@@ -1,9 +1,9 @@
 """Missing modalities: presence masks, modality dropout and the non-finite input check.
 
-A :class:`~mmpeft.wrap.MultimodalModel` accepts any non-empty subset of its modalities (only those
+A :class:`~mmpeft.model.wrap.MultimodalModel` accepts any non-empty subset of its modalities (only those
 are stacked and run) and, for training with missing modalities, a per-sample presence mask
 ``{modality: (B,) bool}``. The fusion rules define how the present modalities mix
-(:meth:`mmpeft.fusion.Fusion.present_weights`; docs/missing_modalities.md).
+(:meth:`mmpeft.tuners.fusion.Fusion.present_weights`; docs/missing_modalities.md).
 
 - :func:`presence_tensor`: a mask in any accepted form -> (S, B) bool over the present modalities;
   a sample with every modality absent is an error naming it (:func:`refuse_empty`).

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import StemConfig
+from ..config import StemConfig
 
 __all__ = ["ModalityStem", "check_stem_inputs"]
 

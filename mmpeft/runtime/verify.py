@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .tuners import MultimodalLayer
+from ..tuners import MultimodalLayer
 
 __all__ = ["WrapError", "cast_inputs", "compute_dtype", "input_dtype", "checked_call"]
 

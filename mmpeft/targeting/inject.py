@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MultimodalConfig
+from ..config import MultimodalConfig
 from .prepare import check_targets_callable
 from .probe import ProbeError, probe_batch_factors, probe_input
 from .selection import all_linear, is_all_linear
 from .targets import match_targets
-from .tuners import method_of, multimodal_layers
-from .tuners.options import Targets
+from ..tuners import method_of, multimodal_layers
+from ..tuners.options import Targets
 
 __all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "set_submodule", "wrap_modules_to_save"]
 
@@ -91,10 +91,10 @@ def apply_rules(
     """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names.
 
     ``probe``: first run the model's forward on a small input at batch 1 and 2
-    (:mod:`mmpeft.probe`): a targeted module that is never called, or whose input does not carry
+    (:mod:`mmpeft.targeting.probe`): a targeted module that is never called, or whose input does not carry
     the batch axis, is an error naming it; each layer gets its ``batch_factor``. Off (False) for a
     model whose forward takes other inputs: the layers then check dim 0 by divisibility only.
-    ``probe_size``: the (H, W) of the dry run's input (default: :func:`mmpeft.probe.probe_input`).
+    ``probe_size``: the (H, W) of the dry run's input (default: :func:`mmpeft.targeting.probe.probe_input`).
     """
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
         raise ValueError("this model is already wrapped by mmpeft; wrap the original model once")

@@ -3,7 +3,7 @@
 Some backbones read a projection's ``.weight`` instead of calling the module, which would bypass
 (or crash on) a multimodal layer put in its place. :func:`prepare_backbone` turns each known case
 into an equivalent model whose projections are called, and lists the running-statistics norms
-to keep in eval mode (:mod:`mmpeft.norms`). Every change keeps the model's function and its state-dict keys.
+to keep in eval mode (:mod:`mmpeft.runtime.norms`). Every change keeps the model's function and its state-dict keys.
 
 - timm attentions with q/v biases and a ``qkv_bias_separate`` switch (``EvaAttention`` of
   EVA02, BEiT's ``Attention``, Swin V2's ``WindowAttention``) compute
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .norms import frozen_norms
+from ..runtime.norms import frozen_norms
 
 __all__ = ["BypassError", "prepare_backbone", "check_targets_callable"]
 
@@ -49,8 +49,8 @@ def prepare_backbone(model: nn.Module) -> dict[str, list[str]]:
     """
     report = {"eva_qkv_bias": _separate_qkv_bias(model), "explicit_attention": [], "explicit_window_attention": []}
     if any(type(m).__module__.startswith("torchvision.") for m in model.modules()):
-        from .backbones.torchvision_swin import make_swin_attention_explicit
-        from .backbones.torchvision_vit import make_attention_explicit
+        from ..backbones.torchvision_swin import make_swin_attention_explicit
+        from ..backbones.torchvision_vit import make_attention_explicit
 
         report["explicit_attention"] = make_attention_explicit(model)
         report["explicit_window_attention"] = make_swin_attention_explicit(model)

@@ -13,7 +13,7 @@ ViT's tokens, the number of windows in SAM's windowed blocks) goes to the layer'
 ``batch_factor`` (:mod:`mmpeft.tuners.base` checks dim 0 against it at run time).
 
 Errors, at wrap time: :class:`ProbeError` when the dry run cannot run (it names the input it
-tried), :class:`~mmpeft.verify.WrapError` naming the targeted modules the forward never calls,
+tried), :class:`~mmpeft.runtime.verify.WrapError` naming the targeted modules the forward never calls,
 ValueError naming a module whose input does not follow the batch, with its shapes at batch 1
 and 2 and the fix (``exclude=`` / ``targets=``).
 
@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .verify import WrapError
+from ..runtime.verify import WrapError
 
 __all__ = ["PROBE_BATCHES", "ProbeError", "Probed", "probe_input", "dry_run", "probe_batch_factors"]
 

@@ -18,11 +18,11 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from .config import RuleConfig
+from ..config import RuleConfig
 from .targets import _matches, match_targets
-from .tuners import method_of
-from .tuners.options import Targets, check_targets
-from .utils import check_int, check_number
+from ..tuners import method_of
+from ..tuners.options import Targets, check_targets
+from ..utils import check_int, check_number
 
 __all__ = [
     "ALL_LINEAR", "DEFAULT_LAYERS_PATTERN", "SELECTION_OPTIONS", "Selection", "all_linear", "is_all_linear",

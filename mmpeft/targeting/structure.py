@@ -84,7 +84,7 @@ class Structure:
     adapter_refused: str | None
 
     def family_fields(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`mmpeft.targets.BackboneFamily` (all but the name)."""
+        """Keyword arguments of :class:`mmpeft.targeting.targets.BackboneFamily` (all but the name)."""
         return dict(
             qkv=self.qkv, q=self.q, v=self.v, kv=self.kv, mlp_in=self.mlp_in, mlp_out=self.mlp_out,
             mlp_gate=self.mlp_gate, attn=self.attn, mlp=self.mlp, scope=self.scope,

@@ -17,7 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-from .config import AdapterConfig, LoRAConfig, RuleConfig, Targets
+from ..config import AdapterConfig, LoRAConfig, RuleConfig, Targets
 from .structure import StructureError, find_structure, warn_structural
 
 __all__ = [
@@ -51,7 +51,7 @@ class BackboneFamily:
             tuned like ``mlp_in``.
         classes: class names (``module.qualname``) of which one must be present (checked
             first; empty: detection by names only).
-        prepared: the targeted names exist only once :func:`mmpeft.prepare.prepare_backbone`
+        prepared: the targeted names exist only once :func:`mmpeft.targeting.prepare.prepare_backbone`
             has run (``wrap_multimodal`` runs it): detection by ``classes`` alone.
         adapter_refused: why the adapter presets cannot place their adapters in this family
             (None: they can); wrapping with one raises ValueError with this reason.
@@ -106,7 +106,7 @@ _HF_SWIN_NO_ADAPTER = (
 
 FAMILIES: dict[str, BackboneFamily] = {
     # timm's Eva / EVA02 (rotary): fused qkv whose bias timm adds inside F.linear reading
-    # qkv.weight; mmpeft.prepare switches it to timm's own `qkv_bias_separate` so qkv is called
+    # qkv.weight; mmpeft.targeting.prepare switches it to timm's own `qkv_bias_separate` so qkv is called
     "timm_eva": BackboneFamily(
         "timm_eva", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp",
         classes=("timm.models.eva.EvaAttention",), note="timm Eva / EVA02 tiny / small (fused qkv)",
@@ -120,7 +120,7 @@ FAMILIES: dict[str, BackboneFamily] = {
         "timm_eva_split", None, "mlp.fc1", "mlp.fc2", "attn", "mlp", q="attn.q_proj", v="attn.v_proj",
         classes=("timm.models.eva.EvaAttention",), note="timm Eva with qkv_fused=False",
     ),  # fmt: skip
-    # torchvision's VisionTransformer: nn.MultiheadAttention is swapped (mmpeft.prepare) for an
+    # torchvision's VisionTransformer: nn.MultiheadAttention is swapped (mmpeft.targeting.prepare) for an
     # equivalent with an explicit `in_proj` nn.Linear and the same state-dict keys
     "torchvision": BackboneFamily(
         "torchvision", "self_attention.in_proj", "mlp.0", "mlp.3", "self_attention.out_proj", "mlp",
@@ -139,7 +139,7 @@ FAMILIES: dict[str, BackboneFamily] = {
         mlp="mlp", classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
     ),  # fmt: skip
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
-    # mmpeft.prepare gives it a forward that calls them (same module, same state-dict keys). The
+    # mmpeft.targeting.prepare gives it a forward that calls them (same module, same state-dict keys). The
     # "after" adapter follows attn.proj (v2's attention ends its nn.Linear list with cpb_mlp's)
     "torchvision_swin": BackboneFamily(
         "torchvision_swin", "attn.qkv", "mlp.0", "mlp.3", "attn.proj", "mlp",
@@ -235,8 +235,8 @@ def _fits(fam: BackboneFamily, names: list[str], classes: set[str]) -> bool:
 
 def structural_family(model: nn.Module) -> BackboneFamily:
     """The family ``"structural"``: the presets' modules found from ``model``'s structure by
-    :func:`mmpeft.structure.find_structure` (names inside the repeated blocks, ``scope`` their
-    list). Raises :class:`~mmpeft.structure.StructureError` saying what was found when ambiguous."""
+    :func:`mmpeft.targeting.structure.find_structure` (names inside the repeated blocks, ``scope`` their
+    list). Raises :class:`~mmpeft.targeting.structure.StructureError` saying what was found when ambiguous."""
     return BackboneFamily("structural", **find_structure(model).family_fields())
 
 
@@ -244,7 +244,7 @@ def detect_family(model: nn.Module) -> BackboneFamily:
     """The first :class:`BackboneFamily` of :data:`FAMILIES` that ``model`` belongs to: one of its
     marker classes is present (when it has any) and its attention and MLP names exist. Else the
     placement found from the structure (:func:`structural_family`), announced by a
-    :class:`~mmpeft.structure.StructuralFamilyWarning` naming the chosen modules."""
+    :class:`~mmpeft.targeting.structure.StructuralFamilyWarning` naming the chosen modules."""
     names = [n for n, _ in model.named_modules() if n]
     classes = _class_names(model)
     for fam in FAMILIES.values():
@@ -257,7 +257,7 @@ def detect_family(model: nn.Module) -> BackboneFamily:
             f"cannot tell which ViT family {type(model).__name__} belongs to (known: "
             + "; ".join(f"{f.name}: {f.required()}" for f in FAMILIES.values())
             + f"), nor place the presets by its structure: {err}. Pass `targets=` explicitly, or register a "
-            "BackboneFamily in mmpeft.FAMILIES (see help(mmpeft.targets), or `mmpeft-isprs help backbones`)"
+            "BackboneFamily in mmpeft.FAMILIES (see help(mmpeft.targeting.targets), or `mmpeft-isprs help backbones`)"
         ) from None
     warn_structural(structure.summary(type(model).__name__))
     return BackboneFamily("structural", **structure.family_fields())

@@ -12,15 +12,15 @@ Every piece of state a layer has is a declared attribute (no flags or hooks put 
 - ``single``: index of the only modality in the batch (:func:`only_modality`), else None;
 - ``present`` / ``presence``: the modalities in the batch (indices) and the per-sample (S, B)
   mask (:func:`present_modalities`), None when all are present;
-- ``call_check`` / ``called``: the first-forward check of :mod:`mmpeft.verify`;
+- ``call_check`` / ``called``: the first-forward check of :mod:`mmpeft.runtime.verify`;
 - ``batch_factor`` / ``factor_size``: k, the leading size of the layer's input per sample of one
-  modality, found by the wrap-time dry run (:mod:`mmpeft.probe`: 1 for tokens, the number of
+  modality, found by the wrap-time dry run (:mod:`mmpeft.targeting.probe`: 1 for tokens, the number of
   windows in windowed blocks) on an input of spatial size ``factor_size``; None for a layer built
   by hand (no dry run);
 - ``batch_size`` / ``input_size``: B, the batch of one modality in the current forward, and its
   input's spatial size (:func:`stacked_batch`, set by the wrapped model around each forward),
   else None. With B known the stacked input's leading size must be S*k*B (or S*B:
-  :mod:`mmpeft.attention` runs SAM's windowed modules on the un-windowed grid) when the input
+  :mod:`mmpeft.runtime.attention` runs SAM's windowed modules on the un-windowed grid) when the input
   has the dry run's size, a multiple of S*B at another size (windows vary with it); without B
   dim 0 must divide by S;
 - ``merged``: whether the updates are folded into per-modality weights (methods that can merge).
@@ -35,7 +35,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..fusion import Fusion, apply_mixing
+from .fusion import Fusion, apply_mixing
 from ..utils import check_modalities
 
 __all__ = [
@@ -101,13 +101,13 @@ class MultimodalLayer(nn.Module):
         self.factor_size: tuple[int, ...] | None = None  # the dry run's input spatial size, for which k holds
         self.batch_size: int | None = None  # B of the current forward (stacked_batch), None: unknown
         self.input_size: tuple[int, ...] | None = None  # its input's spatial size (stacked_batch)
-        self.reference: Any = None  # a Lockstep while the per-modality reference runs (mmpeft.reference)
+        self.reference: Any = None  # a Lockstep while the per-modality reference runs (mmpeft.interop.reference)
 
     def __getattr__(self, name: str) -> Any:
         """A plain setting of the wrapped module its host reads (timm Hiera's ``attn.q_stride``,
         ``num_heads``, flags) comes from ``base_layer``. Tensors and modules do not: a host that
         reads ``.weight`` of a wrapped module would bypass the update, and the first forward
-        names it (:mod:`mmpeft.verify`)."""
+        names it (:mod:`mmpeft.runtime.verify`)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -180,7 +180,7 @@ class MultimodalLayer(nn.Module):
         return self._fusion()(d) if w is None else apply_mixing(w, d)
 
     def _fused_weights(self) -> tuple[bool, torch.Tensor | None]:
-        """Whether the fused nodes of :mod:`mmpeft.lowrank` apply, and their (M, M) mixing weights
+        """Whether the fused nodes of :mod:`mmpeft.tuners.lowrank` apply, and their (M, M) mixing weights
         (None: the identity). They do for a linear rule mixing the whole batch alike; a
         non-linear rule or per-sample presence takes the general path, and so does
         ``torch.export`` (it cannot trace the nodes' ``out=`` products with trainable inputs)."""
@@ -283,7 +283,7 @@ def present_modalities(
 ) -> contextlib.AbstractContextManager[None]:
     """Within the block, layers see a batch of the modalities ``present`` (indices into their
     modalities, stacked in that order; None: all) with the optional per-sample ``presence``
-    (S, B) bool mask. Fusion rules mix as :meth:`mmpeft.fusion.Fusion.present_weights` defines."""
+    (S, B) bool mask. Fusion rules mix as :meth:`mmpeft.tuners.fusion.Fusion.present_weights` defines."""
     return layer_state(model, present=None if present is None else tuple(present), presence=presence)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..outputs import first_output, with_first
+from .outputs import first_output, with_first
 
 __all__ = ["Lockstep"]
 

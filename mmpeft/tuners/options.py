@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from ..fusion import FUSION_RULES
+from .fusion import FUSION_RULES
 from ..utils import check_number
 
 __all__ = ["Targets", "check_targets", "check_fusion"]

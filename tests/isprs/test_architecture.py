@@ -178,7 +178,7 @@ def test_the_checker_catches_private_imports(tmp_path: Path, monkeypatch: pytest
         "mmpeft/backbones/__init__.py": "__all__ = ['build_sam_encoder']\n",
         "mmpeft_isprs/ok.py": "import mmpeft\nfrom mmpeft import wrap_multimodal\nfrom mmpeft.backbones import build_sam_encoder\n"
                               "v = mmpeft.__version__\nw = mmpeft.wrap_multimodal\n",
-        "mmpeft_isprs/bad.py": "from mmpeft.wrap import wrap_multimodal\nfrom mmpeft import wrap_multimodal, _hidden\n"
+        "mmpeft_isprs/bad.py": "from mmpeft.model.wrap import wrap_multimodal\nfrom mmpeft import wrap_multimodal, _hidden\n"
                                "def f():\n    import mmpeft.tuners.base\n",
         "mmpeft_isprs/attr.py": "import mmpeft\nx = mmpeft.tuners\n",
     }  # fmt: skip
@@ -189,7 +189,7 @@ def test_the_checker_catches_private_imports(tmp_path: Path, monkeypatch: pytest
     found = private_core_imports(sorted((tmp_path / "mmpeft_isprs").rglob("*.py")))
     assert found == [
         "mmpeft_isprs/attr.py:2: mmpeft.tuners",
-        "mmpeft_isprs/bad.py:1: from mmpeft.wrap import wrap_multimodal",
+        "mmpeft_isprs/bad.py:1: from mmpeft.model.wrap import wrap_multimodal",
         "mmpeft_isprs/bad.py:2: from mmpeft import _hidden",
         "mmpeft_isprs/bad.py:4: import mmpeft.tuners.base",
     ], found

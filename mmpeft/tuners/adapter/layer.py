@@ -7,9 +7,9 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from ...fusion import Fusion, build_fusion, lowrank_mix
-from ...lowrank import mixed_up, stacked_linear
-from ...outputs import cat_rests, chunk_args, first_output, take_input, with_first
+from ..fusion import Fusion, build_fusion, lowrank_mix
+from ..lowrank import mixed_up, stacked_linear
+from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
 from ...utils import check_int
 from ..base import MultimodalLayer, by_modality
 
@@ -114,7 +114,7 @@ class MultimodalAdapter(MultimodalLayer):
         Extra arguments (e.g. timm's ``attn_mask=None``) are passed to the base module unchanged;
         ``x`` may come by the keyword of the module's first parameter. When the module returns a
         tuple (an attention's ``(output, weights)``) the first element is adapted and the rest
-        passed through (:mod:`mmpeft.outputs`).
+        passed through (:mod:`mmpeft.tuners.outputs`).
         """
         x, kwargs = take_input(self.base_layer, x, kwargs)
         self._note_call(x)
@@ -184,7 +184,7 @@ class MultimodalAdapter(MultimodalLayer):
 
         The same function as ``self(x)`` with ``y = self.base_layer(x)``, in every execution mode;
         used by code that runs the wrapped module's internals itself (e.g.
-        :func:`mmpeft.attention.enable_efficient_attention`).
+        :func:`mmpeft.runtime.attention.enable_efficient_attention`).
         """
         if self.placement != "after":
             raise ValueError("adapt_output applies to adapters placed 'after' a module")

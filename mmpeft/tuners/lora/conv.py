@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...fusion import Fusion, build_fusion
+from ..fusion import Fusion, build_fusion
 from ...utils import check_int
 from ..base import MultimodalLayer, WeightMerging, mixing_refusal
 from .variants import lora_scaling
@@ -37,7 +37,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
         rank: LoRA rank r.
         alpha: scaling numerator; ``scaling = alpha / rank``; ``None`` means scaling 1.
         dropout: dropout on the LoRA input.
-        fusion: fusion rule name (see :mod:`mmpeft.fusion`).
+        fusion: fusion rule name (see :mod:`mmpeft.tuners.fusion`).
         lambda_init: initial value of the fusion parameters.
     """
 

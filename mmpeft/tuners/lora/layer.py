@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...fusion import Fusion, build_fusion, lowrank_mix
-from ...lowrank import mixed_up, stacked_linear
+from ..fusion import Fusion, build_fusion, lowrank_mix
+from ..lowrank import mixed_up, stacked_linear
 from ...utils import check_int
 from ..base import MultimodalLayer, WeightMerging, by_modality, mixing_refusal
 from .variants import (
@@ -46,7 +46,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         dropout: dropout on the LoRA input.
         slices: optional ``{name: (start, stop)}`` output ranges that receive an update; others
             are left untouched (no zero-padding copies are made).
-        fusion: fusion rule name (see :mod:`mmpeft.fusion`).
+        fusion: fusion rule name (see :mod:`mmpeft.tuners.fusion`).
         lambda_init: initial value of the fusion parameters.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (needs ``alpha``).
         init_lora_weights: ``"kaiming"``, ``"gaussian"``, ``"pissa"`` or ``"olora"``.
