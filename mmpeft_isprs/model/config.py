@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 from mmpeft import FUSION_RULES, resolve_dtype
 from mmpeft.backbones import SAM_SPECS
 
+from .encoders import BackboneKind, resolve_backbone
+
 __all__ = ["MFNetConfig", "MFNET_PRESETS", "mfnet_preset", "check_input_size", "global_blocks"]
 
 
@@ -17,7 +19,11 @@ class MFNetConfig:
     """Every choice that defines an MFNet (JSON round-trip; no argv, no globals).
 
     Attributes:
-        backbone: SAM size: "vit_b", "vit_l", "vit_h" or "vit_tiny" (tests, CPU demo).
+        backbone: the frozen encoder (docs/mfnet.md#encoders). SAM's ViT: "vit_b", "vit_l", "vit_h" or
+            "vit_tiny" (tests, CPU demo); SAM2's Hiera: "sam2_hiera_tiny", "sam2_hiera_small",
+            "sam2_hiera_base_plus", "sam2_hiera_large" (its four stages feed the DFM); DINOv2:
+            "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14" (and "_reg" variants),
+            or any timm ViT name (a simple pyramid from ``pyramid_blocks`` feeds the DFM).
         impl: "timm" (timm's VisionTransformerSAM) or "segment_anything" (the original ImageEncoderViT).
         method: "adapter", "lora" or "none" (frozen encoder: Table IV's "without Adapter").
         fusion: cross-modal rule of the mixing parts of the encoder, passed to
@@ -52,7 +58,13 @@ class MFNetConfig:
             (every modality through every layer one after the other: the authors' scheme, for
             benchmarks and checks; same maths).
         decode_channels, decoder_dropout, window_size, decoder_heads: the UNetFormer decoder.
-        embed_dim, depth, num_heads: override the backbone size (tests).
+        embed_dim, depth, num_heads: override the backbone size (tests); for SAM2 only
+            ``embed_dim`` / ``num_heads`` (its depth is ``encoder_kwargs={"stages": [...]}``).
+        encoder_kwargs: further timm ``create_model`` arguments of a SAM2 / ViT backbone (e.g.
+            ``{"stages": [1, 1, 1, 1], "global_att_blocks": []}`` for a tiny Hiera in tests).
+        pyramid_blocks: the ViT blocks whose maps feed the DFM: four (one per pyramid level,
+            shallow to deep) or one (ViTDet: the last block, ``[-1]``); default four evenly spaced
+            blocks ending with the last. ViTs only.
     """
 
     backbone: str = "vit_b"
@@ -85,12 +97,13 @@ class MFNetConfig:
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    pyramid_blocks: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.fusion!r}; known: {sorted(FUSION_RULES)}")
-        if self.backbone not in SAM_SPECS:
-            raise ValueError(f"unknown backbone {self.backbone!r}; known: {sorted(SAM_SPECS)}")
+        _check_encoder_options(self, self.backbone_kind)
         if self.method not in ("adapter", "lora", "none"):
             raise ValueError(f"method must be 'adapter', 'lora' or 'none', got {self.method!r}")
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
@@ -112,6 +125,18 @@ class MFNetConfig:
         return (int(s), int(s)) if isinstance(s, int) else (int(s[0]), int(s[1]))
 
     @property
+    def backbone_kind(self) -> BackboneKind:
+        """What ``backbone`` names: "sam", "sam2" or "vit", with the timm model name."""
+        return resolve_backbone(self.backbone, tuple(SAM_SPECS))
+
+    @property
+    def timm_kwargs(self) -> dict[str, Any]:
+        """The timm ``create_model`` arguments of a SAM2 / ViT backbone: the size overrides that are
+        set, then ``encoder_kwargs``."""
+        sizes = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads") if getattr(self, k)}
+        return {**sizes, **self.encoder_kwargs}
+
+    @property
     def mmpeft_preset(self) -> str:
         """The mmpeft placement preset: ``preset``, else "frozen" / "mm<method>" / "<method>" (no mixing)."""
         if self.preset is not None:
@@ -130,6 +155,26 @@ class MFNetConfig:
         if unknown:
             raise ValueError(f"unknown MFNet config keys {unknown}; known: {sorted(known)}")
         return cls(**dict(d))
+
+
+def _check_encoder_options(cfg: "MFNetConfig", kind: BackboneKind) -> None:
+    """The options that only some encoders take, named when given to another."""
+    name = f"model.backbone={cfg.backbone}"
+    if kind.kind == "sam":
+        bad = [k for k in ("encoder_kwargs", "pyramid_blocks") if getattr(cfg, k)]
+        if bad:
+            raise ValueError(f"{bad} apply to SAM2 / timm ViT backbones, not to SAM's {name}")
+        return
+    bad = [k for k, v in (("impl", cfg.impl != "timm"), ("zero_rel_pos", cfg.zero_rel_pos)) if v]
+    if kind.kind == "sam2":
+        bad += [k for k in ("depth", "pyramid_blocks") if getattr(cfg, k)]
+    if bad:
+        raise ValueError(
+            f"{bad} do not apply to {name} (impl / zero_rel_pos are SAM's; a SAM2 trunk's depth is "
+            "encoder_kwargs={'stages': [...]}; pyramid_blocks are a ViT's): leave them at their defaults"
+        )
+    if cfg.pyramid_blocks is not None and len(cfg.pyramid_blocks) not in (1, 4):
+        raise ValueError(f"model.pyramid_blocks takes 1 block (ViTDet) or 4 (one per level); got {cfg.pyramid_blocks}")
 
 
 def global_blocks(depth: int) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ authors' key                           key here
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, Union
 
 import torch
@@ -209,6 +209,9 @@ class DeepFusionModule(nn.Module):
             "batchnorm")`` for two modalities, as in the published model); ``"layernorm"``
             gives the clean variant with a channel LayerNorm everywhere.
         reduction: SE bottleneck reduction (16 -> 256 // 16 = 16 hidden channels).
+        pyramid: builds one modality's pyramid from its norm name (default: a
+            :class:`SimplePyramid` of ``channels`` on one map); :mod:`.pyramid` has those of the
+            multi-scale encoders (SAM2's Hiera, timm ViTs), which take a list of maps per modality.
     """
 
     num_levels: int = 4
@@ -219,6 +222,7 @@ class DeepFusionModule(nn.Module):
         num_modalities: int = 2,
         norms: NormSpec = "authors",
         reduction: int = 16,
+        pyramid: Callable[[str], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if num_modalities < 1:
@@ -227,12 +231,17 @@ class DeepFusionModule(nn.Module):
         self.num_modalities = num_modalities
         self.norms = resolve_pyramid_norms(norms, num_modalities)
         # Registration order = RNG order of the reference: all pyramids, then fusion1..4.
-        self.pyramids = nn.ModuleList(SimplePyramid(channels, norm) for norm in self.norms)
+        make = pyramid or (lambda norm: SimplePyramid(channels, norm))  # type: ignore[arg-type]
+        self.pyramids = nn.ModuleList(make(norm) for norm in self.norms)
         self.fusions = nn.ModuleList(
             SEFusion(channels, num_modalities, reduction) for _ in range(self.num_levels)
         )
 
     def _check_inputs(self, features: Sequence[Tensor], expected: int) -> None:
+        if features and not isinstance(features[0], Tensor):  # lists of maps: the pyramids check them
+            if len(features) != expected:
+                raise ValueError(f"DFM expects the maps of {expected} modalities, got {len(features)}")
+            return
         shapes = [tuple(f.shape) for f in features]
         if len(features) != expected or not features:
             raise ValueError(f"DFM expects {expected} feature maps, got shapes {shapes}")
@@ -246,7 +255,8 @@ class DeepFusionModule(nn.Module):
     def forward(
         self, features: Sequence[Tensor], present: Sequence[int] | None = None, mask: Tensor | None = None
     ) -> list[Tensor]:
-        """features: num_modalities maps (B, C, h, w) (neck outputs, h, w = input / 16).
+        """features: num_modalities maps (B, C, h, w) (neck outputs, h, w = input / 16), or one list of
+        maps per modality when the pyramids take lists (:mod:`.pyramid`).
 
         Returns the fused maps [(B,C,4h,4w), (B,C,2h,2w), (B,C,h,w), (B,C,h//2,w//2)], i.e.
         levels 1/4, 1/8, 1/16 and 1/32 of the input. Missing modalities: ``present`` = indices

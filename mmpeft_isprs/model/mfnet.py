@@ -1,60 +1,106 @@
-"""MFNet: a frozen SAM encoder wrapped by mmpeft, the Deep Fusion Module and the UNetFormer decoder."""
+"""MFNet: a frozen encoder (SAM's ViT, SAM2's Hiera or a timm ViT) wrapped by mmpeft, the Deep Fusion
+Module and the UNetFormer decoder."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from mmpeft import (
-    MultimodalModel, Presence, count_parameters, is_trainable_name, per_modality_forward, state_mismatches,
-    wrap_multimodal,
+    MultimodalModel, Presence, count_parameters, is_trainable_name, per_modality_forward, reference_forward,
+    state_mismatches, wrap_multimodal,
 )
 from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec, zero_rel_pos
 
 from .config import MFNetConfig, check_input_size, global_blocks
 from .decoder import UNetFormerDecoder
 from .dfm import DeepFusionModule, SimplePyramid
+from .encoder_weights import EncoderLoadReport
+from .encoders import HieraFeatures, build_feature_encoder
+from .pyramid import BlockPyramid, MultiScaleProjection
+
+#: the DFM's channels for the SAM2 / ViT encoders (SAM's neck width)
+DFM_CHANNELS = 256
 
 __all__ = ["MFNet", "build_mfnet", "build_encoder"]
 
 
-def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport | None, int]:
-    """The SAM encoder of ``config`` wrapped by mmpeft; with its load report and output channels.
-
-    The fusion rule ``config.fusion`` goes to ``wrap_multimodal`` as is (the mixing parts of the
-    placement preset use it; "none" means the preset without mixing).
-    """
+def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | EncoderLoadReport | None, int]:
+    """The unwrapped encoder of ``config`` with its weights: (module, load report, DFM channels)."""
+    kind = config.backbone_kind
+    if kind.kind != "sam":
+        encoder, loaded = build_feature_encoder(
+            config.backbone, kind, config.size, config.timm_kwargs, config.pyramid_blocks, config.checkpoint
+        )  # fmt: skip
+        return encoder, loaded, DFM_CHANNELS
     spec = SAM_SPECS[config.backbone]
     sizes = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads") if getattr(config, k)}
     if sizes:
         spec = replace_spec(spec, global_attn_indexes=global_blocks(sizes.get("depth", spec.depth)), **sizes)
-    encoder = build_sam_encoder(spec, impl=config.impl, img_size=config.size)  # type: ignore[arg-type]
+    sam = build_sam_encoder(spec, impl=config.impl, img_size=config.size)  # type: ignore[arg-type]
     report = None
     if config.checkpoint:
         report = load_sam_checkpoint(
-            encoder, config.checkpoint, zero_rel_pos=config.zero_rel_pos,
+            sam, config.checkpoint, zero_rel_pos=config.zero_rel_pos,
             pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
         )  # fmt: skip
     elif config.zero_rel_pos:
-        zero_rel_pos(encoder)
+        zero_rel_pos(sam)
+    return sam, report, spec.out_chans
+
+
+def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport | EncoderLoadReport | None, int]:
+    """The encoder of ``config`` wrapped by mmpeft; with its load report and the DFM's channels.
+
+    The fusion rule ``config.fusion`` goes to ``wrap_multimodal`` as is (the mixing parts of the
+    placement preset use it; "none" means the preset without mixing). The placements of SAM2's
+    Hiera and the timm ViTs are mmpeft's presets for their detected family.
+    """
+    encoder, report, channels = _base_encoder(config)
     options = {k: getattr(config, k) for k in ("rank", "alpha", "ratio", "lambda_init", "fusion")}
     if config.mmpeft_preset == "frozen":  # no layer: the options would change nothing (an error in mmpeft)
         options = {}
+    extra: dict[str, Any] = {} if config.backbone_kind.kind == "sam" else {"probe": (64, 64)}  # a cheap dry run
     wrapped = wrap_multimodal(
         encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems),
         efficient_attention=config.efficient_attention, base_dtype=config.base_dtype,
-        **{k: v for k, v in options.items() if v is not None},
+        **extra, **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
     if config.grad_checkpointing:
         wrapped.set_grad_checkpointing(True)
-    return wrapped, report, spec.out_chans
+    return wrapped, report, channels
+
+
+def pyramid_factory(config: MFNetConfig, base: nn.Module, channels: int) -> Callable[[str], nn.Module] | None:
+    """The DFM's per-modality pyramid of the encoder ``base`` (None: SAM's one-map :class:`SimplePyramid`)."""
+    if config.backbone_kind.kind == "sam":
+        return None
+    ins = tuple(base.out_channels)  # type: ignore[arg-type]
+    if isinstance(base, HieraFeatures):
+        return lambda norm: MultiScaleProjection(ins, channels)
+    return lambda norm: BlockPyramid(ins[0], len(ins), channels, norm)  # type: ignore[arg-type]
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    """A map, or a list of maps, in ``dtype``."""
+    return x.to(dtype) if isinstance(x, torch.Tensor) else [t.to(dtype) for t in x]
+
+
+def _masked_sum(maps: list[Any], mask: torch.Tensor | None) -> Any:
+    """Sum over modalities of their maps (or, level by level, of their lists of maps); absent samples count 0."""
+    def one(i: int, m: torch.Tensor) -> torch.Tensor:
+        return m if mask is None else m * mask[i].view(-1, 1, 1, 1)
+
+    if isinstance(maps[0], torch.Tensor):
+        return sum(one(i, m) for i, m in enumerate(maps))
+    return [sum(one(i, m[j]) for i, m in enumerate(maps)) for j in range(len(maps[0]))]
 
 
 class MFNet(nn.Module):
-    """Multimodal fine-tuning network: wrapped SAM encoder -> DFM -> UNetFormer decoder.
+    """Multimodal fine-tuning network: wrapped encoder (SAM, SAM2, timm ViT) -> DFM -> UNetFormer decoder.
 
     ``forward({"optical": (B,3,H,W), "dsm": (B,1,H,W)}) -> logits (B, num_classes, H, W)``.
     """
@@ -64,10 +110,11 @@ class MFNet(nn.Module):
         self.config = config
         self.modalities = tuple(config.modalities)
         self.encoder, self.load_report, c = build_encoder(config)
+        make = pyramid_factory(config, self.encoder.base_model, c)
         if config.dfm:
-            self.dfm: nn.Module = DeepFusionModule(c, len(self.modalities), norms=config.dfm_norms)  # type: ignore[arg-type]
+            self.dfm: nn.Module = DeepFusionModule(c, len(self.modalities), norms=config.dfm_norms, pyramid=make)  # type: ignore[arg-type]
         else:  # Table V "without DFM": sum the encoder outputs, one simple pyramid
-            self.dfm = SimplePyramid(c, norm="layernorm")
+            self.dfm = SimplePyramid(c, norm="layernorm") if make is None else make("layernorm")
         self.decoder = UNetFormerDecoder(
             (c, c, c, c), config.decode_channels, config.decoder_dropout, config.window_size,
             config.decoder_heads, config.num_classes,
@@ -100,18 +147,22 @@ class MFNet(nn.Module):
             feats = self._per_modality(enc_inputs)
         else:
             feats = self.encoder(enc_inputs, presence=mask, finite_checked=True)
-        # each (B, 256, H/16, W/16), in the trainable DFM's dtype (float32 when the frozen base runs in bf16)
+        # each (B, 256, H/16, W/16) (SAM) or a list of maps (SAM2, ViT), in the trainable DFM's dtype
+        # (float32 when the frozen base runs in bf16)
         dtype = next(self.dfm.parameters()).dtype
-        maps = [feats[m].to(dtype) for m in names]
+        maps = [_cast(feats[m], dtype) for m in names]
         if self.config.dfm:
             levels = self.dfm(maps, [self.modalities.index(m) for m in names], mask)
         else:
-            levels = self.dfm(sum(m if mask is None else m * mask[i].view(-1, 1, 1, 1) for i, m in enumerate(maps)))
+            levels = self.dfm(_masked_sum(maps, mask))
         return self.decoder(levels, self.config.size)
 
     def _per_modality(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The reference per-modality execution, without checking the inputs for NaN / inf again
-        (:meth:`forward` did, through ``presence_mask``)."""
+        (:meth:`forward` did, through ``presence_mask``); SAM2 / ViT encoders through mmpeft's
+        ``reference_forward`` (each modality through the encoder's own forward)."""
+        if self.config.backbone_kind.kind != "sam":
+            return reference_forward(self.encoder, inputs)
         return per_modality_forward(self.encoder, inputs, finite_checked=True)
 
     def compile_mode(self, device: torch.device) -> str:
