@@ -75,9 +75,10 @@ def resolve_backbone(name: str, sam_names: Sequence[str]) -> BackboneKind:
 
 
 def default_pyramid_blocks(depth: int) -> list[int]:
-    """Four evenly spaced blocks ending with the last (2, 5, 8, 11 for 12 blocks); all when fewer than 4."""
+    """Four evenly spaced blocks ending with the last (2, 5, 8, 11 for 12 blocks); the last alone
+    (ViTDet) when there are fewer than 4."""
     if depth < 4:
-        return list(range(depth))
+        return [depth - 1]
     return [depth * (i + 1) // 4 - 1 for i in range(4)]
 
 
