@@ -1,4 +1,5 @@
-"""Parameter counts of the six MFNet configurations beside the paper's Table VI.
+"""Parameter counts of the six MFNet configurations beside the paper's Table VI, and of MFNet on
+SAM2's Hiera and DINOv2 (MMAdapter and MMLoRA, every size).
 
 Builds every encoder on the meta device (no memory, seconds) and counts trainable encoder
 parameters, DFM, decoder, frozen parameters and totals. Writes benchmarks/results/params.{json,md}.
@@ -32,6 +33,9 @@ EXPECTED_ENCODER = {
     ("lora", "vit_b"): 1_032_240, ("lora", "vit_l"): 2_752_608, ("lora", "vit_h"): 4_587_648,
 }  # fmt: skip
 SAM_MASK_DECODER, SAM_PROMPT_ENCODER = 4_058_340, 6_220  # unused parts the paper counted
+#: the encoders beyond SAM (docs/mfnet.md#encoders)
+OTHER_ENCODERS = ("sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large",
+                  "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14")  # fmt: skip
 
 
 def count(method: str, backbone: str) -> dict[str, int]:
@@ -107,6 +111,24 @@ def variant_counts() -> tuple[dict, list[str]]:
     return data, lines
 
 
+def encoder_counts() -> tuple[dict, list[str]]:
+    """MMAdapter / MMLoRA on SAM2's Hiera and DINOv2 (256 x 256, two modalities): JSON data and table lines."""
+    data, rows = {}, []
+    for backbone in OTHER_ENCODERS:
+        for method in ("adapter", "lora"):
+            c = count(method, backbone)
+            data[f"{method}_{backbone}"] = c
+            rows.append(f"| {backbone} | MM{'Adapter' if method == 'adapter' else 'LoRA'} | {c['encoder_trainable']:,} | "
+                        f"{c['dfm']:,} | {c['decoder']:,} | {c['trainable_total']:,} | {c['frozen']:,} | {c['total']:,} |")  # fmt: skip
+    lines = [
+        "", "MFNet on other encoders (optical + DSM, 256x256; SAM2: its four stages projected into the DFM; DINOv2: "
+        "a simple pyramid from blocks at 1/4, 2/4, 3/4 and all of the depth):", "",
+        "| encoder | method | trainable encoder | DFM | decoder | trainable total | frozen | total |",
+        "|---|---|---:|---:|---:|---:|---:|---:|", *rows,
+    ]  # fmt: skip
+    return data, lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
@@ -129,6 +151,7 @@ def main() -> None:
             if not ok:
                 raise SystemExit(f"{name}: encoder count {c['encoder_trainable']:,} differs from the paper's")
     variants, variant_lines = variant_counts()
+    encoders, encoder_lines = encoder_counts()
     seconds = time.perf_counter() - t0
     head = data["adapter_vit_b"]["dfm"] + data["adapter_vit_b"]["decoder"]
     table = "\n".join([
@@ -140,12 +163,15 @@ def main() -> None:
         f"prompt encoder ({SAM_PROMPT_ENCODER:,}), which the authors kept in the model: "
         f"{head:,} + {SAM_MASK_DECODER:,} + {SAM_PROMPT_ENCODER:,} = {head + SAM_MASK_DECODER + SAM_PROMPT_ENCODER:,}.",
         "Frozen counts are at 256x256 input (position embedding resized to 16x16 once).",
+        *encoder_lines,
+        "",
         f"Built on the meta device in {seconds:.1f} s.",
         *variant_lines,
     ])  # fmt: skip
     data["dfm_plus_decoder"] = head
     data["paper_6_22M_explained"] = head + SAM_MASK_DECODER + SAM_PROMPT_ENCODER
     data["lora_variants_vit_b"] = variants
+    data["other_encoders"] = encoders
     data["seconds"] = seconds
     write("params", data, table, args.out)
 
