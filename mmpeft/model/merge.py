@@ -22,7 +22,7 @@ from ..runtime.blocks import runner_of, set_block_features
 from ..targeting.inject import ModuleToSave, set_submodule
 from ..tuners import MergeError, multimodal_layers
 
-__all__ = ["set_enabled", "merge_layers", "unmerge_layers", "merge_and_unload"]
+__all__ = ["set_enabled", "merge_layers", "unmerge_layers", "merge_and_unload", "unload", "check_usable"]
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
@@ -79,16 +79,53 @@ def merge_and_unload(wrapped: Any, modality: str, inplace: bool = False) -> nn.M
     ``modality`` written into its weights, each module to save replaced by its trained copy and
     block features removed: the base class, no mmpeft module. Its input is the modality's input
     after the stem (the DSM repeated to 3 channels for the default stems)."""
+    check_usable(wrapped)
     _check_unloadable(wrapped, modality)
     base = wrapped.base_model if inplace else copy.deepcopy(wrapped.base_model)
+    if inplace:
+        wrapped.unloaded = f"merge_and_unload({modality!r}, inplace=True)"
     for name, layer in list(multimodal_layers(base)):
         linear = layer.base_layer
         delta = layer.get_delta_weight(modality).to(linear.weight.device)
         linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
         set_submodule(base, name, linear)
+    _strip(base, trained=True)
+    return base
+
+
+def _strip(base: nn.Module, trained: bool) -> None:
+    """Put back each module to save's trained copy (``trained``) or original; block features off."""
     for name, module in [(n, m) for n, m in base.named_modules() if isinstance(m, ModuleToSave)]:
-        set_submodule(base, name, module.trained_module)
+        set_submodule(base, name, module.trained_module if trained else module.original_module)
     for module in base.modules():
         if runner_of(module) is not None:
             set_block_features(module, efficient=None, checkpoint=False)
+
+
+def check_usable(wrapped: Any) -> None:
+    """A RuntimeError when ``wrapped``'s base model was unloaded in place (its layers are gone)."""
+    how = getattr(wrapped, "unloaded", None)
+    if how is not None:
+        raise RuntimeError(
+            f"this wrapper's base model was taken out by {how}: its multimodal layers were replaced, so the "
+            "wrapper can no longer run, save, merge or unload (it would compute with what that call left in the "
+            "base model, for every modality). Use the model that call returned, or build a fresh wrapper: "
+            "wrap_multimodal(new_base, ...) or load_multimodal(new_base, directory)"
+        )
+
+
+def unload(wrapped: Any) -> nn.Module:
+    """peft's ``unload()``: the base model with every multimodal layer replaced by its frozen
+    ``base_layer``, each module to save by its original and block features removed; nothing is
+    merged. In place: the module objects the base model held before wrapping come back, with the
+    ``requires_grad`` their parameters had (recorded at wrap time); ``wrapped`` is unusable after."""
+    check_usable(wrapped)
+    base = wrapped.base_model
+    for name, layer in list(multimodal_layers(base)):
+        set_submodule(base, name, layer.base_layer)
+    _strip(base, trained=False)
+    wrapped.unloaded = "unload()"
+    flags = getattr(wrapped, "base_requires_grad", {})
+    for name, p in base.named_parameters():
+        p.requires_grad_(flags.get(name, False))
     return base

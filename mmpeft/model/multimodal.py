@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import merge as _merge
+from .adapter_sets import AdapterSets
 from ..runtime.batch import Inputs, check_sizes, gather, split_output
 from ..config import MultimodalConfig
 from .features import BlockFeatures
@@ -32,7 +33,7 @@ from ..runtime.verify import cast_inputs, checked_call, input_dtype
 __all__ = ["MultimodalModel"]
 
 
-class MultimodalModel(Persistence, BlockFeatures, nn.Module):
+class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
     """A frozen model patched with multimodal layers; one input and one output per modality.
 
     ``forward(inputs)`` stacks the modalities modality-major on the batch axis, runs the frozen
@@ -64,6 +65,9 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         self.adapters_enabled = True
         self.call_check_pending = True
         self.frozen_norms: tuple[str, ...] = tuple(frozen_norms)
+        self.unloaded: str | None = None  # the call that took the base model out in place (unusable after)
+        self.base_requires_grad: dict[str, bool] = {}  # the base's parameters' flags before wrapping (unload)
+        self.autocast_adapter_dtype = True  # trainable tensors stay float32 on a bf16 / fp16 base
 
     # ------------------------------------------------------------------ inputs / outputs
     def stack(self, inputs: Inputs, finite_checked: bool = False) -> torch.Tensor:
@@ -152,6 +156,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
         finite_checked: bool = False, **kwargs: Any,
     ) -> Any:  # fmt: skip
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
+        _merge.check_usable(self)
         fn = getattr(self.base_model, method)
         if inputs is None:  # given by the keyword of the method's first parameter
             fn, inputs = _by_keyword(fn, kwargs)
@@ -228,6 +233,7 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load tensors saved by :meth:`trainable_state_dict`; mismatches raise naming the keys."""
         own = self.trainable_state_dict()
+        _merge.check_usable(self)
         problems = state_mismatches(own, state, strict)
         if problems:
             raise ValueError("cannot load multimodal weights: " + " | ".join(problems))
@@ -272,6 +278,8 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
             "frozen_norms": list(self.frozen_norms),
             "modules_to_save": [n for n, _ in self.modules_to_save()],
             "call_check_pending": self.call_check_pending,
+            **self.adapter_status(),  # the named sets (mmpeft.model.adapter_sets)
+            "unloaded": self.unloaded,
         }
 
     # ------------------------------------------------------------------ adapters
@@ -295,18 +303,29 @@ class MultimodalModel(Persistence, BlockFeatures, nn.Module):
 
     def merge_adapters(self) -> list[str]:
         """Fold every LoRA update into per-modality copies of its frozen weight (:mod:`mmpeft.model.merge`);
-        raises naming each layer that cannot merge and why. Returns the merged layers' names."""
+        raises naming each layer that cannot merge and why. Returns the merged layers' names. Merged
+        weights follow every later change of the tensors they come from (loading, in-place edits,
+        dtype / device moves): they are merged again at load or at the next forward."""
+        _merge.check_usable(self)
         return _merge.merge_layers(self)
 
     def unmerge_adapters(self) -> list[str]:
         """Undo :meth:`merge_adapters` (the frozen weights were never written). Returns the names."""
+        _merge.check_usable(self)
         return _merge.unmerge_layers(self)
 
     def merge_and_unload(self, modality: str, inplace: bool = False) -> nn.Module:
         """A plain model of the base class computing this model's output for ``modality`` (on the
         input after the modality's stem), with no mmpeft module: every update merged into the
-        weights. A copy unless ``inplace``. Raises naming what cannot merge."""
+        weights. A copy unless ``inplace`` (the wrapper then refuses every use). Raises naming what
+        cannot merge."""
         return _merge.merge_and_unload(self, modality, inplace)
+
+    def unload(self) -> nn.Module:
+        """peft's ``unload()``: the base model back with every adapter dropped and nothing merged:
+        the module objects it held before wrapping, with their parameters' ``requires_grad`` as
+        they were. In place: the wrapper refuses every use afterwards."""
+        return _merge.unload(self)
 
 
 def _by_keyword(fn: Any, kwargs: dict[str, Any]) -> tuple[Any, Inputs]:

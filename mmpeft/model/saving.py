@@ -13,6 +13,7 @@ from .._version import __version__
 from ..config import MultimodalConfig
 from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
 from .io import read_adapter, write_adapter
+from .merge import check_usable
 from ..targeting.prepare import prepare_backbone
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
@@ -66,6 +67,7 @@ class Persistence:
     ) -> T:  # fmt: skip
         """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
         ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W))."""
+        requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored by unload()
         report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.targeting.prepare)
         size = _probe_size(probe)
         adapted = apply_rules(model, config, probe=probe is not False, probe_size=size)
@@ -73,6 +75,7 @@ class Persistence:
             wrap_modules_to_save(model, config.modules_to_save, adapted)
         in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)
         wrapped = cls(model, config, in_channels, report["frozen_norms"])  # type: ignore[call-arg]
+        wrapped.base_requires_grad = requires_grad  # type: ignore[attr-defined]
         p = next(iter(model.parameters()), None)
         if p is not None:
             wrapped.stems.to(p.device)  # type: ignore[attr-defined]
@@ -110,6 +113,7 @@ class Persistence:
 
         A parameter that trains but would not be saved is an error naming it (add it to
         ``modules_to_save`` when wrapping, or freeze it): nothing trained is dropped silently."""
+        check_usable(self)
         unsaved = self.unsaved_trainables()  # type: ignore[attr-defined]
         if unsaved:
             raise ValueError(

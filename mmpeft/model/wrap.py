@@ -242,6 +242,9 @@ def wrap_multimodal(
     return MultimodalModel.from_config(model, config, efficient_attention, probe)
 
 
+MultimodalModel.build_set_config = staticmethod(_config_of)  # add_adapter's options (adapter_sets)
+
+
 def load_multimodal(
     base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, strict: bool = True,
     **options: Any,

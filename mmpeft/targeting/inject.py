@@ -97,7 +97,10 @@ def apply_rules(
     ``probe_size``: the (H, W) of the dry run's input (default: :func:`mmpeft.targeting.probe.probe_input`).
     """
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
-        raise ValueError("this model is already wrapped by mmpeft; wrap the original model once")
+        raise ValueError(
+            "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "
+            "the same frozen model use wrapped.add_adapter(name, ...) and wrapped.set_adapter(name)"
+        )
     owner = _owners(model, config)
     check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
     factors: dict[str, int | None] = {}

@@ -316,6 +316,14 @@ class WeightMerging:
     base_layer: nn.Module
     training: bool
 
+    def _init_merging(self) -> None:
+        """Declare the merged state (called by the layer's ``__init__``): ``merged_weight``, the
+        stamp of the tensors it was computed from, and the re-merge after ``load_state_dict``."""
+        #: (M, *W.shape) per-modality merged weights while merged (:meth:`merge`), else None
+        self.register_buffer("merged_weight", None, persistent=False)  # type: ignore[attr-defined]
+        self._merge_stamp: tuple[tuple[int, int], ...] | None = None
+        self.register_load_state_dict_post_hook(_merge_again)  # type: ignore[attr-defined]
+
     @property
     def merged(self) -> bool:
         return self.merged_weight is not None
@@ -329,9 +337,24 @@ class WeightMerging:
         w = self.base_layer.weight
         deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # type: ignore[attr-defined]
         self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
+        self._merge_stamp = self._stamp()
 
     def unmerge(self) -> None:
         self.merged_weight = None
+        self._merge_stamp = None
+
+    def _stamp(self) -> tuple[tuple[int, int], ...]:
+        """(version counter, storage address) of every tensor the merged weights are computed
+        from: any in-place edit (an EMA step, ``load_state_dict``), replacement or dtype / device
+        move changes it. Host-side counters: no device sync."""
+        merged = self.merged_weight
+        tensors = [*self.parameters(), *(b for b in self.buffers() if b is not merged)]  # type: ignore[attr-defined]
+        return tuple((t._version, t.data_ptr()) for t in tensors)
+
+    def _merged_current(self) -> None:
+        """Merge again when a tensor changed since the merge (so merged weights are never stale)."""
+        if not torch.compiler.is_compiling() and not _exporting() and self._stamp() != self._merge_stamp:
+            self.merge()
 
     def _shared_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The cases every LoRA forward shares, in order: the call check, the per-modality
@@ -344,6 +367,7 @@ class WeightMerging:
             return self.base_layer(x)  # type: ignore[no-any-return]
         if self.merged and self.presence is None:  # type: ignore[attr-defined]
             self._check_merged_inference()
+            self._merged_current()
             if self.single is None:  # type: ignore[attr-defined]
                 self._check_stack(x)  # type: ignore[attr-defined]
             return self._forward_merged(x)  # type: ignore[attr-defined,no-any-return]
@@ -358,3 +382,9 @@ class WeightMerging:
                 "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
                 "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
             )
+
+
+def _merge_again(layer: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook of a merging layer: merged weights follow the loaded tensors."""
+    if getattr(layer, "merged", False):
+        layer.merge()  # type: ignore[operator]

@@ -31,4 +31,10 @@ def check_fusion(fusion: Any, lambda_init: Any) -> float:
             f"unknown fusion rule {fusion!r}; known: {sorted(FUSION_RULES)} (a rule of your own must be "
             "registered with mmpeft.register_fusion before building or loading a config that names it)"
         )
-    return check_number("lambda_init", lambda_init)
+    value = check_number("lambda_init", lambda_init)
+    if fusion == "none" and value != 0.5:  # 0.5: the default, given or not
+        raise ValueError(
+            f"lambda_init={lambda_init!r} with fusion='none': that rule has no fusion parameters, so lambda_init "
+            "would change nothing; drop lambda_init or choose a rule that mixes ('scalar', 'matrix')"
+        )
+    return value

@@ -26,9 +26,11 @@ class LoRAConfig:
         dropout: dropout on the LoRA input, in [0, 1).
         slices: tune only these parts of a fused output (e.g. ["q", "v"] of a fused qkv); only on
             a fused projection (output = len(split) x input channels, or a module named qkv).
-        split: names of the equal parts the output is divided into when ``slices`` is set.
+        split: names of the equal parts the output is divided into when ``slices`` is set (another
+            value without ``slices`` is an error: it would change nothing).
         fusion: cross-modal fusion rule ("scalar", "none", "matrix" or a registered one).
-        lambda_init: initial value of the fusion parameters (0.5 in the paper); any finite real.
+        lambda_init: initial value of the fusion parameters (0.5 in the paper); any finite real
+            (another value than 0.5 with ``fusion="none"``, which has none, is an error).
         use_rslora: rank-stabilised LoRA, scaling = alpha / sqrt(rank) (peft's ``use_rslora``);
             needs an explicit ``alpha``.
         init_lora_weights: "kaiming" (peft's True), "gaussian", "pissa" or "olora" (peft's names).
@@ -65,6 +67,11 @@ class LoRAConfig:
         self.split = list(self.split)
         if len(self.split) < 2 or len(set(self.split)) != len(self.split):
             raise ValueError(f"split must name two or more distinct parts, got {self.split}")
+        if self.slices is None and self.split != ["q", "k", "v"]:
+            raise ValueError(
+                f"split={self.split} without slices would change nothing: split names the parts of a fused output "
+                "that slices= tunes; pass slices=[...] (a subset of split) or drop split"
+            )
         if self.slices is not None:
             self.slices = list(self.slices)
             unknown = [s for s in self.slices if s not in self.split]

@@ -65,8 +65,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
             )  # fmt: skip
             self.lora_B[name] = nn.Conv2d(rank, b.out_channels, 1, bias=False, device=dev, dtype=dt)
         self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
-        #: (M, out, in, kh, kw) per-modality merged weights while merged (:meth:`merge`), else None
-        self.register_buffer("merged_weight", None, persistent=False)
+        self._init_merging()  # merged_weight: (M, *W.shape) while merged (:meth:`merge`), else None
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

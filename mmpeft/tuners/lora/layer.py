@@ -88,8 +88,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
         if self.use_dora and self.lora_fusion.mixes:
             raise ValueError(f"use_dora=True with fusion={fusion!r}: {DORA_MIXING}")
-        #: (M, out, in) per-modality merged weights while merged (:meth:`merge`), else None
-        self.register_buffer("merged_weight", None, persistent=False)
+        self._init_merging()  # merged_weight: (M, *W.shape) while merged (:meth:`merge`), else None
         self.lora_offset: LowRankOffset | None = None  # PiSSA / OLoRA's frozen (A_0, B_0)
         self.reset_lora_parameters()
         self._rows = slice_rows(self._ranges(), self.out_features)
