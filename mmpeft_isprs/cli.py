@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -215,6 +216,19 @@ COMMANDS = {
 }  # fmt: skip
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """``DataWarning: <message>`` for the application's data warnings (the message names the file,
+    tile and pixels); other warnings in Python's own format."""
+    from .data import DataWarning
+
+    if issubclass(category, DataWarning):
+        return f"{category.__name__}: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmpeft-isprs`` and ``python -m mmpeft_isprs``; returns the exit status."""
     if hasattr(sys.stdout, "reconfigure"):
@@ -234,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
 
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _format_warning  # data warnings as the docs show them: no source path or code line
     try:
         COMMANDS[args.command](args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
@@ -248,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         from .distributed import shutdown
 
+        warnings.formatwarning = default_format
         shutdown()
     return 0
 

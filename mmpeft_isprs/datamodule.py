@@ -24,6 +24,7 @@ from .data import (
     ModalitySpec, PotsdamLayout, RandomCropDataset, SplitSpec, TileSet, VaihingenLayout,
     generate_synthetic_vaihingen, synthetic_layout,
 )
+from .data.tiles import missing_files
 from .data.splits import read_id_list
 from .distributed import DistInfo, barrier
 from .threads import worker_init
@@ -229,6 +230,8 @@ class ISPRSDataModule:
         if isinstance(layout, MMHunanLayout) and self.info.is_main:
             counts = ", ".join(f"{len(split_ids(d, s, layout))} {s}" for s in ("train", "val", "test"))
             self.log(f"data: {d.dataset} split from {layout.split_source(Path(d.root))}: {counts} tiles")
+        if self.info.is_main:
+            self._check_official_test(layout)
         if self.val_tiles is None and self.info.is_main:
             self.log("note: no validation split (data.val_ids / data.val_fraction); best.safetensors = last epoch")
         self.train_dataset = RandomCropDataset(
@@ -236,6 +239,25 @@ class ISPRSDataModule:
             seed=t.seed, transforms=JointFlipRotate(hflip=t.flips, vflip=t.flips, rot90=t.rotations),
             tile_weights=d.tile_weights,
         )  # fmt: skip
+
+    def _check_official_test(self, layout: Layout) -> None:
+        """With ``data.split=official``, say at the start when test tiles lack files (evaluation
+        would fail only after training), naming the complete ground-truth folders they need."""
+        d = self.cfg.data
+        if d.split != "official" or d.dataset not in ("vaihingen", "potsdam") or d.splits or d.split_files:
+            return
+        ids = split_ids(d, "test", layout)
+        files = [layout.tile_files(Path(d.root), i) for i in ids]
+        lacking = [f.tile_id for f in files if missing_files(layout, [f], self.cfg.eval.labels)]  # type: ignore[arg-type]
+        if not lacking:
+            return
+        complete = sorted({str(Path(p).parent) for role in ("labels", "eval_labels") for p in layout.patterns.get(role, ())[1:]})
+        first = missing_files(layout, [files[ids.index(lacking[0])]], self.cfg.eval.labels)[0]  # type: ignore[arg-type]
+        self.log(
+            f"warning: data.split=official: {len(lacking)} of the {len(ids)} official test tiles lack files under {d.root} "
+            f"(tiles {' '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}; first: {first}); evaluation needs them: "
+            f"the official test tiles' labels come in the complete ground truth ({', '.join(complete)}; `mmpeft-isprs help isprs layouts`)"
+        )
 
     def tiles(self, split: str, labels: str = "full") -> TileSet:
         """The labelled tiles of ``split`` (the synthetic set is generated first if missing)."""

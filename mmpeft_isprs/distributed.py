@@ -69,7 +69,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(device)
 
 
-def init_distributed(device: str = "auto", threads: int = 0) -> DistInfo:
+def init_distributed(device: str = "auto", threads: int = 0, recorded: tuple[int, str] | None = None) -> DistInfo:
     """Join the process group torchrun describes in the environment (or stay single).
 
     Args:
@@ -78,11 +78,14 @@ def init_distributed(device: str = "auto", threads: int = 0) -> DistInfo:
         threads: torch CPU threads per process; 0: the thread policy of
             :mod:`mmpeft_isprs.threads` (the cores free for this process, divided among the
             local ranks, ``LOCAL_WORLD_SIZE``).
+        recorded: (count, file) of a resumed run's threads, reused when ``threads`` is 0 and
+            ``OMP_NUM_THREADS`` unset (:func:`~mmpeft_isprs.threads.resolve_threads`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
-    apply_threads(resolve_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
+    count, where = recorded or (None, "")
+    apply_threads(resolve_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), recorded=count, recorded_in=where))
     if world <= 1:
         return DistInfo(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"

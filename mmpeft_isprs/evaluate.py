@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,7 +46,7 @@ def eval_config(
     values = upgrade_stored(json.loads(meta["experiment"]))
     preset = values.pop("model_preset", None)
     cfg = load_config(values, overrides)
-    if config is not None:
+    if config is not None and os.environ.get("RANK", "0") == "0":  # before the process group: once, on rank 0
         log(f"note: using the experiment saved with {path} ({cfg.name}); {config} is not read, key=value overrides apply")
     return cfg if cfg.model_preset is not None else dataclasses.replace(cfg, model_preset=preset)
 

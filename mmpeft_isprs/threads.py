@@ -10,6 +10,8 @@ measures it). The policy, applied by :func:`~mmpeft_isprs.distributed.init_distr
   (``os.sched_getaffinity``) minus the ones other processes keep busy (the larger of the
   1-minute load average and the processes runnable right now), divided among the local ranks,
   at least 1;
+- a resumed run (``--resume``) with neither: the count the run used, recorded in its ``last.pt``
+  (another count is not bit-exact; the run says so when one is asked for);
 - data-loader workers run single-threaded (:func:`worker_init`), whatever the main process uses.
 
 The resolved policy is printed in the run header and stored in ``run.json``.
@@ -48,7 +50,7 @@ class ThreadPolicy:
     def describe(self) -> str:
         """One line for the run header."""
         why = (f"{self.cores} cores, {self.busy:.1f} busy with other work, {self.local_ranks} local rank(s)"
-               if self.source == "auto" else f"set by {self.source}")  # fmt: skip
+               if self.source == "auto" else self.source if self.source.startswith("the run's") else f"set by {self.source}")  # fmt: skip
         return f"{self.threads} torch thread(s) per process ({why}); data-loader workers 1 thread each"
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,10 +91,16 @@ def busy_cores() -> float:
     return max(load, _running_now())
 
 
-def resolve_threads(requested: int = 0, local_ranks: int = 1, *, cores: int | None = None, busy: float | None = None) -> ThreadPolicy:
+def resolve_threads(
+    requested: int = 0, local_ranks: int = 1, *, cores: int | None = None, busy: float | None = None,
+    recorded: int | None = None, recorded_in: str = "",
+) -> ThreadPolicy:  # fmt: skip
     """The policy for ``train.threads=requested`` with ``local_ranks`` processes on this machine.
 
-    ``cores`` and ``busy`` default to what the machine reports now (given in tests).
+    ``recorded``: the count a resumed run used (``last.pt`` in ``recorded_in``): taken instead of
+    the automatic choice, which depends on the machine's load, so that a resumed run is bit-exact;
+    ``train.threads`` and ``OMP_NUM_THREADS`` still win. ``cores`` and ``busy`` default to what
+    the machine reports now (given in tests).
     """
     cores = _affinity() if cores is None else cores
     local_ranks = max(1, local_ranks)
@@ -101,6 +109,8 @@ def resolve_threads(requested: int = 0, local_ranks: int = 1, *, cores: int | No
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return ThreadPolicy(int(omp), cores, 0.0, local_ranks, "OMP_NUM_THREADS")
+    if recorded:
+        return ThreadPolicy(int(recorded), cores, 0.0, local_ranks, f"the run's count, recorded in {recorded_in}")
     busy = busy_cores() if busy is None else busy
     free = max(1, cores - int(round(busy)))
     return ThreadPolicy(max(1, free // local_ranks), cores, busy, local_ranks, "auto")

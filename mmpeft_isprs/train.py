@@ -8,11 +8,14 @@ SGD (lr 0.01, momentum 0.9, weight decay 5e-4) with the LR x0.1 at epochs 25, 35
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from .config import ExperimentConfig
 from .distributed import DistInfo, init_distributed
-from .runner import TrainResult, fit
+from .runner import CHECKPOINT, TrainResult, fit
+from .runner.checkpoint import recorded_threads
+from .threads import current_policy
 
 __all__ = ["train"]
 
@@ -33,5 +36,12 @@ def train(
         ConfigError / DataError: before anything is built when the config, the data or the
             resume checkpoint is wrong.
     """
-    info = info or init_distributed(cfg.train.device, cfg.train.threads)
+    t = cfg.train
+    recorded = recorded_threads(Path(t.run_dir)) if t.resume else None
+    if info is None:
+        info = init_distributed(t.device, t.threads, (recorded, str(Path(t.run_dir) / CHECKPOINT)) if recorded else None)
+    used = current_policy().threads
+    if recorded and used != recorded and info.is_main:
+        log(f"note: resuming with {used} torch thread(s), the run used {recorded}: the result is not bit-exact "
+            "(leave train.threads and OMP_NUM_THREADS unset to reuse the run's count)")  # fmt: skip
     return fit(cfg, info, max_steps=max_steps, log=log)

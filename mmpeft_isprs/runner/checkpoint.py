@@ -23,10 +23,11 @@ from mmpeft import atomic_write
 from ..config import ConfigError, ExperimentConfig, upgrade_stored
 from ..distributed import DistInfo, all_gather_object, barrier
 from ..task import SegmentationTask
+from ..threads import current_policy
 
 __all__ = [
     "CHECKPOINT", "BEST", "LAST_WEIGHTS", "FORMAT", "RESUMABLE_CHANGES", "TrainState", "load_checkpoint",
-    "check_resumable", "resume_checkpoint", "save_checkpoint", "restore_checkpoint", "seed_process",
+    "check_resumable", "resume_checkpoint", "recorded_threads", "save_checkpoint", "restore_checkpoint", "seed_process",
 ]  # fmt: skip
 
 CHECKPOINT = "last.pt"
@@ -88,6 +89,19 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def recorded_threads(run_dir: Path) -> int | None:
+    """The torch thread count of the run whose ``last.pt`` is in ``run_dir`` (None: none recorded)."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError):  # not a checkpoint: resume_checkpoint says so
+        return None
+    threads = ckpt.get("threads") if isinstance(ckpt, dict) else None
+    return int(threads) if threads else None
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Read a ``last.pt`` (tensors only, no code: ``weights_only``)."""
     if not path.is_file():
@@ -120,7 +134,7 @@ def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] |
     earlier = [name for name in (CHECKPOINT, "config.yaml", "log.csv", BEST) if (run_dir / name).exists()]
     if earlier and cfg.train.overwrite:
         if info.is_main:
-            for name in (*earlier, LAST_WEIGHTS, "run.json", "figures", "metrics", "tensorboard"):
+            for name in (*earlier, LAST_WEIGHTS, "run.json", "figures", "metrics", "tensorboard", "train.log", "eval.log"):
                 _remove(run_dir / name)
         barrier()
     elif earlier:
@@ -144,7 +158,8 @@ def save_checkpoint(path: Path, task: SegmentationTask, state: TrainState, cfg: 
     """Write ``last.pt`` atomically (rank 0; every rank's RNG state gathered)."""
     rngs = all_gather_object({**_rng_state(info.device), "loss_sum": state.loss_sum})
     if info.is_main:
-        ckpt = {"format": FORMAT, **task.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": cfg.to_dict()}
+        ckpt = {"format": FORMAT, **task.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": cfg.to_dict(),
+                "threads": current_policy().threads}  # reused on resume (another count is not bit-exact)
         atomic_write(path, lambda p: torch.save(ckpt, p))
     barrier()
 

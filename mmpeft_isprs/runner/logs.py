@@ -7,7 +7,7 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..config import ExperimentConfig
 from ..data import TileSet
@@ -15,7 +15,7 @@ from ..distributed import DistInfo
 from ..model import MFNet
 from ..threads import current_policy
 
-__all__ = ["CSV_FIELDS", "RunLog", "describe_run", "run_header"]
+__all__ = ["CSV_FIELDS", "RunLog", "TextLog", "describe_run", "run_header"]
 
 CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "val_OA", "val_mF1", "val_mIoU", "best_epoch", "seconds", "images_per_s")
 
@@ -64,6 +64,30 @@ class RunLog:
         """Close the TensorBoard writer (if any)."""
         if self.writer is not None:
             self.writer.close()
+
+
+class TextLog:
+    """A ``log`` callable that also appends every line to a text file (``train.log``, ``eval.log``).
+
+    The file is opened for each line (no handle kept open, nothing lost on a crash) and created
+    with its folder at the first line; a file that cannot be written is reported once, on the
+    forwarded log, and skipped.
+    """
+
+    def __init__(self, path: Path, log: Callable[[str], None] = print) -> None:
+        self.path, self.log, self.failed = Path(path), log, False
+
+    def __call__(self, line: str) -> None:
+        self.log(line)
+        if self.failed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+        except OSError as exc:
+            self.failed = True
+            self.log(f"note: cannot write {self.path} ({exc}); the lines go to the output only")
 
 
 def _tensorboard(run_dir: Path) -> Any:

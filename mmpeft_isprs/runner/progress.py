@@ -40,11 +40,14 @@ class StepLog:
         total_steps: steps of the whole run (for the ETA).
         images_per_step: images in one step over all ranks.
         clock: the time source (a test may pass its own).
+        loss_label: how the line names its loss (``"rank-0 loss"`` under torchrun: the loss of rank
+            0's share of the batches, not reduced over the ranks; the epoch's loss in ``log.csv`` is).
     """
 
     def __init__(self, log: Callable[[str], None], every: int, total_steps: int, images_per_step: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.perf_counter, loss_label: str = "loss") -> None:  # fmt: skip
         self.log, self.every, self.total, self.images = log, every, total_steps, images_per_step
+        self.loss_label = loss_label
         self.clock = clock
         self.restart()
 
@@ -63,7 +66,7 @@ class StepLog:
         if not due:
             return None
         rate = self.steps / max(elapsed, 1e-9)
-        line = (f"step {step}/{self.total} ({where}): loss {float(self.loss) / self.steps:.4f}, lr {lr:.3g}, "
+        line = (f"step {step}/{self.total} ({where}): {self.loss_label} {float(self.loss) / self.steps:.4f}, lr {lr:.3g}, "
                 f"{rate * self.images:.1f} img/s, data wait {100 * self.wait / max(elapsed, 1e-9):.0f}%, "
                 f"ETA {format_seconds((self.total - step) / max(rate, 1e-9))}")  # fmt: skip
         self.log(line)

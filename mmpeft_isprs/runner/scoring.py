@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ExperimentConfig
+from ..config import ConfigError, ExperimentConfig
 from ..data import TileSet, read_image
 from ..datamodule import ISPRSDataModule
 from ..distributed import DistInfo, barrier
@@ -17,10 +17,11 @@ from ..model import MFNetFile
 from ..task import EvalResult, load_trained, read_weights
 from ..task.evaluation import eval_windows
 from ..task.subsets import evaluate_subsets, modality_subsets
+from .logs import TextLog
 from .progress import EvalProgress
 from .subsets import report_subsets
 
-__all__ = ["score_weights"]
+__all__ = ["score_weights", "eval_folder", "check_eval_folder"]
 
 
 def score_weights(
@@ -35,8 +36,10 @@ def score_weights(
     moved). ``subsets``: also score every non-empty subset of the model's modalities, print them
     side by side and write ``subsets.json`` (the result's ``subsets``). Progress lines (windows
     done / total, elapsed, ETA) go to ``log`` while it runs.
-    Outputs in ``out_dir`` (default ``<run_dir>/eval_<split>``): ``metrics.json`` and, with
-    ``eval.save_predictions``, ``predictions/<tile>_pred.*`` and ``<tile>_colour.png``.
+    Outputs in ``out_dir`` (default ``<run_dir>/`` :func:`eval_folder`, named by the protocol; a
+    folder holding another protocol's evaluation is refused): ``metrics.json``, ``figures/`` and, with
+    ``eval.save_predictions``, ``predictions/<tile>_pred.*`` and ``<tile>_colour.png``. The lines
+    printed are appended to ``eval.log`` beside the weights (the run folder, beside ``log.csv``).
     """
     info = info or DistInfo()
     stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
@@ -45,15 +48,21 @@ def score_weights(
         log(f"note: the weights use modalities {list(model.modalities)} (config: {cfg.model.modalities})")
     e = cfg.eval
     tiles = ISPRSDataModule(cfg, info, log).tiles(e.split, labels=e.labels)
-    out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / f"eval_{e.split}"
+    out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / eval_folder(cfg, stored.path, subsets)
+    if info.is_main:
+        check_eval_folder(out, _protocol(cfg, str(stored.path), model.config.size[0]))
+        log = TextLog(Path(stored.path).parent / "eval.log", log)
+        log(f"== evaluation of {stored.path} into {out}")
     preds = out / "predictions" if e.save_predictions else None
     runs = modality_subsets(model.modalities) if subsets else [tuple(model.modalities)]
     progress = None
     if info.is_main:
-        windows = eval_windows(tiles, model.config.size[0], e.stride, info) * len(runs)
+        windows = eval_windows(tiles, model.config.size[0], e.stride) * len(runs)  # over all ranks
+        own = eval_windows(tiles, model.config.size[0], e.stride, info) * len(runs)
+        shared = f"; {info.world_size} processes, progress lines count rank 0's {own}" if info.world_size > 1 else ""
         log(f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
-            + (f" ({len(runs)} modality subsets)" if subsets else ""))  # fmt: skip
-        progress = EvalProgress(log, windows)
+            + (f" ({len(runs)} modality subsets)" if subsets else "") + shared)  # fmt: skip
+        progress = EvalProgress(log, own, what="eval (rank 0)" if info.world_size > 1 else "eval")
     results = evaluate_subsets(model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress,
                                log=log if subsets else None)  # fmt: skip
     result = next(iter(results.values()))
@@ -70,13 +79,41 @@ def score_weights(
     return result
 
 
+def eval_folder(cfg: ExperimentConfig, weights: str | Path, subsets: bool = False) -> str:
+    """The folder of an evaluation in its run folder, named by its protocol, so that another
+    protocol never replaces it: ``eval_<split>_stride<S>_<mode>_<labels>`` plus ``_tta``,
+    ``_subsets`` and the weights' name when not ``best``."""
+    e, stem = cfg.eval, Path(weights).name.split(".")[0]
+    name = f"eval_{e.split}_stride{e.stride}_{e.mode}_{e.labels}" + ("_tta" if e.tta_flip else "")
+    return name + ("_subsets" if subsets else "") + ("" if stem == "best" else f"_{stem}")
+
+
+def _protocol(cfg: ExperimentConfig, weights: str, window: int) -> dict[str, object]:
+    e = cfg.eval
+    return {"split": e.split, "labels": e.labels, "window": window, "stride": e.stride, "mode": e.mode,
+            "tta_flip": e.tta_flip, "weights": weights}  # fmt: skip
+
+
+def check_eval_folder(out: Path, protocol: dict[str, object]) -> None:
+    """Refuse to write into ``out`` when it holds the evaluation of another protocol or weights."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    before = {**saved.get("protocol", {}), "weights": saved.get("weights")}
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in protocol.items() if before.get(k) != v]
+    if changed:
+        raise ConfigError(
+            f"{out} holds an evaluation of another protocol ({'; '.join(changed)}): give another --out "
+            "(or leave it out: each protocol gets its own folder) or remove the folder"
+        )
+
+
 def _write_metrics(out: Path, cfg: ExperimentConfig, weights: str, tiles: TileSet, window: int, result: EvalResult,
                    info: DistInfo, log: Callable[[str], None]) -> None:  # fmt: skip
     e = cfg.eval
-    protocol = {
-        "split": e.split, "tiles": tiles.ids, "labels": e.labels, "window": window,
-        "stride": e.stride, "mode": e.mode, "tta_flip": e.tta_flip, "world_size": info.world_size,
-    }  # fmt: skip
+    protocol = {**_protocol(cfg, weights, window), "tiles": tiles.ids, "world_size": info.world_size}
+    protocol.pop("weights")
     payload = {"weights": weights, "protocol": protocol, "seconds": result.seconds, **result.metrics}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(payload, indent=1))

@@ -4,7 +4,8 @@ Beyond the paper: the best epoch is chosen on a validation split (never the test
 saved as ``best.safetensors``; ``last.pt`` holds everything needed to continue (see
 :mod:`.checkpoint`), written atomically at every epoch end and every ``checkpoint_every`` steps.
 
-Files in ``run_dir``: ``config.yaml``, ``log.csv`` (one row per epoch), ``metrics/epoch_NNN.json``
+Files in ``run_dir``: ``config.yaml``, ``log.csv`` (one row per epoch), ``train.log`` (every line
+printed: the run header, progress lines, per-epoch class tables; appended on resume), ``metrics/epoch_NNN.json``
 (per-class validation metrics), ``last.pt``, ``last.safetensors``, ``best.safetensors``, and
 TensorBoard events when TensorBoard is installed.
 """
@@ -27,7 +28,7 @@ from .checkpoint import (
     BEST, CHECKPOINT, LAST_WEIGHTS, TrainState, restore_checkpoint, resume_checkpoint, save_checkpoint,
     seed_process,
 )
-from .logs import RunLog, describe_run, run_header
+from .logs import RunLog, TextLog, describe_run, run_header
 from .progress import StepLog
 
 __all__ = ["Trainer", "TrainResult", "fit"]
@@ -54,7 +55,7 @@ def fit(cfg: ExperimentConfig, info: DistInfo, *, max_steps: int | None = None, 
 
     Everything that can be wrong (resume checkpoint, config, data) raises before training.
     """
-    log = log if info.is_main else _quiet
+    log = TextLog(Path(cfg.train.run_dir) / "train.log", log) if info.is_main else _quiet  # created after the folder checks
     resume = resume_checkpoint(cfg, info)
     data = ISPRSDataModule(cfg, info, log)
     data.setup()
@@ -92,7 +93,8 @@ class Trainer:
                 s = self.state
                 self.log(f"resuming {self.run_dir / CHECKPOINT}: epoch {s.epoch + 1}, batch {s.batch}, step {s.step}")
         self.logs = RunLog(self.run_dir, t.tensorboard) if info.is_main else None
-        self.steps = StepLog(self.log, t.log_every, t.epochs * t.batches_per_epoch, t.batch_size)
+        self.steps = StepLog(self.log, t.log_every, t.epochs * t.batches_per_epoch, t.batch_size,
+                             loss_label="rank-0 loss" if info.world_size > 1 else "loss")  # not reduced: no sync per line
         try:
             return self._loop(max_steps)
         finally:
@@ -130,7 +132,10 @@ class Trainer:
         batches = iter(self.data.train_loader(s.epoch, s.batch))
         while (batch := _next_timed(batches)) is not None:
             loss = self.task.training_step(batch[0])  # a device tensor: read only when shown
-            self._pending = loss if self._pending is None else self._pending + loss
+            # summed in float64, where the sum of float32 losses is exact: the logged loss is the same
+            # whenever it is read (a terminal's bar, checkpoints), not only the same weights
+            loss64 = loss.detach().double()
+            self._pending = loss64 if self._pending is None else self._pending + loss64
             s.batch, s.step = s.batch + 1, s.step + 1
             elapsed = s.seconds + time.perf_counter() - t0
             bar.update(1)

@@ -81,7 +81,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                    "synthetic": {"num_tiles": 3, "tile_size": 96}}}))  # fmt: skip
     assert main(["train", str(cfg), f"train.run_dir={base / 'run'}", *TINY]) == 0
     assert main(["eval", str(cfg), "--weights", str(base / "run" / "best.safetensors"), *TINY, f"train.run_dir={base / 'run'}"]) == 0
-    assert (base / "run" / "eval_test" / "metrics.json").is_file()
+    assert (base / "run" / "eval_test_stride32_average_eroded" / "metrics.json").is_file()
     return base
 
 

@@ -63,3 +63,17 @@ def test_torchrun_two_cpu_ranks_match_one(tmp_path: Path) -> None:
     assert one.metrics["confusion"] == two["confusion"]
     assert one.metrics["pixels"] == two["pixels"] > 0
     assert QUICK_OVERRIDES  # the quick budget is what ran
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert steps and all("rank-0 loss" in line for line in steps)  # the step line says whose loss it is
+    # eval under torchrun: the note once, the header counts every rank's windows
+    cmd = [*cmd[: cmd.index("mmpeft_isprs") + 1], "eval", "demo", "--weights", str(run / "best.safetensors"),
+           "--out", str(tmp_path / "two"), *extra]  # fmt: skip
+    cmd[cmd.index("--master_port") + 1] = str(_free_port())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("note: using the experiment saved with") == 1
+    lines: list[str] = []
+    evaluate(cfg, run / "best.safetensors", info=DistInfo(), out_dir=tmp_path / "one", log=lines.append)
+    single = next(line for line in lines if "scoring test split" in line)
+    header = next(line for line in proc.stdout.splitlines() if "scoring test split" in line)
+    assert header.startswith(f"{single}; 2 processes, progress lines count rank 0's")

@@ -126,7 +126,7 @@ def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, caps
     header = next(line for line in out.splitlines() if line.startswith("IoU (%)"))
     assert header.split()[2:] == ["optical+dsm", "optical", "dsm"]
     assert any(line.startswith("mIoU") and len(line.split()) == 4 for line in out.splitlines())
-    saved = json.loads((tmp_path / "run" / "eval_test" / "subsets.json").read_text())["subsets"]
+    saved = json.loads((next((tmp_path / "run").glob("eval_test_*_subsets")) / "subsets.json").read_text())["subsets"]
     assert list(saved) == ["optical+dsm", "optical", "dsm"] and all(0 <= v["mIoU"] <= 1 for v in saved.values())
 
 

@@ -126,10 +126,10 @@ def test_train_then_evaluate_end_to_end(data_root: Path, tmp_path: Path) -> None
                    out_dir=tmp_path / "val", log=quiet)  # fmt: skip
     assert val.metrics["confusion"] == per_epoch["confusion"]
     test = evaluate(cfg, run / "best.safetensors", log=messages.append)
-    saved = json.loads((run / "eval_test" / "metrics.json").read_text())
+    saved = json.loads((run / "eval_test_stride32_average_eroded" / "metrics.json").read_text())
     assert saved["confusion"] == test.metrics["confusion"] and saved["protocol"]["labels"] == "eroded"
     assert 0.0 <= saved["mIoU"] <= 1.0 and saved["pixels"] > 0
-    preds = sorted(p.name for p in (run / "eval_test" / "predictions").iterdir())
+    preds = sorted(p.name for p in (run / "eval_test_stride32_average_eroded" / "predictions").iterdir())
     assert preds == ["5_colour.png", "5_colour.tif", "5_pred.tif"]
     model, experiment = load_trained(run / "best.safetensors")
     assert experiment == cfg and model.config.num_classes == 6
