@@ -1,0 +1,354 @@
+"""Several named adapter sets on one frozen model, as peft's ``add_adapter`` / ``set_adapter`` /
+``delete_adapter`` (mixed into :class:`~mmpeft.MultimodalModel`).
+
+A set is everything one wrap trains: its multimodal layers (per-modality LoRA / adapters with
+their fusion parameters) at its target sites, its input stems, its trained copies of the modules
+to save, and its :class:`~mmpeft.MultimodalConfig`. One set is active: its modules sit in the
+model's module tree, so ``state_dict()``, ``parameters()``, optimizers, the forward and the
+single-set file format are those of a model wrapped with that set alone. The other sets are kept
+outside the tree (a plain dict); ``set_adapter`` swaps the layers at the target sites (a site the
+new set does not adapt gets its frozen module back), the stems and the trained copies, by object
+reference (a site inside another set's wrapped module is found through its parent module, not its
+name). The frozen modules are shared by every set, never copied. A model that never calls
+``add_adapter`` holds no inactive set: its forward and files are exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..config import MultimodalConfig
+from ..runtime.stems import ModalityStem
+from ..targeting.inject import ModuleToSave, apply_rules
+from ..tuners import MultimodalLayer, set_execution
+from .io import CONFIG_NAME, read_adapter
+from .params import ParamReport, count_parameters
+from .saving import _check_fingerprint, _probe_size
+
+__all__ = ["AdapterSet", "AdapterSets", "DEFAULT_ADAPTER"]
+
+DEFAULT_ADAPTER = "default"  # peft's name of the first set
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a folder name of its own (saved per set)
+_SHARED = ("in_channels", "modules_to_save", "base_dtype")  # the model's, not a set's
+
+Site = tuple[nn.Module, str, MultimodalLayer]  # (parent module, attribute, layer)
+
+
+@dataclass
+class AdapterSet:
+    """One named set outside the module tree: its config, layers at their sites, stems, and the
+    trained copy of each module to save (``(wrapper, trained module)``)."""
+
+    config: MultimodalConfig
+    sites: list[Site]
+    stems: nn.ModuleDict
+    trained: list[tuple[ModuleToSave, nn.Module]]
+
+    def own_modules(self) -> list[nn.Module]:
+        """What the set trains: every child of its layers but the frozen ``base_layer``, its stems
+        and trained copies."""
+        kids = [c for _, _, layer in self.sites for n, c in layer.named_children() if n != "base_layer"]
+        return [*kids, self.stems, *(t for _, t in self.trained)]
+
+
+def _sites(root: nn.Module) -> list[Site]:
+    """Every multimodal layer of ``root`` with the module that holds it and the attribute name."""
+    return [(p, a, c) for p in root.modules() for a, c in p._modules.items() if isinstance(c, MultimodalLayer)]
+
+
+def _wrappers(root: nn.Module) -> list[tuple[nn.Module, str, ModuleToSave]]:
+    return [(p, a, c) for p in root.modules() for a, c in p._modules.items() if isinstance(c, ModuleToSave)]
+
+
+def _like(modules: Sequence[nn.Module], ref: torch.Tensor | None) -> None:
+    """Move ``modules`` to the device of ``ref`` and their floating tensors to its dtype."""
+    if ref is not None:
+        for m in modules:
+            m.to(device=ref.device, dtype=ref.dtype)
+
+
+class AdapterSets:
+    """Named adapter sets of :class:`~mmpeft.MultimodalModel` (see the module docstring)."""
+
+    base_model: nn.Module
+    config: MultimodalConfig
+    stems: nn.ModuleDict
+    modalities: tuple[str, ...]
+    in_channels: int | None
+    adapters_enabled: bool
+    call_check_pending: bool
+    training: bool
+    #: builds a set's config from ``wrap_multimodal``'s arguments (``mmpeft.model.wrap._config_of``);
+    #: set by :mod:`mmpeft.model.wrap`, which imports the model class (so this module cannot import it)
+    build_set_config: ClassVar[Callable[..., MultimodalConfig]]
+    _active_name: str = DEFAULT_ADAPTER
+    _names: tuple[str, ...] = (DEFAULT_ADAPTER,)
+    _inactive: dict[str, AdapterSet] | None = None  # created by the first add_adapter
+    _applying_sets = False
+
+    # ------------------------------------------------------------------ names
+    @property
+    def active_adapter(self) -> str:
+        """The name of the active set (``"default"`` for a wrapped or loaded model)."""
+        return self._active_name
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """``[active_adapter]`` (peft's list form; one set is active at a time)."""
+        return [self._active_name]
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of every set, in the order they were added."""
+        return list(self._names)
+
+    def _known(self, name: str) -> str:
+        if name not in self._names:
+            raise KeyError(f"no adapter set {name!r}; the sets are {list(self._names)} (add_adapter / load_adapter)")
+        return name
+
+    def _new_name(self, name: str) -> str:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
+        if name in self._names:
+            raise ValueError(f"an adapter set {name!r} exists already; delete_adapter({name!r}) first or pick another name")
+        return name
+
+    # ------------------------------------------------------------------ swapping
+    def _capture(self) -> AdapterSet:
+        """The active set, as it sits in the module tree."""
+        trained = [(w, w.trained_module) for _, _, w in _wrappers(self.base_model)]
+        return AdapterSet(self.config, _sites(self.base_model), self.stems, trained)
+
+    def _activate(self, s: AdapterSet) -> None:
+        for parent, attr, layer in s.sites:
+            setattr(parent, attr, layer)
+        for wrapper, trained in s.trained:
+            wrapper.trained_module = trained
+        self.stems, self.config = s.stems, s.config
+
+    def _switch(self, name: str) -> None:
+        """Make ``name`` the active set (no checks: :meth:`set_adapter` is the public way)."""
+        store = self._inactive if self._inactive is not None else {}
+        current, new = self._capture(), store.pop(name)
+        for parent, attr, layer in current.sites:
+            setattr(parent, attr, layer.base_layer)
+        self._activate(new)
+        store[self._active_name] = current
+        self._inactive, self._active_name = store, name
+
+    @contextlib.contextmanager
+    def _using(self, name: str) -> Iterator[None]:
+        """Within the block ``name`` is the active set (saving, loading and counting one set)."""
+        before = self._active_name
+        if name == before:
+            yield
+            return
+        self._switch(name)
+        try:
+            yield
+        finally:
+            self._switch(before)
+
+    @contextlib.contextmanager
+    def _bare(self) -> Iterator[None]:
+        """Within the block the base model holds no mmpeft module: every site its frozen module,
+        every module to save its original (where a new set is planned and built)."""
+        active, wrappers = self._capture(), _wrappers(self.base_model)
+        for parent, attr, layer in active.sites:
+            setattr(parent, attr, layer.base_layer)
+        for parent, attr, w in wrappers:
+            setattr(parent, attr, w.original_module)
+        try:
+            yield
+        finally:
+            for parent, attr, w in wrappers:
+                setattr(parent, attr, w)
+            self._activate(active)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        """nn.Module's ``_apply`` (``.to()``, ``.cuda()``, ``.double()``), then the same for every
+        inactive set, run as the active one so that it is treated exactly alike."""
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        if recurse and self._inactive and not self._applying_sets:
+            self._applying_sets = True
+            try:
+                for name in list(self._inactive):
+                    with self._using(name):
+                        self._apply(fn, recurse)
+            finally:
+                self._applying_sets = False
+        return result
+
+    # ------------------------------------------------------------------ the public methods
+    def add_adapter(
+        self, adapter_name: str, method: str | None = None, *, preset: str | None = None, targets: Any = None,
+        config: MultimodalConfig | None = None, probe: bool | tuple[int, int] = True, **options: Any,
+    ) -> None:  # fmt: skip
+        """Add a new set named ``adapter_name`` on the same frozen model, built as
+        ``wrap_multimodal(model, modalities, method, preset=, targets=, config=, probe=, **options)``
+        would (its own layers, fusion parameters, stems and copies of the modules to save). It is not
+        made active (:meth:`set_adapter`, as peft). ``stems`` default to the model's stem configs;
+        ``in_channels``, ``modules_to_save`` and ``base_dtype`` are the model's, shared by every set
+        (a different value is an error)."""
+        name = self._new_name(adapter_name)
+        with self._bare():  # planned and built on the plain model, as a first wrap is
+            cfg = self._set_config(method, preset, targets, config, dict(options))
+            apply_rules(self.base_model, cfg, probe=probe is not False, probe_size=_probe_size(probe))
+            sites = _sites(self.base_model)
+            for parent, attr, layer in sites:
+                setattr(parent, attr, layer.base_layer)
+        new = AdapterSet(cfg, sites, self._new_stems(cfg), self._new_trained())
+        self._like_active(new)
+        self._inactive = {**(self._inactive or {}), name: new}
+        self._names = (*self._names, name)
+
+    def _set_config(
+        self, method: str | None, preset: str | None, targets: Any, config: MultimodalConfig | None, options: dict[str, Any]
+    ) -> MultimodalConfig:  # fmt: skip
+        for key in _SHARED:
+            if key in options and options[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"{key}={options[key]!r}: {key} is the model's ({getattr(self.config, key)!r}), shared by every "
+                    "adapter set; add_adapter cannot change it (wrap a fresh base model for another)"
+                )
+            options.pop(key, None)
+        if config is not None:
+            if options or targets is not None or preset is not None or method is not None:
+                raise ValueError("pass either config= or method/options/targets/preset, not both")
+            mine = {k: getattr(self.config, k) for k in ("modalities", *_SHARED)}
+            theirs = {k: getattr(config, k) for k in mine}
+            if {k: list(v) if k == "modalities" else v for k, v in theirs.items()} != {
+                k: list(v) if k == "modalities" else v for k, v in mine.items()
+            }:
+                raise ValueError(f"config= must share the model's {mine} (every set's); it has {theirs}")
+            return config
+        options.setdefault("stems", {m: dataclasses.replace(self.config.stem(m)) for m in self.modalities})
+        shared = {"in_channels": self.config.in_channels, "modules_to_save": self.config.modules_to_save}
+        return type(self).build_set_config(
+            self.base_model, self.modalities, method, preset, targets, None, self.config.base_dtype, {**options, **shared}
+        )
+
+    def _new_stems(self, config: MultimodalConfig) -> nn.ModuleDict:
+        return nn.ModuleDict({m: ModalityStem(m, config.stem(m), self.in_channels) for m in self.modalities})
+
+    def _new_trained(self) -> list[tuple[ModuleToSave, nn.Module]]:
+        """A fresh trainable copy of every module to save (its frozen original's weights)."""
+        pairs = []
+        for _, _, wrapper in _wrappers(self.base_model):
+            trained = copy.deepcopy(wrapper.trained_module)
+            trained.load_state_dict(wrapper.original_module.state_dict())
+            pairs.append((wrapper, trained.requires_grad_(True)))
+        return pairs
+
+    def _like_active(self, new: AdapterSet) -> None:
+        """The new set's trainable tensors on the active set's device and in its dtype (float32
+        masters on a low-precision base), its layers with the wrap-time dry run's batch factors
+        of the layers already on the same frozen modules."""
+        own = [t for m in self._capture().own_modules() for t in m.parameters() if t.is_floating_point()]
+        _like(new.own_modules(), own[0] if own else next(self.base_model.parameters(), None))
+        known = {id(layer.base_layer): layer for s in self._all_sets() for _, _, layer in s.sites}
+        for _, _, layer in new.sites:
+            if id(layer.base_layer) in known:
+                layer.batch_factor = known[id(layer.base_layer)].batch_factor
+                layer.factor_size = known[id(layer.base_layer)].factor_size
+
+    def _all_sets(self) -> list[AdapterSet]:
+        return [self._capture(), *(self._inactive or {}).values()]
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active set: its layers, stems and trained copies go into the
+        model (the frozen model and the other sets are not touched). The mode (train / eval),
+        adapters on or off and the layers' execution carry over; build the optimizer over
+        ``parameters()`` after switching (only the active set's tensors are parameters). A merged
+        active set must be unmerged first (its merged weights would stay in use)."""
+        name = self._known(adapter_name)
+        if name == self._active_name:
+            return
+        merged = [n for n, layer in _named_layers(self) if layer.merged]
+        if merged:
+            raise ValueError(
+                f"set_adapter({name!r}): the active set {self._active_name!r} is merged ({len(merged)} layer(s), "
+                f"e.g. {merged[0]}); call unmerge_adapters() first"
+            )
+        executions = {layer.execution for _, layer in _named_layers(self)}
+        self._switch(name)
+        if len(executions) == 1:
+            set_execution(self, executions.pop())  # type: ignore[arg-type]
+        self.set_adapters_enabled(self.adapters_enabled)  # type: ignore[attr-defined]
+        self.train(self.training)  # type: ignore[attr-defined]  # keeps the frozen norms in eval
+        self.call_check_pending = True  # the first forward verifies the new layers run
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop the set ``adapter_name`` (its layers, stems and copies). The active set cannot be
+        deleted: :meth:`set_adapter` to another first (a model always holds one set)."""
+        name = self._known(adapter_name)
+        if name == self._active_name:
+            others = [n for n in self._names if n != name]
+            hint = f"set_adapter({others[0]!r}) first" if others else "it is the only one (use the base model itself)"
+            raise ValueError(f"cannot delete the active adapter set {name!r}: {hint}")
+        assert self._inactive is not None
+        del self._inactive[name]
+        self._names = tuple(n for n in self._names if n != name)
+
+    def count_adapter_parameters(self, adapter_name: str | None = None, by: str = "kind") -> ParamReport:
+        """:func:`~mmpeft.count_parameters` of the model with set ``adapter_name`` active (default:
+        the active one): that set's trainables by group beside the frozen model."""
+        with self._using(self._known(adapter_name or self._active_name)):
+            return count_parameters(self, by=by)  # type: ignore[arg-type]
+
+    def adapter_status(self) -> dict[str, Any]:
+        """``{"active_adapter": name, "adapters": {name: {"layers": n, "trainable": n}}}``."""
+        sets = dict(zip([self._active_name, *(self._inactive or {})], self._all_sets()))
+        return {
+            "active_adapter": self._active_name,
+            "adapters": {
+                n: {"layers": len(sets[n].sites), "trainable": sum(p.numel() for m in sets[n].own_modules() for p in m.parameters())}
+                for n in self._names
+            },
+        }
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(self, directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
+        """Write every set (or ``selected_adapters``) as peft lays them out: ``"default"`` in
+        ``directory`` itself (the single-set format), every other set in ``directory/<name>``."""
+        names = self.adapters if selected_adapters is None else [self._known(n) for n in selected_adapters]
+        for name in names:
+            with self._using(name):
+                target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
+                super().save_pretrained(target)  # type: ignore[misc]
+
+    def load_adapter(
+        self, directory: str | Path, adapter_name: str, *, is_trainable: bool = False, strict: bool = True,
+        probe: bool | tuple[int, int] = True,
+    ) -> None:  # fmt: skip
+        """Add the set saved in ``directory/<adapter_name>`` (or in ``directory`` itself when it has
+        no such folder) under ``adapter_name``, not made active. For inference unless
+        ``is_trainable`` (its tensors frozen). Errors as :meth:`from_pretrained`'s."""
+        path = Path(directory) / adapter_name
+        tensors, meta = read_adapter(path if (path / CONFIG_NAME).is_file() else directory)
+        self.add_adapter(adapter_name, config=MultimodalConfig.from_dict(meta["config"]), probe=probe)
+        try:
+            with self._using(adapter_name):
+                _check_fingerprint(self, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
+                self.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            assert self._inactive is not None
+            for module in self._inactive[adapter_name].own_modules():
+                module.requires_grad_(False)
+
+
+def _named_layers(model: Any) -> list[tuple[str, MultimodalLayer]]:
+    return list(model.layers())
