@@ -138,3 +138,10 @@ def test_split_without_slices_is_an_error() -> None:
     with pytest.raises(ValueError, match="split=.*slices"):
         wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["qkv"], split=["a", "b", "c"])
     wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["qkv"], split=["a", "b", "c"], slices=["a"])
+
+
+def test_lambda_init_with_a_preset_that_never_mixes_is_an_error() -> None:
+    with pytest.raises(ValueError, match="lambda_init=0.9: every rule of this wrap has fusion='none'"):
+        wrap_multimodal(tiny_timm_vit(), MODS, preset="lora", lambda_init=0.9)
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora", lambda_init=0.9)  # sets the mixing rules only
+    assert {r.fusion: r.lambda_init for r in w.config.rules} == {"none": 0.5, "scalar": 0.9}

@@ -68,7 +68,18 @@ def _override(rule: RuleConfig, options: Mapping[str, Any], explicit: bool) -> R
         # the fusion option sets the rule of the mixing parts; "none" disables all mixing
         if rule.fusion == "none" and updates.get("fusion") not in (None, "none"):
             updates.pop("fusion")
+        if updates.get("fusion", rule.fusion) == "none":  # lambda_init sets the mixing parts' rules
+            updates.pop("lambda_init", None)
     return type(rule)(**{**rule.__dict__, **updates})
+
+
+def _check_lambda(rules: list[RuleConfig], options: Mapping[str, Any]) -> None:
+    """``lambda_init`` with a preset none of whose rules mix would change nothing: an error."""
+    if options.get("lambda_init") is not None and rules and all(r.fusion == "none" for r in rules):
+        raise ValueError(
+            f"lambda_init={options['lambda_init']!r}: every rule of this wrap has fusion='none' (no fusion "
+            "parameters), so lambda_init would change nothing; drop it or choose a preset that mixes ('mmlora')"
+        )
 
 
 def _lora_only(sel: Selection, methods: list[Method]) -> None:
@@ -122,6 +133,7 @@ def _build(
     _check_options(options, methods or [get_method("lora")])
     _lora_only(sel, methods or [get_method("lora")])
     rules = [_override(r, options, explicit=targets is not None) for r in rules]
+    _check_lambda(rules, options)
     if sel.given() or any(is_all_linear(r.targets) for r in rules):
         rules = resolve_rules(_planned(model, in_place), rules, sel, model_opts.get("modules_to_save"))
     stems = {k: parse_stem(v, k) for k, v in (model_opts.get("stems") or {}).items()}
