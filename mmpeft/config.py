@@ -16,7 +16,8 @@ from .utils import check_int, check_modalities, resolve_dtype
 __all__ = ["LoRAConfig", "AdapterConfig", "StemConfig", "MultimodalConfig", "RuleConfig", "Targets", "parse_stem"]
 
 RuleConfig = Union[LoRAConfig, AdapterConfig]
-STEM_KINDS = ("auto", "identity", "repeat", "conv1x1")
+STEM_KINDS = ("auto", "identity", "repeat", "conv1x1", "adapt")
+_COUNTED = ("conv1x1", "adapt")  # stems whose channel count is declared at wrap time
 
 
 @dataclass
@@ -25,8 +26,10 @@ class StemConfig:
 
     Attributes:
         kind: "auto" (identity if the channels match, else repeat), "identity", "repeat"
-            (the paper: 1-channel DSM repeated to 3) or "conv1x1" (a learnable 1x1 convolution).
-        in_channels: the modality's channel count: declared (required for "conv1x1"), or None
+            (the paper: 1-channel DSM repeated to 3), "conv1x1" (a learnable 1x1 convolution) or
+            "adapt" (N bands through the frozen RGB patch embedding adapted as timm adapts
+            ``in_chans``: ``timm.models.adapt_input_conv``; fixed, nothing trains).
+        in_channels: the modality's channel count: declared (required for "conv1x1" and "adapt"), or None
             until the modality's first input, which records it here (so it is saved with the
             config); every later input of the modality must have this many channels.
     """
@@ -39,11 +42,12 @@ class StemConfig:
             raise ValueError(f"unknown stem kind {self.kind!r}; known: {STEM_KINDS}")
         if self.in_channels is not None:
             check_int("a stem's in_channels", self.in_channels)
-        elif self.kind == "conv1x1":
-            raise ValueError("a 'conv1x1' stem needs the modality's in_channels, e.g. ('conv1x1', 1)")
+        elif self.kind in _COUNTED:
+            raise ValueError(f"the {self.kind!r} stem needs the modality's in_channels, e.g. ({self.kind!r}, 12)")
 
 
-_STEM_FORMS = "'repeat', ('repeat', channels), ('conv1x1', channels), {'kind': ..., 'in_channels': ...} or StemConfig"
+_STEM_FORMS = ("'repeat', ('repeat', channels), ('conv1x1', channels), ('adapt', channels), "
+               "{'kind': ..., 'in_channels': ...} or StemConfig")
 
 
 def parse_stem(value: Any, modality: str | None = None) -> StemConfig:
@@ -57,8 +61,8 @@ def parse_stem(value: Any, modality: str | None = None) -> StemConfig:
         if isinstance(value, str):
             return StemConfig(kind=value)
         if isinstance(value, (tuple, list)) and 1 <= len(value) <= 2:
-            if value[0] == "conv1x1" and len(value) == 1:
-                raise ValueError(f"{tuple(value)!r} lacks the channel count: write ('conv1x1', channels)")
+            if value[0] in _COUNTED and len(value) == 1:
+                raise ValueError(f"{tuple(value)!r} lacks the channel count: write ({value[0]!r}, channels)")
             return StemConfig(*value)
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - {"kind", "in_channels"})

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import StemConfig
 
-__all__ = ["ModalityStem", "check_stem_inputs"]
+__all__ = ["ModalityStem", "check_stem_inputs", "adapted_band_mix"]
 
 
 def _shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -34,7 +34,8 @@ class ModalityStem(nn.Module):
     Kinds: "identity" (c must equal C_model), "repeat" (C_model must be a multiple of c; the
     paper repeats the 1-channel DSM to 3), "auto" (identity when c == C_model, else repeat),
     "conv1x1" (learnable; initialised to the repeat pattern when C_model % c == 0, else to the
-    channel mean, so it starts as a sensible fixed mapping).
+    channel mean, so it starts as a sensible fixed mapping), "adapt" (c bands through the frozen
+    RGB patch embedding adapted as timm adapts ``in_chans``, see :func:`adapted_band_mix`).
 
     Attributes:
         modality: the modality's name.
@@ -51,6 +52,8 @@ class ModalityStem(nn.Module):
         self.model_channels = model_channels
         self.channels_origin: str | None = None if config.in_channels is None else "declared"
         self.input_dims: int | None = 4 if config.kind == "conv1x1" else None
+        if config.kind == "adapt":  # fixed: a buffer rebuilt from the config, not saved
+            self.register_buffer("band_mix", adapted_band_mix(modality, int(config.in_channels), model_channels), persistent=False)  # type: ignore[arg-type]
         if config.kind == "conv1x1":
             if model_channels is None:
                 raise ValueError("a 'conv1x1' stem needs the model's input channels (pass in_channels=)")
@@ -85,7 +88,7 @@ class ModalityStem(nn.Module):
             return f"modality {m!r} takes {_channels(self.in_channels)} ({origin}), got {c} (input shape {shape})"
         if self.kind == "repeat" and target is None:
             return f"modality {m!r}: a 'repeat' stem needs the model's in_channels (pass in_channels=)"
-        if self.kind != "conv1x1" and target is not None and c != target and (self.kind == "identity" or target % c):
+        if self.kind not in ("conv1x1", "adapt") and target is not None and c != target and (self.kind == "identity" or target % c):
             hint = " If it is a single sample (channels, H, W), add the batch axis: x[None]." if x.dim() == 3 else ""
             return (
                 f"modality {m!r} has {c} channels (shape {shape}) but the model expects {target}; use a 'repeat' stem "
@@ -113,6 +116,8 @@ class ModalityStem(nn.Module):
         c, target = x.shape[1], self.model_channels
         if self.kind == "conv1x1":
             return self.stem_conv(x)
+        if self.kind == "adapt":  # (C_model, c) band mix: (B, c, ...) -> (B, C_model, ...)
+            return torch.einsum("kc,bc...->bk...", self.band_mix.to(x.dtype), x)
         if target is None or c == target:
             return x
         reps = [1, target // c] + [1] * (x.dim() - 2)
@@ -120,6 +125,29 @@ class ModalityStem(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.modality!r}, kind={self.kind!r}, in={self.in_channels}, out={self.model_channels}"
+
+
+def adapted_band_mix(modality: str, bands: int, model_channels: int | None) -> torch.Tensor:
+    """The (model_channels, bands) mix M for which ``patch_embed(M x)`` equals a patch embedding
+    whose weight timm's ``adapt_input_conv(bands, W)`` adapted (what ``timm.create_model(...,
+    in_chans=bands)`` loads from RGB weights): 1 band sums W over its channels, N bands take
+    W[:, i % 3] * 3 / N. The helper is linear in W's input-channel axis, so applied to the
+    identity it gives M (W_N = W M); the frozen patch embedding stays one, shared by the stacked
+    modalities, and no adapted copy of W is kept. ValueError naming the modality when timm's
+    helper cannot adapt the model's channels."""
+    from timm.models import adapt_input_conv  # timm's helper (import deferred: timm loads slowly)
+
+    if model_channels is None:
+        raise ValueError(f"modality {modality!r}: an 'adapt' stem needs the model's input channels (pass in_channels=)")
+    eye = torch.eye(model_channels)[:, :, None, None]  # (C_model, C_model, 1, 1): W = identity
+    try:
+        mix = adapt_input_conv(bands, eye)  # (C_model, bands, 1, 1)
+    except (NotImplementedError, AssertionError) as exc:
+        raise ValueError(
+            f"modality {modality!r}: timm's adapt_input_conv cannot adapt a {model_channels}-channel patch embedding "
+            f"to {bands} bands ({exc or type(exc).__name__}); use a 'conv1x1' stem"
+        ) from None
+    return mix[:, :, 0, 0].contiguous()
 
 
 def _order_hint(stems: Mapping[str, ModalityStem], names: Sequence[str], xs: Sequence[torch.Tensor]) -> str:

@@ -139,7 +139,7 @@ def test_a_twelve_band_modality_trains_through_the_pipeline(tmp_path: Path, caps
     run = tmp_path / "run"
     args = [f"data.root={tmp_path}", "data.dataset=generic", "data.generic.modalities={ms: image, dsm: elevation}",
             "data.generic.label_format=colour", "data.splits={train: [a, b], test: [c]}", "data.val_fraction=0",
-            "model.modalities=[ms, dsm]", "model.stems={ms: [conv1x1, 12]}", f"train.run_dir={run}", *TINY]  # fmt: skip
+            "model.modalities=[ms, dsm]", "model.stems={ms: [adapt, 12]}", f"train.run_dir={run}", *TINY]  # fmt: skip
     assert main(["train", "vaihingen_mmadapter_vit_b", *args, "train.batches_per_epoch=2"]) == 0
     assert main(["eval", "vaihingen_mmadapter_vit_b", "--weights", str(run / "best.safetensors")]) == 0
     assert "mIoU" in capsys.readouterr().out
