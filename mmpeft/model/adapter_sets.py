@@ -30,6 +30,7 @@ from ..config import MultimodalConfig
 from ..runtime.stems import ModalityStem
 from ..targeting.inject import ModuleToSave, apply_rules
 from ..tuners import MultimodalLayer, set_execution
+from .combine import weighted_lora_set
 from .io import CONFIG_NAME, read_adapter
 from .params import ParamReport, count_parameters
 from .saving import _check_fingerprint, _probe_size
@@ -299,6 +300,16 @@ class AdapterSets:
         assert self._inactive is not None
         del self._inactive[name]
         self._names = tuple(n for n in self._names if n != name)
+
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """Add set ``adapter_name`` whose update is ``sum_i weights[i] * (update of adapters[i])``,
+        as peft's ``add_weighted_adapter(combination_type="cat")``: exact for LoRA sets that do not
+        mix modalities (rank = the sum of the ranks); sets with mixing rules, adapters, DoRA,
+        ``lora_bias``, PiSSA / OLoRA, learnable stems or modules to save are refused naming why
+        (:mod:`mmpeft.model.combine`). Not made active."""
+        weighted_lora_set(self, adapters, weights, adapter_name, combination_type)
 
     def count_adapter_parameters(self, adapter_name: str | None = None, by: str = "kind") -> ParamReport:
         """:func:`~mmpeft.count_parameters` of the model with set ``adapter_name`` active (default:
