@@ -87,10 +87,12 @@ class BlockFeatures:
         master copies the optimizer updates, cast to the compute dtype inside the forward (their
         gradients arrive in float32). Inputs are cast to ``dtype`` after the stems, so the frozen
         model runs in ``dtype`` with or without autocast. ``None`` or float32 restores float32.
+        With the model's ``autocast_adapter_dtype`` False the trainable tensors take ``dtype`` too.
         """
         dt = resolve_dtype(dtype)
         own = {id(t) for t in self.trainable_tensors()}  # type: ignore[attr-defined]  # MultimodalModel's
+        keep = torch.float32 if getattr(self, "autocast_adapter_dtype", True) else dt or torch.float32
         for t in list(self.base_model.parameters()) + list(self.base_model.buffers()):
             if t.is_floating_point():
-                t.data = t.data.to(torch.float32 if id(t) in own else dt or torch.float32)
+                t.data = t.data.to(keep if id(t) in own else dt or torch.float32)
         self._compute_dtype = None if dt in (None, torch.float32) else dt

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import merge as _merge
+from .precision import sync_dtype
 from .adapter_sets import AdapterSets
 from ..runtime.batch import Inputs, check_sizes, gather, split_output
 from ..config import MultimodalConfig
@@ -181,6 +182,15 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         """Do not verify on the first forward that every layer runs (e.g. a wrapped module is
         used by another method of the base model than the one called)."""
         self.call_check_pending = False
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """nn.Module's ``_apply`` (``.to()``, ``.bfloat16()``, ``.half()``, ``.cuda()``), then the
+        compute dtype and the trainable tensors made to agree with the frozen model's new dtype
+        (:mod:`mmpeft.model.precision`: float32 masters on a bf16 / fp16 base by default)."""
+        result = super()._apply(fn, recurse)
+        if recurse:
+            sync_dtype(self)
+        return result
 
     def train(self, mode: bool = True) -> "MultimodalModel":
         """nn.Module's ``train``, keeping :attr:`frozen_norms` in eval mode."""

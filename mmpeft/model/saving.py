@@ -14,6 +14,7 @@ from ..config import MultimodalConfig
 from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
 from .io import read_adapter, write_adapter
 from .merge import check_usable
+from .precision import check_autocast, sync_dtype
 from ..targeting.prepare import prepare_backbone
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
@@ -63,10 +64,12 @@ class Persistence:
     @classmethod
     def from_config(
         cls: type[T], model: nn.Module, config: MultimodalConfig, efficient_attention: bool | str = True,
-        probe: bool | tuple[int, int] = True,
+        probe: bool | tuple[int, int] = True, autocast_adapter_dtype: bool = True,
     ) -> T:  # fmt: skip
         """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
-        ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W))."""
+        ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W);
+        ``autocast_adapter_dtype``: trainable tensors float32 on a bf16 / fp16 base, :mod:`mmpeft.model.precision`)."""
+        check_autocast(autocast_adapter_dtype)
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored by unload()
         report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.targeting.prepare)
         size = _probe_size(probe)
@@ -76,6 +79,7 @@ class Persistence:
         in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)
         wrapped = cls(model, config, in_channels, report["frozen_norms"])  # type: ignore[call-arg]
         wrapped.base_requires_grad = requires_grad  # type: ignore[attr-defined]
+        wrapped.autocast_adapter_dtype = autocast_adapter_dtype  # type: ignore[attr-defined]
         p = next(iter(model.parameters()), None)
         if p is not None:
             wrapped.stems.to(p.device)  # type: ignore[attr-defined]
@@ -83,12 +87,14 @@ class Persistence:
             wrapped.enable_efficient_attention("auto" if efficient_attention is True else str(efficient_attention))  # type: ignore[attr-defined]
         if config.base_dtype is not None:
             wrapped.set_base_dtype(config.base_dtype)  # type: ignore[attr-defined]
+        sync_dtype(wrapped)  # a base already in bf16 / fp16: its dtype is the model's
         return wrapped
 
     @classmethod
     def from_pretrained(
         cls: type[T], base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
         strict: bool = True, efficient_attention: bool | str = True, probe: bool | tuple[int, int] = True,
+        autocast_adapter_dtype: bool = True,
     ) -> T:  # fmt: skip
         """Wrap a freshly built ``base_model`` as saved in ``directory`` and load the tensors.
 
@@ -96,11 +102,13 @@ class Persistence:
         no tensor requires grad); with ``is_trainable`` the adapters and modules to save train
         and the mode is left as the base model's. Raises ValueError naming the keys when the base
         model's size differs from the saved one or tensors are missing, unexpected or misshapen,
-        and naming a fusion rule the config uses that this process has not registered.
+        and naming a fusion rule the config uses that this process has not registered. The frozen
+        model runs in the saved ``base_dtype``, or in its own dtype when that is bf16 / fp16 and none
+        was saved; ``autocast_adapter_dtype`` as in :meth:`from_config`.
         """
         tensors, meta = read_adapter(directory)
         config = MultimodalConfig.from_dict(meta["config"])
-        wrapped = cls.from_config(base_model, config, efficient_attention, probe)
+        wrapped = cls.from_config(base_model, config, efficient_attention, probe, autocast_adapter_dtype)
         _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
         wrapped.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
         if not is_trainable:

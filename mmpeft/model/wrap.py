@@ -206,6 +206,7 @@ def wrap_multimodal(
     efficient_attention: bool | str = True,
     base_dtype: torch.dtype | str | None = None,
     probe: bool | tuple[int, int] = True,
+    autocast_adapter_dtype: bool = True,
     **options: Any,
 ) -> MultimodalModel:
     """Freeze ``model`` and patch it for ``modalities`` with multimodal LoRA or adapters.
@@ -231,7 +232,11 @@ def wrap_multimodal(
             position table), is an error naming it. ``(H, W)``: the dry run's input size (default:
             read off the model, else 224); ``False`` for a model whose forward takes no image batch.
         base_dtype: keep the frozen weights in this dtype (``torch.bfloat16`` or ``"bf16"``; inputs
-            cast to it, trainable tensors float32 masters; recorded in the config).
+            cast to it, trainable tensors float32 masters; recorded in the config). A base already
+            in bf16 / fp16, or a wrapped model moved with ``.to(dtype)`` / ``.bfloat16()``, is
+            treated alike (:mod:`mmpeft.model.precision`).
+        autocast_adapter_dtype: keep the trainable tensors float32 on a bf16 / fp16 base (peft's
+            ``autocast_adapter_dtype``, default True); False: they take the base's dtype.
         **options: the method's options, i.e. its config's fields (:class:`LoRAConfig`: ``rank``,
             ``alpha``, ``dropout``, ``slices``, ``split``, and peft's variants ``use_rslora``,
             ``init_lora_weights``, ``lora_bias``, ``use_dora`` (docs/peft.md); on ``nn.Linear``
@@ -251,7 +256,7 @@ def wrap_multimodal(
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
     config = _config_of(model, modalities, method, preset, targets, config, base_dtype, options)
-    return MultimodalModel.from_config(model, config, efficient_attention, probe)
+    return MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
 
 
 MultimodalModel.build_set_config = staticmethod(_config_of)  # add_adapter's options (adapter_sets)
@@ -262,7 +267,7 @@ def load_multimodal(
     **options: Any,
 ) -> MultimodalModel:
     """:meth:`MultimodalModel.from_pretrained`: for inference (eval mode, frozen) unless
-    ``is_trainable``; ``options``: its ``efficient_attention``, ``probe``."""
+    ``is_trainable``; ``options``: its ``efficient_attention``, ``probe``, ``autocast_adapter_dtype``."""
     return MultimodalModel.from_pretrained(base_model, directory, is_trainable=is_trainable, strict=strict, **options)
 
 
