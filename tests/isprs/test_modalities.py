@@ -47,6 +47,8 @@ def test_potsdam_three_modalities_train_eval_subsets_predict(potsdam: Path, tmp_
     tiles = POTSDAM_SPLITS["authors"]["test"]
     figures = next(run.glob("eval_test*/figures"))
     assert len(list(figures.glob("tile_*.png"))) == len(tiles)
+    width = Image.open(next(figures.glob("tile_*.png"))).size[0]
+    assert width == round(3.2 * 6 * 100)  # 3.2 inches at 100 dpi a panel: three modalities, truth, prediction, errors
     pred = tmp_path / "pred"  # nir reuses the RGBIR files (the same source)
     args = ["predict", "--weights", str(run / "best.safetensors"), "--stride", "32"]
     assert main([*args, "--optical", str(potsdam / "4_Ortho_RGBIR"), "--dsm", str(potsdam / "1_DSM_normalisation"),
