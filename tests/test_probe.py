@@ -11,7 +11,7 @@ from torch import nn
 
 from mmpeft import wrap_multimodal
 from mmpeft.targeting.inject import apply_rules
-from mmpeft.targeting.probe import ProbeError, dry_run, probe_batch_factors
+from mmpeft.targeting.probe import ProbeError, ProbeWarning, dry_run, probe_batch_factors
 from mmpeft.tuners import MultimodalLoRA
 from mmpeft.tuners.base import stacked_batch
 from mmpeft.runtime.verify import WrapError
@@ -42,9 +42,13 @@ def _inputs(mods: tuple[str, ...], size: int = 32, b: int = 2) -> dict[str, torc
 
 
 @pytest.mark.parametrize("mods", [("optical", "dsm"), MODS3])
-def test_relpos_position_mlp_is_refused_at_wrap_time(mods: tuple[str, ...]) -> None:
+def test_relpos_position_mlp_left_out_by_default_refused_when_named(mods: tuple[str, ...]) -> None:
+    with pytest.warns(ProbeWarning, match=r"left out 4 module.*blocks\.0\.attn\.rel_pos\.mlp\.fc1 runs on a \(3, 3, 2\)"):
+        wrapped = wrap_multimodal(_relpos(), mods)
+    names = [n for n, _ in wrapped.layers()]
+    assert "base_model.blocks.0.attn.qkv" in names and not any("rel_pos" in n for n in names)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.rel_pos\.mlp\.fc1 runs on a \(3, 3, 2\) table") as err:
-        wrap_multimodal(_relpos(), mods)
+        wrap_multimodal(_relpos(), mods, targets=["attn.qkv", "mlp.fc1"])  # explicit targets: an error
     assert "exclude=" in str(err.value) and "at batch 2" in str(err.value)
 
 

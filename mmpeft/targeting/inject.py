@@ -15,10 +15,13 @@ from torch import nn
 
 from ..config import MultimodalConfig
 from .prepare import check_targets_callable
-from .probe import ProbeError, probe_batch_factors, probe_input
+from .inputs import infer_in_channels
+from .probe import ProbeError, ProbeWarning, dry_run, probe_batch_factors, probe_input
 from .selection import all_linear, is_all_linear
+from .structure import warn_structural
 from .targets import match_targets
 from ..tuners import method_of, multimodal_layers
+from ..tuners.adapter import AdapterConfig, build_adapter
 from ..tuners.options import Targets
 
 __all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "set_submodule", "wrap_modules_to_save"]
@@ -90,11 +93,14 @@ def apply_rules(
 ) -> list[str]:
     """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names.
 
-    ``probe``: first run the model's forward on a small input at batch 1 and 2
-    (:mod:`mmpeft.targeting.probe`): a targeted module that is never called, or whose input does not carry
-    the batch axis, is an error naming it; each layer gets its ``batch_factor``. Off (False) for a
-    model whose forward takes other inputs: the layers then check dim 0 by divisibility only.
-    ``probe_size``: the (H, W) of the dry run's input (default: :func:`mmpeft.targeting.probe.probe_input`).
+    ``probe``: first run the model's forward on shapes only at batch 1 and 2
+    (:mod:`mmpeft.targeting.probe`): a targeted module that is never called is an error naming
+    it; one whose input does not carry the batch axis is an error naming it, or, when the rules
+    come from a preset (the default selection), left out with a warning naming it; each layer gets
+    its ``batch_factor`` and an "after" adapter its width from the module's output. Off (False)
+    for a model whose forward takes other inputs: the layers then check dim 0 by divisibility
+    only. ``probe_size``: the (H, W) of the dry run's input (default: the model's own,
+    :func:`mmpeft.targeting.inputs.choose_size`).
     """
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
         raise ValueError(
@@ -102,29 +108,63 @@ def apply_rules(
             "the same frozen model use wrapped.add_adapter(name, ...) and wrapped.set_adapter(name)"
         )
     owner = _owners(model, config)
+    if config.preset is not None:
+        owner = _without_identities(model, owner)
     check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
     factors: dict[str, int | None] = {}
+    widths: dict[str, int | None] = {}
     size: tuple[int, int] | None = None
     if probe and owner:
-        size = probe_size or probe_input(model)
-        factors = probe_batch_factors(model, sorted(owner), _probe_channels(model, config), size)
+        channels = _probe_channels(model, config, probe_size)
+        size = probe_size or probe_input(model, channels)
+        probed = dry_run(model, sorted(owner), channels, size)
+        factors = probe_batch_factors(model, sorted(owner), channels, size, config.preset is not None, probed)
+        owner = {n: i for n, i in owner.items() if n in factors}
+        widths = {n: r.width for n, r in probed.items()}
     model.requires_grad_(False)
     # deepest first, so a parent wrapper receives its already patched children
     for n in sorted(owner, key=lambda s: s.count("."), reverse=True):
-        rule = config.rules[owner[n]]
-        layer = method_of(rule).build(rule, model.get_submodule(n), n, config.modalities)
+        layer = _build_layer(model, config.rules[owner[n]], n, config, widths.get(n))
         layer.batch_factor = factors.get(n)
         layer.factor_size = tuple(size) if size is not None and n in factors else None
         set_submodule(model, n, layer)
     return sorted(owner)
 
 
-def _probe_channels(model: nn.Module, config: MultimodalConfig) -> int:
-    c = config.in_channels if config.in_channels is not None else infer_in_channels(model)
+def _without_identities(model: nn.Module, owner: dict[str, int]) -> dict[str, int]:
+    """A preset's targets but the ``nn.Identity`` placeholders its names also match (timm MobileViT's
+    convolutional blocks have an ``attn = nn.Identity()``): left out with a warning naming them."""
+    idle = [n for n in owner if isinstance(model.get_submodule(n), nn.Identity)]
+    if idle and len(idle) < len(owner):
+        warn_structural(
+            f"left out {len(idle)} nn.Identity placeholder(s) the preset's names match, which compute nothing to "
+            f"adapt: {idle[:6]}{' ...' if len(idle) > 6 else ''}. Pass targets= to choose modules yourself",
+            ProbeWarning,
+        )
+    return {n: i for n, i in owner.items() if n not in idle} if len(idle) < len(owner) else owner
+
+
+def _build_layer(model: nn.Module, rule: Any, name: str, config: MultimodalConfig, width: int | None) -> nn.Module:
+    """The rule's layer around ``name``; an "after" adapter as wide as the output the dry run saw."""
+    module = model.get_submodule(name)
+    if isinstance(rule, AdapterConfig) and rule.placement == "after" and width is not None:
+        outs = {m.out_features for m in module.modules() if isinstance(m, nn.Linear)}
+        if outs and width not in outs:
+            raise ValueError(
+                f"cannot put an 'after' adapter on {name} ({type(module).__name__}): its output's last axis has "
+                f"{width} entries, the output width of none of its nn.Linear layers {sorted(outs)}, so its channels "
+                "are not on the last axis (a (N, C, H, W) map?); target a module whose output is (..., C)"
+            )
+        return build_adapter(rule, module, name, config.modalities, width=width)
+    return method_of(rule).build(rule, module, name, config.modalities)
+
+
+def _probe_channels(model: nn.Module, config: MultimodalConfig, size: tuple[int, int] | None) -> int:
+    c = config.in_channels if config.in_channels is not None else infer_in_channels(model, size)
     if c is None:
         raise ProbeError(
-            f"the wrap-time dry run cannot tell the input channels of {type(model).__name__} (no convolution): "
-            "pass in_channels="
+            f"the wrap-time dry run cannot tell the input channels of {type(model).__name__} (its forward calls "
+            "no convolution or linear layer on the input): pass in_channels="
         )
     return c
 
@@ -145,14 +185,3 @@ def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str])
             )
         set_submodule(model, n, ModuleToSave(model.get_submodule(n)))
     return names
-
-
-def infer_in_channels(model: nn.Module) -> int | None:
-    """The input channels of the model's patch embedding (its first convolution), or None."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d) and ("patch_embed" in name or name.endswith("proj")):
-            return module.in_channels
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return None

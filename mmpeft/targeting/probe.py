@@ -15,26 +15,38 @@ ViT's tokens, the number of windows in SAM's windowed blocks) goes to the layer'
 Errors, at wrap time: :class:`ProbeError` when the dry run cannot run (it names the input it
 tried), :class:`~mmpeft.runtime.verify.WrapError` naming the targeted modules the forward never calls,
 ValueError naming a module whose input does not follow the batch, with its shapes at batch 1
-and 2 and the fix (``exclude=`` / ``targets=``).
+and 2 and the fix (``exclude=`` / ``targets=``); a default selection (a preset) leaves such
+modules out instead, with a :class:`ProbeWarning` naming them (timm vit_relpos's and MaxViT's
+relative-position MLPs).
 
-Cost: one forward at batch 1 and one at batch 2 at the model's own input size (3 images).
+Input: the model's own size and channels (:mod:`mmpeft.targeting.inputs`), or ``probe=(H, W)``.
+Cost: shapes only. The two calls run on meta tensors (:mod:`mmpeft.targeting.shapes`: each
+operation computes its output's shape, no arithmetic); a model that cannot run there (it makes
+a CPU tensor of its own, reads a value) is run for real once at batch 1 and once at batch 2, the
+reason logged (``logging.getLogger("mmpeft.targeting.probe")``, level INFO).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+import logging
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..runtime.verify import WrapError
+from .inputs import choose_size
+from .shapes import meta_forward
+from .structure import warn_structural
 
-__all__ = ["PROBE_BATCHES", "ProbeError", "Probed", "probe_input", "dry_run", "probe_batch_factors"]
+__all__ = [
+    "PROBE_BATCHES", "ProbeError", "ProbeWarning", "Probed", "probe_input", "dry_run", "probe_batch_factors",
+]  # fmt: skip
 
 #: the two batch sizes of the dry run
 PROBE_BATCHES = (1, 2)
-_FALLBACK_SIZE = 224
+_LOG = logging.getLogger(__name__)
 
 
 class ProbeError(RuntimeError):
@@ -48,6 +60,13 @@ class Probed:
 
     name: str
     shapes: tuple[tuple[tuple[int, ...], ...], ...]
+    outputs: tuple[tuple[tuple[int, ...], ...], ...] = ()
+
+    @property
+    def width(self) -> int | None:
+        """The last axis of the module's output when every call agrees (an "after" adapter's width)."""
+        ends = {o[-1] for calls in self.outputs for o in calls if o}
+        return ends.pop() if len(ends) == 1 else None
 
     @property
     def called(self) -> bool:
@@ -81,37 +100,6 @@ class Probed:
         )
 
 
-def _token_grid_size(model: nn.Module) -> Any:
-    """(H, W) from a token grid and its patch stride: timm's Hiera (``tokens_spatial_shape`` x
-    ``patch_stride``), timm's MViTv2 (``stages[0].feat_size`` x ``patch_embed.proj.stride``)."""
-    grid, stride = getattr(model, "tokens_spatial_shape", None), getattr(model, "patch_stride", None)
-    if grid is None:
-        stages = getattr(model, "stages", None)
-        first = stages[0] if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) else None
-        grid = getattr(first, "feat_size", None)
-        stride = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "stride", None)
-    if isinstance(grid, (tuple, list)) and isinstance(stride, (tuple, list)) and len(grid) == len(stride) >= 2:
-        return tuple(int(g) * int(s) for g, s in zip(grid[-2:], stride[-2:]))
-    return None
-
-
-def probe_input(model: nn.Module) -> tuple[int, int]:
-    """(H, W) the model accepts: timm's ``patch_embed.img_size``, SAM's ``img_size``, Hugging Face's
-    ``config.image_size``, a token grid times its patch stride (timm's Hiera, MViTv2), timm's
-    ``default_cfg["input_size"]``; else 224."""
-    pe = getattr(model, "patch_embed", None)
-    for v in (
-        getattr(pe, "img_size", None), getattr(model, "img_size", None), getattr(model, "image_size", None),
-        getattr(getattr(model, "config", None), "image_size", None), _token_grid_size(model),
-        (getattr(model, "default_cfg", None) or {}).get("input_size", (None,))[-2:],
-    ):  # fmt: skip
-        if isinstance(v, int) and v > 0:
-            return v, v
-        if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(s, int) and s > 0 for s in v):
-            return int(v[0]), int(v[1])
-    return _FALLBACK_SIZE, _FALLBACK_SIZE
-
-
 def _leading(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
     """The shape of a call's input: its first tensor argument, positional first."""
     for a in (*args, *kwargs.values()):
@@ -120,58 +108,94 @@ def _leading(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] |
     return None
 
 
-def _modes(model: nn.Module) -> Iterator[tuple[nn.Module, bool]]:
-    return ((m, m.training) for m in model.modules())
+def _output_shape(out: Any) -> tuple[int, ...]:
+    """The shape of a call's output: the tensor, or the first tensor of a tuple / list."""
+    if isinstance(out, (tuple, list)):
+        out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+
+
+def probe_input(model: nn.Module, in_channels: int = 3) -> tuple[int, int]:
+    """(H, W) of the dry run's input (:func:`mmpeft.targeting.inputs.choose_size`): the size the
+    model declares, else the first candidate a shape-only run accepts, else 224."""
+    return choose_size(model, in_channels)
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> None:
     try:
         model(x)
     except Exception as err:  # the dry run cannot guess other inputs: say what it tried
+        h, w = x.shape[-2:]
         raise ProbeError(
             f"the wrap-time dry run called {type(model).__name__}(x) with x of shape {tuple(x.shape)} "
             f"({x.dtype}, {x.device}) and it failed: {type(err).__name__}: {err}. It checks that every targeted "
-            "module's input carries the batch axis; pass in_channels= if the channels are wrong, the input size "
-            "(apply_rules(..., probe_size=(H, W))) if the size is, or turn the probe off (probe=False) for a "
-            "model that needs other inputs"
+            f"module's input carries the batch axis; pass the input size the model takes "
+            f"(wrap_multimodal(..., probe=(H, W)), {h}x{w} was tried), in_channels= if the channels are wrong, or "
+            "probe=False for a model whose forward needs other inputs"
         ) from err
 
 
-def dry_run(
-    model: nn.Module, names: Sequence[str], in_channels: int, size: tuple[int, int] | None = None
-) -> dict[str, Probed]:
-    """Run ``model`` on random (b, in_channels, H, W) inputs for b in :data:`PROBE_BATCHES` and
-    return, per module of ``names``, the shapes of its inputs. The model's modes, its hooks and
-    gradient mode are as before afterwards."""
-    h, w = size or probe_input(model)
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
-    seen: dict[str, list[list[tuple[int, ...]]]] = {n: [] for n in names}
+_Seen = dict[str, list[list[tuple[tuple[int, ...], tuple[int, ...]]]]]
 
+
+def _hooks(model: nn.Module, names: Sequence[str], seen: _Seen) -> list[Any]:
     def hook(name: str) -> Any:
-        def record(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def record(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             shape = _leading(args, kwargs)
-            seen[name][-1].append(shape if shape is not None else ())
+            seen[name][-1].append((shape if shape is not None else (), _output_shape(out)))
 
         return record
 
-    modes = list(_modes(model))
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+    return [model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
+
+
+def _shape_run(model: nn.Module, names: Sequence[str], shapes: list[tuple[int, ...]], dtype: torch.dtype, seen: _Seen) -> bool:
+    """The dry run on meta tensors; False (and ``seen`` emptied) when the model cannot run there."""
+    try:
+        meta_forward(model, shapes, dtype, between=lambda _: [seen[n].append([]) for n in names])
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure: the real run decides (and names what fails)
+        for n in names:
+            seen[n].clear()
+        _LOG.info("shape-only dry run of %s failed (%s: %s); running it for real", type(model).__name__,
+                  type(err).__name__, str(err)[:300])  # fmt: skip
+        return False
+
+
+def dry_run(
+    model: nn.Module, names: Sequence[str], in_channels: int, size: tuple[int, int] | None = None,
+    shapes_only: bool = True,
+) -> dict[str, Probed]:  # fmt: skip
+    """Run ``model`` on (b, in_channels, H, W) inputs for b in :data:`PROBE_BATCHES` and return,
+    per module of ``names``, the shapes of its inputs and outputs: on meta tensors
+    (:mod:`mmpeft.targeting.shapes`) when ``shapes_only`` and the model runs there, else for real
+    on random inputs. The model's modes, its hooks and gradient mode are as before afterwards."""
+    h, w = size or probe_input(model, in_channels)
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+    seen: _Seen = {n: [] for n in names}
+    modes = [(m, m.training) for m in model.modules()]
+    handles = _hooks(model, names, seen)
     try:
         model.eval()
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        with torch.no_grad():
-            for b in PROBE_BATCHES:
-                for n in names:
-                    seen[n].append([])
-                x = torch.rand(b, in_channels, h, w, generator=gen).to(device=device, dtype=dtype)
-                _run(model, x)
+        shapes = [(b, in_channels, h, w) for b in PROBE_BATCHES]
+        if not (shapes_only and _shape_run(model, names, shapes, dtype, seen)):
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            with torch.no_grad():
+                for shape in shapes:
+                    for n in names:
+                        seen[n].append([])
+                    _run(model, torch.rand(shape, generator=gen).to(device=device, dtype=dtype))
     finally:
         for handle in handles:
             handle.remove()
         for m, training in modes:
             m.training = training
-    return {n: Probed(n, tuple(tuple(calls) for calls in seen[n])) for n in names}
+    return {n: Probed(n, *_split(seen[n])) for n in names}
+
+
+def _split(calls: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]) -> tuple[Any, Any]:
+    return tuple(tuple(i for i, _ in c) for c in calls), tuple(tuple(o for _, o in c) for c in calls)
 
 
 def _tail(name: str) -> str:
@@ -181,14 +205,39 @@ def _tail(name: str) -> str:
     return ".".join(parts[idx[-1] + 1 :]) if idx and idx[-1] + 1 < len(parts) else name
 
 
+class ProbeWarning(UserWarning):
+    """The default selection left out modules whose input does not carry the batch axis."""
+
+
+def _not_batched(bad: list[Probed], leave_out: bool) -> None:
+    tails = sorted({_tail(r.name) for r in bad})
+    more = f" ({len(bad) - 1} more: {[r.name for r in bad[1:6]]})" if len(bad) > 1 else ""
+    if leave_out:
+        warn_structural(
+            f"left out {len(bad)} module(s) the default selection chose whose input does not carry the batch "
+            f"axis (a position table, not tokens): {bad[0].describe()}{more}. Pass targets= to choose modules "
+            "yourself",
+            ProbeWarning,
+        )
+        return
+    raise ValueError(
+        f"{bad[0].describe()}{more}. A multimodal layer splits its input's first axis into one chunk per "
+        f"modality, so it must wrap modules whose input carries the batch; leave these out with "
+        f"exclude={tails!r}, or choose the modules with targets="
+    )
+
+
 def probe_batch_factors(
-    model: nn.Module, names: Sequence[str], in_channels: int, size: tuple[int, int] | None = None
-) -> dict[str, int | None]:
-    """{module: k} for every module of ``names`` (k None: several leading sizes per sample, each
-    following the batch). Raises :class:`WrapError` naming modules the forward never calls, and
-    ValueError naming those whose input does not carry the batch axis, with the fix."""
-    probed = dry_run(model, names, in_channels, size)
-    h, w = size or probe_input(model)
+    model: nn.Module, names: Sequence[str], in_channels: int, size: tuple[int, int] | None = None,
+    leave_out: bool = False, probed: dict[str, Probed] | None = None,
+) -> dict[str, int | None]:  # fmt: skip
+    """{module: k} for every module of ``names`` whose input carries the batch (k None: several
+    leading sizes per sample, each following the batch). Raises :class:`WrapError` naming modules
+    the forward never calls; a module whose input does not carry the batch axis is left out with a
+    :class:`ProbeWarning` naming it when ``leave_out`` (a default selection), else ValueError
+    naming it with the fix. ``probed``: the dry run's result when already run."""
+    probed = probed if probed is not None else dry_run(model, names, in_channels, size)
+    h, w = size or probe_input(model, in_channels)
     unused = [n for n, r in probed.items() if not r.called]
     if unused:
         raise WrapError(
@@ -198,11 +247,5 @@ def probe_batch_factors(
         )
     bad = [r for r in probed.values() if not r.follows_batch()]
     if bad:
-        tails = sorted({_tail(r.name) for r in bad})
-        more = f" ({len(bad) - 1} more: {[r.name for r in bad[1:6]]})" if len(bad) > 1 else ""
-        raise ValueError(
-            f"{bad[0].describe()}{more}. A multimodal layer splits its input's first axis into one chunk per "
-            f"modality, so it must wrap modules whose input carries the batch; leave these out with "
-            f"exclude={tails!r}, or choose the modules with targets="
-        )
-    return {n: r.factor for n, r in probed.items()}
+        _not_batched(bad, leave_out)
+    return {n: r.factor for n, r in probed.items() if r.follows_batch()}

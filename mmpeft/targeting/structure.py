@@ -53,12 +53,13 @@ class StructuralFamilyWarning(UserWarning):
     """A model of no known family was placed by structure (the message lists the chosen modules)."""
 
 
-def warn_structural(summary: str) -> None:
-    """Issue ``summary`` as a :class:`StructuralFamilyWarning` pointing at the first caller outside mmpeft."""
+def warn_structural(summary: str, category: type[Warning] = StructuralFamilyWarning) -> None:
+    """Issue ``summary`` as a ``category`` warning (a :class:`StructuralFamilyWarning` by default)
+    pointing at the first caller outside mmpeft."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2: the caller of this function
     while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "mmpeft":
         level, frame = level + 1, frame.f_back  # type: ignore[assignment]
-    warnings.warn(summary, StructuralFamilyWarning, stacklevel=level)
+    warnings.warn(summary, category, stacklevel=level)
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,15 @@ def _adapter_dims(module: nn.Module, placement: str, name: str) -> tuple[int, in
     return (linears[0].in_features if placement == "beside" else out), out
 
 
-def build_adapter(rule: AdapterConfig, module: nn.Module, name: str, modalities: Sequence[str]) -> MultimodalAdapter:
-    """The :class:`MultimodalAdapter` of ``rule`` beside or after ``module`` called ``name``."""
+def build_adapter(
+    rule: AdapterConfig, module: nn.Module, name: str, modalities: Sequence[str], width: int | None = None
+) -> MultimodalAdapter:
+    """The :class:`MultimodalAdapter` of ``rule`` beside or after ``module`` called ``name``;
+    ``width``: the module's output channels as a dry run saw them (an "after" adapter's width,
+    instead of its last ``nn.Linear``'s: CaiT's talking-heads attention ends in a heads x heads one)."""
     c_in, c_out = _adapter_dims(module, rule.placement, name)
+    if width is not None and rule.placement == "after":
+        c_in = c_out = width
     return MultimodalAdapter(
         module, modalities, in_features=c_in, out_features=c_out, hidden=max(1, int(c_in * rule.ratio)),
         placement=rule.placement, activation=ACTIVATIONS[rule.activation], bias=rule.bias,
