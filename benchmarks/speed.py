@@ -19,6 +19,8 @@ Schemes (each measured in its own subprocess so that peak memory is its own):
     python benchmarks/speed.py                      # CPU: batch 2, vit_b, both methods
     python benchmarks/speed.py --device cuda --batch 10 --amp bf16
     python benchmarks/speed.py --quick              # tiny backbone, smoke test
+    python benchmarks/speed.py --backbones vit_b sam2_hiera_tiny dinov2_vits14 --schemes ours --methods lora
+                                                    # several encoders in one run, steps interleaved
     python benchmarks/speed.py --inference-only     # tile inference alone (images/s)
 
 Writes benchmarks/results/speed[_<tag>].{json,md} with medians and the ratios a/b, a/c.
@@ -72,14 +74,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def labelled(args: argparse.Namespace, schemes: list[str]) -> list[tuple[str, str, str]]:
+    """(label, backbone, scheme) of every run: the scheme itself with one backbone, else
+    ``<backbone>/<scheme>``."""
+    backbones = args.backbones or [args.backbone]
+    return [(s if len(backbones) == 1 else f"{bb}/{s}", bb, s) for bb in backbones for s in schemes]
+
+
 def timed_interleaved(args: argparse.Namespace, method: str, schemes: list[str]) -> dict[str, dict[str, Any]]:
-    """All schemes built in this process; timed steps alternate between them (drift hits all alike)."""
+    """All schemes (of every backbone of ``--backbones``) built in this process; timed steps
+    alternate between them (drift hits all alike)."""
     steps: dict[str, Callable[[], None]] = {}
     first: dict[str, float] = {}
     failed: dict[str, str] = {}
-    for s in schemes:
+    for s, backbone, scheme in labelled(args, schemes):
         try:
-            f = make_step(args, s, method)
+            f = make_step(argparse.Namespace(**{**vars(args), "backbone": backbone}), scheme, method)
             for _ in range(args.warmup):
                 _sync(args.device)
                 t = time.perf_counter()
@@ -208,9 +218,11 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _baseline(res: dict[str, dict[str, Any]], name: str) -> dict[str, Any] | None:
-    """The scheme ``name`` exactly, else the first spec of that name (with modifiers)."""
-    ok = {s: r for s, r in res.items() if "error" not in r}
+def _baseline(res: dict[str, dict[str, Any]], name: str, backbone: str = "") -> dict[str, Any] | None:
+    """The scheme ``name`` exactly, else the first spec of that name (with modifiers); with
+    ``backbone`` (runs labelled ``<backbone>/<scheme>``) among that backbone's runs."""
+    ok = {s.partition("/")[2]: r for s, r in res.items() if "error" not in r and s.startswith(backbone + "/")} \
+        if backbone else {s: r for s, r in res.items() if "error" not in r}
     if name in ok:
         return ok[name]
     return next((r for s, r in ok.items() if s.split("+")[0] == name), None)
@@ -219,8 +231,9 @@ def _baseline(res: dict[str, dict[str, Any]], name: str) -> dict[str, Any] | Non
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     cuda = args.device.startswith("cuda")
     unit = "peak CUDA MB" if cuda else "peak RSS MB"
+    encoders = " / ".join(args.backbones or [args.backbone])
     lines = [
-        f"Training step, MFNet {args.backbone if not args.quick else 'tiny (--quick)'}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
+        f"Training step, MFNet {encoders}{' (tiny: --quick)' if args.quick else ''}, batch {args.batch}, {args.size}x{args.size}, device {args.device}, "
         f"amp {args.amp} (unless the scheme says): median of {args.steps} steps per scheme, schemes interleaved in one process after "
         f"{args.warmup} warm-up step(s) (the first includes compilation); memory from one step of each scheme alone in a fresh process.",
         "",
@@ -228,8 +241,9 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, res in results.items():
-        b, c = _baseline(res, "per_modality"), _baseline(res, "floor")
         for scheme, r in res.items():
+            bb = scheme.partition("/")[0] if "/" in scheme else ""
+            b, c = _baseline(res, "per_modality", bb), _baseline(res, "floor", bb)
             if "error" in r:
                 lines.append(f"| {method} | {scheme} | failed: {r['error'][:120]} |")
                 continue
@@ -269,7 +283,10 @@ def _ratio(res: dict[str, dict[str, Any]], a: str, b: str, key: str = "median_s"
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="vit_b")
+    ap.add_argument("--backbone", default="vit_b",
+                    help="the encoder: SAM vit_b / vit_l / vit_h, sam2_hiera_*, dinov2_vit*14 or a timm ViT name")
+    ap.add_argument("--backbones", nargs="+", default=None,
+                    help="several encoders in one run (steps interleaved; results labelled <backbone>/<scheme>)")
     ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES),
                     help=f"scheme specs: a name of {SCHEMES} with +modifiers, e.g. ours+bf16+base+compile=model "
@@ -312,12 +329,14 @@ def _train_results(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for method in [] if args.inference_only else args.methods:
         results[method] = timed_interleaved(args, method, args.schemes)
-        for scheme in args.schemes if args.memory else []:  # memory: each scheme alone in a fresh process
-            mem_args = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+        for label, backbone, scheme in labelled(args, args.schemes) if args.memory else []:  # each alone, fresh process
+            if "error" in results[method][label]:
+                continue
+            mem_args = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "backbone": backbone})
             mem = run_scheme(mem_args, method, scheme)
-            results[method][scheme].update({k: v for k, v in mem.items() if k not in ("times", "median_s")})
-            r = results[method][scheme]
-            print(f"{method:8s} {scheme:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
+            results[method][label].update({k: v for k, v in mem.items() if k not in ("times", "median_s")})
+            r = results[method][label]
+            print(f"{method:8s} {label:17s} {r['median_s']:.3f} s  {r['peak_mb']:.0f} MB", flush=True)
         if not args.memory:
             for scheme, r in results[method].items():
                 if "error" in r:

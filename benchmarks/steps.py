@@ -105,21 +105,44 @@ def _inputs(args: argparse.Namespace, dev: Any) -> tuple[dict[str, Any], Any]:
     return x, torch.randint(0, 6, (args.batch, *size), device=dev)
 
 
+def quick_sizes(backbone: str) -> dict[str, Any]:
+    """``MFNetConfig`` overrides of ``--quick``: a tiny encoder of the kind ``backbone`` names."""
+    from mmpeft.backbones import SAM_SPECS
+    from mmpeft_isprs.model.encoders import resolve_backbone
+
+    kind = resolve_backbone(backbone, tuple(SAM_SPECS)).kind
+    if kind == "sam2":
+        return {"embed_dim": 16, "num_heads": 1, "encoder_kwargs": {"stages": [1, 1, 1, 1], "global_att_blocks": []}}
+    return {"embed_dim": 64, "depth": 4, "num_heads": 2}
+
+
+def _floor_encoder(args: argparse.Namespace, spec: Spec) -> Any:
+    """The frozen encoder of ``args.backbone`` alone (timm's SAM, or the SAM2 / ViT feature encoder)."""
+    from mmpeft.runtime.attention import enable_efficient_attention
+    from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
+    from mmpeft_isprs.model import MFNetConfig
+    from mmpeft_isprs.model.encoders import build_feature_encoder
+
+    if args.backbone not in SAM_SPECS:
+        cfg = MFNetConfig(backbone=args.backbone, img_size=args.size, **(quick_sizes(args.backbone) if args.quick else {}))
+        encoder, _ = build_feature_encoder(cfg.backbone, cfg.backbone_kind, cfg.size, cfg.timm_kwargs, cfg.pyramid_blocks)
+        return encoder.requires_grad_(False)
+    sam = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
+        SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))  # fmt: skip
+    encoder = build_sam_encoder(sam, impl="timm", img_size=(args.size, args.size)).requires_grad_(False)
+    if spec.name == "floor_efficient":
+        enable_efficient_attention(encoder, spec.queries, spec.relpos)
+    return encoder
+
+
 def floor_step(args: argparse.Namespace, spec: Spec) -> Callable[[], None]:
     """The frozen encoder alone: forward + backward of the stacked batch (input gradients)."""
     import torch
 
-    from mmpeft.runtime.attention import enable_efficient_attention
-    from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
-
     dev, amp = torch.device(args.device), _dtype(spec.amp_of(args))
     x, _ = _inputs(args, dev)
-    sam = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
-        SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))  # fmt: skip
     with dev:
-        encoder = build_sam_encoder(sam, impl="timm", img_size=(args.size, args.size)).requires_grad_(False)
-    if spec.name == "floor_efficient":
-        enable_efficient_attention(encoder, spec.queries, spec.relpos)
+        encoder = _floor_encoder(args, spec)
     if spec.base and amp is not None:
         encoder.to(amp)
     stacked = torch.cat([x["optical"], x["dsm"].repeat(1, 3, 1, 1)], 0)  # (2B, 3, H, W)
@@ -127,14 +150,14 @@ def floor_step(args: argparse.Namespace, spec: Spec) -> Callable[[], None]:
         stacked = stacked.to(amp)
     run = compile_model(encoder, spec.compile) if spec.compile != "blocks" else encoder
     if spec.compile == "blocks":
-        for block in encoder.blocks:
+        for block in encoder.blocks if hasattr(encoder, "blocks") else encoder.trunk.blocks:
             block.compile(**compile_options())
 
     def step() -> None:
         inp = stacked.clone().requires_grad_(True)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            out = run(inp)
-        out.float().mean().backward()
+            out = run(inp)  # SAM: one map; SAM2 / ViT: a list of maps
+        sum(o.float().mean() for o in (out if isinstance(out, list) else [out])).backward()
 
     return step
 
@@ -148,7 +171,7 @@ def build_model(args: argparse.Namespace, spec: Spec, method: str, **config: Any
 
     kw: dict[str, Any] = dict(backbone=args.backbone, method=method, img_size=args.size, **config)
     if args.quick:
-        kw.update(embed_dim=64, depth=4, num_heads=2)
+        kw.update(quick_sizes(args.backbone))
     with torch.device(args.device):
         model = build_mfnet(**kw)
     model.encoder.set_nonfinite("off")  # as the training task does: inputs are checked on the CPU batch
