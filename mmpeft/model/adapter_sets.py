@@ -32,6 +32,7 @@ from ..targeting.inject import ModuleToSave, apply_rules
 from ..tuners import MultimodalLayer, set_execution
 from .combine import weighted_lora_set
 from .io import CONFIG_NAME, read_adapter
+from .merge import check_usable
 from .params import ParamReport, count_parameters
 from .saving import _check_fingerprint, _probe_size
 
@@ -201,6 +202,7 @@ class AdapterSets:
         made active (:meth:`set_adapter`, as peft). ``stems`` default to the model's stem configs;
         ``in_channels``, ``modules_to_save`` and ``base_dtype`` are the model's, shared by every set
         (a different value is an error)."""
+        check_usable(self)
         name = self._new_name(adapter_name)
         with self._bare():  # planned and built on the plain model, as a first wrap is
             cfg = self._set_config(method, preset, targets, config, dict(options))
@@ -272,6 +274,7 @@ class AdapterSets:
         adapters on or off and the layers' execution carry over; build the optimizer over
         ``parameters()`` after switching (only the active set's tensors are parameters). A merged
         active set must be unmerged first (its merged weights would stay in use)."""
+        check_usable(self)
         name = self._known(adapter_name)
         if name == self._active_name:
             return
