@@ -11,7 +11,7 @@ import torch
 from mmpeft import count_parameters, load_multimodal, wrap_multimodal
 from mmpeft.interop.peft_interop import peft_lora_weights
 
-from .conftest import tiny_timm_vit
+from .conftest import tiny_sam, tiny_timm_vit
 from .test_wrap import _randomise_trainables
 
 MODS = ("optical", "dsm")
@@ -294,3 +294,26 @@ def _into_peft(pm, adapter: str, weights: dict) -> None:
             assert layer.scaling[adapter] == pytest.approx(scaling)
             layer.lora_A[adapter].weight.copy_(a)
             layer.lora_B[adapter].weight.copy_(b)
+
+
+def test_sam_set_added_under_efficient_attention_equals_the_set_alone() -> None:
+    """SAM's windowed blocks: the new set's dry run sees the stock blocks (as a first wrap does),
+    so its layers carry the same batch factors and compute the same outputs as the set alone."""
+    x = {"optical": torch.rand(2, 3, 64, 64), "dsm": torch.rand(2, 1, 64, 64)}
+    w = wrap_multimodal(tiny_sam(), MODS, preset="mmadapter").eval()
+    w.add_adapter("lora", preset="mmlora")
+    w.set_adapter("lora")
+    _randomise_trainables(w, seed=4)
+    alone = wrap_multimodal(tiny_sam(), MODS, preset="mmlora").eval()
+    alone.load_trainable_state_dict(w.trainable_state_dict())
+    factors = {n: (layer.batch_factor, layer.factor_size) for n, layer in w.layers()}
+    assert factors == {n: (layer.batch_factor, layer.factor_size) for n, layer in alone.layers()}
+    assert w.block_features() == alone.block_features() and w.block_features()["efficient_attention"]
+    with torch.no_grad():
+        got, want = w(x), alone(x)
+    assert all(torch.equal(got[m], want[m]) for m in MODS)
+    w.disable_efficient_attention()
+    alone.disable_efficient_attention()
+    with torch.no_grad():
+        got, want = w(x), alone(x)  # the stock windowed blocks: the layers' checks hold
+    assert all(torch.equal(got[m], want[m]) for m in MODS)

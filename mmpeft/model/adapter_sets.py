@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import MultimodalConfig
+from ..runtime.blocks import runner_of
 from ..runtime.stems import ModalityStem
 from ..targeting.inject import ModuleToSave, apply_rules
 from ..tuners import MultimodalLayer, set_execution
@@ -163,16 +164,20 @@ class AdapterSets:
 
     @contextlib.contextmanager
     def _bare(self) -> Iterator[None]:
-        """Within the block the base model holds no mmpeft module: every site its frozen module,
-        every module to save its original (where a new set is planned and built)."""
+        """Within the block the base model is as it was before wrapping: every site holds its frozen
+        module, every module to save its original, every block its stock forward (the wrap-time
+        dry run reads the windowed batch factors off it). Where a new set is planned and built."""
         active, wrappers = self._capture(), _wrappers(self.base_model)
         for parent, attr, layer in active.sites:
             setattr(parent, attr, layer.base_layer)
         for parent, attr, w in wrappers:
             setattr(parent, attr, w.original_module)
+        features = [(m, vars(m).pop("forward")) for m in self.base_model.modules() if runner_of(m) is not None]
         try:
             yield
         finally:
+            for module, runner in features:
+                module.forward = runner
             for parent, attr, w in wrappers:
                 setattr(parent, attr, w)
             self._activate(active)
