@@ -256,7 +256,7 @@ def test_padding_dilation_and_padding_mode_follow_the_base_layer() -> None:
         torch.testing.assert_close(merged, batched, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("option", "value"), [("use_rslora", True), ("use_dora", True), ("lora_bias", True)])
+@pytest.mark.parametrize(("option", "value"), [("lora_bias", True)])  # use_rslora, use_dora: tests/test_merge_variants.py
 def test_lora_variants_are_refused_on_a_convolution(option: str, value: object) -> None:
     import dataclasses
 

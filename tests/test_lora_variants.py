@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmpeft import MergeError, load_multimodal, wrap_multimodal
+from mmpeft import load_multimodal, wrap_multimodal
 from mmpeft.tuners.lora import LoRAConfig, MultimodalLoRA
 
 from .conftest import tiny_timm_vit
@@ -216,7 +216,7 @@ def test_one_modality_with_fusion_none_equals_peft(variant: str) -> None:
 
 
 # ---------------------------------------------------------------------- merge, save / load
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "lora_bias"])
+@pytest.mark.parametrize("variant", list(VARIANTS))  # lora_bias: per-modality merged biases (tests/test_merge_variants.py)
 def test_merged_equals_unmerged_and_unloads(variant: str) -> None:
     w = _wrap(variant, "none")
     _randomise(w)
@@ -233,14 +233,6 @@ def test_merged_equals_unmerged_and_unloads(variant: str) -> None:
             torch.testing.assert_close(plain(xm), before[m], atol=1e-5, rtol=1e-5)
         w.unmerge_adapters()
         assert torch.equal(w(x)["dsm"], before["dsm"])
-
-
-def test_lora_bias_says_why_it_cannot_merge() -> None:
-    w = _wrap("lora_bias", "none")
-    with pytest.raises(MergeError, match="lora_bias=True"):
-        w.merge_adapters()
-    with pytest.raises(MergeError, match="lora_bias=True"):
-        w.merge_and_unload("optical")
 
 
 @pytest.mark.parametrize("variant", ["pissa", "dora", "lora_bias"])

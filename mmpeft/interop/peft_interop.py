@@ -22,7 +22,8 @@ The LoRA variants export as peft's: rsLoRA through the scaling, ``lora_bias`` as
 DoRA as ``lora_magnitude_vector`` (over every row: the factor is 1 outside the slices), PiSSA /
 OLoRA as one more rank block ``[A_0; -B_0]`` holding the frozen offset (exact in inference; with
 dropout in training peft would drop out the offset's input too). A conv LoRA exports as peft's
-Conv2d LoRA. Modules to save go into peft's ``modules_to_save``.
+Conv2d LoRA (its DoRA magnitude as peft's (1, out, 1, 1); ``lora_bias`` is refused when a conv
+LoRA is exported, as it has none). Modules to save go into peft's ``modules_to_save``.
 
 What cannot be exported (ValueError): layers that mix modalities (peft computes one update from
 one input; cross-modal mixing needs every modality's update inside the same layer at once),
@@ -89,7 +90,10 @@ def _export_layer(layer: MultimodalLoRA | MultimodalLoRAConv2d, modality: str, n
         if isinstance(layer, MultimodalLoRAConv2d):  # peft's Conv2d LoRA: A (r, in, kh, kw), B (out, r, 1, 1)
             lora_a = layer.lora_A[modality].weight.detach().clone()
             lora_b = layer.lora_B[modality].weight.detach().clone()
-            return _Exported(path, lora_a, lora_b, layer.scaling * factor * r, dropout)
+            mag = None
+            if layer.use_dora:  # peft's conv magnitude is (1, out, 1, 1)
+                mag = layer.lora_magnitude_vector[modality].detach().float().view(1, -1, 1, 1)
+            return _Exported(path, lora_a, lora_b, layer.scaling * factor * r, dropout, None, mag)
         lora_a, lora_b, bias = _linear_pieces(layer, modality)
         magnitude = _full_magnitude(layer, modality, lora_a, lora_b) if getattr(layer, "use_dora", False) else None
     scaling = layer.scaling * factor
@@ -134,9 +138,12 @@ def _full_magnitude(layer: MultimodalLoRA, modality: str, lora_a: torch.Tensor, 
 
 
 def _plain_norms(wrapped: MultimodalModel, e: _Exported) -> torch.Tensor:
-    """Row norms of ``W + delta`` of a layer without DoRA: peft's DoRA factor is then 1."""
+    """Row norms of ``W + delta`` of a layer without DoRA: peft's DoRA factor is then 1 (for a
+    convolution per output channel, peft's (1, out, 1, 1))."""
     w = wrapped.base_model.get_submodule(e.path).base_layer.weight.detach().float()
-    return torch.linalg.norm(w + (e.alpha / e.rank) * e.lora_b.float() @ e.lora_a.float(), dim=1)
+    b, a = e.lora_b.float().flatten(1), e.lora_a.float().flatten(1)  # (out, r), (r, in * kh * kw)
+    norms = torch.linalg.norm(w.flatten(1) + (e.alpha / e.rank) * b @ a, dim=1)
+    return norms.view(1, -1, 1, 1) if w.dim() == 4 else norms
 
 
 def _check_exportable(wrapped: MultimodalModel, modality: str, allow_learned_stem: bool) -> None:
@@ -200,10 +207,8 @@ def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = 
     alpha_pattern = {_pattern_key(e.path): e.alpha for e in targets if e.alpha != common[1]}
     bias = any(e.bias is not None for e in exported)
     dora = any(e.magnitude is not None for e in exported)
-    if (bias or dora) and any(e.lora_a.dim() == 4 for e in exported):
-        raise ValueError(
-            "peft's lora_bias / use_dora apply to every layer, and a conv LoRA here has neither; cannot export"
-        )
+    if bias and any(e.lora_a.dim() == 4 for e in exported):
+        raise ValueError("peft's lora_bias applies to every layer, and a conv LoRA here has none; cannot export")
     if bias and dora:
         raise ValueError(
             "peft does not support lora_bias together with use_dora; this model uses both, so it cannot be exported"

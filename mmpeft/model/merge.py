@@ -7,7 +7,9 @@ For a LoRA layer with no cross-modal mixing, modality ``m`` computes
 (unmerging restores it bit for bit). ``merge_and_unload(m)`` writes ``W_m`` into a plain model
 for one modality. A mixing rule adds ``sum_k w_mk s B_k A_k x_k``, a function of the *other*
 modalities' inputs, and an adapter puts a non-linearity between its projections: neither has a
-weight form, and both are named with that reason.
+weight form, and both are named with that reason. A ``lora_bias`` update ``s b_m`` (times DoRA's
+``g_m``) merges into one bias per modality (``merged_bias``), and into the bias of the plain
+model's module (made if it had none) on unloading.
 """
 
 from __future__ import annotations
@@ -87,10 +89,22 @@ def merge_and_unload(wrapped: Any, modality: str, inplace: bool = False) -> nn.M
     for name, layer in list(multimodal_layers(base)):
         linear = layer.base_layer
         delta = layer.get_delta_weight(modality).to(linear.weight.device)
+        delta_bias = layer.get_delta_bias(modality)  # before W is written (DoRA's scale reads it)
         linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+        _add_bias(linear, delta_bias)
         set_submodule(base, name, linear)
     _strip(base, trained=True)
     return base
+
+
+def _add_bias(module: nn.Module, delta: torch.Tensor | None) -> None:
+    """Fold a bias update ((out,) float32, ``lora_bias``) into ``module``'s bias (made if it has none)."""
+    if delta is None:
+        return
+    w = module.weight
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros(delta.shape[0], device=w.device, dtype=w.dtype), requires_grad=False)
+    module.bias.copy_((module.bias.float() + delta.to(w.device)).to(w.dtype))
 
 
 def _strip(base: nn.Module, trained: bool) -> None:

@@ -307,11 +307,13 @@ class WeightMerging:
     """Merging for layers whose update has a weight form (mixed into the LoRA layers).
 
     ``merge`` keeps one copy ``W + get_delta_weight(m)`` per modality in the non-persistent buffer
-    ``merged_weight`` ((M, *W.shape) in W's dtype: M times the layer's weight memory) and never
-    writes the frozen ``W``, so ``unmerge`` restores it exactly. A merged layer refuses to train
+    ``merged_weight`` ((M, *W.shape) in W's dtype: M times the layer's weight memory), and one bias
+    per modality in ``merged_bias`` when the update has one (``lora_bias``), and never writes the
+    frozen ``W`` or ``b``, so ``unmerge`` restores them exactly. A merged layer refuses to train
     (its LoRA weights would get no gradient)."""
 
     merged_weight: torch.Tensor | None
+    merged_bias: torch.Tensor | None
     modalities: tuple[str, ...]
     base_layer: nn.Module
     training: bool
@@ -321,6 +323,8 @@ class WeightMerging:
         stamp of the tensors it was computed from, and the re-merge after ``load_state_dict``."""
         #: (M, *W.shape) per-modality merged weights while merged (:meth:`merge`), else None
         self.register_buffer("merged_weight", None, persistent=False)  # type: ignore[attr-defined]
+        #: (M, out) per-modality merged biases while merged, for layers whose update has a bias
+        self.register_buffer("merged_bias", None, persistent=False)  # type: ignore[attr-defined]
         self._merge_stamp: tuple[tuple[int, int], ...] | None = None
         self.register_load_state_dict_post_hook(_merge_again)  # type: ignore[attr-defined]
 
@@ -337,18 +341,35 @@ class WeightMerging:
         w = self.base_layer.weight
         deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # type: ignore[attr-defined]
         self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
+        self.merged_bias = self._merged_biases()
         self._merge_stamp = self._stamp()
+
+    def _merged_biases(self) -> torch.Tensor | None:
+        """(M, out): the frozen bias (0 where there is none) plus each modality's
+        :meth:`get_delta_bias`, in W's dtype; None when the update has no bias."""
+        biases = [self.get_delta_bias(m) for m in self.modalities]
+        if biases[0] is None:
+            return None
+        w, b = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        frozen = 0.0 if b is None else b.float()
+        return torch.stack([frozen + d.to(w.device) for d in biases]).to(w.dtype)  # type: ignore[union-attr]
+
+    def get_delta_bias(self, modality: str) -> torch.Tensor | None:
+        """The bias update of ``modality`` ((out,) float32), None when the update has none."""
+        return None
 
     def unmerge(self) -> None:
         self.merged_weight = None
+        self.merged_bias = None
         self._merge_stamp = None
 
     def _stamp(self) -> tuple[tuple[int, int], ...]:
         """(version counter, storage address) of every tensor the merged weights are computed
         from: any in-place edit (an EMA step, ``load_state_dict``), replacement or dtype / device
         move changes it. Host-side counters: no device sync."""
-        merged = self.merged_weight
-        tensors = [*self.parameters(), *(b for b in self.buffers() if b is not merged)]  # type: ignore[attr-defined]
+        merged = (self.merged_weight, self.merged_bias)
+        buffers = [b for b in self.buffers() if all(b is not t for t in merged)]  # type: ignore[attr-defined]
+        tensors = [*self.parameters(), *buffers]  # type: ignore[attr-defined]
         return tuple((t._version, t.data_ptr()) for t in tensors)
 
     def _merged_current(self) -> None:

@@ -31,8 +31,8 @@ def _slice_ranges(rule: LoRAConfig, layer: nn.Linear, name: str) -> dict[str, tu
     return {s: (rule.split.index(s) * step, (rule.split.index(s) + 1) * step) for s in rule.slices}
 
 
-#: the LoRA variants' plain values: a convolution takes plain LoRA only
-_CONV_PLAIN = {"use_rslora": False, "init_lora_weights": "kaiming", "lora_bias": False, "use_dora": False}
+#: the LoRA variants a convolution does not take (their plain values)
+_CONV_PLAIN = {"init_lora_weights": "kaiming", "lora_bias": False}
 
 
 def _build_conv(rule: LoRAConfig, module: nn.Conv2d, name: str, modalities: Sequence[str]) -> MultimodalLoRAConv2d:
@@ -45,13 +45,13 @@ def _build_conv(rule: LoRAConfig, module: nn.Conv2d, name: str, modalities: Sequ
     variants = [f"{k}={getattr(rule, k)!r}" for k, v in _CONV_PLAIN.items() if getattr(rule, k, v) != v]
     if variants:
         raise ValueError(
-            f"{name} is a Conv2d: {', '.join(variants)} are LoRA variants of nn.Linear layers only; give the "
-            "convolution its own rule without them"
+            f"{name} is a Conv2d: {', '.join(variants)} are LoRA variants of nn.Linear layers only (a "
+            "convolution takes use_rslora and use_dora); give the convolution its own rule without them"
         )
     try:
         return MultimodalLoRAConv2d(
             module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout, fusion=rule.fusion,
-            lambda_init=rule.lambda_init,
+            lambda_init=rule.lambda_init, use_rslora=rule.use_rslora, use_dora=rule.use_dora,
         )  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from e

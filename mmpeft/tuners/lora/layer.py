@@ -155,15 +155,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
 
     # ------------------------------------------------------------------ merging
     def cannot_merge(self) -> str | None:
-        mixing = mixing_refusal(self.lora_fusion)
-        if mixing is not None:
-            return mixing
-        if self.lora_bias:
-            return (
-                "lora_bias=True: each modality's update has a bias s * b_m, and merging writes weights only "
-                "(merge_and_unload folds get_delta_weight into the weight); train without lora_bias to merge"
-            )
-        return None
+        return mixing_refusal(self.lora_fusion)
 
     def _lora_weight(self, modality: str) -> torch.Tensor:
         """(out, in) float32: ``scaling * (B_m A_m - B_0 A_0)`` (slice B's in their output rows)."""
@@ -189,16 +181,27 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         g = self._dora_scale(modality).float()[:, None]  # (out, 1)
         return (g - 1) * self.base_layer.weight.float() + g * delta
 
+    def get_delta_bias(self, modality: str) -> torch.Tensor | None:
+        """(out,) float32 with ``lora_bias``: ``scaling * b_m`` in the slices' rows (times DoRA's
+        ``g_m``, as the forward scales the whole update), else None. peft folds it into the bias."""
+        if not self.lora_bias:
+            return None
+        d = self._bias_full(modality).float() * self.scaling
+        return self._dora_scale(modality).float() * d if self.use_dora else d
+
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (S*B', ..., in) -> (S*B', ..., out) with the merged per-modality weights."""
-        w, b = self.merged_weight, self.base_layer.bias
+        """x: (S*B', ..., in) -> (S*B', ..., out) with the merged per-modality weights (and biases)."""
+        w, b, mb = self.merged_weight, self.base_layer.bias, self.merged_bias
         assert w is not None
         if self.single is not None:
+            b = b if mb is None else mb[self.single]
             return F.linear(x, w[self.single].to(x.dtype), None if b is None else b.to(x.dtype))
         idx = list(range(len(self.modalities))) if self.present is None else list(self.present)
         xs = by_modality(x, len(idx))  # (S, T, in)
         y = torch.bmm(xs, w[idx].transpose(1, 2).to(x.dtype))  # (S, T, out)
-        if b is not None:
+        if mb is not None:
+            y = y + mb[idx, None].to(y.dtype)  # (S, 1, out): each modality's own bias
+        elif b is not None:
             y = y + b.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
