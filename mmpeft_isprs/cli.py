@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="best.safetensors (or any file written by training)")
     p.add_argument("--out", default=None, help="output folder (default <run_dir>/eval_<split>)")
     p.add_argument("--subsets", action="store_true",
-                   help="score every modality subset (optical+dsm, optical, dsm) of the model, side by side")
+                   help="score every non-empty subset of the model's modalities (2^M-1: optical+dsm, optical, dsm for two), side by side")
 
     _add_predict(sub)
 
