@@ -19,6 +19,7 @@ from . import merge as _merge
 from .precision import sync_dtype
 from .adapter_sets import AdapterSets
 from ..runtime.batch import Inputs, check_sizes, gather, split_output
+from ..runtime.labels import check_presence, take_labels, with_losses
 from ..config import MultimodalConfig
 from .features import BlockFeatures
 from ..targeting.inject import ModuleToSave
@@ -148,7 +149,9 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
 
         Returns ``{modality: output}`` for the present modalities with a dict input, else a list
         in modality order (present ones only); each output of the base model's own type (a
-        Hugging Face ``ModelOutput`` stays one, with its fields).
+        Hugging Face ``ModelOutput`` stays one, with its fields). ``labels=`` to a Hugging Face
+        ``*ForImageClassification`` model gives each modality's output the loss of its own
+        logits (:mod:`mmpeft.runtime.labels`; other heads are refused naming the way).
         """
         return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **kwargs)
 
@@ -159,9 +162,11 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
         _merge.check_usable(self)
         fn = getattr(self.base_model, method)
+        labels = take_labels(self.base_model, fn, kwargs)  # a Hugging Face head's: a loss per modality
         if inputs is None:  # given by the keyword of the method's first parameter
             fn, inputs = _by_keyword(fn, kwargs)
         names, x, mask = self._prepare(inputs, presence, finite_checked)
+        check_presence(labels, mask)
         # the layers check their inputs' leading size against the batch; a subset of the
         # modalities or a presence mask changes how they mix
         state: dict[str, Any] = {"batch_size": x.shape[0] // len(names), "input_size": tuple(x.shape[2:])}
@@ -169,7 +174,8 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
             state.update(present=tuple(self.modalities.index(n) for n in names), presence=mask)
         with layer_state(self, **state):
             out = self._run(fn, x, *args, **kwargs)
-        return self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
+        out = self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
+        return out if labels is None else with_losses(self.base_model, out, labels)
 
     def _run(self, fn: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.call_check_pending or torch.compiler.is_compiling():

@@ -1,0 +1,73 @@
+"""``labels=`` for Hugging Face heads: each modality's output carries its own loss.
+
+A Hugging Face ``*ForImageClassification`` model computes ``loss = self.loss_function(labels,
+logits, self.config)`` inside its forward. Called on the stacked batch its logits are (M*B, C)
+while the labels are (B,), so the wrapped model takes ``labels`` out of the call, runs the model
+once on the stacked batch, and gives each modality's output the loss of its own logits with the
+same ``loss_function``: what the plain model returns for that modality alone. Other heads that
+take ``labels`` (semantic segmentation: upsampled logits, ignore index, auxiliary heads, each
+model its own) compute their loss inline; they are refused, naming how to compute the loss from
+each modality's ``logits``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from torch import nn
+
+__all__ = ["take_labels", "check_presence", "with_losses"]
+
+
+def _takes_labels(fn: Any) -> bool:
+    try:
+        return "labels" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForImageClassification") and hasattr(type(model), "loss_function")
+
+
+def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Any:
+    """Pop ``labels`` from ``kwargs`` when ``fn`` (a method of ``model``) takes them; None when not
+    given. A head whose loss cannot be computed per modality is an error naming the way."""
+    if kwargs.get("labels") is None or not _takes_labels(fn):
+        return None
+    name = type(model).__name__
+    if not _classifier(model):
+        raise ValueError(
+            f"labels= with {name}: its forward computes the loss from the logits of the whole stacked batch "
+            "((M*B, ...) against labels of B samples), and mmpeft computes per-modality losses only for "
+            "Hugging Face *ForImageClassification heads. Call without labels= and compute each modality's loss "
+            "from its logits, e.g. for semantic segmentation: out = model(pixel_values=x); loss = sum("
+            "transformers.loss.loss_utils.ForSemanticSegmentationLoss(o.logits, labels, "
+            "ignore_index=model.base_model.config.semantic_loss_ignore_index) for o in out.values())"
+        )
+    return kwargs.pop("labels")
+
+
+def check_presence(labels: Any, mask: Any) -> None:
+    """``labels`` with a per-sample presence mask (``presence=`` or ``nonfinite="absent"``) is an error."""
+    if labels is not None and mask is not None:
+        raise ValueError(
+            "labels= with a presence mask: the head's loss is a mean over every sample, absent ones included. "
+            "Call without labels= and compute the loss of each modality's logits over its present samples"
+        )
+
+
+def _with_loss(model: nn.Module, out: Any, labels: Any) -> Any:
+    if not isinstance(out, Mapping) or out.get("logits") is None:
+        raise TypeError(f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss")
+    loss = model.loss_function(labels, out["logits"], model.config)  # type: ignore[operator]
+    fields = {"loss": loss, **{k: v for k, v in out.items() if k != "loss"}}
+    return type(out)(**fields)
+
+
+def with_losses(model: nn.Module, outputs: Any, labels: Any) -> Any:
+    """Each modality's output (a dict or list of them) with its ``loss`` from its own logits."""
+    if isinstance(outputs, dict):
+        return {m: _with_loss(model, o, labels) for m, o in outputs.items()}
+    return [_with_loss(model, o, labels) for o in outputs]

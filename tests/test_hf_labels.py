@@ -1,0 +1,80 @@
+"""``labels=`` to a wrapped Hugging Face head: each modality's output carries the loss of its own
+logits, the loss the plain model computes for that modality alone; other heads are refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmpeft import wrap_multimodal
+
+transformers = pytest.importorskip("transformers")
+
+MODS = ("optical", "dsm")
+
+
+def _classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16,
+        intermediate_size=32, num_labels=4,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+def _randomise(model: torch.nn.Module, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _inputs() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = {"optical": torch.rand(3, 3, 32, 32, generator=g), "dsm": torch.rand(3, 1, 32, 32, generator=g)}
+    return x, torch.tensor([0, 3, 1])
+
+
+def test_each_modality_gets_the_loss_the_plain_model_computes_alone() -> None:
+    w = wrap_multimodal(_classifier(), MODS, preset="lora")  # no mixing: each modality a plain model
+    _randomise(w)
+    x, y = _inputs()
+    out = w(pixel_values=x, labels=y)
+    for m in MODS:
+        assert type(out[m]).__name__ == "ImageClassifierOutput" and out[m].loss.dim() == 0
+        plain = w.merge_and_unload(m)
+        with torch.no_grad():
+            want = plain(pixel_values=x[m].expand(-1, 3, -1, -1), labels=y)
+        torch.testing.assert_close(out[m].loss, want.loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[m].logits, want.logits, atol=1e-5, rtol=1e-5)
+        assert out[m].to_tuple()[0] is out[m].loss  # first, as Hugging Face orders it
+    sum(o.loss for o in out.values()).backward()
+    assert all(p.grad is not None for n, p in w.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+def test_a_mixing_wrap_and_a_sequence_input() -> None:
+    w = wrap_multimodal(_classifier(), MODS, preset="mmlora", stems={"dsm": ("repeat", 1)})
+    _randomise(w)
+    x, y = _inputs()
+    with torch.no_grad():
+        out = w([x["optical"], x["dsm"]], labels=y)
+    for o in out:
+        torch.testing.assert_close(o.loss, torch.nn.functional.cross_entropy(o.logits, y))
+    with pytest.raises(ValueError, match="labels= with a presence mask"):
+        w(pixel_values=x, labels=y, presence={"dsm": torch.tensor([True, False, True])})
+
+
+def test_a_head_that_computes_its_loss_inline_is_refused_naming_the_way() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.SegformerConfig(
+        num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[16], patch_sizes=[4], strides=[4],
+        num_attention_heads=[1], mlp_ratios=[2], decoder_hidden_size=16, num_labels=3,
+    )  # fmt: skip
+    seg = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    w = wrap_multimodal(seg, MODS, "lora", targets=["attention.q_proj", "attention.v_proj"], probe=(32, 32))
+    x, _ = _inputs()
+    with torch.no_grad():
+        out = w(pixel_values=x)  # without labels: each modality's logits
+    assert out["dsm"].logits.shape[:2] == (3, 3)
+    with pytest.raises(ValueError, match="SegformerForSemanticSegmentation.*ForSemanticSegmentationLoss"):
+        w(pixel_values=x, labels=torch.zeros(3, 32, 32, dtype=torch.long))
