@@ -133,6 +133,8 @@ def test_save_and_load_several_sets(tmp_path) -> None:
     only = tmp_path / "only"
     w.save_pretrained(only, selected_adapters=["ad"])
     assert not (only / "mmpeft_config.json").exists() and (only / "ad" / "mmpeft_config.json").is_file()
+    with pytest.raises(FileNotFoundError, match=r"it holds the adapter sets \['ad'\] in folders of their own"):
+        load_multimodal(tiny_timm_vit(), only)  # no "default" at the root: the error names the sets there
 
 
 def test_load_adapter_trainable_and_refusals(tmp_path) -> None:

@@ -35,7 +35,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     d = Path(directory)
     for f in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / f).is_file():
-            raise FileNotFoundError(f"{d / f} not found: not a directory written by save_pretrained / save_multimodal")
+            sets = sorted(p.parent.name for p in d.glob(f"*/{CONFIG_NAME}")) if d.is_dir() else []
+            held = (
+                f"; it holds the adapter sets {sets} in folders of their own: load one with "
+                f"load_multimodal(base, {str(d / sets[0])!r}) or wrapped.load_adapter({str(d)!r}, {sets[0]!r})"
+            ) if sets else ""  # fmt: skip
+            raise FileNotFoundError(f"{d / f} not found: not a directory written by save_pretrained / save_multimodal{held}")
     try:
         meta = json.loads((d / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:
