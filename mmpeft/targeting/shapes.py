@@ -59,9 +59,10 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # functions whose output has their first argument's shape and dtype, whose meta kernels are slow
 # Python decompositions (layer_norm alone was a third of a SAM encoder's meta run)
+# (element-wise, or along one axis: no shape to check but the axis)
 _SAME_SHAPE = {
-    F.layer_norm, F.group_norm, F.gelu, F.silu, F.relu, F.softmax, F.dropout, F.hardswish, F.sigmoid, F.tanh,
-    torch.layer_norm, torch.group_norm, torch.sigmoid, torch.tanh, torch.softmax, torch.dropout, torch.relu,
+    F.gelu, F.silu, F.relu, F.softmax, F.dropout, F.hardswish, F.sigmoid, F.tanh,
+    torch.sigmoid, torch.tanh, torch.softmax, torch.dropout, torch.relu,
 }  # fmt: skip
 _BINARY = {
     torch.add, torch.mul, torch.sub, torch.Tensor.add, torch.Tensor.mul, torch.Tensor.sub, torch.Tensor.__add__,
@@ -80,16 +81,46 @@ def _binary(a: Any, b: Any) -> torch.Tensor | None:
     return torch.empty(shape, dtype=torch.result_type(a, b), device="meta")
 
 
+def _axis_ok(x: torch.Tensor, args: Any, kwargs: dict[str, Any]) -> bool:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else None)
+    return dim is None or (isinstance(dim, int) and -max(x.dim(), 1) <= dim < max(x.dim(), 1))
+
+
+def _layer_norm_ok(x: torch.Tensor, args: Any, kwargs: dict[str, Any]) -> bool:
+    shape = tuple(args[1] if len(args) > 1 else kwargs.get("normalized_shape", ()))
+    params = [*args[2:4], kwargs.get("weight"), kwargs.get("bias")]
+    fits = len(shape) > 0 and tuple(x.shape[len(x.shape) - len(shape) :]) == shape
+    return fits and all(p is None or (_meta(p) and tuple(p.shape) == shape and p.dtype == x.dtype) for p in params)
+
+
+def _linear_ok(x: torch.Tensor, args: Any, kwargs: dict[str, Any]) -> bool:
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not _meta(w) or w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
+        return False
+    return b is None or (_meta(b) and tuple(b.shape) == (w.shape[0],) and b.dtype == x.dtype)
+
+
+def _attention_ok(args: Any, kwargs: dict[str, Any]) -> bool:
+    if len(args) != 3 or any(k not in ("dropout_p", "is_causal", "scale") for k in kwargs) or not all(map(_meta, args)):
+        return False
+    q, k, v = args
+    same = q.dim() == k.dim() == v.dim() >= 2 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+    return same and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2] and q.dtype == k.dtype == v.dtype
+
+
 def _shortcut(func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The output of ``func`` (a new meta tensor of the right shape and dtype), or None: compute it."""
     first = args[0] if args else None
     if not _meta(first) or kwargs.get("inplace", False) or kwargs.get("out") is not None:
         return None
-    if func in _SAME_SHAPE and kwargs.get("dtype") is None:
+    if func in _SAME_SHAPE and kwargs.get("dtype") is None and _axis_ok(first, args, kwargs):
         return torch.empty_like(first)
-    if func is F.linear and len(args) >= 2 and _meta(args[1]) and first.dtype == args[1].dtype:
+    if func in (F.layer_norm, torch.layer_norm) and _layer_norm_ok(first, args, kwargs):
+        return torch.empty_like(first)
+    if func is F.linear and _linear_ok(first, args, kwargs):
         return first.new_empty((*first.shape[:-1], args[1].shape[0]))
-    if func is F.scaled_dot_product_attention and len(args) >= 3 and all(_meta(t) for t in args[:3]):
+    if func is F.scaled_dot_product_attention and _attention_ok(args, kwargs):
         return first.new_empty((*first.shape[:-1], args[2].shape[-1]))
     if func in _BINARY and len(args) == 2 and "alpha" not in kwargs:
         return _binary(*args)
