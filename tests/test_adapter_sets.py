@@ -319,3 +319,34 @@ def test_sam_set_added_under_efficient_attention_equals_the_set_alone() -> None:
     with torch.no_grad():
         got, want = w(x), alone(x)  # the stock windowed blocks: the layers' checks hold
     assert all(torch.equal(got[m], want[m]) for m in MODS)
+
+
+def test_each_set_has_its_own_head_copy_and_stems(tmp_path) -> None:
+    """modules_to_save and learnable stems are per set: training one set's head and DSM stem leaves
+    the other set's copies bit-identical; both are saved and loaded by name."""
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="lora", modules_to_save=["head"]).eval()
+    w.add_adapter("conv", preset="lora", stems={"dsm": ("conv1x1", 1)})
+    head = {k: v.clone() for k, v in w.trainable_state_dict().items() if "head" in k}
+    w.set_adapter("conv")
+    assert w.stems["dsm"].kind == "conv1x1" and w.config.stem("dsm").kind == "conv1x1"
+    trained = [n for n, p in w.named_parameters() if p.requires_grad]
+    assert any("head.trained_module" in n for n in trained) and any(n.startswith("stems.dsm") for n in trained)
+    opt = torch.optim.SGD([p for p in w.parameters() if p.requires_grad], lr=0.5)
+    w.train()
+    for _ in range(2):
+        opt.zero_grad()
+        sum(o.square().mean() for o in w(_x()).values()).backward()
+        opt.step()
+    w.eval()
+    want = _run(w)
+    w.set_adapter("default")
+    assert w.stems["dsm"].kind != "conv1x1"
+    assert all(torch.equal(v, head[k]) for k, v in w.trainable_state_dict().items() if "head" in k)
+    w.save_pretrained(tmp_path)
+    loaded = load_multimodal(tiny_timm_vit(), tmp_path)
+    loaded.load_adapter(tmp_path, "conv")
+    loaded.set_adapter("conv")
+    got = _run(loaded)
+    assert all(torch.equal(got[m], want[m]) for m in MODS)
+    with pytest.raises(TypeError, match="adapter_name must be a str"):
+        loaded.set_adapter(["conv"])

@@ -115,6 +115,8 @@ class AdapterSets:
         return list(self._names)
 
     def _known(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"adapter_name must be a str (one set is active at a time), got {name!r}")
         if name not in self._names:
             raise KeyError(f"no adapter set {name!r}; the sets are {list(self._names)} (add_adapter / load_adapter)")
         return name
