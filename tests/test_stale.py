@@ -145,3 +145,19 @@ def test_lambda_init_with_a_preset_that_never_mixes_is_an_error() -> None:
         wrap_multimodal(tiny_timm_vit(), MODS, preset="lora", lambda_init=0.9)
     w = wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora", lambda_init=0.9)  # sets the mixing rules only
     assert {r.fusion: r.lambda_init for r in w.config.rules} == {"none": 0.5, "scalar": 0.9}
+
+
+# ---------------------------------------------------------------------- small errors
+def test_a_bad_regex_in_a_pattern_option_names_the_option_and_the_key() -> None:
+    for option in ("rank_pattern", "alpha_pattern"):
+        with pytest.raises(ValueError, match=rf"{option} key 'fc\(1' is not a valid regular expression"):
+            wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora", **{option: {"fc(1": 8}})
+
+
+def test_wrapping_a_peft_model_says_so_and_how_to_unwrap_it() -> None:
+    peft = pytest.importorskip("peft")
+    twin = peft.get_peft_model(tiny_timm_vit(), peft.LoraConfig(target_modules=["qkv"]))
+    for model in (twin, twin.get_base_model()):
+        with pytest.raises(TypeError, match=r"already a peft model.*merge_and_unload\(\).*unload\(\)"):
+            wrap_multimodal(model, MODS, preset="mmlora")
+    wrap_multimodal(twin.merge_and_unload(), MODS, preset="mmlora")  # the plain model wraps

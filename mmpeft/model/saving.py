@@ -19,7 +19,7 @@ from ..targeting.prepare import prepare_backbone
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
 
-__all__ = ["Persistence"]
+__all__ = ["Persistence", "check_not_peft"]
 
 T = TypeVar("T", bound="Persistence")
 
@@ -55,6 +55,19 @@ def _probe_size(probe: Any) -> tuple[int, int] | None:
     raise TypeError(f"probe must be True, False or an (H, W) pair of positive ints, got {probe!r}")
 
 
+def check_not_peft(model: nn.Module) -> None:
+    """A TypeError when ``model`` is a peft model or holds peft's layers: mmpeft wraps the plain model."""
+    found = next((n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if found is None:
+        return
+    where = type(model).__name__ if found == "" else f"{found} ({type(model.get_submodule(found)).__name__})"
+    raise TypeError(
+        f"the model is already a peft model ({where} is peft's): mmpeft wraps the plain model and adds its own "
+        "per-modality layers. Unwrap it first: peft_model.merge_and_unload() keeps its LoRA folded into the "
+        "weights, peft_model.unload() drops it (get_base_model() alone still holds peft's LoRA layers)"
+    )
+
+
 class Persistence:
     """Construction and persistence of :class:`~mmpeft.MultimodalModel` (mixed into it)."""
 
@@ -70,6 +83,7 @@ class Persistence:
         ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W);
         ``autocast_adapter_dtype``: trainable tensors float32 on a bf16 / fp16 base, :mod:`mmpeft.model.precision`)."""
         check_autocast(autocast_adapter_dtype)
+        check_not_peft(model)
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored by unload()
         report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.targeting.prepare)
         size = _probe_size(probe)

@@ -12,6 +12,7 @@ from torch import nn
 from ..config import MultimodalConfig, RuleConfig, parse_stem
 from ..targeting.inject import _owners
 from .multimodal import MultimodalModel
+from .saving import check_not_peft
 from ..targeting.prepare import prepare_backbone
 from ..targeting.selection import (
     PATTERN_FIELDS,
@@ -163,6 +164,7 @@ def _config_of(
     config: MultimodalConfig | None, base_dtype: torch.dtype | str | None, options: dict[str, Any],
 ) -> MultimodalConfig:  # fmt: skip
     """``config`` as given, else built from the other arguments (the model may be prepared in place)."""
+    check_not_peft(model)
     if config is None:
         return _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
     if options or targets is not None or preset is not None or method is not None or base_dtype is not None:

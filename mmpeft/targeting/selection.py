@@ -108,6 +108,14 @@ def _int_list(name: str, value: Any) -> list[int]:
 def _patterns(name: str, value: Any, check: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) and k for k in value):
         raise TypeError(f"{name} must be a non-empty {{pattern: value}} dict with string keys, got {value!r}")
+    for key in value:
+        try:
+            re.compile(rf"(.*\.)?({key})$")  # as pattern_key matches it
+        except re.error as err:
+            raise ValueError(
+                f"{name} key {key!r} is not a valid regular expression ({err}); a key is a regex matched against "
+                "the end of module names: escape special characters (re.escape) or write a plain name"
+            ) from None
     return {k: check(f"{name}[{k!r}]", v) for k, v in value.items()}
 
 
