@@ -43,14 +43,14 @@ def score_weights(
     """
     info = info or DistInfo()
     stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
+    out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / eval_folder(cfg, stored.path, subsets)
+    check_eval_folder(out, _protocol(cfg, str(stored.path)))  # every rank, before any work: all stop, none waits
     model, _ = load_trained(stored, info.device, checkpoint=cfg.model.checkpoint)
     if list(model.modalities) != list(cfg.model.modalities) and info.is_main:
         log(f"note: the weights use modalities {list(model.modalities)} (config: {cfg.model.modalities})")
     e = cfg.eval
     tiles = ISPRSDataModule(cfg, info, log).tiles(e.split, labels=e.labels)
-    out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / eval_folder(cfg, stored.path, subsets)
     if info.is_main:
-        check_eval_folder(out, _protocol(cfg, str(stored.path), model.config.size[0]))
         log = TextLog(Path(stored.path).parent / "eval.log", log)
         log(f"== evaluation of {stored.path} into {out}")
     preds = out / "predictions" if e.save_predictions else None
@@ -88,10 +88,11 @@ def eval_folder(cfg: ExperimentConfig, weights: str | Path, subsets: bool = Fals
     return name + ("_subsets" if subsets else "") + ("" if stem == "best" else f"_{stem}")
 
 
-def _protocol(cfg: ExperimentConfig, weights: str, window: int) -> dict[str, object]:
+def _protocol(cfg: ExperimentConfig, weights: str) -> dict[str, object]:
+    """What names an evaluation (the window is the weights' model's)."""
     e = cfg.eval
-    return {"split": e.split, "labels": e.labels, "window": window, "stride": e.stride, "mode": e.mode,
-            "tta_flip": e.tta_flip, "weights": weights}  # fmt: skip
+    return {"split": e.split, "labels": e.labels, "stride": e.stride, "mode": e.mode, "tta_flip": e.tta_flip,
+            "weights": weights}  # fmt: skip
 
 
 def check_eval_folder(out: Path, protocol: dict[str, object]) -> None:
@@ -112,7 +113,7 @@ def check_eval_folder(out: Path, protocol: dict[str, object]) -> None:
 def _write_metrics(out: Path, cfg: ExperimentConfig, weights: str, tiles: TileSet, window: int, result: EvalResult,
                    info: DistInfo, log: Callable[[str], None]) -> None:  # fmt: skip
     e = cfg.eval
-    protocol = {**_protocol(cfg, weights, window), "tiles": tiles.ids, "world_size": info.world_size}
+    protocol = {**_protocol(cfg, weights), "window": window, "tiles": tiles.ids, "world_size": info.world_size}
     protocol.pop("weights")
     payload = {"weights": weights, "protocol": protocol, "seconds": result.seconds, **result.metrics}
     out.mkdir(parents=True, exist_ok=True)
