@@ -3,8 +3,6 @@ add_weighted_adapter, equal to a model wrapped with each set alone and to peft's
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
@@ -12,19 +10,10 @@ from mmpeft import count_parameters, load_multimodal, wrap_multimodal
 from mmpeft.interop.peft_interop import peft_lora_weights
 
 from .conftest import tiny_sam, tiny_timm_vit
+from .test_backbones import _one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 from .test_wrap import _randomise_trainables
 
 MODS = ("optical", "dsm")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _x(mods=MODS) -> dict[str, torch.Tensor]:
