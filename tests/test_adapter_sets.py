@@ -171,7 +171,12 @@ def test_refusals() -> None:
         w.add_adapter("c4", in_channels=4)
     with pytest.raises(TypeError, match="unknown option"):
         w.add_adapter("typo", rnak=3)
-    assert w.adapters == ["default", "mix", "ad"]
+    names = [n for n, _ in w.named_modules()]
+    with pytest.raises(ValueError, match="not a fused q/k/v projection"):
+        w.add_adapter("cut", targets=["qkv", "fc1"], slices=["q", "v"])
+    assert w.adapters == ["default", "mix", "ad"] and [n for n, _ in w.named_modules()] == names  # nothing left
+    with pytest.raises(ValueError, match="config= must share the model's"):
+        w.add_adapter("one", config=wrap_multimodal(tiny_timm_vit(), ("optical",), preset="lora").config)
     with pytest.raises(ValueError, match="add_adapter"):
         wrap_multimodal(w.base_model, MODS)  # a second wrap is refused, naming the way
     w.merge_adapters()

@@ -178,6 +178,8 @@ class AdapterSets:
         try:
             yield
         finally:
+            for parent, attr, layer in _sites(self.base_model):  # what a failed build left behind
+                setattr(parent, attr, layer.base_layer)
             for module, runner in features:
                 module.forward = runner
             for parent, attr, w in wrappers:
@@ -235,14 +237,13 @@ class AdapterSets:
         if config is not None:
             if options or targets is not None or preset is not None or method is not None:
                 raise ValueError("pass either config= or method/options/targets/preset, not both")
-            mine = {k: getattr(self.config, k) for k in ("modalities", *_SHARED)}
-            theirs = {k: getattr(config, k) for k in mine}
-            if {k: list(v) if k == "modalities" else v for k, v in theirs.items()} != {
-                k: list(v) if k == "modalities" else v for k, v in mine.items()
-            }:
+            mine = {"modalities": list(self.modalities), **{k: getattr(self.config, k) for k in _SHARED}}
+            theirs = {"modalities": list(config.modalities), **{k: getattr(config, k) for k in _SHARED}}
+            if theirs != mine:
                 raise ValueError(f"config= must share the model's {mine} (every set's); it has {theirs}")
             return config
-        options.setdefault("stems", {m: dataclasses.replace(self.config.stem(m)) for m in self.modalities})
+        stems = {m: dataclasses.replace(self.config.stem(m)) for m in self.modalities}  # the model's by default
+        options["stems"] = {**stems, **(options.get("stems") or {})}
         shared = {"in_channels": self.config.in_channels, "modules_to_save": self.config.modules_to_save}
         return type(self).build_set_config(
             self.base_model, self.modalities, method, preset, targets, None, self.config.base_dtype, {**options, **shared}
