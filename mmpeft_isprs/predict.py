@@ -83,7 +83,7 @@ def predict_files(
     written: list[Path] = []
     first = model.modalities[0]
     for files in pair_modalities(sources, flags):
-        tensors = {m: modality_tensor(files[m], specs[m], rule, 3 if m == first else None) for m in model.modalities}
+        tensors = {m: modality_tensor(files[m], specs[m], rule, _channels(model, m)) for m in model.modalities}
         check_sizes(tile_key_of_name(files[first].stem), [(files[m], tensors[m]) for m in model.modalities])
         scores = sliding_window_predict(
             run, tensors, model.config.num_classes, window=size, stride=min(opts.stride, size),
@@ -95,6 +95,14 @@ def predict_files(
         written += write_prediction(pred, out_dir, files[first].stem, info, georef_from=geo, cog=opts.cog)
         log(f"{files[first].name}: {pred.shape[0]}x{pred.shape[1]} -> {written[-1].parent}")
     return written
+
+
+def _channels(model: MFNet, modality: str) -> int | None:
+    """The band count the model's stem of ``modality`` takes (declared or recorded in training;
+    for the first modality 3 when none is known, the optical image), or None (any)."""
+    stem = model.encoder.stems[modality] if modality in model.encoder.stems else None
+    known = stem.in_channels if stem is not None else None
+    return known if known is not None else (3 if modality == model.modalities[0] else None)
 
 
 def _specs(model: MFNet, experiment: ExperimentConfig | None, bands: tuple[int, ...] | None) -> dict[str, ModalitySpec]:

@@ -145,3 +145,7 @@ def test_a_twelve_band_modality_trains_through_the_pipeline(tmp_path: Path, caps
     assert main(["train", "vaihingen_mmadapter_vit_b", *args, "train.batches_per_epoch=2"]) == 0
     assert main(["eval", "vaihingen_mmadapter_vit_b", "--weights", str(run / "best.safetensors")]) == 0
     assert "mIoU" in capsys.readouterr().out
+    pred = tmp_path / "pred"
+    assert main(["predict", "--weights", str(run / "best.safetensors"), "--input", f"ms={tmp_path / 'ms'}",
+                 "--dsm", str(tmp_path / "dsm"), "--out", str(pred), "--stride", "32"]) == 0  # fmt: skip
+    assert sorted(p.name for p in pred.glob("*_pred.*")) == ["a_pred.png", "b_pred.png", "c_pred.png"]
