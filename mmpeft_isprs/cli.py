@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file or bundled config name (data and eval sections are used)")
     _add_overrides(p)
     p.add_argument("--weights", required=True, help="best.safetensors (or any file written by training)")
-    p.add_argument("--out", default=None, help="output folder (default <run_dir>/eval_<split>)")
+    p.add_argument("--out", default=None, help="output folder (default <run_dir>/eval_<split>_stride<S>_<mode>_<labels>[...]: one per protocol)")
     p.add_argument("--subsets", action="store_true",
                    help="score every non-empty subset of the model's modalities (2^M-1: optical+dsm, optical, dsm for two), side by side")
 
