@@ -2,7 +2,8 @@
 prediction inputs and outputs (files <-> samples; no config, model or training logic).
 
 A sample is a dict: ``"optical"`` float32 (3, H, W) in [0, 1], ``"dsm"`` float32 (1, H, W) in
-[0, 1] (more modalities by name with :class:`GenericLayout`), ``"mask"`` int64 (H, W) with
+[0, 1] (more modalities by name: :class:`ModalitySpec` entries of any layout, each with its
+source file, bands and statistics, :mod:`.bands`), ``"mask"`` int64 (H, W) with
 ``IGNORE_INDEX`` = 255, and ``"name"`` (tile id).
 """
 

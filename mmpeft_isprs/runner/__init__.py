@@ -2,8 +2,8 @@
 
 - :mod:`.trainer`: :func:`fit` / :class:`Trainer` (epochs, validation, best and last weights);
 - :mod:`.checkpoint`: ``last.pt`` (resume bit for bit), :class:`TrainState`;
-- :mod:`.logs`: ``log.csv``, per-epoch metrics, TensorBoard, the run summary;
-- :mod:`.scoring`: :func:`score_weights` (trained weights on a split, ``metrics.json``).
+- :mod:`.logs`: ``log.csv``, per-epoch metrics, TensorBoard, the run summary, ``train.log`` / ``eval.log`` (:class:`~.logs.TextLog`);
+- :mod:`.scoring`: :func:`score_weights` (trained weights on a split, ``metrics.json``, one folder per protocol).
 
 Commands compose these; the runner never imports a command (see docs/architecture.md).
 """
