@@ -28,7 +28,9 @@ from .shapes import meta_forward
 __all__ = ["declared_size", "size_candidates", "choose_size", "infer_in_channels", "FALLBACK_SIZE"]
 
 FALLBACK_SIZE = 224
-_STRIDES = (16, 4, 8, 32, 14, 2, 1)  # the strides a fixed table is tried at, most usual first
+# the strides a fixed grid is tried at, most usual first: a position table's (a ViT's patches), a
+# first stage's grid (a hierarchical model's stem), an attention's resolution (LeViT: 16)
+_STRIDES = {"pos": (16, 14, 8, 32, 4, 2, 1), "feat_size": (4, 8, 2, 16, 32, 1), "resolution": (16, 8, 32, 4, 14, 2, 1)}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -64,28 +66,28 @@ def declared_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _tables(model: nn.Module) -> Iterator[tuple[int, int]]:
-    """Grids of fixed-size tables: position embeddings, a stage's ``feat_size``, ``resolution``."""
+def _tables(model: nn.Module) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(kind, grid) of fixed-size tables: position embeddings, a stage's ``feat_size``, ``resolution``."""
     for name, p in model.named_parameters():
         if "pos" not in name.rsplit(".", 1)[-1] or p.dim() < 3 or p.shape[0] != 1:
             continue
         if p.dim() == 4:  # (1, h, w, C) or (1, C, h, w)
-            yield (int(p.shape[1]), int(p.shape[2])) if p.shape[3] >= p.shape[1] else (int(p.shape[2]), int(p.shape[3]))
+            yield "pos", ((int(p.shape[1]), int(p.shape[2])) if p.shape[3] >= p.shape[1] else (int(p.shape[2]), int(p.shape[3])))
         for n in (p.shape[1], p.shape[1] - 1) if p.dim() == 3 else ():  # (1, N, C), a class token or not
             if math.isqrt(n) ** 2 == n and n > 0:
-                yield math.isqrt(n), math.isqrt(n)
+                yield "pos", (math.isqrt(n), math.isqrt(n))
     for attr in ("feat_size", "resolution"):
         found = next((_pair(getattr(m, attr)) for m in model.modules() if _pair(getattr(m, attr, None))), None)
         if found is not None:
-            yield found
+            yield attr, found
 
 
 def size_candidates(model: nn.Module) -> list[tuple[int, int]]:
     """The sizes :func:`choose_size` tries when the model declares none, in order."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     out = [s for s in [_pair(tuple(cfg.get("input_size", ())[-2:]))] if s is not None]
-    for h, w in _tables(model):
-        out += [(h * s, w * s) for s in _STRIDES]
+    for kind, (h, w) in _tables(model):
+        out += [(h * s, w * s) for s in _STRIDES[kind]]
     out.append((FALLBACK_SIZE, FALLBACK_SIZE))
     return list(dict.fromkeys(out))
 
