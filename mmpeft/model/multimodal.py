@@ -196,6 +196,9 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         result = super()._apply(fn, recurse)
         if recurse:
             sync_dtype(self)
+            for _, layer in self.layers():  # merged copies from the moved tensors, whatever objects now hold them
+                if layer.merged:
+                    layer.merge()
         return result
 
     def train(self, mode: bool = True) -> "MultimodalModel":

@@ -326,6 +326,7 @@ class WeightMerging:
         #: (M, out) per-modality merged biases while merged, for layers whose update has a bias
         self.register_buffer("merged_bias", None, persistent=False)  # type: ignore[attr-defined]
         self._merge_stamp: tuple[tuple[int, int], ...] | None = None
+        self._merge_sources: list[torch.Tensor] = []  # what the merge read (:meth:`_stamp`)
         self.register_load_state_dict_post_hook(_merge_again)  # type: ignore[attr-defined]
 
     @property
@@ -342,6 +343,7 @@ class WeightMerging:
         deltas = torch.stack([self.get_delta_weight(m) for m in self.modalities])  # type: ignore[attr-defined]
         self.merged_weight = (w.float() + deltas.to(w.device)).to(w.dtype)
         self.merged_bias = self._merged_biases()
+        self._merge_sources = self._sources()
         self._merge_stamp = self._stamp()
 
     def _merged_biases(self) -> torch.Tensor | None:
@@ -362,15 +364,20 @@ class WeightMerging:
         self.merged_weight = None
         self.merged_bias = None
         self._merge_stamp = None
+        self._merge_sources = []
 
-    def _stamp(self) -> tuple[tuple[int, int], ...]:
-        """(version counter, storage address) of every tensor the merged weights are computed
-        from: any in-place edit (an EMA step, ``load_state_dict``), replacement or dtype / device
-        move changes it. Host-side counters: no device sync."""
+    def _sources(self) -> list[torch.Tensor]:
+        """Every tensor the merged weights are computed from (the layer's but its merged copies)."""
         merged = (self.merged_weight, self.merged_bias)
         buffers = [b for b in self.buffers() if all(b is not t for t in merged)]  # type: ignore[attr-defined]
-        tensors = [*self.parameters(), *buffers]  # type: ignore[attr-defined]
-        return tuple((t._version, t.data_ptr()) for t in tensors)
+        return [*self.parameters(), *buffers]  # type: ignore[attr-defined]
+
+    def _stamp(self) -> tuple[tuple[int, int], ...]:
+        """(version counter, storage address) of the tensors the merge read: an in-place edit (an
+        EMA step, ``load_state_dict``) or a dtype / device move changes it. Host-side counters,
+        no device sync (run every merged forward). A parameter replaced by another object through
+        ``load_state_dict(assign=True)`` is seen by the load hook, which merges again."""
+        return tuple((t._version, t.data_ptr()) for t in self._merge_sources)
 
     def _merged_current(self) -> None:
         """Merge again when a tensor changed since the merge (so merged weights are never stale)."""
