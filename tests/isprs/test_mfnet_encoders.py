@@ -183,3 +183,32 @@ def test_save_and_load_reproduce_outputs(name: str, tmp_path) -> None:
     loaded.encoder.base_model.load_state_dict(model.encoder.base_model.state_dict())
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_missing_modality_and_no_dfm(name: str) -> None:
+    """Optical alone equals the pair with every DSM sample marked absent; Table V's "without DFM"
+    (the encoders' maps summed level by level, one pyramid) runs on the lists of maps."""
+    model = build(name, method="lora").eval()
+    randomise_trainables(model)
+    x = inputs(seed=9)
+    with torch.no_grad():
+        alone = model({"optical": x["optical"]})
+        masked = model(x, presence={"optical": torch.ones(2, dtype=torch.bool), "dsm": torch.zeros(2, dtype=torch.bool)})
+        assert (alone - masked).abs().max().item() <= 1e-5
+        assert (alone - model(x)).abs().max().item() > 1e-4  # the DSM does count when present
+        no_dfm = build(name, method="lora", dfm=False).eval()
+        assert no_dfm(x).shape == (2, 6, S, S)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
+    grads = []
+    for ckpt in (False, True):
+        model = build(name, method="lora", grad_checkpointing=ckpt)
+        randomise_trainables(model)
+        x, y = scene()
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
