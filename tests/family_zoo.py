@@ -98,6 +98,12 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
-    """The zoo's model ``name``, seeded, in eval mode."""
+    """The zoo's model ``name``, seeded, in eval mode; layer scales (1e-5 / 1e-6 at init in CaiT and
+    vit_relpos: the residual branches nearly off, their gradients too small to move) set to 1."""
     torch.manual_seed(seed)
-    return ZOO[name][0]().eval()
+    model = ZOO[name][0]().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2") and p.abs().max() < 1e-4:
+                p.fill_(1.0)
+    return model

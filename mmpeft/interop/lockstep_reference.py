@@ -64,4 +64,20 @@ def _passes(
         if state.end_pass() or state.mixing_calls == 0:
             return outs
         if n >= limit:
-            raise RuntimeError(f"the per-modality reference did not settle in {n} passes")
+            raise RuntimeError(f"the per-modality reference did not settle in {n} passes: {_why(wrapped)}")
+
+
+def _why(wrapped: MultimodalModel) -> str:
+    """Why the mixing layers' inputs changed between passes, and what to do."""
+    if any(callable(getattr(m, "random_masking", None)) for m in wrapped.base_model.modules()):
+        return (
+            f"{type(wrapped.base_model).__name__}'s forward is random (it masks and shuffles the tokens with fresh "
+            "noise on every call, as ViTMAE does), so no two passes see the same inputs; pass a fixed noise=: "
+            "torch.arange(num_patches).expand(B, -1) here and .expand(M * B, -1) to the wrapped model (the "
+            "modalities stacked), which keeps the first tokens in order"
+        )
+    return (
+        "the inputs of the mixing layers changed from pass to pass, so the model's forward is not a function of its "
+        "input (dropout in training mode, random token masking or shuffling): call it in eval mode and fix its "
+        "randomness (a seed or a noise= argument)"
+    )

@@ -109,7 +109,7 @@ def apply_rules(
         )
     owner = _owners(model, config)
     if config.preset is not None:
-        owner = _without_identities(model, owner)
+        owner = _without_nested(config, _without_identities(model, owner))
     check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
     factors: dict[str, int | None] = {}
     widths: dict[str, int | None] = {}
@@ -142,6 +142,20 @@ def _without_identities(model: nn.Module, owner: dict[str, int]) -> dict[str, in
             ProbeWarning,
         )
     return {n: i for n, i in owner.items() if n not in idle} if len(idle) < len(owner) else owner
+
+
+def _without_nested(config: MultimodalConfig, owner: dict[str, int]) -> dict[str, int]:
+    """A preset's targets but those inside a module an adapter wraps whole (VOLO's outlook attention
+    ``attn`` holds a linear also named ``attn``): left out with a warning naming them."""
+    wrapped = [n for n, i in owner.items() if isinstance(config.rules[i], AdapterConfig)]
+    inner = [n for n in owner if any(n.startswith(a + ".") for a in wrapped)]
+    if inner:
+        warn_structural(
+            f"left out {len(inner)} module(s) the preset's names match inside a module an adapter already wraps: "
+            f"{inner[:6]}{' ...' if len(inner) > 6 else ''}. Pass targets= to choose modules yourself",
+            ProbeWarning,
+        )
+    return {n: i for n, i in owner.items() if n not in inner}
 
 
 def _build_layer(model: nn.Module, rule: Any, name: str, config: MultimodalConfig, width: int | None) -> nn.Module:

@@ -102,11 +102,20 @@ def _linear_ok(x: torch.Tensor, args: Any, kwargs: dict[str, Any]) -> bool:
 
 
 def _attention_ok(args: Any, kwargs: dict[str, Any]) -> bool:
-    if len(args) != 3 or any(k not in ("dropout_p", "is_causal", "scale") for k in kwargs) or not all(map(_meta, args)):
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    if len(args) not in (3, 4) or any(k not in ("attn_mask", "dropout_p", "is_causal", "scale") for k in kwargs):
         return False
-    q, k, v = args
+    q, k, v = args[:3]
+    if not all(map(_meta, (q, k, v))) or not (mask is None or _meta(mask)):
+        return False
     same = q.dim() == k.dim() == v.dim() >= 2 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
-    return same and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2] and q.dtype == k.dtype == v.dtype
+    if not (same and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2] and q.dtype == k.dtype == v.dtype):
+        return False
+    scores = (*q.shape[:-1], k.shape[-2])
+    try:
+        return mask is None or (torch.broadcast_shapes(mask.shape, scores) == scores and mask.dtype in (q.dtype, torch.bool))
+    except RuntimeError:
+        return False
 
 
 def _shortcut(func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor | None:
