@@ -113,10 +113,11 @@ class ViTFeatures(nn.Module):
     def __init__(self, trunk: nn.Module, blocks: Sequence[int]) -> None:
         super().__init__()
         depth = len(trunk.blocks)
-        taken = [b % depth if -depth <= b < depth else None for b in blocks]
-        if not taken or None in taken or taken != sorted(set(taken)):  # type: ignore[type-var]
+        inside = bool(blocks) and all(-depth <= int(b) < depth for b in blocks)
+        taken = [int(b) % depth for b in blocks] if inside else []
+        if not inside or taken != sorted(set(taken)):
             raise ValueError(f"model.pyramid_blocks {list(blocks)} must be increasing block indices of 0..{depth - 1}")
-        self.blocks_taken: list[int] = [int(b) for b in taken]  # type: ignore[arg-type]
+        self.blocks_taken: list[int] = taken
         trunk.prune_intermediate_layers(indices=self.blocks_taken, prune_norm=False, prune_head=True)
         self.trunk = trunk
         self.input_size: tuple[int, int] = tuple(int(s) for s in trunk.patch_embed.img_size)  # type: ignore[assignment]
