@@ -4,6 +4,8 @@ ambiguous structure is refused saying what was found."""
 
 from __future__ import annotations
 
+import re
+
 import copy
 from typing import Callable
 
@@ -133,9 +135,21 @@ def _stack(block: Callable[[int], nn.Module]) -> nn.Module:
     ],
 )  # fmt: skip
 def test_ambiguous_structure_is_refused_saying_what_was_found(model: nn.Module, found: str) -> None:
-    with pytest.raises(StructureError, match=found):
+    with pytest.raises(StructureError, match=found) as why:
         find_structure(model)
-    with pytest.raises(ValueError, match="cannot tell which ViT family.*nor place the presets by its structure: .*" + found):
+    with pytest.raises(ValueError) as err:
+        detect_family(model)
+    assert len(str(err.value)) < 400  # one sentence, not the list of every family
+    if isinstance(model, nn.Sequential):  # no attention module, no q / k / v anywhere
+        assert re.fullmatch(r"\w+ has no attention \(.*\): a CNN has no attention to adapt; pass targets=.*", str(err.value))
+    else:
+        start = "cannot tell which ViT family Module belongs to, nor place the presets by structure ("
+        assert str(err.value).startswith(start + str(why.value)[:100])
+
+
+def test_a_single_block_with_attention_is_not_called_a_cnn() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(2), CustomBlock(8))
+    with pytest.raises(ValueError, match=r"cannot tell which ViT family Sequential.*no repeated blocks.*pass targets="):
         detect_family(model)
 
 

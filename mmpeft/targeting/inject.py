@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import MultimodalConfig
+from .coverage import warn_uncovered_attention
 from .prepare import check_targets_callable
 from .inputs import infer_in_channels
 from .probe import ProbeError, ProbeWarning, dry_run, probe_batch_factors, probe_input
@@ -121,6 +122,8 @@ def apply_rules(
         factors = probe_batch_factors(model, sorted(owner), channels, size, config.preset is not None, probed)
         owner = {n: i for n, i in owner.items() if n in factors}
         widths = {n: r.width for n, r in probed.items()}
+    if config.preset is not None:
+        warn_uncovered_attention(model, owner)
     model.requires_grad_(False)
     # deepest first, so a parent wrapper receives its already patched children
     for n in sorted(owner, key=lambda s: s.count("."), reverse=True):

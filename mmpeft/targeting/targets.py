@@ -18,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from ..config import AdapterConfig, LoRAConfig, RuleConfig, Targets
+from .coverage import has_attention
 from .structure import StructureError, find_structure, warn_structural
 
 __all__ = [
@@ -253,14 +254,24 @@ def detect_family(model: nn.Module) -> BackboneFamily:
     try:
         structure = find_structure(model)
     except StructureError as err:
-        raise ValueError(
-            f"cannot tell which ViT family {type(model).__name__} belongs to (known: "
-            + "; ".join(f"{f.name}: {f.required()}" for f in FAMILIES.values())
-            + f"), nor place the presets by its structure: {err}. Pass `targets=` explicitly, or register a "
-            "BackboneFamily in mmpeft.FAMILIES (see help(mmpeft.targeting.targets), or `mmpeft-isprs help backbones`)"
-        ) from None
+        raise ValueError(_unplaced(model, err)) from None
     warn_structural(structure.summary(type(model).__name__))
     return BackboneFamily("structural", **structure.family_fields())
+
+
+def _unplaced(model: nn.Module, err: StructureError) -> str:
+    """Why no preset applies to ``model``, in one sentence (under 400 characters)."""
+    name = type(model).__name__
+    if not has_attention(model):
+        return (
+            f"{name} has no attention (no attention module, no q / k / v projection): a CNN has no attention to "
+            "adapt; pass targets= to put LoRA on its convolutions or linears"
+        )
+    why = str(err) if len(str(err)) <= 160 else str(err)[:157] + "..."
+    return (
+        f"cannot tell which ViT family {name} belongs to, nor place the presets by structure ({why}); pass targets= "
+        "or register a BackboneFamily in mmpeft.FAMILIES"
+    )
 
 
 def _attention_lora(f: BackboneFamily) -> list[RuleConfig]:

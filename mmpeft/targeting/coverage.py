@@ -1,0 +1,74 @@
+"""What a preset leaves out: attention modules that get no update, and models with no attention.
+
+:func:`warn_uncovered_attention` names the attention modules (a class called ``*Attention*`` /
+``*Attn*`` / ``*MHSA*`` holding an ``nn.Linear`` or ``nn.Conv2d``, or an ``nn.MultiheadAttention``) that hold none of a
+preset's targets while others do: CaiT's class-attention blocks (``ClassAttn``, separate q / k /
+v) beside its talking-heads attention (fused qkv), VOLO's outlook attention. Each gets a
+:class:`~mmpeft.targeting.probe.ProbeWarning`-style warning; ``targets=`` covers them.
+
+:func:`attention_modules` is also how :func:`mmpeft.targeting.targets.detect_family` tells a
+model with no attention at all (a CNN: ConvNeXt, HGNet) from one it cannot place.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+from torch import nn
+
+from .structure import warn_structural
+
+__all__ = ["CoverageWarning", "attention_modules", "has_attention", "warn_uncovered_attention"]
+
+#: names (last part) of the projections an attention computes (any family's spelling)
+_PROJECTION = re.compile(r"(^|_)(qkv|to_qkv|in_proj|qk|kv|q|k|v|query|key|value|[qkv]_proj)$")
+
+
+class CoverageWarning(UserWarning):
+    """A preset leaves some attention modules of the model without an update."""
+
+
+def _is_attention(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    name = type(module).__name__.lower()
+    if not any(t in name for t in ("attention", "attn", "mhsa")):
+        return False
+    return any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules())
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Names of the innermost attention modules of ``model`` (see the module's doc; a block class
+    named after its attention, as CaiT's ``LayerScaleBlockClassAttn``, holds one)."""
+    found = [n for n, m in model.named_modules() if n and _is_attention(m)]
+    return [n for n in found if not any(o.startswith(n + ".") for o in found)]
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` has an attention module or a linear / convolution named like one of an
+    attention's projections (``qkv``, ``in_proj``, ``q`` / ``k`` / ``v``, ``query``, ...)."""
+    if attention_modules(model):
+        return True
+    return any(
+        isinstance(m, (nn.Linear, nn.Conv2d)) and _PROJECTION.search(n.rsplit(".", 1)[-1]) for n, m in model.named_modules()
+    )
+
+
+def warn_uncovered_attention(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Warn naming the attention modules that hold none of ``targets`` when others do; returns them."""
+    names = list(targets)
+    attention = attention_modules(model)
+
+    def covered(a: str) -> bool:
+        return any(n == a or n.startswith(a + ".") or a.startswith(n + ".") for n in names)
+
+    left = [a for a in attention if not covered(a)]
+    if left and len(left) < len(attention):
+        classes = sorted({type(model.get_submodule(a)).__name__ for a in left})
+        warn_structural(
+            f"the preset leaves {len(left)} of the model's {len(attention)} attention modules without an update "
+            f"({', '.join(classes)}: {left[:4]}{' ...' if len(left) > 4 else ''}); pass targets= to cover them",
+            CoverageWarning,
+        )
+    return left
