@@ -43,7 +43,8 @@ class EncoderLoadReport:
         missing: model keys the checkpoint did not provide.
         unexpected: checkpoint keys (after the key map) that fit no model key.
         dropped: checkpoint keys ignored on purpose (checkpoint naming): SAM2's neck, memory and
-            mask decoder; a ViT's classifier head; blocks after the last one MFNet takes.
+            mask decoder; a ViT's classifier head. (A ViT's blocks after the last one MFNet takes
+            are loaded, then removed with the blocks.)
     """
 
     source: str
