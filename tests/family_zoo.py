@@ -69,7 +69,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "gcvit": (timm_class("gcvit", "GlobalContextVit", img_size=64, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
                          embed_dim=16), 64),  # fmt: skip
     "coat_lite": (timm_model("coat_lite_tiny", img_size=64, embed_dims=(16, 16, 32, 32), serial_depths=(1, 1, 1, 1),
-                             num_heads=2, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
+                             num_heads=8, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
     "davit": (timm_class("davit", "DaVit", depths=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2),
                          window_size=2), 64),  # fmt: skip
     "naflexvit": (timm_model("naflexvit_base_patch16_gap", img_size=32, depth=2, embed_dim=32, num_heads=2), 32),
@@ -81,8 +81,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "tv_maxvit": (tv_maxvit, 64),
     "tnt": (timm_class("tnt", "TNT", img_size=32, depth=2, embed_dim=32, inner_dim=8, num_heads_outer=2,
                        num_heads_inner=2), 32),  # fmt: skip
-    "coat": (timm_class("coat", "CoaT", img_size=64, embed_dims=(16, 32, 32, 32), serial_depths=(1, 1, 1, 1),
-                        parallel_depth=1, num_heads=2, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
+    "coat": (timm_class("coat", "CoaT", img_size=64, patch_size=4, embed_dims=(16, 32, 32, 32), serial_depths=(1, 1, 1, 1),
+                        parallel_depth=1, num_heads=8, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
     "efficientformer": (timm_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1), 64),
     "efficientformerv2": (timm_model("efficientformerv2_s0", depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_vit=1), 64),
     "nextvit": (timm_class("nextvit", "NextViT", in_chans=3, depths=(1, 1, 1, 1), stem_chs=(8, 8, 16), head_dim=8), 64),

@@ -2,8 +2,9 @@
 
 :func:`find_structure` reads the module tree (no forward is run):
 
-- the repeated blocks: the innermost ``nn.ModuleList`` / ``nn.Sequential`` of 2 or more modules
-  of one class, each holding 3 or more ``nn.Linear`` (all such lists must hold one class);
+- the repeated blocks: the innermost ``nn.ModuleList`` / ``nn.Sequential`` lists of modules of one
+  class, each holding 3 or more ``nn.Linear``, 2 or more such modules in all (one per list is
+  enough: CoaT-lite's stages); all such lists must hold one class;
 - inside the first block, with its ``nn.Linear`` modules in registration order:
   the MLP pair, a Linear ``in -> h`` (``h > in``) followed later by ``h -> in`` (for each
   narrowing Linear the latest matching widening one before it; a second pair is ambiguous; a
@@ -115,7 +116,7 @@ def _n_linear(m: nn.Module) -> int:
 
 def _is_block_list(m: nn.Module) -> bool:
     kids = list(m.children())
-    if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(kids) < 2:
+    if not isinstance(m, (nn.ModuleList, nn.Sequential)) or not kids:
         return False
     return all(type(k) is type(kids[0]) for k in kids) and _n_linear(kids[0]) >= 3
 
@@ -124,13 +125,18 @@ _Blocks = list[tuple[str, list[tuple[str, nn.Module]]]]  # (list name, [(child n
 
 
 def _block_lists(model: nn.Module) -> _Blocks:
-    """Every list holding blocks of the class of the innermost repeated lists (a stage of one block too)."""
+    """Every list holding blocks of the class of the innermost repeated lists (a stage of one block
+    too: CoaT-lite's ``serial_blocks1`` .. ``4`` hold one block each at depth 1)."""
     found = [(n, m) for n, m in model.named_modules() if _is_block_list(m)]
+    count: dict[type, int] = {}
+    for _, m in found:
+        count[type(next(iter(m.children())))] = count.get(type(next(iter(m.children()))), 0) + len(m)
+    found = [(n, m) for n, m in found if count[type(next(iter(m.children())))] >= 2]  # blocks repeat
     inner = [(n, m) for n, m in found if not any(o != n and o.startswith(n + "." if n else "") for o, _ in found)]
     classes = sorted({type(next(iter(m.children()))).__name__ for _, m in inner})
     if not inner:
         raise StructureError(
-            "no repeated blocks (an nn.ModuleList / nn.Sequential of 2 or more modules of one class, each "
+            "no repeated blocks (2 or more modules of one class in nn.ModuleList / nn.Sequential lists, each "
             "holding 3 or more nn.Linear)"
         )
     if len(classes) > 1:
