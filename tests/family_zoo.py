@@ -85,7 +85,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
                         parallel_depth=1, num_heads=8, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
     "efficientformer": (timm_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1), 64),
     "efficientformerv2": (timm_model("efficientformerv2_s0", depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_vit=1), 64),
-    "nextvit": (timm_class("nextvit", "NextViT", in_chans=3, depths=(1, 1, 1, 1), stem_chs=(8, 8, 16), head_dim=8), 64),
+    "nextvit": (timm_class("nextvit", "NextViT", in_chans=3, depths=(1, 1, 5, 1), stem_chs=(8, 8, 16), head_dim=32), 64),
     "levit": (timm_model("levit_128s", img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 2, 2),
                          depth=(1, 1, 1)), 64),  # fmt: skip
     "visformer": (timm_model("visformer_tiny", img_size=64, depth=(1, 1, 1), embed_dim=32, num_heads=2, init_channels=8), 64),

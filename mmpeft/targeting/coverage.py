@@ -19,7 +19,7 @@ from torch import nn
 
 from .structure import warn_structural
 
-__all__ = ["CoverageWarning", "attention_modules", "has_attention", "warn_uncovered_attention"]
+__all__ = ["CoverageWarning", "attention_modules", "conv_projections", "has_attention", "warn_uncovered_attention"]
 
 #: names (last part) of the projections an attention computes (any family's spelling)
 _PROJECTION = re.compile(r"(^|_)(qkv|to_qkv|in_proj|qk|kv|q|k|v|query|key|value|[qkv]_proj)$")
@@ -53,6 +53,18 @@ def has_attention(model: nn.Module) -> bool:
     return any(
         isinstance(m, (nn.Linear, nn.Conv2d)) and _PROJECTION.search(n.rsplit(".", 1)[-1]) for n, m in model.named_modules()
     )
+
+
+def conv_projections(model: nn.Module) -> list[str]:
+    """The 1x1 ``nn.Conv2d`` projections of the attention modules when none holds an ``nn.Linear``
+    (Visformer, EfficientFormerV2, MobileViT v2 compute q / k / v on (N, C, H, W) maps); else empty."""
+    modules = [(a, model.get_submodule(a)) for a in attention_modules(model)]
+    if any(isinstance(m, nn.Linear) for _, module in modules for m in module.modules()):
+        return []
+    return [
+        f"{a}.{n}" for a, module in modules for n, m in module.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    ]  # fmt: skip
 
 
 def warn_uncovered_attention(model: nn.Module, targets: Iterable[str]) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Callable
 from torch import nn
 
 from ..config import AdapterConfig, LoRAConfig, RuleConfig, Targets
-from .coverage import has_attention
+from .coverage import conv_projections, has_attention
 from .structure import StructureError, find_structure, warn_structural
 
 __all__ = [
@@ -266,6 +266,13 @@ def _unplaced(model: nn.Module, err: StructureError) -> str:
         return (
             f"{name} has no attention (no attention module, no q / k / v projection): a CNN has no attention to "
             "adapt; pass targets= to put LoRA on its convolutions or linears"
+        )
+    convs = conv_projections(model)
+    if convs:
+        return (
+            f"{name}'s attention projects with 1x1 convolutions ({', '.join(convs[:2])}), not nn.Linear: the presets "
+            "place q / v LoRA on linear projections only; pass targets= naming them (method='lora' wraps nn.Conv2d "
+            "per modality)"
         )
     why = str(err) if len(str(err)) <= 160 else str(err)[:157] + "..."
     return (
