@@ -187,11 +187,10 @@ def infer_in_channels(model: nn.Module, size: tuple[int, int] | None = None) -> 
     """The input channels of ``model``: read off the first layer its forward calls (a forward on
     zeros stopped there, or a shape-only one where that cannot run), else its first non-grouped
     convolution's; None when neither tells (a model with neither convolution nor linear)."""
-    guess = _static_channels(model) or 3
+    static = _static_channels(model)
+    guess = static or 3
     size = size or declared_size(model) or (FALLBACK_SIZE, FALLBACK_SIZE)
     found = _first_call(model, guess, size, meta=False)  # stopped before the first layer computes: cheap
     if found is None:
         found = _first_call(model, guess, size, meta=True)
-    if found is None and guess == 3 and _static_channels(model) is None:
-        return None
-    return found if found is not None else guess
+    return found if found is not None else static
