@@ -234,11 +234,9 @@ def wrap_multimodal(
             position table), is an error naming it. ``(H, W)``: the dry run's input size (default:
             read off the model, else 224); ``False`` for a model whose forward takes no image batch.
         base_dtype: keep the frozen weights in this dtype (``torch.bfloat16`` or ``"bf16"``; inputs
-            cast to it, trainable tensors float32 masters; recorded in the config). A base already
-            in bf16 / fp16, or a wrapped model moved with ``.to(dtype)`` / ``.bfloat16()``, is
-            treated alike (:mod:`mmpeft.model.precision`).
-        autocast_adapter_dtype: keep the trainable tensors float32 on a bf16 / fp16 base (peft's
-            ``autocast_adapter_dtype``, default True); False: they take the base's dtype.
+            cast to it, trainable tensors float32 masters; recorded in the config); a base in bf16 /
+            fp16 or ``.to(dtype)`` alike (:mod:`mmpeft.model.precision`).
+        autocast_adapter_dtype: trainable tensors float32 on a bf16 / fp16 base (peft's); False: the base's dtype.
         **options: the method's options, i.e. its config's fields (:class:`LoRAConfig`: ``rank``,
             ``alpha``, ``dropout``, ``slices``, ``split``, and peft's variants ``use_rslora``,
             ``init_lora_weights``, ``lora_bias``, ``use_dora`` (docs/peft.md); on ``nn.Linear``

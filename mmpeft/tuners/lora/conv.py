@@ -11,7 +11,8 @@ from torch import nn
 
 from ..fusion import Fusion, build_fusion
 from ...utils import check_int
-from ..base import MultimodalLayer, WeightMerging, mixing_refusal
+from ..base import MultimodalLayer, mixing_refusal
+from ..merging import WeightMerging
 from .variants import DORA_MIXING, dora_scale, lora_scaling, row_norms
 
 __all__ = ["MultimodalLoRAConv2d"]

@@ -11,7 +11,8 @@ from torch import nn
 from ..fusion import Fusion, build_fusion, lowrank_mix
 from ..lowrank import mixed_up, stacked_linear
 from ...utils import check_int
-from ..base import MultimodalLayer, WeightMerging, by_modality, mixing_refusal
+from ..base import MultimodalLayer, by_modality, mixing_refusal
+from ..merging import WeightMerging
 from .variants import (
     DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, cast_or_none, check_init, check_slices, decompose, dora_extra,
     dora_scale, init_pair, lora_scaling, row_norms, slice_rows,
