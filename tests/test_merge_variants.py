@@ -12,6 +12,7 @@ from torch import nn
 from mmpeft import MultimodalLoRAConv2d, wrap_multimodal
 
 from .conftest import tiny_timm_vit
+from .test_lora_variants import _randomise
 
 MODS = ("optical", "dsm")
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -22,15 +23,6 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32 sums in another order; measured ag
 def _inputs(mods=MODS, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {m: torch.rand(batch, 3, 32, 32, generator=g) for m in mods}
-
-
-def _randomise(model: nn.Module, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * 0.1
-                p.add_(noise) if "magnitude" in n else p.copy_(noise)
 
 
 def _peft(base: nn.Module, targets: list[str], **options: object) -> nn.Module:

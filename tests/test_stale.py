@@ -85,12 +85,15 @@ def test_load_state_dict_on_a_merged_model_merges_the_new_weights() -> None:
         _close(w(x), other(x))
 
 
-def test_loading_one_layer_or_a_host_module_holding_the_wrapper_merges_again() -> None:
+@pytest.mark.parametrize("how", ["host", "assign"])
+def test_loading_through_a_host_module_or_by_assignment_merges_again(how: str) -> None:
     w, other = _lora(seed=5), _lora(seed=9)
     x = _inputs()
     w.merge_adapters()
-    host = nn.ModuleDict({"encoder": w})
-    host.load_state_dict(nn.ModuleDict({"encoder": other}).state_dict())
+    if how == "host":  # the wrapper inside a module of the user's
+        nn.ModuleDict({"encoder": w}).load_state_dict(nn.ModuleDict({"encoder": other}).state_dict())
+    else:  # parameters replaced by new objects
+        w.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
     with torch.no_grad():
         _close(w(x), other(x))
 
@@ -115,15 +118,6 @@ def test_an_edit_of_the_frozen_weight_while_merged_is_seen() -> None:
         w.base_model.blocks[0].mlp.fc1.base_layer.weight.mul_(1.5)
         got = w(x)
     _close(got, _unmerged(w, x))
-
-
-def test_parameters_replaced_by_assign_loading_are_seen() -> None:
-    w, other = _lora(seed=5), _lora(seed=9)
-    x = _inputs()
-    w.merge_adapters()
-    w.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
-    with torch.no_grad():
-        _close(w(x), other(x))
 
 
 # ---------------------------------------------------------------------- options that change nothing
