@@ -99,6 +99,9 @@ FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...
         ("davit", 64, "timm"), ("naflexvit", 32, "timm"), ("vit_relpos", 32, "timm"), ("maxvit_rmlp", 64, "timm"),
         ("cait", 32, "timm"), ("mobilevit", 64, "timm"),
     )},  # fmt: skip
+    # 1x1-convolution attention: Conv2d LoRA per modality (the adapter presets refused: (N, C, H, W) maps)
+    "visformer": (functools.partial(zoo_build, "visformer"), 64, "timm_visformer", LORA),
+    "mobilevitv2": (functools.partial(zoo_build, "mobilevitv2"), 64, "timm_mobilevitv2", LORA),
 }
 CASES = [(k, m) for k, v in FAMILY_MODELS.items() for m in v[3]]
 SPLIT = {"lora": "lora", "adapter": "adapter"}  # the presets of each method without cross-modal mixing

@@ -76,9 +76,7 @@ def test_a_cnn_is_refused_in_one_sentence(kind: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "lacks"),
     [
-        ("visformer", r"attention projects with 1x1 convolutions \(stage2\.0\.attn\.qkv"),
-        ("efficientformerv2", r"attention projects with 1x1 convolutions"),
-        ("mobilevitv2", r"attention projects with 1x1 convolutions \(stages\.2\.1\.transformer\.0\.attn\.qkv_proj"),
+        ("efficientformerv2", r"attention projects with 1x1 convolutions \(stages\.2\.blocks\.0\.token_mixer\.q\.conv"),
         ("efficientformer", r"no repeated blocks"),
         ("fastvit", r"no repeated blocks"),
         ("levit", r"no attention before the MLP"),
@@ -91,6 +89,16 @@ def test_families_without_a_placement_are_refused_briefly(kind: str, lacks: str)
     with pytest.raises(ValueError, match=lacks) as err:
         wrap_multimodal(build(kind), MODS, "lora")
     assert len(str(err.value)) < 400 and "pass targets=" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["visformer", "mobilevitv2"])
+def test_convolutional_attention_gets_conv_lora_and_no_adapter(kind: str) -> None:
+    wrapped = wrap_multimodal(build(kind), MODS, "lora")
+    assert {type(layer).__name__ for _, layer in wrapped.layers()} == {"MultimodalLoRAConv2d"}
+    qkv = [layer for n, layer in wrapped.layers() if n.endswith(("attn.qkv", "attn.qkv_proj"))]
+    assert qkv and all(layer.lora_B["dsm"].weight.shape[0] == layer.base_layer.out_channels for layer in qkv)  # whole
+    with pytest.raises(ValueError, match=r"adapter presets cannot be placed .*1x1 convolutions on \(N, C, H, W\) maps"):
+        wrap_multimodal(build(kind), MODS, "adapter")
 
 
 def test_convolutional_attention_by_explicit_targets_is_exact() -> None:

@@ -57,6 +57,8 @@ class BackboneFamily:
         adapter_refused: why the adapter presets cannot place their adapters in this family
             (None: they can); wrapping with one raises ValueError with this reason.
         note: one line on what the family is and what the presets do differently.
+        qkv_whole: LoRA on the whole fused ``qkv`` instead of its q and v slices (a 1x1
+            ``nn.Conv2d`` takes no slices: Visformer, MobileViT v2).
     """
 
     name: str
@@ -74,6 +76,7 @@ class BackboneFamily:
     kv: str | None = None
     adapter_refused: str | None = None
     note: str = ""
+    qkv_whole: bool = False
 
     def __post_init__(self) -> None:
         if (self.qkv is None) == (self.q is None or (self.v is None) == (self.kv is None)):
@@ -103,6 +106,11 @@ _HF_SWIN_NO_ADAPTER = (
     "transformers' Swin layers have no module holding the whole MLP (the layer calls `intermediate` "
     "then `output` itself), so no 'beside' adapter can run parallel to it; use the LoRA presets, or "
     "pass targets= (e.g. targets=['attention.output.dense'], placement='after')"
+)
+
+_NCHW = (
+    "its attention and MLP are 1x1 convolutions on (N, C, H, W) maps, while an adapter is a bottleneck over the "
+    "last axis of (..., C) features; use the LoRA presets (Conv2d LoRA per modality)"
 )
 
 FAMILIES: dict[str, BackboneFamily] = {
@@ -138,6 +146,17 @@ FAMILIES: dict[str, BackboneFamily] = {
     "timm_pvt_v2": BackboneFamily(
         name="timm_pvt_v2", qkv=None, q="attn.q", kv="attn.kv", mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn="attn",
         mlp="mlp", classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
+    ),  # fmt: skip
+    # convolutional attention (issue 24): 1x1 Conv2d projections on (N, C, H, W) maps; LoRA on the whole
+    # fused projection (a Conv2d LoRA takes no q / v slices), the MLP's two 1x1 convolutions
+    "timm_visformer": BackboneFamily(
+        "timm_visformer", "attn.qkv", "mlp.conv1", "mlp.conv3", "attn", "mlp", classes=("timm.models.visformer.Attention",),
+        qkv_whole=True, adapter_refused=_NCHW, note="timm Visformer: Conv2d LoRA on attn.qkv (whole) and the MLP",
+    ),  # fmt: skip
+    "timm_mobilevitv2": BackboneFamily(
+        "timm_mobilevitv2", "attn.qkv_proj", "mlp.fc1", "mlp.fc2", "attn", "mlp", qkv_whole=True,
+        classes=("timm.models.mobilevit.LinearSelfAttention",), adapter_refused=_NCHW,
+        note="timm MobileViT v2: Conv2d LoRA on attn.qkv_proj (whole: 1 + 2 x C outputs) and the MLP",
     ),  # fmt: skip
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
     # mmpeft.targeting.prepare gives it a forward that calls them (same module, same state-dict keys). The
@@ -284,7 +303,8 @@ def _unplaced(model: nn.Module, err: StructureError) -> str:
 def _attention_lora(f: BackboneFamily) -> list[RuleConfig]:
     # q and v, per modality, scaling alpha / r = 1 / 4, no cross-modal mixing
     if f.qkv is not None:
-        return [LoRAConfig(targets=f.targets(f.qkv), rank=4, alpha=1.0, slices=["q", "v"], fusion="none")]
+        slices = None if f.qkv_whole else ["q", "v"]
+        return [LoRAConfig(targets=f.targets(f.qkv), rank=4, alpha=1.0, slices=slices, fusion="none")]
     assert f.q is not None
     if f.kv is not None:  # separate q, fused kv: its v half
         return [
