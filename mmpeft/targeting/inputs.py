@@ -6,7 +6,8 @@ registration order, as timm's ``patch_embed.img_size``, CoaT's ``patch_embed1``,
 token grid times its patch stride); else the first of these candidates that a shape-only run
 (:func:`mmpeft.targeting.shapes.meta_forward`) accepts: timm's ``pretrained_cfg["input_size"]``,
 a fixed-size table times a usual stride (a position table ``(1, h, w, C)`` / ``(1, N, C)``, a
-stage's ``feat_size``, an attention's ``resolution``: VOLO, GCViT, LeViT built for 64 px), 224.
+stage's ``feat_size`` / ``grid_size``, an attention's ``resolution``: VOLO, GCViT, torchvision
+MaxViT built for 64 px), 224.
 
 The channels: those of the first convolution or linear layer the forward calls (its pre-hook
 stops the run there): a convolution's ``in_channels``; for a linear patch embedding (NaFlexViT)
@@ -30,7 +31,10 @@ __all__ = ["declared_size", "size_candidates", "choose_size", "infer_in_channels
 FALLBACK_SIZE = 224
 # the strides a fixed grid is tried at, most usual first: a position table's (a ViT's patches), a
 # first stage's grid (a hierarchical model's stem), an attention's resolution (LeViT: 16)
-_STRIDES = {"pos": (16, 14, 8, 32, 4, 2, 1), "feat_size": (4, 8, 2, 16, 32, 1), "resolution": (16, 8, 32, 4, 14, 2, 1)}
+_STRIDES = {
+    "pos": (16, 14, 8, 32, 4, 2, 1), "feat_size": (4, 8, 2, 16, 32, 1), "grid_size": (4, 8, 2, 16, 32, 1),
+    "resolution": (16, 8, 32, 4, 14, 2, 1),
+}  # fmt: skip
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -76,7 +80,7 @@ def _tables(model: nn.Module) -> Iterator[tuple[str, tuple[int, int]]]:
         for n in (p.shape[1], p.shape[1] - 1) if p.dim() == 3 else ():  # (1, N, C), a class token or not
             if math.isqrt(n) ** 2 == n and n > 0:
                 yield "pos", (math.isqrt(n), math.isqrt(n))
-    for attr in ("feat_size", "resolution"):
+    for attr in ("feat_size", "grid_size", "resolution"):
         found = next((_pair(getattr(m, attr)) for m in model.modules() if _pair(getattr(m, attr, None))), None)
         if found is not None:
             yield attr, found

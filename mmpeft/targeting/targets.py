@@ -158,6 +158,19 @@ FAMILIES: dict[str, BackboneFamily] = {
         classes=("timm.models.mobilevit.LinearSelfAttention",), adapter_refused=_NCHW,
         note="timm MobileViT v2: Conv2d LoRA on attn.qkv_proj (whole: 1 + 2 x C outputs) and the MLP",
     ),  # fmt: skip
+    # timm's EfficientFormer (v1): attention blocks at the end (qkv: 2 key + value, not 3 x in) after
+    # blocks whose MLP is two 1x1 convolutions (Conv2d LoRA there)
+    "timm_efficientformer": BackboneFamily(
+        "timm_efficientformer", "token_mixer.qkv", "mlp.fc1", "mlp.fc2", "token_mixer", "mlp", qkv_whole=True,
+        classes=("timm.models.efficientformer.Attention",), adapter_refused=_NCHW,
+        note="timm EfficientFormer: LoRA on the whole token_mixer.qkv; MLPs Linear or 1x1 Conv2d",
+    ),  # fmt: skip
+    # torchvision's MaxVit: window and grid attention per block, each an attention + MLP pair
+    "torchvision_maxvit": BackboneFamily(
+        "torchvision_maxvit", "attn_layer.1.to_qkv", "mlp_layer.1", "mlp_layer.3", "attn_layer.1", "mlp_layer",
+        classes=("torchvision.models.maxvit.RelativePositionalMultiHeadAttention",),
+        note="torchvision MaxVit: window and grid attention layers",
+    ),  # fmt: skip
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
     # mmpeft.targeting.prepare gives it a forward that calls them (same module, same state-dict keys). The
     # "after" adapter follows attn.proj (v2's attention ends its nn.Linear list with cpb_mlp's)
