@@ -78,3 +78,22 @@ def test_a_head_that_computes_its_loss_inline_is_refused_naming_the_way() -> Non
     assert out["dsm"].logits.shape[:2] == (3, 3)
     with pytest.raises(ValueError, match="SegformerForSemanticSegmentation.*ForSemanticSegmentationLoss"):
         w(pixel_values=x, labels=torch.zeros(3, 32, 32, dtype=torch.long))
+
+
+def test_labels_of_a_model_of_ones_own_go_to_it_unchanged() -> None:
+    class Conditioned(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 4, 8, 8)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+            y = self.proj(x).flatten(1)
+            return y if labels is None else y + labels[:, None]  # labels stacked by the caller
+
+    w = wrap_multimodal(Conditioned(), MODS, "lora", targets=["proj"], probe=(16, 16))
+    x = {m: torch.rand(2, 3, 16, 16) for m in MODS}
+    with torch.no_grad():
+        out = w(x, labels=torch.ones(4))
+        plain = w(x)
+    for m in MODS:
+        torch.testing.assert_close(out[m], plain[m] + 1)

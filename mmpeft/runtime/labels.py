@@ -31,10 +31,15 @@ def _classifier(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForImageClassification") and hasattr(type(model), "loss_function")
 
 
+def _hugging_face(model: nn.Module) -> bool:
+    return any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__)
+
+
 def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Any:
-    """Pop ``labels`` from ``kwargs`` when ``fn`` (a method of ``model``) takes them; None when not
-    given. A head whose loss cannot be computed per modality is an error naming the way."""
-    if kwargs.get("labels") is None or not _takes_labels(fn):
+    """Pop ``labels`` from ``kwargs`` when ``fn`` (a method of the Hugging Face ``model``) takes
+    them; None when not given (or another model: they go to it unchanged). A head whose loss
+    cannot be computed per modality is an error naming the way."""
+    if kwargs.get("labels") is None or not _hugging_face(model) or not _takes_labels(fn):
         return None
     name = type(model).__name__
     if not _classifier(model):
