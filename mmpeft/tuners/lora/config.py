@@ -14,7 +14,8 @@ __all__ = ["LoRAConfig"]
 
 @dataclass
 class LoRAConfig:
-    """Multimodal LoRA on the ``nn.Linear`` (and ``nn.Conv2d``: plain LoRA only) modules selected by ``targets``.
+    """Multimodal LoRA on the ``nn.Linear`` (and ``nn.Conv2d``: with ``use_rslora`` / ``use_dora`` only
+    among the variants) modules selected by ``targets``.
 
     Attributes:
         targets: peft semantics: a list of names matches modules whose qualified name equals or
@@ -37,7 +38,7 @@ class LoRAConfig:
             PiSSA / OLoRA keep the frozen weight untouched and subtract their initial pair from
             every modality's update (docs/peft.md), so the update starts at 0 under every fusion rule.
         lora_bias: a trainable bias on each modality's B (peft's ``lora_bias``), mixed with the
-            update; such layers cannot merge.
+            update; merged into one bias per modality.
         use_dora: DoRA, a trainable magnitude per modality and output row (peft's ``use_dora``);
             only with a fusion rule that does not mix (``fusion="none"``).
     """
