@@ -75,6 +75,11 @@ NOT_RUN = {
         "needs the ISPRS Vaihingen data set under /data/vaihingen and a full training run "
         "(the same calls run on synthetic data in tests/isprs/test_train.py and the demo)"
     ),
+    ("docs/mfnet.md", 'build_mfnet(backbone="sam2_hiera_base_plus"'): (
+        "needs the official SAM2 and DINOv2 weight files and builds full-size encoders (DINOv2-L: 300M "
+        "parameters); the same calls run on tiny encoders and test-made official-layout files in "
+        "tests/isprs/test_mfnet_encoders_weights.py"
+    ),
 }
 
 # Pages whose snippets name full-size SAM encoders (vit_b / vit_l / vit_h, built on a real device,
