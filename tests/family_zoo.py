@@ -99,11 +99,15 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
 
 def build(name: str, seed: int = 0) -> nn.Module:
     """The zoo's model ``name``, seeded, in eval mode; layer scales (1e-5 / 1e-6 at init in CaiT and
-    vit_relpos: the residual branches nearly off, their gradients too small to move) set to 1."""
+    vit_relpos) and zero-initialised norm weights (LeViT's residual BatchNorms) set to 1: the
+    residual branches were off, their gradients too small to move or zero."""
     torch.manual_seed(seed)
     model = ZOO[name][0]().eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2") and p.abs().max() < 1e-4:
                 p.fill_(1.0)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.any():
+                m.weight.fill_(1.0)
     return model

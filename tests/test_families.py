@@ -104,6 +104,8 @@ FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...
     "mobilevitv2": (functools.partial(zoo_build, "mobilevitv2"), 64, "timm_mobilevitv2", LORA),
     "efficientformer": (functools.partial(zoo_build, "efficientformer"), 224, "timm_efficientformer", LORA),
     "tv_maxvit": (functools.partial(zoo_build, "tv_maxvit"), 64, "torchvision_maxvit", BOTH),
+    "levit": (functools.partial(zoo_build, "levit"), 64, "timm_levit", BOTH),
+    "fastvit": (functools.partial(zoo_build, "fastvit"), 64, "timm_fastvit", LORA),
 }
 CASES = [(k, m) for k, v in FAMILY_MODELS.items() for m in v[3]]
 SPLIT = {"lora": "lora", "adapter": "adapter"}  # the presets of each method without cross-modal mixing

@@ -77,8 +77,6 @@ def test_a_cnn_is_refused_in_one_sentence(kind: str) -> None:
     ("kind", "lacks"),
     [
         ("efficientformerv2", r"attention projects with 1x1 convolutions \(stages\.2\.blocks\.0\.token_mixer\.q\.conv"),
-        ("fastvit", r"no repeated blocks"),
-        ("levit", r"no attention before the MLP"),
         ("tnt", r"two or more candidate MLP pairs"),
         ("nextvit", r"no MLP pair"),
     ],
@@ -89,7 +87,7 @@ def test_families_without_a_placement_are_refused_briefly(kind: str, lacks: str)
     assert len(str(err.value)) < 400 and "pass targets=" in str(err.value)
 
 
-@pytest.mark.parametrize("kind", ["visformer", "mobilevitv2", "efficientformer"])
+@pytest.mark.parametrize("kind", ["visformer", "mobilevitv2", "efficientformer", "fastvit"])
 def test_convolutional_attention_gets_conv_lora_and_no_adapter(kind: str) -> None:
     wrapped = wrap_multimodal(build(kind), MODS, "lora")
     assert any(type(layer).__name__ == "MultimodalLoRAConv2d" for _, layer in wrapped.layers())

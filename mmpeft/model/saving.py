@@ -15,6 +15,7 @@ from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_s
 from .io import read_adapter, write_adapter
 from .merge import check_usable
 from .precision import check_autocast, sync_dtype
+from ..runtime.norms import frozen_norms
 from ..targeting.prepare import prepare_backbone
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
@@ -91,7 +92,9 @@ class Persistence:
         if config.modules_to_save is not None:
             wrap_modules_to_save(model, config.modules_to_save, adapted)
         in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)
-        wrapped = cls(model, config, in_channels, report["frozen_norms"])  # type: ignore[call-arg]
+        # the norms' names once wrapped (an adapter around a module holding one renames it: LeViT's attn)
+        norms = frozen_norms(model) if report["frozen_norms"] else []
+        wrapped = cls(model, config, in_channels, norms)  # type: ignore[call-arg]
         wrapped.base_requires_grad = requires_grad  # type: ignore[attr-defined]
         wrapped.autocast_adapter_dtype = autocast_adapter_dtype  # type: ignore[attr-defined]
         p = next(iter(model.parameters()), None)

@@ -165,6 +165,16 @@ FAMILIES: dict[str, BackboneFamily] = {
         classes=("timm.models.efficientformer.Attention",), adapter_refused=_NCHW,
         note="timm EfficientFormer: LoRA on the whole token_mixer.qkv; MLPs Linear or 1x1 Conv2d",
     ),  # fmt: skip
+    # timm's LeViT: LinearNorm projections (Linear + BatchNorm1d, its statistics frozen); FastViT: attention
+    # blocks on (N, C, H, W) maps after RepMixer blocks, 1x1 convolution MLPs (Conv2d LoRA) in both
+    "timm_levit": BackboneFamily(
+        "timm_levit", "attn.qkv.linear", "mlp.ln1.linear", "mlp.ln2.linear", "attn", "mlp", qkv_whole=True,
+        classes=("timm.models.levit.Attention",), note="timm LeViT: LoRA on the whole qkv (2 key + value outputs)",
+    ),  # fmt: skip
+    "timm_fastvit": BackboneFamily(
+        "timm_fastvit", "token_mixer.qkv", "mlp.fc1", "mlp.fc2", "token_mixer", "mlp", adapter_refused=_NCHW,
+        classes=("timm.models.fastvit.Attention",), note="timm FastViT: qkv thirds, Conv2d LoRA on the MLPs",
+    ),  # fmt: skip
     # torchvision's MaxVit: window and grid attention per block, each an attention + MLP pair
     "torchvision_maxvit": BackboneFamily(
         "torchvision_maxvit", "attn_layer.1.to_qkv", "mlp_layer.1", "mlp_layer.3", "attn_layer.1", "mlp_layer",
