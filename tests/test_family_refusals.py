@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import mmpeft
 from mmpeft import wrap_multimodal
@@ -76,9 +78,7 @@ def test_a_cnn_is_refused_in_one_sentence(kind: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "lacks"),
     [
-        ("efficientformerv2", r"attention projects with 1x1 convolutions \(stages\.2\.blocks\.0\.token_mixer\.q\.conv"),
         ("tnt", r"two or more candidate MLP pairs"),
-        ("nextvit", r"no MLP pair"),
     ],
 )  # fmt: skip
 def test_families_without_a_placement_are_refused_briefly(kind: str, lacks: str) -> None:
@@ -87,7 +87,7 @@ def test_families_without_a_placement_are_refused_briefly(kind: str, lacks: str)
     assert len(str(err.value)) < 400 and "pass targets=" in str(err.value)
 
 
-@pytest.mark.parametrize("kind", ["visformer", "mobilevitv2", "efficientformer", "fastvit"])
+@pytest.mark.parametrize("kind", ["visformer", "mobilevitv2", "efficientformer", "fastvit", "efficientformerv2"])
 def test_convolutional_attention_gets_conv_lora_and_no_adapter(kind: str) -> None:
     wrapped = wrap_multimodal(build(kind), MODS, "lora")
     assert any(type(layer).__name__ == "MultimodalLoRAConv2d" for _, layer in wrapped.layers())
@@ -95,6 +95,28 @@ def test_convolutional_attention_gets_conv_lora_and_no_adapter(kind: str) -> Non
     assert all(layer.lora_B["dsm"].weight.shape[0] == layer.base_layer.out_channels for layer in qkv)  # whole
     with pytest.raises(ValueError, match=r"adapter presets cannot be placed .*1x1 convolutions on \(N, C, H, W\) maps"):
         wrap_multimodal(build(kind), MODS, "adapter")
+
+
+class _ConvAttention(nn.Module):
+    """Attention computed on (N, C, H, W) maps with 1x1 convolutions (no family knows it)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Conv2d(dim, dim, 1) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (f(x).flatten(2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+
+
+def test_unknown_convolutional_attention_is_refused_naming_its_projections() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 4, 4), _ConvAttention(8), _ConvAttention(8))
+    with pytest.raises(ValueError) as err:
+        wrap_multimodal(model, MODS, "lora")
+    assert str(err.value).startswith("Sequential's attention projects with 1x1 convolutions (1.q, 1.k), not nn.Linear")
+    assert len(str(err.value)) < 400 and "pass targets=" in str(err.value)
+    wrapped = wrap_multimodal(model, MODS, "lora", targets=["q", "v"])
+    assert {type(layer).__name__ for _, layer in wrapped.layers()} == {"MultimodalLoRAConv2d"}
 
 
 def test_convolutional_attention_by_explicit_targets_is_exact() -> None:

@@ -12,13 +12,14 @@ lists what each family supports and how to add one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
 from ..config import AdapterConfig, LoRAConfig, RuleConfig, Targets
 from .coverage import conv_projections, has_attention
+from .family import BackboneFamily
+from .hybrid import HYBRID_FAMILIES
 from .structure import StructureError, find_structure, warn_structural
 
 __all__ = [
@@ -32,72 +33,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BackboneFamily:
-    """Module-name suffixes of the parts the presets target in one family of ViTs.
-
-    Attributes:
-        name: the family's key in :data:`FAMILIES`.
-        qkv: the fused qkv ``nn.Linear`` (LoRA on its q and v thirds); None when the family has
-            separate ``q`` and ``v`` projections.
-        mlp_in, mlp_out: the MLP's two linears.
-        attn: the module an "after" adapter follows: the attention, or its output projection.
-        mlp: the MLP, which a "beside" adapter runs parallel to.
-        q, v: separate query / value ``nn.Linear`` names (when ``qkv`` is None).
-        kv: a fused key-value ``nn.Linear`` (PVTv2's ``attn.kv``, rows k then v) used with ``q``
-            instead of ``v``: LoRA on its v half.
-        scope: regex of the block names the presets are limited to (None: every name match);
-            with a scope the rules' targets are regexes, else name lists.
-        mlp_gate: a second first-layer MLP linear (SwiGLU's gate, e.g. timm's ``mlp.fc1_g``),
-            tuned like ``mlp_in``.
-        classes: class names (``module.qualname``) of which one must be present (checked
-            first; empty: detection by names only).
-        prepared: the targeted names exist only once :func:`mmpeft.targeting.prepare.prepare_backbone`
-            has run (``wrap_multimodal`` runs it): detection by ``classes`` alone.
-        adapter_refused: why the adapter presets cannot place their adapters in this family
-            (None: they can); wrapping with one raises ValueError with this reason.
-        note: one line on what the family is and what the presets do differently.
-        qkv_whole: LoRA on the whole fused ``qkv`` instead of its q and v slices (a 1x1
-            ``nn.Conv2d`` takes no slices: Visformer, MobileViT v2).
-    """
-
-    name: str
-    qkv: str | None
-    mlp_in: str
-    mlp_out: str
-    attn: str
-    mlp: str
-    q: str | None = None
-    v: str | None = None
-    scope: str | None = None
-    mlp_gate: str | None = None
-    classes: tuple[str, ...] = ()
-    prepared: bool = False
-    kv: str | None = None
-    adapter_refused: str | None = None
-    note: str = ""
-    qkv_whole: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.qkv is None) == (self.q is None or (self.v is None) == (self.kv is None)):
-            raise ValueError(f"family {self.name!r}: give either qkv, or q and one of v / kv")
-
-    def targets(self, *parts: str) -> Targets:
-        """Targets selecting ``parts`` (name suffixes), within :attr:`scope` when set."""
-        if self.scope is None:
-            return list(parts)
-        return rf"{self.scope}\.({'|'.join(re.escape(p) for p in parts)})"
-
-    def required(self) -> list[str]:
-        """Name suffixes that must exist in a model of this family (after preparation)."""
-        attn = [self.qkv] if self.qkv is not None else [self.q, self.v or self.kv]
-        return [n for n in (*attn, *self.mlp_linears()) if n is not None]
-
-    def mlp_linears(self) -> list[str]:
-        """The MLP's linears the LoRA presets tune (gate, input, output)."""
-        return [n for n in (self.mlp_gate, self.mlp_in, self.mlp_out) if n is not None]
-
-
 _HF_SCOPE = r"(.*\.)?layers?\.\d+"  # transformers' encoder layers (not e.g. SigLIP's pooling head)
 _HF_BLOCKS = r"(.*\.)?blocks\.\d+"  # transformers' Swin / Segformer blocks (stages hold `blocks`)
 _TV_SWIN = "torchvision.models.swin_transformer.ShiftedWindowAttention"
@@ -106,11 +41,6 @@ _HF_SWIN_NO_ADAPTER = (
     "transformers' Swin layers have no module holding the whole MLP (the layer calls `intermediate` "
     "then `output` itself), so no 'beside' adapter can run parallel to it; use the LoRA presets, or "
     "pass targets= (e.g. targets=['attention.output.dense'], placement='after')"
-)
-
-_NCHW = (
-    "its attention and MLP are 1x1 convolutions on (N, C, H, W) maps, while an adapter is a bottleneck over the "
-    "last axis of (..., C) features; use the LoRA presets (Conv2d LoRA per modality)"
 )
 
 FAMILIES: dict[str, BackboneFamily] = {
@@ -146,40 +76,6 @@ FAMILIES: dict[str, BackboneFamily] = {
     "timm_pvt_v2": BackboneFamily(
         name="timm_pvt_v2", qkv=None, q="attn.q", kv="attn.kv", mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn="attn",
         mlp="mlp", classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
-    ),  # fmt: skip
-    # convolutional attention (issue 24): 1x1 Conv2d projections on (N, C, H, W) maps; LoRA on the whole
-    # fused projection (a Conv2d LoRA takes no q / v slices), the MLP's two 1x1 convolutions
-    "timm_visformer": BackboneFamily(
-        "timm_visformer", "attn.qkv", "mlp.conv1", "mlp.conv3", "attn", "mlp", classes=("timm.models.visformer.Attention",),
-        qkv_whole=True, adapter_refused=_NCHW, note="timm Visformer: Conv2d LoRA on attn.qkv (whole) and the MLP",
-    ),  # fmt: skip
-    "timm_mobilevitv2": BackboneFamily(
-        "timm_mobilevitv2", "attn.qkv_proj", "mlp.fc1", "mlp.fc2", "attn", "mlp", qkv_whole=True,
-        classes=("timm.models.mobilevit.LinearSelfAttention",), adapter_refused=_NCHW,
-        note="timm MobileViT v2: Conv2d LoRA on attn.qkv_proj (whole: 1 + 2 x C outputs) and the MLP",
-    ),  # fmt: skip
-    # timm's EfficientFormer (v1): attention blocks at the end (qkv: 2 key + value, not 3 x in) after
-    # blocks whose MLP is two 1x1 convolutions (Conv2d LoRA there)
-    "timm_efficientformer": BackboneFamily(
-        "timm_efficientformer", "token_mixer.qkv", "mlp.fc1", "mlp.fc2", "token_mixer", "mlp", qkv_whole=True,
-        classes=("timm.models.efficientformer.Attention",), adapter_refused=_NCHW,
-        note="timm EfficientFormer: LoRA on the whole token_mixer.qkv; MLPs Linear or 1x1 Conv2d",
-    ),  # fmt: skip
-    # timm's LeViT: LinearNorm projections (Linear + BatchNorm1d, its statistics frozen); FastViT: attention
-    # blocks on (N, C, H, W) maps after RepMixer blocks, 1x1 convolution MLPs (Conv2d LoRA) in both
-    "timm_levit": BackboneFamily(
-        "timm_levit", "attn.qkv.linear", "mlp.ln1.linear", "mlp.ln2.linear", "attn", "mlp", qkv_whole=True,
-        classes=("timm.models.levit.Attention",), note="timm LeViT: LoRA on the whole qkv (2 key + value outputs)",
-    ),  # fmt: skip
-    "timm_fastvit": BackboneFamily(
-        "timm_fastvit", "token_mixer.qkv", "mlp.fc1", "mlp.fc2", "token_mixer", "mlp", adapter_refused=_NCHW,
-        classes=("timm.models.fastvit.Attention",), note="timm FastViT: qkv thirds, Conv2d LoRA on the MLPs",
-    ),  # fmt: skip
-    # torchvision's MaxVit: window and grid attention per block, each an attention + MLP pair
-    "torchvision_maxvit": BackboneFamily(
-        "torchvision_maxvit", "attn_layer.1.to_qkv", "mlp_layer.1", "mlp_layer.3", "attn_layer.1", "mlp_layer",
-        classes=("torchvision.models.maxvit.RelativePositionalMultiHeadAttention",),
-        note="torchvision MaxVit: window and grid attention layers",
     ),  # fmt: skip
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
     # mmpeft.targeting.prepare gives it a forward that calls them (same module, same state-dict keys). The
@@ -224,6 +120,11 @@ FAMILIES: dict[str, BackboneFamily] = {
         v="self_attn.v_proj", scope=_HF_SCOPE, note="transformers CLIPVisionModel, SiglipVisionModel",
     ),  # fmt: skip
 }
+
+# the hybrid families after the other families with marker classes, before those detected by names alone
+FAMILIES.update(HYBRID_FAMILIES)
+for _name in [k for k, f in FAMILIES.items() if not f.classes]:
+    FAMILIES[_name] = FAMILIES.pop(_name)
 
 
 def _matches(name: str, targets: Targets) -> bool:
