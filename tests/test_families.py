@@ -108,6 +108,7 @@ FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...
     "fastvit": (functools.partial(zoo_build, "fastvit"), 64, "timm_fastvit", LORA),
     "efficientformerv2": (functools.partial(zoo_build, "efficientformerv2"), 224, "timm_efficientformerv2", LORA),
     "nextvit": (functools.partial(zoo_build, "nextvit"), 64, "timm_nextvit", LORA),  # 14 M parameters: slow
+    "tnt": (functools.partial(zoo_build, "tnt"), 32, "timm_tnt", BOTH),
 }
 SLOW = ("nextvit",)
 CASES = [pytest.param(k, m, marks=[pytest.mark.slow] if k in SLOW else []) for k, v in FAMILY_MODELS.items() for m in v[3]]

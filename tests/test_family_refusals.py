@@ -75,16 +75,10 @@ def test_a_cnn_is_refused_in_one_sentence(kind: str) -> None:
     assert re.fullmatch(r"\w+ has no attention \([^)]*\): a CNN has no attention to adapt; pass targets=[^.]*", str(err.value))
 
 
-@pytest.mark.parametrize(
-    ("kind", "lacks"),
-    [
-        ("tnt", r"two or more candidate MLP pairs"),
-    ],
-)  # fmt: skip
-def test_families_without_a_placement_are_refused_briefly(kind: str, lacks: str) -> None:
-    with pytest.raises(ValueError, match=lacks) as err:
-        wrap_multimodal(build(kind), MODS, "lora")
-    assert len(str(err.value)) < 400 and "pass targets=" in str(err.value)
+def test_tnt_tunes_the_q_half_of_its_fused_qk() -> None:
+    wrapped, caught = _wrap("tnt", "lora")
+    assert wrapped.base_model.blocks[0].attn_out.qk.slices == {"q": (0, 32)}
+    assert any("blocks.0.attn_in" in str(w.message) for w in caught)  # the inner (pixel) attention: named
 
 
 @pytest.mark.parametrize("kind", ["visformer", "mobilevitv2", "efficientformer", "fastvit", "efficientformerv2"])

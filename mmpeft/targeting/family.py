@@ -37,6 +37,8 @@ class BackboneFamily:
         note: one line on what the family is and what the presets do differently.
         qkv_whole: LoRA on the whole fused ``qkv`` instead of its q and v slices (a 1x1
             ``nn.Conv2d`` takes no slices: Visformer, MobileViT v2).
+        qk: a fused query-key ``nn.Linear`` (TNT's ``attn_out.qk``, rows q then k) used with ``v``
+            instead of ``q``: LoRA on its q half.
     """
 
     name: str
@@ -55,10 +57,12 @@ class BackboneFamily:
     adapter_refused: str | None = None
     note: str = ""
     qkv_whole: bool = False
+    qk: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.qkv is None) == (self.q is None or (self.v is None) == (self.kv is None)):
-            raise ValueError(f"family {self.name!r}: give either qkv, or q and one of v / kv")
+        split = ((self.q is None) != (self.qk is None)) and ((self.v is None) != (self.kv is None))
+        if (self.qkv is None) != split or (self.qkv is not None and any((self.q, self.qk, self.v, self.kv))):
+            raise ValueError(f"family {self.name!r}: give either qkv, or one of q / qk and one of v / kv")
 
     def targets(self, *parts: str) -> Targets:
         """Targets selecting ``parts`` (name suffixes), within :attr:`scope` when set."""
@@ -68,7 +72,7 @@ class BackboneFamily:
 
     def required(self) -> list[str]:
         """Name suffixes that must exist in a model of this family (after preparation)."""
-        attn = [self.qkv] if self.qkv is not None else [self.q, self.v or self.kv]
+        attn = [self.qkv] if self.qkv is not None else [self.q or self.qk, self.v or self.kv]
         return [n for n in (*attn, *self.mlp_linears()) if n is not None]
 
     def mlp_linears(self) -> list[str]:

@@ -66,4 +66,10 @@ HYBRID_FAMILIES: dict[str, BackboneFamily] = {
         q="token_mixer.q.conv", v="token_mixer.v.conv", classes=("timm.models.efficientformer_v2.Attention2d",),
         adapter_refused=_NCHW, note="timm EfficientFormerV2: Conv2d LoRA on q, v and the MLP's 1x1 convolutions",
     ),  # fmt: skip
+    # timm's TNT: an inner transformer on pixel tokens and an outer one on patch tokens per block; the
+    # presets tune the outer (q half of the fused qk, v; its MLP), the inner attention named as left out
+    "timm_tnt": BackboneFamily(
+        "timm_tnt", None, "mlp.fc1", "mlp.fc2", "attn_out", "mlp", qk="attn_out.qk", v="attn_out.v",
+        classes=("timm.models.tnt.Attention",), note="timm TNT: the outer transformer (q half of attn_out.qk, v)",
+    ),  # fmt: skip
 }

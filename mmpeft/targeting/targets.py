@@ -229,6 +229,12 @@ def _attention_lora(f: BackboneFamily) -> list[RuleConfig]:
     if f.qkv is not None:
         slices = None if f.qkv_whole else ["q", "v"]
         return [LoRAConfig(targets=f.targets(f.qkv), rank=4, alpha=1.0, slices=slices, fusion="none")]
+    if f.qk is not None:  # fused qk: its q half, and v
+        assert f.v is not None
+        return [
+            LoRAConfig(targets=f.targets(f.qk), rank=4, alpha=1.0, slices=["q"], split=["q", "k"], fusion="none"),
+            LoRAConfig(targets=f.targets(f.v), rank=4, alpha=1.0, fusion="none"),
+        ]
     assert f.q is not None
     if f.kv is not None:  # separate q, fused kv: its v half
         return [
