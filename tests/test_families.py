@@ -107,11 +107,10 @@ FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...
     "levit": (functools.partial(zoo_build, "levit"), 64, "timm_levit", BOTH),
     "fastvit": (functools.partial(zoo_build, "fastvit"), 64, "timm_fastvit", LORA),
     "efficientformerv2": (functools.partial(zoo_build, "efficientformerv2"), 224, "timm_efficientformerv2", LORA),
-    "nextvit": (functools.partial(zoo_build, "nextvit"), 64, "timm_nextvit", LORA),  # 14 M parameters: slow
+    "nextvit": (functools.partial(zoo_build, "nextvit"), 64, "timm_nextvit", LORA),
     "tnt": (functools.partial(zoo_build, "tnt"), 32, "timm_tnt", BOTH),
 }
-SLOW = ("nextvit",)
-CASES = [pytest.param(k, m, marks=[pytest.mark.slow] if k in SLOW else []) for k, v in FAMILY_MODELS.items() for m in v[3]]
+CASES = [(k, m) for k, v in FAMILY_MODELS.items() for m in v[3]]
 SPLIT = {"lora": "lora", "adapter": "adapter"}  # the presets of each method without cross-modal mixing
 
 
@@ -135,7 +134,6 @@ def test_detected(kind: str) -> None:
     assert detect_family(_build(kind)).name == FAMILY_MODELS[kind][2]
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # the families' placement warnings, tested below
 @pytest.mark.parametrize(("kind", "method"), CASES)
 def test_identity_at_init(kind: str, method: str) -> None:
     base = _build(kind)
@@ -147,7 +145,6 @@ def test_identity_at_init(kind: str, method: str) -> None:
         assert _close(out["dsm"], base(x["dsm"].repeat(1, 3, 1, 1)))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("kind", "method"), CASES)
 def test_batched_equals_loop_and_modalities_independent(kind: str, method: str) -> None:
     wrapped = wrap_multimodal(_build(kind), MODS, method)  # with the presets' mixing
@@ -166,7 +163,6 @@ def test_batched_equals_loop_and_modalities_independent(kind: str, method: str) 
             assert _close(together[m], split({m: x[m]})[m]), m  # each modality as if run alone
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("kind", "method"), CASES)
 def test_training_step_touches_only_trainables(kind: str, method: str) -> None:
     if kind == "nextvit":  # its tiny random model's attention gradients are ~1e-31: no Adam step moves them
@@ -174,7 +170,6 @@ def test_training_step_touches_only_trainables(kind: str, method: str) -> None:
     train_and_check(wrap_multimodal(_build(kind), MODS, method), _inputs(kind))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("kind", "method"), CASES)
 def test_presence_mask_and_save_load(kind: str, method: str, tmp_path: Any) -> None:
     wrapped = wrap_multimodal(_build(kind), MODS, preset=SPLIT[method])
