@@ -1,5 +1,10 @@
 """The multimodal methods, in the shape of peft's tuners: per method its config and its layer
-(``lora/``, ``adapter/``), one registry (:data:`METHODS`) and one layer contract (:mod:`.base`)."""
+(``lora/``, ``adapter/``), one registry (:data:`METHODS`) and one layer contract (:mod:`.base`,
+merging in :mod:`.merging`), with the layers' maths beside them: fusion rules (:mod:`.fusion`),
+the fused low-rank products (:mod:`.lowrank`), tuple outputs (:mod:`.outputs`) and the lockstep
+reference's layer state (:mod:`.lockstep`).
+
+May import: :mod:`mmpeft.utils` only."""
 
 from .adapter import ACTIVATIONS, AdapterConfig, MultimodalAdapter
 from .base import (
