@@ -4,6 +4,7 @@ evaluation path of ``mmpeft-isprs eval`` (``--subsets`` included) and of the dem
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +45,7 @@ def score_weights(
     info = info or DistInfo()
     stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
     out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / eval_folder(cfg, stored.path, subsets)
-    check_eval_folder(out, _protocol(cfg, str(stored.path)))  # every rank, before any work: all stop, none waits
+    again = check_eval_folder(out, _protocol(cfg, str(stored.path)))  # every rank, before any work: all stop, none waits
     model, _ = load_trained(stored, info.device, checkpoint=cfg.model.checkpoint)
     if list(model.modalities) != list(cfg.model.modalities) and info.is_main:
         log(f"note: the weights use modalities {list(model.modalities)} (config: {cfg.model.modalities})")
@@ -53,6 +54,8 @@ def score_weights(
     if info.is_main:
         log = TextLog(Path(stored.path).parent / "eval.log", log)
         log(f"== evaluation of {stored.path} into {out}")
+        if again:
+            _clear_earlier(out, log)
     preds = out / "predictions" if e.save_predictions else None
     runs = modality_subsets(model.modalities) if subsets else [tuple(model.modalities)]
     progress = None
@@ -95,11 +98,12 @@ def _protocol(cfg: ExperimentConfig, weights: str) -> dict[str, object]:
             "weights": weights}  # fmt: skip
 
 
-def check_eval_folder(out: Path, protocol: dict[str, object]) -> None:
-    """Refuse to write into ``out`` when it holds the evaluation of another protocol or weights."""
+def check_eval_folder(out: Path, protocol: dict[str, object]) -> bool:
+    """Refuse to write into ``out`` when it holds the evaluation of another protocol or weights;
+    True when it holds an earlier evaluation of the same protocol (to be replaced), else False."""
     path = out / "metrics.json"
     if not path.is_file():
-        return
+        return False
     saved = json.loads(path.read_text())
     before = {**saved.get("protocol", {}), "weights": saved.get("weights")}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in protocol.items() if before.get(k) != v]
@@ -108,6 +112,16 @@ def check_eval_folder(out: Path, protocol: dict[str, object]) -> None:
             f"{out} holds an evaluation of another protocol ({'; '.join(changed)}): give another --out "
             "(or leave it out: each protocol gets its own folder) or remove the folder"
         )
+    return True
+
+
+def _clear_earlier(out: Path, log: Callable[[str], None]) -> None:
+    """Say that ``out``'s earlier evaluation of the same protocol is replaced, and remove its
+    predictions and figures so that none of them outlives it (this run writes its own)."""
+    log(f"note: {out} holds an earlier evaluation of the same protocol and weights; it is replaced")
+    for sub in ("predictions", "figures"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
 
 
 def _write_metrics(out: Path, cfg: ExperimentConfig, weights: str, tiles: TileSet, window: int, result: EvalResult,

@@ -62,6 +62,24 @@ def test_each_evaluation_keeps_its_folder_and_logs_are_written(data_root: Path, 
     assert evals.count("== evaluation of") == 4 and "stride 64" in evals and "mIoU" in evals
 
 
+def test_an_evaluation_of_the_same_protocol_is_replaced_with_a_word(data_root: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    """A second eval of the same protocol says it replaces the first and leaves none of its
+    predictions behind (saved the first time, not the second)."""
+    run = tmp_path / "run"
+    cfg = tiny_config(data_root, run, epochs=1, batches_per_epoch=1)
+    train(cfg)
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    weights = str(run / "best.safetensors")
+    folder = run / "eval_test_stride32_average_eroded"
+    assert main(["eval", str(cfg_file), "--weights", weights, "eval.stride=32", "eval.save_predictions=true"]) == 0
+    assert any((folder / "predictions").iterdir())
+    capsys.readouterr()
+    assert main(["eval", str(cfg_file), "--weights", weights, "eval.stride=32"]) == 0
+    assert f"note: {folder} holds an earlier evaluation of the same protocol and weights; it is replaced" in capsys.readouterr().out
+    assert not (folder / "predictions").exists() and (folder / "figures" / "confusion.png").is_file()
+
+
 def test_resume_reuses_the_runs_thread_count(data_root: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
     run = tmp_path / "run"
     cfg = tmp_path / "tiny.yaml"
