@@ -136,6 +136,8 @@ def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] |
         if info.is_main:
             for name in (*earlier, LAST_WEIGHTS, "run.json", "figures", "metrics", "tensorboard", "train.log", "eval.log"):
                 _remove(run_dir / name)
+            for folder in run_dir.glob("eval_*"):  # their metrics describe the replaced weights
+                _remove(folder)
         barrier()
     elif earlier:
         raise ConfigError(

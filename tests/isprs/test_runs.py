@@ -89,3 +89,17 @@ def test_demo_runs_get_their_own_folders_and_resume_works(tmp_path, capsys, monk
     assert "already holds a demo run" in capsys.readouterr().err
     assert main(["demo", "--quick", "train.threads=1"]) == 0
     assert len(list((tmp_path / "runs" / "demo").iterdir())) == 2  # a new folder, the first one kept
+
+
+def test_overwrite_removes_earlier_evaluation_folders(tmp_path) -> None:
+    from mmpeft_isprs.config import load_config
+    from mmpeft_isprs.distributed import DistInfo
+    from mmpeft_isprs.runner.checkpoint import resume_checkpoint
+
+    run = tmp_path / "run"
+    (run / "eval_test_stride32_full_full").mkdir(parents=True)
+    (run / "eval_test_stride32_full_full" / "metrics.json").write_text("{}")
+    (run / "config.yaml").write_text("")
+    cfg = load_config("demo", [f"train.run_dir={run}", "train.overwrite=true"])
+    assert resume_checkpoint(cfg, DistInfo()) is None
+    assert not list(run.glob("eval_*")) and not (run / "config.yaml").exists()
