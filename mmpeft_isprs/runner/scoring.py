@@ -117,11 +117,12 @@ def check_eval_folder(out: Path, protocol: dict[str, object]) -> bool:
 
 def _clear_earlier(out: Path, log: Callable[[str], None]) -> None:
     """Say that ``out``'s earlier evaluation of the same protocol is replaced, and remove its
-    predictions and figures so that none of them outlives it (this run writes its own)."""
+    predictions, figures and subsets.json so that none of them outlives it (this run writes its own)."""
     log(f"note: {out} holds an earlier evaluation of the same protocol and weights; it is replaced")
     for sub in ("predictions", "figures"):
         if (out / sub).is_dir():
             shutil.rmtree(out / sub)
+    (out / "subsets.json").unlink(missing_ok=True)
 
 
 def _write_metrics(out: Path, cfg: ExperimentConfig, weights: str, tiles: TileSet, window: int, result: EvalResult,

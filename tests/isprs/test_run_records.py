@@ -126,3 +126,14 @@ def test_data_warnings_print_as_the_docs_show(tmp_path: Path) -> None:
     line = next(x for x in done.stderr.splitlines() if "NaN/no-data" in x)
     assert line.startswith(f"DataWarning: {path} (tile 5): DSM has 1 NaN/no-data pixel(s)")
     assert ".py:" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_replacing_an_evaluation_removes_its_earlier_subsets_json(tmp_path: Path) -> None:
+    from mmpeft_isprs.runner.scoring import _clear_earlier
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "subsets.json").write_text("{}")
+    lines: list[str] = []
+    _clear_earlier(tmp_path, lines.append)
+    assert not (tmp_path / "subsets.json").exists() and not (tmp_path / "figures").exists()
+    assert "it is replaced" in lines[0]
