@@ -344,3 +344,30 @@ def test_each_set_has_its_own_head_copy_and_stems(tmp_path) -> None:
     assert all(torch.equal(got[m], want[m]) for m in MODS)
     with pytest.raises(TypeError, match="adapter_name must be a str"):
         loaded.set_adapter(["conv"])
+
+
+def test_switching_sets_keeps_the_frozen_norms_in_eval_where_they_moved() -> None:
+    """A set whose adapter wraps the module holding a BatchNorm renames that norm: switching to it
+    (and back) keeps the norm frozen in eval mode under model.train(), and status names it where it is."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.attn = torch.nn.Sequential(torch.nn.Linear(8, 8))
+            self.attn.add_module("bn", torch.nn.BatchNorm1d(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(self.fc(x.flatten(1)[:, :8]))
+
+    torch.manual_seed(0)
+    w = wrap_multimodal(Net(), ("optical", "dsm"), "lora", targets=["fc"], probe=False, in_channels=8)
+    norm = w.base_model.attn.bn
+    w.add_adapter("b", method="adapter", targets=["attn"])
+    w.set_adapter("b")
+    assert w.active_adapter == "b"
+    w.train()
+    assert not norm.training and w.frozen_norms == ("attn.base_layer.bn",)
+    w.set_adapter("default")
+    w.train()
+    assert not norm.training and w.frozen_norms == ("attn.bn",)

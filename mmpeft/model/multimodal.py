@@ -66,7 +66,8 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         self.nonfinite: NonFiniteAction = "error"
         self.adapters_enabled = True
         self.call_check_pending = True
-        self.frozen_norms: tuple[str, ...] = tuple(frozen_norms)
+        # the norms themselves, not their names: adapter sets swap modules (and names) later
+        self._frozen_norm_modules: list[nn.Module] = [base_model.get_submodule(n) for n in frozen_norms]
         self.unloaded: str | None = None  # the call that took the base model out in place (unusable after)
         self.base_requires_grad: dict[str, bool] = {}  # the base's parameters' flags before wrapping (unload)
         self.autocast_adapter_dtype = True  # trainable tensors stay float32 on a bf16 / fp16 base
@@ -201,11 +202,17 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
                     layer.merge()
         return result
 
+    @property
+    def frozen_norms(self) -> tuple[str, ...]:
+        """Names of the running-statistics norms kept in eval mode, where they sit now."""
+        where = {id(m): n for n, m in self.base_model.named_modules()}
+        return tuple(where[id(m)] for m in self._frozen_norm_modules if id(m) in where)
+
     def train(self, mode: bool = True) -> "MultimodalModel":
         """nn.Module's ``train``, keeping :attr:`frozen_norms` in eval mode."""
         super().train(mode)
-        for name in self.frozen_norms:
-            self.base_model.get_submodule(name).eval()
+        for norm in self._frozen_norm_modules:
+            norm.eval()
         return self
 
     # ------------------------------------------------------------------ parameters
