@@ -130,9 +130,13 @@ def _sources(
     second = "dsm" if "dsm" in mods else mods[min(1, len(mods) - 1)]
     given: dict[str, Sequence[str | Path]] = {first: optical} if optical else {}
     flags = {first: "--optical"}
-    if dsm and len(mods) > 1:
-        given[second], flags[second] = dsm, "--dsm"
-    given.update(inputs)
+    if dsm and len(mods) == 1 and second != "dsm":
+        raise ConfigError(f"--dsm: this model has no dsm modality; it uses {mods}")
+    for m, files, flag in ([(second, dsm, "--dsm")] if dsm else []) + [(m, f, f"--input {m}=") for m, f in inputs.items()]:
+        if m in given:
+            raise ConfigError(f"modality {m!r} is given twice, by {flags[m]} and {flag}: give it once")
+        given[m] = files
+        flags.setdefault(m, flag)
     sources: dict[str, Sequence[str | Path]] = {}
     for m in mods:
         if m not in given:

@@ -148,3 +148,18 @@ def test_demo_quick_with_a_sam_checkpoint(tmp_path: Path, capsys: pytest.Capture
     for run in ("optical_dsm", "optical"):
         assert (tmp_path / "demo" / run / "test" / "predictions" / "5_colour.png").is_file()
         assert "vit_tiny" in (tmp_path / "demo" / run / "config.yaml").read_text()
+
+
+def test_predict_refuses_a_modality_given_twice_and_a_stray_dsm() -> None:
+    from types import SimpleNamespace
+
+    from mmpeft_isprs.config import ConfigError
+    from mmpeft_isprs.predict import _sources
+
+    two = SimpleNamespace(modalities=("optical", "dsm"))
+    with pytest.raises(ConfigError, match=r"'optical' is given twice, by --optical and --input optical="):
+        _sources(two, {}, ["A"], ["D"], {"optical": ["B"]})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"'dsm' is given twice, by --dsm and --input dsm="):
+        _sources(two, {}, ["A"], ["D"], {"dsm": ["E"]})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"--dsm: this model has no dsm modality"):
+        _sources(SimpleNamespace(modalities=("optical",)), {}, ["A"], ["D"], {})  # type: ignore[arg-type]
