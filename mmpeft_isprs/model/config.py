@@ -165,13 +165,15 @@ def _check_encoder_options(cfg: "MFNetConfig", kind: BackboneKind) -> None:
         if bad:
             raise ValueError(f"{bad} apply to SAM2 / timm ViT backbones, not to SAM's {name}")
         return
-    bad = [k for k, v in (("impl", cfg.impl != "timm"), ("zero_rel_pos", cfg.zero_rel_pos)) if v]
+    bad = [k for k, v in (("impl", cfg.impl != "timm"), ("zero_rel_pos", cfg.zero_rel_pos),
+                          ("pos_embed_interp", cfg.pos_embed_interp != "bicubic")) if v]  # fmt: skip
     if kind.kind == "sam2":
-        bad += [k for k in ("depth", "pyramid_blocks") if getattr(cfg, k)]
+        bad += [k for k in ("depth", "pyramid_blocks") if getattr(cfg, k)] + (["dfm_norms"] if cfg.dfm_norms != "authors" else [])
     if bad:
         raise ValueError(
-            f"{bad} do not apply to {name} (impl / zero_rel_pos are SAM's; a SAM2 trunk's depth is "
-            "encoder_kwargs={'stages': [...]}; pyramid_blocks are a ViT's): leave them at their defaults"
+            f"{bad} do not apply to {name} (impl / zero_rel_pos / pos_embed_interp are SAM's; a SAM2 trunk's depth is "
+            "encoder_kwargs={'stages': [...]}; pyramid_blocks are a ViT's; SAM2's pyramid projection always uses "
+            "LayerNorm, so dfm_norms does not apply): leave them at their defaults"
         )
     if cfg.pyramid_blocks is not None and len(cfg.pyramid_blocks) not in (1, 4):
         raise ValueError(f"model.pyramid_blocks takes 1 block (ViTDet) or 4 (one per level); got {cfg.pyramid_blocks}")

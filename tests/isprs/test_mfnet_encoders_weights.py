@@ -167,3 +167,13 @@ def test_vitdet_last_block_and_a_patch16_timm_vit() -> None:
     x = {"optical": torch.rand(1, 3, 64, 96), "dsm": torch.rand(1, 1, 64, 96)}
     with torch.no_grad():
         assert vit(x).shape == (1, 6, 64, 96)
+
+
+def test_sam_only_position_and_norm_options_are_refused_elsewhere() -> None:
+    with pytest.raises(ValueError, match=r"\['pos_embed_interp', 'dfm_norms'\] do not apply to model.backbone=sam2_hiera_tiny"):
+        MFNetConfig(backbone="sam2_hiera_tiny", pos_embed_interp="antialias", dfm_norms="layernorm")
+    with pytest.raises(ValueError, match=r"\['pos_embed_interp'\] do not apply to model.backbone=dinov2_vits14"):
+        MFNetConfig(backbone="dinov2_vits14", pos_embed_interp="antialias")
+    MFNetConfig(backbone="dinov2_vits14", dfm_norms="layernorm")  # its BlockPyramid takes the norm
+    MFNetConfig(backbone="sam2_hiera_tiny")
+    MFNetConfig(backbone="vit_b", pos_embed_interp="antialias", dfm_norms="layernorm")
