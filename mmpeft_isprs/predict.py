@@ -26,7 +26,7 @@ import torch
 from .config import ConfigError, ExperimentConfig
 from .data import (
     ISPRS, MMHUNAN, DatasetInfo, ModalitySpec, check_sizes, is_geotiff, modality_tensor, pair_modalities,
-    write_prediction,
+    read_image, write_prediction,
 )
 from .data.patterns import tile_key_of_name
 from .datamodule import dsm_rule, modality_specs
@@ -83,7 +83,8 @@ def predict_files(
     written: list[Path] = []
     first = model.modalities[0]
     for files in pair_modalities(sources, flags):
-        tensors = {m: modality_tensor(files[m], specs[m], rule, _channels(model, m)) for m in model.modalities}
+        raws = {path: read_image(path) for path in dict.fromkeys(files[m] for m in model.modalities)}  # each file once
+        tensors = {m: modality_tensor(files[m], specs[m], rule, _channels(model, m), raws[files[m]]) for m in model.modalities}
         check_sizes(tile_key_of_name(files[first].stem), [(files[m], tensors[m]) for m in model.modalities])
         scores = sliding_window_predict(
             run, tensors, model.config.num_classes, window=size, stride=min(opts.stride, size),

@@ -125,12 +125,14 @@ def dsm_tensor(path: Path, rule: DsmNormalisation) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))[None]
 
 
-def modality_tensor(path: Path, spec: ModalitySpec, rule: DsmNormalisation, channels: int | None = None) -> torch.Tensor:
+def modality_tensor(path: Path, spec: ModalitySpec, rule: DsmNormalisation, channels: int | None = None,
+                    raw: np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
     """(C, H, W) float32 of modality ``spec`` read from ``path``: its bands (an elevation without
     bands: the first), scaled as in training (elevation by ``rule``, no-data: the rule's, else
     the file's), normalised by its statistics. ``channels``: the band count the model takes when
-    ``spec`` keeps every band (a file with another count is an error saying to choose bands)."""
-    arr = read_image(path)
+    ``spec`` keeps every band (a file with another count is an error saying to choose bands).
+    ``raw``: ``path``'s pixels when already read (modalities sharing a file read it once)."""
+    arr = read_image(path) if raw is None else raw
     have = 1 if arr.ndim == 2 else arr.shape[-1]
     if spec.kind == "elevation" and spec.bands is None:
         spec = dataclasses.replace(spec, bands=(0,))

@@ -183,9 +183,12 @@ class TileSet:
     def _decode_tile(self, tile: _Tile) -> dict[str, np.ndarray]:
         """Decode a whole tile (checks labels and DSM no-data); fills ``tile.dsm_range``."""
         out: dict[str, np.ndarray] = {}
+        files: dict[Path, np.ndarray] = {}  # each file read once (modalities may share one: Potsdam's nir)
         for m in self.modalities:
             path = tile.files.inputs[m.name]
-            raw = select_bands(m, read_image(path))
+            if path not in files:
+                files[path] = read_image(path)
+            raw = select_bands(m, files[path])
             if m.kind == "elevation":
                 rule = self.dsm_rule(m.name, path)
                 tile.dsm_range[m.name] = valid_range(raw, rule, str(path), tile.files.tile_id)
@@ -256,9 +259,12 @@ class TileSet:
 
     def _read_lazy(self, tile: _Tile, y0: int, x0: int, h: int, w: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
+        files: dict[Path, np.ndarray] = {}  # each file's window read once
         for m in self.modalities:
             path = tile.files.inputs[m.name]
-            raw = select_bands(m, self._readers.read(path, y0, x0, h, w))
+            if path not in files:
+                files[path] = self._readers.read(path, y0, x0, h, w)
+            raw = select_bands(m, files[path])
             if m.kind == "elevation":
                 raw = normalise_dsm(raw, self.dsm_rule(m.name, path), tile.dsm_range[m.name])
             out[m.name] = raw

@@ -149,3 +149,34 @@ def test_a_twelve_band_modality_trains_through_the_pipeline(tmp_path: Path, caps
     assert main(["predict", "--weights", str(run / "best.safetensors"), "--input", f"ms={tmp_path / 'ms'}",
                  "--dsm", str(tmp_path / "dsm"), "--out", str(pred), "--stride", "32"]) == 0  # fmt: skip
     assert sorted(p.name for p in pred.glob("*_pred.*")) == ["a_pred.png", "b_pred.png", "c_pred.png"]
+
+
+def test_a_file_two_modalities_share_is_read_once_per_tile(potsdam: Path, tmp_path: Path, monkeypatch) -> None:
+    from collections import Counter
+
+    import mmpeft_isprs.predict as predict_module
+    from mmpeft_isprs.data import tiles as tiles_module
+
+    reads: Counter[Path] = Counter()
+
+    def counting(real):  # type: ignore[no-untyped-def]
+        def read(path, *args):  # type: ignore[no-untyped-def]
+            reads[Path(path)] += 1
+            return real(path, *args)
+        return read
+
+    monkeypatch.setattr(tiles_module, "read_image", counting(tiles_module.read_image))
+    cached = make_tileset(load_config(THREE, [f"data.root={potsdam}"]).data, "test")
+    assert reads[cached.files(0).inputs["optical"]] == 1  # optical and nir from one RGBIR file
+    lazy = make_tileset(load_config(THREE, [f"data.root={potsdam}", "data.cache=false"]).data, "test")
+    reads.clear()
+    monkeypatch.setattr(lazy._readers, "read", counting(lazy._readers.read))
+    lazy.read_window(0, 0, 0, 8, 8)
+    assert reads[lazy.files(0).inputs["optical"]] == 1
+    run = tmp_path / "run"
+    assert main(["train", THREE, f"data.root={potsdam}", f"train.run_dir={run}", *TINY, "data.val_fraction=0"]) == 0
+    monkeypatch.setattr(predict_module, "read_image", counting(predict_module.read_image))
+    reads.clear()
+    assert main(["predict", "--weights", str(run / "best.safetensors"), "--optical", str(potsdam / "4_Ortho_RGBIR"),
+                 "--dsm", str(potsdam / "1_DSM_normalisation"), "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    assert len(reads) == 2 * len(IDS) and set(reads.values()) == {1}
