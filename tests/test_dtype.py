@@ -120,3 +120,17 @@ def test_a_merged_model_moved_to_bf16_merges_again_from_the_float32_masters() ->
         w(_inputs())
     want = (layer.base_layer.weight.float() + layer.get_delta_weight("dsm")).to(torch.bfloat16)
     assert torch.equal(layer.merged_weight[1], want)
+
+
+def test_set_base_dtype_and_to_follow_one_rule() -> None:
+    """set_base_dtype(d) and .to(d) leave the same state for every dtype (compute dtype and the
+    trainable tensors' dtype), and a no-op .to() after set_base_dtype changes nothing."""
+    for dt in (torch.bfloat16, torch.float16, torch.float64, torch.float32):
+        a = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora")
+        b = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora")
+        a.set_base_dtype(dt)
+        b.to(dt)
+        state = [(m.compute_dtype, {t.dtype for t in m.trainable_tensors()}) for m in (a, b)]
+        assert state[0] == state[1], (dt, state)
+        a.to("cpu")
+        assert (a.compute_dtype, {t.dtype for t in a.trainable_tensors()}) == state[0], dt

@@ -17,6 +17,7 @@ from ..runtime.checkpointing import (
     DEFAULT_PATTERN, checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing,
 )
 from ..utils import resolve_dtype
+from .precision import sync_dtype
 
 __all__ = ["BlockFeatures"]
 
@@ -83,16 +84,16 @@ class BlockFeatures:
     def set_base_dtype(self, dtype: torch.dtype | str | None) -> None:
         """Keep the frozen model's floating tensors in ``dtype`` (e.g. ``torch.bfloat16``).
 
-        Trainable tensors (multimodal layers, stems, modules to save) stay float32: they are the
-        master copies the optimizer updates, cast to the compute dtype inside the forward (their
-        gradients arrive in float32). Inputs are cast to ``dtype`` after the stems, so the frozen
-        model runs in ``dtype`` with or without autocast. ``None`` or float32 restores float32.
-        With the model's ``autocast_adapter_dtype`` False the trainable tensors take ``dtype`` too.
+        On a bf16 / fp16 base the trainable tensors (multimodal layers, stems, modules to save) stay
+        float32: they are the master copies the optimizer updates, cast to the compute dtype inside
+        the forward (their gradients arrive in float32); with the model's ``autocast_adapter_dtype``
+        False, or another dtype (float64), they take ``dtype`` too. Inputs are cast to ``dtype`` after
+        the stems, so the frozen model runs in ``dtype`` with or without autocast. ``None`` or float32
+        restores float32. The same rule as ``.to(dtype)`` (:func:`mmpeft.model.precision.sync_dtype`).
         """
-        dt = resolve_dtype(dtype)
+        dt = resolve_dtype(dtype) or torch.float32
         own = {id(t) for t in self.trainable_tensors()}  # type: ignore[attr-defined]  # MultimodalModel's
-        keep = torch.float32 if getattr(self, "autocast_adapter_dtype", True) else dt or torch.float32
         for t in list(self.base_model.parameters()) + list(self.base_model.buffers()):
-            if t.is_floating_point():
-                t.data = t.data.to(keep if id(t) in own else dt or torch.float32)
-        self._compute_dtype = None if dt in (None, torch.float32) else dt
+            if t.is_floating_point() and id(t) not in own:
+                t.data = t.data.to(dt)
+        sync_dtype(self)  # the compute dtype and the trainable tensors: one rule (mmpeft.model.precision)

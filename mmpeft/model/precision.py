@@ -3,8 +3,8 @@
 model already in bf16 / fp16 when wrapped or loaded.
 
 After any of them :func:`sync_dtype` reads the frozen model's dtype and makes the rest agree: the
-compute dtype (inputs cast to it after the stems) is the frozen dtype when it is bf16 / fp16, and
-the trainable tensors are float32 masters there (peft's ``autocast_adapter_dtype=True``: the
+compute dtype (inputs cast to it after the stems) is the frozen dtype unless it is float32, and
+the trainable tensors are float32 masters on a bf16 / fp16 base (peft's ``autocast_adapter_dtype=True``: the
 forward casts them to the compute dtype, their gradients arrive in float32) unless the model's
 ``autocast_adapter_dtype`` is False (then they take the frozen dtype). ``save_pretrained``
 records the compute dtype as ``base_dtype``, so loading restores it.
@@ -48,7 +48,7 @@ def sync_dtype(wrapped: Any) -> None:
     if dt is None:
         return
     low = dt in LOW_PRECISION
-    wrapped._compute_dtype = dt if low else None
+    wrapped._compute_dtype = None if dt == torch.float32 else dt
     keep = torch.float32 if low and wrapped.autocast_adapter_dtype else dt
     for t in wrapped.trainable_tensors():
         if t.is_floating_point() and t.dtype != keep:
