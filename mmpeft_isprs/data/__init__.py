@@ -9,7 +9,7 @@ source file, bands and statistics, :mod:`.bands`), ``"mask"`` int64 (H, W) with
 
 from .datasets import RandomCropDataset, item_rng, pad_sample
 from .dsm import DataWarning, DsmNormalisation, normalise_dsm, valid_range
-from .inputs import check_sizes, dsm_tensor, is_geotiff, modality_tensor, optical_tensor, pair_inputs, pair_modalities
+from .inputs import check_sizes, dsm_tensor, is_geotiff, modality_tensor, pair_inputs, pair_modalities
 from .io import (
     GEO_TAGS, DataError, RasterInfo, TiffWindowReader, raster_info, read_geotags, read_image,
     read_window, write_tiff,
@@ -42,5 +42,5 @@ __all__ = [
     "RandomCropDataset", "item_rng", "pad_sample",
     "JointFlipRotate",
     "generate_synthetic_vaihingen", "synthetic_layout", "synthetic_splits", "SYNTHETIC_VAL_IDS",
-    "pair_inputs", "pair_modalities", "modality_tensor", "check_sizes", "optical_tensor", "dsm_tensor", "is_geotiff", "write_prediction",
+    "pair_inputs", "pair_modalities", "modality_tensor", "check_sizes", "dsm_tensor", "is_geotiff", "write_prediction",
 ]

@@ -21,7 +21,7 @@ from .geo import with_file_nodata
 from .layouts import ModalitySpec
 from .patterns import tile_key_of_name
 
-__all__ = ["pair_inputs", "pair_modalities", "modality_tensor", "optical_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
+__all__ = ["pair_inputs", "pair_modalities", "modality_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
 
 
 def _list_images(items: Sequence[str | Path], what: str) -> list[Path]:
@@ -99,30 +99,9 @@ def _pair_one(opt: list[Path], optical: Sequence[str | Path], dsm: Sequence[str 
     raise FileNotFoundError(f"{len(problems)} {first} file(s) without a {label}:\n  " + "\n  ".join(problems))
 
 
-def optical_tensor(path: Path, bands: Sequence[int] | None) -> torch.Tensor:
-    """(C, H, W) float32 in [0, 1] of the optical file (3 bands, or the chosen ``bands``)."""
-    arr = read_image(path)
-    arr = arr[..., None] if arr.ndim == 2 else arr
-    if bands is not None:
-        if max(bands) >= arr.shape[-1]:
-            raise DataError(f"{path}: has {arr.shape[-1]} band(s), --bands asks for {list(bands)}")
-        arr = arr[..., list(bands)]
-    elif arr.shape[-1] != 3:
-        raise DataError(f"{path}: optical must have 3 bands, has {arr.shape[-1]}; choose them with --bands (e.g. 0,1,2)")
-    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))
-    if np.issubdtype(arr.dtype, np.integer):
-        return t.float().div_(float(np.iinfo(arr.dtype).max))
-    return t.float()
-
-
 def dsm_tensor(path: Path, rule: DsmNormalisation) -> torch.Tensor:
     """(1, H, W) float32 of the DSM file scaled by ``rule`` (no-data: the rule's, else the file's)."""
-    arr = read_image(path)
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    rule = with_file_nodata(rule, path)
-    scaled = normalise_dsm(arr, rule, valid_range(arr, rule, str(path), tile_key_of_name(path.stem)))
-    return torch.from_numpy(np.ascontiguousarray(scaled, dtype=np.float32))[None]
+    return modality_tensor(path, ModalitySpec("dsm", "elevation"), rule)
 
 
 def modality_tensor(path: Path, spec: ModalitySpec, rule: DsmNormalisation, channels: int | None = None,
