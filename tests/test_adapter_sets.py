@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmpeft import count_parameters, load_multimodal, wrap_multimodal
+from mmpeft import count_parameters, load_multimodal, set_execution, wrap_multimodal
 from mmpeft.interop.peft_interop import peft_lora_weights
 
 from .conftest import tiny_sam, tiny_timm_vit
@@ -250,6 +250,12 @@ def test_weighted_refusals() -> None:
         w.add_weighted_adapter(["default"], [1.0, 2.0], "c")
     with pytest.raises(KeyError, match="no adapter set 'nope'"):
         w.add_weighted_adapter(["nope"], [1.0], "c")
+    with pytest.raises(ValueError, match="weights must be 1 finite numbers"):
+        w.add_weighted_adapter(["default"], [True], "c")  # a bool is not a weight
+    w.add_adapter("drop", preset="lora", dropout=0.1)
+    with pytest.raises(ValueError, match="different dropout at"):
+        w.add_weighted_adapter(["default", "drop"], [1.0, 1.0], "c")
+    w.delete_adapter("drop")
     assert w.adapters == ["default", "mix", "ad"]
 
 
@@ -371,3 +377,16 @@ def test_switching_sets_keeps_the_frozen_norms_in_eval_where_they_moved() -> Non
     w.set_adapter("default")
     w.train()
     assert not norm.training and w.frozen_norms == ("attn.bn",)
+
+
+def test_switching_carries_the_execution_or_refuses_a_mixed_one() -> None:
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="lora")
+    w.add_adapter("b", preset="mmlora")
+    set_execution(w, "loop")
+    w.set_adapter("b")
+    assert {layer.execution for _, layer in w.layers()} == {"loop"}
+    next(iter(w.layers()))[1].execution = "batched"  # one layer switched by hand
+    with pytest.raises(ValueError, match="several executions"):
+        w.set_adapter("default")
+    assert w.active_adapter == "b"  # nothing switched
+

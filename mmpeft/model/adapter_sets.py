@@ -293,8 +293,13 @@ class AdapterSets:
                 f"e.g. {merged[0]}); call unmerge_adapters() first"
             )
         executions = {layer.execution for _, layer in _named_layers(self)}
+        if len(executions) > 1:
+            raise ValueError(
+                f"set_adapter({name!r}): the active set's layers run in several executions {sorted(executions)}, "
+                "which cannot carry over to another set's layers; call mmpeft.set_execution(model, ...) first"
+            )
         self._switch(name)
-        if len(executions) == 1:
+        if executions:
             set_execution(self, executions.pop())  # type: ignore[arg-type]
         self.set_adapters_enabled(self.adapters_enabled)  # type: ignore[attr-defined]
         self.train(self.training)  # type: ignore[attr-defined]  # keeps the frozen norms in eval

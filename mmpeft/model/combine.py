@@ -61,7 +61,7 @@ def _check_arguments(model: Any, adapters: Sequence[str], weights: Sequence[floa
         )
     if isinstance(adapters, str) or not adapters or len(set(adapters)) != len(adapters):
         raise ValueError(f"adapters must be a non-empty list of distinct set names, got {adapters!r}")
-    if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+    if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be {len(adapters)} finite numbers, one per set of {list(adapters)}; got {weights!r}")
     for name in adapters:
         model._known(name)
@@ -101,6 +101,11 @@ def _rules(sites: dict[str, list[Piece]]) -> list[LoRAConfig]:
         first = pieces[0][2]
         if len({tuple(p[2].slices or ()) for p in pieces}) > 1:
             raise ValueError(f"add_weighted_adapter: the sets tune different slices of {site}; they cannot be concatenated")
+        if len({p[2].dropout for p in pieces}) > 1:
+            raise ValueError(
+                f"add_weighted_adapter: the sets use different dropout at {site} "
+                f"({sorted({p[2].dropout for p in pieces})}); the combined set has one: combine sets of the same dropout"
+            )
         rank = sum(p[1].rank for p in pieces)
         key = (rank, tuple(first.slices or ()), tuple(first.split), first.dropout)
         groups.setdefault(key, []).append(site)
