@@ -172,6 +172,8 @@ def test_failed_dry_run_and_unused_module_are_named() -> None:
 
     model = _NeedsText()
     config: MultimodalConfig = build_config(model, ("optical", "dsm"), "lora", targets=["fc"])
+    with pytest.raises(ValueError, match=r"probe_size=\(8, 8\) needs probe=True"):
+        apply_rules(model, config, probe=False, probe_size=(8, 8))  # a size no dry run would use
     assert apply_rules(model, config, probe=False) == ["fc"]
     assert model.fc.batch_factor is None
     # a model whose size the probe cannot read: the dry run's input size is an option

@@ -103,6 +103,8 @@ def apply_rules(
     only. ``probe_size``: the (H, W) of the dry run's input (default: the model's own,
     :func:`mmpeft.targeting.inputs.choose_size`).
     """
+    if probe_size is not None and not probe:
+        raise ValueError(f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)")
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
         raise ValueError(
             "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "

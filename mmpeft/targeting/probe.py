@@ -237,9 +237,9 @@ def probe_batch_factors(
     :class:`ProbeWarning` naming it when ``leave_out`` (a default selection), else ValueError
     naming it with the fix. ``probed``: the dry run's result when already run."""
     probed = probed if probed is not None else dry_run(model, names, in_channels, size)
-    h, w = size or probe_input(model, in_channels)
     unused = [n for n, r in probed.items() if not r.called]
     if unused:
+        h, w = size or probe_input(model, in_channels)  # only for the message
         raise WrapError(
             f"{len(unused)} targeted module(s) were not called in a dry run of {type(model).__name__}.forward on a "
             f"({PROBE_BATCHES[0]}, {in_channels}, {h}, {w}) input: {unused[:8]}{' ...' if len(unused) > 8 else ''}. "

@@ -13,7 +13,7 @@ from ..fusion import Fusion, build_fusion
 from ...utils import check_int
 from ..base import MultimodalLayer, mixing_refusal
 from ..merging import WeightMerging
-from .variants import DORA_MIXING, dora_scale, lora_scaling, row_norms
+from .variants import DORA_MIXING, dora_extra, dora_scale, lora_scaling, row_norms
 
 __all__ = ["MultimodalLoRAConv2d"]
 
@@ -174,9 +174,8 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
         return self._conv(xd, self.base_layer.weight.to(xd.dtype), None)
 
     def _dora(self, g: torch.Tensor, wx: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """DoRA's addition ``(g - 1) conv(x', W) + g d``; g (..., out) broadcast over (out, H', W')."""
-        g = g.to(d.dtype)[..., None, None]
-        return (g - 1) * wx.to(d.dtype) + g * d
+        """DoRA's addition (:func:`dora_extra`) with g (..., out) broadcast over (out, H', W')."""
+        return dora_extra(g[..., None, None], wx, d)
 
     def _forward_one(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """One modality's batch (N, in, H, W) -> base output plus its update (no mixing)."""
