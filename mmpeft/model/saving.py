@@ -88,10 +88,11 @@ class Persistence:
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored by unload()
         report = prepare_backbone(model)  # called projections, norms to keep in eval (mmpeft.targeting.prepare)
         size = _probe_size(probe)
-        adapted = apply_rules(model, config, probe=probe is not False, probe_size=size)
+        # read once, on the model as given, at the dry run's size: the dry run and the stems use it
+        in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model, size)
+        adapted = apply_rules(model, config, probe=probe is not False, probe_size=size, in_channels=in_channels)
         if config.modules_to_save is not None:
             wrap_modules_to_save(model, config.modules_to_save, adapted)
-        in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model)
         # the norms' names once wrapped (an adapter around a module holding one renames it: LeViT's attn)
         norms = frozen_norms(model) if report["frozen_norms"] else []
         wrapped = cls(model, config, in_channels, norms)  # type: ignore[call-arg]

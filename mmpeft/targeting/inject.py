@@ -90,7 +90,8 @@ def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
 
 
 def apply_rules(
-    model: nn.Module, config: MultimodalConfig, *, probe: bool = True, probe_size: tuple[int, int] | None = None
+    model: nn.Module, config: MultimodalConfig, *, probe: bool = True, probe_size: tuple[int, int] | None = None,
+    in_channels: int | None = None,
 ) -> list[str]:
     """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names.
 
@@ -101,7 +102,8 @@ def apply_rules(
     its ``batch_factor`` and an "after" adapter its width from the module's output. Off (False)
     for a model whose forward takes other inputs: the layers then check dim 0 by divisibility
     only. ``probe_size``: the (H, W) of the dry run's input (default: the model's own,
-    :func:`mmpeft.targeting.inputs.choose_size`).
+    :func:`mmpeft.targeting.inputs.choose_size`). ``in_channels``: the input channels when the
+    caller already read them (default: ``config.in_channels``, else read off the model).
     """
     if probe_size is not None and not probe:
         raise ValueError(f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)")
@@ -118,7 +120,7 @@ def apply_rules(
     widths: dict[str, int | None] = {}
     size: tuple[int, int] | None = None
     if probe and owner:
-        channels = _probe_channels(model, config, probe_size)
+        channels = in_channels or _probe_channels(model, config, probe_size)
         size = probe_size or probe_input(model, channels)
         probed = dry_run(model, sorted(owner), channels, size)
         factors = probe_batch_factors(model, sorted(owner), channels, size, config.preset is not None, probed)
