@@ -7,6 +7,11 @@ whose updates are mixed across modalities by a fusion rule.
 
 from ._version import __version__ as __version__
 
+from .errors import (  # noqa: E402
+    MmpeftError, MmpeftFileNotFoundError, MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError,
+    MmpeftWarning,
+)
+
 from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig  # noqa: E402
 from .tuners.fusion import FUSION_RULES, Fusion, build_fusion, register_fusion  # noqa: E402
 from .model.multimodal import MultimodalModel  # noqa: E402
@@ -25,6 +30,13 @@ from .targeting.targets import FAMILIES, PRESETS, detect_family, match_targets  
 from .model.wrap import build_config, load_multimodal, plan_targets, save_multimodal, wrap_multimodal  # noqa: E402
 
 __all__ = [
+    "MmpeftError",
+    "MmpeftFileNotFoundError",
+    "MmpeftKeyError",
+    "MmpeftStateError",
+    "MmpeftTypeError",
+    "MmpeftValueError",
+    "MmpeftWarning",
     "METHODS",
     "MergeError",
     "Method",

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Union
 from .tuners import AdapterConfig, LoRAConfig, get_method
 from .tuners.options import Targets, check_targets
 from .utils import check_int, check_modalities, resolve_dtype
+from .errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["LoRAConfig", "AdapterConfig", "StemConfig", "MultimodalConfig", "RuleConfig", "Targets", "parse_stem"]
 
@@ -39,11 +40,11 @@ class StemConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in STEM_KINDS:
-            raise ValueError(f"unknown stem kind {self.kind!r}; known: {STEM_KINDS}")
+            raise MmpeftValueError(f"unknown stem kind {self.kind!r}; known: {STEM_KINDS}")
         if self.in_channels is not None:
             check_int("a stem's in_channels", self.in_channels)
         elif self.kind in _COUNTED:
-            raise ValueError(f"the {self.kind!r} stem needs the modality's in_channels, e.g. ({self.kind!r}, 12)")
+            raise MmpeftValueError(f"the {self.kind!r} stem needs the modality's in_channels, e.g. ({self.kind!r}, 12)")
 
 
 _STEM_FORMS = ("'repeat', ('repeat', channels), ('conv1x1', channels), ('adapt', channels), "
@@ -62,16 +63,16 @@ def parse_stem(value: Any, modality: str | None = None) -> StemConfig:
             return StemConfig(kind=value)
         if isinstance(value, (tuple, list)) and 1 <= len(value) <= 2:
             if value[0] in _COUNTED and len(value) == 1:
-                raise ValueError(f"{tuple(value)!r} lacks the channel count: write ({value[0]!r}, channels)")
+                raise MmpeftValueError(f"{tuple(value)!r} lacks the channel count: write ({value[0]!r}, channels)")
             return StemConfig(*value)
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - {"kind", "in_channels"})
             if unknown:
-                raise ValueError(f"unknown stem fields {unknown}; a stem has 'kind' and 'in_channels'")
+                raise MmpeftValueError(f"unknown stem fields {unknown}; a stem has 'kind' and 'in_channels'")
             return StemConfig(**value)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from exc
-    raise TypeError(f"{where}: cannot read a stem from {value!r}; use {_STEM_FORMS}")
+        raise (MmpeftTypeError if isinstance(exc, TypeError) else MmpeftValueError)(f"{where}: {exc}") from exc
+    raise MmpeftTypeError(f"{where}: cannot read a stem from {value!r}; use {_STEM_FORMS}")
 
 
 @dataclass
@@ -103,7 +104,7 @@ class MultimodalConfig:
         self.stems = {k: parse_stem(v, k) for k, v in self.stems.items()}
         unknown = sorted(set(self.stems) - set(self.modalities))
         if unknown:
-            raise ValueError(f"stems given for unknown modalities {unknown}; modalities are {self.modalities}")
+            raise MmpeftValueError(f"stems given for unknown modalities {unknown}; modalities are {self.modalities}")
         for rule in self.rules:
             get_method(getattr(rule, "kind", None))  # a rule of a registered method
         if self.modules_to_save is not None:
@@ -127,13 +128,13 @@ class MultimodalConfig:
             method = get_method(r.get("kind"))
             unknown = sorted(set(r) - {"targets", "kind", *method.options()})
             if unknown:
-                raise ValueError(f"unknown options {unknown} in a {method.name!r} rule of the config")
+                raise MmpeftValueError(f"unknown options {unknown} in a {method.name!r} rule of the config")
             rules.append(method.config(**r))
         stems = {k: parse_stem(v, k) for k, v in d.pop("stems", {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         extra = sorted(set(d) - known)
         if extra:
-            raise ValueError(f"unknown keys in multimodal config: {extra}")
+            raise MmpeftValueError(f"unknown keys in multimodal config: {extra}")
         return cls(rules=rules, stems=stems, **d)
 
     def to_json(self) -> str:

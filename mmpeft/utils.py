@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from .errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "DTYPES", "RESERVED_NAMES", "atomic_write", "check_int", "check_modalities", "check_number", "dtype_name",
@@ -35,23 +36,23 @@ def check_modalities(modalities: Any) -> list[str]:
     """``modalities`` as a list of names; ValueError/TypeError unless it is a sequence (not a
     string) of distinct, non-empty identifier strings that do not shadow a module attribute."""
     if isinstance(modalities, (str, bytes)):
-        raise TypeError(
+        raise MmpeftTypeError(
             f"modalities must be a sequence of names, got the string {modalities!r}; "
             f"write ({modalities!r},) for a single modality"
         )
     if isinstance(modalities, (set, frozenset, Mapping)) or not isinstance(modalities, Iterable):
-        raise TypeError(f"modalities must be an ordered sequence of names (list or tuple), got {type(modalities).__name__}")
+        raise MmpeftTypeError(f"modalities must be an ordered sequence of names (list or tuple), got {type(modalities).__name__}")
     names = list(modalities)
     if not names:
-        raise ValueError("at least one modality is required")
+        raise MmpeftValueError("at least one modality is required")
     bad = [m for m in names if not isinstance(m, str) or not m.isidentifier()]
     if bad:
-        raise ValueError(f"modality names must be non-empty identifier strings (no dots or spaces), got {bad}")
+        raise MmpeftValueError(f"modality names must be non-empty identifier strings (no dots or spaces), got {bad}")
     if len(set(names)) != len(names):
-        raise ValueError(f"modality names must be distinct, got {names}")
+        raise MmpeftValueError(f"modality names must be distinct, got {names}")
     reserved = [m for m in names if m in RESERVED_NAMES]
     if reserved:
-        raise ValueError(
+        raise MmpeftValueError(
             f"modality names {reserved} are attributes of torch's nn.Module / nn.ModuleDict: modalities become "
             f"keys of module dicts (the stems, the per-modality weights), which cannot shadow an attribute; "
             f"rename them, e.g. {[m.strip('_') + '_image' for m in reserved]}"
@@ -62,20 +63,20 @@ def check_modalities(modalities: Any) -> list[str]:
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` if it is an int (not a bool) >= ``minimum``, else TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+        raise MmpeftTypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise MmpeftValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 def check_number(name: str, value: Any, positive: bool = False) -> float:
     """``value`` as a float if it is a finite real number (not a bool; > 0 when ``positive``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        raise MmpeftTypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise MmpeftValueError(f"{name} must be finite, got {value!r}")
     if positive and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise MmpeftValueError(f"{name} must be positive, got {value!r}")
     return float(value)
 
 
@@ -87,10 +88,10 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or a torch floating dtype, or None) -> the dtype."""
     if dtype is None or isinstance(dtype, torch.dtype):
         if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
-            raise ValueError(f"base dtype must be a floating dtype, got {dtype}")
+            raise MmpeftValueError(f"base dtype must be a floating dtype, got {dtype}")
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch dtype")
+        raise MmpeftValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch dtype")
     return DTYPES[dtype]
 
 

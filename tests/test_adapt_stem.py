@@ -14,6 +14,7 @@ from mmpeft.config import parse_stem
 from mmpeft.runtime.stems import adapted_band_mix
 
 from .conftest import tiny_timm_vit
+from tests.helpers import assert_close, close
 
 
 def _patch_tokens(wrapped, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,10 @@ def test_the_stem_equals_a_patch_embedding_adapted_by_timms_helper(bands: int) -
     expected = F.conv2d(x, adapted, proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)  # (B, N, D)
     with torch.no_grad():
         got = _patch_tokens(w, "ms", x)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_close(got, expected, rel=1e-5)
     repeated = F.conv2d(x.mean(1, keepdim=True).repeat(1, 3, 1, 1), proj.weight, proj.bias, stride=proj.stride)
     if bands > 1:  # not merely the band mean repeated: the test can tell the stems apart
-        assert not torch.allclose(got, repeated.flatten(2).transpose(1, 2), atol=1e-3)
+        assert not close(got, repeated.flatten(2).transpose(1, 2), rel=1e-3)
 
 
 def test_bands_that_copy_rgb_give_timms_in_chans_model_and_the_rgb_output() -> None:
@@ -51,9 +52,9 @@ def test_bands_that_copy_rgb_give_timms_in_chans_model_and_the_rgb_output() -> N
         w = wrap_multimodal(vit, ["optical", "ms"], preset="frozen", stems={"ms": ("adapt", 6)})
         out = w({"optical": rgb, "ms": six})
         reference = timm6(six)
-    torch.testing.assert_close(out["ms"], reference, rtol=1e-5, atol=1e-5)  # timm's own 6-band model
-    torch.testing.assert_close(out["ms"], plain, rtol=1e-5, atol=1e-5)  # copies of RGB: the RGB output
-    torch.testing.assert_close(out["optical"], plain, rtol=1e-5, atol=1e-5)
+    assert_close(out["ms"], reference, rel=1e-5)  # timm's own 6-band model
+    assert_close(out["ms"], plain, rel=1e-5)  # copies of RGB: the RGB output
+    assert_close(out["optical"], plain, rel=1e-5)
     assert not any("band_mix" in k for k in w.state_dict())  # fixed, rebuilt from the config: never saved
 
 
@@ -69,4 +70,4 @@ def test_the_band_count_is_declared_at_wrap_time_and_checked() -> None:
     four = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, in_chans=4)
     with pytest.raises(ValueError, match=r"modality 'ms': timm's adapt_input_conv cannot adapt a 4-channel patch embedding to 2 bands"):
         wrap_multimodal(four, ["optical", "ms"], "lora", stems={"ms": ("adapt", 2)})
-    torch.testing.assert_close(adapted_band_mix("ms", 1, 3), torch.ones(3, 1))  # one band: the sum over RGB
+    assert_close(adapted_band_mix("ms", 1, 3), torch.ones(3, 1), rel=1e-5)  # one band: the sum over RGB

@@ -19,7 +19,7 @@ from tests.isprs import test_architecture as arch
 # core package -> its modules (a module belongs to the longest prefix; the package ``mmpeft``
 # itself, its ``__init__``, is the public API on top)
 CORE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "base": ("mmpeft._version", "mmpeft.utils"),
+    "base": ("mmpeft._version", "mmpeft.errors", "mmpeft.utils"),
     "tuners": ("mmpeft.tuners",),
     "config": ("mmpeft.config",),
     "backbones": ("mmpeft.backbones",),

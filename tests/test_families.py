@@ -20,6 +20,7 @@ from mmpeft import detect_family, wrap_multimodal
 
 from .family_zoo import build as zoo_build
 from .test_backbones import MODS, _one_thread, _randomise_trainables, _tensor, _timm, train_and_check  # noqa: F401  (autouse fixture)
+from tests.helpers import close
 
 
 def _mvit() -> nn.Module:
@@ -125,8 +126,8 @@ def _inputs(kind: str, batch: int = 2) -> dict[str, torch.Tensor]:
     return {"optical": torch.rand(batch, 3, s, s, generator=g), "dsm": torch.rand(batch, 1, s, s, generator=g)}
 
 
-def _close(a: Any, b: Any, atol: float = 1e-5) -> bool:
-    return torch.allclose(_tensor(a), _tensor(b), atol=atol)
+def _close(a: Any, b: Any, rel: float = 1e-5) -> bool:
+    return close(_tensor(a), _tensor(b), rel=rel)
 
 
 @pytest.mark.parametrize("kind", FAMILY_MODELS)
@@ -184,7 +185,7 @@ def test_presence_mask_and_save_load(kind: str, method: str, tmp_path: Any) -> N
     loaded = mmpeft.load_multimodal(_build(kind), tmp_path)
     with torch.no_grad():
         again = loaded(x)
-    assert all(torch.allclose(_tensor(again[m]), _tensor(full[m]), atol=1e-6) for m in MODS)
+    assert all(close(_tensor(again[m]), _tensor(full[m]), rel=1e-5) for m in MODS)
 
 
 # ---------------------------------------------------------------------- special cases
@@ -207,13 +208,13 @@ def test_torchvision_swin_explicit_attention_is_the_same_function(v2: bool, size
     assert list(swapped.state_dict()) == list(base.state_dict())
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
-        assert torch.allclose(swapped(x), base(x), atol=1e-5)
+        assert close(swapped(x), base(x), rel=1e-5)
     wrapped = wrap_multimodal(copy.deepcopy(base), MODS, "lora", preset="lora")
     with torch.no_grad():
         wrapped.base_model.features[1][1].attn.qkv.lora_B["dsm"]["v"].weight.normal_(0.0, 0.5)
         out = wrapped({"optical": x, "dsm": x[:, :1]})
-    assert torch.allclose(out["optical"], base(x), atol=1e-5)  # the update reaches the dsm output only
-    assert not torch.allclose(out["dsm"], base(x[:, :1].repeat(1, 3, 1, 1)), atol=1e-5)
+    assert close(out["optical"], base(x), rel=1e-5)  # the update reaches the dsm output only
+    assert not close(out["dsm"], base(x[:, :1].repeat(1, 3, 1, 1)), rel=1e-5)
 
 
 def test_timm_qkv_bias_separate_switched_for_beit_and_swinv2() -> None:
@@ -226,7 +227,7 @@ def test_timm_qkv_bias_separate_switched_for_beit_and_swinv2() -> None:
         assert attn in prepare_backbone(prepared)["eva_qkv_bias"]
         x = _inputs(kind)["optical"]
         with torch.no_grad():
-            assert torch.allclose(prepared(x), base(x), atol=1e-5)
+            assert close(prepared(x), base(x), rel=1e-5)
 
 
 def test_hiera_adapter_follows_the_attention_projection() -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from mmpeft import MergeError, MultimodalLoRAConv2d, load_multimodal, save_multimodal, wrap_multimodal
 
 from .conftest import CustomViT, tiny_sam, tiny_timm_vit
+from tests.helpers import assert_close, close
 
 MODS = ("optical", "dsm")
 BOTH = ["attn.proj", "patch_embed.proj"]  # a Linear and a Conv2d in one rule
@@ -99,7 +100,7 @@ def test_batched_equals_loop(fusion: str, build) -> None:
         w.set_execution("loop")
         loop = w(x)
     for m in MODS:
-        torch.testing.assert_close(loop[m], batched[m], atol=1e-5, rtol=1e-5)
+        assert_close(loop[m], batched[m], rel=1e-5)
 
 
 def test_mixing_makes_the_modalities_interact_at_the_stem() -> None:
@@ -107,7 +108,7 @@ def test_mixing_makes_the_modalities_interact_at_the_stem() -> None:
     x = _inputs()
     y = dict(x, dsm=x["dsm"] + 1.0)
     with torch.no_grad():
-        assert not torch.allclose(w(x)["optical"], w(y)["optical"])
+        assert not close(w(x)["optical"], w(y)["optical"], rel=1e-08)
     w = _wrap("none", ["patch_embed.proj"])
     with torch.no_grad():
         assert torch.equal(w(x)["optical"], w(y)["optical"])
@@ -120,7 +121,7 @@ def test_one_modality_alone_is_the_plain_model_with_its_update() -> None:
         want = w(x)
         for m in MODS:
             with w.only_modality(m):
-                torch.testing.assert_close(w.base_model(_three(x[m])), want[m], atol=1e-5, rtol=1e-5)
+                assert_close(w.base_model(_three(x[m])), want[m], rel=1e-5)
     mixing = _wrap("scalar", ["patch_embed.proj"])
     with pytest.raises(RuntimeError, match="mixes modalities"), torch.no_grad(), mixing.only_modality("dsm"):
         mixing.base_model(_three(x["dsm"]))
@@ -140,9 +141,9 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_frozen_weights() -> Non
     layer = w.base_model.patch_embed.proj
     assert layer.merged and layer.merged_weight.shape == (2, 32, 3, 8, 8)
     for m in MODS:
-        torch.testing.assert_close(after[m], before[m], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(alone, before["dsm"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(single, before["optical"], atol=1e-5, rtol=1e-5)
+        assert_close(after[m], before[m], rel=1e-5)
+    assert_close(alone, before["dsm"], rel=1e-5)
+    assert_close(single, before["optical"], rel=1e-5)
     w.train()
     with pytest.raises(RuntimeError, match="merged.*no gradient"):
         w(x)
@@ -162,7 +163,7 @@ def test_merge_and_unload_gives_the_plain_model_of_one_modality() -> None:
     for m, plain in plains.items():
         assert type(plain.patch_embed.proj) is nn.Conv2d
         assert not [n for n, mod in plain.named_modules() if type(mod).__module__.startswith("mmpeft")]
-        torch.testing.assert_close(plain(_three(x[m])), want[m], atol=1e-5, rtol=1e-5)
+        assert_close(plain(_three(x[m])), want[m], rel=1e-5)
     assert torch.equal(w(x)["dsm"], want["dsm"])  # a copy was unloaded
 
 
@@ -186,8 +187,8 @@ def test_one_modality_with_no_fusion_equals_peft_conv2d_lora() -> None:
         theirs.lora_A["default"].weight.copy_(ours.lora_A["optical"].weight)
         theirs.lora_B["default"].weight.copy_(ours.lora_B["optical"].weight)
         x = _inputs()["optical"]
-        torch.testing.assert_close(w({"optical": x})["optical"], ref(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(ours.get_delta_weight("optical"), theirs.get_delta_weight("default"))
+        assert_close(w({"optical": x})["optical"], ref(x), rel=1e-5)
+        assert_close(ours.get_delta_weight("optical"), theirs.get_delta_weight("default"), rel=1e-5)
 
 
 def test_missing_modalities_and_a_presence_mask() -> None:
@@ -200,14 +201,14 @@ def test_missing_modalities_and_a_presence_mask() -> None:
     alone = {m: _with_delta(base, layer, m) for m in MODS}  # alone, a modality gets its own update
     with torch.no_grad():
         got = w({"dsm": x["dsm"]})["dsm"]
-        torch.testing.assert_close(got, alone["dsm"](_three(x["dsm"])), atol=1e-5, rtol=1e-5)
+        assert_close(got, alone["dsm"](_three(x["dsm"])), rel=1e-5)
         full = w(x)
         for execution in ("batched", "loop"):
             w.set_execution(execution)
             out = w(x, presence={"dsm": torch.tensor([True, False])})
-            torch.testing.assert_close(out["optical"][0], full["optical"][0], atol=1e-5, rtol=1e-5)
+            assert_close(out["optical"][0], full["optical"][0], rel=1e-5)
             want = alone["optical"](x["optical"][1:])[0]
-            torch.testing.assert_close(out["optical"][1], want, atol=1e-5, rtol=1e-5)
+            assert_close(out["optical"][1], want, rel=1e-5)
 
 
 def test_saved_and_loaded(tmp_path: Path) -> None:
@@ -252,8 +253,8 @@ def test_padding_dilation_and_padding_mode_follow_the_base_layer() -> None:
             loop = layer(x)
             layer.merge()
             merged = layer(x)
-        torch.testing.assert_close(loop, batched, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(merged, batched, atol=1e-5, rtol=1e-5)
+        assert_close(loop, batched, rel=1e-5)
+        assert_close(merged, batched, rel=1e-5)
 
 
 @pytest.mark.parametrize(("option", "value"), [("lora_bias", True)])  # use_rslora, use_dora: tests/test_merge_variants.py
@@ -284,14 +285,14 @@ def test_a_bfloat16_base_runs_every_path_with_float32_lora_weights() -> None:
         sum(o.float().pow(2).mean() for o in out.values()).backward()
         assert layer.lora_A["dsm"].weight.grad.dtype == torch.float32 and layer.lora_B["dsm"].weight.grad.any()
         for m in MODS:
-            torch.testing.assert_close(out[m].float(), want[m], atol=0.05, rtol=0.05)
+            assert_close(out[m].float(), want[m], rel=0.05)
     w.eval()
     with torch.no_grad():
         with w.only_modality("dsm"):
             alone = w.base_model(_three(x["dsm"]).bfloat16()).float()
-        torch.testing.assert_close(alone, want["dsm"], atol=0.05, rtol=0.05)
+        assert_close(alone, want["dsm"], rel=0.05)
         w.merge_adapters()
-        torch.testing.assert_close(w(x)["optical"].float(), want["optical"], atol=0.05, rtol=0.05)
+        assert_close(w(x)["optical"].float(), want["optical"], rel=0.05)
 
 
 def test_the_reference_execution_runs_a_mixing_lora_on_the_patch_embedding() -> None:
@@ -305,4 +306,4 @@ def test_the_reference_execution_runs_a_mixing_lora_on_the_patch_embedding() -> 
         want = w(x)
         got = per_modality_forward(w, x)
     for m in MODS:
-        torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+        assert_close(got[m], want[m], rel=1e-5)

@@ -13,6 +13,7 @@ from torch import nn
 from mmpeft import MultimodalModel, wrap_multimodal
 
 from .conftest import tiny_timm_vit
+from tests.helpers import assert_close
 
 MODS = ("optical", "dsm")
 
@@ -46,7 +47,7 @@ def _unmerged(w: MultimodalModel, x: dict[str, torch.Tensor]) -> dict[str, torch
 
 def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     for m in want:
-        torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+        assert_close(got[m], want[m], rel=1e-5)
 
 
 # ---------------------------------------------------------------------- an unloaded wrapper
@@ -80,7 +81,7 @@ def test_load_state_dict_on_a_merged_model_merges_the_new_weights() -> None:
     layer = next(layer for _, layer in w.layers())
     ref = next(layer for _, layer in other.layers())
     want_w = layer.base_layer.weight + ref.get_delta_weight("dsm")
-    torch.testing.assert_close(layer.merged_weight[1], want_w, atol=1e-6, rtol=1e-6)  # re-merged at load
+    assert_close(layer.merged_weight[1], want_w, rel=1e-5)  # re-merged at load
     with torch.no_grad():
         _close(w(x), other(x))
 

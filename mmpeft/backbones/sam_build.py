@@ -29,6 +29,7 @@ import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer_sam import VisionTransformerSAM
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "SAM_SPECS",
@@ -77,18 +78,18 @@ class SamSpec:
         for name in ("embed_dim", "depth", "num_heads", "patch_size", "out_chans"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"SamSpec.{name} must be a positive int, got {value!r}")
+                raise MmpeftValueError(f"SamSpec.{name} must be a positive int, got {value!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"SamSpec.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
             )
         if self.window_size < 0:
-            raise ValueError(f"SamSpec.window_size must be >= 0, got {self.window_size}")
+            raise MmpeftValueError(f"SamSpec.window_size must be >= 0, got {self.window_size}")
         if self.mlp_ratio <= 0:
-            raise ValueError(f"SamSpec.mlp_ratio must be > 0, got {self.mlp_ratio}")
+            raise MmpeftValueError(f"SamSpec.mlp_ratio must be > 0, got {self.mlp_ratio}")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
         if bad:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"SamSpec.global_attn_indexes {bad} out of range for depth {self.depth}"
             )
 
@@ -114,14 +115,14 @@ def resolve_sam_spec(spec: str | SamSpec) -> SamSpec:
     try:
         return SAM_SPECS[spec]
     except KeyError:
-        raise ValueError(f"unknown SAM spec {spec!r}; known: {sorted(SAM_SPECS)}") from None
+        raise MmpeftValueError(f"unknown SAM spec {spec!r}; known: {sorted(SAM_SPECS)}") from None
 
 
 def _image_hw(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Validate ``img_size`` (int or (H, W)) and return ``(H, W)`` in pixels."""
     hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if len(hw) != 2 or not all(isinstance(s, int) and s > 0 and s % patch_size == 0 for s in hw):
-        raise ValueError(
+        raise MmpeftValueError(
             f"img_size {img_size!r} must be a positive multiple of the patch size {patch_size} "
             "per side (an int or an (H, W) pair)"
         )
@@ -141,7 +142,7 @@ class TimmSamEncoder(VisionTransformerSAM):
         x = self.patch_embed(x)  # (B, h, w, C)
         if self.pos_embed is not None:
             if x.shape[1:3] != self.pos_embed.shape[1:3]:
-                raise ValueError(
+                raise MmpeftValueError(
                     f"input gives a {tuple(x.shape[1:3])} token grid but the encoder was built "
                     f"for {tuple(self.pos_embed.shape[1:3])} (img_size "
                     f"{tuple(self.patch_embed.img_size)}); rebuild it for this size"
@@ -241,7 +242,7 @@ def build_sam_encoder(
     """
     spec = resolve_sam_spec(spec)
     if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+        raise MmpeftValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     hw = _image_hw(img_size, spec.patch_size)
     builder = _build_timm if impl == "timm" else _build_segment_anything
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
@@ -263,7 +264,7 @@ def sam_encoder_impl(encoder: nn.Module) -> SamImpl:
         return "timm"
     if any(".mlp.lin1." in n for n in names):
         return "segment_anything"
-    raise TypeError(
+    raise MmpeftTypeError(
         f"{type(encoder).__name__} is not a SAM image encoder (neither timm VisionTransformerSAM "
         "nor segment_anything ImageEncoderViT, and no blocks.*.mlp.fc1/lin1 parameters)"
     )
@@ -273,7 +274,7 @@ def sam_encoder_grid(encoder: nn.Module) -> tuple[int, int]:
     """Token grid ``(h, w)`` an encoder was built for, read from its ``pos_embed`` (1, h, w, C)."""
     pos_embed = getattr(encoder, "pos_embed", None)
     if pos_embed is None:
-        raise ValueError(f"{type(encoder).__name__} has no absolute position embedding")
+        raise MmpeftValueError(f"{type(encoder).__name__} has no absolute position embedding")
     return int(pos_embed.shape[1]), int(pos_embed.shape[2])
 
 

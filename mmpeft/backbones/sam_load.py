@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .sam_build import SamImpl, sam_encoder_impl
+from ..errors import MmpeftFileNotFoundError, MmpeftValueError
 
 __all__ = [
     "SamCheckpointError",
@@ -44,7 +45,7 @@ CheckpointSource = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
 Shape = tuple[int, ...]
 
 
-class SamCheckpointError(ValueError):
+class SamCheckpointError(MmpeftValueError):
     """A checkpoint that is not a SAM image encoder, or does not fit the given encoder."""
 
 
@@ -94,7 +95,7 @@ def read_sam_state_dict(checkpoint: CheckpointSource) -> tuple[dict[str, torch.T
     else:
         source = os.fspath(checkpoint)
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"SAM checkpoint not found: {source}")
+            raise MmpeftFileNotFoundError(f"SAM checkpoint not found: {source}")
         try:
             if source.endswith(".safetensors"):
                 from safetensors.torch import load_file
@@ -289,11 +290,11 @@ def load_sam_checkpoint(
 
 def _check_load_arguments(encoder: nn.Module, pos_embed_interp: str) -> None:
     if pos_embed_interp not in ("bicubic", "antialias"):
-        raise ValueError(
+        raise MmpeftValueError(
             f"pos_embed_interp must be 'bicubic' or 'antialias', got {pos_embed_interp!r}"
         )
     if any(t.is_meta for t in encoder.state_dict().values()):
-        raise ValueError("encoder is on the meta device; materialise it first, e.g. "
+        raise MmpeftValueError("encoder is on the meta device; materialise it first, e.g. "
                          "encoder.to_empty(device='cpu')")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import MmpeftValueError
 
 __all__ = ["ExplicitMultiheadAttention", "make_attention_explicit"]
 
@@ -37,7 +38,7 @@ class ExplicitMultiheadAttention(nn.Module):
         super().__init__()
         e = out_proj.in_features
         if in_proj.in_features != e or in_proj.out_features != 3 * e or e % num_heads != 0:
-            raise ValueError(f"in_proj {in_proj} does not fit embed_dim {e} with {num_heads} heads")
+            raise MmpeftValueError(f"in_proj {in_proj} does not fit embed_dim {e} with {num_heads} heads")
         self.in_proj, self.out_proj = in_proj, out_proj
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = e, num_heads, dropout, batch_first
         self.register_state_dict_post_hook(_save_hook)
@@ -47,7 +48,7 @@ class ExplicitMultiheadAttention(nn.Module):
     def from_torch(cls, mha: nn.MultiheadAttention) -> "ExplicitMultiheadAttention":
         """The equivalent of ``mha``, sharing its parameter tensors."""
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("only packed nn.MultiheadAttention without bias_k/bias_v/add_zero_attn is supported")
+            raise MmpeftValueError("only packed nn.MultiheadAttention without bias_k/bias_v/add_zero_attn is supported")
         w = mha.in_proj_weight
         lin = nn.Linear(mha.embed_dim, 3 * mha.embed_dim, bias=mha.in_proj_bias is not None, device="meta")
         lin.weight = w  # the same Parameter objects: frozen state and checkpoint values carry over

@@ -17,6 +17,7 @@ import torch
 from ..runtime.batch import Inputs
 from ..model.multimodal import MultimodalModel
 from ..tuners.lockstep import Lockstep
+from ..errors import MmpeftStateError, MmpeftValueError
 
 __all__ = ["reference_forward"]
 
@@ -34,7 +35,7 @@ def reference_forward(
     mods = wrapped.modalities
     xs = wrapped.stack(inputs).chunk(len(mods), 0)  # validated, stems applied; (B, C, ...) each
     if len(xs) != len(mods):
-        raise ValueError(f"the reference needs every modality {list(mods)}; got {len(xs)}")
+        raise MmpeftValueError(f"the reference needs every modality {list(mods)}; got {len(xs)}")
     layers = [layer for _, layer in wrapped.layers()]
     state = Lockstep(len(mods))
     for layer in layers:
@@ -64,7 +65,7 @@ def _passes(
         if state.end_pass() or state.mixing_calls == 0:
             return outs
         if n >= limit:
-            raise RuntimeError(f"the per-modality reference did not settle in {n} passes: {_why(wrapped)}")
+            raise MmpeftStateError(f"the per-modality reference did not settle in {n} passes: {_why(wrapped)}")
 
 
 def _why(wrapped: MultimodalModel) -> str:

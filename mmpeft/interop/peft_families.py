@@ -33,6 +33,7 @@ from torch import nn
 
 from ..backbones.torchvision_vit import ExplicitMultiheadAttention
 from ..targeting.prepare import prepare_backbone
+from ..errors import MmpeftValueError
 
 __all__ = ["Exported", "Placement", "PlainModelError", "place", "prepare_for_peft", "to_plain"]
 
@@ -44,7 +45,7 @@ _PREPARED_HINT = (
 )
 
 
-class PlainModelError(ValueError):
+class PlainModelError(MmpeftValueError):
     """An exported module would be missing from, or never called by, the plain model peft loads onto."""
 
 

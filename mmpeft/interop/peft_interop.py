@@ -46,6 +46,7 @@ from .peft_families import Exported as _Exported
 from .peft_families import PlainModelError, place, prepare_for_peft, to_plain  # noqa: F401  (re-exported)
 from ..tuners import MultimodalAdapter, MultimodalLoRA, MultimodalLoRAConv2d
 from ..utils import atomic_write
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["export_peft", "peft_lora_weights", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
 
@@ -58,7 +59,7 @@ def _own_factor(layer: MultimodalLoRA | MultimodalLoRAConv2d, idx: int, name: st
     """The factor the fusion rule puts on modality ``idx``'s own update (1 for "none")."""
     fusion = layer.lora_fusion
     if fusion.mixes:
-        raise ValueError(
+        raise MmpeftValueError(
             f"{name} mixes modalities with fusion {type(fusion).__name__}: its output for one modality "
             "depends on the other modalities' LoRA updates computed from their own inputs in the same "
             "forward. A peft LoRA layer sees a single input and adds a single B A x, so this layer "
@@ -69,14 +70,14 @@ def _own_factor(layer: MultimodalLoRA | MultimodalLoRAConv2d, idx: int, name: st
         with torch.no_grad():
             w = fusion.mixing_matrix().detach().float()
     except NotImplementedError:
-        raise ValueError(
+        raise MmpeftValueError(
             f"{name}: fusion {type(fusion).__name__} has no mixing_matrix(), so the factor on each "
             "modality's own update is unknown; cannot export"
         ) from None
     off = w[idx].clone()
     off[idx] = 0.0
     if bool(off.abs().max() > 0):
-        raise ValueError(f"{name}: the fusion rule mixes other modalities into this one; cannot export")
+        raise MmpeftValueError(f"{name}: the fusion rule mixes other modalities into this one; cannot export")
     return float(w[idx, idx])
 
 
@@ -148,22 +149,22 @@ def _plain_norms(wrapped: MultimodalModel, e: _Exported) -> torch.Tensor:
 
 def _check_exportable(wrapped: MultimodalModel, modality: str, allow_learned_stem: bool) -> None:
     if not isinstance(wrapped, MultimodalModel):
-        raise TypeError(f"export_peft takes the MultimodalModel from wrap_multimodal, got {type(wrapped).__name__}")
+        raise MmpeftTypeError(f"export_peft takes the MultimodalModel from wrap_multimodal, got {type(wrapped).__name__}")
     if modality not in wrapped.modalities:
-        raise ValueError(f"unknown modality {modality!r}; the model has {list(wrapped.modalities)}")
+        raise MmpeftValueError(f"unknown modality {modality!r}; the model has {list(wrapped.modalities)}")
     adapters = [n for n, layer in wrapped.layers() if isinstance(layer, MultimodalAdapter)]
     if adapters:
-        raise ValueError(
+        raise MmpeftValueError(
             f"{len(adapters)} bottleneck adapters (e.g. {adapters[0]}) cannot be exported to peft: "
             "peft LoRA layers add a low-rank B A x to a linear layer, while an adapter is a "
             "Linear -> activation -> Linear module beside or after a block part. Only LoRA exports."
         )
     others = [n for n, layer in wrapped.layers() if not isinstance(layer, (MultimodalLoRA, MultimodalLoRAConv2d))]
     if others:
-        raise ValueError(f"only MultimodalLoRA layers can be exported; found {others[:3]}")
+        raise MmpeftValueError(f"only MultimodalLoRA layers can be exported; found {others[:3]}")
     stem = wrapped.stems[modality]
     if any(p.requires_grad for p in stem.parameters()) and not allow_learned_stem:
-        raise ValueError(
+        raise MmpeftValueError(
             f"modality {modality!r} has a learnable {stem.kind!r} stem, which lives outside the base model "
             "and is not part of a peft adapter. Pass allow_learned_stem=True and feed the peft model "
             f"wrapped.stems[{modality!r}](x) yourself."
@@ -208,14 +209,14 @@ def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = 
     bias = any(e.bias is not None for e in exported)
     dora = any(e.magnitude is not None for e in exported)
     if bias and any(e.lora_a.dim() == 4 for e in exported):
-        raise ValueError("peft's lora_bias applies to every layer, and a conv LoRA here has none; cannot export")
+        raise MmpeftValueError("peft's lora_bias applies to every layer, and a conv LoRA here has none; cannot export")
     if bias and dora:
-        raise ValueError(
+        raise MmpeftValueError(
             "peft does not support lora_bias together with use_dora; this model uses both, so it cannot be exported"
         )
     dropouts = {e.dropout for e in exported}
     if len(dropouts) > 1:
-        raise ValueError(f"peft has one lora_dropout per adapter; the layers use {sorted(dropouts)}")
+        raise MmpeftValueError(f"peft has one lora_dropout per adapter; the layers use {sorted(dropouts)}")
     return LoraConfig(
         r=common[0],
         lora_alpha=common[1],
@@ -268,7 +269,7 @@ def export_peft(
     _check_exportable(wrapped, modality, allow_learned_stem)
     exported = [_export_layer(layer, modality, name) for name, layer in wrapped.layers()]  # type: ignore[arg-type]
     if not exported:
-        raise ValueError("the model has no LoRA layer to export")
+        raise MmpeftValueError("the model has no LoRA layer to export")
     saved = [n[len(_BASE) :] if n.startswith(_BASE) else n for n, _ in wrapped.modules_to_save()]
     for path in saved:
         place(wrapped.base_model, path, for_prepared_base, saved=True)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..tuners import only_modality, set_execution
 from ..model.multimodal import MultimodalModel
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["per_modality_forward"]
 
@@ -53,7 +54,7 @@ def per_modality_forward(
     enc = wrapped.base_model
     missing = [a for a in ("patch_embed", "blocks", "neck") if not hasattr(enc, a)]
     if missing:
-        raise TypeError(
+        raise MmpeftTypeError(
             f"per_modality_forward runs SAM-style encoders block by block as the MFNet authors' code does; "
             f"{type(enc).__name__} has no {missing}. For any model, mmpeft.reference_forward runs it modality "
             "by modality through its own forward"
@@ -68,7 +69,7 @@ def per_modality_forward(
     pos = getattr(enc, "pos_embed", None)
     if pos is not None:
         if pos.shape[1:3] != hs[0].shape[1:3]:
-            raise ValueError(f"pos_embed {tuple(pos.shape)} does not match the grid {tuple(hs[0].shape)}")
+            raise MmpeftValueError(f"pos_embed {tuple(pos.shape)} does not match the grid {tuple(hs[0].shape)}")
         hs = [h + pos for h in hs]
     set_execution(wrapped, "loop")
     try:

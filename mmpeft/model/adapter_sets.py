@@ -36,6 +36,7 @@ from .io import CONFIG_NAME, read_adapter
 from .merge import check_usable
 from .params import ParamReport, count_parameters
 from .saving import _check_fingerprint, _probe_size
+from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["AdapterSet", "AdapterSets", "DEFAULT_ADAPTER"]
 
@@ -116,16 +117,16 @@ class AdapterSets:
 
     def _known(self, name: str) -> str:
         if not isinstance(name, str):
-            raise TypeError(f"adapter_name must be a str (one set is active at a time), got {name!r}")
+            raise MmpeftTypeError(f"adapter_name must be a str (one set is active at a time), got {name!r}")
         if name not in self._names:
-            raise KeyError(f"no adapter set {name!r}; the sets are {list(self._names)} (add_adapter / load_adapter)")
+            raise MmpeftKeyError(f"no adapter set {name!r}; the sets are {list(self._names)} (add_adapter / load_adapter)")
         return name
 
     def _new_name(self, name: str) -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise ValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
+            raise MmpeftValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
         if name in self._names:
-            raise ValueError(f"an adapter set {name!r} exists already; delete_adapter({name!r}) first or pick another name")
+            raise MmpeftValueError(f"an adapter set {name!r} exists already; delete_adapter({name!r}) first or pick another name")
         return name
 
     # ------------------------------------------------------------------ swapping
@@ -229,18 +230,18 @@ class AdapterSets:
     ) -> MultimodalConfig:  # fmt: skip
         for key in _SHARED:
             if key in options and options[key] != getattr(self.config, key):
-                raise ValueError(
+                raise MmpeftValueError(
                     f"{key}={options[key]!r}: {key} is the model's ({getattr(self.config, key)!r}), shared by every "
                     "adapter set; add_adapter cannot change it (wrap a fresh base model for another)"
                 )
             options.pop(key, None)
         if config is not None:
             if options or targets is not None or preset is not None or method is not None:
-                raise ValueError("pass either config= or method/options/targets/preset, not both")
+                raise MmpeftValueError("pass either config= or method/options/targets/preset, not both")
             mine = {"modalities": list(self.modalities), **{k: getattr(self.config, k) for k in _SHARED}}
             theirs = {"modalities": list(config.modalities), **{k: getattr(config, k) for k in _SHARED}}
             if theirs != mine:
-                raise ValueError(f"config= must share the model's {mine} (every set's); it has {theirs}")
+                raise MmpeftValueError(f"config= must share the model's {mine} (every set's); it has {theirs}")
             return config
         stems = {m: dataclasses.replace(self.config.stem(m)) for m in self.modalities}  # the model's by default
         options["stems"] = {**stems, **(options.get("stems") or {})}
@@ -288,13 +289,13 @@ class AdapterSets:
             return
         merged = [n for n, layer in _named_layers(self) if layer.merged]
         if merged:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"set_adapter({name!r}): the active set {self._active_name!r} is merged ({len(merged)} layer(s), "
                 f"e.g. {merged[0]}); call unmerge_adapters() first"
             )
         executions = {layer.execution for _, layer in _named_layers(self)}
         if len(executions) > 1:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"set_adapter({name!r}): the active set's layers run in several executions {sorted(executions)}, "
                 "which cannot carry over to another set's layers; call mmpeft.set_execution(model, ...) first"
             )
@@ -312,7 +313,7 @@ class AdapterSets:
         if name == self._active_name:
             others = [n for n in self._names if n != name]
             hint = f"set_adapter({others[0]!r}) first" if others else "it is the only one (use the base model itself)"
-            raise ValueError(f"cannot delete the active adapter set {name!r}: {hint}")
+            raise MmpeftValueError(f"cannot delete the active adapter set {name!r}: {hint}")
         assert self._inactive is not None
         del self._inactive[name]
         self._names = tuple(n for n in self._names if n != name)

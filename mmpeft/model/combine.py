@@ -29,6 +29,7 @@ from torch import nn
 from ..config import LoRAConfig, MultimodalConfig
 from ..targeting.inject import _owners
 from ..tuners import MultimodalLayer, MultimodalLoRA, MultimodalLoRAConv2d, multimodal_layers
+from ..errors import MmpeftValueError
 
 __all__ = ["combination_refusal", "weighted_lora_set"]
 
@@ -55,14 +56,14 @@ def combination_refusal(layer: MultimodalLayer) -> str | None:
 
 def _check_arguments(model: Any, adapters: Sequence[str], weights: Sequence[float], combination_type: str) -> None:
     if combination_type != "cat":
-        raise ValueError(
+        raise MmpeftValueError(
             f"combination_type={combination_type!r}: only 'cat' is offered (exact: rank = sum of the ranks); peft's "
             "'svd', 'linear', 'ties', 'dare_*' and 'magnitude_prune' approximate the sum"
         )
     if isinstance(adapters, str) or not adapters or len(set(adapters)) != len(adapters):
-        raise ValueError(f"adapters must be a non-empty list of distinct set names, got {adapters!r}")
+        raise MmpeftValueError(f"adapters must be a non-empty list of distinct set names, got {adapters!r}")
     if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be {len(adapters)} finite numbers, one per set of {list(adapters)}; got {weights!r}")
+        raise MmpeftValueError(f"weights must be {len(adapters)} finite numbers, one per set of {list(adapters)}; got {weights!r}")
     for name in adapters:
         model._known(name)
 
@@ -72,17 +73,17 @@ def _set_pieces(model: Any, name: str, weight: float) -> dict[str, Piece]:
     with model._using(name):
         where = f"add_weighted_adapter cannot combine set {name!r}"
         if any(True for _ in model.modules_to_save()):
-            raise ValueError(f"{where}: its modules to save are whole trained modules, whose weighted sum is not additive")
+            raise MmpeftValueError(f"{where}: its modules to save are whole trained modules, whose weighted sum is not additive")
         learned = [m for m in model.modalities if any(True for _ in model.stems[m].parameters())]
         if learned:
-            raise ValueError(f"{where}: the stems of {learned} are learnable modules outside the LoRA updates")
+            raise MmpeftValueError(f"{where}: the stems of {learned} are learnable modules outside the LoRA updates")
         with model._bare():
             owner = _owners(model.base_model, model.config)
         pieces = {}
         for site, layer in multimodal_layers(model.base_model):
             reason = combination_refusal(layer)
             if reason is not None:
-                raise ValueError(f"{where}: layer {site}: {reason}")
+                raise MmpeftValueError(f"{where}: layer {site}: {reason}")
             pieces[site] = (float(weight) * layer.scaling, layer, model.config.rules[owner[site]])
         return pieces
 
@@ -100,9 +101,9 @@ def _rules(sites: dict[str, list[Piece]]) -> list[LoRAConfig]:
     for site, pieces in sites.items():
         first = pieces[0][2]
         if len({tuple(p[2].slices or ()) for p in pieces}) > 1:
-            raise ValueError(f"add_weighted_adapter: the sets tune different slices of {site}; they cannot be concatenated")
+            raise MmpeftValueError(f"add_weighted_adapter: the sets tune different slices of {site}; they cannot be concatenated")
         if len({p[2].dropout for p in pieces}) > 1:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"add_weighted_adapter: the sets use different dropout at {site} "
                 f"({sorted({p[2].dropout for p in pieces})}); the combined set has one: combine sets of the same dropout"
             )

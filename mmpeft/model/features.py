@@ -18,6 +18,7 @@ from ..runtime.checkpointing import (
 )
 from ..utils import resolve_dtype
 from .precision import sync_dtype
+from ..errors import MmpeftValueError
 
 __all__ = ["BlockFeatures"]
 
@@ -66,7 +67,7 @@ class BlockFeatures:
                     block.compile(**compile_options)
                     names.append(f"{name}.{i}" if name else str(i))
         if not names:
-            raise ValueError(f"{type(self.base_model).__name__} has no list of repeated blocks to compile")
+            raise MmpeftValueError(f"{type(self.base_model).__name__} has no list of repeated blocks to compile")
         return names
 
     def block_features(self) -> dict[str, list[str]]:

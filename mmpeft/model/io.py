@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils import atomic_write
+from ..errors import MmpeftFileNotFoundError, MmpeftValueError
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "write_adapter", "read_adapter"]
 
@@ -40,13 +41,13 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 f"; it holds the adapter sets {sets} in folders of their own: load one with "
                 f"load_multimodal(base, {str(d / sets[0])!r}) or wrapped.load_adapter({str(d)!r}, {sets[0]!r})"
             ) if sets else ""  # fmt: skip
-            raise FileNotFoundError(f"{d / f} not found: not a directory written by save_pretrained / save_multimodal{held}")
+            raise MmpeftFileNotFoundError(f"{d / f} not found: not a directory written by save_pretrained / save_multimodal{held}")
     try:
         meta = json.loads((d / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{d / CONFIG_NAME} is not valid JSON: {err}") from None
+        raise MmpeftValueError(f"{d / CONFIG_NAME} is not valid JSON: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != "mmpeft":
-        raise ValueError(f"{d / CONFIG_NAME} is not an mmpeft config")
+        raise MmpeftValueError(f"{d / CONFIG_NAME} is not an mmpeft config")
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, meta

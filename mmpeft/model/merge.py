@@ -23,6 +23,7 @@ from torch import nn
 from ..runtime.blocks import runner_of, set_block_features
 from ..targeting.inject import ModuleToSave, set_submodule
 from ..tuners import MergeError, multimodal_layers
+from ..errors import MmpeftKeyError, MmpeftStateError
 
 __all__ = ["set_enabled", "merge_layers", "unmerge_layers", "merge_and_unload", "unload", "check_usable"]
 
@@ -63,7 +64,7 @@ def unmerge_layers(model: nn.Module) -> list[str]:
 
 def _check_unloadable(wrapped: Any, modality: str) -> None:
     if modality not in wrapped.modalities:
-        raise KeyError(f"unknown modality {modality!r}; known: {list(wrapped.modalities)}")
+        raise MmpeftKeyError(f"unknown modality {modality!r}; known: {list(wrapped.modalities)}")
     refused = _refusals(wrapped)
     if refused:
         raise MergeError(f"cannot unload: {len(refused)} layer(s) cannot merge: " + "; ".join(refused[:4]))
@@ -120,7 +121,7 @@ def check_usable(wrapped: Any) -> None:
     """A RuntimeError when ``wrapped``'s base model was unloaded in place (its layers are gone)."""
     how = getattr(wrapped, "unloaded", None)
     if how is not None:
-        raise RuntimeError(
+        raise MmpeftStateError(
             f"this wrapper's base model was taken out by {how}: its multimodal layers were replaced, so the "
             "wrapper can no longer run, save, merge or unload (it would compute with what that call left in the "
             "base model, for every modality). Use the model that call returned, or build a fresh wrapper: "

@@ -31,6 +31,7 @@ from ..tuners import Execution, MultimodalLayer, multimodal_layers, only_modalit
 from ..tuners.base import layer_state
 from ..utils import state_mismatches
 from ..runtime.verify import cast_inputs, checked_call, input_dtype
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["MultimodalModel"]
 
@@ -125,7 +126,7 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         ``"absent"`` (that sample's modality counts as missing) or ``"off"`` (no check, no host
         sync: the data pipeline checks, e.g. on the CPU)."""
         if action not in ("error", "absent", "off"):
-            raise ValueError(f"nonfinite must be 'error', 'absent' or 'off', got {action!r}")
+            raise MmpeftValueError(f"nonfinite must be 'error', 'absent' or 'off', got {action!r}")
         self.nonfinite = action
 
     def split(self, out: Any, as_dict: bool = True, names: Sequence[str] | None = None) -> Any:
@@ -262,7 +263,7 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         _merge.check_usable(self)
         problems = state_mismatches(own, state, strict)
         if problems:
-            raise ValueError("cannot load multimodal weights: " + " | ".join(problems))
+            raise MmpeftValueError("cannot load multimodal weights: " + " | ".join(problems))
         merged = _merge.unmerge_layers(self)
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         for name in merged:  # merged weights follow the new LoRA weights
@@ -313,7 +314,7 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         """Turn every multimodal layer and module to save on (True) or off (False: the model
         computes the frozen model's function on the stems' outputs)."""
         if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+            raise MmpeftTypeError(f"enabled must be a bool, got {enabled!r}")
         _merge.set_enabled(self, enabled)
         self.adapters_enabled = enabled
 
@@ -360,7 +361,7 @@ def _by_keyword(fn: Any, kwargs: dict[str, Any]) -> tuple[Any, Inputs]:
     params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     name = params[0].name if params else None
     if name is None or kwargs.get(name) is None:
-        raise TypeError(
+        raise MmpeftTypeError(
             f"no input given: pass the modalities' inputs by position or as {name or 'the first argument'}="
             "{modality: tensor}"
         )

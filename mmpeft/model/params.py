@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ..tuners import METHODS
+from ..errors import MmpeftKeyError, MmpeftValueError
 
 __all__ = ["ParamGroup", "ParamReport", "count_parameters", "trainable_summary", "kind_of", "is_trainable_name"]
 
@@ -59,7 +60,7 @@ class ParamReport:
         for g in self.groups:
             if g.name == name:
                 return g
-        raise KeyError(f"no parameter group {name!r}; groups: {[g.name for g in self.groups]}")
+        raise MmpeftKeyError(f"no parameter group {name!r}; groups: {[g.name for g in self.groups]}")
 
     def to_dict(self) -> dict[str, dict[str, int]]:
         d = {g.name: {"trainable": g.trainable, "frozen": g.frozen} for g in self.groups}
@@ -106,7 +107,7 @@ def count_parameters(
     elif callable(by):
         group_of = by
     else:
-        raise ValueError(f"by must be 'kind', 'module' or a callable, got {by!r}")
+        raise MmpeftValueError(f"by must be 'kind', 'module' or a callable, got {by!r}")
     groups: dict[str, ParamGroup] = {}
     for name, p in model.named_parameters():  # named_parameters de-duplicates shared tensors
         g = groups.setdefault(group_of(name), ParamGroup(group_of(name)))

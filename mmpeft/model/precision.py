@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from ..errors import MmpeftTypeError
 
 __all__ = ["LOW_PRECISION", "frozen_dtype", "sync_dtype", "check_autocast"]
 
@@ -25,7 +26,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 def check_autocast(value: Any) -> bool:
     """``value`` if it is a bool; a TypeError naming ``autocast_adapter_dtype`` otherwise."""
     if not isinstance(value, bool):
-        raise TypeError(
+        raise MmpeftTypeError(
             f"autocast_adapter_dtype must be a bool, got {value!r} (True: trainable tensors stay float32 on a "
             "bf16 / fp16 base, as peft; False: they take the base's dtype)"
         )

@@ -19,6 +19,7 @@ from ..runtime.norms import frozen_norms
 from ..targeting.prepare import prepare_backbone
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["Persistence", "check_not_peft"]
 
@@ -38,13 +39,13 @@ def _check_fingerprint(wrapped: nn.Module, saved: dict[str, list[int]], strict: 
     found = _fingerprint(wrapped)
     bad = [k for k in saved if k in found and found[k] != saved[k]]
     if bad:
-        raise ValueError(
+        raise MmpeftValueError(
             "the base model differs from the one the adapters were trained on: "
             + "; ".join(f"{k}: saved {tuple(saved[k])} vs model {tuple(found[k])}" for k in bad[:10])
         )
     gone = sorted(set(saved) ^ set(found))
     if gone and strict:
-        raise ValueError(f"the wrapped modules differ from the saved ones, e.g. {gone[:5]}")
+        raise MmpeftValueError(f"the wrapped modules differ from the saved ones, e.g. {gone[:5]}")
 
 
 def _probe_size(probe: Any) -> tuple[int, int] | None:
@@ -53,7 +54,7 @@ def _probe_size(probe: Any) -> tuple[int, int] | None:
         return None
     if isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(v, int) and v > 0 for v in probe):
         return (int(probe[0]), int(probe[1]))
-    raise TypeError(f"probe must be True, False or an (H, W) pair of positive ints, got {probe!r}")
+    raise MmpeftTypeError(f"probe must be True, False or an (H, W) pair of positive ints, got {probe!r}")
 
 
 def check_not_peft(model: nn.Module) -> None:
@@ -62,7 +63,7 @@ def check_not_peft(model: nn.Module) -> None:
     if found is None:
         return
     where = type(model).__name__ if found == "" else f"{found} ({type(model.get_submodule(found)).__name__})"
-    raise TypeError(
+    raise MmpeftTypeError(
         f"the model is already a peft model ({where} is peft's): mmpeft wraps the plain model and adds its own "
         "per-modality layers. Unwrap it first: peft_model.merge_and_unload() keeps its LoRA folded into the "
         "weights, peft_model.unload() drops it (get_base_model() alone still holds peft's LoRA layers)"
@@ -142,7 +143,7 @@ class Persistence:
         check_usable(self)
         unsaved = self.unsaved_trainables()  # type: ignore[attr-defined]
         if unsaved:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"{len(unsaved)} parameter(s) require grad but are not part of the adapters, so they would not be "
                 f"saved: {unsaved[:6]}{' ...' if len(unsaved) > 6 else ''}. Wrap with modules_to_save=[...] naming "
                 "their modules (they then train and are saved), or freeze them with requires_grad_(False)"

@@ -25,6 +25,7 @@ from ..targeting.targets import detect_family, preset_rules
 from ..tuners import METHODS, Method, get_method, method_of
 from ..tuners.options import Targets
 from ..utils import dtype_name, resolve_dtype
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
 
@@ -34,7 +35,7 @@ _MODEL_OPTIONS = ("stems", "in_channels", "modules_to_save")  # options of the w
 def _preset_method(preset: str, rules: list[RuleConfig], method: str | None) -> None:
     kinds = sorted({method_of(r).name for r in rules})
     if method is not None and kinds and kinds != [method]:
-        raise ValueError(
+        raise MmpeftValueError(
             f"preset {preset!r} builds {'/'.join(kinds)} rules but method={method!r}; pass the preset of that "
             f"method (default {get_method(method).preset!r}) or leave method unset"
         )
@@ -47,9 +48,9 @@ def _check_options(options: Mapping[str, Any], methods: list[Method]) -> None:
         missing = [m.name for m in methods if key not in m.options()]
         if not takers:
             known = sorted({o for m in methods for o in m.options()} | set(_MODEL_OPTIONS) | set(SELECTION_OPTIONS))
-            raise TypeError(f"unknown option {key!r}; the options of {[m.name for m in methods]} are {known}")
+            raise MmpeftTypeError(f"unknown option {key!r}; the options of {[m.name for m in methods]} are {known}")
         if missing:
-            raise TypeError(
+            raise MmpeftTypeError(
                 f"option {key!r} belongs to method {'/'.join(takers)}, not to {'/'.join(missing)}: it would be "
                 f"ignored. The options of {missing[0]!r} are {get_method(missing[0]).options()}"
             )
@@ -60,7 +61,7 @@ def _override(rule: RuleConfig, options: Mapping[str, Any], explicit: bool) -> R
     if not explicit:  # presets fix where adapters go and which outputs LoRA updates
         fixed = [k for k in ("placement", "slices", "split") if k in updates and updates[k] != getattr(rule, k, None)]
         if fixed:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"the preset fixes {fixed} (a rule on {rule.targets!r} has "
                 + ", ".join(f"{k}={getattr(rule, k, None)!r}" for k in fixed)
                 + "); pass targets= to choose them yourself"
@@ -77,7 +78,7 @@ def _override(rule: RuleConfig, options: Mapping[str, Any], explicit: bool) -> R
 def _check_lambda(rules: list[RuleConfig], options: Mapping[str, Any]) -> None:
     """``lambda_init`` with a preset none of whose rules mix would change nothing: an error."""
     if options.get("lambda_init") is not None and rules and all(r.fusion == "none" for r in rules):
-        raise ValueError(
+        raise MmpeftValueError(
             f"lambda_init={options['lambda_init']!r}: every rule of this wrap has fusion='none' (no fusion "
             "parameters), so lambda_init would change nothing; drop it or choose a preset that mixes ('mmlora')"
         )
@@ -88,7 +89,7 @@ def _lora_only(sel: Selection, methods: list[Method]) -> None:
         lacking = [m.name for m in methods if getattr(sel, option) and f not in m.options()]
         if lacking:
             takers = [m.name for m in METHODS.values() if f in m.options()]
-            raise TypeError(
+            raise MmpeftTypeError(
                 f"option {option!r} sets the {f!r} of {'/'.join(takers)} rules; method {lacking[0]!r} has no {f!r}"
             )
 
@@ -110,7 +111,7 @@ def _rules(
         get_method(method)
     if targets is not None:
         if preset is not None:
-            raise ValueError("pass either preset= or targets=, not both")
+            raise MmpeftValueError("pass either preset= or targets=, not both")
         return [get_method(method or "lora").config(targets=targets)], None
     preset = preset or get_method(method or "lora").preset
     rules = preset_rules(preset, detect_family(model))
@@ -130,7 +131,7 @@ def _build(
     )  # fmt: skip
     if not rules and (options or sel.given()):
         given = sorted(options) + sel.given()
-        raise TypeError(f"preset {preset!r} adapts no module, so the options {given} would change nothing")
+        raise MmpeftTypeError(f"preset {preset!r} adapts no module, so the options {given} would change nothing")
     _check_options(options, methods or [get_method("lora")])
     _lora_only(sel, methods or [get_method("lora")])
     rules = [_override(r, options, explicit=targets is not None) for r in rules]
@@ -168,7 +169,7 @@ def _config_of(
     if config is None:
         return _build(model, modalities, method, preset, targets, base_dtype, dict(options), in_place=True)
     if options or targets is not None or preset is not None or method is not None or base_dtype is not None:
-        raise ValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
+        raise MmpeftValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
     return config
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from .blocks import blocks_with, runner_of, set_block_features
 from ..tuners import MultimodalAdapter, MultimodalLayer
+from ..errors import MmpeftValueError
 
 __all__ = [
     "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",
@@ -309,9 +310,9 @@ def enable_efficient_attention(model: nn.Module, queries: str = "auto", rel_pos:
     Undo with :func:`disable_efficient_attention`.
     """
     if queries not in QUERIES:
-        raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
+        raise MmpeftValueError(f"queries must be one of {QUERIES}, got {queries!r}")
     if rel_pos not in REL_POS:
-        raise ValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
+        raise MmpeftValueError(f"rel_pos must be one of {REL_POS}, got {rel_pos!r}")
     names = []
     for name, block in model.named_modules():
         if _supported(block):

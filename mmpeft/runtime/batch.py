@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence, Union
 
 import torch
+from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["Inputs", "gather", "check_dims", "check_sizes", "split_output"]
 
@@ -20,24 +21,24 @@ def gather(modalities: Sequence[str], inputs: Inputs) -> tuple[list[str], list[t
     """The present modalities (model order) and their tensors; absent ones are left out of a dict
     or passed as None in a sequence. At least one must be present; each must be a tensor."""
     if isinstance(inputs, torch.Tensor):
-        raise TypeError(f"pass one tensor per modality {tuple(modalities)} (a dict or a sequence), not a single tensor")
+        raise MmpeftTypeError(f"pass one tensor per modality {tuple(modalities)} (a dict or a sequence), not a single tensor")
     if isinstance(inputs, Mapping):
         unknown = [k for k in inputs if k not in modalities]
         if unknown:
-            raise KeyError(f"unknown modalities {unknown}; this model was built for {list(modalities)}")
+            raise MmpeftKeyError(f"unknown modalities {unknown}; this model was built for {list(modalities)}")
         pairs = [(m, inputs[m]) for m in modalities if inputs.get(m) is not None]
     else:
         xs = list(inputs)
         if len(xs) != len(modalities):
-            raise ValueError(
+            raise MmpeftValueError(
                 f"expected {len(modalities)} inputs {list(modalities)} (None for a missing one), got {len(xs)}"
             )
         pairs = [(m, x) for m, x in zip(modalities, xs) if x is not None]
     if not pairs:
-        raise ValueError(f"no modality given; pass at least one of {list(modalities)}")
+        raise MmpeftValueError(f"no modality given; pass at least one of {list(modalities)}")
     for m, x in pairs:
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input of modality {m!r} is a {type(x).__name__}, not a tensor")
+            raise MmpeftTypeError(f"input of modality {m!r} is a {type(x).__name__}, not a tensor")
     return [m for m, _ in pairs], [x for _, x in pairs]
 
 
@@ -51,7 +52,7 @@ def check_dims(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     fewer than the others, is told to add the batch axis)."""
     flat = [m for m, x in zip(names, xs) if x.dim() < 3]
     if flat:
-        raise ValueError(
+        raise MmpeftValueError(
             f"the inputs of {flat} lack axes ({_shapes(names, xs)}): each modality's input needs "
             "(batch, channels, spatial...), e.g. (B, C, H, W) for an image model"
         )
@@ -60,7 +61,7 @@ def check_dims(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     if fewer:
         single = [m for m, x in zip(names, xs) if x.dim() == most - 1]
         hint = f"; {single} look like single samples: add the batch axis (x[None] or x.unsqueeze(0))" if single else ""
-        raise ValueError(
+        raise MmpeftValueError(
             f"all modalities need the same number of dimensions, {fewer} have fewer: {_shapes(names, xs)}{hint}"
         )
 
@@ -72,7 +73,7 @@ def check_sizes(names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
     for m, x in zip(names, xs):
         if x.shape[0] != ref.shape[0] or x.shape[2:] != ref.shape[2:]:
             hint = "; single samples (channels, H, W)? add the batch axis: x[None]" if x.dim() == 3 else ""
-            raise ValueError(
+            raise MmpeftValueError(
                 f"all modalities need the same batch and spatial sizes: {_shapes(names, xs)} ({m!r} differs from "
                 f"{ref_m!r}){hint}"
             )
@@ -95,7 +96,7 @@ def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
     m = len(names)
     if isinstance(out, torch.Tensor):
         if out.dim() == 0 or out.shape[0] % m != 0:
-            raise ValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
+            raise MmpeftValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
         parts = out.chunk(m, 0)
         return dict(zip(names, parts)) if as_dict else list(parts)
     if isinstance(out, Mapping):  # a dict, or a Hugging Face ModelOutput (rebuilt as its own type)
@@ -106,4 +107,4 @@ def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
         per_t = [split_output(v, names, False) for v in out]
         res_t = [type(out)(v[i] for v in per_t) for i in range(m)]
         return dict(zip(names, res_t)) if as_dict else res_t
-    raise TypeError(f"cannot split an output of type {type(out).__name__}")
+    raise MmpeftTypeError(f"cannot split an output of type {type(out).__name__}")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch.utils.checkpoint as cp
 from torch import nn
+from ..errors import MmpeftValueError
 
 __all__ = ["BlockRunner", "runner_of", "set_block_features", "blocks_with"]
 
@@ -71,7 +72,7 @@ def set_block_features(
     runner = runner_of(block)
     if runner is None:
         if "forward" in vars(block):
-            raise ValueError(f"{type(block).__name__} already has an instance forward set by other code")
+            raise MmpeftValueError(f"{type(block).__name__} already has an instance forward set by other code")
         runner = BlockRunner(block)
     if efficient is not _UNSET:
         runner.efficient = efficient

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from .blocks import blocks_with, runner_of, set_block_features
+from ..errors import MmpeftValueError
 
 __all__ = ["enable_gradient_checkpointing", "disable_gradient_checkpointing", "checkpointed_blocks"]
 
@@ -29,7 +30,7 @@ def enable_gradient_checkpointing(model: nn.Module, pattern: str = DEFAULT_PATTE
             set_block_features(module, checkpoint=True)
             names.append(name)
     if not names and not checkpointed_blocks(model):
-        raise ValueError(f"no module name matches {pattern!r}; nothing to checkpoint")
+        raise MmpeftValueError(f"no module name matches {pattern!r}; nothing to checkpoint")
     return names
 
 

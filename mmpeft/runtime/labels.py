@@ -16,6 +16,7 @@ import inspect
 from typing import Any, Mapping
 
 from torch import nn
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["take_labels", "check_presence", "with_losses"]
 
@@ -43,7 +44,7 @@ def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Any:
         return None
     name = type(model).__name__
     if not _classifier(model):
-        raise ValueError(
+        raise MmpeftValueError(
             f"labels= with {name}: its forward computes the loss from the logits of the whole stacked batch "
             "((M*B, ...) against labels of B samples), and mmpeft computes per-modality losses only for "
             "Hugging Face *ForImageClassification heads. Call without labels= and compute each modality's loss "
@@ -57,7 +58,7 @@ def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Any:
 def check_presence(labels: Any, mask: Any) -> None:
     """``labels`` with a per-sample presence mask (``presence=`` or ``nonfinite="absent"``) is an error."""
     if labels is not None and mask is not None:
-        raise ValueError(
+        raise MmpeftValueError(
             "labels= with a presence mask: the head's loss is a mean over every sample, absent ones included. "
             "Call without labels= and compute the loss of each modality's logits over its present samples"
         )
@@ -65,7 +66,7 @@ def check_presence(labels: Any, mask: Any) -> None:
 
 def _with_loss(model: nn.Module, out: Any, labels: Any) -> Any:
     if not isinstance(out, Mapping) or out.get("logits") is None:
-        raise TypeError(f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss")
+        raise MmpeftTypeError(f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss")
     loss = model.loss_function(labels, out["logits"], model.config)  # type: ignore[operator]
     fields = {"loss": loss, **{k: v for k, v in out.items() if k != "loss"}}
     return type(out)(**fields)

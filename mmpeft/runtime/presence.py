@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal, Mapping, Sequence, Union
 
 import torch
+from ..errors import MmpeftKeyError, MmpeftValueError
 
 __all__ = [
     "NonFiniteInputError",
@@ -38,7 +39,7 @@ NonFiniteAction = Literal["error", "absent", "off"]
 Presence = Union[Mapping[str, torch.Tensor], torch.Tensor]
 
 
-class NonFiniteInputError(ValueError):
+class NonFiniteInputError(MmpeftValueError):
     """An input holds NaN or inf values (message: modality, tile or sample, pixel count)."""
 
 
@@ -46,18 +47,18 @@ def _rows(presence: Presence, names: Sequence[str], batch: int) -> torch.Tensor:
     """``presence`` as an (S, B) bool tensor on its own device (a dict of CPU masks stays on the CPU)."""
     if isinstance(presence, torch.Tensor):
         if tuple(presence.shape) != (len(names), batch):
-            raise ValueError(
+            raise MmpeftValueError(
                 f"a presence tensor must have shape (modalities, batch) = ({len(names)}, {batch}) "
                 f"for {list(names)}, got {tuple(presence.shape)}"
             )
         return presence.to(torch.bool)
     unknown = [k for k in presence if k not in names]
     if unknown:
-        raise KeyError(f"presence names modalities {unknown} that are not in the batch {list(names)}")
+        raise MmpeftKeyError(f"presence names modalities {unknown} that are not in the batch {list(names)}")
     given = {n: torch.as_tensor(presence[n]).to(torch.bool).reshape(-1) for n in names if presence.get(n) is not None}
     for name, p in given.items():
         if p.shape[0] != batch:
-            raise ValueError(f"presence of {name!r} has {p.shape[0]} entries for a batch of {batch}")
+            raise MmpeftValueError(f"presence of {name!r} has {p.shape[0]} entries for a batch of {batch}")
     dev = next(iter(given.values())).device if given else torch.device("cpu")
     ones = torch.ones(batch, dtype=torch.bool, device=dev)
     return torch.stack([given[n].to(dev) if n in given else ones for n in names])  # (S, B)
@@ -70,7 +71,7 @@ def refuse_empty(mask: torch.Tensor, names: Sequence[str], tiles: Sequence[str] 
     if not bool(empty.any()):
         return
     where = [_describe(tiles, b) for b in torch.nonzero(empty).flatten().tolist()]
-    raise ValueError(
+    raise MmpeftValueError(
         f"every modality of {list(names)} is absent in {', '.join(where[:10])}"
         + (f" (+{len(where) - 10} more)" if len(where) > 10 else "")
         + (f" ({why})" if why else "")
@@ -95,13 +96,13 @@ def dropout_rates(rates: float | Mapping[str, float], modalities: Sequence[str])
     if isinstance(rates, Mapping):
         unknown = [k for k in rates if k not in modalities]
         if unknown:
-            raise ValueError(f"modality_dropout names unknown modalities {unknown}; known: {list(modalities)}")
+            raise MmpeftValueError(f"modality_dropout names unknown modalities {unknown}; known: {list(modalities)}")
         out = {m: float(rates.get(m, 0.0)) for m in modalities}
     else:
         out = {m: float(rates) for m in modalities}
     bad = {m: p for m, p in out.items() if not 0.0 <= p < 1.0}
     if bad:
-        raise ValueError(f"modality_dropout rates must be in [0, 1), got {bad}")
+        raise MmpeftValueError(f"modality_dropout rates must be in [0, 1), got {bad}")
     return out
 
 
@@ -152,7 +153,7 @@ def check_finite(
     if action == "off":
         return None
     if action not in ("error", "absent"):
-        raise ValueError(f"non-finite action must be 'error', 'absent' or 'off', got {action!r}")
+        raise MmpeftValueError(f"non-finite action must be 'error', 'absent' or 'off', got {action!r}")
     bad: dict[str, torch.Tensor] = {}
     for name, x in inputs.items():
         if not x.is_floating_point():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import StemConfig
+from ..errors import MmpeftValueError
 
 __all__ = ["ModalityStem", "check_stem_inputs", "adapted_band_mix"]
 
@@ -56,7 +57,7 @@ class ModalityStem(nn.Module):
             self.register_buffer("band_mix", adapted_band_mix(modality, int(config.in_channels), model_channels), persistent=False)  # type: ignore[arg-type]
         if config.kind == "conv1x1":
             if model_channels is None:
-                raise ValueError("a 'conv1x1' stem needs the model's input channels (pass in_channels=)")
+                raise MmpeftValueError("a 'conv1x1' stem needs the model's input channels (pass in_channels=)")
             c_in = int(config.in_channels)  # type: ignore[arg-type]
             self.stem_conv = nn.Conv2d(c_in, model_channels, 1)
             with torch.no_grad():
@@ -107,7 +108,7 @@ class ModalityStem(nn.Module):
         """x: (B, c, ...) -> (B, C_model, ...), after :meth:`problem` (an error naming it)."""
         problem = self.problem(x)
         if problem is not None:
-            raise ValueError(f"{problem.rstrip('.')}. If the inputs come as a sequence, check their order (or pass a dict)")
+            raise MmpeftValueError(f"{problem.rstrip('.')}. If the inputs come as a sequence, check their order (or pass a dict)")
         return self.map_checked(x)
 
     def map_checked(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,12 +139,12 @@ def adapted_band_mix(modality: str, bands: int, model_channels: int | None) -> t
     from timm.models import adapt_input_conv  # timm's helper (import deferred: timm loads slowly)
 
     if model_channels is None:
-        raise ValueError(f"modality {modality!r}: an 'adapt' stem needs the model's input channels (pass in_channels=)")
+        raise MmpeftValueError(f"modality {modality!r}: an 'adapt' stem needs the model's input channels (pass in_channels=)")
     eye = torch.eye(model_channels)[:, :, None, None]  # (C_model, C_model, 1, 1): W = identity
     try:
         mix = adapt_input_conv(bands, eye)  # (C_model, bands, 1, 1)
     except (NotImplementedError, AssertionError) as exc:
-        raise ValueError(
+        raise MmpeftValueError(
             f"modality {modality!r}: timm's adapt_input_conv cannot adapt a {model_channels}-channel patch embedding "
             f"to {bands} bands ({exc or type(exc).__name__}); use a 'conv1x1' stem"
         ) from None
@@ -179,7 +180,7 @@ def check_stem_inputs(
             problems.append(problem)
     if problems:
         hint = _order_hint(stems, names, xs) if positional else ""
-        raise ValueError("; ".join(problems) + hint)
+        raise MmpeftValueError("; ".join(problems) + hint)
     if positional:
         _check_order_knowable(stems, names, xs)
 
@@ -192,7 +193,7 @@ def _check_order_knowable(stems: Mapping[str, ModalityStem], names: Sequence[str
     unknown = [m for m in names if stems[m].in_channels is None]
     if len({int(x.shape[1]) for m, x in zip(names, xs) if m in unknown}) > 1:
         given = ", ".join(f"{m}={tuple(x.shape)}" for m, x in zip(names, xs))
-        raise ValueError(
+        raise MmpeftValueError(
             f"a sequence is read in the model's order {tuple(stems)}, and nothing tells a swapped order apart "
             f"while {unknown} have no channel count ({given}): pass a dict ({{modality: tensor}}), or declare "
             "the counts (stems={'dsm': ('repeat', 1)}); after a first call the counts are known and a sequence works"

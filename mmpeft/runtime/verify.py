@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from ..tuners import MultimodalLayer
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["WrapError", "cast_inputs", "compute_dtype", "input_dtype", "checked_call"]
 
 
-class WrapError(RuntimeError):
+class WrapError(MmpeftValueError, RuntimeError):
     """A wrapped model that cannot compute what it promises (a bypassed or unused layer)."""
 
 
@@ -41,7 +42,7 @@ def cast_inputs(modalities: Sequence[str], xs: Sequence[torch.Tensor], dtype: to
     out = []
     for m, x in zip(modalities, xs):
         if not x.is_floating_point():
-            raise TypeError(
+            raise MmpeftTypeError(
                 f"input of modality {m!r} has dtype {x.dtype}; pass floating-point tensors (e.g. "
                 f"x.float() / 255 for 8-bit images): the model computes in {dtype or 'floating point'}"
             )

@@ -18,6 +18,7 @@ from typing import Iterable
 from torch import nn
 
 from .structure import warn_structural
+from ..errors import MmpeftWarning
 
 __all__ = ["CoverageWarning", "attention_modules", "conv_projections", "has_attention", "warn_uncovered_attention"]
 
@@ -25,7 +26,7 @@ __all__ = ["CoverageWarning", "attention_modules", "conv_projections", "has_atte
 _PROJECTION = re.compile(r"(^|_)(qkv|to_qkv|in_proj|qk|kv|q|k|v|query|key|value|[qkv]_proj)$")
 
 
-class CoverageWarning(UserWarning):
+class CoverageWarning(MmpeftWarning):
     """A preset leaves some attention modules of the model without an update."""
 
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..config import Targets
+from ..errors import MmpeftValueError
 
 __all__ = ["BackboneFamily"]
 
@@ -62,7 +63,7 @@ class BackboneFamily:
     def __post_init__(self) -> None:
         split = ((self.q is None) != (self.qk is None)) and ((self.v is None) != (self.kv is None))
         if (self.qkv is None) != split or (self.qkv is not None and any((self.q, self.qk, self.v, self.kv))):
-            raise ValueError(f"family {self.name!r}: give either qkv, or one of q / qk and one of v / kv")
+            raise MmpeftValueError(f"family {self.name!r}: give either qkv, or one of q / qk and one of v / kv")
 
     def targets(self, *parts: str) -> Targets:
         """Targets selecting ``parts`` (name suffixes), within :attr:`scope` when set."""

@@ -24,6 +24,7 @@ from .targets import match_targets
 from ..tuners import method_of, multimodal_layers
 from ..tuners.adapter import AdapterConfig, build_adapter
 from ..tuners.options import Targets
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "set_submodule", "wrap_modules_to_save"]
 
@@ -43,7 +44,7 @@ class ModuleToSave(nn.Module):
 
     def enable_adapters(self, enabled: bool) -> None:
         if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+            raise MmpeftTypeError(f"enabled must be a bool, got {enabled!r}")
         self.adapters_enabled = enabled
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -84,7 +85,7 @@ def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
             names = match_targets(model, rule.targets, method_of(rule).wraps)
         for n in names:
             if n in owner:
-                raise ValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
+                raise MmpeftValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
             owner[n] = i
     return owner
 
@@ -106,9 +107,9 @@ def apply_rules(
     caller already read them (default: ``config.in_channels``, else read off the model).
     """
     if probe_size is not None and not probe:
-        raise ValueError(f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)")
+        raise MmpeftValueError(f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)")
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
-        raise ValueError(
+        raise MmpeftValueError(
             "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "
             "the same frozen model use wrapped.add_adapter(name, ...) and wrapped.set_adapter(name)"
         )
@@ -171,7 +172,7 @@ def _build_layer(model: nn.Module, rule: Any, name: str, config: MultimodalConfi
     if isinstance(rule, AdapterConfig) and rule.placement == "after" and width is not None:
         outs = {m.out_features for m in module.modules() if isinstance(m, nn.Linear)}
         if outs and width not in outs:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"cannot put an 'after' adapter on {name} ({type(module).__name__}): its output's last axis has "
                 f"{width} entries, the output width of none of its nn.Linear layers {sorted(outs)}, so its channels "
                 "are not on the last axis (a (N, C, H, W) map?); target a module whose output is (..., C)"
@@ -200,7 +201,7 @@ def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str])
     for n in names:
         inside = [a for a in adapted if a == n or a.startswith(n + ".") or n.startswith(a + ".")]
         if inside:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"modules_to_save selects {n}, which holds or is inside the adapted module(s) {inside[:3]}: "
                 "a module either trains in full or carries multimodal layers; narrow modules_to_save or targets"
             )

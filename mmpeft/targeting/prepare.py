@@ -20,11 +20,12 @@ from __future__ import annotations
 from torch import nn
 
 from ..runtime.norms import frozen_norms
+from ..errors import MmpeftValueError
 
 __all__ = ["BypassError", "prepare_backbone", "check_targets_callable"]
 
 
-class BypassError(ValueError):
+class BypassError(MmpeftValueError):
     """A targeted module would be read by its parent (``.weight``) rather than called."""
 
 

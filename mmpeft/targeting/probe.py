@@ -39,6 +39,7 @@ from ..runtime.verify import WrapError
 from .inputs import choose_size
 from .shapes import meta_forward
 from .structure import warn_structural
+from ..errors import MmpeftValueError, MmpeftWarning
 
 __all__ = [
     "PROBE_BATCHES", "ProbeError", "ProbeWarning", "Probed", "probe_input", "dry_run", "probe_batch_factors",
@@ -49,7 +50,7 @@ PROBE_BATCHES = (1, 2)
 _LOG = logging.getLogger(__name__)
 
 
-class ProbeError(RuntimeError):
+class ProbeError(MmpeftValueError, RuntimeError):
     """The wrap-time dry run of the model's forward failed (the message names the input tried)."""
 
 
@@ -205,7 +206,7 @@ def _tail(name: str) -> str:
     return ".".join(parts[idx[-1] + 1 :]) if idx and idx[-1] + 1 < len(parts) else name
 
 
-class ProbeWarning(UserWarning):
+class ProbeWarning(MmpeftWarning):
     """The default selection left out modules whose input does not carry the batch axis."""
 
 
@@ -220,7 +221,7 @@ def _not_batched(bad: list[Probed], leave_out: bool) -> None:
             ProbeWarning,
         )
         return
-    raise ValueError(
+    raise MmpeftValueError(
         f"{bad[0].describe()}{more}. A multimodal layer splits its input's first axis into one chunk per "
         f"modality, so it must wrap modules whose input carries the batch; leave these out with "
         f"exclude={tails!r}, or choose the modules with targets="

@@ -23,6 +23,7 @@ from .targets import _matches, match_targets
 from ..tuners import method_of
 from ..tuners.options import Targets, check_targets
 from ..utils import check_int, check_number
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "ALL_LINEAR", "DEFAULT_LAYERS_PATTERN", "SELECTION_OPTIONS", "Selection", "all_linear", "is_all_linear",
@@ -75,7 +76,7 @@ def all_linear(model: nn.Module, modules_to_save: Targets | None = None) -> list
         skip += [n for n, _ in named if _matches(n, modules_to_save)]
     names = [n for n, m in named if isinstance(m, nn.Linear) and not _under(n, skip)]
     if not names:
-        raise ValueError(f"targets='all-linear' finds no nn.Linear in {type(model).__name__} outside {skip[:5]}")
+        raise MmpeftValueError(f"targets='all-linear' finds no nn.Linear in {type(model).__name__} outside {skip[:5]}")
     return names
 
 
@@ -101,18 +102,18 @@ def pattern_key(keys: Sequence[str], name: str) -> str | None:
 def _int_list(name: str, value: Any) -> list[int]:
     values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(values, (list, tuple)) or not values:
-        raise TypeError(f"{name} must be a block index or a non-empty list of them, got {value!r}")
+        raise MmpeftTypeError(f"{name} must be a block index or a non-empty list of them, got {value!r}")
     return [check_int(name, v, minimum=0) for v in values]
 
 
 def _patterns(name: str, value: Any, check: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) and k for k in value):
-        raise TypeError(f"{name} must be a non-empty {{pattern: value}} dict with string keys, got {value!r}")
+        raise MmpeftTypeError(f"{name} must be a non-empty {{pattern: value}} dict with string keys, got {value!r}")
     for key in value:
         try:
             re.compile(rf"(.*\.)?({key})$")  # as pattern_key matches it
         except re.error as err:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"{name} key {key!r} is not a valid regular expression ({err}); a key is a regex matched against "
                 "the end of module names: escape special characters (re.escape) or write a plain name"
             ) from None
@@ -140,10 +141,10 @@ class Selection:
             sel.layers = _int_list("layers", sel.layers)
         if sel.layers_pattern is not None:
             if sel.layers is None:
-                raise ValueError("layers_pattern= says where block indices are found; it needs layers= (as peft)")
+                raise MmpeftValueError("layers_pattern= says where block indices are found; it needs layers= (as peft)")
             lp = [sel.layers_pattern] if isinstance(sel.layers_pattern, str) else list(sel.layers_pattern)
             if not lp or not all(isinstance(p, str) and p for p in lp):
-                raise TypeError(f"layers_pattern must be a name or a list of names, got {sel.layers_pattern!r}")
+                raise MmpeftTypeError(f"layers_pattern must be a name or a list of names, got {sel.layers_pattern!r}")
             sel.layers_pattern = lp
         if got.get("rank_pattern") is not None:
             sel.rank_pattern = _patterns("rank_pattern", sel.rank_pattern, check_int)
@@ -166,7 +167,7 @@ def _exclude(chosen: list[list[str]], exclude: Targets) -> list[list[str]]:
     kept = [[n for n in names if not _matches(n, exclude)] for names in chosen]
     if sum(map(len, kept)) == sum(map(len, chosen)):
         some = sorted({".".join(n.split(".")[-2:]) for names in chosen for n in names})
-        raise ValueError(
+        raise MmpeftValueError(
             f"exclude={exclude!r} matches none of the modules the targets select (name endings: {some[:20]}): "
             "it would exclude nothing"
         )
@@ -176,13 +177,13 @@ def _exclude(chosen: list[list[str]], exclude: Targets) -> list[list[str]]:
 def _by_layer(chosen: list[list[str]], layers: list[int], patterns: Sequence[str]) -> list[list[str]]:
     found = sorted({i for names in chosen for n in names if (i := layer_index(n, patterns)) is not None})
     if not found:
-        raise ValueError(
+        raise MmpeftValueError(
             f"layers={layers}: none of the selected modules sits in a numbered block <{'|'.join(patterns)}>.<i>; "
             "pass layers_pattern= with the name of the model's block list"
         )
     missing = [i for i in layers if i not in found]
     if missing:
-        raise ValueError(
+        raise MmpeftValueError(
             f"layers={layers}: no selected module in block(s) {missing}; the selected modules are in blocks "
             f"{found[0]}..{found[-1]} (layers_pattern {list(patterns)})"
         )
@@ -226,13 +227,13 @@ def resolve_rules(
     if sel.layers is not None:
         chosen = _by_layer(chosen, sel.layers, sel.layers_pattern or DEFAULT_LAYERS_PATTERN)
     if rules and not any(chosen):
-        raise ValueError(f"no module is left to tune: {sel.given()} remove every module the targets select")
+        raise MmpeftValueError(f"no module is left to tune: {sel.given()} remove every module the targets select")
     used: set[str] = set()
     out = [r for rule, names in zip(rules, chosen) if names for r in _split(model, rule, names, sel, used)]
     unused = [f"{o}[{k!r}]" for o in PATTERN_FIELDS for k in getattr(sel, o) if f"{o}[{k!r}]" not in used]
     if unused:
         selected = [n for names in chosen for n in names]
-        raise ValueError(
+        raise MmpeftValueError(
             f"{', '.join(unused)} take(s) effect on none of the {len(selected)} selected modules (e.g. "
             f"{selected[:4]}): a key applies to the names that end with it (peft: re.match(rf'(.*\\.)?({{key}})$', "
             "name)), the first matching key of the dict winning"

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from ..errors import MmpeftValueError, MmpeftWarning
 
 __all__ = ["Structure", "StructureError", "StructuralFamilyWarning", "find_structure", "warn_structural"]
 
@@ -46,11 +47,11 @@ _FUSED = ("qkv", "in_proj")
 _Lins = list[tuple[str, nn.Linear]]
 
 
-class StructureError(ValueError):
+class StructureError(MmpeftValueError):
     """The module tree does not say where the presets go (the message says what was found)."""
 
 
-class StructuralFamilyWarning(UserWarning):
+class StructuralFamilyWarning(MmpeftWarning):
     """A model of no known family was placed by structure (the message lists the chosen modules)."""
 
 

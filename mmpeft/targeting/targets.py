@@ -21,6 +21,7 @@ from .coverage import conv_projections, has_attention
 from .family import BackboneFamily
 from .hybrid import HYBRID_FAMILIES
 from .structure import StructureError, find_structure, warn_structural
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "BackboneFamily",
@@ -149,7 +150,7 @@ def match_targets(
     if not names:
         candidates = [n for n, m in model.named_modules() if n and (want is None or isinstance(m, want))]
         suffixes = sorted({".".join(n.split(".")[-2:]) for n in candidates})
-        raise ValueError(
+        raise MmpeftValueError(
             f"targets {targets!r} match no module of {type(model).__name__}. "
             f"Module name endings that exist{' (' + _names(want) + ')' if want else ''}: "
             f"{suffixes[:40]}{' ...' if len(suffixes) > 40 else ''}"
@@ -158,7 +159,7 @@ def match_targets(
         modules = dict(model.named_modules())
         wrong = [n for n in names if not isinstance(modules[n], want)]
         if wrong:
-            raise TypeError(
+            raise MmpeftTypeError(
                 f"targets {targets!r} select {wrong[0]} of type {type(modules[wrong[0]]).__name__}, "
                 f"but this method needs {_names(want)} modules"
             )
@@ -197,7 +198,7 @@ def detect_family(model: nn.Module) -> BackboneFamily:
     try:
         structure = find_structure(model)
     except StructureError as err:
-        raise ValueError(_unplaced(model, err)) from None
+        raise MmpeftValueError(_unplaced(model, err)) from None
     warn_structural(structure.summary(type(model).__name__))
     return BackboneFamily("structural", **structure.family_fields())
 
@@ -255,7 +256,7 @@ def _mmlora(f: BackboneFamily) -> list[RuleConfig]:
 
 def _mmadapter(f: BackboneFamily, init: str = "zeros") -> list[RuleConfig]:
     if f.adapter_refused is not None:
-        raise ValueError(f"the adapter presets cannot be placed in family {f.name!r}: {f.adapter_refused}")
+        raise MmpeftValueError(f"the adapter presets cannot be placed in family {f.name!r}: {f.adapter_refused}")
     return [
         # per-modality adapter after the attention, with its own skip
         AdapterConfig(targets=f.targets(f.attn), placement="after", ratio=0.25, fusion="none", init=init),  # type: ignore[arg-type]
@@ -290,5 +291,5 @@ PRESETS: dict[str, Callable[[BackboneFamily], list[RuleConfig]]] = {
 def preset_rules(name: str, family: BackboneFamily) -> list[RuleConfig]:
     """Fresh rule configs of preset ``name`` for ``family``."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        raise MmpeftValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return PRESETS[name](family)

@@ -37,6 +37,7 @@ from torch import nn
 
 from .fusion import Fusion, apply_mixing
 from ..utils import check_modalities
+from ..errors import MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "by_modality", "MergeError", "mixing_refusal", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
@@ -52,7 +53,7 @@ def _exporting() -> bool:
     return bool(is_exporting()) if is_exporting is not None else False
 
 
-class MergeError(ValueError):
+class MergeError(MmpeftValueError):
     """A layer whose update cannot be folded into a weight (the message says why)."""
 
 
@@ -87,7 +88,7 @@ class MultimodalLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, modalities: Sequence[str]) -> None:
         super().__init__()
         if isinstance(base_layer, MultimodalLayer):
-            raise ValueError("the module is already a multimodal layer; wrapping it twice is not supported")
+            raise MmpeftValueError("the module is already a multimodal layer; wrapping it twice is not supported")
         self.base_layer = base_layer
         self.modalities: tuple[str, ...] = tuple(check_modalities(modalities))  # distinct names, not a str
         self.execution: Execution = "batched"
@@ -132,7 +133,7 @@ class MultimodalLayer(nn.Module):
     def enable_adapters(self, enabled: bool) -> None:
         """Turn the layer's updates on (True) or off (False: the output is ``base_layer``'s)."""
         if not isinstance(enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+            raise MmpeftTypeError(f"enabled must be a bool, got {enabled!r}")
         self.adapters_enabled = enabled
 
     @property
@@ -207,13 +208,13 @@ class MultimodalLayer(nn.Module):
             exact = self.factor_size is not None and self.input_size == self.factor_size
             if (n not in (m * k * b, m * b)) if exact else (n == 0 or n % (m * b) != 0):
                 want = f"{m * k * b} ({m} x {k} x {b}){f' or {m * b}' if k != 1 else ''}" if exact else f"a multiple of {m * b}"
-                raise ValueError(
+                raise MmpeftValueError(
                     f"{type(self).__name__} (batch_factor={k}) got an input of shape {tuple(x.shape)}; with the {m} "
                     f"modalities {mods} of batch {b} stacked on dim 0 its leading size must be {want}: the "
                     "input does not carry the batch axis"
                 )
         if x.dim() == 0 or n % m != 0:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"{type(self).__name__} expects the {m} modalities {mods} stacked on dim 0 "
                 f"(M*B, ...), got shape {tuple(x.shape)}; call the model returned by wrap_multimodal"
             )
@@ -223,7 +224,7 @@ class MultimodalLayer(nn.Module):
         idx = self.single
         assert idx is not None
         if self._fusion().mixes:
-            raise RuntimeError(
+            raise MmpeftStateError(
                 f"{type(self).__name__} mixes modalities ({type(self._fusion()).__name__}); "
                 "it cannot run on one modality alone"
             )
@@ -243,7 +244,7 @@ def multimodal_layers(model: nn.Module) -> Iterator[tuple[str, MultimodalLayer]]
 def set_execution(model: nn.Module, execution: Execution) -> None:
     """Switch every multimodal layer of ``model`` to ``"batched"`` or ``"loop"`` execution."""
     if execution not in ("batched", "loop"):
-        raise ValueError(f"execution must be 'batched' or 'loop', got {execution!r}")
+        raise MmpeftValueError(f"execution must be 'batched' or 'loop', got {execution!r}")
     for _, layer in multimodal_layers(model):
         layer.execution = execution
 
@@ -272,9 +273,9 @@ def only_modality(model: nn.Module, modality: str) -> contextlib.AbstractContext
     orders = {layer.modalities for _, layer in multimodal_layers(model)}
     unknown = [o for o in orders if modality not in o]
     if unknown:
-        raise KeyError(f"unknown modality {modality!r}; known: {unknown[0]}")
+        raise MmpeftKeyError(f"unknown modality {modality!r}; known: {unknown[0]}")
     if len(orders) > 1:
-        raise ValueError(f"the layers of this model stack their modalities in different orders: {sorted(orders)}")
+        raise MmpeftValueError(f"the layers of this model stack their modalities in different orders: {sorted(orders)}")
     return layer_state(model, single=orders.pop().index(modality) if orders else None)
 
 

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from ..errors import MmpeftValueError
 
 __all__ = [
     "Fusion",
@@ -95,7 +96,7 @@ class Fusion(nn.Module):
         """M, after checking that ``d`` holds one update per modality on dim 0."""
         m = len(self.modalities)
         if d.shape[0] != m:
-            raise ValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
+            raise MmpeftValueError(f"fusion expects {m} modality updates on dim 0, got shape {tuple(d.shape)}")
         return m
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,7 @@ def build_fusion(
 ) -> Fusion:
     """Instantiate the fusion rule named ``rule`` for ``modalities``."""
     if rule not in FUSION_RULES:
-        raise ValueError(f"unknown fusion rule {rule!r}; known rules: {sorted(FUSION_RULES)}")
+        raise MmpeftValueError(f"unknown fusion rule {rule!r}; known rules: {sorted(FUSION_RULES)}")
     return FUSION_RULES[rule](modalities, init=init, device=device)
 
 

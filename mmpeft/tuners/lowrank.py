@@ -28,6 +28,7 @@ import contextlib
 from typing import Any, Sequence
 
 import torch
+from ..errors import MmpeftValueError
 
 __all__ = ["stacked_linear", "mixed_up", "Slice"]
 
@@ -97,9 +98,9 @@ def stacked_linear(
     Returns (M, T, K): T = the tokens of one modality, K = sum of the k_p of one modality.
     """
     if x.shape[0] % m or len(weights) % m:
-        raise ValueError(f"{len(weights)} weights and a batch of {x.shape[0]} do not split over {m} modalities")
+        raise MmpeftValueError(f"{len(weights)} weights and a batch of {x.shape[0]} do not split over {m} modalities")
     if biases is not None and len(biases) != len(weights):
-        raise ValueError(f"{len(biases)} biases for {len(weights)} weights")
+        raise MmpeftValueError(f"{len(biases)} biases for {len(weights)} weights")
     return _StackedLinear.apply(x, m, len(weights), *weights, *(biases or ()))
 
 
@@ -209,9 +210,9 @@ def mixed_up(
     n_out = base.shape[-1]
     sl = tuple(slices) if slices is not None else ((0, n_out, 0, k),)
     if base.numel() != m * t * n_out:
-        raise ValueError(f"base {tuple(base.shape)} does not hold {m} modalities x {t} tokens x {n_out}")
+        raise MmpeftValueError(f"base {tuple(base.shape)} does not hold {m} modalities x {t} tokens x {n_out}")
     if len(ups) != m * len(sl):
-        raise ValueError(f"{len(ups)} up weights for {m} modalities x {len(sl)} slices")
+        raise MmpeftValueError(f"{len(ups)} up weights for {m} modalities x {len(sl)} slices")
     if w is not None and w.shape != (m, m):
-        raise ValueError(f"mixing weights must be ({m}, {m}), got {tuple(w.shape)}")
+        raise MmpeftValueError(f"mixing weights must be ({m}, {m}), got {tuple(w.shape)}")
     return _MixedUp.apply(base, h, w, float(scale), sl, len(ups), *ups, *(biases or ()))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .base import MergeError, _exporting
+from ..errors import MmpeftStateError
 
 __all__ = ["WeightMerging"]
 
@@ -116,7 +117,7 @@ class WeightMerging:
         leave them unchanged without a word, so it is an error."""
         trainable = any(p.requires_grad for p in self.lora_A.parameters())  # type: ignore[attr-defined]
         if self.training and torch.is_grad_enabled() and trainable:
-            raise RuntimeError(
+            raise MmpeftStateError(
                 "this LoRA layer is merged (merge_adapters), so its LoRA weights get no gradient; call "
                 "unmerge_adapters() before training, or run the merged model in eval mode / under torch.no_grad()"
             )

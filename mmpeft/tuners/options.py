@@ -6,6 +6,7 @@ from typing import Any, Union
 
 from .fusion import FUSION_RULES
 from ..utils import check_number
+from ..errors import MmpeftValueError
 
 __all__ = ["Targets", "check_targets", "check_fusion"]
 
@@ -19,7 +20,7 @@ def check_targets(targets: Any) -> Targets:
         return targets
     targets = list(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"targets must be a regex string or a non-empty list of module names, got {targets!r}")
+        raise MmpeftValueError(f"targets must be a regex string or a non-empty list of module names, got {targets!r}")
     return targets
 
 
@@ -27,13 +28,13 @@ def check_fusion(fusion: Any, lambda_init: Any) -> float:
     """Validate the fusion rule's name (a rule registered in this process) and its initial value
     (a finite real number: any sign; 0.5 in the paper). Returns ``lambda_init`` as a float."""
     if fusion not in FUSION_RULES:
-        raise ValueError(
+        raise MmpeftValueError(
             f"unknown fusion rule {fusion!r}; known: {sorted(FUSION_RULES)} (a rule of your own must be "
             "registered with mmpeft.register_fusion before building or loading a config that names it)"
         )
     value = check_number("lambda_init", lambda_init)
     if fusion == "none" and value != 0.5:  # 0.5: the default, given or not
-        raise ValueError(
+        raise MmpeftValueError(
             f"lambda_init={lambda_init!r} with fusion='none': that rule has no fusion parameters, so lambda_init "
             "would change nothing; drop lambda_init or choose a rule that mixes ('scalar', 'matrix')"
         )

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from ..errors import MmpeftTypeError
 
 __all__ = ["first_output", "with_first", "cat_rests", "take_input", "chunk_args"]
 
@@ -23,7 +24,7 @@ def take_input(module: nn.Module, x: Any, kwargs: dict[str, Any]) -> tuple[torch
         return x, kwargs
     params = list(inspect.signature(module.forward).parameters)
     if not params or params[0] not in kwargs:
-        raise TypeError(f"{type(module).__name__} was called without its input (expected {params[:1]} or a positional)")
+        raise MmpeftTypeError(f"{type(module).__name__} was called without its input (expected {params[:1]} or a positional)")
     kwargs = dict(kwargs)
     return kwargs.pop(params[0]), kwargs
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from .base import MultimodalLayer
+from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["Method", "METHODS", "register_method", "get_method", "method_of"]
 
@@ -49,14 +50,14 @@ def register_method(method: Method) -> None:
     """Add ``method`` to :data:`METHODS` (a name taken by another method is an error)."""
     old = METHODS.get(method.name)
     if old is not None and old != method:
-        raise ValueError(f"method {method.name!r} is already registered")
+        raise MmpeftValueError(f"method {method.name!r} is already registered")
     METHODS[method.name] = method
 
 
 def get_method(name: Any) -> Method:
     """The registered method called ``name``; ValueError listing the known ones."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
+        raise MmpeftValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name]
 
 
@@ -65,4 +66,4 @@ def method_of(rule: Any) -> Method:
     for method in METHODS.values():
         if isinstance(rule, method.config):
             return method
-    raise TypeError(f"{type(rule).__name__} is the config of no registered method ({sorted(METHODS)})")
+    raise MmpeftTypeError(f"{type(rule).__name__} is the config of no registered method ({sorted(METHODS)})")

@@ -18,6 +18,7 @@ from mmpeft_isprs.model.decoder_blocks import (
     relative_position_index,
     trunc_normal_inverse_cdf_,
 )
+from tests.helpers import assert_close
 
 
 # ----------------------------------------------------------------------------- attention pieces
@@ -83,7 +84,7 @@ def _expected_axial(o: Tensor, ws: int) -> Tensor:
 def test_axial_pool_formula() -> None:
     attn = GlobalLocalAttention(4, 2, window_size=8)
     o = torch.randn(1, 2, 5, 6)
-    torch.testing.assert_close(attn.axial_pool(o), _expected_axial(o, 8), rtol=1e-6, atol=1e-6)
+    assert_close(attn.axial_pool(o), _expected_axial(o, 8), rel=1e-5)
 
 
 def test_pad_right_bottom_reflect_and_fallback() -> None:
@@ -143,7 +144,7 @@ def test_gla_matches_naive_sheet_computation(hw: tuple[int, int]) -> None:
                 m.running_var.uniform_(0.5, 2.0)
         attn.relative_position_bias_table.normal_(0, 1.0)
         x = torch.randn(2, 16, *hw)
-        torch.testing.assert_close(attn(x), _naive_gla(attn, x), rtol=1e-5, atol=1e-5)
+        assert_close(attn(x), _naive_gla(attn, x), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- WF
@@ -156,10 +157,10 @@ def test_wf_weights_and_hand_computed_output() -> None:
     x = torch.tensor([[[[4.0]]]])  # (1, 1, 1, 1) -> bilinear x2 = constant 4
     res = torch.tensor([[[[1.0, 0.0], [2.0, -1.0]], [[0.0, 1.0], [1.0, 3.0]]]])  # (1, 2, 2, 2)
     pre = torch.tensor([[[[1.0, 2.0], [4.0, 5.0]]]])  # 1*res[0] + 2*res[1]
-    torch.testing.assert_close(wf(x, res), 0.5 * pre + 0.5 * 4.0)
+    assert_close(wf(x, res), 0.5 * pre + 0.5 * 4.0, rel=1e-5)
     with torch.no_grad():
         wf.weights.copy_(torch.tensor([1.0, 3.0]))
-    torch.testing.assert_close(wf(x, res), 0.25 * pre + 0.75 * 4.0)
+    assert_close(wf(x, res), 0.25 * pre + 0.75 * 4.0, rel=1e-5)
     with torch.no_grad():
         wf.weights.copy_(torch.tensor([-2.0, 5.0]))  # ReLU drops the skip
-    torch.testing.assert_close(wf(x, res), torch.full((1, 1, 2, 2), 4.0))
+    assert_close(wf(x, res), torch.full((1, 1, 2, 2), 4.0), rel=1e-5)

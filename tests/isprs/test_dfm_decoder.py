@@ -20,6 +20,7 @@ from mmpeft_isprs.model.dfm import (
     SqueezeExcitation,
     convert_reference_dfm_state_dict,
 )
+from tests.helpers import assert_close
 
 
 def n_params(module: nn.Module) -> int:
@@ -71,7 +72,7 @@ def test_layernorm2d_matches_channel_layernorm() -> None:
     x = torch.randn(2, 8, 3, 5)
     mean = x.mean(dim=1, keepdim=True)
     var = x.var(dim=1, unbiased=False, keepdim=True)
-    torch.testing.assert_close(norm(x), (x - mean) / torch.sqrt(var + 1e-6), rtol=1e-5, atol=1e-5)
+    assert_close(norm(x), (x - mean) / torch.sqrt(var + 1e-6), rel=1e-5)
 
 
 def test_pyramid_keys_and_exact_2x_upsampling() -> None:
@@ -83,11 +84,11 @@ def test_pyramid_keys_and_exact_2x_upsampling() -> None:
     x = torch.randn(1, 4, 3, 5)
     l1, l2, l3, l4 = pyr(x)
     assert l3 is x
-    torch.testing.assert_close(l4, F.max_pool2d(x, 2))
+    assert_close(l4, F.max_pool2d(x, 2), rel=1e-5)
     # kernel = stride = 2: pixel (i, j) writes the block (2i..2i+1, 2j..2j+1) only.
     conv = pyr.fpn2[0]
     manual = torch.einsum("bchw,cokl->bohkwl", x, conv.weight).reshape(1, 4, 6, 10) + conv.bias.view(1, 4, 1, 1)
-    torch.testing.assert_close(l2, manual, rtol=1e-5, atol=1e-6)
+    assert_close(l2, manual, rel=1e-5)
     assert l1.shape == (1, 4, 12, 20)
 
 
@@ -113,7 +114,7 @@ def test_se_fusion_hand_computed() -> None:
     expected = torch.tensor(
         [[[[1 * gx[0] + 4 * gy[0], 3 * gx[0] + 0 * gy[0]]], [[2 * gx[1] + 6 * gy[1], 2 * gx[1] + 2 * gy[1]]]]]
     )
-    torch.testing.assert_close(fusion([x, y]), expected, rtol=1e-6, atol=1e-6)
+    assert_close(fusion([x, y]), expected, rel=1e-5)
     with pytest.raises(ValueError, match="expects 2 inputs"):
         fusion([x])
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmpeft_isprs.model import build_mfnet
+from tests.helpers import assert_close, close, grad_scale
 
 TINY = dict(backbone="vit_tiny", embed_dim=32, depth=2, num_heads=2, img_size=128)
 
@@ -57,15 +58,16 @@ def test_switches_keep_outputs_and_gradients(method: str, switch: str) -> None:
     x, y = _data()
     out_a, _ = _loss_and_grads(plain, x, y)
     out_b, _ = _loss_and_grads(other, x, y)
-    assert torch.allclose(out_a, out_b, atol=1e-5)
+    assert close(out_a, out_b, rel=1e-5)
     plain.load_state_dict(other.state_dict())  # undo the BN running-stat updates of the first pass
     plain.double(), other.double()
     x64 = {k: v.double() for k, v in x.items()}
     _, g_a = _loss_and_grads(plain, x64, y)
     _, g_b = _loss_and_grads(other, x64, y)
     assert g_a.keys() == g_b.keys() and len(g_a) > 0
+    scale = grad_scale(g_a, g_b)  # some gradients are rounding noise (1e-20): compare to the largest
     for n in g_a:
-        assert torch.allclose(g_a[n], g_b[n], atol=1e-10, rtol=1e-7), n
+        assert_close(g_a[n], g_b[n], rel=1e-9, scale=scale, msg=n)
 
 
 @pytest.mark.parametrize("method", ["adapter", "lora"])
@@ -79,7 +81,7 @@ def test_fused_attention_timm_equals_segment_anything(method: str) -> None:
     sam_model.load_state_dict(state)
     x, _ = _data(1)
     with torch.no_grad():
-        assert torch.allclose(timm_model(x), sam_model(x), atol=1e-5)
+        assert close(timm_model(x), sam_model(x), rel=1e-5)
 
 
 def test_batched_sliding_windows_equal_one_by_one() -> None:
@@ -92,4 +94,4 @@ def test_batched_sliding_windows_equal_one_by_one() -> None:
     with torch.no_grad():
         one = sliding_window_predict(model, tile, 6, window=128, stride=64, batch_size=1)
         many = sliding_window_predict(model, tile, 6, window=128, stride=64, batch_size=8)
-    assert torch.allclose(one, many, atol=1e-5)
+    assert close(one, many, rel=1e-5)

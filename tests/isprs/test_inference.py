@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpeft_isprs.inference import TensorSource, sliding_window_predict, window_starts
+from tests.helpers import assert_close, close
 
 K = 4
 
@@ -49,13 +50,13 @@ def test_stitched_output_equals_known_class_map(h, w, window, stride, mode):
     assert torch.equal(out.argmax(0), classes)
     if mode == "average":
         expected = F.softmax(5.0 * inputs["optical"], 0)  # every window agrees at every pixel
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        assert_close(out, expected, rel=1e-5)
     else:  # logit sums: 5 x (number of windows covering the pixel) on the true class
         counts = torch.zeros(h, w)
         for y in window_starts(h, window, stride):
             for x in window_starts(w, window, stride):
                 counts[y : y + window, x : x + window] += 1
-        torch.testing.assert_close(out, 5.0 * inputs["optical"] * counts, rtol=0, atol=1e-5)
+        assert_close(out, 5.0 * inputs["optical"] * counts, rel=1e-5)
 
 
 def naive_average(model, inputs, window, stride):
@@ -80,7 +81,7 @@ def naive_average(model, inputs, window, stride):
 def test_average_mode_equals_naive_loop(h, w, window, stride):
     _, inputs = one_hot_inputs(h, w, seed=1)
     fast = sliding_window_predict(context_model, inputs, K, window, stride, batch_size=4)
-    torch.testing.assert_close(fast, naive_average(context_model, inputs, window, stride), rtol=1e-5, atol=1e-6)
+    assert_close(fast, naive_average(context_model, inputs, window, stride), rel=1e-5)
 
 
 def test_flip_tta_with_flip_equivariant_model_equals_no_tta():
@@ -96,10 +97,10 @@ def test_flip_tta_with_flip_equivariant_model_equals_no_tta():
     for mode in ("average", "logit_sum"):
         plain = sliding_window_predict(equivariant, inputs, K, 16, 6, mode=mode)
         tta = sliding_window_predict(equivariant, inputs, K, 16, 6, mode=mode, tta_flip=True)
-        torch.testing.assert_close(tta, plain, rtol=1e-5, atol=1e-5)
+        assert_close(tta, plain, rel=1e-5)
     # a model that is not flip-equivariant does change under TTA (the test can fail)
     plain = sliding_window_predict(context_model, inputs, K, 16, 6)
-    assert not torch.allclose(sliding_window_predict(context_model, inputs, K, 16, 6, tta_flip=True), plain)
+    assert not close(sliding_window_predict(context_model, inputs, K, 16, 6, tta_flip=True), plain, rel=1e-08)
 
 
 class CountingSource:
@@ -126,7 +127,7 @@ def test_lazy_source_reads_only_windows_and_batches_are_bounded():
 
     lazy = sliding_window_predict(model, source, K, window=16, stride=8, batch_size=5)
     eager = sliding_window_predict(context_model, inputs, K, window=16, stride=8, batch_size=7)
-    torch.testing.assert_close(lazy, eager, rtol=1e-6, atol=1e-6)
+    assert_close(lazy, eager, rel=1e-5)
     assert all(h == 16 and w == 16 for _, _, h, w in source.reads)
     assert len(source.reads) == len(window_starts(50, 16, 8)) * len(window_starts(61, 16, 8)) == sum(sizes)
     assert max(sizes) <= 5
@@ -160,7 +161,7 @@ def test_tileset_window_reader_lazy_equals_in_memory(tmp_path):
     for mode in ("average", "logit_sum"):
         a = sliding_window_predict(model, lazy.window_reader(0), 4, window=64, stride=24, mode=mode)
         b = sliding_window_predict(model, inputs, 4, window=64, stride=24, mode=mode)
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close(a, b, rel=0)
 
 
 def test_read_ahead_and_accumulation_place_change_nothing() -> None:

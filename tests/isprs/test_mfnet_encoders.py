@@ -9,6 +9,7 @@ import torch
 from mmpeft import reference_forward
 from mmpeft_isprs.model import MFNetConfig, build_mfnet, load_mfnet, save_mfnet
 from mmpeft_isprs.model.encoders import build_feature_encoder
+from tests.helpers import assert_close, close, grad_scale, rel_diff
 
 #: tiny SAM2 Hiera (one block per stage, widths 16..128) and tiny DINOv2 (4 blocks of width 32);
 #: DINOv2's layer scale (1e-5) set to 1 so that every block's updates show in the outputs
@@ -45,11 +46,10 @@ def randomise_trainables(model: torch.nn.Module, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (0.5 if n.endswith("lam") else 0))
 
 
-def assert_maps_close(a, b, atol: float) -> None:
+def assert_maps_close(a, b, rel: float) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x.shape == y.shape
-        assert (x - y).abs().max().item() <= atol, (x - y).abs().max().item()
+        assert_close(x, y, rel=rel)
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -62,7 +62,7 @@ def test_identity_at_init(name: str, method: str) -> None:
         feats = model.encoder(x)
         for m, xm in x.items():
             want = base(xm.repeat(1, 3 // xm.shape[1], 1, 1))  # the DSM repeated to 3 channels (default stem)
-            assert_maps_close(feats[m], want, atol=1e-6)
+            assert_maps_close(feats[m], want, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -75,13 +75,13 @@ def test_stacked_equals_per_modality_loop(name: str, method: str) -> None:
         stacked = model.encoder(x)
         loop = reference_forward(model.encoder, x)
         for m in x:
-            assert_maps_close(stacked[m], loop[m], atol=1e-5)
+            assert_maps_close(stacked[m], loop[m], rel=1e-5)
         # the updates act: the optical output is no longer the frozen encoder's
         base = base_encoder(model.config)
-        assert (stacked["optical"][-1] - base(x["optical"])[-1]).abs().max() > 1e-3
+        assert rel_diff(stacked["optical"][-1], base(x["optical"])[-1]) > 1e-4
         logits = model(x)
         model.config.execution = "per_modality"
-        assert (model(x) - logits).abs().max().item() <= 1e-5
+        assert_close(model(x), logits, rel=1e-5)
 
 
 def scene(size: int = S, b: int = 2, seed: int = 3) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -195,8 +195,8 @@ def test_missing_modality_and_no_dfm(name: str) -> None:
     with torch.no_grad():
         alone = model({"optical": x["optical"]})
         masked = model(x, presence={"optical": torch.ones(2, dtype=torch.bool), "dsm": torch.zeros(2, dtype=torch.bool)})
-        assert (alone - masked).abs().max().item() <= 1e-5
-        assert (alone - model(x)).abs().max().item() > 1e-4  # the DSM does count when present
+        assert_close(alone, masked, rel=1e-5)
+        assert rel_diff(alone, model(x)) > 1e-5  # the DSM does count when present
         no_dfm = build(name, method="lora", dfm=False).eval()
         assert no_dfm(x).shape == (2, 6, S, S)
 
@@ -211,4 +211,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
         torch.nn.functional.cross_entropy(model.train()(x), y).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
-    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    scale = grad_scale(*grads)  # a gradient may be rounding noise alone: compare to the largest
+    for n in grads[0]:
+        assert_close(grads[0][n], grads[1][n], rel=1e-5, scale=scale, msg=n)

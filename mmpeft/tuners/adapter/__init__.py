@@ -9,6 +9,7 @@ from torch import nn
 from ..registry import Method, register_method
 from .config import ACTIVATIONS, AdapterConfig
 from .layer import MultimodalAdapter
+from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["ACTIVATIONS", "AdapterConfig", "MultimodalAdapter", "build_adapter"]
 
@@ -19,14 +20,14 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 def _adapter_dims(module: nn.Module, placement: str, name: str) -> tuple[int, int]:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if isinstance(module, _CONVS) or (not linears and any(isinstance(m, _CONVS) for m in module.modules())):
-        raise TypeError(
+        raise MmpeftTypeError(
             f"cannot put an adapter on {name} ({type(module).__name__}): it is a convolution (or holds one and no "
             "nn.Linear), whose output has its channels on dim 1 (N, C, H, W), while an adapter is a bottleneck of "
             "nn.Linear layers over the last axis of token features (..., C); adapt a convolution with "
             "method='lora' (per-modality LoRA on nn.Conv2d, e.g. targets=['patch_embed.proj'])"
         )
     if not linears:
-        raise ValueError(f"cannot infer the channels of {name} ({type(module).__name__}): it holds no nn.Linear")
+        raise MmpeftValueError(f"cannot infer the channels of {name} ({type(module).__name__}): it holds no nn.Linear")
     out = linears[-1].out_features
     return (linears[0].in_features if placement == "beside" else out), out
 

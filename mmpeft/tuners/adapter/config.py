@@ -9,6 +9,7 @@ from torch import nn
 
 from ...utils import check_number
 from ..options import Targets, check_fusion, check_targets
+from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["AdapterConfig", "ACTIVATIONS"]
 
@@ -48,20 +49,20 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         self.targets = check_targets(self.targets)
         if self.placement not in ("beside", "after"):
-            raise ValueError(f"placement must be 'beside' or 'after', got {self.placement!r}")
+            raise MmpeftValueError(f"placement must be 'beside' or 'after', got {self.placement!r}")
         self.ratio = check_number("ratio", self.ratio, positive=True)
         if self.ratio > 16.0:
-            raise ValueError(f"ratio must be in (0, 16], got {self.ratio}")
+            raise MmpeftValueError(f"ratio must be in (0, 16], got {self.ratio}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; known: {sorted(ACTIVATIONS)}")
+            raise MmpeftValueError(f"unknown activation {self.activation!r}; known: {sorted(ACTIVATIONS)}")
         if not isinstance(self.bias, bool):
-            raise TypeError(f"bias must be a bool, got {self.bias!r}")
+            raise MmpeftTypeError(f"bias must be a bool, got {self.bias!r}")
         self.dropout = check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise MmpeftValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.scale = check_number("scale", self.scale)
         if self.init not in ("zeros", "default"):
-            raise ValueError(f"init must be 'zeros' or 'default', got {self.init!r}")
+            raise MmpeftValueError(f"init must be 'zeros' or 'default', got {self.init!r}")
         self.lambda_init = check_fusion(self.fusion, self.lambda_init)
         if self.kind != "adapter":
-            raise ValueError(f"an AdapterConfig has kind 'adapter', got {self.kind!r}")
+            raise MmpeftValueError(f"an AdapterConfig has kind 'adapter', got {self.kind!r}")

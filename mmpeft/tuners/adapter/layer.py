@@ -12,6 +12,7 @@ from ..lowrank import mixed_up, stacked_linear
 from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
 from ...utils import check_int
 from ..base import MultimodalLayer, by_modality
+from ...errors import MmpeftValueError
 
 __all__ = ["MultimodalAdapter"]
 
@@ -70,12 +71,12 @@ class MultimodalAdapter(MultimodalLayer):
     ) -> None:
         super().__init__(base_layer, modalities)
         if placement not in ("beside", "after"):
-            raise ValueError(f"placement must be 'beside' or 'after', got {placement!r}")
+            raise MmpeftValueError(f"placement must be 'beside' or 'after', got {placement!r}")
         if init not in ("zeros", "default"):
-            raise ValueError(f"init must be 'zeros' or 'default', got {init!r}")
+            raise MmpeftValueError(f"init must be 'zeros' or 'default', got {init!r}")
         out_features = in_features if out_features is None else out_features
         if placement == "after" and out_features != in_features:
-            raise ValueError("an adapter placed 'after' a module maps its output to itself: in == out")
+            raise MmpeftValueError("an adapter placed 'after' a module maps its output to itself: in == out")
         check_int("hidden (the adapter's bottleneck width)", hidden)
         self.in_features, self.out_features, self.hidden = in_features, out_features, hidden
         self.placement: Placement = placement
@@ -187,7 +188,7 @@ class MultimodalAdapter(MultimodalLayer):
         :func:`mmpeft.runtime.attention.enable_efficient_attention`).
         """
         if self.placement != "after":
-            raise ValueError("adapt_output applies to adapters placed 'after' a module")
+            raise MmpeftValueError("adapt_output applies to adapters placed 'after' a module")
         self._note_call(y)
         if self.reference is not None:
             return self.reference.call(self, "adapt_output", y, (), {})

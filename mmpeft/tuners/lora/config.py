@@ -8,6 +8,7 @@ from typing import Literal
 from ...utils import check_int, check_number
 from ..options import Targets, check_fusion, check_targets
 from .variants import check_init, lora_scaling
+from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["LoRAConfig"]
 
@@ -64,12 +65,12 @@ class LoRAConfig:
             self.alpha = check_number("alpha", self.alpha, positive=True)
         self.dropout = check_number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise MmpeftValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.split = list(self.split)
         if len(self.split) < 2 or len(set(self.split)) != len(self.split):
-            raise ValueError(f"split must name two or more distinct parts, got {self.split}")
+            raise MmpeftValueError(f"split must name two or more distinct parts, got {self.split}")
         if self.slices is None and self.split != ["q", "k", "v"]:
-            raise ValueError(
+            raise MmpeftValueError(
                 f"split={self.split} without slices would change nothing: split names the parts of a fused output "
                 "that slices= tunes; pass slices=[...] (a subset of split) or drop split"
             )
@@ -77,12 +78,12 @@ class LoRAConfig:
             self.slices = list(self.slices)
             unknown = [s for s in self.slices if s not in self.split]
             if unknown or not self.slices:
-                raise ValueError(f"slices {self.slices} must be a non-empty subset of split {self.split}")
+                raise MmpeftValueError(f"slices {self.slices} must be a non-empty subset of split {self.split}")
         self.lambda_init = check_fusion(self.fusion, self.lambda_init)
         for name in ("use_rslora", "lora_bias", "use_dora"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise MmpeftTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.init_lora_weights = check_init(self.init_lora_weights)
         lora_scaling(self.rank, self.alpha, self.use_rslora)  # rsLoRA needs an explicit alpha
         if self.kind != "lora":
-            raise ValueError(f"a LoRAConfig has kind 'lora', got {self.kind!r}")
+            raise MmpeftValueError(f"a LoRAConfig has kind 'lora', got {self.kind!r}")

@@ -14,6 +14,7 @@ from ...utils import check_int
 from ..base import MultimodalLayer, mixing_refusal
 from ..merging import WeightMerging
 from .variants import DORA_MIXING, dora_extra, dora_scale, lora_scaling, row_norms
+from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["MultimodalLoRAConv2d"]
 
@@ -75,7 +76,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
             self.lora_B[name] = nn.Conv2d(rank, b.out_channels, 1, bias=False, device=dev, dtype=dt)
         self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
         if self.use_dora and self.lora_fusion.mixes:
-            raise ValueError(f"use_dora=True with fusion={fusion!r}: {DORA_MIXING}")
+            raise MmpeftValueError(f"use_dora=True with fusion={fusion!r}: {DORA_MIXING}")
         self._init_merging()  # merged_weight: (M, *W.shape) while merged (:meth:`merge`), else None
         self.reset_lora_parameters()
         if self.use_dora:  # ||W + delta_m|| = ||W|| at init (B_m = 0)
@@ -109,7 +110,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     def get_delta_weight(self, modality: str) -> torch.Tensor:
         """(out, in, kh, kw) float32: ``scaling * B_m A_m``; with DoRA ``g_m (W + delta_m) - W``."""
         if modality not in self.modalities:
-            raise KeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
         delta = self._lora_weight(modality)
         if not self.use_dora:
             return delta
@@ -150,7 +151,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (M*N, in, H, W) stacked modality-major -> (M*N, out, H', W')."""
         if x.dim() != 4:
-            raise ValueError(f"{type(self).__name__} expects a (M*N, C, H, W) batch, got shape {tuple(x.shape)}")
+            raise MmpeftValueError(f"{type(self).__name__} expects a (M*N, C, H, W) batch, got shape {tuple(x.shape)}")
         shared = self._shared_forward(x)  # call check, reference, disabled, merged
         if shared is not None:
             return shared
@@ -220,9 +221,9 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
 def _check_conv(layer: nn.Module) -> None:
     """Refuse what the layer cannot express: not a Conv2d, or a grouped convolution."""
     if not isinstance(layer, nn.Conv2d):
-        raise TypeError(f"MultimodalLoRAConv2d wraps nn.Conv2d, got {type(layer).__name__}")
+        raise MmpeftTypeError(f"MultimodalLoRAConv2d wraps nn.Conv2d, got {type(layer).__name__}")
     if layer.groups != 1:
-        raise ValueError(
+        raise MmpeftValueError(
             f"MultimodalLoRAConv2d supports groups=1 convolutions only, got groups={layer.groups}: a grouped "
             "(e.g. depthwise) convolution's weight has no full in -> out map for a rank-r update B A"
         )

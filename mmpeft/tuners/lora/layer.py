@@ -17,6 +17,7 @@ from .variants import (
     DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, cast_or_none, check_init, check_slices, decompose, dora_extra,
     dora_scale, init_pair, lora_scaling, row_norms, slice_rows,
 )  # fmt: skip
+from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["MultimodalLoRA"]
 
@@ -74,7 +75,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
     ) -> None:
         super().__init__(base_layer, modalities)
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"MultimodalLoRA wraps nn.Linear, got {type(base_layer).__name__}")
+            raise MmpeftTypeError(f"MultimodalLoRA wraps nn.Linear, got {type(base_layer).__name__}")
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.rank = check_int("rank", rank)
@@ -88,7 +89,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         dev = base_layer.weight.device
         self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
         if self.use_dora and self.lora_fusion.mixes:
-            raise ValueError(f"use_dora=True with fusion={fusion!r}: {DORA_MIXING}")
+            raise MmpeftValueError(f"use_dora=True with fusion={fusion!r}: {DORA_MIXING}")
         self._init_merging()  # merged_weight: (M, *W.shape) while merged (:meth:`merge`), else None
         self.lora_offset: LowRankOffset | None = None  # PiSSA / OLoRA's frozen (A_0, B_0)
         self.reset_lora_parameters()
@@ -175,7 +176,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         """(out, in) float32: ``scaling * (B_m A_m - B_0 A_0)`` (B_0 A_0 = 0 but for PiSSA / OLoRA;
         slice B's in their output rows, zeros elsewhere); with DoRA ``g_m (W + delta_m) - W``."""
         if modality not in self.modalities:
-            raise KeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
         delta = self._lora_weight(modality)
         if not self.use_dora:
             return delta

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...utils import check_number
+from ...errors import MmpeftValueError
 
 __all__ = [
     "INITS", "check_init", "lora_scaling", "init_pair", "decompose", "LowRankOffset", "slice_rows", "dora_scale",
@@ -48,7 +49,7 @@ FROM_WEIGHT = ("pissa", "olora")
 def check_init(init: object) -> str:
     """``init`` if it names one of :data:`INITS`; a ValueError listing them otherwise."""
     if not isinstance(init, str) or init not in INITS:
-        raise ValueError(
+        raise MmpeftValueError(
             f"init_lora_weights must be one of {list(INITS)}, got {init!r} (peft's True is 'kaiming'; peft's "
             "'pissa_niter_k', 'loftq', 'eva', 'corda' and False are not offered)"
         )
@@ -65,7 +66,7 @@ def lora_scaling(rank: int, alpha: float | None, use_rslora: bool = False) -> fl
         check_number("alpha", alpha, positive=True)
     if alpha is None:
         if use_rslora:
-            raise ValueError(
+            raise MmpeftValueError(
                 "use_rslora=True needs an explicit alpha (scaling = alpha / sqrt(rank)); alpha=None means "
                 "scaling 1, which rsLoRA would not change. Pass e.g. alpha=8 (peft's default lora_alpha)"
             )
@@ -81,7 +82,7 @@ def init_pair(a: nn.Linear, b: nn.Linear, init: str, rank: int) -> None:
     elif init == "gaussian":
         nn.init.normal_(a.weight, std=1.0 / rank)
     else:
-        raise ValueError(f"init_pair initialises 'kaiming' or 'gaussian', not {init!r} (see decompose)")
+        raise MmpeftValueError(f"init_pair initialises 'kaiming' or 'gaussian', not {init!r} (see decompose)")
     nn.init.zeros_(b.weight)
     if b.bias is not None:
         nn.init.zeros_(b.bias)
@@ -99,7 +100,7 @@ def decompose(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tup
     """
     out_f, in_f = weight.shape
     if rank > min(out_f, in_f):
-        raise ValueError(f"init_lora_weights={init!r} needs rank <= min(out, in) = {min(out_f, in_f)}, got {rank}")
+        raise MmpeftValueError(f"init_lora_weights={init!r} needs rank <= min(out, in) = {min(out_f, in_f)}, got {rank}")
     if weight.device.type == "meta":
         return torch.empty(rank, in_f, device="meta"), torch.empty(out_f, rank, device="meta")
     w = weight.float()
@@ -110,7 +111,7 @@ def decompose(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tup
     if init == "olora":
         q, r = torch.linalg.qr(w)
         return r[:rank].contiguous(), q[:, :rank].contiguous()
-    raise ValueError(f"decompose reads the weight for {list(FROM_WEIGHT)}, not {init!r}")
+    raise MmpeftValueError(f"decompose reads the weight for {list(FROM_WEIGHT)}, not {init!r}")
 
 
 class LowRankOffset(nn.Module):
@@ -182,13 +183,13 @@ def check_slices(
     if slices is None:
         return None
     if not slices:
-        raise ValueError("slices must name at least one output range")
+        raise MmpeftValueError("slices must name at least one output range")
     checked: dict[str, tuple[int, int]] = {}
     for name, (lo, hi) in slices.items():
         if not (0 <= lo < hi <= out_features):
-            raise ValueError(f"slice {name!r}=({lo}, {hi}) is outside the layer's {out_features} outputs")
+            raise MmpeftValueError(f"slice {name!r}=({lo}, {hi}) is outside the layer's {out_features} outputs")
         if "." in name:
-            raise ValueError(f"slice names may not contain '.', got {name!r}")
+            raise MmpeftValueError(f"slice names may not contain '.', got {name!r}")
         checked[name] = (int(lo), int(hi))
     return checked
 
