@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmpeft-installed
 
-.PHONY: install test test-slow test-all demo bench-params
+.PHONY: install lint test test-slow test-all demo bench-params
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the formatter, the linter and the type checker on the public API (configured in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # the default test run: fast tests only (a few minutes on 2 cores)
 test: $(STAMP)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import median, write  # noqa: E402
-from mmpeft import wrap_multimodal  # noqa: E402
+from benchmarks.common import median, write
+from mmpeft import wrap_multimodal
 
 
 def _vit(size: int, depth: int) -> torch.nn.Module:
@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     size, depth, steps = (32, 2, args.steps or 5) if args.quick else (96, 6, args.steps or 30)
     g = torch.Generator().manual_seed(1)
-    batch = {"optical": torch.rand(args.batch, 3, size, size, generator=g), "dsm": torch.rand(args.batch, 1, size, size, generator=g)}
+    batch = {
+        "optical": torch.rand(args.batch, 3, size, size, generator=g),
+        "dsm": torch.rand(args.batch, 1, size, size, generator=g),
+    }
     runs = {name: _step(model, batch) for name, model in _models(size, depth).items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(steps + 3):  # 3 warm-up steps each, not timed
@@ -80,13 +83,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 times[name].append(t)
     med = {name: median(ts) * 1e3 for name, ts in times.items()}
     ratio = med["sets"] / med["single"]
-    data = {"model": f"vit_tiny depth {depth} at {size} px", "batch_per_modality": args.batch, "steps": steps,
-            "median_ms": med, "sets_over_single": ratio}  # fmt: skip
-    table = "\n".join([
-        f"CPU training step, {data['model']}, 2 modalities x {args.batch}, median of {steps} interleaved steps",
-        "", "| model | median step (ms) |", "|---|---:|",
-        *(f"| {name} | {ms:.1f} |" for name, ms in med.items()), f"| ratio sets / single | {ratio:.3f} |",
-    ])  # fmt: skip
+    data = {
+        "model": f"vit_tiny depth {depth} at {size} px",
+        "batch_per_modality": args.batch,
+        "steps": steps,
+        "median_ms": med,
+        "sets_over_single": ratio,
+    }
+    table = "\n".join(
+        [
+            f"CPU training step, {data['model']}, 2 modalities x {args.batch}, median of {steps} interleaved steps",
+            "",
+            "| model | median step (ms) |",
+            "|---|---:|",
+            *(f"| {name} | {ms:.1f} |" for name, ms in med.items()),
+            f"| ratio sets / single | {ratio:.3f} |",
+        ]
+    )
     write("adapter_sets_speed", data, table, args.out)
     return med
 

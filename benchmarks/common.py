@@ -17,15 +17,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def environment() -> dict[str, Any]:
     """git sha, torch version, device and threads: recorded with every result."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False).stdout.strip()  # fmt: skip
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent, check=False).stdout.strip())  # fmt: skip
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            ).stdout.strip()
+        )
     except OSError:
         sha, dirty = "", False
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"git_sha": sha, "git_dirty": dirty, "torch": torch.__version__, "device": dev, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "device": dev,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def median(xs: list[float]) -> float:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write  # noqa: E402
-from steps import compile_options  # noqa: E402
+from common import write
+from steps import compile_options
 
 
 def _rel(a: Any, b: Any) -> float:
@@ -32,9 +33,19 @@ def _model(preset: str, dev: Any, **kw: Any) -> Any:
 
     torch.manual_seed(0)
     with dev:
-        enc = VisionTransformerSAM(img_size=128, patch_size=16, embed_dim=128, depth=4, num_heads=4, window_size=3,
-                                   global_attn_indexes=(1, 3), use_rel_pos=True, neck_chans=32, num_classes=0,
-                                   global_pool="").eval()  # fmt: skip
+        enc = VisionTransformerSAM(
+            img_size=128,
+            patch_size=16,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            window_size=3,
+            global_attn_indexes=(1, 3),
+            use_rel_pos=True,
+            neck_chans=32,
+            num_classes=0,
+            global_pool="",
+        ).eval()
         with torch.no_grad():
             for n, p in enc.named_parameters():
                 if "pos" in n:
@@ -61,7 +72,9 @@ def checks(dev: Any) -> dict[str, float]:
                 for rel_pos in ("mask", "channels"):
                     model = _model(preset, dev, efficient_attention=False)
                     model.enable_efficient_attention(q, rel_pos)
-                    res[f"{preset}: queries={q}, rel_pos={rel_pos} vs stock blocks, fp32"] = _rel(model(x)["optical"], ref)
+                    res[f"{preset}: queries={q}, rel_pos={rel_pos} vs stock blocks, fp32"] = _rel(
+                        model(x)["optical"], ref
+                    )
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 amp = stock(x)["optical"]
             base = _model(preset, dev, base_dtype="bf16")
@@ -91,13 +104,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor()}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
+    }
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons in fp32
     torch.backends.cudnn.allow_tf32 = False
     res = checks(dev)
-    lines = [f"Sanity on {info['device']} (torch {info['torch']}): max |a - b| / max |b| of the optical output.", "",
-             "| check | relative difference |", "|---|---:|"]  # fmt: skip
+    lines = [
+        f"Sanity on {info['device']} (torch {info['torch']}): max |a - b| / max |b| of the optical output.",
+        "",
+        "| check | relative difference |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v:.2e} |" for k, v in res.items()]
     write("sanity", {"info": info, "results": res}, "\n".join(lines), args.out)
 

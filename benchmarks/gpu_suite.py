@@ -48,36 +48,102 @@ TRAIN_LORA = EAGER
 # compiled schemes in their own phases (cold Inductor compiles take about a minute each): the
 # references again, so that the ratios come from one process
 COMPILED = [
-    "per_modality+fp32", "floor+bf16", "ours+bf16+base+compile=blocks", "ours+bf16+base+relpos=channels+compile=blocks",
-]  # fmt: skip
+    "per_modality+fp32",
+    "floor+bf16",
+    "ours+bf16+base+compile=blocks",
+    "ours+bf16+base+relpos=channels+compile=blocks",
+]
 INFERENCE = ["inference+bf16+base", "inference+bf16+base+relpos=channels", "inference+bf16+base+compile=model-ro"]
 #: two calls of at most 10 minutes each cover every phase
-GROUPS = {"first": ["sanity", "train_adapter", "train_lora", "memory", "memory_channels"],
-          "second": ["compiled_adapter", "compiled_lora", "inference", "cuda_graphs"]}  # fmt: skip
+GROUPS = {
+    "first": ["sanity", "train_adapter", "train_lora", "memory", "memory_channels"],
+    "second": ["compiled_adapter", "compiled_lora", "inference", "cuda_graphs"],
+}
 
 
 def phases(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
     """(name, command, seconds allowed) of every phase, in order of importance."""
     out = str(args.out)
     common = ["--device", args.device, "--keep-going", "--out", out] + (["--quick"] if args.quick else [])
-    train = [PY, str(HERE / "speed.py"), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", "3",
-             "--count-ops", "--no-memory", *common]  # fmt: skip
+    train = [
+        PY,
+        str(HERE / "speed.py"),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        "3",
+        "--count-ops",
+        "--no-memory",
+        *common,
+    ]
     tile = "2500x2000" if not args.quick else "300x300"
-    memory = [PY, str(HERE / "memory.py"), "--device", args.device, "--batches", "1", "--extra", "adapter:vit_h:10",
-              "--timeout", "60", "--out", out, *(["--backbones", "vit_b"] if args.quick else [])]  # fmt: skip
+    memory = [
+        PY,
+        str(HERE / "memory.py"),
+        "--device",
+        args.device,
+        "--batches",
+        "1",
+        "--extra",
+        "adapter:vit_h:10",
+        "--timeout",
+        "60",
+        "--out",
+        out,
+        *(["--backbones", "vit_b"] if args.quick else []),
+    ]
     return [
         ("sanity", [PY, str(HERE / "gpu_sanity.py"), "--device", args.device, "--out", out], 75),
         ("train_adapter", [*train, "--methods", "adapter", "--tag", "gpu_adapter", "--schemes", *TRAIN_ADAPTER], 90),
         ("train_lora", [*train, "--methods", "lora", "--tag", "gpu_lora", "--schemes", *TRAIN_LORA], 80),
         ("memory", [*memory, "--scheme", "ours+bf16+base", "--tag", "gpu"], 110),
         ("memory_channels", [*memory, "--scheme", "ours+bf16+base+relpos=channels", "--tag", "gpu_channels"], 110),
-        ("compiled_adapter", [*train, "--methods", "adapter", "--tag", "gpu_compiled_adapter", "--schemes", *COMPILED], 170),
+        (
+            "compiled_adapter",
+            [*train, "--methods", "adapter", "--tag", "gpu_compiled_adapter", "--schemes", *COMPILED],
+            170,
+        ),
         ("compiled_lora", [*train, "--methods", "lora", "--tag", "gpu_compiled_lora", "--schemes", *COMPILED], 170),
-        ("inference", [PY, str(HERE / "speed.py"), "--inference-only", "--methods", "adapter", "--tile", tile,
-                       "--stride", "32", "--infer-batch", "64", "--timeout", "100", "--inference-variants", *INFERENCE,
-                       "--tag", "gpu_inference", *common], 120),  # fmt: skip
-        ("cuda_graphs", [*train, "--methods", "adapter", "--tag", "gpu_cuda_graphs", "--schemes", "floor+bf16",
-                         "ours+bf16+base+compile=model-ro"], 150),  # fmt: skip
+        (
+            "inference",
+            [
+                PY,
+                str(HERE / "speed.py"),
+                "--inference-only",
+                "--methods",
+                "adapter",
+                "--tile",
+                tile,
+                "--stride",
+                "32",
+                "--infer-batch",
+                "64",
+                "--timeout",
+                "100",
+                "--inference-variants",
+                *INFERENCE,
+                "--tag",
+                "gpu_inference",
+                *common,
+            ],
+            120,
+        ),
+        (
+            "cuda_graphs",
+            [
+                *train,
+                "--methods",
+                "adapter",
+                "--tag",
+                "gpu_cuda_graphs",
+                "--schemes",
+                "floor+bf16",
+                "ours+bf16+base+compile=model-ro",
+            ],
+            150,
+        ),
     ]
 
 
@@ -86,8 +152,13 @@ def run_phase(name: str, cmd: list[str], limit: int, out: Path) -> dict[str, Any
     t = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
         try:
-            proc = subprocess.run(["timeout", "-k", "5", str(limit), *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            proc = subprocess.run(
+                ["timeout", "-k", "5", str(limit), *cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             rc = proc.returncode
         except OSError as e:
             log.write(f"could not start: {e}\n")
@@ -101,8 +172,17 @@ def run_phase(name: str, cmd: list[str], limit: int, out: Path) -> dict[str, Any
 def summary(out: Path, runs: list[dict[str, Any]]) -> str:
     lines = ["# GPU suite", "", "| phase | status | seconds |", "|---|---|---:|"]
     lines += [f"| {r['phase']} | {r['status']} | {r['seconds']} |" for r in runs]
-    names = ["sanity", "speed_gpu_adapter", "speed_gpu_lora", "memory_gpu", "memory_gpu_channels", "speed_gpu_compiled_adapter",
-             "speed_gpu_compiled_lora", "speed_gpu_inference", "speed_gpu_cuda_graphs"]  # fmt: skip
+    names = [
+        "sanity",
+        "speed_gpu_adapter",
+        "speed_gpu_lora",
+        "memory_gpu",
+        "memory_gpu_channels",
+        "speed_gpu_compiled_adapter",
+        "speed_gpu_compiled_lora",
+        "speed_gpu_inference",
+        "speed_gpu_cuda_graphs",
+    ]
     for md in names:
         path = out / f"{md}.md"
         if path.is_file():
@@ -118,8 +198,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget", type=int, default=550, help="seconds for the whole suite; later phases are skipped")
     ap.add_argument("--only", nargs="+", default=None, help="run these phases only")
-    ap.add_argument("--group", choices=sorted(GROUPS), default=None,
-                    help="the phases of one call of at most 10 minutes: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in GROUPS.items()))
+    ap.add_argument(
+        "--group",
+        choices=sorted(GROUPS),
+        default=None,
+        help="the phases of one call of at most 10 minutes: "
+        + "; ".join(f"{k}: {' '.join(v)}" for k, v in GROUPS.items()),
+    )
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the suite")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +217,9 @@ def main() -> None:
             continue
         left = args.budget - (time.perf_counter() - start)
         if left < 20:
-            runs.append({"phase": name, "status": "skipped (suite budget spent)", "seconds": 0, "command": " ".join(cmd)})
+            runs.append(
+                {"phase": name, "status": "skipped (suite budget spent)", "seconds": 0, "command": " ".join(cmd)}
+            )
             continue
         runs.append(run_phase(name, cmd, int(min(limit, left)), args.out))
         (args.out / "suite.json").write_text(json.dumps(_merged(kept, runs), indent=2))

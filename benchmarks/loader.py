@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, median, write  # noqa: E402
+from common import RESULTS, median, write
 
 
 def gpu_rates() -> dict[str, dict[str, Any]]:
@@ -44,10 +44,17 @@ def measure(root: Path, workers: int, batches: int, args: argparse.Namespace) ->
     from mmpeft_isprs.config import load_config
     from mmpeft_isprs.datamodule import ISPRSDataModule
 
-    cfg = load_config("synthetic", [
-        f"data.root={root}", f"data.synthetic.num_tiles={args.tiles}", f"data.synthetic.tile_size={args.tile_size}",
-        f"train.num_workers={workers}", f"train.batch_size={args.batch}", f"train.batches_per_epoch={batches + args.skip}",
-    ])  # fmt: skip
+    cfg = load_config(
+        "synthetic",
+        [
+            f"data.root={root}",
+            f"data.synthetic.num_tiles={args.tiles}",
+            f"data.synthetic.tile_size={args.tile_size}",
+            f"train.num_workers={workers}",
+            f"train.batch_size={args.batch}",
+            f"train.batches_per_epoch={batches + args.skip}",
+        ],
+    )
     dm = ISPRSDataModule(cfg, log=lambda s: None)
     dm.setup()
     times = []
@@ -60,8 +67,13 @@ def measure(root: Path, workers: int, batches: int, args: argparse.Namespace) ->
         times.append(now - t)
         t = now
         assert batch["optical"].shape[0] == args.batch
-    return {"workers": workers, "batches": len(times), "median_batch_s": median(times),
-            "samples_per_s": args.batch / median(times), "mean_samples_per_s": args.batch * len(times) / sum(times)}  # fmt: skip
+    return {
+        "workers": workers,
+        "batches": len(times),
+        "median_batch_s": median(times),
+        "samples_per_s": args.batch / median(times),
+        "mean_samples_per_s": args.batch * len(times) / sum(times),
+    }
 
 
 def main() -> None:
@@ -80,12 +92,21 @@ def main() -> None:
     lines = [
         f"Data loader, random {256}x{256} crops with flips from {args.tile_size}x{args.tile_size} synthetic tiles "
         f"(Vaihingen layout), batches of {args.batch}; median over {args.batches} batches after the first {args.skip}.",
-        "", "| workers | samples/s (median batch) | samples/s (mean) |", "|---:|---:|---:|",
+        "",
+        "| workers | samples/s (median batch) | samples/s (mean) |",
+        "|---:|---:|---:|",
         *[f"| {r['workers']} | {r['samples_per_s']:.1f} | {r['mean_samples_per_s']:.1f} |" for r in rows],
-        "", "GPU training-step rate to keep up with (fastest measured scheme of ours, benchmarks/results/gpu):", "",
+        "",
+        "GPU training-step rate to keep up with (fastest measured scheme of ours, benchmarks/results/gpu):",
+        "",
         *[f"- {m}: {g['samples_per_s']:.1f} samples/s ({g['scheme']}, {g['file']})" for m, g in gpu.items()],
-    ]  # fmt: skip
-    write("loader", {"args": {k: str(v) for k, v in vars(args).items()}, "loader": rows, "gpu": gpu}, "\n".join(lines), args.out)
+    ]
+    write(
+        "loader",
+        {"args": {k: str(v) for k, v in vars(args).items()}, "loader": rows, "gpu": gpu},
+        "\n".join(lines),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

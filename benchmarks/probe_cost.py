@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write  # noqa: E402
+from common import median, write
 
-import mmpeft  # noqa: E402
-import mmpeft.targeting.inject as inject  # noqa: E402
-from mmpeft.backbones import build_sam_encoder  # noqa: E402
-from mmpeft.targeting.probe import dry_run  # noqa: E402
+import mmpeft
+import mmpeft.targeting.inject as inject
+from mmpeft.backbones import build_sam_encoder
+from mmpeft.targeting.probe import dry_run
 
 VARIANTS = ("shapes", "real", "none")
 
@@ -58,9 +58,17 @@ def measure(spec: str, size: int, repeats: int) -> dict[str, Any]:
             times[variant].append(seconds)
             del model
     if placed["shapes"] != placed["real"]:
-        raise AssertionError(f"{spec}: the shape-only dry run placed {placed['shapes']} but the real one {placed['real']}")
-    return {"spec": spec, "size": size, "repeats": repeats, "layers": len(placed["shapes"]),
-            "median_s": {v: median(times[v]) for v in VARIANTS}, "times_s": times}  # fmt: skip
+        raise AssertionError(
+            f"{spec}: the shape-only dry run placed {placed['shapes']} but the real one {placed['real']}"
+        )
+    return {
+        "spec": spec,
+        "size": size,
+        "repeats": repeats,
+        "layers": len(placed["shapes"]),
+        "median_s": {v: median(times[v]) for v in VARIANTS},
+        "times_s": times,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,12 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [measure(s, args.size, args.repeats) for s in args.specs]
     table = "\n".join(
-        ["| encoder | px | layers | shape-only dry run (s) | real dry run (s) | no dry run (s) |", "|---|---|---|---|---|---|"]
-        + [f"| SAM {r['spec']} | {r['size']} | {r['layers']} | {r['median_s']['shapes']:.2f} | "
-           f"{r['median_s']['real']:.2f} | {r['median_s']['none']:.2f} |" for r in rows]  # fmt: skip
-        + ["", f"Medians of {args.repeats} interleaved runs each, {torch.get_num_threads()} threads; wrap_multimodal "
-           "(method='lora') on a fresh copy of a randomly initialised encoder; placements and batch factors of both "
-           "dry runs identical."]  # fmt: skip
+        [
+            "| encoder | px | layers | shape-only dry run (s) | real dry run (s) | no dry run (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        + [
+            f"| SAM {r['spec']} | {r['size']} | {r['layers']} | {r['median_s']['shapes']:.2f} | "
+            f"{r['median_s']['real']:.2f} | {r['median_s']['none']:.2f} |"
+            for r in rows
+        ]
+        + [
+            "",
+            f"Medians of {args.repeats} interleaved runs each, {torch.get_num_threads()} threads; wrap_multimodal "
+            "(method='lora') on a fresh copy of a randomly initialised encoder; placements and batch factors of both "
+            "dry runs identical.",
+        ]
     )
     write("probe_cost", {"rows": rows}, table)
 

@@ -34,12 +34,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write  # noqa: E402
-from steps import COMPILE, NAMES, Spec, build_model, count_ops, make_step  # noqa: E402
+from common import median, write
+from steps import COMPILE, NAMES, Spec, build_model, count_ops, make_step
 
 SCHEMES = NAMES
 _DEFAULTS = {"tile": "2500x2000", "stride": 128, "infer_batch": 8, "threads": 0}
@@ -98,7 +99,7 @@ def timed_interleaved(args: argparse.Namespace, method: str, schemes: list[str])
                 first.setdefault(s, time.perf_counter() - t)  # the first step: compilation included
             steps[s] = f
             print(f"{method:8s} {s:34s} ready, first step {first.get(s, 0):.1f} s", flush=True)
-        except Exception as e:  # noqa: BLE001 - one broken scheme must not lose the others' figures
+        except Exception as e:
             if not args.keep_going:
                 raise
             failed[s] = f"{type(e).__name__}: {str(e)[:400]}"
@@ -151,8 +152,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         _sync(args.device)
         times.append(time.perf_counter() - t)
     peak = _peak_mb(args.device)
-    return {"times": times, "median_s": median(times), "peak_mb": peak, "rss_after_imports_mb": base,
-            "rss_after_build_mb": built, "peak_above_build_mb": peak - (0 if args.device.startswith("cuda") else built)}  # fmt: skip
+    return {
+        "times": times,
+        "median_s": median(times),
+        "peak_mb": peak,
+        "rss_after_imports_mb": base,
+        "rss_after_build_mb": built,
+        "peak_above_build_mb": peak - (0 if args.device.startswith("cuda") else built),
+    }
 
 
 def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +177,9 @@ def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
     spec = Spec.parse("ours" + ("+" + mods if mods else ""))
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    model, run = build_model(args, spec, args.method, efficient_attention=spec.queries if name != "inference_padded" else False)
+    model, run = build_model(
+        args, spec, args.method, efficient_attention=spec.queries if name != "inference_padded" else False
+    )
     model.eval()
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_of(args))
     h, w = (int(v) for v in args.tile.split("x"))
@@ -183,24 +192,46 @@ def inference_worker(args: argparse.Namespace) -> dict[str, Any]:
             return run(batch).float()
 
     with torch.inference_mode():  # warm-up (compilation) on one batch of the real shape
-        warm = {k: v[:, : args.size, : args.size].expand(args.infer_batch, -1, -1, -1).contiguous() for k, v in tile.items()}
+        warm = {
+            k: v[:, : args.size, : args.size].expand(args.infer_batch, -1, -1, -1).contiguous() for k, v in tile.items()
+        }
         t = time.perf_counter()
         fn(warm)
         fn(warm)
         _sync(args.device)
         first = time.perf_counter() - t
         t = time.perf_counter()
-        sliding_window_predict(fn, tile, 6, window=args.size, stride=args.stride, batch_size=args.infer_batch,
-                               device=dev, out_device=on)  # fmt: skip
+        sliding_window_predict(
+            fn, tile, 6, window=args.size, stride=args.stride, batch_size=args.infer_batch, device=dev, out_device=on
+        )
         _sync(args.device)
         sec = time.perf_counter() - t
-    return {"tile": args.tile, "stride": args.stride, "windows": n, "seconds": sec, "images_per_s": n / sec,
-            "warmup_s": first, "peak_mb": _peak_mb(args.device)}  # fmt: skip
+    return {
+        "tile": args.tile,
+        "stride": args.stride,
+        "windows": n,
+        "seconds": sec,
+        "images_per_s": n / sec,
+        "warmup_s": first,
+        "peak_mb": _peak_mb(args.device),
+    }
 
 
 def run_scheme(args: argparse.Namespace, method: str, scheme: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", "--scheme", scheme, "--method", method]
-    for k in ("backbone", "batch", "size", "steps", "warmup", "device", "amp", "threads", "tile", "stride", "infer_batch"):
+    for k in (
+        "backbone",
+        "batch",
+        "size",
+        "steps",
+        "warmup",
+        "device",
+        "amp",
+        "threads",
+        "tile",
+        "stride",
+        "infer_batch",
+    ):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k, None) or _DEFAULTS[k])]
     if args.quick:
         cmd.append("--quick")
@@ -221,8 +252,11 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 def _baseline(res: dict[str, dict[str, Any]], name: str, backbone: str = "") -> dict[str, Any] | None:
     """The scheme ``name`` exactly, else the first spec of that name (with modifiers); with
     ``backbone`` (runs labelled ``<backbone>/<scheme>``) among that backbone's runs."""
-    ok = {s.partition("/")[2]: r for s, r in res.items() if "error" not in r and s.startswith(backbone + "/")} \
-        if backbone else {s: r for s, r in res.items() if "error" not in r}
+    ok = (
+        {s.partition("/")[2]: r for s, r in res.items() if "error" not in r and s.startswith(backbone + "/")}
+        if backbone
+        else {s: r for s, r in res.items() if "error" not in r}
+    )
     if name in ok:
         return ok[name]
     return next((r for s, r in ok.items() if s.split("+")[0] == name), None)
@@ -251,26 +285,40 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             rc = _fmt(r["median_s"] / c["median_s"]) if c else "-"
             ops = r.get("ops") or {}
             above = _fmt(r.get("peak_above_build_mb"), ".0f") if not cuda else "-"
-            lines.append(f"| {method} | {scheme} | {r['median_s']:.4f} | {rb} | {rc} | {_fmt(r.get('first_step_s'), '.1f')} | "
-                         f"{ops.get('aten_top', '-')} | {ops.get('cuda_kernels', '-') if cuda else '-'} | "
-                         f"{_fmt(r.get('peak_mb'), '.0f')} | {above} |")  # fmt: skip
+            lines.append(
+                f"| {method} | {scheme} | {r['median_s']:.4f} | {rb} | {rc} | {_fmt(r.get('first_step_s'), '.1f')} | "
+                f"{ops.get('aten_top', '-')} | {ops.get('cuda_kernels', '-') if cuda else '-'} | "
+                f"{_fmt(r.get('peak_mb'), '.0f')} | {above} |"
+            )
     recompiled = {m: max([r.get("recompiled_frames") or 0 for r in res.values()] + [0]) for m, res in results.items()}
     lines += ["", f"Frames compiled during the timed steps (recompilations; should be 0): {recompiled}."]
     if not cuda:
-        lines += ["", "Peak RSS counts everything the process maps (the CUDA build of torch alone is ~0.5 GB after "
-                  "import) and the model weights; 'above build' is the peak minus the RSS right after the model was "
-                  "built: what the training step itself adds (activations, gradients, optimizer state)."]  # fmt: skip
+        lines += [
+            "",
+            "Peak RSS counts everything the process maps (the CUDA build of torch alone is ~0.5 GB after "
+            "import) and the model weights; 'above build' is the peak minus the RSS right after the model was "
+            "built: what the training step itself adds (activations, gradients, optimizer state).",
+        ]
     return "\n".join(lines)
 
 
 def inference_table(inference: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     if not inference:
         return ""
-    lines = ["", "", f"Tile inference, {args.tile} tile, window {args.size}, stride {args.stride}, batch {args.infer_batch} "
-             "('inference': mmpeft.runtime.attention on, the default; 'inference_padded': the encoder's own blocks):",
-             "", "| method | variant | windows | seconds | images/s |", "|---|---|---:|---:|---:|"]  # fmt: skip
-    lines += [f"| {m} | {v} | {r['windows']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |"
-              for m, rs in inference.items() for v, r in rs.items()]  # fmt: skip
+    lines = [
+        "",
+        "",
+        f"Tile inference, {args.tile} tile, window {args.size}, stride {args.stride}, batch {args.infer_batch} "
+        "('inference': mmpeft.runtime.attention on, the default; 'inference_padded': the encoder's own blocks):",
+        "",
+        "| method | variant | windows | seconds | images/s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {m} | {v} | {r['windows']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} |"
+        for m, rs in inference.items()
+        for v, r in rs.items()
+    ]
     return "\n".join(lines)
 
 
@@ -283,22 +331,40 @@ def _ratio(res: dict[str, dict[str, Any]], a: str, b: str, key: str = "median_s"
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="vit_b",
-                    help="the encoder: SAM vit_b / vit_l / vit_h, sam2_hiera_*, dinov2_vit*14 or a timm ViT name")
-    ap.add_argument("--backbones", nargs="+", default=None,
-                    help="several encoders in one run (steps interleaved; results labelled <backbone>/<scheme>)")
+    ap.add_argument(
+        "--backbone",
+        default="vit_b",
+        help="the encoder: SAM vit_b / vit_l / vit_h, sam2_hiera_*, dinov2_vit*14 or a timm ViT name",
+    )
+    ap.add_argument(
+        "--backbones",
+        nargs="+",
+        default=None,
+        help="several encoders in one run (steps interleaved; results labelled <backbone>/<scheme>)",
+    )
     ap.add_argument("--methods", nargs="+", default=["adapter", "lora"])
-    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES),
-                    help=f"scheme specs: a name of {SCHEMES} with +modifiers, e.g. ours+bf16+base+compile=model "
-                    f"(modifiers: bf16, fp16, fp32, base, foreach, compile={{{','.join(COMPILE)}}}, queries={{real,all,auto}}; "
-                    "see benchmarks/steps.py)")
-    ap.add_argument("--keep-going", dest="keep_going", action="store_true",
-                    help="record a scheme that fails to build or run and go on with the others")
+    ap.add_argument(
+        "--schemes",
+        nargs="+",
+        default=list(SCHEMES),
+        help=f"scheme specs: a name of {SCHEMES} with +modifiers, e.g. ours+bf16+base+compile=model "
+        f"(modifiers: bf16, fp16, fp32, base, foreach, compile={{{','.join(COMPILE)}}}, queries={{real,all,auto}}; "
+        "see benchmarks/steps.py)",
+    )
+    ap.add_argument(
+        "--keep-going",
+        dest="keep_going",
+        action="store_true",
+        help="record a scheme that fails to build or run and go on with the others",
+    )
     ap.add_argument("--timeout", type=int, default=0, help="seconds allowed to each worker process (0: no limit)")
-    ap.add_argument("--count-ops", dest="count_ops", action="store_true",
-                    help="profile one step per scheme: aten operator calls (and CUDA kernels)")
-    ap.add_argument("--no-memory", dest="memory", action="store_false",
-                    help="skip the per-scheme memory subprocesses")
+    ap.add_argument(
+        "--count-ops",
+        dest="count_ops",
+        action="store_true",
+        help="profile one step per scheme: aten operator calls (and CUDA kernels)",
+    )
+    ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-scheme memory subprocesses")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
@@ -307,10 +373,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--inference", action="store_true", help="also measure tile inference (images/s)")
-    ap.add_argument("--inference-only", dest="inference_only", action="store_true",
-                    help="measure tile inference only (no training-step schemes)")
-    ap.add_argument("--inference-variants", dest="inference_variants", nargs="+", default=["inference", "inference_padded"],
-                    help="inference or inference_padded, with scheme modifiers (e.g. inference+bf16+base+compile=blocks)")
+    ap.add_argument(
+        "--inference-only",
+        dest="inference_only",
+        action="store_true",
+        help="measure tile inference only (no training-step schemes)",
+    )
+    ap.add_argument(
+        "--inference-variants",
+        dest="inference_variants",
+        nargs="+",
+        default=["inference", "inference_padded"],
+        help="inference or inference_padded, with scheme modifiers (e.g. inference+bf16+base+compile=blocks)",
+    )
     ap.add_argument("--tile", default="2500x2000", help="tile size HxW for --inference")
     ap.add_argument("--stride", type=int, default=128, help="sliding-window stride for --inference")
     ap.add_argument("--infer-batch", dest="infer_batch", type=int, default=8, help="windows per model call")
@@ -341,7 +416,10 @@ def _train_results(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             for scheme, r in results[method].items():
                 if "error" in r:
                     continue
-                print(f"{method:8s} {scheme:30s} {r['median_s']:.4f} s  first {r['first_step_s']:.1f} s  ops {r.get('ops')}", flush=True)
+                print(
+                    f"{method:8s} {scheme:30s} {r['median_s']:.4f} s  first {r['first_step_s']:.1f} s  ops {r.get('ops')}",
+                    flush=True,
+                )
     return results
 
 
@@ -386,8 +464,18 @@ def main() -> None:
     results = _train_results(args)
     inference = _inference_results(args)
     name = "speed" + (f"_{args.tag}" if args.tag else "")
-    write(name, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "results": results, "ratios": _ratios(results), "inference": inference},
-          (table(results, args) if results else "") + inference_table(inference, args), args.out)
+    write(
+        name,
+        {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "results": results,
+            "ratios": _ratios(results),
+            "inference": inference,
+        },
+        (table(results, args) if results else "") + inference_table(inference, args),
+        args.out,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -62,8 +62,9 @@ print(json.dumps({"train": train, "merged": merged}))
 
 def _run(tree: Path, steps: int) -> dict[str, list[float]]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(steps)], cwd=tree, env=env, capture_output=True,
-                         text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(steps)], cwd=tree, env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -86,12 +87,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     med = {f"{t}_{k}_ms": 1000 * median(v) for t, kinds in times.items() for k, v in kinds.items()}
     for kind in ("train", "merged"):
         med[f"ratio_{kind}_head_over_base"] = med[f"head_{kind}_ms"] / med[f"base_{kind}_ms"]
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.base, capture_output=True, text=True).stdout.strip()
-    table = (f"vit_tiny depth 6 at 96 px, train: MMLoRA, merged: lora, 2 modalities x 4, 1 thread; medians of {args.rounds} x "
-             f"{args.steps} steps per tree, subprocesses alternating; base = {rev or args.base}\n\n"
-             "| step | base (ms) | this checkout (ms) | ratio |\n|---|---:|---:|---:|\n"
-             + "\n".join(f"| {k} | {med[f'base_{k}_ms']:.1f} | {med[f'head_{k}_ms']:.1f} | "
-                         f"{med[f'ratio_{k}_head_over_base']:.3f} |" for k in ("train", "merged")) + "\n")  # fmt: skip
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=args.base, capture_output=True, text=True
+    ).stdout.strip()
+    table = (
+        f"vit_tiny depth 6 at 96 px, train: MMLoRA, merged: lora, 2 modalities x 4, 1 thread; medians of {args.rounds} x "
+        f"{args.steps} steps per tree, subprocesses alternating; base = {rev or args.base}\n\n"
+        "| step | base (ms) | this checkout (ms) | ratio |\n|---|---:|---:|---:|\n"
+        + "\n".join(
+            f"| {k} | {med[f'base_{k}_ms']:.1f} | {med[f'head_{k}_ms']:.1f} | {med[f'ratio_{k}_head_over_base']:.3f} |"
+            for k in ("train", "merged")
+        )
+        + "\n"
+    )
     write("step_before_after", {"base": rev, "times": times, **med}, table, args.out)
     print(table)
     return med

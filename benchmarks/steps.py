@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 NAMES = ("ours", "ours_ckpt", "ours_padded", "per_modality", "per_modality_sam", "floor", "floor_efficient")
 COMPILE = ("none", "blocks", "model", "model-ro")
@@ -43,7 +44,7 @@ class Spec:
     foreach: bool | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Spec":
+    def parse(cls, text: str) -> Spec:
         name, *mods = text.split("+")
         if name not in NAMES:
             raise ValueError(f"unknown scheme {name!r} in {text!r}; known: {NAMES}")
@@ -118,17 +119,24 @@ def quick_sizes(backbone: str) -> dict[str, Any]:
 
 def _floor_encoder(args: argparse.Namespace, spec: Spec) -> Any:
     """The frozen encoder of ``args.backbone`` alone (timm's SAM, or the SAM2 / ViT feature encoder)."""
-    from mmpeft.runtime.attention import enable_efficient_attention
     from mmpeft.backbones import SAM_SPECS, build_sam_encoder, replace_spec
+    from mmpeft.runtime.attention import enable_efficient_attention
     from mmpeft_isprs.model import MFNetConfig
     from mmpeft_isprs.model.encoders import build_feature_encoder
 
     if args.backbone not in SAM_SPECS:
-        cfg = MFNetConfig(backbone=args.backbone, img_size=args.size, **(quick_sizes(args.backbone) if args.quick else {}))
-        encoder, _ = build_feature_encoder(cfg.backbone, cfg.backbone_kind, cfg.size, cfg.timm_kwargs, cfg.pyramid_blocks)
+        cfg = MFNetConfig(
+            backbone=args.backbone, img_size=args.size, **(quick_sizes(args.backbone) if args.quick else {})
+        )
+        encoder, _ = build_feature_encoder(
+            cfg.backbone, cfg.backbone_kind, cfg.size, cfg.timm_kwargs, cfg.pyramid_blocks
+        )
         return encoder.requires_grad_(False)
-    sam = SAM_SPECS[args.backbone] if not args.quick else replace_spec(
-        SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))  # fmt: skip
+    sam = (
+        SAM_SPECS[args.backbone]
+        if not args.quick
+        else replace_spec(SAM_SPECS["vit_tiny"], embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(0, 1, 2, 3))
+    )
     encoder = build_sam_encoder(sam, impl="timm", img_size=(args.size, args.size)).requires_grad_(False)
     if spec.name == "floor_efficient":
         enable_efficient_attention(encoder, spec.queries, spec.relpos)
@@ -190,12 +198,14 @@ def model_step(args: argparse.Namespace, spec: Spec, method: str) -> Callable[[]
     dev, amp = torch.device(args.device), _dtype(spec.amp_of(args))
     x, y = _inputs(args, dev)
     model, run = build_model(
-        args, spec, method,
+        args,
+        spec,
+        method,
         impl="segment_anything" if spec.name == "per_modality_sam" else "timm",
         execution="per_modality" if spec.name.startswith("per_modality") else "batched",
         grad_checkpointing=spec.name == "ours_ckpt",
         efficient_attention=spec.queries if spec.name in ("ours", "ours_ckpt") else False,
-    )  # fmt: skip
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=spec.foreach)
@@ -235,5 +245,7 @@ def count_ops(step: Callable[[], None], device: str) -> dict[str, int]:
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
     top = [e for e in aten if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and e.name != "Activity Buffer Request"]
+    kernels = [
+        e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and e.name != "Activity Buffer Request"
+    ]
     return {"aten_top": len(top), "aten_all": len(aten), "cuda_kernels": len(kernels)}

@@ -23,16 +23,27 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write  # noqa: E402
+from common import median, write
 
 BUSY = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
 
 
 def _train(root: Path, run: Path, threads: int, batches: int) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    cmd = [sys.executable, "-m", "mmpeft_isprs", "train", "demo", f"data.root={root}", f"train.run_dir={run}",
-           "train.epochs=1", f"train.batches_per_epoch={batches}", f"train.threads={threads}", "train.progress=false",
-           "train.tensorboard=false"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmpeft_isprs",
+        "train",
+        "demo",
+        f"data.root={root}",
+        f"train.run_dir={run}",
+        "train.epochs=1",
+        f"train.batches_per_epoch={batches}",
+        f"train.threads={threads}",
+        "train.progress=false",
+        "train.tensorboard=false",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -40,8 +51,12 @@ def _train(root: Path, run: Path, threads: int, batches: int) -> dict[str, Any]:
     with (run / "log.csv").open() as f:
         row = list(csv.DictReader(f))[-1]
     line = next((x for x in proc.stdout.splitlines() if x.startswith("device:")), "")
-    return {"images_per_s": float(row["images_per_s"]), "train_seconds": float(row["seconds"]),
-            "wall_seconds": time.perf_counter() - t0, "header": line}  # fmt: skip
+    return {
+        "images_per_s": float(row["images_per_s"]),
+        "train_seconds": float(row["seconds"]),
+        "wall_seconds": time.perf_counter() - t0,
+        "header": line,
+    }
 
 
 def measure(setting: int, root: Path, work: Path, batches: int, load: bool) -> dict[str, Any]:
@@ -68,8 +83,11 @@ def main() -> None:
     settings = [0, *range(1, cores + 1)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        subprocess.run([sys.executable, "-m", "mmpeft_isprs", "generate-synthetic", str(work / "data")], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "mmpeft_isprs", "generate-synthetic", str(work / "data")],
+            check=True,
+            capture_output=True,
+        )
         rows = []
         for s in settings:
             runs = [measure(s, work / "data", work, args.batches, not args.no_load) for _ in range(args.repeats)]
@@ -78,14 +96,21 @@ def main() -> None:
     auto = rows[0]["images_per_s"]
     best = max(rows[1:], key=lambda r: r["images_per_s"])
     ratio = best["images_per_s"] / max(auto, 1e-9)
-    lines = [f"demo training throughput, {cores} cores, {'no load' if args.no_load else 'one busy process pinned to a core'}, "
-             f"{args.batches} steps of 8 crops 128x128, median of {args.repeats}", "",
-             "| train.threads | images/s | vs default |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"demo training throughput, {cores} cores, {'no load' if args.no_load else 'one busy process pinned to a core'}, "
+        f"{args.batches} steps of 8 crops 128x128, median of {args.repeats}",
+        "",
+        "| train.threads | images/s | vs default |",
+        "|---|---|---|",
+    ]
     for r in rows:
         name = "0 (default policy)" if r["threads"] == 0 else str(r["threads"])
         lines.append(f"| {name} | {r['images_per_s']:.2f} | {r['images_per_s'] / max(auto, 1e-9):.2f}x |")
-    lines += ["", f"best manual setting train.threads={best['threads']}: {ratio:.2f}x the default "
-              f"({'within' if ratio <= 1.5 else 'NOT within'} 1.5x)"]  # fmt: skip
+    lines += [
+        "",
+        f"best manual setting train.threads={best['threads']}: {ratio:.2f}x the default "
+        f"({'within' if ratio <= 1.5 else 'NOT within'} 1.5x)",
+    ]
     name = "threads_noload" if args.no_load else "threads"
     data = {"cores": cores, "load": not args.no_load, "batches": args.batches, "rows": rows, "best_over_default": ratio}
     write(name, data, "\n".join(lines), Path(args.out) if args.out else None)

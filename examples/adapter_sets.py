@@ -125,8 +125,12 @@ def combine(wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
-                   help="64 px: seconds (also MMPEFT_EXAMPLES_TINY=1)")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
+        help="64 px: seconds (also MMPEFT_EXAMPLES_TINY=1)",
+    )
     p.add_argument("--sam-size", default="vit_tiny", help="vit_tiny (random, CPU demo), vit_b, vit_l, vit_h")
     p.add_argument("--img-size", type=int, default=None, help="input side in pixels (default 128, tiny 64)")
     p.add_argument("--checkpoint", default=None, help="local official SAM .pth, e.g. sam_vit_b_01ec64.pth")
@@ -135,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     args.img_size = args.img_size or (64 if args.tiny else 128)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     g = torch.Generator().manual_seed(1)
-    inputs = {"optical": torch.rand(1, 3, args.img_size, args.img_size, generator=g),
-              "dsm": torch.rand(1, 1, args.img_size, args.img_size, generator=g)}  # fmt: skip
+    inputs = {
+        "optical": torch.rand(1, 3, args.img_size, args.img_size, generator=g),
+        "dsm": torch.rand(1, 1, args.img_size, args.img_size, generator=g),
+    }
 
     wrapped = wrap_multimodal(encoder(args), MODALITIES, preset="mmadapter")
     two_sets(wrapped, inputs)

@@ -72,7 +72,9 @@ def merge_steps(wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want:
     report(f"merge_and_unload('dsm'): a plain {type(plain).__name__} equals the wrapped DSM output", out, want["dsm"])
 
 
-def peft_step(wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want: dict[str, torch.Tensor], out: Path, args) -> None:
+def peft_step(
+    wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want: dict[str, torch.Tensor], out: Path, args
+) -> None:
     try:
         import peft
     except ImportError:
@@ -85,7 +87,9 @@ def peft_step(wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want: d
     report("export_peft('optical') loaded by peft.PeftModel.from_pretrained", got, want["optical"])
 
 
-def load_step(wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want: dict[str, torch.Tensor], out: Path, args) -> None:
+def load_step(
+    wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want: dict[str, torch.Tensor], out: Path, args
+) -> None:
     wrapped.save_pretrained(out / "mmpeft")
     size = sum(f.stat().st_size for f in (out / "mmpeft").iterdir()) / 1024
     model = load_multimodal(build(args.size, args.depth), out / "mmpeft")  # for inference
@@ -98,14 +102,21 @@ def load_step(wrapped: torch.nn.Module, inputs: dict[str, torch.Tensor], want: d
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
-                   help="a 2-block ViT at 32 px: seconds (also MMPEFT_EXAMPLES_TINY=1)")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
+        help="a 2-block ViT at 32 px: seconds (also MMPEFT_EXAMPLES_TINY=1)",
+    )
     p.add_argument("--out", default=None, help="where to write the files (default: a temporary directory)")
     args = p.parse_args(argv)
     args.size, args.depth = (32, 2) if args.tiny else (64, 4)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     g = torch.Generator().manual_seed(1)
-    inputs = {"optical": torch.rand(2, 3, args.size, args.size, generator=g), "dsm": torch.rand(2, 1, args.size, args.size, generator=g)}
+    inputs = {
+        "optical": torch.rand(2, 3, args.size, args.size, generator=g),
+        "dsm": torch.rand(2, 1, args.size, args.size, generator=g),
+    }
 
     wrapped = wrap_multimodal(build(args.size, args.depth), ("optical", "dsm"), preset="lora")
     train(wrapped, inputs)

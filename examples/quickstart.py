@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -34,7 +34,9 @@ def build_sam(size: str, img_size: int, checkpoint: str | None, seed: int = 0) -
     encoder = build_sam_encoder(size, impl="segment_anything", img_size=img_size)
     if checkpoint is not None:
         report = load_sam_checkpoint(encoder, checkpoint)  # e.g. "sam_vit_b_01ec64.pth"
-        print(f"  loaded {len(report.loaded)} tensors from {checkpoint} ({len(report.dropped)} prompt/mask-decoder keys dropped)")
+        print(
+            f"  loaded {len(report.loaded)} tensors from {checkpoint} ({len(report.dropped)} prompt/mask-decoder keys dropped)"
+        )
     return encoder.eval()
 
 
@@ -47,8 +49,10 @@ def build_vit(img_size: int, seed: int = 0) -> nn.Module:
 def dummy_batch(img_size: int, batch: int = 2) -> dict[str, torch.Tensor]:
     """Optical (B, 3, H, W) in [0, 1] and a min-max scaled DSM (B, 1, H, W)."""
     g = torch.Generator().manual_seed(1)
-    return {"optical": torch.rand(batch, 3, img_size, img_size, generator=g),
-            "dsm": torch.rand(batch, 1, img_size, img_size, generator=g)}  # fmt: skip
+    return {
+        "optical": torch.rand(batch, 3, img_size, img_size, generator=g),
+        "dsm": torch.rand(batch, 1, img_size, img_size, generator=g),
+    }
 
 
 def train_step(wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> float:

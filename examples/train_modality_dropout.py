@@ -91,8 +91,12 @@ def check_absent(model: torch.nn.Module, args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
-                   help="a 2-block ViT at 32 px, 25 steps: seconds (also MMPEFT_EXAMPLES_TINY=1)")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
+        help="a 2-block ViT at 32 px, 25 steps: seconds (also MMPEFT_EXAMPLES_TINY=1)",
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)

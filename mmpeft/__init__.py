@@ -6,28 +6,44 @@ whose updates are mixed across modalities by a fusion rule.
 """
 
 from ._version import __version__ as __version__
-
-from .errors import (  # noqa: E402
-    MmpeftError, MmpeftFileNotFoundError, MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError,
+from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig
+from .errors import (
+    MmpeftError,
+    MmpeftFileNotFoundError,
+    MmpeftKeyError,
+    MmpeftStateError,
+    MmpeftTypeError,
+    MmpeftValueError,
     MmpeftWarning,
 )
-
-from .config import AdapterConfig, LoRAConfig, MultimodalConfig, StemConfig  # noqa: E402
-from .tuners.fusion import FUSION_RULES, Fusion, build_fusion, register_fusion  # noqa: E402
-from .model.multimodal import MultimodalModel  # noqa: E402
-from .tuners import (  # noqa: E402
-    METHODS, MergeError, Method, MultimodalAdapter, MultimodalLayer, MultimodalLoRA, MultimodalLoRAConv2d,
-    only_modality, register_method, set_execution,
+from .interop.lockstep_reference import reference_forward
+from .interop.reference import per_modality_forward
+from .model.multimodal import MultimodalModel
+from .model.params import ParamReport, count_parameters, is_trainable_name, trainable_summary
+from .model.wrap import build_config, load_multimodal, plan_targets, save_multimodal, wrap_multimodal
+from .runtime.presence import (
+    NonFiniteInputError,
+    Presence,
+    check_finite,
+    dropout_rates,
+    modality_dropout,
+    presence_tensor,
 )
-from .utils import atomic_write, resolve_dtype, state_mismatches  # noqa: E402
-from .runtime.presence import (  # noqa: E402
-    NonFiniteInputError, Presence, check_finite, dropout_rates, modality_dropout, presence_tensor,
+from .targeting.targets import FAMILIES, PRESETS, detect_family, match_targets
+from .tuners import (
+    METHODS,
+    MergeError,
+    Method,
+    MultimodalAdapter,
+    MultimodalLayer,
+    MultimodalLoRA,
+    MultimodalLoRAConv2d,
+    only_modality,
+    register_method,
+    set_execution,
 )
-from .interop.lockstep_reference import reference_forward  # noqa: E402
-from .interop.reference import per_modality_forward  # noqa: E402
-from .model.params import ParamReport, count_parameters, is_trainable_name, trainable_summary  # noqa: E402
-from .targeting.targets import FAMILIES, PRESETS, detect_family, match_targets  # noqa: E402
-from .model.wrap import build_config, load_multimodal, plan_targets, save_multimodal, wrap_multimodal  # noqa: E402
+from .tuners.fusion import FUSION_RULES, Fusion, build_fusion, register_fusion
+from .utils import atomic_write, resolve_dtype, state_mismatches
 
 __all__ = [
     "MmpeftError",

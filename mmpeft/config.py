@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
+from .errors import MmpeftTypeError, MmpeftValueError
 from .tuners import AdapterConfig, LoRAConfig, get_method
 from .tuners.options import Targets, check_targets
 from .utils import check_int, check_modalities, resolve_dtype
-from .errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["LoRAConfig", "AdapterConfig", "StemConfig", "MultimodalConfig", "RuleConfig", "Targets", "parse_stem"]
 
-RuleConfig = Union[LoRAConfig, AdapterConfig]
+RuleConfig = LoRAConfig | AdapterConfig
 STEM_KINDS = ("auto", "identity", "repeat", "conv1x1", "adapt")
 _COUNTED = ("conv1x1", "adapt")  # stems whose channel count is declared at wrap time
 
@@ -47,8 +48,10 @@ class StemConfig:
             raise MmpeftValueError(f"the {self.kind!r} stem needs the modality's in_channels, e.g. ({self.kind!r}, 12)")
 
 
-_STEM_FORMS = ("'repeat', ('repeat', channels), ('conv1x1', channels), ('adapt', channels), "
-               "{'kind': ..., 'in_channels': ...} or StemConfig")
+_STEM_FORMS = (
+    "'repeat', ('repeat', channels), ('conv1x1', channels), ('adapt', channels), "
+    "{'kind': ..., 'in_channels': ...} or StemConfig"
+)
 
 
 def parse_stem(value: Any, modality: str | None = None) -> StemConfig:
@@ -120,7 +123,7 @@ class MultimodalConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MultimodalConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MultimodalConfig:
         d = dict(d)
         rules: list[RuleConfig] = []
         for r in d.pop("rules"):
@@ -141,5 +144,5 @@ class MultimodalConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "MultimodalConfig":
+    def from_json(cls, text: str) -> MultimodalConfig:
         return cls.from_dict(json.loads(text))

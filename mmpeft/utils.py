@@ -13,17 +13,26 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
 from .errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
-    "DTYPES", "RESERVED_NAMES", "atomic_write", "check_int", "check_modalities", "check_number", "dtype_name",
-    "resolve_dtype", "state_mismatches",
-]  # fmt: skip
+    "DTYPES",
+    "RESERVED_NAMES",
+    "atomic_write",
+    "check_int",
+    "check_modalities",
+    "check_number",
+    "dtype_name",
+    "resolve_dtype",
+    "state_mismatches",
+]
 
 #: Names a modality cannot take: attributes of ``nn.ModuleDict`` / ``nn.ParameterDict`` (and so of
 #: ``nn.Module``: ``forward``, ``train``, ``to``, ``state_dict``, ``keys``, ``items``, ``update``, ...).
@@ -41,7 +50,9 @@ def check_modalities(modalities: Any) -> list[str]:
             f"write ({modalities!r},) for a single modality"
         )
     if isinstance(modalities, (set, frozenset, Mapping)) or not isinstance(modalities, Iterable):
-        raise MmpeftTypeError(f"modalities must be an ordered sequence of names (list or tuple), got {type(modalities).__name__}")
+        raise MmpeftTypeError(
+            f"modalities must be an ordered sequence of names (list or tuple), got {type(modalities).__name__}"
+        )
     names = list(modalities)
     if not names:
         raise MmpeftValueError("at least one modality is required")
@@ -80,8 +91,14 @@ def check_number(name: str, value: Any, positive: bool = False) -> float:
     return float(value)
 
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -23,8 +23,9 @@ import contextlib
 import shlex
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -47,21 +48,32 @@ DEMO_HELP = (
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, values in YAML (train.lr=0.005)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides, values in YAML (train.lr=0.005)"
+    )
 
 
 def _add_predict(sub: Any) -> None:
     """The ``predict`` sub-parser."""
     p = sub.add_parser("predict", help="label new tiles", description="Index and colour maps for tiles of any size.")
     p.add_argument("--weights", required=True, help="best.safetensors written by training")
-    p.add_argument("--optical", nargs="+", default=[], help="optical image files or folders (the model's first modality)")
+    p.add_argument(
+        "--optical", nargs="+", default=[], help="optical image files or folders (the model's first modality)"
+    )
     p.add_argument("--dsm", nargs="*", default=[], help="DSM files or folders (paired by name or tile number)")
-    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
-                   help="files or a folder of modality NAME (repeat per modality: --input nir=4_Ortho_RGBIR/)")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="files or a folder of modality NAME (repeat per modality: --input nir=4_Ortho_RGBIR/)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stride", type=int, default=128, help="window stride (default 128; the paper used 32)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--mode", choices=("average", "logit_sum"), default="average", help="how overlapping windows combine")
+    p.add_argument(
+        "--mode", choices=("average", "logit_sum"), default="average", help="how overlapping windows combine"
+    )
     p.add_argument("--tta-flip", action="store_true", help="average over flipped windows as well")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast precision")
     p.add_argument("--bands", default=None, help="optical bands to use, e.g. 0,1,2 (for 4-band tiles)")
@@ -73,34 +85,59 @@ def _add_predict(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-parser per command)."""
     parser = argparse.ArgumentParser(
-        prog="mmpeft-isprs", description="MFNet on ISPRS Vaihingen/Potsdam, MMHunan and your own tiles.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        prog="mmpeft-isprs",
+        description="MFNet on ISPRS Vaihingen/Potsdam, MMHunan and your own tiles.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train from a config", description="Train an MFNet (writes into train.run_dir).")
     p.add_argument("config", help="YAML file or bundled config name (see list-configs)")
     _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from <run_dir>/last.pt (same as train.resume=true)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in run_dir (same as train.overwrite=true)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (checkpoint written)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in run_dir (same as train.overwrite=true)"
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many steps in total (checkpoint written)"
+    )
 
-    p = sub.add_parser("eval", help="score weights on the test tiles", description="Sliding-window evaluation of whole tiles.")
+    p = sub.add_parser(
+        "eval", help="score weights on the test tiles", description="Sliding-window evaluation of whole tiles."
+    )
     p.add_argument("config", help="YAML file or bundled config name (data and eval sections are used)")
     _add_overrides(p)
     p.add_argument("--weights", required=True, help="best.safetensors (or any file written by training)")
-    p.add_argument("--out", default=None, help="output folder (default <run_dir>/eval_<split>_stride<S>_<mode>_<labels>[...]: one per protocol)")
-    p.add_argument("--subsets", action="store_true",
-                   help="score every non-empty subset of the model's modalities (2^M-1: optical+dsm, optical, dsm for two), side by side")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default <run_dir>/eval_<split>_stride<S>_<mode>_<labels>[...]: one per protocol)",
+    )
+    p.add_argument(
+        "--subsets",
+        action="store_true",
+        help="score every non-empty subset of the model's modalities (2^M-1: optical+dsm, optical, dsm for two), side by side",
+    )
 
     _add_predict(sub)
 
     p = sub.add_parser("demo", help="optical+DSM vs optical on synthetic data (CPU)", description=DEMO_HELP)
-    p.add_argument("--checkpoint", default=None, help="an official SAM file (sam_vit_b_01ec64.pth) instead of random weights")
+    p.add_argument(
+        "--checkpoint", default=None, help="an official SAM file (sam_vit_b_01ec64.pth) instead of random weights"
+    )
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data and model)")
-    p.add_argument("--out", default=None, help="folder for the data and both runs (default: a new runs/demo/<date>-<time>)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="FOLDER",
-                   help="continue an interrupted demo (default: the latest under runs/demo)")
+    p.add_argument(
+        "--out", default=None, help="folder for the data and both runs (default: a new runs/demo/<date>-<time>)"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="FOLDER",
+        help="continue an interrupted demo (default: the latest under runs/demo)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the demo in --out")
     _add_overrides(p)
 
@@ -159,11 +196,23 @@ def _predict(args: argparse.Namespace) -> None:
             raise ConfigError(f"--input: expected NAME=PATH (e.g. nir=4_Ortho_RGBIR/), got {item!r}")
         inputs.setdefault(name, []).append(path)
     if not args.optical and not inputs:
-        raise ConfigError("predict: give the inputs (--optical FILE|DIR ..., --dsm ..., or --input NAME=PATH per modality)")
-    opts = PredictOptions(args.stride, args.batch_size, args.mode, args.tta_flip, args.amp, bands, progress=sys.stderr.isatty(),
-                          checkpoint=args.checkpoint, cog=args.cog)
-    files = predict_files(args.weights, args.optical, args.dsm, args.out, opts, device=resolve_device(args.device),
-                          inputs=inputs)
+        raise ConfigError(
+            "predict: give the inputs (--optical FILE|DIR ..., --dsm ..., or --input NAME=PATH per modality)"
+        )
+    opts = PredictOptions(
+        args.stride,
+        args.batch_size,
+        args.mode,
+        args.tta_flip,
+        args.amp,
+        bands,
+        progress=sys.stderr.isatty(),
+        checkpoint=args.checkpoint,
+        cog=args.cog,
+    )
+    files = predict_files(
+        args.weights, args.optical, args.dsm, args.out, opts, device=resolve_device(args.device), inputs=inputs
+    )
     print(f"wrote {len(files)} files to {args.out}")
 
 
@@ -171,11 +220,21 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import latest_demo_dir, new_demo_dir, run_demo
 
     resume = args.resume is not None
-    out = Path(args.resume if resume and args.resume != "latest" else args.out or (latest_demo_dir() if resume else new_demo_dir()))
+    out = Path(
+        args.resume
+        if resume and args.resume != "latest"
+        else args.out or (latest_demo_dir() if resume else new_demo_dir())
+    )
     cmd = ["mmpeft-isprs", "demo", "--resume", str(out)]
     with _interruptible(out / "demo.json", cmd, cmd):
-        run_demo(out, checkpoint=args.checkpoint, quick=args.quick, overrides=args.overrides, resume=resume,
-                 overwrite=args.overwrite)  # fmt: skip
+        run_demo(
+            out,
+            checkpoint=args.checkpoint,
+            quick=args.quick,
+            overrides=args.overrides,
+            resume=resume,
+            overwrite=args.overwrite,
+        )
 
 
 class Interrupted(Exception):
@@ -189,14 +248,20 @@ def _interruptible(saved: Path, resume: list[str], restart: list[str]) -> Iterat
         yield
     except KeyboardInterrupt:
         if saved.is_file():
-            raise Interrupted(f"interrupted; the last checkpoint is intact. Continue with:\n  {shlex.join(resume)}") from None
-        raise Interrupted(f"interrupted before anything was saved. Start again with:\n  {shlex.join(restart)}") from None
+            raise Interrupted(
+                f"interrupted; the last checkpoint is intact. Continue with:\n  {shlex.join(resume)}"
+            ) from None
+        raise Interrupted(
+            f"interrupted before anything was saved. Start again with:\n  {shlex.join(restart)}"
+        ) from None
 
 
 def _generate(args: argparse.Namespace) -> None:
     from .data import generate_synthetic_vaihingen
 
-    manifest = generate_synthetic_vaihingen(args.root, args.num_tiles, args.tile_size, args.seed, overwrite=args.overwrite)
+    manifest = generate_synthetic_vaihingen(
+        args.root, args.num_tiles, args.tile_size, args.seed, overwrite=args.overwrite
+    )
     splits = manifest["splits"]
     print(f"synthetic Vaihingen in {args.root}: " + ", ".join(f"{k} {' '.join(v)}" for k, v in splits.items()))
 
@@ -211,12 +276,18 @@ def _list_configs(_: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "train": _train, "eval": _eval, "predict": _predict, "demo": _demo,
-    "generate-synthetic": _generate, "list-configs": _list_configs,
-}  # fmt: skip
+    "train": _train,
+    "eval": _eval,
+    "predict": _predict,
+    "demo": _demo,
+    "generate-synthetic": _generate,
+    "list-configs": _list_configs,
+}
 
 
-def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+def _format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """``DataWarning: <message>`` for the application's data warnings (the message names the file,
     tile and pixels); other warnings in Python's own format."""
     from .data import DataWarning

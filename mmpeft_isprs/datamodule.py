@@ -12,27 +12,47 @@ run gets the same crop for the same index, and skipping consumed batches on resu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .config import ConfigError, DataConfig, ExperimentConfig
 from .data import (
-    ISPRS, MMHUNAN, DataError, DsmNormalisation, GenericLayout, JointFlipRotate, Layout, MMHunanLayout,
-    ModalitySpec, PotsdamLayout, RandomCropDataset, SplitSpec, TileSet, VaihingenLayout,
-    generate_synthetic_vaihingen, synthetic_layout,
+    ISPRS,
+    MMHUNAN,
+    DataError,
+    DsmNormalisation,
+    GenericLayout,
+    JointFlipRotate,
+    Layout,
+    MMHunanLayout,
+    ModalitySpec,
+    PotsdamLayout,
+    RandomCropDataset,
+    SplitSpec,
+    TileSet,
+    VaihingenLayout,
+    generate_synthetic_vaihingen,
+    synthetic_layout,
 )
-from .data.tiles import missing_files
 from .data.splits import read_id_list
+from .data.tiles import missing_files
 from .distributed import DistInfo, barrier
 from .threads import worker_init
 
 __all__ = [
-    "ISPRSDataModule", "EpochBatchSampler", "dsm_rule", "prepare_data_root", "make_layout", "open_layout",
-    "split_ids", "make_tileset", "modality_specs",
-]  # fmt: skip
+    "ISPRSDataModule",
+    "EpochBatchSampler",
+    "dsm_rule",
+    "prepare_data_root",
+    "make_layout",
+    "open_layout",
+    "split_ids",
+    "make_tileset",
+    "modality_specs",
+]
 
 
 # --------------------------------------------------------------------------- from the data section
@@ -109,7 +129,7 @@ def modality_specs(data: DataConfig) -> dict[str, ModalitySpec]:
 def _base_layout(data: DataConfig) -> Layout:
     split = SplitSpec(
         data.split, tuple(data.val_ids), data.val_fraction, data.val_seed, data.train_ratio, data.split_seed
-    )  # fmt: skip
+    )
     splits, files = _config_splits(data), dict(data.files) or None
     try:
         if data.dataset == "vaihingen":
@@ -125,10 +145,14 @@ def _base_layout(data: DataConfig) -> Layout:
     g = data.generic
     return GenericLayout(
         modalities=tuple(ModalitySpec(n, k) for n, k in g.modalities.items()),  # type: ignore[arg-type]
-        info=MMHUNAN if g.classes == "mmhunan" else ISPRS, label_format=g.label_format,
-        label_dir=g.label_dir, eval_label_dir=g.eval_label_dir, folders=dict(g.folders), split=split,
+        info=MMHUNAN if g.classes == "mmhunan" else ISPRS,
+        label_format=g.label_format,
+        label_dir=g.label_dir,
+        eval_label_dir=g.eval_label_dir,
+        folders=dict(g.folders),
+        split=split,
         splits=splits,
-    )  # fmt: skip
+    )
 
 
 def open_layout(data: DataConfig) -> Layout:
@@ -235,10 +259,13 @@ class ISPRSDataModule:
         if self.val_tiles is None and self.info.is_main:
             self.log("note: no validation split (data.val_ids / data.val_fraction); best.safetensors = last epoch")
         self.train_dataset = RandomCropDataset(
-            self.train_tiles, crop_size=self.cfg.crop_size, samples_per_epoch=t.batches_per_epoch * t.batch_size,
-            seed=t.seed, transforms=JointFlipRotate(hflip=t.flips, vflip=t.flips, rot90=t.rotations),
+            self.train_tiles,
+            crop_size=self.cfg.crop_size,
+            samples_per_epoch=t.batches_per_epoch * t.batch_size,
+            seed=t.seed,
+            transforms=JointFlipRotate(hflip=t.flips, vflip=t.flips, rot90=t.rotations),
             tile_weights=d.tile_weights,
-        )  # fmt: skip
+        )
 
     def _check_official_test(self, layout: Layout) -> None:
         """With ``data.split=official``, say at the start when test tiles lack files (evaluation
@@ -251,7 +278,9 @@ class ISPRSDataModule:
         lacking = [f.tile_id for f in files if missing_files(layout, [f], self.cfg.eval.labels)]  # type: ignore[arg-type]
         if not lacking:
             return
-        complete = sorted({str(Path(p).parent) for role in ("labels", "eval_labels") for p in layout.patterns.get(role, ())[1:]})
+        complete = sorted(
+            {str(Path(p).parent) for role in ("labels", "eval_labels") for p in layout.patterns.get(role, ())[1:]}
+        )
         first = missing_files(layout, [files[ids.index(lacking[0])]], self.cfg.eval.labels)[0]  # type: ignore[arg-type]
         self.log(
             f"warning: data.split=official: {len(lacking)} of the {len(ids)} official test tiles lack files under {d.root} "
@@ -270,7 +299,10 @@ class ISPRSDataModule:
         t, info = self.cfg.train, self.info
         sampler = EpochBatchSampler(epoch, start, t.batches_per_epoch, t.batch_size, info.rank, info.world_size)
         return DataLoader(
-            self.train_dataset, batch_sampler=sampler, num_workers=t.num_workers,
-            pin_memory=info.device.type == "cuda", worker_init_fn=worker_init,  # workers: 1 thread each
+            self.train_dataset,
+            batch_sampler=sampler,
+            num_workers=t.num_workers,
+            pin_memory=info.device.type == "cuda",
+            worker_init_fn=worker_init,  # workers: 1 thread each
             generator=torch.Generator().manual_seed(t.seed),  # workers' seeds never draw from the global RNG
-        )  # fmt: skip
+        )

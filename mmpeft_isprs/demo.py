@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .config import ConfigError, ExperimentConfig, load_config
 from .distributed import DistInfo, init_distributed
@@ -40,11 +41,21 @@ RUNS: tuple[tuple[str, str, list[str]], ...] = (
 )
 
 QUICK_OVERRIDES: tuple[str, ...] = (
-    "data.synthetic.num_tiles=3", "data.synthetic.tile_size=96", "model.img_size=64", "model.embed_dim=32",
-    "model.num_heads=2", "model.decode_channels=16", "model.window_size=4", "model.decoder_heads=2",
-    "train.epochs=1", "train.batches_per_epoch=2", "train.batch_size=2", "train.num_workers=0",
-    "eval.stride=32", "eval.val_stride=64",
-)  # fmt: skip
+    "data.synthetic.num_tiles=3",
+    "data.synthetic.tile_size=96",
+    "model.img_size=64",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "model.decode_channels=16",
+    "model.window_size=4",
+    "model.decoder_heads=2",
+    "train.epochs=1",
+    "train.batches_per_epoch=2",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "eval.stride=32",
+    "eval.val_stride=64",
+)
 """What ``--quick`` changes: 3 tiles of 96 px, a 2-block-wide toy model, 2 steps."""
 
 
@@ -57,25 +68,37 @@ class DemoResult:
     summary: str
 
 
-
-
 def _backbone_of(checkpoint: str) -> str:
     match = re.search(r"vit_(tiny|[blh])(?![a-z])", Path(checkpoint).name)
     return f"vit_{match.group(1)}" if match else "vit_b"
 
 
-def demo_config(out: str | Path, checkpoint: str | None, quick: bool, overrides: Sequence[str], name: str, modalities: list[str]) -> ExperimentConfig:
+def demo_config(
+    out: str | Path, checkpoint: str | None, quick: bool, overrides: Sequence[str], name: str, modalities: list[str]
+) -> ExperimentConfig:
     """The demo's config for one run (``configs/demo.yaml`` + options + user overrides)."""
     out = Path(out)
-    items = [f"data.root={out / 'data'}", f"train.run_dir={out / name}", f"name=demo_{name}",
-             f"model.modalities=[{', '.join(modalities)}]", "eval.save_predictions=true"]  # fmt: skip
+    items = [
+        f"data.root={out / 'data'}",
+        f"train.run_dir={out / name}",
+        f"name=demo_{name}",
+        f"model.modalities=[{', '.join(modalities)}]",
+        "eval.save_predictions=true",
+    ]
     if quick:
         items += QUICK_OVERRIDES
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
-            raise ConfigError(f"--checkpoint: {checkpoint} not found (an official SAM file such as sam_vit_b_01ec64.pth)")
-        items += [f"model.checkpoint={checkpoint}", f"model.backbone={_backbone_of(checkpoint)}",
-                  "model.embed_dim=null", "model.depth=null", "model.num_heads=null"]  # fmt: skip
+            raise ConfigError(
+                f"--checkpoint: {checkpoint} not found (an official SAM file such as sam_vit_b_01ec64.pth)"
+            )
+        items += [
+            f"model.checkpoint={checkpoint}",
+            f"model.backbone={_backbone_of(checkpoint)}",
+            "model.embed_dim=null",
+            "model.depth=null",
+            "model.num_heads=null",
+        ]
     return load_config("demo", [*items, *overrides])
 
 
@@ -96,7 +119,9 @@ def latest_demo_dir(root: str | Path = DEMO_ROOT) -> Path:
     return found[-1]
 
 
-def _options(out: Path, checkpoint: str | None, quick: bool, overrides: Sequence[str], resume: bool, overwrite: bool) -> dict[str, Any]:
+def _options(
+    out: Path, checkpoint: str | None, quick: bool, overrides: Sequence[str], resume: bool, overwrite: bool
+) -> dict[str, Any]:
     """The options of this demo (read back on resume); refuses to reuse a folder."""
     stored = out / OPTIONS
     if resume:
@@ -104,8 +129,10 @@ def _options(out: Path, checkpoint: str | None, quick: bool, overrides: Sequence
             raise ConfigError(f"--resume: {out} holds no demo ({OPTIONS} not found)")
         return json.loads(stored.read_text())
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} already holds a demo run: continue it with `mmpeft-isprs demo --resume {out}`, "
-                          "replace it with --overwrite, or choose another --out")  # fmt: skip
+        raise ConfigError(
+            f"{out} already holds a demo run: continue it with `mmpeft-isprs demo --resume {out}`, "
+            "replace it with --overwrite, or choose another --out"
+        )
     return {"checkpoint": checkpoint, "quick": quick, "overrides": list(overrides)}
 
 
@@ -123,8 +150,10 @@ def side_by_side(results: dict[str, EvalResult], class_names: Sequence[str]) -> 
     sub = f"{'':<22}{'F1':>8}{'IoU':>8}{'F1':>8}{'IoU':>8}"
     rows = [head, sub]
     for n in class_names:
-        rows.append(f"{n:<22}{a['F1'][n] * 100:8.2f}{a['IoU'][n] * 100:8.2f}{b['F1'][n] * 100:8.2f}"
-                    f"{b['IoU'][n] * 100:8.2f}{(a['IoU'][n] - b['IoU'][n]) * 100:+10.2f}")  # fmt: skip
+        rows.append(
+            f"{n:<22}{a['F1'][n] * 100:8.2f}{a['IoU'][n] * 100:8.2f}{b['F1'][n] * 100:8.2f}"
+            f"{b['IoU'][n] * 100:8.2f}{(a['IoU'][n] - b['IoU'][n]) * 100:+10.2f}"
+        )
     for key in ("OA", "mF1", "mIoU"):
         rows.append(f"{key:<22}{a[key] * 100:16.2f}{b[key] * 100:16.2f}{(a[key] - b[key]) * 100:+10.2f}")
     rows.append(f"(mF1 and mIoU over {', '.join(a['eval_classes'])}; OA over all classes)")
@@ -132,9 +161,14 @@ def side_by_side(results: dict[str, EvalResult], class_names: Sequence[str]) -> 
 
 
 def run_demo(
-    out: str | Path | None = None, checkpoint: str | None = None, quick: bool = False,
-    overrides: Sequence[str] = (), info: DistInfo | None = None, log: Callable[[str], None] = print,
-    resume: bool = False, overwrite: bool = False,
+    out: str | Path | None = None,
+    checkpoint: str | None = None,
+    quick: bool = False,
+    overrides: Sequence[str] = (),
+    info: DistInfo | None = None,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Train and evaluate both runs (see the module doc); writes ``<out>/demo_summary.json``.
 
@@ -146,10 +180,16 @@ def run_demo(
     out = Path(out) if out is not None else latest_demo_dir() if resume else new_demo_dir()
     opts = _options(out, checkpoint, quick, overrides, resume, overwrite)
     configs = {
-        label: demo_config(out, opts["checkpoint"], opts["quick"],
-                           [*opts["overrides"], *_continue(out / name, resume, overwrite)], name, mods)
+        label: demo_config(
+            out,
+            opts["checkpoint"],
+            opts["quick"],
+            [*opts["overrides"], *_continue(out / name, resume, overwrite)],
+            name,
+            mods,
+        )
         for label, name, mods in RUNS
-    }  # fmt: skip
+    }
     info = info or init_distributed(configs["optical+dsm"].train.device, configs["optical+dsm"].train.threads)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -158,8 +198,10 @@ def run_demo(
     results: dict[str, EvalResult] = {}
     for label, cfg in configs.items():
         if info.is_main:
-            log(f"\n=== {label}: training ({cfg.train.epochs} epochs x {cfg.train.batches_per_epoch} batches of "
-                f"{cfg.train.batch_size} {cfg.crop_size}x{cfg.crop_size} crops) ===")  # fmt: skip
+            log(
+                f"\n=== {label}: training ({cfg.train.epochs} epochs x {cfg.train.batches_per_epoch} batches of "
+                f"{cfg.train.batch_size} {cfg.crop_size}x{cfg.crop_size} crops) ==="
+            )
         run = fit(cfg, info, log=log)
         if info.is_main:
             log(f"=== {label}: test tiles ===")
@@ -167,23 +209,40 @@ def run_demo(
     return _report(out, configs, results, time.perf_counter() - t0, opts, info, log)
 
 
-def _report(out: Path, configs: dict[str, ExperimentConfig], results: dict[str, EvalResult], seconds: float,
-            opts: dict[str, Any], info: DistInfo, log: Callable[[str], None]) -> DemoResult:  # fmt: skip
+def _report(
+    out: Path,
+    configs: dict[str, ExperimentConfig],
+    results: dict[str, EvalResult],
+    seconds: float,
+    opts: dict[str, Any],
+    info: DistInfo,
+    log: Callable[[str], None],
+) -> DemoResult:
     """The side-by-side table, the summary line and ``demo_summary.json``."""
     names = list(results["optical"].metrics["IoU"])  # type: ignore[arg-type]
     table = side_by_side(results, names)
     a, b = (results[label].metrics["mIoU"] * 100 for label, _, _ in RUNS)  # type: ignore[operator]
-    summary = (f"DSM gain: mIoU {a - b:+.2f} points (optical+DSM {a:.2f} vs optical {b:.2f}); "
-               f"demo wall time {seconds / 60:.1f} min")  # fmt: skip
+    summary = (
+        f"DSM gain: mIoU {a - b:+.2f} points (optical+DSM {a:.2f} vs optical {b:.2f}); "
+        f"demo wall time {seconds / 60:.1f} min"
+    )
     if info.is_main:
         log("\n=== test tiles: optical+DSM vs optical ===\n" + table + "\n" + summary)
         maps = [str(Path(c.train.run_dir) / "test" / "predictions") for c in configs.values()]
         log(f"colour maps: {maps[0]} and {maps[1]}")
-        figs = [f"{Path(c.train.run_dir) / 'test' / 'figures'} (tiles, confusion) and {Path(c.train.run_dir) / 'figures'} (curves)"
-                for c in configs.values()]  # fmt: skip
+        figs = [
+            f"{Path(c.train.run_dir) / 'test' / 'figures'} (tiles, confusion) and {Path(c.train.run_dir) / 'figures'} (curves)"
+            for c in configs.values()
+        ]
         log(f"figures: {figs[0]}; {figs[1]}")
-        payload: dict[str, Any] = {"seconds": seconds, "gain_mIoU": (a - b) / 100, "quick": opts["quick"],
-                                   "checkpoint": opts["checkpoint"], "table": table, "summary": summary,
-                                   "runs": {k: r.metrics for k, r in results.items()}}  # fmt: skip
+        payload: dict[str, Any] = {
+            "seconds": seconds,
+            "gain_mIoU": (a - b) / 100,
+            "quick": opts["quick"],
+            "checkpoint": opts["checkpoint"],
+            "table": table,
+            "summary": summary,
+            "runs": {k: r.metrics for k, r in results.items()},
+        }
         (out / "demo_summary.json").write_text(json.dumps(payload, indent=1))
     return DemoResult(results, seconds, summary)

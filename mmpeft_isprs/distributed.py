@@ -10,8 +10,9 @@ no-op in a single process.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,9 +21,15 @@ from .config import ConfigError
 from .threads import apply_threads, resolve_threads
 
 __all__ = [
-    "DistInfo", "init_distributed", "shutdown", "barrier", "all_gather_object",
-    "shard", "resolve_device", "sum_tensor",
-]  # fmt: skip
+    "DistInfo",
+    "init_distributed",
+    "shutdown",
+    "barrier",
+    "all_gather_object",
+    "shard",
+    "resolve_device",
+    "sum_tensor",
+]
 
 T = TypeVar("T")
 
@@ -85,7 +92,9 @@ def init_distributed(device: str = "auto", threads: int = 0, recorded: tuple[int
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
     count, where = recorded or (None, "")
-    apply_threads(resolve_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), recorded=count, recorded_in=where))
+    apply_threads(
+        resolve_threads(threads, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), recorded=count, recorded_in=where)
+    )
     if world <= 1:
         return DistInfo(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -131,4 +140,3 @@ def all_gather_object(obj: T) -> list[T]:
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Items ``rank, rank + world, ...``: a disjoint cover of ``items`` over the ranks."""
     return list(items[rank::world_size])
-

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .config import ConfigError, ExperimentConfig, load_config, upgrade_stored
 from .distributed import DistInfo
@@ -26,9 +26,11 @@ __all__ = ["evaluate", "eval_config"]
 
 
 def eval_config(
-    config: str | Path | None, weights: str | Path | MFNetFile, overrides: Sequence[str] = (),
+    config: str | Path | None,
+    weights: str | Path | MFNetFile,
+    overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
-) -> ExperimentConfig:  # fmt: skip
+) -> ExperimentConfig:
     """The experiment to evaluate ``weights`` with: the one saved in them plus ``overrides``.
 
     ``weights``: a path, or the file already read (:func:`~mmpeft_isprs.task.read_weights`; the
@@ -47,13 +49,20 @@ def eval_config(
     preset = values.pop("model_preset", None)
     cfg = load_config(values, overrides)
     if config is not None and os.environ.get("RANK", "0") == "0":  # before the process group: once, on rank 0
-        log(f"note: using the experiment saved with {path} ({cfg.name}); {config} is not read, key=value overrides apply")
+        log(
+            f"note: using the experiment saved with {path} ({cfg.name}); {config} is not read, key=value overrides apply"
+        )
     return cfg if cfg.model_preset is not None else dataclasses.replace(cfg, model_preset=preset)
 
 
 def evaluate(
-    cfg: ExperimentConfig, weights: str | Path | MFNetFile, *, subsets: bool = False, info: DistInfo | None = None,
-    out_dir: str | Path | None = None, log: Callable[[str], None] = print,
+    cfg: ExperimentConfig,
+    weights: str | Path | MFNetFile,
+    *,
+    subsets: bool = False,
+    info: DistInfo | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Load ``weights``, score ``cfg.eval.split`` (with ``subsets``: also every modality subset,
     in ``result.subsets``), write JSON (rank 0); see :func:`~mmpeft_isprs.runner.score_weights`.

@@ -16,9 +16,11 @@ Modes:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from functools import partial
-from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from .config import ConfigError
 ModelFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
-def autocast(amp: str, device: torch.device) -> ContextManager[Any]:
+def autocast(amp: str, device: torch.device) -> AbstractContextManager[Any]:
     """``torch.autocast`` for ``"bf16"``/``"fp16"``; a null context for ``"none"``."""
     if amp == "none":
         return contextlib.nullcontext()
@@ -86,9 +88,7 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 _FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
 
-def _forward(
-    model_fn: ModelFn, batch: dict[str, torch.Tensor], tta_flip: bool, mode: str, k: int
-) -> torch.Tensor:
+def _forward(model_fn: ModelFn, batch: dict[str, torch.Tensor], tta_flip: bool, mode: str, k: int) -> torch.Tensor:
     """Scores of a batch: (B, K, h, w) softmax ("average") or logits ("logit_sum"), TTA-averaged."""
     total = None
     flips = _FLIPS if tta_flip else _FLIPS[:1]
@@ -110,7 +110,10 @@ def _batches(positions: Sequence[tuple[int, int]], size: int) -> Iterator[Sequen
 
 
 def _read_batch(
-    source: WindowSource, pos: Sequence[tuple[int, int]], hw: tuple[int, int], window: int,
+    source: WindowSource,
+    pos: Sequence[tuple[int, int]],
+    hw: tuple[int, int],
+    window: int,
     device: torch.device | str | None,
 ) -> dict[str, torch.Tensor]:
     """Windows at ``pos`` -> {name: (B, C, window, window)} on ``device`` (zero-padded; through
@@ -128,8 +131,11 @@ def _read_batch(
 
 
 def _accumulate(
-    acc: torch.Tensor, count: torch.Tensor | None, scores: torch.Tensor,
-    pos: Sequence[tuple[int, int]], hw: tuple[int, int],
+    acc: torch.Tensor,
+    count: torch.Tensor | None,
+    scores: torch.Tensor,
+    pos: Sequence[tuple[int, int]],
+    hw: tuple[int, int],
 ) -> None:
     """acc: (K, H, W) += scores (B, K, h, w) at ``pos``; count: (H, W) += 1 there."""
     if acc.device.type == "cpu":
@@ -156,8 +162,12 @@ def _check_args(mode: str, window: int, stride: int, batch_size: int) -> None:
 
 
 def _accumulators(
-    k: int, size: tuple[int, int], mode: str, on: torch.device | str | None,
-    device: torch.device | str | None, out_device: torch.device | str,
+    k: int,
+    size: tuple[int, int],
+    mode: str,
+    on: torch.device | str | None,
+    device: torch.device | str | None,
+    out_device: torch.device | str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The (K, H, W) score and (H, W) count accumulators, on ``on`` (default: the model's GPU,
     else ``out_device``)."""
@@ -169,7 +179,8 @@ def _accumulators(
 
 def _read_ahead(
     read: Callable[[Sequence[tuple[int, int]]], dict[str, torch.Tensor]],
-    batches: Sequence[Sequence[tuple[int, int]]], prefetch: bool,
+    batches: Sequence[Sequence[tuple[int, int]]],
+    prefetch: bool,
 ) -> Iterator[tuple[Sequence[tuple[int, int]], dict[str, torch.Tensor]]]:
     """(positions, windows) of every batch; with ``prefetch`` the next batch is read in a
     background thread while the caller works on the current one."""

@@ -10,7 +10,7 @@ the true class, columns the prediction. Everything returned is JSON-serialisable
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,9 +26,7 @@ class ConfusionMatrix:
         device: where the matrix lives (put it with the predictions to avoid copies).
     """
 
-    def __init__(
-        self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str = "cpu"
-    ) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device: torch.device | str = "cpu") -> None:
         if num_classes <= 0:
             raise ValueError(f"ConfusionMatrix: num_classes must be > 0, got {num_classes}")
         self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
@@ -64,9 +62,7 @@ class ConfusionMatrix:
         self.mat += other.mat.to(self.mat.device)
         return self
 
-    def all_reduce(
-        self, reduce_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None
-    ) -> ConfusionMatrix:
+    def all_reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> ConfusionMatrix:
         """Sum the matrix over processes (in place); returns self.
 
         Args:

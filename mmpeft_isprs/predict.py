@@ -17,16 +17,24 @@ DSM files pair by name or tile id (zero padding ignored); an unpaired file is na
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .config import ConfigError, ExperimentConfig
 from .data import (
-    ISPRS, MMHUNAN, DatasetInfo, ModalitySpec, check_sizes, is_geotiff, modality_tensor, pair_modalities,
-    read_image, write_prediction,
+    ISPRS,
+    MMHUNAN,
+    DatasetInfo,
+    ModalitySpec,
+    check_sizes,
+    is_geotiff,
+    modality_tensor,
+    pair_modalities,
+    read_image,
+    write_prediction,
 )
 from .data.patterns import tile_key_of_name
 from .datamodule import dsm_rule, modality_specs
@@ -39,7 +47,9 @@ __all__ = ["predict_files", "PredictOptions", "dataset_info"]
 
 def dataset_info(model: MFNet, experiment: ExperimentConfig | None) -> DatasetInfo:
     """Class names and palette of the model's data set (ISPRS, or MMHunan for 7 classes)."""
-    if experiment is not None and (experiment.data.dataset == "mmhunan" or experiment.data.generic.classes == "mmhunan"):
+    if experiment is not None and (
+        experiment.data.dataset == "mmhunan" or experiment.data.generic.classes == "mmhunan"
+    ):
         return MMHUNAN
     return MMHUNAN if model.config.num_classes == 7 else ISPRS
 
@@ -60,8 +70,13 @@ class PredictOptions:
 
 
 def predict_files(
-    weights: str | Path, optical: Sequence[str | Path], dsm: Sequence[str | Path], out_dir: str | Path,
-    options: PredictOptions | None = None, device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+    weights: str | Path,
+    optical: Sequence[str | Path],
+    dsm: Sequence[str | Path],
+    out_dir: str | Path,
+    options: PredictOptions | None = None,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
     inputs: Mapping[str, Sequence[str | Path]] | None = None,
 ) -> list[Path]:
     """Predict every tile and write its maps into ``out_dir``; returns the files.
@@ -84,13 +99,22 @@ def predict_files(
     first = model.modalities[0]
     for files in pair_modalities(sources, flags):
         raws = {path: read_image(path) for path in dict.fromkeys(files[m] for m in model.modalities)}  # each file once
-        tensors = {m: modality_tensor(files[m], specs[m], rule, _channels(model, m), raws[files[m]]) for m in model.modalities}
+        tensors = {
+            m: modality_tensor(files[m], specs[m], rule, _channels(model, m), raws[files[m]]) for m in model.modalities
+        }
         check_sizes(tile_key_of_name(files[first].stem), [(files[m], tensors[m]) for m in model.modalities])
         scores = sliding_window_predict(
-            run, tensors, model.config.num_classes, window=size, stride=min(opts.stride, size),
-            batch_size=opts.batch_size, mode=opts.mode, tta_flip=opts.tta_flip, device=device,  # type: ignore[arg-type]
+            run,
+            tensors,
+            model.config.num_classes,
+            window=size,
+            stride=min(opts.stride, size),
+            batch_size=opts.batch_size,
+            mode=opts.mode,
+            tta_flip=opts.tta_flip,
+            device=device,  # type: ignore[arg-type]
             progress=opts.progress,
-        )  # fmt: skip
+        )
         pred = scores.argmax(0).numpy()
         geo = files[first] if is_geotiff(files[first]) else None
         written += write_prediction(pred, out_dir, files[first].stem, info, georef_from=geo, cog=opts.cog)
@@ -119,9 +143,12 @@ def _specs(model: MFNet, experiment: ExperimentConfig | None, bands: tuple[int, 
 
 
 def _sources(
-    model: MFNet, specs: Mapping[str, ModalitySpec], optical: Sequence[str | Path], dsm: Sequence[str | Path],
+    model: MFNet,
+    specs: Mapping[str, ModalitySpec],
+    optical: Sequence[str | Path],
+    dsm: Sequence[str | Path],
     inputs: Mapping[str, Sequence[str | Path]],
-) -> tuple[dict[str, Sequence[str | Path]], dict[str, str]]:  # fmt: skip
+) -> tuple[dict[str, Sequence[str | Path]], dict[str, str]]:
     """The files of every modality of the model, in its order, and the flag that gave them."""
     mods = list(model.modalities)
     unknown = sorted(set(inputs) - set(mods))
@@ -133,7 +160,9 @@ def _sources(
     flags = {first: "--optical"}
     if dsm and len(mods) == 1 and second != "dsm":
         raise ConfigError(f"--dsm: this model has no dsm modality; it uses {mods}")
-    for m, files, flag in ([(second, dsm, "--dsm")] if dsm else []) + [(m, f, f"--input {m}=") for m, f in inputs.items()]:
+    for m, files, flag in ([(second, dsm, "--dsm")] if dsm else []) + [
+        (m, f, f"--input {m}=") for m, f in inputs.items()
+    ]:
         if m in given:
             raise ConfigError(f"modality {m!r} is given twice, by {flags[m]} and {flag}: give it once")
         given[m] = files

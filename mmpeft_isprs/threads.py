@@ -49,8 +49,13 @@ class ThreadPolicy:
 
     def describe(self) -> str:
         """One line for the run header."""
-        why = (f"{self.cores} cores, {self.busy:.1f} busy with other work, {self.local_ranks} local rank(s)"
-               if self.source == "auto" else self.source if self.source.startswith("the run's") else f"set by {self.source}")  # fmt: skip
+        why = (
+            f"{self.cores} cores, {self.busy:.1f} busy with other work, {self.local_ranks} local rank(s)"
+            if self.source == "auto"
+            else self.source
+            if self.source.startswith("the run's")
+            else f"set by {self.source}"
+        )
         return f"{self.threads} torch thread(s) per process ({why}); data-loader workers 1 thread each"
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,9 +97,14 @@ def busy_cores() -> float:
 
 
 def resolve_threads(
-    requested: int = 0, local_ranks: int = 1, *, cores: int | None = None, busy: float | None = None,
-    recorded: int | None = None, recorded_in: str = "",
-) -> ThreadPolicy:  # fmt: skip
+    requested: int = 0,
+    local_ranks: int = 1,
+    *,
+    cores: int | None = None,
+    busy: float | None = None,
+    recorded: int | None = None,
+    recorded_in: str = "",
+) -> ThreadPolicy:
     """The policy for ``train.threads=requested`` with ``local_ranks`` processes on this machine.
 
     ``recorded``: the count a resumed run used (``last.pt`` in ``recorded_in``): taken instead of

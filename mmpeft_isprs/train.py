@@ -8,8 +8,8 @@ SGD (lr 0.01, momentum 0.9, weight decay 5e-4) with the LR x0.1 at epochs 25, 35
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .config import ExperimentConfig
 from .distributed import DistInfo, init_distributed
@@ -21,7 +21,10 @@ __all__ = ["train"]
 
 
 def train(
-    cfg: ExperimentConfig, *, max_steps: int | None = None, info: DistInfo | None = None,
+    cfg: ExperimentConfig,
+    *,
+    max_steps: int | None = None,
+    info: DistInfo | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``cfg`` (continuing ``run_dir/last.pt`` when ``cfg.train.resume``).
@@ -39,9 +42,13 @@ def train(
     t = cfg.train
     recorded = recorded_threads(Path(t.run_dir)) if t.resume else None
     if info is None:
-        info = init_distributed(t.device, t.threads, (recorded, str(Path(t.run_dir) / CHECKPOINT)) if recorded else None)
+        info = init_distributed(
+            t.device, t.threads, (recorded, str(Path(t.run_dir) / CHECKPOINT)) if recorded else None
+        )
     used = current_policy().threads
     if recorded and used != recorded and info.is_main:
-        log(f"note: resuming with {used} torch thread(s), the run used {recorded}: the result is not bit-exact "
-            "(leave train.threads and OMP_NUM_THREADS unset to reuse the run's count)")  # fmt: skip
+        log(
+            f"note: resuming with {used} torch thread(s), the run used {recorded}: the result is not bit-exact "
+            "(leave train.threads and OMP_NUM_THREADS unset to reuse the run's count)"
+        )
     return fit(cfg, info, max_steps=max_steps, log=log)

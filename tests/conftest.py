@@ -25,10 +25,19 @@ def tiny_sam(img_size: int = 64, window: int = 3, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     enc = ImageEncoderViT(
-        img_size=img_size, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
-        out_chans=16, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-        window_size=window, global_attn_indexes=(1,),
-    )  # fmt: skip
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=4.0,
+        out_chans=16,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=window,
+        global_attn_indexes=(1,),
+    )
     return _randomise(enc.eval(), seed)
 
 
@@ -37,9 +46,18 @@ def tiny_timm_sam(img_size: int = 64, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     enc = VisionTransformerSAM(
-        img_size=img_size, patch_size=16, embed_dim=32, depth=2, num_heads=2, window_size=3,
-        global_attn_indexes=(1,), use_rel_pos=True, neck_chans=16, num_classes=0, global_pool="",
-    )  # fmt: skip
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        window_size=3,
+        global_attn_indexes=(1,),
+        use_rel_pos=True,
+        neck_chans=16,
+        num_classes=0,
+        global_pool="",
+    )
     return _randomise(enc.eval(), seed)
 
 

@@ -4,7 +4,8 @@ builder per family, small enough that a wrap and a few forwards take about a sec
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -37,9 +38,12 @@ def maxvit_rmlp() -> nn.Module:
     from timm.models.maxxvit import MaxxVit, MaxxVitCfg, _rw_max_cfg
 
     cfg = MaxxVitCfg(
-        embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"), stem_width=(8, 16),
+        embed_dim=(16, 32),
+        depths=(1, 1),
+        block_type=("M", "M"),
+        stem_width=(8, 16),
         **_rw_max_cfg(rel_pos_type="mlp", dim_head=8, window_size=(4, 4)),
-    )  # fmt: skip
+    )
     return MaxxVit(cfg, img_size=64, num_classes=0)
 
 
@@ -48,9 +52,15 @@ def tv_maxvit() -> nn.Module:
     from torchvision.models import MaxVit
 
     return MaxVit(
-        input_size=(64, 64), stem_channels=16, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
-        head_dim=8, stochastic_depth_prob=0.0, num_classes=5,
-    )  # fmt: skip
+        input_size=(64, 64),
+        stem_channels=16,
+        partition_size=2,
+        block_channels=[16, 32],
+        block_layers=[1, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+    )
 
 
 def vitmae() -> nn.Module:
@@ -64,14 +74,39 @@ def vitmae() -> nn.Module:
 
 # name: (builder, input size)
 ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "volo": (timm_class("volo", "VOLO", img_size=64, layers=[1, 1, 1, 1], embed_dims=[32, 64, 64, 64],
-                        num_heads=[1, 2, 2, 2], stem_hidden_dim=16), 64),  # fmt: skip
-    "gcvit": (timm_class("gcvit", "GlobalContextVit", img_size=64, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2),
-                         embed_dim=16), 64),  # fmt: skip
-    "coat_lite": (timm_model("coat_lite_tiny", img_size=64, embed_dims=(16, 16, 32, 32), serial_depths=(1, 1, 1, 1),
-                             num_heads=8, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
-    "davit": (timm_class("davit", "DaVit", depths=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2),
-                         window_size=2), 64),  # fmt: skip
+    "volo": (
+        timm_class(
+            "volo",
+            "VOLO",
+            img_size=64,
+            layers=[1, 1, 1, 1],
+            embed_dims=[32, 64, 64, 64],
+            num_heads=[1, 2, 2, 2],
+            stem_hidden_dim=16,
+        ),
+        64,
+    ),
+    "gcvit": (
+        timm_class("gcvit", "GlobalContextVit", img_size=64, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), embed_dim=16),
+        64,
+    ),
+    "coat_lite": (
+        timm_model(
+            "coat_lite_tiny",
+            img_size=64,
+            embed_dims=(16, 16, 32, 32),
+            serial_depths=(1, 1, 1, 1),
+            num_heads=8,
+            mlp_ratios=(2, 2, 2, 2),
+        ),
+        64,
+    ),
+    "davit": (
+        timm_class(
+            "davit", "DaVit", depths=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), window_size=2
+        ),
+        64,
+    ),
     "naflexvit": (timm_model("naflexvit_base_patch16_gap", img_size=32, depth=2, embed_dim=32, num_heads=2), 32),
     "vit_relpos": (timm_model("vit_relpos_small_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2), 32),
     "maxvit_rmlp": (maxvit_rmlp, 64),
@@ -79,18 +114,53 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "mobilevit": (timm_model("mobilevit_xxs"), 64),
     "vitmae": (vitmae, 32),
     "tv_maxvit": (tv_maxvit, 64),
-    "tnt": (timm_class("tnt", "TNT", img_size=32, depth=2, embed_dim=32, inner_dim=8, num_heads_outer=2,
-                       num_heads_inner=2), 32),  # fmt: skip
-    "coat": (timm_class("coat", "CoaT", img_size=64, patch_size=4, embed_dims=(16, 32, 32, 32), serial_depths=(1, 1, 1, 1),
-                        parallel_depth=1, num_heads=8, mlp_ratios=(2, 2, 2, 2)), 64),  # fmt: skip
-    "efficientformer": (timm_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1), 64),
-    "efficientformerv2": (timm_model("efficientformerv2_s0", depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_vit=1), 64),
-    "nextvit": (timm_class("nextvit", "NextViT", in_chans=3, depths=(1, 1, 5, 1), stem_chs=(8, 8, 16), head_dim=32), 64),
-    "levit": (timm_model("levit_128s", img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 2, 2),
-                         depth=(1, 1, 1)), 64),  # fmt: skip
-    "visformer": (timm_model("visformer_tiny", img_size=64, depth=(1, 1, 1), embed_dim=32, num_heads=2, init_channels=8), 64),
-    "fastvit": (timm_model("fastvit_t8", layers=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32),
-                           token_mixers=("repmixer", "repmixer", "repmixer", "attention")), 64),  # fmt: skip
+    "tnt": (
+        timm_class("tnt", "TNT", img_size=32, depth=2, embed_dim=32, inner_dim=8, num_heads_outer=2, num_heads_inner=2),
+        32,
+    ),
+    "coat": (
+        timm_class(
+            "coat",
+            "CoaT",
+            img_size=64,
+            patch_size=4,
+            embed_dims=(16, 32, 32, 32),
+            serial_depths=(1, 1, 1, 1),
+            parallel_depth=1,
+            num_heads=8,
+            mlp_ratios=(2, 2, 2, 2),
+        ),
+        64,
+    ),
+    "efficientformer": (
+        timm_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1),
+        64,
+    ),
+    "efficientformerv2": (
+        timm_model("efficientformerv2_s0", depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_vit=1),
+        64,
+    ),
+    "nextvit": (
+        timm_class("nextvit", "NextViT", in_chans=3, depths=(1, 1, 5, 1), stem_chs=(8, 8, 16), head_dim=32),
+        64,
+    ),
+    "levit": (
+        timm_model("levit_128s", img_size=64, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 2, 2), depth=(1, 1, 1)),
+        64,
+    ),
+    "visformer": (
+        timm_model("visformer_tiny", img_size=64, depth=(1, 1, 1), embed_dim=32, num_heads=2, init_channels=8),
+        64,
+    ),
+    "fastvit": (
+        timm_model(
+            "fastvit_t8",
+            layers=(1, 1, 1, 1),
+            embed_dims=(16, 16, 32, 32),
+            token_mixers=("repmixer", "repmixer", "repmixer", "attention"),
+        ),
+        64,
+    ),
     "mobilevitv2": (timm_model("mobilevitv2_050"), 64),
     "convnext": (timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 16)), 64),
     "hgnet": (timm_model("hgnetv2_b0"), 64),

@@ -74,7 +74,9 @@ def assert_close(
         if scale is None:
             scale = max(float(a.abs().max()), float(b.abs().max()))
         where = f"{msg}: " if msg else ""
-        raise AssertionError(f"{where}relative difference {got:.3g} > {rel:.3g} (max abs {absolute:.3g}, scale {scale:.3g})")
+        raise AssertionError(
+            f"{where}relative difference {got:.3g} > {rel:.3g} (max abs {absolute:.3g}, scale {scale:.3g})"
+        )
 
 
 def grad_scale(*grads: dict[str, torch.Tensor]) -> float:

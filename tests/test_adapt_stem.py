@@ -12,9 +12,9 @@ from timm.models.vision_transformer import VisionTransformer
 from mmpeft import StemConfig, wrap_multimodal
 from mmpeft.config import parse_stem
 from mmpeft.runtime.stems import adapted_band_mix
+from tests.helpers import assert_close, close
 
 from .conftest import tiny_timm_vit
-from tests.helpers import assert_close, close
 
 
 def _patch_tokens(wrapped, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,9 @@ def test_bands_that_copy_rgb_give_timms_in_chans_model_and_the_rgb_output() -> N
     state = {k: v.clone() for k, v in vit.state_dict().items()}
     state["patch_embed.proj.weight"] = adapt_input_conv(6, state["patch_embed.proj.weight"])
     torch.manual_seed(0)
-    timm6 = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, in_chans=6).eval()
+    timm6 = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, in_chans=6
+    ).eval()
     timm6.load_state_dict(state)
     rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     six = torch.cat([rgb, rgb], 1)  # six bands: RGB twice
@@ -59,7 +61,9 @@ def test_bands_that_copy_rgb_give_timms_in_chans_model_and_the_rgb_output() -> N
 
 
 def test_the_band_count_is_declared_at_wrap_time_and_checked() -> None:
-    with pytest.raises(ValueError, match=r"stem of modality 'ms': \('adapt',\) lacks the channel count.*\('adapt', channels\)"):
+    with pytest.raises(
+        ValueError, match=r"stem of modality 'ms': \('adapt',\) lacks the channel count.*\('adapt', channels\)"
+    ):
         parse_stem(("adapt",), "ms")
     with pytest.raises(ValueError, match=r"the 'adapt' stem needs the modality's in_channels"):
         StemConfig("adapt")
@@ -68,6 +72,8 @@ def test_the_band_count_is_declared_at_wrap_time_and_checked() -> None:
     with pytest.raises(ValueError, match=r"modality 'ms' takes 12 channels \(declared in its StemConfig\), got 4"):
         w({"optical": torch.rand(1, 3, 32, 32), "ms": torch.rand(1, 4, 32, 32)})
     four = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, in_chans=4)
-    with pytest.raises(ValueError, match=r"modality 'ms': timm's adapt_input_conv cannot adapt a 4-channel patch embedding to 2 bands"):
+    with pytest.raises(
+        ValueError, match=r"modality 'ms': timm's adapt_input_conv cannot adapt a 4-channel patch embedding to 2 bands"
+    ):
         wrap_multimodal(four, ["optical", "ms"], "lora", stems={"ms": ("adapt", 2)})
     assert_close(adapted_band_mix("ms", 1, 3), torch.ones(3, 1), rel=1e-5)  # one band: the sum over RGB

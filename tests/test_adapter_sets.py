@@ -8,11 +8,11 @@ import torch
 
 from mmpeft import count_parameters, load_multimodal, set_execution, wrap_multimodal
 from mmpeft.interop.peft_interop import peft_lora_weights
+from tests.helpers import assert_close, rel_diff
 
 from .conftest import tiny_sam, tiny_timm_vit
 from .test_backbones import _one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 from .test_wrap import _randomise_trainables
-from tests.helpers import assert_close, rel_diff
 
 MODS = ("optical", "dsm")
 
@@ -390,4 +390,3 @@ def test_switching_carries_the_execution_or_refuses_a_mixed_one() -> None:
     with pytest.raises(ValueError, match="several executions"):
         w.set_adapter("default")
     assert w.active_adapter == "b"  # nothing switched
-

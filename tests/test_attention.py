@@ -12,9 +12,9 @@ from mmpeft import only_modality, set_execution, wrap_multimodal
 from mmpeft.runtime.attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
 from mmpeft.runtime.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from mmpeft.tuners import MultimodalAdapter, MultimodalLoRA
+from tests.helpers import assert_close, close, grad_scale
 
 from .conftest import tiny_sam, tiny_timm_sam, tiny_timm_vit
-from tests.helpers import assert_close, close, grad_scale
 
 ENCODERS = {"segment_anything": tiny_sam, "timm": tiny_timm_sam}
 
@@ -23,7 +23,7 @@ def _perturb(model: nn.Module, seed: int = 1) -> None:
     """Non-zero LoRA B / adapter up weights and lambdas away from 0.5: every update matters."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
@@ -109,7 +109,9 @@ def test_adapt_output_equals_forward_in_every_mode() -> None:
     base = nn.Linear(8, 8)
     x = torch.randn(6, 5, 8)
     for fusion in ("scalar", "none"):
-        ad = MultimodalAdapter(base, ("a", "b"), in_features=8, hidden=2, placement="after", init="default", fusion=fusion)
+        ad = MultimodalAdapter(
+            base, ("a", "b"), in_features=8, hidden=2, placement="after", init="default", fusion=fusion
+        )
         with torch.no_grad():
             for mode in ("batched", "loop"):
                 ad.execution = mode  # type: ignore[assignment]
@@ -201,7 +203,9 @@ def test_bf16_autocast_matches_stock_blocks(impl: str) -> None:
     x = {"optical": torch.randn(2, 3, 64, 64), "dsm": torch.randn(2, 1, 64, 64)}
     outs = []
     for efficient in (False, True):
-        model = wrap_multimodal(ENCODERS[impl](img_size=64), ("optical", "dsm"), preset="mmlora", efficient_attention=efficient)
+        model = wrap_multimodal(
+            ENCODERS[impl](img_size=64), ("optical", "dsm"), preset="mmlora", efficient_attention=efficient
+        )
         _perturb(model)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(model(x)["dsm"].float())

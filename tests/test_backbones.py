@@ -5,7 +5,8 @@ tuple outputs) and the checks that turn silent failures into named errors."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +15,12 @@ from torch import nn
 
 from mmpeft import MultimodalLoRA, detect_family, wrap_multimodal
 from mmpeft.runtime.norms import MixingNormError
+from mmpeft.runtime.verify import WrapError
 from mmpeft.targeting.prepare import BypassError
 from mmpeft.targeting.probe import ProbeError
-from mmpeft.runtime.verify import WrapError
+from tests.helpers import close
 
 from .conftest import tiny_sam, tiny_timm_sam
-from tests.helpers import close
 
 MODS = ("optical", "dsm")
 
@@ -36,7 +37,9 @@ def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
 def _torchvision() -> nn.Module:
     from torchvision.models import VisionTransformer
 
-    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=8)
+    model = VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=8
+    )
     nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head
     return model
 
@@ -55,13 +58,21 @@ VIT = dict(img_size=32, patch_size=16, depth=2, embed_dim=32, num_heads=2)
 BACKBONES: dict[str, tuple[Callable[[], nn.Module], int, str]] = {
     "timm_vit": (_timm("vit_tiny_patch16_224", **VIT), 32, "timm"),
     "timm_deit": (_timm("deit_tiny_patch16_224", **VIT), 32, "timm"),
-    "timm_dinov2": (_timm("vit_small_patch14_reg4_dinov2", img_size=28, depth=2, embed_dim=32, num_heads=2, init_values=0.5), 28, "timm"),
+    "timm_dinov2": (
+        _timm("vit_small_patch14_reg4_dinov2", img_size=28, depth=2, embed_dim=32, num_heads=2, init_values=0.5),
+        28,
+        "timm",
+    ),
     "timm_eva02": (_timm("eva02_tiny_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2), 28, "timm_eva"),
     "timm_eva02_swiglu": (
-        _timm("eva02_base_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2), 28, "timm_eva_swiglu"
+        _timm("eva02_base_patch14_224", img_size=28, depth=2, embed_dim=32, num_heads=2),
+        28,
+        "timm_eva_swiglu",
     ),
     "timm_swin": (
-        _timm("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(1, 2), embed_dim=16), 56, "timm"
+        _timm("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(1, 2), embed_dim=16),
+        56,
+        "timm",
     ),
     "timm_sam": (lambda: tiny_timm_sam(), 64, "timm"),
     "segment_anything": (lambda: tiny_sam(), 64, "segment_anything"),
@@ -144,7 +155,9 @@ def train_and_check(wrapped: nn.Module, x: dict[str, torch.Tensor], steps: int =
         opt.zero_grad()
         sum(_tensor(o).square().mean() for o in wrapped(x).values()).backward()
         if step == 0:
-            no_grad = [n for n, p in wrapped.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+            no_grad = [
+                n for n, p in wrapped.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+            ]
             assert not no_grad, f"trainables without gradient: {no_grad[:5]}"
         opt.step()
     assert all(torch.equal(p, frozen[n]) for n, p in wrapped.named_parameters() if n in frozen)
@@ -210,7 +223,11 @@ def test_torchvision_attention_swap_keeps_function_and_state_dict() -> None:
         if not batch_first:
             q, kv = q.transpose(0, 1), kv.transpose(0, 1)
         pad = torch.tensor([[False] * 7, [False] * 5 + [True] * 2])
-        for args, kw in (((q, q, q), {}), ((q, kv, kv), {"key_padding_mask": pad}), ((q, q, q), {"need_weights": False})):
+        for args, kw in (
+            ((q, q, q), {}),
+            ((q, kv, kv), {"key_padding_mask": pad}),
+            ((q, q, q), {"need_weights": False}),
+        ):
             ref, ref_w = mha(*args, **kw)
             got, got_w = ours(*args, **kw)
             assert close(got, ref, rel=1e-5)
@@ -306,14 +323,21 @@ def test_frozen_batchnorm_never_mixes_modalities_nor_updates() -> None:
     assert not bn.training and torch.equal(a, b)
     assert close(a, base(x), rel=1e-5)  # the frozen model in eval mode on optical alone
     assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
-    no_stats = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 5))
+    no_stats = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten(), nn.Linear(144, 5)
+    )
     with pytest.raises(MixingNormError, match=r"^1 "):
         wrap_multimodal(no_stats, MODS, "lora", targets=["3"])
 
 
 def test_modalities_must_be_distinct_names() -> None:
-    for bad, err in (("optical", TypeError), (("optical", "optical"), ValueError), (("optical", ""), ValueError),
-                     ({"optical", "dsm"}, TypeError), ((), ValueError)):  # fmt: skip
+    for bad, err in (
+        ("optical", TypeError),
+        (("optical", "optical"), ValueError),
+        (("optical", ""), ValueError),
+        ({"optical", "dsm"}, TypeError),
+        ((), ValueError),
+    ):
         with pytest.raises(err):
             wrap_multimodal(_build("timm_vit"), bad, "lora")
     with pytest.raises(TypeError, match="string"):

@@ -17,16 +17,19 @@ from torch import nn
 
 from mmpeft import MergeError, MultimodalModel, build_config, load_multimodal, wrap_multimodal
 from mmpeft.tuners.fusion import FUSION_RULES, register_fusion
+from tests.helpers import assert_close, close
 
 from .conftest import tiny_sam, tiny_timm_vit
-from tests.helpers import assert_close, close
 
 MODS = ("optical", "dsm")
 
 
 def _inputs(size: int = 32, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"optical": torch.rand(batch, 3, size, size, generator=g), "dsm": torch.rand(batch, 1, size, size, generator=g)}
+    return {
+        "optical": torch.rand(batch, 3, size, size, generator=g),
+        "dsm": torch.rand(batch, 1, size, size, generator=g),
+    }
 
 
 def _randomise(model: nn.Module, seed: int = 5) -> None:
@@ -46,9 +49,17 @@ def _sgd_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------- options and values
 @pytest.mark.parametrize(
     ("method", "option", "value"),
-    [("lora", "scale", 0.5), ("lora", "bias", True), ("lora", "ratio", 0.5), ("lora", "init", "gaussian"),
-     ("lora", "activation", "relu"), ("lora", "placement", "after"), ("adapter", "rank", 8), ("adapter", "alpha", 2.0)],
-)  # fmt: skip
+    [
+        ("lora", "scale", 0.5),
+        ("lora", "bias", True),
+        ("lora", "ratio", 0.5),
+        ("lora", "init", "gaussian"),
+        ("lora", "activation", "relu"),
+        ("lora", "placement", "after"),
+        ("adapter", "rank", 8),
+        ("adapter", "alpha", 2.0),
+    ],
+)
 def test_an_option_of_the_other_method_is_an_error_naming_it(method: str, option: str, value: object) -> None:
     with pytest.raises(TypeError, match=rf"{option}.*(not to|unknown).*{method}|unknown option '{option}'"):
         wrap_multimodal(tiny_timm_vit(), MODS, method, **{option: value})
@@ -72,10 +83,18 @@ def test_slices_only_on_a_fused_qkv() -> None:
 
 @pytest.mark.parametrize(
     ("option", "value", "error"),
-    [("lambda_init", float("nan"), ValueError), ("lambda_init", float("inf"), ValueError),
-     ("lambda_init", True, TypeError), ("alpha", -4.0, ValueError), ("alpha", 0.0, ValueError),
-     ("rank", 2.5, TypeError), ("rank", True, TypeError), ("rank", 0, ValueError), ("dropout", 1.0, ValueError)],
-)  # fmt: skip
+    [
+        ("lambda_init", float("nan"), ValueError),
+        ("lambda_init", float("inf"), ValueError),
+        ("lambda_init", True, TypeError),
+        ("alpha", -4.0, ValueError),
+        ("alpha", 0.0, ValueError),
+        ("rank", 2.5, TypeError),
+        ("rank", True, TypeError),
+        ("rank", 0, ValueError),
+        ("dropout", 1.0, ValueError),
+    ],
+)
 def test_every_value_is_checked(option: str, value: object, error: type[Exception]) -> None:
     with pytest.raises(error, match=option):
         wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["attn.qkv"], **{option: value})
@@ -203,9 +222,16 @@ def test_loading_is_for_inference_unless_asked(tmp_path: Path) -> None:
     def build() -> nn.Module:
         torch.manual_seed(0)
         return timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, embed_dim=32, num_heads=2,
-            num_classes=5, drop_rate=0.5, proj_drop_rate=0.5,
-        )  # fmt: skip  (train mode, dropout on)
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            depth=2,
+            embed_dim=32,
+            num_heads=2,
+            num_classes=5,
+            drop_rate=0.5,
+            proj_drop_rate=0.5,
+        )  # (train mode, dropout on)
 
     w = wrap_multimodal(build(), MODS, preset="mmlora")
     _randomise(w)
@@ -240,8 +266,9 @@ def test_the_saved_config_records_base_dtype_and_names_a_missing_fusion_rule(tmp
 # ---------------------------------------------------------------------- host checkpointing
 def test_reentrant_checkpointing_of_the_host_still_trains_every_lora_tensor() -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                                 patch_size=16, intermediate_size=32)  # fmt: skip
+    cfg = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16, intermediate_size=32
+    )
     torch.manual_seed(0)
     model = transformers.ViTModel(cfg)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -321,8 +348,15 @@ def test_a_bf16_base_runs_the_loop_and_single_paths(preset: str) -> None:
 def test_a_host_reading_a_setting_of_a_wrapped_module_gets_the_base_layers() -> None:
     """timm Hiera's block reads ``attn.q_stride`` of the attention an "after" adapter wraps."""
     timm = pytest.importorskip("timm")
-    model = timm.create_model("hiera_tiny_224", pretrained=False, num_classes=0, img_size=(64, 64), embed_dim=16,
-                              num_heads=1, stages=(1, 1, 1, 1))  # fmt: skip
+    model = timm.create_model(
+        "hiera_tiny_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=(64, 64),
+        embed_dim=16,
+        num_heads=1,
+        stages=(1, 1, 1, 1),
+    )
     w = wrap_multimodal(model, MODS, "adapter", targets=["attn"], placement="after", probe=(64, 64))
     attn = w.base_model.blocks[0].attn
     assert attn.q_stride == attn.base_layer.q_stride

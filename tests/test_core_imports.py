@@ -28,7 +28,7 @@ CORE_PACKAGES: dict[str, tuple[str, ...]] = {
     "model": ("mmpeft.model",),
     "interop": ("mmpeft.interop",),
     "api": ("mmpeft",),
-}  # fmt: skip
+}
 #: the stated direction: which packages each package may import (besides its own modules)
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "base": frozenset(),
@@ -46,8 +46,13 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
 def core_package_of(module: str) -> str | None:
     if module == "mmpeft":
         return "api"
-    hits = [(p, pkg) for pkg, ps in CORE_PACKAGES.items() if pkg != "api" for p in ps
-            if module == p or module.startswith(p + ".")]  # fmt: skip
+    hits = [
+        (p, pkg)
+        for pkg, ps in CORE_PACKAGES.items()
+        if pkg != "api"
+        for p in ps
+        if module == p or module.startswith(p + ".")
+    ]
     return max(hits, key=lambda h: len(h[0]))[1] if hits else None
 
 
@@ -87,7 +92,7 @@ def import_cycles(graph: dict[str, dict[str, int]]) -> list[str]:
         path.append(node)
         for nxt in sorted(graph.get(node, {})):
             if state.get(nxt) == 1:
-                found.append(" -> ".join([*path[path.index(nxt):], nxt]))
+                found.append(" -> ".join([*path[path.index(nxt) :], nxt]))
             elif nxt not in state:
                 visit(nxt)
         path.pop()
@@ -108,7 +113,9 @@ def forbidden_imports(files: list[Path]) -> list[str]:
             other = core_package_of(target)
             where = f"{paths[mod]}:{line}: {own} ({mod}) imports {other} ({target})"
             if own is None or other is None:
-                problems.append(where + ": module in no core package (add it to CORE_PACKAGES and docs/architecture.md)")
+                problems.append(
+                    where + ": module in no core package (add it to CORE_PACKAGES and docs/architecture.md)"
+                )
             elif other != own and other not in MAY_IMPORT[own]:
                 problems.append(where + f": {own} may import only {sorted(MAY_IMPORT[own])}")
     return problems
@@ -130,7 +137,9 @@ def test_the_stated_direction_has_no_circle_and_is_drawn_in_the_docs() -> None:
     text = (arch.ROOT / "docs" / "architecture.md").read_text()
     for pkg in CORE_PACKAGES:
         if pkg not in ("api", "base"):
-            assert f"`mmpeft/{pkg}/`" in text or f"`mmpeft/{pkg}.py`" in text, f"docs/architecture.md does not draw {pkg}"
+            assert f"`mmpeft/{pkg}/`" in text or f"`mmpeft/{pkg}.py`" in text, (
+                f"docs/architecture.md does not draw {pkg}"
+            )
 
 
 def _fake_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> list[Path]:
@@ -143,35 +152,50 @@ def _fake_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str,
 
 def test_the_checker_catches_an_import_circle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A circle through a lazy import, and one through the package ``__init__`` (``from . import __version__``)."""
-    files = _fake_core(tmp_path, monkeypatch, {
-        "mmpeft/__init__.py": "__version__ = '0'\nfrom .model.multimodal import Model\n",
-        "mmpeft/model/__init__.py": "",
-        "mmpeft/model/multimodal.py": "from .saving import save\n",
-        "mmpeft/model/saving.py": "from .. import __version__\n",
-        "mmpeft/model/io.py": "from ..utils import f\n",
-        "mmpeft/utils.py": "def g():\n    from mmpeft.model.wrap import w\n",
-        "mmpeft/model/wrap.py": "from . import io\n",
-        "mmpeft/tuners/__init__.py": "from .base import Layer\n",
-        "mmpeft/tuners/base.py": "from .fusion import Fusion\n",  # a package's own submodules: no circle
-        "mmpeft/tuners/fusion.py": "",
-    })  # fmt: skip
+    files = _fake_core(
+        tmp_path,
+        monkeypatch,
+        {
+            "mmpeft/__init__.py": "__version__ = '0'\nfrom .model.multimodal import Model\n",
+            "mmpeft/model/__init__.py": "",
+            "mmpeft/model/multimodal.py": "from .saving import save\n",
+            "mmpeft/model/saving.py": "from .. import __version__\n",
+            "mmpeft/model/io.py": "from ..utils import f\n",
+            "mmpeft/utils.py": "def g():\n    from mmpeft.model.wrap import w\n",
+            "mmpeft/model/wrap.py": "from . import io\n",
+            "mmpeft/tuners/__init__.py": "from .base import Layer\n",
+            "mmpeft/tuners/base.py": "from .fusion import Fusion\n",  # a package's own submodules: no circle
+            "mmpeft/tuners/fusion.py": "",
+        },
+    )
     cycles = import_cycles(core_graph(files))
-    assert cycles == ["mmpeft -> mmpeft.model.multimodal -> mmpeft.model.saving -> mmpeft",
-                      "mmpeft.model.io -> mmpeft.utils -> mmpeft.model.wrap -> mmpeft.model.io"], cycles
+    assert cycles == [
+        "mmpeft -> mmpeft.model.multimodal -> mmpeft.model.saving -> mmpeft",
+        "mmpeft.model.io -> mmpeft.utils -> mmpeft.model.wrap -> mmpeft.model.io",
+    ], cycles
 
 
 def test_the_checker_catches_an_import_against_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The runtime importing the model (inside a function), the tuners importing the config, an unlisted module."""
-    files = _fake_core(tmp_path, monkeypatch, {
-        "mmpeft/__init__.py": "from .model.wrap import wrap\n",
-        "mmpeft/model/wrap.py": "from .multimodal import Model\nfrom ..tuners import Layer\n",  # allowed
-        "mmpeft/model/multimodal.py": "", "mmpeft/config.py": "",
-        "mmpeft/runtime/stems.py": "def f():\n    from ..model.multimodal import Model\n",
-        "mmpeft/tuners/__init__.py": "from ..config import Config\n",
-        "mmpeft/novel.py": "from .utils import f\n",
-    })  # fmt: skip
+    files = _fake_core(
+        tmp_path,
+        monkeypatch,
+        {
+            "mmpeft/__init__.py": "from .model.wrap import wrap\n",
+            "mmpeft/model/wrap.py": "from .multimodal import Model\nfrom ..tuners import Layer\n",  # allowed
+            "mmpeft/model/multimodal.py": "",
+            "mmpeft/config.py": "",
+            "mmpeft/runtime/stems.py": "def f():\n    from ..model.multimodal import Model\n",
+            "mmpeft/tuners/__init__.py": "from ..config import Config\n",
+            "mmpeft/novel.py": "from .utils import f\n",
+        },
+    )
     found = forbidden_imports(files)
     assert len(found) == 3, found
-    assert any(p.startswith("mmpeft/runtime/stems.py:2: runtime (mmpeft.runtime.stems) imports model") for p in found), found
-    assert any(p.startswith("mmpeft/tuners/__init__.py:1: tuners") and "may import only ['base']" in p for p in found), found
+    assert any(
+        p.startswith("mmpeft/runtime/stems.py:2: runtime (mmpeft.runtime.stems) imports model") for p in found
+    ), found
+    assert any(
+        p.startswith("mmpeft/tuners/__init__.py:1: tuners") and "may import only ['base']" in p for p in found
+    ), found
     assert any("mmpeft.novel" in p and "no core package" in p for p in found), found

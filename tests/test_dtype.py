@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalModel, load_multimodal, wrap_multimodal
+from tests.helpers import assert_close
 
 from .conftest import tiny_timm_vit
-from tests.helpers import assert_close
 
 MODS = ("optical", "dsm")
 

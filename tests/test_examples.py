@@ -6,8 +6,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -20,8 +20,12 @@ def test_quickstart_runs(tmp_path) -> None:
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "quickstart OK" in proc.stdout
     assert "outputs identical: True" in proc.stdout
@@ -31,13 +35,24 @@ def test_quickstart_runs(tmp_path) -> None:
 
 
 EXAMPLES = {  # script: lines its tiny run must print (each a check the script asserts)
-    "train_modality_dropout.py": ["train example OK", "frozen weights bit-identical after 25 steps: True",
-                                  "an absent DSM leaves that sample's optical output unchanged: max diff 0.0e+00"],
-    "deploy.py": ["deploy example OK", "merged output equals unmerged (dsm", "merge_and_unload('dsm')",
-                  "load_multimodal for inference"],
-    "adapter_sets.py": ["adapter sets example OK", "Vaihingen set bit-identical after training the Potsdam set: True",
-                        "set 'potsdam' reloaded on a fresh encoder: max diff 0.0e+00", "combining the mixing sets is refused"],
-}  # fmt: skip
+    "train_modality_dropout.py": [
+        "train example OK",
+        "frozen weights bit-identical after 25 steps: True",
+        "an absent DSM leaves that sample's optical output unchanged: max diff 0.0e+00",
+    ],
+    "deploy.py": [
+        "deploy example OK",
+        "merged output equals unmerged (dsm",
+        "merge_and_unload('dsm')",
+        "load_multimodal for inference",
+    ],
+    "adapter_sets.py": [
+        "adapter sets example OK",
+        "Vaihingen set bit-identical after training the Potsdam set: True",
+        "set 'potsdam' reloaded on a fresh encoder: max diff 0.0e+00",
+        "combining the mixing sets is refused",
+    ],
+}
 
 
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
@@ -45,8 +60,14 @@ def test_example_runs_tiny(script: str, tmp_path) -> None:
     """Each path a user takes (examples/) runs end to end on tiny models and prints its checks."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.update(OMP_NUM_THREADS="1", MMPEFT_EXAMPLES_TINY="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     missing = [line for line in EXAMPLES[script] if line not in proc.stdout]
     assert not missing, f"{script} did not print {missing}:\n{proc.stdout[-3000:]}"
@@ -138,7 +159,7 @@ def test_doc_snippets_run(page: str, tmp_path, monkeypatch, one_thread, request)
             if _not_run(page, block):
                 continue  # reported by test_doc_snippet_not_run
             try:
-                exec(code, namespace)  # noqa: S102
+                exec(code, namespace)
             except Exception as e:  # pragma: no cover - the message names the block
                 raise AssertionError(f"{page}: python block {i} failed: {e!r}\n{block}") from e
     finally:
@@ -164,15 +185,21 @@ def test_every_page_is_checked() -> None:
 def test_api_doc_names_every_export() -> None:
     """docs/api.md lists every name exported by mmpeft and its public submodules (add new ones there)."""
     import mmpeft
-    import mmpeft.runtime.attention
     import mmpeft.backbones
-    import mmpeft.runtime.checkpointing
     import mmpeft.interop.peft_interop
+    import mmpeft.runtime.attention
+    import mmpeft.runtime.checkpointing
 
     text = (DOCS / "api.md").read_text()
     missing = [
         f"{mod.__name__}.{name}"
-        for mod in (mmpeft, mmpeft.backbones, mmpeft.interop.peft_interop, mmpeft.runtime.attention, mmpeft.runtime.checkpointing)
+        for mod in (
+            mmpeft,
+            mmpeft.backbones,
+            mmpeft.interop.peft_interop,
+            mmpeft.runtime.attention,
+            mmpeft.runtime.checkpointing,
+        )
         for name in mod.__all__
         if f"**`{name}`**" not in text
     ]
@@ -197,8 +224,12 @@ def test_demo_docs_writes_the_summary_into_the_page(tmp_path) -> None:
     tool = _demo_docs()
     text = (DOCS / "isprs.md").read_text()
     assert tool.HEADER in tool.doc_block(text)
-    summary = {"table": "class  a  b\nmIoU  1.00  2.00", "summary": "DSM gain: mIoU -1.00 points; demo wall time 3.2 min",
-               "quick": False, "checkpoint": None}  # fmt: skip
+    summary = {
+        "table": "class  a  b\nmIoU  1.00  2.00",
+        "summary": "DSM gain: mIoU -1.00 points; demo wall time 3.2 min",
+        "quick": False,
+        "checkpoint": None,
+    }
     page = tmp_path / "isprs.md"
     page.write_text(text)
     (tmp_path / "s.json").write_text(json.dumps(summary))
@@ -226,8 +257,11 @@ def test_demo_figures_are_compared_within_the_stated_tolerance() -> None:
     assert any("text differs" in d for d in tool.differences(block, block.replace("building", "roof")))
     assert tool.differences(block, block.replace("OA ", "OA 1.00 ", 1))  # a figure more on a row
     stated = " ".join((DOCS / "isprs.md").read_text().split())
-    for phrase in (f"mIoU rows within {tool.TOLERANCE['summary']:g} point", f"gain within {tool.TOLERANCE['gain']:g} points",
-                   f"IoU within {tool.TOLERANCE['class']:g} points"):  # fmt: skip
+    for phrase in (
+        f"mIoU rows within {tool.TOLERANCE['summary']:g} point",
+        f"gain within {tool.TOLERANCE['gain']:g} points",
+        f"IoU within {tool.TOLERANCE['class']:g} points",
+    ):
         assert phrase in stated, f"docs/isprs.md does not state {phrase!r}"
 
 

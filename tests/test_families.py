@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -17,10 +18,10 @@ from torch import nn
 
 import mmpeft
 from mmpeft import detect_family, wrap_multimodal
+from tests.helpers import close
 
 from .family_zoo import build as zoo_build
 from .test_backbones import MODS, _one_thread, _randomise_trainables, _tensor, _timm, train_and_check  # noqa: F401  (autouse fixture)
-from tests.helpers import close
 
 
 def _mvit() -> nn.Module:
@@ -64,28 +65,54 @@ def _hf(model: str, config: str, **sizes: Any) -> Callable[[], nn.Module]:
 
 _HF_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[1, 2], window_size=4)
 _SEGFORMER = dict(
-    num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
-    patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2],
-)  # fmt: skip
+    num_encoder_blocks=2,
+    depths=[1, 1],
+    sr_ratios=[2, 1],
+    hidden_sizes=[16, 32],
+    num_attention_heads=[1, 2],
+    patch_sizes=[7, 3],
+    strides=[4, 2],
+    mlp_ratios=[2, 2],
+)
 BOTH, LORA = ("lora", "adapter"), ("lora",)
 # name: (builder, input size, expected family, methods whose default preset applies)
 FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...]]] = {
     "timm_beit": (_timm("beit_base_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2), 32, "timm", BOTH),
     "timm_swinv2": (
-        _norms_on(_timm("swinv2_tiny_window8_256", img_size=32, window_size=4, depths=(2, 1), num_heads=(1, 2), embed_dim=16)),
-        32, "timm", BOTH,
-    ),  # fmt: skip
-    "timm_hiera": (_timm("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)), 64, "timm_hiera", BOTH),
+        _norms_on(
+            _timm("swinv2_tiny_window8_256", img_size=32, window_size=4, depths=(2, 1), num_heads=(1, 2), embed_dim=16)
+        ),
+        32,
+        "timm",
+        BOTH,
+    ),
+    "timm_hiera": (
+        _timm("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
+        64,
+        "timm_hiera",
+        BOTH,
+    ),
     "timm_sam2_hiera": (
-        _timm("sam2_hiera_tiny", embed_dim=16, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
-              window_spec=(4, 4, 2, 2), global_pos_size=(2, 2)),
-        64, "timm", BOTH,
-    ),  # fmt: skip
+        _timm(
+            "sam2_hiera_tiny",
+            embed_dim=16,
+            num_heads=1,
+            stages=(1, 1, 2, 1),
+            global_att_blocks=(3,),
+            window_spec=(4, 4, 2, 2),
+            global_pos_size=(2, 2),
+        ),
+        64,
+        "timm",
+        BOTH,
+    ),
     "timm_mvitv2": (_mvit, 64, "timm", BOTH),
     "timm_pvt_v2": (
         _timm("pvt_v2_b0", embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2)),
-        64, "timm_pvt_v2", BOTH,
-    ),  # fmt: skip
+        64,
+        "timm_pvt_v2",
+        BOTH,
+    ),
     "tv_swin": (_tv_swin(), 32, "torchvision_swin", BOTH),
     "tv_swin_v2": (_tv_swin(v2=True), 32, "torchvision_swin", BOTH),
     "hf_swin": (_hf("SwinModel", "SwinConfig", **_HF_SWIN), 32, "hf_swin_segformer", BOTH),
@@ -95,11 +122,21 @@ FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...
     # behind a depthwise cpe.proj, NaFlexViT's linear patch embedding); position MLPs left out by default
     # (vit_relpos, MaxViT rmlp); CaiT's "after" adapter as wide as the attention's output; MobileViT's
     # nn.Identity `attn` placeholders left out; CoaT-lite / CoaT placed by structure (one block per stage)
-    **{k: (functools.partial(zoo_build, k), s, fam, BOTH) for k, s, fam in (
-        ("volo", 64, "timm"), ("gcvit", 64, "timm"), ("coat_lite", 64, "structural"), ("coat", 64, "structural"),
-        ("davit", 64, "timm"), ("naflexvit", 32, "timm"), ("vit_relpos", 32, "timm"), ("maxvit_rmlp", 64, "timm"),
-        ("cait", 32, "timm"), ("mobilevit", 64, "timm"),
-    )},  # fmt: skip
+    **{
+        k: (functools.partial(zoo_build, k), s, fam, BOTH)
+        for k, s, fam in (
+            ("volo", 64, "timm"),
+            ("gcvit", 64, "timm"),
+            ("coat_lite", 64, "structural"),
+            ("coat", 64, "structural"),
+            ("davit", 64, "timm"),
+            ("naflexvit", 32, "timm"),
+            ("vit_relpos", 32, "timm"),
+            ("maxvit_rmlp", 64, "timm"),
+            ("cait", 32, "timm"),
+            ("mobilevit", 64, "timm"),
+        )
+    },
     # 1x1-convolution attention: Conv2d LoRA per modality (the adapter presets refused: (N, C, H, W) maps)
     "visformer": (functools.partial(zoo_build, "visformer"), 64, "timm_visformer", LORA),
     "mobilevitv2": (functools.partial(zoo_build, "mobilevitv2"), 64, "timm_mobilevitv2", LORA),

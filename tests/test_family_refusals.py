@@ -40,7 +40,10 @@ def test_cait_after_adapter_takes_the_attention_output_width() -> None:
 def test_cait_class_attention_without_an_update_is_named() -> None:
     _, caught = _wrap("cait", "lora")
     (w,) = [w for w in caught if w.category is CoverageWarning]
-    assert re.search(r"leaves 1 of the model's 3 attention modules without an update \(ClassAttn: \['blocks_token_only\.0\.attn'\]\)", str(w.message))
+    assert re.search(
+        r"leaves 1 of the model's 3 attention modules without an update \(ClassAttn: \['blocks_token_only\.0\.attn'\]\)",
+        str(w.message),
+    )
     covered, caught = _wrap("cait", "lora", targets=["attn.qkv", "attn.q", "attn.v"])
     assert not caught and "base_model.blocks_token_only.0.attn.q" in dict(covered.layers())
 
@@ -73,7 +76,9 @@ def test_volo_adapter_not_nested_inside_the_outlook_attention() -> None:
 def test_a_cnn_is_refused_in_one_sentence(kind: str) -> None:
     with pytest.raises(ValueError) as err:
         wrap_multimodal(build(kind), MODS, "lora")
-    assert re.fullmatch(r"\w+ has no attention \([^)]*\): a CNN has no attention to adapt; pass targets=[^.]*", str(err.value))
+    assert re.fullmatch(
+        r"\w+ has no attention \([^)]*\): a CNN has no attention to adapt; pass targets=[^.]*", str(err.value)
+    )
 
 
 def test_tnt_tunes_the_q_half_of_its_fused_qk() -> None:

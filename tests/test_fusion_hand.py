@@ -112,7 +112,13 @@ def _relu_adapter(m: str, z: list[float]) -> list[float]:
 @pytest.mark.parametrize("execution", ["batched", "loop"])
 def test_adapter_scalar_fusion_by_hand(mods: tuple[str, ...], placement: str, execution: str) -> None:
     layer = MultimodalAdapter(
-        _linear(), mods, in_features=2, hidden=1, placement=placement, activation=nn.ReLU, init="default"  # type: ignore[arg-type]
+        _linear(),
+        mods,
+        in_features=2,
+        hidden=1,
+        placement=placement,
+        activation=nn.ReLU,
+        init="default",  # type: ignore[arg-type]
     )
     layer.execution = execution  # type: ignore[assignment]
     with torch.no_grad():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mmpeft import wrap_multimodal
+from tests.helpers import assert_close
 
 from .conftest import tiny_timm_vit
-from tests.helpers import assert_close
 
 MODS = ("optical", "dsm")
 HF = {

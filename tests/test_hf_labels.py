@@ -17,9 +17,14 @@ MODS = ("optical", "dsm")
 def _classifier() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(
-        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16,
-        intermediate_size=32, num_labels=4,
-    )  # fmt: skip
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+        intermediate_size=32,
+        num_labels=4,
+    )
     return transformers.ViTForImageClassification(cfg).eval()
 
 
@@ -68,9 +73,17 @@ def test_a_mixing_wrap_and_a_sequence_input() -> None:
 def test_a_head_that_computes_its_loss_inline_is_refused_naming_the_way() -> None:
     torch.manual_seed(0)
     cfg = transformers.SegformerConfig(
-        num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[16], patch_sizes=[4], strides=[4],
-        num_attention_heads=[1], mlp_ratios=[2], decoder_hidden_size=16, num_labels=3,
-    )  # fmt: skip
+        num_encoder_blocks=1,
+        depths=[1],
+        sr_ratios=[1],
+        hidden_sizes=[16],
+        patch_sizes=[4],
+        strides=[4],
+        num_attention_heads=[1],
+        mlp_ratios=[2],
+        decoder_hidden_size=16,
+        num_labels=3,
+    )
     seg = transformers.SegformerForSemanticSegmentation(cfg).eval()
     w = wrap_multimodal(seg, MODS, "lora", targets=["attention.q_proj", "attention.v_proj"], probe=(32, 32))
     x, _ = _inputs()

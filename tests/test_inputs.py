@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mmpeft import MultimodalConfig, NonFiniteInputError, StemConfig, check_finite, modality_dropout, wrap_multimodal
-from mmpeft.runtime.batch import check_sizes
 from mmpeft.config import parse_stem
 from mmpeft.model.io import CONFIG_NAME
+from mmpeft.runtime.batch import check_sizes
 from mmpeft.runtime.presence import masked_presence, presence_tensor
 from mmpeft.runtime.stems import check_stem_inputs
 from mmpeft.utils import check_modalities
@@ -60,13 +60,19 @@ def test_a_later_count_for_a_modality_names_both_counts_and_the_order() -> None:
 def test_check_stem_inputs_calls_out_a_swapped_sequence_and_records_nothing() -> None:
     w, (opt, dsm) = _wrapped(stems={"dsm": ("repeat", 1)}), _inputs()
     names, xs = list(MODS), [dsm, opt]
-    with pytest.raises(ValueError, match=r"'dsm' takes 1 channel \(declared.*got 3.*place of 'optical' has 1 channel, "
-                                         r"as 'dsm'.*model's order \('optical', 'dsm'\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"'dsm' takes 1 channel \(declared.*got 3.*place of 'optical' has 1 channel, "
+        r"as 'dsm'.*model's order \('optical', 'dsm'\)",
+    ):
         check_stem_inputs(w.stems, names, xs, positional=True)
     assert w.stems["optical"].in_channels is None  # nothing recorded by a failed check
     w({"optical": opt, "dsm": dsm})
-    with pytest.raises(ValueError, match=r"'optical' takes 3 .*'dsm' takes 1 .*place of 'optical' has 1 channel, as 'dsm', "
-                                         r"the input in the place of 'dsm' has 3 channels, as 'optical'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"'optical' takes 3 .*'dsm' takes 1 .*place of 'optical' has 1 channel, as 'dsm', "
+        r"the input in the place of 'dsm' has 3 channels, as 'optical'",
+    ):
         check_stem_inputs(w.stems, names, xs, positional=True)
 
 
@@ -103,8 +109,11 @@ def test_old_configs_load_and_stem_configs_round_trip() -> None:
 
 # ---------------------------------------------------------------- stem short forms
 def test_a_conv1x1_stem_without_channels_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"stem of modality 'dsm': \('conv1x1',\) lacks the channel count.*"
-                                         r"\('conv1x1', channels\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"stem of modality 'dsm': \('conv1x1',\) lacks the channel count.*"
+        r"\('conv1x1', channels\)",
+    ):
         parse_stem(("conv1x1",), "dsm")
     with pytest.raises(ValueError, match="stem of modality 'dsm'.*lacks the channel count"):
         MultimodalConfig(list(MODS), [], {"dsm": ("conv1x1",)})  # type: ignore[dict-item]

@@ -40,10 +40,20 @@ def test_load_onto_wrong_base_names_keys(tmp_path) -> None:
     from segment_anything.modeling import ImageEncoderViT
 
     bigger = ImageEncoderViT(
-        img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=2, out_chans=16,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=3, global_attn_indexes=(1,),
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.base_layer\.weight: saved \(96, 32\) vs model \(144, 48\)"):
+        img_size=64,
+        patch_size=16,
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        out_chans=16,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=3,
+        global_attn_indexes=(1,),
+    )
+    with pytest.raises(
+        ValueError, match=r"blocks\.0\.attn\.qkv\.base_layer\.weight: saved \(96, 32\) vs model \(144, 48\)"
+    ):
         load_multimodal(bigger, tmp_path)
 
 
@@ -53,7 +63,9 @@ def test_load_with_different_config_names_keys(tmp_path) -> None:
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     meta["config"]["rules"][1]["rank"] = 8
     (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"shape mismatch: .*lin1\.lora_A\.optical\.weight: saved \(4, 32\) vs model \(8, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch: .*lin1\.lora_A\.optical\.weight: saved \(4, 32\) vs model \(8, 32\)"
+    ):
         load_multimodal(tiny_sam(), tmp_path)
     meta["config"]["rules"][1]["rank"] = 4
     meta["config"]["rules"][1]["fusion"] = "none"
@@ -73,12 +85,19 @@ def test_timm_save_load(tmp_path, images) -> None:
         assert torch.equal(loaded(images)["dsm"], wrapped(images)["dsm"])
 
 
-SAM_SIZES = {"vit_b": (768, 12, 12, (2, 5, 8, 11)), "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
-             "vit_h": (1280, 32, 16, (7, 15, 23, 31))}  # fmt: skip
+SAM_SIZES = {
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
 TABLE_VI = {
-    ("vit_b", "lora"): 1_032_240, ("vit_l", "lora"): 2_752_608, ("vit_h", "lora"): 4_587_648,
-    ("vit_b", "adapter"): 14_201_880, ("vit_l", "adapter"): 50_454_576, ("vit_h", "adapter"): 105_062_464,
-}  # fmt: skip
+    ("vit_b", "lora"): 1_032_240,
+    ("vit_l", "lora"): 2_752_608,
+    ("vit_h", "lora"): 4_587_648,
+    ("vit_b", "adapter"): 14_201_880,
+    ("vit_l", "adapter"): 50_454_576,
+    ("vit_h", "adapter"): 105_062_464,
+}
 
 
 @pytest.mark.parametrize("size,method", sorted(TABLE_VI))
@@ -90,16 +109,28 @@ def test_table_vi_trainable_counts_exactly(size: str, method: str, impl: str) ->
             from timm.models.vision_transformer_sam import VisionTransformerSAM
 
             enc: nn.Module = VisionTransformerSAM(
-                img_size=256, embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob,
-                use_rel_pos=True, num_classes=0, global_pool="",
-            )  # fmt: skip
+                img_size=256,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=heads,
+                global_attn_indexes=glob,
+                use_rel_pos=True,
+                num_classes=0,
+                global_pool="",
+            )
         else:
             from segment_anything.modeling import ImageEncoderViT
 
             enc = ImageEncoderViT(
-                img_size=256, embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob,
-                use_rel_pos=True, window_size=14, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            )  # fmt: skip
+                img_size=256,
+                embed_dim=dim,
+                depth=depth,
+                num_heads=heads,
+                global_attn_indexes=glob,
+                use_rel_pos=True,
+                window_size=14,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            )
         frozen = sum(p.numel() for p in enc.parameters())
         wrapped = wrap_multimodal(enc, method=method)
     rep = count_parameters(wrapped)

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from mmpeft import MergeError, MultimodalLoRAConv2d, load_multimodal, save_multimodal, wrap_multimodal
+from tests.helpers import assert_close, close
 
 from .conftest import CustomViT, tiny_sam, tiny_timm_vit
-from tests.helpers import assert_close, close
 
 MODS = ("optical", "dsm")
 BOTH = ["attn.proj", "patch_embed.proj"]  # a Linear and a Conv2d in one rule
@@ -63,8 +63,11 @@ def test_the_patch_embedding_is_wrapped_and_starts_as_the_identity() -> None:
     assert isinstance(layer, MultimodalLoRAConv2d) and isinstance(layer.base_layer, nn.Conv2d)
     assert layer.lora_A["dsm"].weight.shape == (2, 3, 8, 8) and layer.lora_B["dsm"].weight.shape == (32, 2, 1, 1)
     names = {n for n, p in w.named_parameters() if p.requires_grad and "patch_embed" in n}
-    want = {f"base_model.patch_embed.proj.{k}.{m}" + ("" if k == "lora_fusion.lam" else ".weight")
-            for k in ("lora_A", "lora_B", "lora_fusion.lam") for m in MODS}  # fmt: skip
+    want = {
+        f"base_model.patch_embed.proj.{k}.{m}" + ("" if k == "lora_fusion.lam" else ".weight")
+        for k in ("lora_A", "lora_B", "lora_fusion.lam")
+        for m in MODS
+    }
     assert names == want
     x = _inputs()
     with torch.no_grad():
@@ -257,7 +260,9 @@ def test_padding_dilation_and_padding_mode_follow_the_base_layer() -> None:
         assert_close(merged, batched, rel=1e-5)
 
 
-@pytest.mark.parametrize(("option", "value"), [("lora_bias", True)])  # use_rslora, use_dora: tests/test_merge_variants.py
+@pytest.mark.parametrize(
+    ("option", "value"), [("lora_bias", True)]
+)  # use_rslora, use_dora: tests/test_merge_variants.py
 def test_lora_variants_are_refused_on_a_convolution(option: str, value: object) -> None:
     import dataclasses
 

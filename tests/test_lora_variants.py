@@ -15,9 +15,9 @@ from torch import nn
 
 from mmpeft import load_multimodal, wrap_multimodal
 from mmpeft.tuners.lora import LoRAConfig, MultimodalLoRA
+from tests.helpers import assert_close
 
 from .conftest import tiny_timm_vit
-from tests.helpers import assert_close
 
 MODS = ("optical", "dsm")
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -67,8 +67,9 @@ def test_the_options_reach_the_layers() -> None:
     w = _wrap("rslora")
     layer = w.base_model.blocks[0].attn.qkv
     assert layer.scaling == pytest.approx(8.0 / math.sqrt(2))
-    w = wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["mlp.fc1"], rank=4, lora_bias=True, use_dora=True,
-                        fusion="none")  # fmt: skip
+    w = wrap_multimodal(
+        tiny_timm_vit(), MODS, "lora", targets=["mlp.fc1"], rank=4, lora_bias=True, use_dora=True, fusion="none"
+    )
     names = {n for n, p in w.named_parameters() if p.requires_grad and ".blocks.0." in n}
     assert "base_model.blocks.0.mlp.fc1.lora_B.dsm.bias" in names
     assert "base_model.blocks.0.mlp.fc1.lora_magnitude_vector.dsm" in names
@@ -76,13 +77,15 @@ def test_the_options_reach_the_layers() -> None:
 
 @pytest.mark.parametrize(
     ("options", "error", "match"),
-    [({"use_rslora": True}, ValueError, "use_rslora=True needs an explicit alpha"),
-     ({"init_lora_weights": "loftq"}, ValueError, "init_lora_weights must be one of"),
-     ({"init_lora_weights": True}, ValueError, "init_lora_weights must be one of"),
-     ({"use_dora": 1}, TypeError, "use_dora must be a bool"),
-     ({"use_dora": True, "fusion": "scalar"}, ValueError, "DoRA rescales"),
-     ({"init_lora_weights": "pissa", "rank": 64}, ValueError, "rank <= min")],
-)  # fmt: skip
+    [
+        ({"use_rslora": True}, ValueError, "use_rslora=True needs an explicit alpha"),
+        ({"init_lora_weights": "loftq"}, ValueError, "init_lora_weights must be one of"),
+        ({"init_lora_weights": True}, ValueError, "init_lora_weights must be one of"),
+        ({"use_dora": 1}, TypeError, "use_dora must be a bool"),
+        ({"use_dora": True, "fusion": "scalar"}, ValueError, "DoRA rescales"),
+        ({"init_lora_weights": "pissa", "rank": 64}, ValueError, "rank <= min"),
+    ],
+)
 def test_bad_combinations_are_refused_with_the_reason(options: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["mlp.fc1"], **options)
@@ -99,7 +102,8 @@ def test_dora_on_the_mixing_preset_is_refused_and_the_option_not_given_to_adapte
 
 # ---------------------------------------------------------------------- identity, gradients, frozen weights
 @pytest.mark.parametrize(
-    ("variant", "fusion"), [(v, f) for v in VARIANTS for f in ("none", "scalar", "matrix") if f == "none" or v in MIXING]
+    ("variant", "fusion"),
+    [(v, f) for v in VARIANTS for f in ("none", "scalar", "matrix") if f == "none" or v in MIXING],
 )
 def test_identity_at_init_per_modality(variant: str, fusion: str) -> None:
     base = tiny_timm_vit()
@@ -179,10 +183,14 @@ def _peft_twin(variant: str, base: nn.Module, rank: int, alpha: float):
     peft = pytest.importorskip("peft")
     v = VARIANTS[variant]
     cfg = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=TARGETS, use_rslora=v.get("use_rslora", False),
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=TARGETS,
+        use_rslora=v.get("use_rslora", False),
         init_lora_weights={"kaiming": True}.get(v.get("init_lora_weights", "kaiming"), v.get("init_lora_weights")),
-        lora_bias=v.get("lora_bias", False), use_dora=v.get("use_dora", False),
-    )  # fmt: skip
+        lora_bias=v.get("lora_bias", False),
+        use_dora=v.get("use_dora", False),
+    )
     return peft.get_peft_model(base, cfg)
 
 
@@ -211,13 +219,16 @@ def test_one_modality_with_fusion_none_equals_peft(variant: str) -> None:
     with torch.no_grad():
         got, want = w(x)["optical"], twin(x["optical"])
     assert_close(got, want, rel=1e-5)
-    assert w.get_nb_trainable_parameters()[0] - sum(p.numel() for p in w.stems.parameters()) == (
-        twin.get_nb_trainable_parameters()[0]
+    assert (
+        w.get_nb_trainable_parameters()[0] - sum(p.numel() for p in w.stems.parameters())
+        == (twin.get_nb_trainable_parameters()[0])
     )
 
 
 # ---------------------------------------------------------------------- merge, save / load
-@pytest.mark.parametrize("variant", list(VARIANTS))  # lora_bias: per-modality merged biases (tests/test_merge_variants.py)
+@pytest.mark.parametrize(
+    "variant", list(VARIANTS)
+)  # lora_bias: per-modality merged biases (tests/test_merge_variants.py)
 def test_merged_equals_unmerged_and_unloads(variant: str) -> None:
     w = _wrap(variant, "none")
     _randomise(w)
@@ -264,22 +275,27 @@ def test_pissa_offset_is_the_principal_part_and_mixing_starts_at_zero() -> None:
     assert_close(layer.scaling * off.up("all") @ off.down("all"), principal, rel=1e-5)
     for m in MODS:  # every modality starts at (A_0, B_0); its update s (B A - B_0 A_0) at 0
         assert torch.equal(layer.lora_A[m].weight, off.down("all"))
-        assert layer.get_delta_weight(m).abs().max() <= 1e-5 * principal.abs().max()  # B A - B_0 A_0 as one GEMM: rounding only
+        assert (
+            layer.get_delta_weight(m).abs().max() <= 1e-5 * principal.abs().max()
+        )  # B A - B_0 A_0 as one GEMM: rounding only
 
 
 @pytest.mark.parametrize("execution", ["batched", "loop"])
 def test_scalar_mixing_of_bias_and_offset_by_hand(execution: str) -> None:
     """out_m = W x_m + b + lam_m d_m + (1 - lam_m) d_k with d_m = s (B_m A_m x_m + b_m - B_0 A_0 x_m)."""
     torch.manual_seed(0)
-    layer = MultimodalLoRA(nn.Linear(6, 5), MODS, rank=2, alpha=3.0, fusion="scalar", lora_bias=True,
-                           init_lora_weights="olora")  # fmt: skip
+    layer = MultimodalLoRA(
+        nn.Linear(6, 5), MODS, rank=2, alpha=3.0, fusion="scalar", lora_bias=True, init_lora_weights="olora"
+    )
     _randomise(layer)
     layer.execution = execution
     x = torch.randn(2 * 3, 4, 6)  # (M*B, T, in)
     off = layer.lora_offset
     xs = x.chunk(2)
-    d = [layer.scaling * (layer.lora_B[m](layer.lora_A[m](xm)) - xm @ off.down("all").T @ off.up("all").T)
-         for m, xm in zip(MODS, xs)]  # fmt: skip
+    d = [
+        layer.scaling * (layer.lora_B[m](layer.lora_A[m](xm)) - xm @ off.down("all").T @ off.up("all").T)
+        for m, xm in zip(MODS, xs)
+    ]
     lam = [layer.lora_fusion.lam[m] for m in MODS]
     want = torch.cat([layer.base_layer(xs[i]) + lam[i] * d[i] + (1 - lam[i]) * d[1 - i] for i in range(2)])
     with torch.no_grad():

@@ -58,7 +58,9 @@ def test_stacked_linear_matches_autograd(bias: bool, pieces: int) -> None:
     refs = torch.autograd.grad(ref, leaves, g)
     for a, b in zip(grads, refs):
         assert_close(a, b, rel=1e-5)
-    assert torch.autograd.gradcheck(lambda *a: stacked_linear(a[0], m, a[1 : 1 + len(ws)], a[1 + len(ws) :] or None), leaves)
+    assert torch.autograd.gradcheck(
+        lambda *a: stacked_linear(a[0], m, a[1 : 1 + len(ws)], a[1 + len(ws) :] or None), leaves
+    )
 
 
 @pytest.mark.parametrize("mix", [True, False])

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalLoRAConv2d, wrap_multimodal
+from tests.helpers import assert_close
 
 from .conftest import tiny_timm_vit
 from .test_lora_variants import _randomise
-from tests.helpers import assert_close
 
 MODS = ("optical", "dsm")
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -69,7 +69,7 @@ def test_lora_bias_merges_as_peft_folds_it_into_the_bias() -> None:
 def test_lora_bias_merged_per_modality_equals_unmerged(dora: bool) -> None:
     w = wrap_multimodal(
         tiny_timm_vit(), MODS, "lora", targets=TARGETS, rank=2, alpha=4.0, fusion="none", lora_bias=True, use_dora=dora
-    )  # fmt: skip
+    )
     _randomise(w)
     x = _inputs()
     with torch.no_grad():

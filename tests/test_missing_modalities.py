@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalLoRA, build_fusion, wrap_multimodal
-from mmpeft.tuners.fusion import presence_weights
 from mmpeft.runtime.presence import NonFiniteInputError, check_finite, modality_dropout
+from mmpeft.tuners.fusion import presence_weights
+from tests.helpers import close, rel_diff
 
 from .conftest import tiny_sam, tiny_timm_vit
-from tests.helpers import close, rel_diff
 
 MODS3 = ("optical", "dsm", "sar")
 
@@ -34,7 +34,9 @@ def _randomise(model: nn.Module, seed: int = 5) -> None:
 
 def _vit_lora(mods=MODS3):
     """A tiny timm ViT with scalar-mixed LoRA on every linear of the blocks."""
-    model = wrap_multimodal(tiny_timm_vit(), mods, "lora", targets=["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"], fusion="scalar", rank=2)
+    model = wrap_multimodal(
+        tiny_timm_vit(), mods, "lora", targets=["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"], fusion="scalar", rank=2
+    )
     _randomise(model)
     return model
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,13 +14,13 @@ from torch import nn
 from mmpeft import wrap_multimodal
 from mmpeft.interop.peft_families import PlainModelError, place, prepare_for_peft
 from mmpeft.interop.peft_interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, peft_lora_weights
+from tests.helpers import assert_close, close, rel_diff
 
 from .conftest import tiny_sam, tiny_timm_vit
 from .test_backbones import BACKBONES, _build, _tensor
 from .test_backbones import _inputs as _family_inputs
 from .test_backbones import _randomise_trainables as _randomise_family
 from .test_wrap import _randomise_trainables
-from tests.helpers import assert_close, close, rel_diff
 
 peft = pytest.importorskip("peft")
 
@@ -78,7 +78,9 @@ def test_sliced_qkv_becomes_block_structured_rank_2r() -> None:
     qkv = wrapped.base_model.blocks[0].attn.qkv
     assert a.shape == (8, 32) and b.shape == (96, 8) and scaling == 0.25
     assert torch.equal(a[:4], qkv.lora_A["dsm"]["q"].weight) and torch.equal(a[4:], qkv.lora_A["dsm"]["v"].weight)
-    assert torch.equal(b[:32, :4], qkv.lora_B["dsm"]["q"].weight) and torch.equal(b[64:, 4:], qkv.lora_B["dsm"]["v"].weight)
+    assert torch.equal(b[:32, :4], qkv.lora_B["dsm"]["q"].weight) and torch.equal(
+        b[64:, 4:], qkv.lora_B["dsm"]["v"].weight
+    )
     assert not b[32:64].any() and not b[:32, 4:].any() and not b[64:, :4].any()  # k rows, cross blocks
     assert weights["blocks.1.mlp.lin1"][2] == 1.0
 
@@ -135,8 +137,15 @@ def test_modules_to_save_export_to_peft(tmp_path) -> None:
 
 
 def test_conv_lora_on_the_patch_embedding_exports_to_peft(tmp_path) -> None:
-    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=["patch_embed.proj", "attn.qkv"],
-                              fusion="none", rank=2, alpha=4.0)  # fmt: skip
+    wrapped = wrap_multimodal(
+        tiny_timm_vit(),
+        ("optical", "dsm"),
+        "lora",
+        targets=["patch_embed.proj", "attn.qkv"],
+        fusion="none",
+        rank=2,
+        alpha=4.0,
+    )
     peft_model, expected, got, _ = _dsm_through_peft(wrapped, tmp_path)
     assert type(peft_model.base_model.model.patch_embed.proj).__name__ == "Conv2d"  # peft's LoRA Conv2d layer
     assert_close(got, expected, rel=1e-5)
@@ -156,23 +165,29 @@ def _dsm_through_peft(wrapped, tmp_path) -> tuple:
 
 @pytest.mark.parametrize(
     "options",
-    [{"use_rslora": True, "alpha": 4.0}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"},
-     {"lora_bias": True}, {"use_dora": True}, {"init_lora_weights": "gaussian"}],
-)  # fmt: skip
+    [
+        {"use_rslora": True, "alpha": 4.0},
+        {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "olora"},
+        {"lora_bias": True},
+        {"use_dora": True},
+        {"init_lora_weights": "gaussian"},
+    ],
+)
 @pytest.mark.parametrize("targets", [["attn.qkv"], ["mlp.fc1", "mlp.fc2"]])
 def test_lora_variants_export_to_peft_exactly(tmp_path, options: dict, targets: list[str]) -> None:
     """Every variant: the peft adapter on the plain model computes the wrapped model's output
     (sliced qkv: the q/v blocks; PiSSA / OLoRA: the frozen offset as a second rank block)."""
     slices = ["q", "v"] if targets == ["attn.qkv"] else None
-    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), "lora", targets=targets, fusion="none", rank=2,
-                              slices=slices, **options)  # fmt: skip
+    wrapped = wrap_multimodal(
+        tiny_timm_vit(), ("optical", "dsm"), "lora", targets=targets, fusion="none", rank=2, slices=slices, **options
+    )
     _, expected, got, plain = _dsm_through_peft(wrapped, tmp_path)
     assert rel_diff(expected, plain) > 1e-4
     assert_close(got, expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------------- every backbone family
-
 
 
 def _peft_output(kind: str, directory, x: torch.Tensor, prepared: bool) -> tuple[torch.Tensor, object]:
@@ -195,7 +210,9 @@ def test_every_family_exports_exactly_or_refuses_naming_why(tmp_path, kind: str)
         plain = _tensor(_build(kind)(x["dsm"].repeat(1, 3, 1, 1)))
     assert rel_diff(expected, plain) > 1e-4  # the LoRA matters
     if kind == "timm_eva02":
-        with pytest.raises(PlainModelError, match=r"blocks\.0\.attn\.qkv: .*never calls its qkv.*for_prepared_base=True"):
+        with pytest.raises(
+            PlainModelError, match=r"blocks\.0\.attn\.qkv: .*never calls its qkv.*for_prepared_base=True"
+        ):
             export_peft(wrapped, "dsm", tmp_path / "plain")
         assert not (tmp_path / "plain").exists()
     else:
@@ -215,8 +232,16 @@ def test_every_family_exports_exactly_or_refuses_naming_why(tmp_path, kind: str)
 def test_torchvision_attention_maps_onto_peft_and_out_proj_is_refused(tmp_path) -> None:
     """in_proj alone (q, v slices, rank 3): peft's MultiheadAttention LoRA with a zero out_proj
     pair, exact. An out_proj update is refused (peft 0.21 adds it twice), exact when prepared."""
-    wrapped = wrap_multimodal(_build("torchvision"), ("optical", "dsm"), "lora", fusion="none", rank=3, alpha=6.0,
-                              targets=["self_attention.in_proj"], slices=["q", "v"])  # fmt: skip
+    wrapped = wrap_multimodal(
+        _build("torchvision"),
+        ("optical", "dsm"),
+        "lora",
+        fusion="none",
+        rank=3,
+        alpha=6.0,
+        targets=["self_attention.in_proj"],
+        slices=["q", "v"],
+    )
     _randomise_family(wrapped)
     export_peft(wrapped, "optical", tmp_path)
     saved = load_file(str(tmp_path / PEFT_WEIGHTS_NAME))
@@ -232,10 +257,19 @@ def test_torchvision_attention_maps_onto_peft_and_out_proj_is_refused(tmp_path) 
     assert sorted(saved) == sorted(get_peft_model_state_dict(peft_model))
     assert_close(got, expected, rel=1e-5)
 
-    both = wrap_multimodal(_build("torchvision"), ("optical", "dsm"), "lora", fusion="none", rank=3,
-                           targets=["self_attention.in_proj", "self_attention.out_proj"], rank_pattern={"out_proj": 2})
+    both = wrap_multimodal(
+        _build("torchvision"),
+        ("optical", "dsm"),
+        "lora",
+        fusion="none",
+        rank=3,
+        targets=["self_attention.in_proj", "self_attention.out_proj"],
+        rank_pattern={"out_proj": 2},
+    )
     _randomise_family(both)
-    with pytest.raises(PlainModelError, match=r"encoder_layer_0\.self_attention\.out_proj: .*adds its out_proj update twice"):
+    with pytest.raises(
+        PlainModelError, match=r"encoder_layer_0\.self_attention\.out_proj: .*adds its out_proj update twice"
+    ):
         export_peft(both, "dsm", tmp_path / "both")
     export_peft(both, "dsm", tmp_path / "both", for_prepared_base=True)
     with torch.no_grad():
@@ -247,7 +281,9 @@ def test_torchvision_attention_maps_onto_peft_and_out_proj_is_refused(tmp_path) 
 def test_torchvision_dora_is_refused_unless_for_the_prepared_model(tmp_path) -> None:
     wrapped = wrap_multimodal(_build("torchvision"), ("optical", "dsm"), preset="lora", use_dora=True)
     _randomise_family(wrapped)
-    with pytest.raises(PlainModelError, match=r"self_attention\.in_proj uses lora_bias or DoRA.*for_prepared_base=True"):
+    with pytest.raises(
+        PlainModelError, match=r"self_attention\.in_proj uses lora_bias or DoRA.*for_prepared_base=True"
+    ):
         export_peft(wrapped, "dsm", tmp_path / "plain")
     export_peft(wrapped, "dsm", tmp_path, for_prepared_base=True)
     x = _family_inputs("torchvision")
@@ -269,7 +305,9 @@ def test_paths_only_mmpeft_creates_are_named() -> None:
     attn = "encoder.layers.encoder_layer_1.self_attention"
     assert place(tv, f"{attn}.in_proj", prepared=False).part == "in_proj"
     assert place(tv, f"{attn}.in_proj", prepared=True).path == f"{attn}.in_proj"
-    with pytest.raises(PlainModelError, match=r"out_proj: .*ExplicitMultiheadAttention, which exists only after.*nn.MultiheadAttention"):
+    with pytest.raises(
+        PlainModelError, match=r"out_proj: .*ExplicitMultiheadAttention, which exists only after.*nn.MultiheadAttention"
+    ):
         place(tv, f"{attn}.out_proj", prepared=False, saved=True)  # a module to save there: no mapping
 
 

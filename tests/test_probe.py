@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from mmpeft import wrap_multimodal
+from mmpeft.runtime.verify import WrapError
 from mmpeft.targeting.inject import apply_rules
 from mmpeft.targeting.probe import ProbeError, ProbeWarning, dry_run, probe_batch_factors
 from mmpeft.tuners import MultimodalLoRA
 from mmpeft.tuners.base import stacked_batch
-from mmpeft.runtime.verify import WrapError
 from tests.conftest import tiny_custom, tiny_sam, tiny_timm_vit
 from tests.helpers import close
 
@@ -44,7 +44,9 @@ def _inputs(mods: tuple[str, ...], size: int = 32, b: int = 2) -> dict[str, torc
 
 @pytest.mark.parametrize("mods", [("optical", "dsm"), MODS3])
 def test_relpos_position_mlp_left_out_by_default_refused_when_named(mods: tuple[str, ...]) -> None:
-    with pytest.warns(ProbeWarning, match=r"left out 4 module.*blocks\.0\.attn\.rel_pos\.mlp\.fc1 runs on a \(3, 3, 2\)"):
+    with pytest.warns(
+        ProbeWarning, match=r"left out 4 module.*blocks\.0\.attn\.rel_pos\.mlp\.fc1 runs on a \(3, 3, 2\)"
+    ):
         wrapped = wrap_multimodal(_relpos(), mods)
     names = [n for n, _ in wrapped.layers()]
     assert "base_model.blocks.0.attn.qkv" in names and not any("rel_pos" in n for n in names)
@@ -72,7 +74,10 @@ def test_exact_stack_check_names_layer_shape_and_expected_size() -> None:
     assert isinstance(layer, MultimodalLoRA) and layer.batch_factor == 1
     x = torch.rand(9, 5, layer.in_features)  # divides by 3 modalities, but the batch is 2: 6 rows
     assert layer.factor_size == (32, 32)
-    with stacked_batch(wrapped, 2, (32, 32)), pytest.raises(ValueError, match=r"MultimodalLoRA.*\(9, 5, 32\).*must be 6"):
+    with (
+        stacked_batch(wrapped, 2, (32, 32)),
+        pytest.raises(ValueError, match=r"MultimodalLoRA.*\(9, 5, 32\).*must be 6"),
+    ):
         layer(x)
     with stacked_batch(wrapped, 2, (64, 64)):  # another input size: windows may vary, a multiple of S*B
         assert layer(torch.rand(12, 5, layer.in_features)).shape == (12, 5, layer.out_features)
@@ -135,7 +140,9 @@ def test_probe_restores_modes_hooks_and_grad_mode() -> None:
     hooks = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
     names = ["blocks.0.attn.qkv", "blocks.0.attn.rel_pos.mlp.fc1"]
     probed = dry_run(model, names, 3)
-    assert probed["blocks.0.attn.qkv"].factor == 1 and probed["blocks.0.attn.qkv"].shapes[1] == ((2, 4, 32),)  # 4 tokens, no class token
+    assert probed["blocks.0.attn.qkv"].factor == 1 and probed["blocks.0.attn.qkv"].shapes[1] == (
+        (2, 4, 32),
+    )  # 4 tokens, no class token
     assert not probed["blocks.0.attn.rel_pos.mlp.fc1"].follows_batch()
     with pytest.raises(ValueError, match="rel_pos"):
         probe_batch_factors(model, names, 3)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -24,9 +25,13 @@ from tests.family_zoo import build
 
 MODS = ("optical", "dsm")
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
-    "sam": tiny_sam, "timm_vit": tiny_timm_vit, **{k: functools.partial(build, k) for k in
-    ("volo", "davit", "maxvit_rmlp", "cait", "naflexvit", "vit_relpos", "mobilevit")},
-}  # fmt: skip
+    "sam": tiny_sam,
+    "timm_vit": tiny_timm_vit,
+    **{
+        k: functools.partial(build, k)
+        for k in ("volo", "davit", "maxvit_rmlp", "cait", "naflexvit", "vit_relpos", "mobilevit")
+    },
+}
 
 
 def _probed_names(model: nn.Module) -> list[str]:
@@ -52,8 +57,10 @@ def _wrap(model: nn.Module, method: str, shapes_only: bool) -> dict[str, Any]:
         wrapped = wrap_multimodal(model, MODS, method)
     finally:
         inject.dry_run = dry_run  # type: ignore[assignment]
-    return {n: (type(layer).__name__, layer.batch_factor, layer.factor_size, getattr(layer, "in_features", None))
-            for n, layer in wrapped.layers()}  # fmt: skip
+    return {
+        n: (type(layer).__name__, layer.batch_factor, layer.factor_size, getattr(layer, "in_features", None))
+        for n, layer in wrapped.layers()
+    }
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -104,7 +111,10 @@ def test_meta_attributes_set_during_the_shape_run_are_undone() -> None:
 def test_the_model_own_size_and_channels(kind: str, size: int) -> None:
     model = build(kind)
     assert infer_in_channels(model) == 3  # DaViT: not its depthwise cpe.proj (16 -> 16); NaFlexViT: a linear
-    assert choose_size(model, 3) == (size, size)  # VOLO: its position table; CoaT-lite: patch_embed1.img_size; DaViT: any (224); NaFlexViT: pretrained_cfg
+    assert choose_size(model, 3) == (
+        size,
+        size,
+    )  # VOLO: its position table; CoaT-lite: patch_embed1.img_size; DaViT: any (224); NaFlexViT: pretrained_cfg
 
 
 def test_gcvit_size_from_its_stage_grid() -> None:

@@ -36,10 +36,18 @@ DROPPED = ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "mask_
 def reference_encoder(spec: SamSpec, img_size: int) -> ImageEncoderViT:
     """segment-anything's encoder configured exactly as in its build_sam."""
     return ImageEncoderViT(
-        img_size=img_size, patch_size=16, embed_dim=spec.embed_dim, depth=spec.depth,
-        num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, out_chans=spec.out_chans,
-        qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-        window_size=spec.window_size, global_attn_indexes=spec.global_attn_indexes,
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=spec.mlp_ratio,
+        out_chans=spec.out_chans,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=spec.window_size,
+        global_attn_indexes=spec.global_attn_indexes,
     )
 
 
@@ -58,7 +66,7 @@ def official_state(spec: SamSpec = TINY, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def stripped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+    return {k[len("image_encoder.") :]: v for k, v in state.items() if k.startswith("image_encoder.")}
 
 
 def loaded_reference(state: dict[str, torch.Tensor]) -> ImageEncoderViT:
@@ -70,8 +78,9 @@ def loaded_reference(state: dict[str, torch.Tensor]) -> ImageEncoderViT:
 def authors_forward(ref: ImageEncoderViT, x: torch.Tensor) -> torch.Tensor:
     """The MFNet authors' run-time resizing: bicubic pos embed per call, get_rel_pos in attention."""
     tokens = ref.patch_embed(x)  # (B, h, w, C)
-    pos = F.interpolate(ref.pos_embed.permute(0, 3, 1, 2), size=tokens.shape[1:3], mode="bicubic",
-                        align_corners=False).permute(0, 2, 3, 1)
+    pos = F.interpolate(
+        ref.pos_embed.permute(0, 3, 1, 2), size=tokens.shape[1:3], mode="bicubic", align_corners=False
+    ).permute(0, 2, 3, 1)
     tokens = tokens + pos
     for block in ref.blocks:
         tokens = block(tokens)
@@ -98,6 +107,7 @@ def build_loaded(impl: str, img_size, ckpt, **kwargs):
 
 
 # ---------------------------------------------------------------- specs and building
+
 
 def test_spec_table() -> None:
     assert SAM_SPECS["vit_b"] == SamSpec(768, 12, 12, (2, 5, 8, 11))
@@ -190,6 +200,7 @@ def test_timm_grad_checkpointing_matches() -> None:
 
 # ---------------------------------------------------------------- loading, native size
 
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_native_size_matches_segment_anything(impl: str, state, ckpt_path) -> None:
     encoder, report = build_loaded(impl, NATIVE, ckpt_path)
@@ -223,6 +234,7 @@ def test_bare_mapping_safetensors_and_timm_naming(impl: str, state, tmp_path) ->
 
 # ---------------------------------------------------------------- loading, other sizes
 
+
 def expected_rel(table: torch.Tensor, length: int) -> torch.Tensor:
     resized = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
     return resized.reshape(-1, length).permute(1, 0)
@@ -238,8 +250,9 @@ def test_resized_load(grid, state, ckpt_path, monkeypatch) -> None:
     with torch.no_grad():
         authors = authors_forward(ref, x)
     pos = state["image_encoder.pos_embed"]
-    expected_pos = F.interpolate(pos.permute(0, 3, 1, 2), size=grid, mode="bicubic",
-                                 align_corners=False, antialias=False).permute(0, 2, 3, 1)
+    expected_pos = F.interpolate(
+        pos.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False, antialias=False
+    ).permute(0, 2, 3, 1)
     for impl, (encoder, report) in encoders.items():
         assert torch.equal(encoder.pos_embed.detach(), expected_pos), impl
         assert report.resized["pos_embed"] == ((1, 16, 16, TINY.embed_dim), (1, gh, gw, TINY.embed_dim))
@@ -279,6 +292,7 @@ def test_antialias_pos_embed(state) -> None:
 
 
 # ---------------------------------------------------------------- errors and options
+
 
 def test_wrong_model_size_names_keys_and_shapes() -> None:
     bigger = dataclasses.replace(TINY, embed_dim=96, num_heads=3, depth=5, global_attn_indexes=(1, 4))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.helpers import close
 
 pytestmark = pytest.mark.slow
@@ -30,12 +31,17 @@ def test_timm_vit_base_patch16_224(method: str) -> None:
     with torch.no_grad():
         assert close(wrapped(x)["optical"], plain, rel=1e-5)  # identity at init
     rep = count_parameters(wrapped)
-    assert rep.trainable == (12 * (28 * 4 * 768 + 4) if method == "lora" else 12 * (4 * (768 * 192 * 2 + 192 + 768) + 2))
+    assert rep.trainable == (
+        12 * (28 * 4 * 768 + 4) if method == "lora" else 12 * (4 * (768 * 192 * 2 + 192 + 768) + 2)
+    )
     wrapped.train()
     out = wrapped(x)
     (out["optical"].sum() + out["dsm"].sum()).backward()
-    assert all(torch.equal(v, ref[k.replace("base_layer.", "")]) for k, v in wrapped.base_model.state_dict().items()
-               if "lora_" not in k and "adapter_" not in k)  # fmt: skip
+    assert all(
+        torch.equal(v, ref[k.replace("base_layer.", "")])
+        for k, v in wrapped.base_model.state_dict().items()
+        if "lora_" not in k and "adapter_" not in k
+    )
 
 
 def test_mfnet_vit_b_training_step() -> None:
@@ -52,21 +58,45 @@ def test_mfnet_vit_b_training_step() -> None:
         loss.backward()
         opt.step()
     assert torch.isfinite(loss)
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, missing[:5]
 
 
 def test_speed_benchmark_quick_runs(tmp_path: Path) -> None:
     """benchmarks/speed.py end to end on a tiny backbone: every scheme's JSON record and the ratios."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    cmd = [sys.executable, str(script), "--quick", "--methods", "lora", "--steps", "1", "--inference",
-           "--tile", "300x300", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(script),
+        "--quick",
+        "--methods",
+        "lora",
+        "--steps",
+        "1",
+        "--inference",
+        "--tile",
+        "300x300",
+        "--out",
+        str(tmp_path),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     data = json.loads((tmp_path / "speed.json").read_text())
     res = data["results"]["lora"]
-    assert set(res) == {"ours", "ours_ckpt", "ours_padded", "per_modality", "per_modality_sam", "floor", "floor_efficient"}
+    assert set(res) == {
+        "ours",
+        "ours_ckpt",
+        "ours_padded",
+        "per_modality",
+        "per_modality_sam",
+        "floor",
+        "floor_efficient",
+    }
     assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in res.values())
-    assert data["ratios"]["lora"]["a_over_b"] == pytest.approx(res["ours"]["median_s"] / res["per_modality"]["median_s"])
+    assert data["ratios"]["lora"]["a_over_b"] == pytest.approx(
+        res["ours"]["median_s"] / res["per_modality"]["median_s"]
+    )
     inf = data["inference"]["lora"]
     assert set(inf) == {"inference", "inference_padded"} and inf["inference"]["windows"] == 4
     assert "| lora | ours |" in (tmp_path / "speed.md").read_text()

@@ -10,12 +10,14 @@ from torch import nn
 from mmpeft import wrap_multimodal
 from mmpeft.runtime.attention import resolve_queries
 from mmpeft.runtime.blocks import runner_of, set_block_features
-
-from .conftest import tiny_timm_sam
 from tests.helpers import assert_close, grad_scale
 
-X = {"optical": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
-     "dsm": torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))}  # fmt: skip
+from .conftest import tiny_timm_sam
+
+X = {
+    "optical": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
+    "dsm": torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(3)),
+}
 
 
 def _model(preset: str = "mmadapter", **kw: object) -> nn.Module:
@@ -93,7 +95,7 @@ def test_attention_query_modes_match_stock_blocks(preset: str) -> None:
 
 
 def test_rel_pos_channels_use_no_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    """"channels" calls SDPA without a mask (so that fused kernels may run); "mask" (the default) with one."""
+    """ "channels" calls SDPA without a mask (so that fused kernels may run); "mask" (the default) with one."""
     calls: list[bool] = []
     real = torch.nn.functional.scaled_dot_product_attention
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mmpeft import MultimodalModel, wrap_multimodal
+from tests.helpers import assert_close
 
 from .conftest import tiny_timm_vit
-from tests.helpers import assert_close
 
 MODS = ("optical", "dsm")
 
@@ -26,7 +26,7 @@ def _inputs(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
 def _randomise(model: nn.Module, seed: int = 5) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
@@ -56,7 +56,7 @@ def test_a_wrapper_unloaded_in_place_refuses_every_use(tmp_path: Path) -> None:
     x = _inputs()
     plain = w.merge_and_unload("dsm", inplace=True)
     assert plain is w.base_model
-    for what, call in [
+    for _what, call in [
         ("call", lambda: w(x)),
         ("call", lambda: w.call("forward", x)),
         ("save", lambda: w.save_pretrained(tmp_path / "a")),

@@ -4,19 +4,18 @@ ambiguous structure is refused saying what was found."""
 
 from __future__ import annotations
 
-import re
-
 import copy
-from typing import Callable
+import re
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from mmpeft import FAMILIES, detect_family, wrap_multimodal
+from mmpeft.model.wrap import plan_targets
 from mmpeft.targeting.structure import StructuralFamilyWarning, StructureError, find_structure
 from mmpeft.targeting.targets import BackboneFamily, match_targets, structural_family
-from mmpeft.model.wrap import plan_targets
 from tests.conftest import CustomBlock, tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
 from tests.helpers import close
 
@@ -35,9 +34,11 @@ def _wrap(method: str, base: nn.Module | None = None):  # type: ignore[no-untype
 
 def _selected(model: nn.Module, fam: BackboneFamily) -> dict[str, list[str]]:
     parts = {
-        "attention": [p for p in (fam.qkv, fam.q, fam.v, fam.kv) if p], "mlp": fam.mlp_linears(),
-        "after": [fam.attn], "beside": [fam.mlp],
-    }  # fmt: skip
+        "attention": [p for p in (fam.qkv, fam.q, fam.v, fam.kv) if p],
+        "mlp": fam.mlp_linears(),
+        "after": [fam.attn],
+        "beside": [fam.mlp],
+    }
     return {k: match_targets(model, fam.targets(*v)) for k, v in parts.items()}
 
 
@@ -56,10 +57,17 @@ def test_custom_vit_structure_and_summary() -> None:
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
-        ("lora", {f"layers.{i}.{n}": k for i in (0, 1) for n, k in (("in_proj", "lora"), ("ffn.0", "lora"), ("ffn.2", "lora"))}),
+        (
+            "lora",
+            {
+                f"layers.{i}.{n}": k
+                for i in (0, 1)
+                for n, k in (("in_proj", "lora"), ("ffn.0", "lora"), ("ffn.2", "lora"))
+            },
+        ),
         ("adapter", {f"layers.{i}.{n}": "adapter" for i in (0, 1) for n in ("out_proj", "ffn")}),
     ],
-)  # fmt: skip
+)
 def test_custom_vit_plan(method: str, expected: dict[str, str]) -> None:
     with pytest.warns(StructuralFamilyWarning):
         plan = plan_targets(tiny_custom(), MODS, method)
@@ -118,7 +126,10 @@ class _TwoMLPBlock(CustomBlock):
 class _NoAttentionBlock(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.mix, self.ffn = nn.Linear(dim, dim), nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.mix, self.ffn = (
+            nn.Linear(dim, dim),
+            nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)),
+        )
 
 
 def _stack(block: Callable[[int], nn.Module]) -> nn.Module:
@@ -131,10 +142,13 @@ def _stack(block: Callable[[int], nn.Module]) -> nn.Module:
     ("model", "found"),
     [
         (nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(), nn.Linear(8, 4)), r"no repeated blocks"),
-        (_stack(_TwoMLPBlock), r"in block layers\.0 \(_TwoMLPBlock\): two or more candidate MLP pairs \['ffn\.0 -> ffn\.2', 'ffn2\.0 -> ffn2\.2'\]"),
+        (
+            _stack(_TwoMLPBlock),
+            r"in block layers\.0 \(_TwoMLPBlock\): two or more candidate MLP pairs \['ffn\.0 -> ffn\.2', 'ffn2\.0 -> ffn2\.2'\]",
+        ),
         (_stack(_NoAttentionBlock), r"no attention before the MLP.*found \['mix \(8 -> 8\)'\]"),
     ],
-)  # fmt: skip
+)
 def test_ambiguous_structure_is_refused_saying_what_was_found(model: nn.Module, found: str) -> None:
     with pytest.raises(StructureError, match=found) as why:
         find_structure(model)
@@ -142,7 +156,9 @@ def test_ambiguous_structure_is_refused_saying_what_was_found(model: nn.Module, 
         detect_family(model)
     assert len(str(err.value)) < 400  # one sentence, not the list of every family
     if isinstance(model, nn.Sequential):  # no attention module, no q / k / v anywhere
-        assert re.fullmatch(r"\w+ has no attention \(.*\): a CNN has no attention to adapt; pass targets=.*", str(err.value))
+        assert re.fullmatch(
+            r"\w+ has no attention \(.*\): a CNN has no attention to adapt; pass targets=.*", str(err.value)
+        )
     else:
         start = "cannot tell which ViT family Module belongs to, nor place the presets by structure ("
         assert str(err.value).startswith(start + str(why.value)[:100])

@@ -6,7 +6,8 @@ timm and Hugging Face ViTs; presets narrowed by them; ``plan_targets``; the erro
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -43,12 +44,18 @@ def _timm_vit(num_classes: int = 0) -> Callable[[], nn.Module]:
         from timm.models.vision_transformer import VisionTransformer
 
         torch.manual_seed(0)
-        return VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=3, num_heads=2, num_classes=num_classes)
+        return VisionTransformer(
+            img_size=32, patch_size=16, embed_dim=16, depth=3, num_heads=2, num_classes=num_classes
+        )
 
     return build
 
 
-MODELS = {"timm": _timm_vit(), "hf_vit": _hf(intermediate_size=32), "hf_clip": _hf("CLIPVisionModel", "CLIPVisionConfig", intermediate_size=32)}
+MODELS = {
+    "timm": _timm_vit(),
+    "hf_vit": _hf(intermediate_size=32),
+    "hf_clip": _hf("CLIPVisionModel", "CLIPVisionConfig", intermediate_size=32),
+}
 BLOCKS = {"timm": "blocks", "hf_vit": "layers", "hf_clip": "layers"}  # peft's layers_pattern for each
 
 
@@ -58,8 +65,9 @@ def _peft(base: nn.Module, **kw: Any) -> dict[str, tuple[int, float]]:
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
     return {
         n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
-        for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
-    }  # fmt: skip
+        for n, m in model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
 
 
 def _ours(base: nn.Module, **kw: Any) -> dict[str, tuple[int, float]]:
@@ -102,8 +110,10 @@ def test_all_linear_leaves_out_the_classifier_head() -> None:
 def test_exclude_is_peft_exclude_modules(kind: str, exclude: Any) -> None:
     base = MODELS[kind]()
     for targets in ("all-linear", ["qkv", "fc1", "fc2"] if kind == "timm" else ["q_proj", "k_proj", "fc1", "fc2"]):
-        _same(_ours(base, targets=targets, exclude=exclude, alpha=8, rank=4),
-              _peft(base, target_modules=targets, exclude_modules=exclude, r=4))  # fmt: skip
+        _same(
+            _ours(base, targets=targets, exclude=exclude, alpha=8, rank=4),
+            _peft(base, target_modules=targets, exclude_modules=exclude, r=4),
+        )
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -122,13 +132,25 @@ def test_rank_and_alpha_patterns_are_peft_patterns(kind: str) -> None:
     base = MODELS[kind]()
     ranks = {"fc1": 8, r"(blocks|layers)\.1\.mlp\.fc2": 2}
     alphas = {"fc2": 3.0, r"(attn|self_attn|attention)\.(qkv|v_proj)": 32.0}
-    _same(_ours(base, targets="all-linear", rank=4, alpha=8, rank_pattern=ranks, alpha_pattern=alphas),
-          _peft(base, target_modules="all-linear", r=4, rank_pattern=ranks, alpha_pattern=alphas))  # fmt: skip
+    _same(
+        _ours(base, targets="all-linear", rank=4, alpha=8, rank_pattern=ranks, alpha_pattern=alphas),
+        _peft(base, target_modules="all-linear", r=4, rank_pattern=ranks, alpha_pattern=alphas),
+    )
     both = dict(exclude=r".*\.0\..*", layers=[1, 2], rank_pattern={"fc1": 2}, alpha_pattern={"fc1": 6.0})
     targets = ["fc1", "fc2"]
-    _same(_ours(base, targets=targets, alpha=8, **both),
-          _peft(base, target_modules=targets, r=4, exclude_modules=both["exclude"], layers_to_transform=[1, 2],
-                layers_pattern=BLOCKS[kind], rank_pattern={"fc1": 2}, alpha_pattern={"fc1": 6.0}))  # fmt: skip
+    _same(
+        _ours(base, targets=targets, alpha=8, **both),
+        _peft(
+            base,
+            target_modules=targets,
+            r=4,
+            exclude_modules=both["exclude"],
+            layers_to_transform=[1, 2],
+            layers_pattern=BLOCKS[kind],
+            rank_pattern={"fc1": 2},
+            alpha_pattern={"fc1": 6.0},
+        ),
+    )
 
 
 # ---------------------------------------------------------------------- presets, config, plan
@@ -140,14 +162,24 @@ def test_exclude_and_layers_narrow_a_preset() -> None:
     no_fc2 = plan_targets(base, MODS, preset="mmlora", exclude=["mlp.fc2"])
     assert [p for p in full if not p.name.endswith("fc2")] == no_fc2
     assert only0[0].options["slices"] == ["q", "v"] and only0[1].options["fusion"] == "scalar"  # the preset's options
-    ranked = plan_targets(base, MODS, preset="mmlora", rank_pattern={"fc1": 8}, alpha_pattern={r"blocks\.1\.attn\.qkv": 2.0})
+    ranked = plan_targets(
+        base, MODS, preset="mmlora", rank_pattern={"fc1": 8}, alpha_pattern={r"blocks\.1\.attn\.qkv": 2.0}
+    )
     assert [(p.name, p.options["rank"], p.options["alpha"]) for p in ranked] == [
-        ("blocks.0.attn.qkv", 4, 1.0), ("blocks.0.mlp.fc1", 8, None), ("blocks.0.mlp.fc2", 4, None),
-        ("blocks.1.attn.qkv", 4, 2.0), ("blocks.1.mlp.fc1", 8, None), ("blocks.1.mlp.fc2", 4, None),
-    ]  # fmt: skip
-    assert [p.options["slices"] for p in ranked if p.name.endswith("qkv")] == [["q", "v"]] * 2  # the rest is the preset's
+        ("blocks.0.attn.qkv", 4, 1.0),
+        ("blocks.0.mlp.fc1", 8, None),
+        ("blocks.0.mlp.fc2", 4, None),
+        ("blocks.1.attn.qkv", 4, 2.0),
+        ("blocks.1.mlp.fc1", 8, None),
+        ("blocks.1.mlp.fc2", 4, None),
+    ]
+    assert [p.options["slices"] for p in ranked if p.name.endswith("qkv")] == [
+        ["q", "v"]
+    ] * 2  # the rest is the preset's
     adapters = plan_targets(base, MODS, preset="mmadapter", layers=1)
-    assert [p.name for p in adapters] == ["blocks.1.attn", "blocks.1.mlp"] and {p.method for p in adapters} == {"adapter"}
+    assert [p.name for p in adapters] == ["blocks.1.attn", "blocks.1.mlp"] and {p.method for p in adapters} == {
+        "adapter"
+    }
 
 
 def test_plan_changes_nothing_and_the_config_round_trips(tmp_path) -> None:
@@ -158,9 +190,11 @@ def test_plan_changes_nothing_and_the_config_round_trips(tmp_path) -> None:
     assert not any(True for _ in multimodal_layers(base)) and all(p.requires_grad for p in base.parameters())
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
     assert [(p.name, p.options["rank"], p.options["alpha"]) for p in plan] == [
-        ("blocks.1.attn.qkv", 4, 2.0), ("blocks.1.attn.proj", 4, None), ("blocks.1.mlp.fc1", 8, None),
+        ("blocks.1.attn.qkv", 4, 2.0),
+        ("blocks.1.attn.proj", 4, None),
+        ("blocks.1.mlp.fc1", 8, None),
         ("blocks.1.mlp.fc2", 4, None),
-    ]  # fmt: skip
+    ]
     config = build_config(base, MODS, "lora", **kw)
     assert MultimodalConfig.from_json(config.to_json()) == config and len(config.rules) == 3
     assert plan_targets(base, MODS, config=config) == plan
@@ -177,7 +211,12 @@ def test_all_linear_skips_modules_to_save_and_works_for_adapters() -> None:
     wrapped = wrap_multimodal(base, MODS, "lora", targets="all-linear", modules_to_save=["norm", "head"])
     assert "head" not in dict(multimodal_layers(wrapped)) and len(list(multimodal_layers(wrapped))) == 12
     adapters = plan_targets(tiny_timm_vit(), MODS, "adapter", targets="all-linear", layers=0, placement="after")
-    assert [p.name for p in adapters] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert [p.name for p in adapters] == [
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+    ]
     explicit = MultimodalConfig(list(MODS), [build_config(base, MODS, "lora").rules[0].__class__(targets="all-linear")])
     assert len(plan_targets(tiny_timm_vit(), config=explicit)) == 8  # a hand-written "all-linear" rule
 
@@ -185,12 +224,17 @@ def test_all_linear_skips_modules_to_save_and_works_for_adapters() -> None:
 def test_torchvision_is_planned_as_prepared_without_changing_it() -> None:
     from torchvision.models import VisionTransformer
 
-    base = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=8)
+    base = VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=8
+    )
     plan = plan_targets(base, MODS, targets="all-linear")
     assert any(isinstance(m, nn.MultiheadAttention) for m in base.modules())  # unchanged
     assert [p.name.split(".")[-2:] for p in plan[:4]] == [
-        ["self_attention", "in_proj"], ["self_attention", "out_proj"], ["mlp", "0"], ["mlp", "3"]
-    ]  # fmt: skip
+        ["self_attention", "in_proj"],
+        ["self_attention", "out_proj"],
+        ["mlp", "0"],
+        ["mlp", "3"],
+    ]
     wrapped = wrap_multimodal(base, MODS, targets="all-linear")
     assert [n for n, _ in multimodal_layers(wrapped.base_model)] == [p.name for p in plan] and len(plan) == 8
     with pytest.raises(ValueError, match="numbered block.*layers_pattern"):
@@ -209,15 +253,22 @@ def test_torchvision_is_planned_as_prepared_without_changing_it() -> None:
         (dict(targets=["qkv"], layers=[]), TypeError, "layers must be a block index"),
         (dict(targets=["qkv"], layers=[0], layers_pattern="stages"), ValueError, "numbered block <stages>"),
         (dict(targets=["qkv"], layers_pattern="blocks"), ValueError, "layers_pattern= .* needs layers="),
-        (dict(targets="all-linear", rank_pattern={"fc9": 8}), ValueError, r"rank_pattern\['fc9'\] take\(s\) effect on none"),
+        (
+            dict(targets="all-linear", rank_pattern={"fc9": 8}),
+            ValueError,
+            r"rank_pattern\['fc9'\] take\(s\) effect on none",
+        ),
         (dict(targets=["qkv"], alpha_pattern={"fc1": 8.0}), ValueError, r"alpha_pattern\['fc1'\]"),
         (dict(targets=["qkv"], rank_pattern={"qkv": 0}), ValueError, r"rank_pattern\['qkv'\] must be >= 1"),
-        (dict(method="adapter", targets="all-linear", rank_pattern={"fc1": 8}), TypeError,
-         "option 'rank_pattern' sets the 'rank' of lora rules; method 'adapter'"),
+        (
+            dict(method="adapter", targets="all-linear", rank_pattern={"fc1": 8}),
+            TypeError,
+            "option 'rank_pattern' sets the 'rank' of lora rules; method 'adapter'",
+        ),
         (dict(method="adapter", alpha_pattern={"fc1": 8}), TypeError, "'alpha_pattern'.*method 'adapter'"),
         (dict(method="adapter", exclud=["x"]), TypeError, "unknown option 'exclud'.*'exclude'"),
     ],
-)  # fmt: skip
+)
 def test_an_option_that_would_change_nothing_is_an_error_naming_it(kw: dict, error: type, match: str) -> None:
     kw = dict(kw)
     method = kw.pop("method", None)

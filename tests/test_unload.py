@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from mmpeft import wrap_multimodal
+from tests.helpers import close
 
 from .conftest import tiny_sam, tiny_timm_vit
-from tests.helpers import close
 
 MODS = ("optical", "dsm")
 

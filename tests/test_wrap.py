@@ -10,9 +10,9 @@ from torch import nn
 
 from mmpeft import MultimodalModel, count_parameters, set_execution, wrap_multimodal
 from mmpeft.interop.reference import per_modality_forward
+from tests.helpers import close, rel_diff
 
 from .conftest import tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
-from tests.helpers import close, rel_diff
 
 CUSTOM_TARGETS = {"lora": ["in_proj", "ffn.0", "ffn.2"], "adapter": r"layers\.\d+\.ffn"}
 
@@ -70,7 +70,9 @@ def test_authors_adapter_init_is_not_identity() -> None:
 def test_training_freezes_base_and_reaches_every_trainable(kind: str, method: str) -> None:
     _, wrapped = _wrap(kind, method)
     wrapped.train()
-    frozen = {k: v.clone() for k, v in wrapped.base_model.state_dict().items() if "lora_" not in k and "adapter_" not in k}
+    frozen = {
+        k: v.clone() for k, v in wrapped.base_model.state_dict().items() if "lora_" not in k and "adapter_" not in k
+    }
     trainable = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all(any(s in n for s in ("lora_", "adapter_")) for n in trainable)
     start = {n: p.detach().clone() for n, p in trainable.items()}

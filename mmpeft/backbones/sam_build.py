@@ -22,13 +22,14 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer_sam import VisionTransformerSAM
+
 from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
@@ -80,18 +81,14 @@ class SamSpec:
             if not isinstance(value, int) or value <= 0:
                 raise MmpeftValueError(f"SamSpec.{name} must be a positive int, got {value!r}")
         if self.embed_dim % self.num_heads:
-            raise MmpeftValueError(
-                f"SamSpec.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
-            )
+            raise MmpeftValueError(f"SamSpec.embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.window_size < 0:
             raise MmpeftValueError(f"SamSpec.window_size must be >= 0, got {self.window_size}")
         if self.mlp_ratio <= 0:
             raise MmpeftValueError(f"SamSpec.mlp_ratio must be > 0, got {self.mlp_ratio}")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
         if bad:
-            raise MmpeftValueError(
-                f"SamSpec.global_attn_indexes {bad} out of range for depth {self.depth}"
-            )
+            raise MmpeftValueError(f"SamSpec.global_attn_indexes {bad} out of range for depth {self.depth}")
 
     @property
     def head_dim(self) -> int:
@@ -155,7 +152,7 @@ class TimmSamEncoder(VisionTransformerSAM):
             x = self.blocks(x)  # (B, h, w, C)
         return self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, h, w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) -> neck features (B, out_chans, H/16, W/16)."""
         return self.forward_features(x)
 
@@ -183,9 +180,7 @@ def _build_timm(spec: SamSpec, hw: tuple[int, int], use_rel_pos: bool) -> TimmSa
     )
 
 
-def _build_segment_anything(
-    spec: SamSpec, hw: tuple[int, int], use_rel_pos: bool
-) -> ImageEncoderViT:
+def _build_segment_anything(spec: SamSpec, hw: tuple[int, int], use_rel_pos: bool) -> ImageEncoderViT:
     encoder = ImageEncoderViT(
         img_size=hw[0],
         patch_size=spec.patch_size,
@@ -210,7 +205,7 @@ def _build_segment_anything(
         for block in encoder.blocks:
             if block.window_size == 0 and use_rel_pos:
                 block.attn.rel_pos_w = nn.Parameter(torch.zeros(2 * gw - 1, spec.head_dim))
-        encoder.img_size = hw  # type: ignore[assignment]
+        encoder.img_size = hw
     return encoder
 
 
@@ -219,7 +214,7 @@ def build_sam_encoder(
     *,
     impl: SamImpl = "timm",
     img_size: int | tuple[int, int] = 256,
-    device: Union[str, torch.device, None] = None,
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     use_rel_pos: bool = True,
 ) -> nn.Module:

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sam_build import SamImpl, sam_encoder_impl
 from ..errors import MmpeftFileNotFoundError, MmpeftValueError
+from .sam_build import SamImpl, sam_encoder_impl
 
 __all__ = [
     "SamCheckpointError",
@@ -112,9 +112,7 @@ def read_sam_state_dict(checkpoint: CheckpointSource) -> tuple[dict[str, torch.T
         raise SamCheckpointError(f"{source} holds a {type(raw).__name__}, not a state dict")
     not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise SamCheckpointError(
-            f"{source} is not a SAM checkpoint: non-tensor entries {_listing(not_tensors)}"
-        )
+        raise SamCheckpointError(f"{source} is not a SAM checkpoint: non-tensor entries {_listing(not_tensors)}")
     return {str(k): v for k, v in raw.items()}, source
 
 
@@ -136,7 +134,7 @@ def _split_encoder_keys(
         elif prefixed and not key.startswith(_ENCODER_PREFIX):
             foreign.append(key)
         else:
-            name = key[len(_ENCODER_PREFIX):] if prefixed else key
+            name = key[len(_ENCODER_PREFIX) :] if prefixed else key
             encoder[_MLP_RE.sub(r".mlp.lin\1.", name)] = (key, value)
     if _ANCHOR_KEY not in encoder:
         keys = list(state)
@@ -154,9 +152,7 @@ def _to_impl_key(official_key: str, impl: SamImpl) -> str:
     return official_key
 
 
-def resize_pos_embed(
-    pos_embed: torch.Tensor, grid: tuple[int, int], *, antialias: bool = False
-) -> torch.Tensor:
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], *, antialias: bool = False) -> torch.Tensor:
     """Bicubic resize of an absolute position embedding, computed in float32.
 
     pos_embed: (1, h0, w0, C) -> (1, grid[0], grid[1], C). ``antialias=False`` is plain
@@ -207,8 +203,9 @@ def _describe_size(shapes: Mapping[str, Shape]) -> str:
     return f"embed_dim {embed}, depth {max(blocks) + 1 if blocks else 0}"
 
 
-def _check_shapes(mismatched: list[tuple[str, Shape, Shape]], ckpt: Mapping[str, Shape],
-                  model: Mapping[str, Shape], source: str) -> None:
+def _check_shapes(
+    mismatched: list[tuple[str, Shape, Shape]], ckpt: Mapping[str, Shape], model: Mapping[str, Shape], source: str
+) -> None:
     if not mismatched:
         return
     lines = [f"  {k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:_MAX_LISTED]]
@@ -290,16 +287,18 @@ def load_sam_checkpoint(
 
 def _check_load_arguments(encoder: nn.Module, pos_embed_interp: str) -> None:
     if pos_embed_interp not in ("bicubic", "antialias"):
-        raise MmpeftValueError(
-            f"pos_embed_interp must be 'bicubic' or 'antialias', got {pos_embed_interp!r}"
-        )
+        raise MmpeftValueError(f"pos_embed_interp must be 'bicubic' or 'antialias', got {pos_embed_interp!r}")
     if any(t.is_meta for t in encoder.state_dict().values()):
-        raise MmpeftValueError("encoder is on the meta device; materialise it first, e.g. "
-                         "encoder.to_empty(device='cpu')")
+        raise MmpeftValueError(
+            "encoder is on the meta device; materialise it first, e.g. encoder.to_empty(device='cpu')"
+        )
 
 
 def _fit_to_encoder(
-    encoder: nn.Module, official: dict[str, tuple[str, torch.Tensor]], report: SamLoadReport, antialias: bool,
+    encoder: nn.Module,
+    official: dict[str, tuple[str, torch.Tensor]],
+    report: SamLoadReport,
+    antialias: bool,
 ) -> dict[str, torch.Tensor]:
     """{encoder key: tensor to copy}: the checkpoint's encoder tensors renamed to ``report.impl``'s
     keys and resized where the encoder's grid differs (recorded in ``report.resized``); keys the

@@ -95,7 +95,10 @@ class ExplicitShiftedWindowAttentionV2(ShiftedWindowAttentionV2):
         return explicit_window_attention(self, x, v2=True)
 
 
-_EXPLICIT = {ShiftedWindowAttention: ExplicitShiftedWindowAttention, ShiftedWindowAttentionV2: ExplicitShiftedWindowAttentionV2}
+_EXPLICIT = {
+    ShiftedWindowAttention: ExplicitShiftedWindowAttention,
+    ShiftedWindowAttentionV2: ExplicitShiftedWindowAttentionV2,
+}
 
 
 def make_swin_attention_explicit(model: nn.Module) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from ..errors import MmpeftValueError
 
 __all__ = ["ExplicitMultiheadAttention", "make_attention_explicit"]
@@ -45,7 +46,7 @@ class ExplicitMultiheadAttention(nn.Module):
         self.register_load_state_dict_pre_hook(_load_hook)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention) -> "ExplicitMultiheadAttention":
+    def from_torch(cls, mha: nn.MultiheadAttention) -> ExplicitMultiheadAttention:
         """The equivalent of ``mha``, sharing its parameter tensors."""
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
             raise MmpeftValueError("only packed nn.MultiheadAttention without bias_k/bias_v/add_zero_attn is supported")
@@ -104,9 +105,14 @@ class ExplicitMultiheadAttention(nn.Module):
 
 
 def _additive_mask(
-    attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, b: int, h: int, lq: int, lk: int,
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    b: int,
+    h: int,
+    lq: int,
+    lk: int,
     dtype: torch.dtype,
-) -> torch.Tensor | None:  # fmt: skip
+) -> torch.Tensor | None:
     """nn.MultiheadAttention's masks (bool: True = not attended; float: added) as one float
     mask broadcastable to (B, h, L, S)."""
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..runtime.batch import Inputs
-from ..model.multimodal import MultimodalModel
-from ..tuners.lockstep import Lockstep
 from ..errors import MmpeftStateError, MmpeftValueError
+from ..model.multimodal import MultimodalModel
+from ..runtime.batch import Inputs
+from ..tuners.lockstep import Lockstep
 
 __all__ = ["reference_forward"]
 
@@ -48,9 +48,13 @@ def reference_forward(
 
 
 def _passes(
-    wrapped: MultimodalModel, xs: tuple[torch.Tensor, ...], state: Lockstep, max_passes: int | None,
-    args: tuple[Any, ...], kwargs: dict[str, Any],
-) -> list[Any]:  # fmt: skip
+    wrapped: MultimodalModel,
+    xs: tuple[torch.Tensor, ...],
+    state: Lockstep,
+    max_passes: int | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> list[Any]:
     limit = max_passes
     n = 0
     while True:

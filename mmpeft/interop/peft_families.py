@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..backbones.torchvision_vit import ExplicitMultiheadAttention
-from ..targeting.prepare import prepare_backbone
 from ..errors import MmpeftValueError
+from ..targeting.prepare import prepare_backbone
 
 __all__ = ["Exported", "Placement", "PlainModelError", "place", "prepare_for_peft", "to_plain"]
 
@@ -108,13 +108,18 @@ def _reads_qkv_weight(parent: nn.Module, name: str) -> bool:
 def _refuse_mmpeft_ancestor(path: str, prefix: str, anc: nn.Module, child: str) -> PlainModelError:
     cls = type(anc).__name__
     if type(anc).__module__.startswith("mmpeft.backbones."):  # put there by mmpeft's preparation
-        why = "the plain model holds an nn.MultiheadAttention there, which reads its projections' weights" if (
-            isinstance(anc, ExplicitMultiheadAttention)) else "the plain model holds the original module there"
+        why = (
+            "the plain model holds an nn.MultiheadAttention there, which reads its projections' weights"
+            if (isinstance(anc, ExplicitMultiheadAttention))
+            else "the plain model holds the original module there"
+        )
         return PlainModelError(
             f"{path}: {prefix} is mmpeft's {cls}, which exists only after mmpeft's preparation (mmpeft.targeting.prepare); "
             f"{why} and does not call a {child!r} module, so a peft LoRA there would never act. {_PREPARED_HINT}"
         )
-    return PlainModelError(f"{path}: {prefix} is mmpeft's {cls}, which the plain model does not hold; peft cannot place a module there")
+    return PlainModelError(
+        f"{path}: {prefix} is mmpeft's {cls}, which the plain model does not hold; peft cannot place a module there"
+    )
 
 
 def place(base: nn.Module, path: str, prepared: bool, *, saved: bool = False) -> Placement:
@@ -127,7 +132,12 @@ def place(base: nn.Module, path: str, prepared: bool, *, saved: bool = False) ->
         anc = base.get_submodule(prefix)
         if not _from_mmpeft(anc) or (prepared and type(anc).__module__.startswith("mmpeft.backbones.")):
             continue  # the plain model's own module, or one that prepare_for_peft puts back
-        if isinstance(anc, ExplicitMultiheadAttention) and not saved and i == len(parts) - 1 and parts[-1] in _MHA_PARTS:
+        if (
+            isinstance(anc, ExplicitMultiheadAttention)
+            and not saved
+            and i == len(parts) - 1
+            and parts[-1] in _MHA_PARTS
+        ):
             return Placement(prefix, parts[-1])
         raise _refuse_mmpeft_ancestor(path, prefix, anc, parts[i])
     parent = base.get_submodule(".".join(parts[:-1]))

@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import MmpeftTypeError, MmpeftValueError
 from ..model.multimodal import MultimodalModel
-from .peft_families import Exported as _Exported
-from .peft_families import PlainModelError, place, prepare_for_peft, to_plain  # noqa: F401  (re-exported)
 from ..tuners import MultimodalAdapter, MultimodalLoRA, MultimodalLoRAConv2d
 from ..utils import atomic_write
-from ..errors import MmpeftTypeError, MmpeftValueError
+from .peft_families import Exported as _Exported
+from .peft_families import PlainModelError, place, prepare_for_peft, to_plain  # noqa: F401  (re-exported)
 
 __all__ = ["export_peft", "peft_lora_weights", "PEFT_WEIGHTS_NAME", "PEFT_CONFIG_NAME"]
 
@@ -149,7 +149,9 @@ def _plain_norms(wrapped: MultimodalModel, e: _Exported) -> torch.Tensor:
 
 def _check_exportable(wrapped: MultimodalModel, modality: str, allow_learned_stem: bool) -> None:
     if not isinstance(wrapped, MultimodalModel):
-        raise MmpeftTypeError(f"export_peft takes the MultimodalModel from wrap_multimodal, got {type(wrapped).__name__}")
+        raise MmpeftTypeError(
+            f"export_peft takes the MultimodalModel from wrap_multimodal, got {type(wrapped).__name__}"
+        )
     if modality not in wrapped.modalities:
         raise MmpeftValueError(f"unknown modality {modality!r}; the model has {list(wrapped.modalities)}")
     adapters = [n for n, layer in wrapped.layers() if isinstance(layer, MultimodalAdapter)]
@@ -199,7 +201,7 @@ def _saved_modules(wrapped: MultimodalModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = None) -> "object":
+def _lora_config(exported: list[_Exported], modules_to_save: list[str] | None = None) -> object:
     from peft import LoraConfig
 
     targets = [e for e in exported if e.target]  # not: the out_proj of peft's MultiheadAttention LoRA
@@ -289,7 +291,11 @@ def export_peft(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(d))  # type: ignore[attr-defined]
-    meta = {"format": "pt", "mmpeft_modality": modality, "mmpeft_modalities": json.dumps(list(wrapped.modalities)),
-            "mmpeft_base_model": type(wrapped.base_model).__name__,
-            "mmpeft_prepared_base": json.dumps(for_prepared_base)}  # fmt: skip
+    meta = {
+        "format": "pt",
+        "mmpeft_modality": modality,
+        "mmpeft_modalities": json.dumps(list(wrapped.modalities)),
+        "mmpeft_base_model": type(wrapped.base_model).__name__,
+        "mmpeft_prepared_base": json.dumps(for_prepared_base),
+    }
     atomic_write(d / PEFT_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))

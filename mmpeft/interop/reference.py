@@ -12,20 +12,20 @@ Supported encoders: segment-anything's ``ImageEncoderViT`` and timm's ``VisionTr
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
-from torch import nn
 
-from ..tuners import only_modality, set_execution
-from ..model.multimodal import MultimodalModel
 from ..errors import MmpeftTypeError, MmpeftValueError
+from ..model.multimodal import MultimodalModel
+from ..tuners import only_modality, set_execution
 
 __all__ = ["per_modality_forward"]
 
 
-def _attention_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _attention_half(block: Any, x: torch.Tensor) -> torch.Tensor:
     """x + attn(norm1(x)) with window partition, for one modality. x: (B, H, W, C)."""
     h, w = x.shape[1:3]
     y = block.norm1(x)
@@ -42,7 +42,8 @@ def _attention_half(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def per_modality_forward(
-    wrapped: MultimodalModel, inputs: Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]],
+    wrapped: MultimodalModel,
+    inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     finite_checked: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run ``wrapped`` (a wrapped SAM-style encoder) modality by modality; returns {modality: neck output}.
@@ -51,7 +52,7 @@ def per_modality_forward(
     the authors' code executes it. Leaves the layers in ``"batched"`` execution afterwards.
     ``finite_checked``: the inputs were already checked for NaN / inf (as in ``wrapped.forward``).
     """
-    enc = wrapped.base_model
+    enc: Any = wrapped.base_model  # a SAM-style encoder, checked below
     missing = [a for a in ("patch_embed", "blocks", "neck") if not hasattr(enc, a)]
     if missing:
         raise MmpeftTypeError(

@@ -18,15 +18,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..config import MultimodalConfig
+from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 from ..runtime.blocks import runner_of
 from ..runtime.stems import ModalityStem
 from ..targeting.inject import ModuleToSave, apply_rules
@@ -36,7 +39,6 @@ from .io import CONFIG_NAME, read_adapter
 from .merge import check_usable
 from .params import ParamReport, count_parameters
 from .saving import _check_fingerprint, _probe_size
-from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["AdapterSet", "AdapterSets", "DEFAULT_ADAPTER"]
 
@@ -119,14 +121,18 @@ class AdapterSets:
         if not isinstance(name, str):
             raise MmpeftTypeError(f"adapter_name must be a str (one set is active at a time), got {name!r}")
         if name not in self._names:
-            raise MmpeftKeyError(f"no adapter set {name!r}; the sets are {list(self._names)} (add_adapter / load_adapter)")
+            raise MmpeftKeyError(
+                f"no adapter set {name!r}; the sets are {list(self._names)} (add_adapter / load_adapter)"
+            )
         return name
 
     def _new_name(self, name: str) -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise MmpeftValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
         if name in self._names:
-            raise MmpeftValueError(f"an adapter set {name!r} exists already; delete_adapter({name!r}) first or pick another name")
+            raise MmpeftValueError(
+                f"an adapter set {name!r} exists already; delete_adapter({name!r}) first or pick another name"
+            )
         return name
 
     # ------------------------------------------------------------------ swapping
@@ -203,9 +209,16 @@ class AdapterSets:
 
     # ------------------------------------------------------------------ the public methods
     def add_adapter(
-        self, adapter_name: str, method: str | None = None, *, preset: str | None = None, targets: Any = None,
-        config: MultimodalConfig | None = None, probe: bool | tuple[int, int] = True, **options: Any,
-    ) -> None:  # fmt: skip
+        self,
+        adapter_name: str,
+        method: str | None = None,
+        *,
+        preset: str | None = None,
+        targets: Any = None,
+        config: MultimodalConfig | None = None,
+        probe: bool | tuple[int, int] = True,
+        **options: Any,
+    ) -> None:
         """Add a new set named ``adapter_name`` on the same frozen model, built as
         ``wrap_multimodal(model, modalities, method, preset=, targets=, config=, probe=, **options)``
         would (its own layers, fusion parameters, stems and copies of the modules to save). It is not
@@ -226,8 +239,13 @@ class AdapterSets:
         self._names = (*self._names, name)
 
     def _set_config(
-        self, method: str | None, preset: str | None, targets: Any, config: MultimodalConfig | None, options: dict[str, Any]
-    ) -> MultimodalConfig:  # fmt: skip
+        self,
+        method: str | None,
+        preset: str | None,
+        targets: Any,
+        config: MultimodalConfig | None,
+        options: dict[str, Any],
+    ) -> MultimodalConfig:
         for key in _SHARED:
             if key in options and options[key] != getattr(self.config, key):
                 raise MmpeftValueError(
@@ -247,7 +265,14 @@ class AdapterSets:
         options["stems"] = {**stems, **(options.get("stems") or {})}
         shared = {"in_channels": self.config.in_channels, "modules_to_save": self.config.modules_to_save}
         return type(self).build_set_config(
-            self.base_model, self.modalities, method, preset, targets, None, self.config.base_dtype, {**options, **shared}
+            self.base_model,
+            self.modalities,
+            method,
+            preset,
+            targets,
+            None,
+            self.config.base_dtype,
+            {**options, **shared},
         )
 
     def _new_stems(self, config: MultimodalConfig) -> nn.ModuleDict:
@@ -340,25 +365,33 @@ class AdapterSets:
         return {
             "active_adapter": self._active_name,
             "adapters": {
-                n: {"layers": len(sets[n].sites), "trainable": sum(p.numel() for m in sets[n].own_modules() for p in m.parameters())}
+                n: {
+                    "layers": len(sets[n].sites),
+                    "trainable": sum(p.numel() for m in sets[n].own_modules() for p in m.parameters()),
+                }
                 for n in self._names
             },
         }
 
     # ------------------------------------------------------------------ saving and loading
-    def save_pretrained(self, directory: str | Path, selected_adapters: Sequence[str] | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None) -> None:
         """Write every set (or ``selected_adapters``) as peft lays them out: ``"default"`` in
         ``directory`` itself (the single-set format), every other set in ``directory/<name>``."""
         names = self.adapters if selected_adapters is None else [self._known(n) for n in selected_adapters]
         for name in names:
             with self._using(name):
                 target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
-                super().save_pretrained(target)  # type: ignore[misc]
+                self._save_active_set(target)  # type: ignore[attr-defined]
 
     def load_adapter(
-        self, directory: str | Path, adapter_name: str, *, is_trainable: bool = False, strict: bool = True,
+        self,
+        directory: str | Path,
+        adapter_name: str,
+        *,
+        is_trainable: bool = False,
+        strict: bool = True,
         probe: bool | tuple[int, int] = True,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Add the set saved in ``directory/<adapter_name>`` (or in ``directory`` itself when it has
         no such folder) under ``adapter_name``, not made active. For inference unless
         ``is_trainable`` (its tensors frozen). Errors as :meth:`from_pretrained`'s."""

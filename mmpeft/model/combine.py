@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import LoRAConfig, MultimodalConfig
+from ..errors import MmpeftValueError
 from ..targeting.inject import _owners
 from ..tuners import MultimodalLayer, MultimodalLoRA, MultimodalLoRAConv2d, multimodal_layers
-from ..errors import MmpeftValueError
 
 __all__ = ["combination_refusal", "weighted_lora_set"]
 
@@ -62,8 +63,12 @@ def _check_arguments(model: Any, adapters: Sequence[str], weights: Sequence[floa
         )
     if isinstance(adapters, str) or not adapters or len(set(adapters)) != len(adapters):
         raise MmpeftValueError(f"adapters must be a non-empty list of distinct set names, got {adapters!r}")
-    if len(weights) != len(adapters) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise MmpeftValueError(f"weights must be {len(adapters)} finite numbers, one per set of {list(adapters)}; got {weights!r}")
+    if len(weights) != len(adapters) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+    ):
+        raise MmpeftValueError(
+            f"weights must be {len(adapters)} finite numbers, one per set of {list(adapters)}; got {weights!r}"
+        )
     for name in adapters:
         model._known(name)
 
@@ -73,7 +78,9 @@ def _set_pieces(model: Any, name: str, weight: float) -> dict[str, Piece]:
     with model._using(name):
         where = f"add_weighted_adapter cannot combine set {name!r}"
         if any(True for _ in model.modules_to_save()):
-            raise MmpeftValueError(f"{where}: its modules to save are whole trained modules, whose weighted sum is not additive")
+            raise MmpeftValueError(
+                f"{where}: its modules to save are whole trained modules, whose weighted sum is not additive"
+            )
         learned = [m for m in model.modalities if any(True for _ in model.stems[m].parameters())]
         if learned:
             raise MmpeftValueError(f"{where}: the stems of {learned} are learnable modules outside the LoRA updates")
@@ -92,7 +99,7 @@ def _pairs(layer: MultimodalLayer) -> dict[tuple[str, str], tuple[nn.Module, nn.
     """{(modality, slice): (A, B) modules}; the rank is dim 0 of A's weight and dim 1 of B's."""
     if isinstance(layer, MultimodalLoRA):
         return {(m, s): layer._pair(m, s) for m in layer.modalities for s in layer._ranges()}
-    return {(m, "all"): (layer.lora_A[m], layer.lora_B[m]) for m in layer.modalities}  # type: ignore[index]
+    return {(m, "all"): (layer.lora_A[m], layer.lora_B[m]) for m in layer.modalities}
 
 
 def _rules(sites: dict[str, list[Piece]]) -> list[LoRAConfig]:
@@ -101,7 +108,9 @@ def _rules(sites: dict[str, list[Piece]]) -> list[LoRAConfig]:
     for site, pieces in sites.items():
         first = pieces[0][2]
         if len({tuple(p[2].slices or ()) for p in pieces}) > 1:
-            raise MmpeftValueError(f"add_weighted_adapter: the sets tune different slices of {site}; they cannot be concatenated")
+            raise MmpeftValueError(
+                f"add_weighted_adapter: the sets tune different slices of {site}; they cannot be concatenated"
+            )
         if len({p[2].dropout for p in pieces}) > 1:
             raise MmpeftValueError(
                 f"add_weighted_adapter: the sets use different dropout at {site} "

@@ -12,13 +12,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import MmpeftValueError
 from ..runtime.attention import disable_efficient_attention, efficient_attention_blocks, enable_efficient_attention
 from ..runtime.checkpointing import (
-    DEFAULT_PATTERN, checkpointed_blocks, disable_gradient_checkpointing, enable_gradient_checkpointing,
+    DEFAULT_PATTERN,
+    checkpointed_blocks,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
 )
 from ..utils import resolve_dtype
 from .precision import sync_dtype
-from ..errors import MmpeftValueError
 
 __all__ = ["BlockFeatures"]
 

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..utils import atomic_write
 from ..errors import MmpeftFileNotFoundError, MmpeftValueError
+from ..utils import atomic_write
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "write_adapter", "read_adapter"]
 
@@ -38,10 +38,16 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         if not (d / f).is_file():
             sets = sorted(p.parent.name for p in d.glob(f"*/{CONFIG_NAME}")) if d.is_dir() else []
             held = (
-                f"; it holds the adapter sets {sets} in folders of their own: load one with "
-                f"load_multimodal(base, {str(d / sets[0])!r}) or wrapped.load_adapter({str(d)!r}, {sets[0]!r})"
-            ) if sets else ""  # fmt: skip
-            raise MmpeftFileNotFoundError(f"{d / f} not found: not a directory written by save_pretrained / save_multimodal{held}")
+                (
+                    f"; it holds the adapter sets {sets} in folders of their own: load one with "
+                    f"load_multimodal(base, {str(d / sets[0])!r}) or wrapped.load_adapter({str(d)!r}, {sets[0]!r})"
+                )
+                if sets
+                else ""
+            )
+            raise MmpeftFileNotFoundError(
+                f"{d / f} not found: not a directory written by save_pretrained / save_multimodal{held}"
+            )
     try:
         meta = json.loads((d / CONFIG_NAME).read_text())
     except json.JSONDecodeError as err:

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import MmpeftKeyError, MmpeftStateError
 from ..runtime.blocks import runner_of, set_block_features
 from ..targeting.inject import ModuleToSave, set_submodule
 from ..tuners import MergeError, multimodal_layers
-from ..errors import MmpeftKeyError, MmpeftStateError
 
 __all__ = ["set_enabled", "merge_layers", "unmerge_layers", "merge_and_unload", "unload", "check_usable"]
 

@@ -10,28 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import merge as _merge
-from .precision import sync_dtype
-from .adapter_sets import AdapterSets
+from ..config import MultimodalConfig
+from ..errors import MmpeftTypeError, MmpeftValueError
 from ..runtime.batch import Inputs, check_sizes, gather, split_output
 from ..runtime.labels import check_presence, take_labels, with_losses
-from ..config import MultimodalConfig
-from .features import BlockFeatures
-from ..targeting.inject import ModuleToSave
-from .params import trainable_summary
 from ..runtime.presence import NonFiniteAction, Presence, masked_presence
-from .saving import Persistence
 from ..runtime.stems import ModalityStem, check_stem_inputs
+from ..runtime.verify import cast_inputs, checked_call, input_dtype
+from ..targeting.inject import ModuleToSave
 from ..tuners import Execution, MultimodalLayer, multimodal_layers, only_modality, set_execution
 from ..tuners.base import layer_state
 from ..utils import state_mismatches
-from ..runtime.verify import cast_inputs, checked_call, input_dtype
-from ..errors import MmpeftTypeError, MmpeftValueError
+from . import merge as _merge
+from .adapter_sets import AdapterSets
+from .features import BlockFeatures
+from .params import trainable_summary
+from .precision import sync_dtype
+from .saving import Persistence
 
 __all__ = ["MultimodalModel"]
 
@@ -85,12 +86,13 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         """(present modalities, stacked input (S*B, C, ...), (S, B) presence mask or None)."""
         names, xs = gather(self.modalities, inputs)
         check_sizes(names, xs)
-        check_stem_inputs(self.stems, names, xs, positional=not isinstance(inputs, Mapping))  # before any work
+        stems: Any = self.stems  # {modality: ModalityStem}
+        check_stem_inputs(stems, names, xs, positional=not isinstance(inputs, Mapping))  # before any work
         mask = self._mask(names, xs, presence, finite_checked)
         xs = cast_inputs(names, xs, input_dtype(self))  # floating, the stems' / model's dtype
         if mask is not None:  # absent samples enter as zeros (a NaN stand-in must not reach the model)
             xs = [torch.where(mask[i].view(-1, *([1] * (x.dim() - 1))), x, 0) for i, x in enumerate(xs)]
-        x = torch.cat([self.stems[m].map_checked(x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
+        x = torch.cat([stems[m].map_checked(x) for m, x in zip(names, xs)], 0)  # (S*B, C, ...) modality-major
         x = x if self._compute_dtype is None else x.to(self._compute_dtype)
         if self._needs_input_grads() and not x.requires_grad:
             x.requires_grad_(True)  # reentrant checkpointing passes gradients only to inputs that need them
@@ -135,9 +137,13 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         return split_output(out, tuple(self.modalities if names is None else names), as_dict)
 
     def forward(
-        self, inputs: Inputs | None = None, *args: Any, presence: Presence | None = None,
-        finite_checked: bool = False, **kwargs: Any,
-    ) -> Any:  # fmt: skip
+        self,
+        inputs: Inputs | None = None,
+        *args: Any,
+        presence: Presence | None = None,
+        finite_checked: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order, given by position
         or by the keyword of the base model's own first parameter (``pixel_values=`` for a
         Hugging Face model); other arguments go to the base model unchanged.
@@ -158,9 +164,14 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **kwargs)
 
     def call(
-        self, method: str, inputs: Inputs | None, *args: Any, presence: Presence | None = None,
-        finite_checked: bool = False, **kwargs: Any,
-    ) -> Any:  # fmt: skip
+        self,
+        method: str,
+        inputs: Inputs | None,
+        *args: Any,
+        presence: Presence | None = None,
+        finite_checked: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
         _merge.check_usable(self)
         fn = getattr(self.base_model, method)
@@ -209,7 +220,7 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         where = {id(m): n for n, m in self.base_model.named_modules()}
         return tuple(where[id(m)] for m in self._frozen_norm_modules if id(m) in where)
 
-    def train(self, mode: bool = True) -> "MultimodalModel":
+    def train(self, mode: bool = True) -> MultimodalModel:
         """nn.Module's ``train``, keeping :attr:`frozen_norms` in eval mode."""
         super().train(mode)
         for norm in self._frozen_norm_modules:
@@ -267,7 +278,8 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
         merged = _merge.unmerge_layers(self)
         self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         for name in merged:  # merged weights follow the new LoRA weights
-            self.get_submodule(name).merge()
+            layer: Any = self.get_submodule(name)
+            layer.merge()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), as peft's method of that name."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import nn
 
-from ..tuners import METHODS
 from ..errors import MmpeftKeyError, MmpeftValueError
+from ..tuners import METHODS
 
 __all__ = ["ParamGroup", "ParamReport", "count_parameters", "trainable_summary", "kind_of", "is_trainable_name"]
 
@@ -88,9 +88,7 @@ def kind_of(name: str) -> str:
     return "base"
 
 
-def count_parameters(
-    model: nn.Module, by: str | Callable[[str], str] = "kind", depth: int = 1
-) -> ParamReport:
+def count_parameters(model: nn.Module, by: str | Callable[[str], str] = "kind", depth: int = 1) -> ParamReport:
     """Count trainable (requires_grad) and frozen parameters of ``model`` by group.
 
     Args:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from ..errors import MmpeftTypeError
 
 __all__ = ["LOW_PRECISION", "frozen_dtype", "sync_dtype", "check_autocast"]
@@ -38,7 +39,7 @@ def frozen_dtype(wrapped: Any) -> torch.dtype | None:
     own = {id(t) for t in wrapped.trainable_tensors()}
     for t in wrapped.base_model.parameters():
         if id(t) not in own and t.is_floating_point():
-            return t.dtype  # type: ignore[no-any-return]
+            return t.dtype
     return None
 
 

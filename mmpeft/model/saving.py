@@ -6,20 +6,19 @@ from __future__ import annotations
 import os
 from typing import Any, TypeVar
 
-
 from torch import nn
 
 from .._version import __version__
 from ..config import MultimodalConfig
-from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
-from .io import read_adapter, write_adapter
-from .merge import check_usable
-from .precision import check_autocast, sync_dtype
+from ..errors import MmpeftTypeError, MmpeftValueError
 from ..runtime.norms import frozen_norms
+from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
 from ..targeting.prepare import prepare_backbone
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
-from ..errors import MmpeftTypeError, MmpeftValueError
+from .io import read_adapter, write_adapter
+from .merge import check_usable
+from .precision import check_autocast, sync_dtype
 
 __all__ = ["Persistence", "check_not_peft"]
 
@@ -78,9 +77,13 @@ class Persistence:
 
     @classmethod
     def from_config(
-        cls: type[T], model: nn.Module, config: MultimodalConfig, efficient_attention: bool | str = True,
-        probe: bool | tuple[int, int] = True, autocast_adapter_dtype: bool = True,
-    ) -> T:  # fmt: skip
+        cls: type[T],
+        model: nn.Module,
+        config: MultimodalConfig,
+        efficient_attention: bool | str = True,
+        probe: bool | tuple[int, int] = True,
+        autocast_adapter_dtype: bool = True,
+    ) -> T:
         """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
         ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W);
         ``autocast_adapter_dtype``: trainable tensors float32 on a bf16 / fp16 base, :mod:`mmpeft.model.precision`)."""
@@ -111,10 +114,16 @@ class Persistence:
 
     @classmethod
     def from_pretrained(
-        cls: type[T], base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
-        strict: bool = True, efficient_attention: bool | str = True, probe: bool | tuple[int, int] = True,
+        cls: type[T],
+        base_model: nn.Module,
+        directory: str | os.PathLike,
+        *,
+        is_trainable: bool = False,
+        strict: bool = True,
+        efficient_attention: bool | str = True,
+        probe: bool | tuple[int, int] = True,
         autocast_adapter_dtype: bool = True,
-    ) -> T:  # fmt: skip
+    ) -> T:
         """Wrap a freshly built ``base_model`` as saved in ``directory`` and load the tensors.
 
         As peft's ``PeftModel.from_pretrained``: for inference unless ``is_trainable`` (eval mode,
@@ -135,8 +144,8 @@ class Persistence:
             wrapped.eval()  # type: ignore[attr-defined]
         return wrapped
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the trainable tensors (safetensors) and the config (JSON) to ``directory``.
+    def _save_active_set(self, directory: str | os.PathLike) -> None:
+        """Write the active set's trainable tensors (safetensors) and the config (JSON) to ``directory``.
 
         A parameter that trains but would not be saved is an error naming it (add it to
         ``modules_to_save`` when wrapping, or freeze it): nothing trained is dropped silently."""
@@ -151,9 +160,9 @@ class Persistence:
         dtype: Any = self.compute_dtype  # type: ignore[attr-defined]
         config = MultimodalConfig.from_dict({**self.config.to_dict(), "base_dtype": dtype_name(dtype)})
         meta = {
-            "version": __version__, "config": config.to_dict(), "in_channels": self.in_channels,
+            "version": __version__,
+            "config": config.to_dict(),
+            "in_channels": self.in_channels,
             "base_fingerprint": _fingerprint(self),  # type: ignore[arg-type]
-        }  # fmt: skip
+        }
         write_adapter(directory, self.trainable_state_dict(), meta)  # type: ignore[attr-defined]
-
-

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..config import MultimodalConfig, RuleConfig, parse_stem
+from ..errors import MmpeftTypeError, MmpeftValueError
 from ..targeting.inject import _owners
-from .multimodal import MultimodalModel
-from .saving import check_not_peft
 from ..targeting.prepare import prepare_backbone
 from ..targeting.selection import (
     PATTERN_FIELDS,
@@ -25,7 +25,8 @@ from ..targeting.targets import detect_family, preset_rules
 from ..tuners import METHODS, Method, get_method, method_of
 from ..tuners.options import Targets
 from ..utils import dtype_name, resolve_dtype
-from ..errors import MmpeftTypeError, MmpeftValueError
+from .multimodal import MultimodalModel
+from .saving import check_not_peft
 
 __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
 
@@ -120,15 +121,23 @@ def _rules(
 
 
 def _build(
-    model: nn.Module, modalities: Sequence[str], method: str | None, preset: str | None, targets: Targets | None,
-    base_dtype: torch.dtype | str | None, options: dict[str, Any], in_place: bool,
-) -> MultimodalConfig:  # fmt: skip
+    model: nn.Module,
+    modalities: Sequence[str],
+    method: str | None,
+    preset: str | None,
+    targets: Targets | None,
+    base_dtype: torch.dtype | str | None,
+    options: dict[str, Any],
+    in_place: bool,
+) -> MultimodalConfig:
     model_opts = {k: options.pop(k) for k in _MODEL_OPTIONS if k in options}
     sel = Selection.pop(options)
     rules, preset = _rules(model, method, preset, targets)
-    methods = [get_method(method)] if method is not None and not rules else sorted(
-        {method_of(r).name: method_of(r) for r in rules}.values(), key=lambda m: m.name
-    )  # fmt: skip
+    methods = (
+        [get_method(method)]
+        if method is not None and not rules
+        else sorted({method_of(r).name: method_of(r) for r in rules}.values(), key=lambda m: m.name)
+    )
     if not rules and (options or sel.given()):
         given = sorted(options) + sel.given()
         raise MmpeftTypeError(f"preset {preset!r} adapts no module, so the options {given} would change nothing")
@@ -140,9 +149,14 @@ def _build(
         rules = resolve_rules(_planned(model, in_place), rules, sel, model_opts.get("modules_to_save"))
     stems = {k: parse_stem(v, k) for k, v in (model_opts.get("stems") or {}).items()}
     return MultimodalConfig(
-        modalities, rules, stems, model_opts.get("in_channels"), preset,  # type: ignore[arg-type]  # modalities: checked there
-        model_opts.get("modules_to_save"), dtype_name(resolve_dtype(base_dtype)),
-    )  # fmt: skip
+        list(modalities),
+        rules,
+        stems,
+        model_opts.get("in_channels"),
+        preset,
+        model_opts.get("modules_to_save"),
+        dtype_name(resolve_dtype(base_dtype)),
+    )
 
 
 def build_config(
@@ -161,9 +175,15 @@ def build_config(
 
 
 def _config_of(
-    model: nn.Module, modalities: Sequence[str], method: str | None, preset: str | None, targets: Targets | None,
-    config: MultimodalConfig | None, base_dtype: torch.dtype | str | None, options: dict[str, Any],
-) -> MultimodalConfig:  # fmt: skip
+    model: nn.Module,
+    modalities: Sequence[str],
+    method: str | None,
+    preset: str | None,
+    targets: Targets | None,
+    config: MultimodalConfig | None,
+    base_dtype: torch.dtype | str | None,
+    options: dict[str, Any],
+) -> MultimodalConfig:
     """``config`` as given, else built from the other arguments (the model may be prepared in place)."""
     check_not_peft(model)
     if config is None:
@@ -182,10 +202,16 @@ class PlannedTarget(NamedTuple):
 
 
 def plan_targets(
-    model: nn.Module, modalities: Sequence[str] = ("optical", "dsm"), method: str | None = None, *,
-    config: MultimodalConfig | None = None, preset: str | None = None, targets: Targets | None = None,
-    base_dtype: torch.dtype | str | None = None, **options: Any,
-) -> list[PlannedTarget]:  # fmt: skip
+    model: nn.Module,
+    modalities: Sequence[str] = ("optical", "dsm"),
+    method: str | None = None,
+    *,
+    config: MultimodalConfig | None = None,
+    preset: str | None = None,
+    targets: Targets | None = None,
+    base_dtype: torch.dtype | str | None = None,
+    **options: Any,
+) -> list[PlannedTarget]:
     """The modules ``wrap_multimodal`` called with the same arguments would patch, in the model's
     order, without changing ``model`` (a dry run): ``[(name, method, {option: value})]``."""
     view = _planned(model, in_place=False)
@@ -193,9 +219,12 @@ def plan_targets(
     owner = _owners(view, config)
     rules = config.rules
     return [
-        PlannedTarget(n, rules[owner[n]].kind, {k: v for k, v in rules[owner[n]].__dict__.items() if k not in ("targets", "kind")})
-        for n, _ in view.named_modules() if n in owner
-    ]  # fmt: skip
+        PlannedTarget(
+            n, rules[owner[n]].kind, {k: v for k, v in rules[owner[n]].__dict__.items() if k not in ("targets", "kind")}
+        )
+        for n, _ in view.named_modules()
+        if n in owner
+    ]
 
 
 def wrap_multimodal(
@@ -264,7 +293,11 @@ MultimodalModel.build_set_config = staticmethod(_config_of)  # add_adapter's opt
 
 
 def load_multimodal(
-    base_model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False, strict: bool = True,
+    base_model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    is_trainable: bool = False,
+    strict: bool = True,
     **options: Any,
 ) -> MultimodalModel:
     """:meth:`MultimodalModel.from_pretrained`: for inference (eval mode, frozen) unless

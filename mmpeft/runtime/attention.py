@@ -34,19 +34,24 @@ work unchanged, in every execution mode. Outputs equal the stock blocks' to floa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache, partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import blocks_with, runner_of, set_block_features
-from ..tuners import MultimodalAdapter, MultimodalLayer
 from ..errors import MmpeftValueError
+from ..tuners import MultimodalAdapter, MultimodalLayer
+from .blocks import blocks_with, runner_of, set_block_features
 
 __all__ = [
-    "enable_efficient_attention", "disable_efficient_attention", "efficient_attention_blocks", "resolve_queries", "QUERIES",
+    "enable_efficient_attention",
+    "disable_efficient_attention",
+    "efficient_attention_blocks",
+    "resolve_queries",
+    "QUERIES",
     "REL_POS",
 ]
 
@@ -114,7 +119,9 @@ def _heads(x: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
     return x.reshape(b, t, parts, heads, pc // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _rel_tables(core: nn.Module, k_size: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _rel_tables(
+    core: nn.Module, k_size: tuple[int, int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(kh, kh, hd) and (kw, kw, hd) relative-position tables of a ``k_size`` key grid, once per call
     of the block (queries on a corner of the grid use their first rows), or None without rel pos."""
     if not getattr(core, "use_rel_pos", False):
@@ -124,9 +131,15 @@ def _rel_tables(core: nn.Module, k_size: tuple[int, int], dtype: torch.dtype) ->
 
 
 def _attention(
-    core: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_size: tuple[int, int],
-    rel: tuple[torch.Tensor, torch.Tensor] | None, training: bool, rel_pos: str = "mask",
-) -> torch.Tensor:  # fmt: skip
+    core: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_size: tuple[int, int],
+    rel: tuple[torch.Tensor, torch.Tensor] | None,
+    training: bool,
+    rel_pos: str = "mask",
+) -> torch.Tensor:
     """Attention of queries on a ``q_size`` grid (B, nh, Tq, hd) over keys (B, nh, Tk, hd) -> (B, Tq, C).
     The query grid is the top-left corner of the key grid whose tables ``rel`` holds; ``rel_pos``
     ("mask" or "channels", see the module doc) is how their bias enters the attention."""
@@ -183,7 +196,6 @@ def _onehots(kh: int, kw: int, device: torch.device, dtype: torch.dtype) -> torc
     rows = torch.arange(kh * kw, device=device) // kw
     cols = torch.arange(kh * kw, device=device) % kw
     return torch.cat([F.one_hot(rows, kh), F.one_hot(cols, kw)], 1).to(dtype)
-
 
 
 def _padded_qkv(core: nn.Module, y: torch.Tensor, ws: int) -> tuple[torch.Tensor, int, int]:
@@ -254,7 +266,9 @@ def resolve_queries(queries: str, device: torch.device) -> str:
     return queries
 
 
-def _efficient_block_forward(block: nn.Module, x: torch.Tensor, queries: str = "auto", rel_pos: str = "mask") -> torch.Tensor:
+def _efficient_block_forward(
+    block: nn.Module, x: torch.Tensor, queries: str = "auto", rel_pos: str = "mask"
+) -> torch.Tensor:
     """The block's function on x: (N, H, W, C), without work on window padding."""
     n, h, w, c = x.shape
     attn = block.attn

@@ -6,22 +6,26 @@ A :class:`~mmpeft.MultimodalModel` stacks its inputs modality-major on the batch
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+
 from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["Inputs", "gather", "check_dims", "check_sizes", "split_output"]
 
 #: ``{modality: (B, c_m, ...)}`` or a sequence in the model's modality order (None: missing).
-Inputs = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+Inputs = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
 
 def gather(modalities: Sequence[str], inputs: Inputs) -> tuple[list[str], list[torch.Tensor]]:
     """The present modalities (model order) and their tensors; absent ones are left out of a dict
     or passed as None in a sequence. At least one must be present; each must be a tensor."""
     if isinstance(inputs, torch.Tensor):
-        raise MmpeftTypeError(f"pass one tensor per modality {tuple(modalities)} (a dict or a sequence), not a single tensor")
+        raise MmpeftTypeError(
+            f"pass one tensor per modality {tuple(modalities)} (a dict or a sequence), not a single tensor"
+        )
     if isinstance(inputs, Mapping):
         unknown = [k for k in inputs if k not in modalities]
         if unknown:

@@ -10,10 +10,12 @@ block gets its class's own ``forward`` back when no feature is left.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch.utils.checkpoint as cp
 from torch import nn
+
 from ..errors import MmpeftValueError
 
 __all__ = ["BlockRunner", "runner_of", "set_block_features", "blocks_with"]
@@ -33,7 +35,7 @@ class BlockRunner:
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
-        self.efficient: Optional[BlockFn] = None
+        self.efficient: BlockFn | None = None
         self.checkpoint = False
 
     def _function(self) -> Callable[..., Any]:
@@ -65,7 +67,7 @@ _UNSET: Any = object()
 
 
 def set_block_features(
-    block: nn.Module, *, efficient: Optional[BlockFn] = _UNSET, checkpoint: bool | None = None
+    block: nn.Module, *, efficient: BlockFn | None = _UNSET, checkpoint: bool | None = None
 ) -> BlockRunner | None:
     """Set (or clear, with ``None`` / ``False``) the features of ``block``; returns its runner,
     or None once no feature is left (the block runs its class's forward again)."""
@@ -79,7 +81,7 @@ def set_block_features(
     if checkpoint is not None:
         runner.checkpoint = checkpoint
     if runner.active:
-        block.forward = runner  # type: ignore[method-assign]
+        block.forward = runner
         return runner
     vars(block).pop("forward", None)
     return None

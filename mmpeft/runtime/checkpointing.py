@@ -6,8 +6,8 @@ import re
 
 from torch import nn
 
-from .blocks import blocks_with, runner_of, set_block_features
 from ..errors import MmpeftValueError
+from .blocks import blocks_with, runner_of, set_block_features
 
 __all__ = ["enable_gradient_checkpointing", "disable_gradient_checkpointing", "checkpointed_blocks"]
 

@@ -13,9 +13,11 @@ each modality's ``logits``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
+
 from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["take_labels", "check_presence", "with_losses"]
@@ -66,7 +68,9 @@ def check_presence(labels: Any, mask: Any) -> None:
 
 def _with_loss(model: nn.Module, out: Any, labels: Any) -> Any:
     if not isinstance(out, Mapping) or out.get("logits") is None:
-        raise MmpeftTypeError(f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss")
+        raise MmpeftTypeError(
+            f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss"
+        )
     loss = model.loss_function(labels, out["logits"], model.config)  # type: ignore[operator]
     fields = {"loss": loss, **{k: v for k, v in out.items() if k != "loss"}}
     return type(out)(**fields)

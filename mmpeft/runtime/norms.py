@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+
 from ..errors import MmpeftValueError
 
 __all__ = ["MixingNormError", "frozen_norms"]

@@ -16,9 +16,11 @@ are stacked and run) and, for training with missing modalities, a per-sample pre
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
+
 from ..errors import MmpeftKeyError, MmpeftValueError
 
 __all__ = [
@@ -36,7 +38,7 @@ __all__ = [
 #: ``"error"``: raise; ``"absent"``: treat the sample's modality as missing; ``"off"``: no check.
 NonFiniteAction = Literal["error", "absent", "off"]
 #: {modality: (B,) bool} (modalities left out are present in every sample) or an (S, B) bool tensor.
-Presence = Union[Mapping[str, torch.Tensor], torch.Tensor]
+Presence = Mapping[str, torch.Tensor] | torch.Tensor
 
 
 class NonFiniteInputError(MmpeftValueError):
@@ -107,8 +109,11 @@ def dropout_rates(rates: float | Mapping[str, float], modalities: Sequence[str])
 
 
 def modality_dropout(
-    rates: float | Mapping[str, float], modalities: Sequence[str], batch: int,
-    generator: torch.Generator | None = None, device: torch.device | str | None = None,
+    rates: float | Mapping[str, float],
+    modalities: Sequence[str],
+    batch: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
     available: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A random presence mask ``{modality: (B,) bool}``: each modality of each sample is dropped
@@ -174,7 +179,9 @@ def check_finite(
         for b in torch.nonzero(counts).flatten().tolist():
             parts.append(f"{name} in {_describe(tiles, b)}: {int(counts[b])} of {total} pixels")
     raise NonFiniteInputError(
-        "NaN or inf in the inputs: " + "; ".join(parts[:10]) + (f" (+{len(parts) - 10} more)" if len(parts) > 10 else "")
+        "NaN or inf in the inputs: "
+        + "; ".join(parts[:10])
+        + (f" (+{len(parts) - 10} more)" if len(parts) > 10 else "")
         + ". Fix the data, or map such samples to a missing modality (nonfinite='absent')"
     )
 
@@ -188,7 +195,10 @@ def _refuse_all_bad(
     every = torch.stack([bad[n] > 0 for n in inputs]).all(0)  # (B,)
     samples = torch.nonzero(every).flatten().tolist()
     if samples:
-        where = [f"{_describe(tiles, b)} (" + ", ".join(f"{n}: {int(bad[n][b])} pixels" for n in inputs) + ")" for b in samples]
+        where = [
+            f"{_describe(tiles, b)} (" + ", ".join(f"{n}: {int(bad[n][b])} pixels" for n in inputs) + ")"
+            for b in samples
+        ]
         raise NonFiniteInputError(
             f"every modality holds NaN or inf in {'; '.join(where[:10])}"
             + (f" (+{len(where) - 10} more)" if len(where) > 10 else "")
@@ -204,7 +214,10 @@ def _tracing() -> bool:
 
 
 def masked_presence(
-    action: NonFiniteAction, names: Sequence[str], xs: Sequence[torch.Tensor], presence: Presence | None,
+    action: NonFiniteAction,
+    names: Sequence[str],
+    xs: Sequence[torch.Tensor],
+    presence: Presence | None,
     checked: bool = False,
 ) -> torch.Tensor | None:
     """The (S, B) presence mask of a forward over the modalities ``names`` with inputs ``xs``:

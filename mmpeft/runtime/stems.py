@@ -10,7 +10,7 @@ looks like.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -54,7 +54,9 @@ class ModalityStem(nn.Module):
         self.channels_origin: str | None = None if config.in_channels is None else "declared"
         self.input_dims: int | None = 4 if config.kind == "conv1x1" else None
         if config.kind == "adapt":  # fixed: a buffer rebuilt from the config, not saved
-            self.register_buffer("band_mix", adapted_band_mix(modality, int(config.in_channels), model_channels), persistent=False)  # type: ignore[arg-type]
+            self.register_buffer(
+                "band_mix", adapted_band_mix(modality, int(config.in_channels), model_channels), persistent=False
+            )
         if config.kind == "conv1x1":
             if model_channels is None:
                 raise MmpeftValueError("a 'conv1x1' stem needs the model's input channels (pass in_channels=)")
@@ -89,7 +91,12 @@ class ModalityStem(nn.Module):
             return f"modality {m!r} takes {_channels(self.in_channels)} ({origin}), got {c} (input shape {shape})"
         if self.kind == "repeat" and target is None:
             return f"modality {m!r}: a 'repeat' stem needs the model's in_channels (pass in_channels=)"
-        if self.kind not in ("conv1x1", "adapt") and target is not None and c != target and (self.kind == "identity" or target % c):
+        if (
+            self.kind not in ("conv1x1", "adapt")
+            and target is not None
+            and c != target
+            and (self.kind == "identity" or target % c)
+        ):
             hint = " If it is a single sample (channels, H, W), add the batch axis: x[None]." if x.dim() == 3 else ""
             return (
                 f"modality {m!r} has {c} channels (shape {shape}) but the model expects {target}; use a 'repeat' stem "
@@ -108,7 +115,9 @@ class ModalityStem(nn.Module):
         """x: (B, c, ...) -> (B, C_model, ...), after :meth:`problem` (an error naming it)."""
         problem = self.problem(x)
         if problem is not None:
-            raise MmpeftValueError(f"{problem.rstrip('.')}. If the inputs come as a sequence, check their order (or pass a dict)")
+            raise MmpeftValueError(
+                f"{problem.rstrip('.')}. If the inputs come as a sequence, check their order (or pass a dict)"
+            )
         return self.map_checked(x)
 
     def map_checked(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +148,9 @@ def adapted_band_mix(modality: str, bands: int, model_channels: int | None) -> t
     from timm.models import adapt_input_conv  # timm's helper (import deferred: timm loads slowly)
 
     if model_channels is None:
-        raise MmpeftValueError(f"modality {modality!r}: an 'adapt' stem needs the model's input channels (pass in_channels=)")
+        raise MmpeftValueError(
+            f"modality {modality!r}: an 'adapt' stem needs the model's input channels (pass in_channels=)"
+        )
     eye = torch.eye(model_channels)[:, :, None, None]  # (C_model, C_model, 1, 1): W = identity
     try:
         mix = adapt_input_conv(bands, eye)  # (C_model, bands, 1, 1)

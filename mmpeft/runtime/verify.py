@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..tuners import MultimodalLayer
 from ..errors import MmpeftTypeError, MmpeftValueError
+from ..tuners import MultimodalLayer
 
 __all__ = ["WrapError", "cast_inputs", "compute_dtype", "input_dtype", "checked_call"]
 

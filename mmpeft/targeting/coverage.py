@@ -13,12 +13,12 @@ model with no attention at all (a CNN: ConvNeXt, HGNet) from one it cannot place
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
-from .structure import warn_structural
 from ..errors import MmpeftWarning
+from .structure import warn_structural
 
 __all__ = ["CoverageWarning", "attention_modules", "conv_projections", "has_attention", "warn_uncovered_attention"]
 
@@ -52,7 +52,8 @@ def has_attention(model: nn.Module) -> bool:
     if attention_modules(model):
         return True
     return any(
-        isinstance(m, (nn.Linear, nn.Conv2d)) and _PROJECTION.search(n.rsplit(".", 1)[-1]) for n, m in model.named_modules()
+        isinstance(m, (nn.Linear, nn.Conv2d)) and _PROJECTION.search(n.rsplit(".", 1)[-1])
+        for n, m in model.named_modules()
     )
 
 
@@ -63,9 +64,11 @@ def conv_projections(model: nn.Module) -> list[str]:
     if any(isinstance(m, nn.Linear) for _, module in modules for m in module.modules()):
         return []
     return [
-        f"{a}.{n}" for a, module in modules for n, m in module.named_modules()
+        f"{a}.{n}"
+        for a, module in modules
+        for n, m in module.named_modules()
         if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-    ]  # fmt: skip
+    ]
 
 
 def warn_uncovered_attention(model: nn.Module, targets: Iterable[str]) -> list[str]:

@@ -14,17 +14,17 @@ import torch
 from torch import nn
 
 from ..config import MultimodalConfig
+from ..errors import MmpeftTypeError, MmpeftValueError
+from ..tuners import method_of, multimodal_layers
+from ..tuners.adapter import AdapterConfig, build_adapter
+from ..tuners.options import Targets
 from .coverage import warn_uncovered_attention
-from .prepare import check_targets_callable
 from .inputs import infer_in_channels
+from .prepare import check_targets_callable
 from .probe import ProbeError, ProbeWarning, dry_run, probe_batch_factors, probe_input
 from .selection import all_linear, is_all_linear
 from .structure import warn_structural
 from .targets import match_targets
-from ..tuners import method_of, multimodal_layers
-from ..tuners.adapter import AdapterConfig, build_adapter
-from ..tuners.options import Targets
-from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "set_submodule", "wrap_modules_to_save"]
 
@@ -85,13 +85,19 @@ def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
             names = match_targets(model, rule.targets, method_of(rule).wraps)
         for n in names:
             if n in owner:
-                raise MmpeftValueError(f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule")
+                raise MmpeftValueError(
+                    f"module {n} is targeted by rule {owner[n]} and rule {i}; each module takes one rule"
+                )
             owner[n] = i
     return owner
 
 
 def apply_rules(
-    model: nn.Module, config: MultimodalConfig, *, probe: bool = True, probe_size: tuple[int, int] | None = None,
+    model: nn.Module,
+    config: MultimodalConfig,
+    *,
+    probe: bool = True,
+    probe_size: tuple[int, int] | None = None,
     in_channels: int | None = None,
 ) -> list[str]:
     """Freeze ``model`` and swap the targeted modules in place; returns the wrapped names.
@@ -107,7 +113,9 @@ def apply_rules(
     caller already read them (default: ``config.in_channels``, else read off the model).
     """
     if probe_size is not None and not probe:
-        raise MmpeftValueError(f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)")
+        raise MmpeftValueError(
+            f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)"
+        )
     if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
         raise MmpeftValueError(
             "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "

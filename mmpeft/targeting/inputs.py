@@ -18,7 +18,8 @@ the channels its patches hold. A depthwise convolution registered before the ste
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,9 +33,11 @@ FALLBACK_SIZE = 224
 # the strides a fixed grid is tried at, most usual first: a position table's (a ViT's patches), a
 # first stage's grid (a hierarchical model's stem), an attention's resolution (LeViT: 16)
 _STRIDES = {
-    "pos": (16, 14, 8, 32, 4, 2, 1), "feat_size": (4, 8, 2, 16, 32, 1), "grid_size": (4, 8, 2, 16, 32, 1),
+    "pos": (16, 14, 8, 32, 4, 2, 1),
+    "feat_size": (4, 8, 2, 16, 32, 1),
+    "grid_size": (4, 8, 2, 16, 32, 1),
     "resolution": (16, 8, 32, 4, 14, 2, 1),
-}  # fmt: skip
+}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -76,7 +79,14 @@ def _tables(model: nn.Module) -> Iterator[tuple[str, tuple[int, int]]]:
         if "pos" not in name.rsplit(".", 1)[-1] or p.dim() < 3 or p.shape[0] != 1:
             continue
         if p.dim() == 4:  # (1, h, w, C) or (1, C, h, w)
-            yield "pos", ((int(p.shape[1]), int(p.shape[2])) if p.shape[3] >= p.shape[1] else (int(p.shape[2]), int(p.shape[3])))
+            yield (
+                "pos",
+                (
+                    (int(p.shape[1]), int(p.shape[2]))
+                    if p.shape[3] >= p.shape[1]
+                    else (int(p.shape[2]), int(p.shape[3]))
+                ),
+            )
         for n in (p.shape[1], p.shape[1] - 1) if p.dim() == 3 else ():  # (1, N, C), a class token or not
             if math.isqrt(n) ** 2 == n and n > 0:
                 yield "pos", (math.isqrt(n), math.isqrt(n))
@@ -114,7 +124,7 @@ def choose_size(model: nn.Module, in_channels: int) -> tuple[int, int]:
             try:
                 meta_forward(model, [(1, in_channels, h, w)], _dtype(model))
                 return h, w
-            except Exception:  # noqa: BLE001 - any failure: this size (or the shape-only run) does not work
+            except Exception:
                 continue
     finally:
         for m, training in modes:
@@ -170,7 +180,7 @@ def _first_call(model: nn.Module, guess: int, size: tuple[int, int], meta: bool)
                 model(torch.zeros(1, guess, *size, dtype=_dtype(model), device=p.device if p is not None else None))
     except _Stop:
         pass
-    except Exception:  # noqa: BLE001 - the forward failed before any layer: no answer from this run
+    except Exception:
         pass
     finally:
         for h in handles:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..runtime.norms import frozen_norms
 from ..errors import MmpeftValueError
+from ..runtime.norms import frozen_norms
 
 __all__ = ["BypassError", "prepare_backbone", "check_targets_callable"]
 

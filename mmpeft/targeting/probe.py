@@ -30,20 +30,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import MmpeftValueError, MmpeftWarning
 from ..runtime.verify import WrapError
 from .inputs import choose_size
 from .shapes import meta_forward
 from .structure import warn_structural
-from ..errors import MmpeftValueError, MmpeftWarning
 
 __all__ = [
-    "PROBE_BATCHES", "ProbeError", "ProbeWarning", "Probed", "probe_input", "dry_run", "probe_batch_factors",
-]  # fmt: skip
+    "PROBE_BATCHES",
+    "ProbeError",
+    "ProbeWarning",
+    "Probed",
+    "probe_input",
+    "dry_run",
+    "probe_batch_factors",
+]
 
 #: the two batch sizes of the dry run
 PROBE_BATCHES = (1, 2)
@@ -96,9 +103,7 @@ class Probed:
         bad = next(i for i, (a, b) in enumerate(zip(s1, s2)) if not (len(a) and len(b) and a[0] * b2 == b[0] * b1))
         a, b = s1[bad], s2[bad]
         what = "a scalar" if not a else f"a {a} table whose first axis does not follow the batch"
-        return (
-            f"{self.name} runs on {what} (input shape {a} at batch {b1}, {b} at batch {b2})"
-        )
+        return f"{self.name} runs on {what} (input shape {a} at batch {b1}, {b} at batch {b2})"
 
 
 def _leading(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:
@@ -150,23 +155,32 @@ def _hooks(model: nn.Module, names: Sequence[str], seen: _Seen) -> list[Any]:
     return [model.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in names]
 
 
-def _shape_run(model: nn.Module, names: Sequence[str], shapes: list[tuple[int, ...]], dtype: torch.dtype, seen: _Seen) -> bool:
+def _shape_run(
+    model: nn.Module, names: Sequence[str], shapes: list[tuple[int, ...]], dtype: torch.dtype, seen: _Seen
+) -> bool:
     """The dry run on meta tensors; False (and ``seen`` emptied) when the model cannot run there."""
     try:
         meta_forward(model, shapes, dtype, between=lambda _: [seen[n].append([]) for n in names])
         return True
-    except Exception as err:  # noqa: BLE001 - any failure: the real run decides (and names what fails)
+    except Exception as err:
         for n in names:
             seen[n].clear()
-        _LOG.info("shape-only dry run of %s failed (%s: %s); running it for real", type(model).__name__,
-                  type(err).__name__, str(err)[:300])  # fmt: skip
+        _LOG.info(
+            "shape-only dry run of %s failed (%s: %s); running it for real",
+            type(model).__name__,
+            type(err).__name__,
+            str(err)[:300],
+        )
         return False
 
 
 def dry_run(
-    model: nn.Module, names: Sequence[str], in_channels: int, size: tuple[int, int] | None = None,
+    model: nn.Module,
+    names: Sequence[str],
+    in_channels: int,
+    size: tuple[int, int] | None = None,
     shapes_only: bool = True,
-) -> dict[str, Probed]:  # fmt: skip
+) -> dict[str, Probed]:
     """Run ``model`` on (b, in_channels, H, W) inputs for b in :data:`PROBE_BATCHES` and return,
     per module of ``names``, the shapes of its inputs and outputs: on meta tensors
     (:mod:`mmpeft.targeting.shapes`) when ``shapes_only`` and the model runs there, else for real
@@ -229,9 +243,13 @@ def _not_batched(bad: list[Probed], leave_out: bool) -> None:
 
 
 def probe_batch_factors(
-    model: nn.Module, names: Sequence[str], in_channels: int, size: tuple[int, int] | None = None,
-    leave_out: bool = False, probed: dict[str, Probed] | None = None,
-) -> dict[str, int | None]:  # fmt: skip
+    model: nn.Module,
+    names: Sequence[str],
+    in_channels: int,
+    size: tuple[int, int] | None = None,
+    leave_out: bool = False,
+    probed: dict[str, Probed] | None = None,
+) -> dict[str, int | None]:
     """{module: k} for every module of ``names`` whose input carries the batch (k None: several
     leading sizes per sample, each following the batch). Raises :class:`WrapError` naming modules
     the forward never calls; a module whose input does not carry the batch axis is left out with a

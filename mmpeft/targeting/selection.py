@@ -13,22 +13,31 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
 from ..config import RuleConfig
-from .targets import _matches, match_targets
+from ..errors import MmpeftTypeError, MmpeftValueError
 from ..tuners import method_of
 from ..tuners.options import Targets, check_targets
 from ..utils import check_int, check_number
-from ..errors import MmpeftTypeError, MmpeftValueError
+from .targets import _matches, match_targets
 
 __all__ = [
-    "ALL_LINEAR", "DEFAULT_LAYERS_PATTERN", "SELECTION_OPTIONS", "Selection", "all_linear", "is_all_linear",
-    "layer_index", "output_heads", "pattern_key", "resolve_rules",
-]  # fmt: skip
+    "ALL_LINEAR",
+    "DEFAULT_LAYERS_PATTERN",
+    "SELECTION_OPTIONS",
+    "Selection",
+    "all_linear",
+    "is_all_linear",
+    "layer_index",
+    "output_heads",
+    "pattern_key",
+    "resolve_rules",
+]
 
 ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
 #: names of the numbered block lists searched, in order, when ``layers_pattern`` is not given
@@ -212,7 +221,7 @@ def _split(model: nn.Module, rule: RuleConfig, names: list[str], sel: Selection,
     out = []
     for values, group in groups.items():
         updates = {f: v for f, v in zip(PATTERN_FIELDS.values(), values) if hasattr(rule, f)}
-        out.append(dataclasses.replace(rule, targets=exact_targets(model, group), **updates))  # type: ignore[type-var]
+        out.append(dataclasses.replace(rule, targets=exact_targets(model, group), **updates))
     return out
 
 

@@ -14,7 +14,8 @@ exactly as it was found.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +62,33 @@ def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # Python decompositions (layer_norm alone was a third of a SAM encoder's meta run)
 # (element-wise, or along one axis: no shape to check but the axis)
 _SAME_SHAPE = {
-    F.gelu, F.silu, F.relu, F.softmax, F.dropout, F.hardswish, F.sigmoid, F.tanh,
-    torch.sigmoid, torch.tanh, torch.softmax, torch.dropout, torch.relu,
-}  # fmt: skip
+    F.gelu,
+    F.silu,
+    F.relu,
+    F.softmax,
+    F.dropout,
+    F.hardswish,
+    F.sigmoid,
+    F.tanh,
+    torch.sigmoid,
+    torch.tanh,
+    torch.softmax,
+    torch.dropout,
+    torch.relu,
+}
 _BINARY = {
-    torch.add, torch.mul, torch.sub, torch.Tensor.add, torch.Tensor.mul, torch.Tensor.sub, torch.Tensor.__add__,
-    torch.Tensor.__radd__, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__sub__,
-}  # fmt: skip
+    torch.add,
+    torch.mul,
+    torch.sub,
+    torch.Tensor.add,
+    torch.Tensor.mul,
+    torch.Tensor.sub,
+    torch.Tensor.__add__,
+    torch.Tensor.__radd__,
+    torch.Tensor.__mul__,
+    torch.Tensor.__rmul__,
+    torch.Tensor.__sub__,
+}
 
 
 def _meta(t: Any) -> bool:
@@ -113,7 +134,9 @@ def _attention_ok(args: Any, kwargs: dict[str, Any]) -> bool:
         return False
     scores = (*q.shape[:-1], k.shape[-2])
     try:
-        return mask is None or (torch.broadcast_shapes(mask.shape, scores) == scores and mask.dtype in (q.dtype, torch.bool))
+        return mask is None or (
+            torch.broadcast_shapes(mask.shape, scores) == scores and mask.dtype in (q.dtype, torch.bool)
+        )
     except RuntimeError:
         return False
 
@@ -146,7 +169,10 @@ class _ShapeOnly(TorchFunctionMode):
 
 
 def meta_forward(
-    model: nn.Module, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, between: Callable[[int], None] | None = None
+    model: nn.Module,
+    shapes: Sequence[tuple[int, ...]],
+    dtype: torch.dtype,
+    between: Callable[[int], None] | None = None,
 ) -> None:
     """Call ``model`` once per shape of ``shapes`` on a meta input of that shape and ``dtype``,
     with its tensors swapped for meta ones (under ``torch.no_grad``); ``between(i)`` runs before

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+
 from ..errors import MmpeftValueError, MmpeftWarning
 
 __all__ = ["Structure", "StructureError", "StructuralFamilyWarning", "find_structure", "warn_structural"]
@@ -89,10 +90,19 @@ class Structure:
     def family_fields(self) -> dict[str, Any]:
         """Keyword arguments of :class:`mmpeft.targeting.targets.BackboneFamily` (all but the name)."""
         return dict(
-            qkv=self.qkv, q=self.q, v=self.v, kv=self.kv, mlp_in=self.mlp_in, mlp_out=self.mlp_out,
-            mlp_gate=self.mlp_gate, attn=self.attn, mlp=self.mlp, scope=self.scope,
-            adapter_refused=self.adapter_refused, note=f"placed by structure in {self.block_class} blocks",
-        )  # fmt: skip
+            qkv=self.qkv,
+            q=self.q,
+            v=self.v,
+            kv=self.kv,
+            mlp_in=self.mlp_in,
+            mlp_out=self.mlp_out,
+            mlp_gate=self.mlp_gate,
+            attn=self.attn,
+            mlp=self.mlp,
+            scope=self.scope,
+            adapter_refused=self.adapter_refused,
+            note=f"placed by structure in {self.block_class} blocks",
+        )
 
     def summary(self, model: str = "the model") -> str:
         """One paragraph naming the chosen modules."""
@@ -145,8 +155,9 @@ def _block_lists(model: nn.Module) -> _Blocks:
     cls = type(next(iter(inner[0][1].children())))
     lists = [
         (n, [(k, c) for k, c in m.named_children() if type(c) is cls])
-        for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))
-    ]  # fmt: skip
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.ModuleList, nn.Sequential))
+    ]
     return [(n, kids) for n, kids in lists if kids]
 
 
@@ -251,10 +262,14 @@ def _reads_attributes(parent: nn.Module, child: str) -> bool:
         return False
     calls = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
     return any(
-        isinstance(n, ast.Attribute) and id(n) not in calls and isinstance(n.value, ast.Attribute)
-        and n.value.attr == child and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"
+        isinstance(n, ast.Attribute)
+        and id(n) not in calls
+        and isinstance(n.value, ast.Attribute)
+        and n.value.attr == child
+        and isinstance(n.value.value, ast.Name)
+        and n.value.value.id == "self"
         for n in ast.walk(fn)
-    )  # fmt: skip
+    )
 
 
 def _after(block: nn.Module, lins: _Lins, attn_names: list[str], out_proj: str, mlp_in: str) -> str:
@@ -296,9 +311,17 @@ def _analyse(block: nn.Module) -> dict[str, Any]:
     mlp, refused = _beside(lins, [n for n in (gate, mlp_in, mlp_out) if n], used)
     after = _after(block, lins, used, outs[0], mlp_in)
     return dict(
-        inputs, out_proj=outs[0], mlp_in=mlp_in, mlp_out=mlp_out, mlp_gate=gate, width=d, hidden=h,
-        attn=after, mlp=mlp, adapter_refused=refused,
-    )  # fmt: skip
+        inputs,
+        out_proj=outs[0],
+        mlp_in=mlp_in,
+        mlp_out=mlp_out,
+        mlp_gate=gate,
+        width=d,
+        hidden=h,
+        attn=after,
+        mlp=mlp,
+        adapter_refused=refused,
+    )
 
 
 def _check_blocks(lists: _Blocks, found: dict[str, Any]) -> list[str]:
@@ -327,6 +350,9 @@ def find_structure(model: nn.Module) -> Structure:
         raise StructureError(f"in block {name} ({type(first).__name__}): {err}") from None
     blocks = _check_blocks(lists, found)
     return Structure(
-        lists=tuple(n or "<model>" for n, _ in lists), n_blocks=len(blocks), block_class=type(first).__name__,
-        scope=_scope(lists), **found,
-    )  # fmt: skip
+        lists=tuple(n or "<model>" for n, _ in lists),
+        n_blocks=len(blocks),
+        block_class=type(first).__name__,
+        scope=_scope(lists),
+        **found,
+    )

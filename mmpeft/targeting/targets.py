@@ -12,16 +12,16 @@ lists what each family supports and how to add one.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
 from ..config import AdapterConfig, LoRAConfig, RuleConfig, Targets
+from ..errors import MmpeftTypeError, MmpeftValueError
 from .coverage import conv_projections, has_attention
 from .family import BackboneFamily
 from .hybrid import HYBRID_FAMILIES
 from .structure import StructureError, find_structure, warn_structural
-from ..errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "BackboneFamily",
@@ -48,59 +48,127 @@ FAMILIES: dict[str, BackboneFamily] = {
     # timm's Eva / EVA02 (rotary): fused qkv whose bias timm adds inside F.linear reading
     # qkv.weight; mmpeft.targeting.prepare switches it to timm's own `qkv_bias_separate` so qkv is called
     "timm_eva": BackboneFamily(
-        "timm_eva", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp",
-        classes=("timm.models.eva.EvaAttention",), note="timm Eva / EVA02 tiny / small (fused qkv)",
-    ),  # fmt: skip
+        "timm_eva",
+        "attn.qkv",
+        "mlp.fc1",
+        "mlp.fc2",
+        "attn",
+        "mlp",
+        classes=("timm.models.eva.EvaAttention",),
+        note="timm Eva / EVA02 tiny / small (fused qkv)",
+    ),
     "timm_eva_swiglu": BackboneFamily(
-        "timm_eva_swiglu", None, "mlp.fc1_x", "mlp.fc2", "attn", "mlp", q="attn.q_proj", v="attn.v_proj",
-        mlp_gate="mlp.fc1_g", classes=("timm.models.eva.EvaAttention",),
+        "timm_eva_swiglu",
+        None,
+        "mlp.fc1_x",
+        "mlp.fc2",
+        "attn",
+        "mlp",
+        q="attn.q_proj",
+        v="attn.v_proj",
+        mlp_gate="mlp.fc1_g",
+        classes=("timm.models.eva.EvaAttention",),
         note="timm EVA02 base / large: separate q, k, v and a SwiGLU MLP",
-    ),  # fmt: skip
+    ),
     "timm_eva_split": BackboneFamily(
-        "timm_eva_split", None, "mlp.fc1", "mlp.fc2", "attn", "mlp", q="attn.q_proj", v="attn.v_proj",
-        classes=("timm.models.eva.EvaAttention",), note="timm Eva with qkv_fused=False",
-    ),  # fmt: skip
+        "timm_eva_split",
+        None,
+        "mlp.fc1",
+        "mlp.fc2",
+        "attn",
+        "mlp",
+        q="attn.q_proj",
+        v="attn.v_proj",
+        classes=("timm.models.eva.EvaAttention",),
+        note="timm Eva with qkv_fused=False",
+    ),
     # torchvision's VisionTransformer: nn.MultiheadAttention is swapped (mmpeft.targeting.prepare) for an
     # equivalent with an explicit `in_proj` nn.Linear and the same state-dict keys
     "torchvision": BackboneFamily(
-        "torchvision", "self_attention.in_proj", "mlp.0", "mlp.3", "self_attention.out_proj", "mlp",
-        classes=("torchvision.models.vision_transformer.EncoderBlock",), prepared=True,
+        "torchvision",
+        "self_attention.in_proj",
+        "mlp.0",
+        "mlp.3",
+        "self_attention.out_proj",
+        "mlp",
+        classes=("torchvision.models.vision_transformer.EncoderBlock",),
+        prepared=True,
         note="torchvision VisionTransformer (vit_b_16, ...)",
-    ),  # fmt: skip
+    ),
     # timm's Hiera: HieraBlock reads `attn.q_stride`, so the "after" adapter follows the
     # attention's output projection (its last operation) instead of replacing the attention
     "timm_hiera": BackboneFamily(
-        name="timm_hiera", qkv="attn.qkv", mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn="attn.proj", mlp="mlp",
-        classes=("timm.models.hiera.MaskUnitAttention",), note="timm Hiera (hiera_tiny_224, ...); adapter after attn.proj",
-    ),  # fmt: skip
+        name="timm_hiera",
+        qkv="attn.qkv",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attn.proj",
+        mlp="mlp",
+        classes=("timm.models.hiera.MaskUnitAttention",),
+        note="timm Hiera (hiera_tiny_224, ...); adapter after attn.proj",
+    ),
     # timm's PVTv2: separate q, fused kv (LoRA on its v half), spatial-reduction keys
     "timm_pvt_v2": BackboneFamily(
-        name="timm_pvt_v2", qkv=None, q="attn.q", kv="attn.kv", mlp_in="mlp.fc1", mlp_out="mlp.fc2", attn="attn",
-        mlp="mlp", classes=("timm.models.pvt_v2.Attention",), note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
-    ),  # fmt: skip
+        name="timm_pvt_v2",
+        qkv=None,
+        q="attn.q",
+        kv="attn.kv",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attn",
+        mlp="mlp",
+        classes=("timm.models.pvt_v2.Attention",),
+        note="timm PVTv2 (pvt_v2_b0, ...): q and the v half of kv",
+    ),
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
     # mmpeft.targeting.prepare gives it a forward that calls them (same module, same state-dict keys). The
     # "after" adapter follows attn.proj (v2's attention ends its nn.Linear list with cpb_mlp's)
     "torchvision_swin": BackboneFamily(
-        "torchvision_swin", "attn.qkv", "mlp.0", "mlp.3", "attn.proj", "mlp",
-        classes=(_TV_SWIN, _TV_SWIN + "V2", _MM_SWIN, _MM_SWIN + "V2"), note="torchvision swin_t / swin_v2_t, ...",
-    ),  # fmt: skip
+        "torchvision_swin",
+        "attn.qkv",
+        "mlp.0",
+        "mlp.3",
+        "attn.proj",
+        "mlp",
+        classes=(_TV_SWIN, _TV_SWIN + "V2", _MM_SWIN, _MM_SWIN + "V2"),
+        note="torchvision swin_t / swin_v2_t, ...",
+    ),
     # transformers' Swinv2Model (and SwinModel of transformers 4): blocks.j.attention.self.{query,
     # key,value}, the attention's output dense, intermediate.dense / output.dense; no MLP module
     "hf_swinv2": BackboneFamily(
-        "hf_swinv2", None, "intermediate.dense", "output.dense", "attention.output.dense", "intermediate",
-        q="attention.self.query", v="attention.self.value", scope=_HF_BLOCKS, adapter_refused=_HF_SWIN_NO_ADAPTER,
-        classes=("transformers.models.swin.modeling_swin.SwinSelfAttention",
-                 "transformers.models.swinv2.modeling_swinv2.Swinv2SelfAttention"),
+        "hf_swinv2",
+        None,
+        "intermediate.dense",
+        "output.dense",
+        "attention.output.dense",
+        "intermediate",
+        q="attention.self.query",
+        v="attention.self.value",
+        scope=_HF_BLOCKS,
+        adapter_refused=_HF_SWIN_NO_ADAPTER,
+        classes=(
+            "transformers.models.swin.modeling_swin.SwinSelfAttention",
+            "transformers.models.swinv2.modeling_swinv2.Swinv2SelfAttention",
+        ),
         note="transformers Swinv2Model (SwinModel of transformers 4): LoRA presets only",
-    ),  # fmt: skip
+    ),
     # transformers 5's SwinModel and SegformerModel: stages' blocks.j.attention.{q,k,v,o}_proj, mlp.fc1 / fc2
     "hf_swin_segformer": BackboneFamily(
-        "hf_swin_segformer", None, "mlp.fc1", "mlp.fc2", "attention.o_proj", "mlp", q="attention.q_proj",
-        v="attention.v_proj", scope=_HF_BLOCKS, classes=("transformers.models.swin.modeling_swin.SwinAttention",
-                                                         "transformers.models.segformer.modeling_segformer.SegformerAttention"),
+        "hf_swin_segformer",
+        None,
+        "mlp.fc1",
+        "mlp.fc2",
+        "attention.o_proj",
+        "mlp",
+        q="attention.q_proj",
+        v="attention.v_proj",
+        scope=_HF_BLOCKS,
+        classes=(
+            "transformers.models.swin.modeling_swin.SwinAttention",
+            "transformers.models.segformer.modeling_segformer.SegformerAttention",
+        ),
         note="transformers 5 SwinModel, SegformerModel (the MiT encoder)",
-    ),  # fmt: skip
+    ),
     # segment-anything's ImageEncoderViT: blocks.i.attn.qkv, blocks.i.mlp.lin1 / lin2
     "segment_anything": BackboneFamily(
         "segment_anything", "attn.qkv", "mlp.lin1", "mlp.lin2", "attn", "mlp", note="segment-anything ImageEncoderViT"
@@ -112,14 +180,30 @@ FAMILIES: dict[str, BackboneFamily] = {
     # transformers' ViTModel, Dinov2Model: layers.i.attention.{q,k,v,o}_proj, mlp.fc1 / fc2;
     # the attention returns a tuple, so the "after" adapter follows its output projection
     "hf_vit": BackboneFamily(
-        "hf_vit", None, "mlp.fc1", "mlp.fc2", "attention.o_proj", "mlp", q="attention.q_proj",
-        v="attention.v_proj", scope=_HF_SCOPE, note="transformers ViTModel, Dinov2Model",
-    ),  # fmt: skip
+        "hf_vit",
+        None,
+        "mlp.fc1",
+        "mlp.fc2",
+        "attention.o_proj",
+        "mlp",
+        q="attention.q_proj",
+        v="attention.v_proj",
+        scope=_HF_SCOPE,
+        note="transformers ViTModel, Dinov2Model",
+    ),
     # transformers' CLIPVisionModel, SiglipVisionModel: layers.i.self_attn.{q,k,v,out}_proj
     "hf_clip": BackboneFamily(
-        "hf_clip", None, "mlp.fc1", "mlp.fc2", "self_attn.out_proj", "mlp", q="self_attn.q_proj",
-        v="self_attn.v_proj", scope=_HF_SCOPE, note="transformers CLIPVisionModel, SiglipVisionModel",
-    ),  # fmt: skip
+        "hf_clip",
+        None,
+        "mlp.fc1",
+        "mlp.fc2",
+        "self_attn.out_proj",
+        "mlp",
+        q="self_attn.q_proj",
+        v="self_attn.v_proj",
+        scope=_HF_SCOPE,
+        note="transformers CLIPVisionModel, SiglipVisionModel",
+    ),
 }
 
 # the hybrid families after the other families with marker classes, before those detected by names alone

@@ -21,7 +21,23 @@ from .lora import LoRAConfig, MultimodalLoRA, MultimodalLoRAConv2d
 from .registry import METHODS, Method, get_method, method_of, register_method
 
 __all__ = [
-    "ACTIVATIONS", "AdapterConfig", "Execution", "LoRAConfig", "METHODS", "MergeError", "Method", "MultimodalAdapter",
-    "MultimodalLayer", "MultimodalLoRA", "MultimodalLoRAConv2d", "by_modality", "get_method", "method_of",
-    "multimodal_layers", "only_modality", "present_modalities", "register_method", "set_execution",
-]  # fmt: skip
+    "ACTIVATIONS",
+    "AdapterConfig",
+    "Execution",
+    "LoRAConfig",
+    "METHODS",
+    "MergeError",
+    "Method",
+    "MultimodalAdapter",
+    "MultimodalLayer",
+    "MultimodalLoRA",
+    "MultimodalLoRAConv2d",
+    "by_modality",
+    "get_method",
+    "method_of",
+    "multimodal_layers",
+    "only_modality",
+    "present_modalities",
+    "register_method",
+    "set_execution",
+]

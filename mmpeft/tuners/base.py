@@ -29,20 +29,30 @@ Every piece of state a layer has is a declared attribute (no flags or hooks put 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from .fusion import Fusion, apply_mixing
-from ..utils import check_modalities
 from ..errors import MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError
+from ..utils import check_modalities
+from .fusion import Fusion, apply_mixing
 
 __all__ = [
-    "by_modality", "MergeError", "mixing_refusal", "MultimodalLayer", "Execution", "set_execution", "only_modality", "multimodal_layers",
-    "present_modalities", "stacked_batch", "layer_state",
-]  # fmt: skip
+    "by_modality",
+    "MergeError",
+    "mixing_refusal",
+    "MultimodalLayer",
+    "Execution",
+    "set_execution",
+    "only_modality",
+    "multimodal_layers",
+    "present_modalities",
+    "stacked_batch",
+    "layer_state",
+]
 
 Execution = Literal["batched", "loop"]
 
@@ -207,7 +217,11 @@ class MultimodalLayer(nn.Module):
         if b is not None and k is not None:  # k unknown (a layer built by hand): divisibility only
             exact = self.factor_size is not None and self.input_size == self.factor_size
             if (n not in (m * k * b, m * b)) if exact else (n == 0 or n % (m * b) != 0):
-                want = f"{m * k * b} ({m} x {k} x {b}){f' or {m * b}' if k != 1 else ''}" if exact else f"a multiple of {m * b}"
+                want = (
+                    f"{m * k * b} ({m} x {k} x {b}){f' or {m * b}' if k != 1 else ''}"
+                    if exact
+                    else f"a multiple of {m * b}"
+                )
                 raise MmpeftValueError(
                     f"{type(self).__name__} (batch_factor={k}) got an input of shape {tuple(x.shape)}; with the {m} "
                     f"modalities {mods} of batch {b} stacked on dim 0 its leading size must be {want}: the "

@@ -31,10 +31,11 @@ and, alone, ``d_m``; for ``"none"`` the identity. An absent sample's update is z
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
 from ..errors import MmpeftValueError
 
 __all__ = [
@@ -124,6 +125,8 @@ class NoFusion(Fusion):
 
 
 class ScalarFusion(Fusion):
+    _off: torch.Tensor  # buffers (M, M): off-diagonal ones and the identity minus them
+    _diag: torch.Tensor
     """The paper's learnable-scalar mixing (eqs. 5-6, 9-10), generalised to M modalities.
 
     Parameters are ``lam.<modality>``, each of shape (1,), initialised to ``init``
@@ -201,9 +204,7 @@ def register_fusion(name: str, factory: FusionFactory) -> None:
     FUSION_RULES[name] = factory
 
 
-def build_fusion(
-    rule: str, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None
-) -> Fusion:
+def build_fusion(rule: str, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> Fusion:
     """Instantiate the fusion rule named ``rule`` for ``modalities``."""
     if rule not in FUSION_RULES:
         raise MmpeftValueError(f"unknown fusion rule {rule!r}; known rules: {sorted(FUSION_RULES)}")
@@ -238,7 +239,11 @@ def apply_mixing(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def lowrank_mix(
-    fusion: Fusion, h: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None, inplace: bool = False,
+    fusion: Fusion,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    base: torch.Tensor | None = None,
+    inplace: bool = False,
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base_m + fusion(h @ b^T)_m``: per-modality low-rank products, mixed across modalities.

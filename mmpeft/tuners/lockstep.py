@@ -68,7 +68,9 @@ class Lockstep:
         finally:
             layer.reference = self
 
-    def _mixed(self, layer: Any, fn: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], key: Key) -> Any:
+    def _mixed(
+        self, layer: Any, fn: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], key: Key
+    ) -> Any:
         """The current modality's row of the layer run on every modality (the others' inputs from
         the previous pass; its own input where none is recorded yet), in loop execution."""
         m = self.num_modalities

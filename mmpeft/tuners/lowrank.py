@@ -25,9 +25,11 @@ differentiable once (no double backward).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+
 from ..errors import MmpeftValueError
 
 __all__ = ["stacked_linear", "mixed_up", "Slice"]
@@ -107,9 +109,15 @@ def stacked_linear(
 class _MixedUp(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, base: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, scale: float,
-        slices: tuple[Slice, ...], n_up: int, *params: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+        ctx: Any,
+        base: torch.Tensor,
+        h: torch.Tensor,
+        w: torch.Tensor | None,
+        scale: float,
+        slices: tuple[Slice, ...],
+        n_up: int,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
         m, t, k = h.shape
         n_out = base.shape[-1]
         dt = _compute_dtype(h)
@@ -194,9 +202,14 @@ def _side_by_side(
 
 
 def mixed_up(
-    base: torch.Tensor, h: torch.Tensor, w: torch.Tensor | None, ups: Sequence[torch.Tensor],
-    slices: Sequence[Slice] | None = None, biases: Sequence[torch.Tensor] | None = None, scale: float = 1.0,
-) -> torch.Tensor:  # fmt: skip
+    base: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor | None,
+    ups: Sequence[torch.Tensor],
+    slices: Sequence[Slice] | None = None,
+    biases: Sequence[torch.Tensor] | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """``out_i = base_i + scale * sum_j W[i, j] (h_j @ U_j^T + b_j)`` as one autograd node.
 
     base: (M*B', ..., out) stacked modality-major; h: (M, T, K) (T = the tokens of one modality);

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import MergeError, _exporting
 from ..errors import MmpeftStateError
+from .base import MergeError, _exporting
 
 __all__ = ["WeightMerging"]
 
@@ -103,13 +103,13 @@ class WeightMerging:
         if self.reference is not None:  # type: ignore[attr-defined]  # mmpeft.tuners.lockstep
             return self.reference.call(self, "forward", x, (), {})  # type: ignore[attr-defined]
         if not self.adapters_enabled:  # type: ignore[attr-defined]
-            return self.base_layer(x)  # type: ignore[no-any-return]
+            return self.base_layer(x)
         if self.merged and self.presence is None:  # type: ignore[attr-defined]
             self._check_merged_inference()
             self._merged_current()
             if self.single is None:  # type: ignore[attr-defined]
                 self._check_stack(x)  # type: ignore[attr-defined]
-            return self._forward_merged(x)  # type: ignore[attr-defined,no-any-return]
+            return self._forward_merged(x)
         return None
 
     def _check_merged_inference(self) -> None:

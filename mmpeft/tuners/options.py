@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
-from .fusion import FUSION_RULES
-from ..utils import check_number
 from ..errors import MmpeftValueError
+from ..utils import check_number
+from .fusion import FUSION_RULES
 
 __all__ = ["Targets", "check_targets", "check_fusion"]
 
 #: a list of module names (suffix match) or one regex over the whole qualified name.
-Targets = Union[str, list[str]]
+Targets = str | list[str]
 
 
 def check_targets(targets: Any) -> Targets:

@@ -8,10 +8,12 @@ such a module adapts the first element and passes the rest through unchanged.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
 from ..errors import MmpeftTypeError
 
 __all__ = ["first_output", "with_first", "cat_rests", "take_input", "chunk_args"]
@@ -24,7 +26,9 @@ def take_input(module: nn.Module, x: Any, kwargs: dict[str, Any]) -> tuple[torch
         return x, kwargs
     params = list(inspect.signature(module.forward).parameters)
     if not params or params[0] not in kwargs:
-        raise MmpeftTypeError(f"{type(module).__name__} was called without its input (expected {params[:1]} or a positional)")
+        raise MmpeftTypeError(
+            f"{type(module).__name__} was called without its input (expected {params[:1]} or a positional)"
+        )
     kwargs = dict(kwargs)
     return kwargs.pop(params[0]), kwargs
 
@@ -46,9 +50,7 @@ def cat_rests(rests: Sequence[tuple[Any, ...] | None]) -> tuple[Any, ...] | None
     stacked batch), anything else (None, flags) taken from the first modality."""
     if rests[0] is None:
         return None
-    return tuple(
-        torch.cat(list(items), 0) if isinstance(items[0], torch.Tensor) else items[0] for items in zip(*rests)  # type: ignore[arg-type]
-    )
+    return tuple(torch.cat(list(items), 0) if isinstance(items[0], torch.Tensor) else items[0] for items in zip(*rests))
 
 
 def chunk_args(

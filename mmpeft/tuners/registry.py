@@ -7,13 +7,14 @@ option checking all read :data:`METHODS`; a new method registers one :class:`Met
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import nn
 
-from .base import MultimodalLayer
 from ..errors import MmpeftTypeError, MmpeftValueError
+from .base import MultimodalLayer
 
 __all__ = ["Method", "METHODS", "register_method", "get_method", "method_of"]
 

@@ -22,15 +22,37 @@ from .data import DATASETS, DataConfig, GenericConfig, ModalityConfig, Synthetic
 from .evaluation import EvalConfig
 from .experiment import ExperimentConfig, config_from_dict, upgrade_stored, validate
 from .loading import (
-    CONFIG_DIR, apply_overrides, bundled_configs, load_config, parse_overrides, resolve_config_path,
+    CONFIG_DIR,
+    apply_overrides,
+    bundled_configs,
+    load_config,
+    parse_overrides,
+    resolve_config_path,
     yaml_load,
 )
 from .schema import REMOVED_KEYS, ConfigError
 from .train import TrainConfig
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModalityConfig", "provided_modalities", "SyntheticConfig", "GenericConfig", "TrainConfig", "EvalConfig",
-    "ExperimentConfig", "load_config", "parse_overrides", "apply_overrides", "config_from_dict",
-    "bundled_configs", "resolve_config_path", "CONFIG_DIR", "yaml_load", "validate", "DATASETS",
-    "REMOVED_KEYS", "upgrade_stored",
-]  # fmt: skip
+    "ConfigError",
+    "DataConfig",
+    "ModalityConfig",
+    "provided_modalities",
+    "SyntheticConfig",
+    "GenericConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "config_from_dict",
+    "bundled_configs",
+    "resolve_config_path",
+    "CONFIG_DIR",
+    "yaml_load",
+    "validate",
+    "DATASETS",
+    "REMOVED_KEYS",
+    "upgrade_stored",
+]

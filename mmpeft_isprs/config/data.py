@@ -78,7 +78,9 @@ class ModalityConfig:
             if len(self.mean) != len(self.std):
                 raise ValueError(f"mean has {len(self.mean)} numbers, std {len(self.std)}: one per band each")
             if self.bands is not None and len(self.mean) != len(self.bands):
-                raise ValueError(f"mean and std have {len(self.mean)} numbers for {len(self.bands)} band(s) {self.bands}")
+                raise ValueError(
+                    f"mean and std have {len(self.mean)} numbers for {len(self.bands)} band(s) {self.bands}"
+                )
             if min(self.std) <= 0:
                 raise ValueError(f"std must be > 0, got {self.std}")
 
@@ -145,8 +147,6 @@ class DataConfig:
     modalities: dict[str, ModalityConfig] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     generic: GenericConfig = field(default_factory=GenericConfig)
-
-
 
 
 def provided_modalities(data: DataConfig) -> list[str]:

@@ -33,5 +33,3 @@ class EvalConfig:
     labels: Literal["eroded", "full"] = "eroded"
     save_predictions: bool = False
     amp: Literal["none", "bf16", "fp16"] = "none"
-
-

@@ -6,8 +6,9 @@ import dataclasses
 import difflib
 import re
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -16,9 +17,14 @@ from .experiment import ExperimentConfig, config_from_dict
 from .schema import ConfigError, unknown_key
 
 __all__ = [
-    "load_config", "parse_overrides", "apply_overrides", "bundled_configs", "resolve_config_path",
-    "CONFIG_DIR", "yaml_load",
-]  # fmt: skip
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "bundled_configs",
+    "resolve_config_path",
+    "CONFIG_DIR",
+    "yaml_load",
+]
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
 """Folder of the bundled YAML files (the paper's runs, ``demo``, ``synthetic``)."""
@@ -36,14 +42,16 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*)$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*|[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
 
 def yaml_load(text: str) -> Any:
     """Parse YAML text as config files and overrides are parsed (see :class:`_Loader`)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(text, Loader=_Loader)
 
 
 def parse_overrides(items: Sequence[str]) -> list[tuple[str, Any]]:

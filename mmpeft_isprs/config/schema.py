@@ -12,7 +12,8 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Union
 
 __all__ = ["ConfigError", "REMOVED_KEYS", "build_dataclass", "unknown_key", "join_key"]
 
@@ -127,4 +128,3 @@ def build_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from None
-

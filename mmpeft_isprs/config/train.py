@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 __all__ = ["TrainConfig"]
 
@@ -67,7 +67,5 @@ class TrainConfig:
     log_every: int = 50
     tensorboard: bool = True
     progress: bool = True
-    modality_dropout: Union[float, dict[str, float]] = 0.0
+    modality_dropout: float | dict[str, float] = 0.0
     nonfinite: Literal["error", "absent"] = "error"
-
-

@@ -32,7 +32,9 @@ def check_bands(m: ModalitySpec, path: Path, channels: int) -> None:
         )
     kept = len(m.bands) if m.bands is not None else channels
     if m.kind == "elevation" and kept != 1:
-        raise DataError(f"{path}: elevation {m.name} must have one band, has {kept}; choose it with data.modalities.{m.name}.bands")
+        raise DataError(
+            f"{path}: elevation {m.name} must have one band, has {kept}; choose it with data.modalities.{m.name}.bands"
+        )
     if m.mean is not None and len(m.mean) != kept:
         raise DataError(
             f"{path}: modality {m.name!r} keeps {kept} band(s), its mean and std have {len(m.mean)} numbers "

@@ -58,9 +58,7 @@ class DataWarning(UserWarning):
     """A data defect that was repaired (e.g. DSM no-data pixels filled); the message names the file."""
 
 
-def valid_range(
-    dsm: np.ndarray, cfg: DsmNormalisation, source: str, tile: str | None = None
-) -> tuple[float, float]:
+def valid_range(dsm: np.ndarray, cfg: DsmNormalisation, source: str, tile: str | None = None) -> tuple[float, float]:
     """(min, max) of the valid pixels of a whole DSM tile, after checking no-data.
 
     Missing pixels under ``fill="min"`` give a :class:`DataWarning` with the file, the tile
@@ -86,14 +84,14 @@ def valid_range(
         if cfg.fill == "raise":
             raise DataError(f"{what}; set data.dsm_fill=min to fill them with the tile minimum")
         lo = float(dsm[~bad].min())
-        warnings.warn(f"{what}: filled with the tile minimum {lo:g} (data.dsm_fill=raise rejects them)", DataWarning, stacklevel=2)
+        warnings.warn(
+            f"{what}: filled with the tile minimum {lo:g} (data.dsm_fill=raise rejects them)", DataWarning, stacklevel=2
+        )
     valid = dsm[~bad]
     return float(valid.min()), float(valid.max())
 
 
-def normalise_dsm(
-    dsm: np.ndarray, cfg: DsmNormalisation, tile_range: tuple[float, float]
-) -> np.ndarray:
+def normalise_dsm(dsm: np.ndarray, cfg: DsmNormalisation, tile_range: tuple[float, float]) -> np.ndarray:
     """Fill missing pixels and scale.
 
     Args:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from .io import IMAGE_SUFFIXES
 from .layouts import LabelFormat, Layout, ModalitySpec, SplitSpec, TileFiles, _split_tile

@@ -81,8 +81,14 @@ def geo_profile(path: str | Path) -> dict[str, Any]:
     try:
         with rasterio.open(path) as src:
             crs = src.crs.to_wkt() if src.crs else None
-            return {"crs": crs, "transform": tuple(src.transform)[:6], "nodata": src.nodata,
-                    "height": src.height, "width": src.width, "count": src.count}  # fmt: skip
+            return {
+                "crs": crs,
+                "transform": tuple(src.transform)[:6],
+                "nodata": src.nodata,
+                "height": src.height,
+                "width": src.width,
+                "count": src.count,
+            }
     except rasterio.errors.RasterioError as exc:
         raise DataError(f"{path}: not a readable raster: {exc}") from None
 
@@ -92,13 +98,23 @@ def write_cog(path: str | Path, array: np.ndarray, like: str | Path) -> Path:
     rasterio = _rasterio("Cloud-Optimized GeoTIFF output")
     with rasterio.open(like) as src:
         if (src.height, src.width) != tuple(array.shape[:2]):
-            raise DataError(f"{path}: array size {array.shape[0]}x{array.shape[1]} differs from {like} ({src.height}x{src.width})")
+            raise DataError(
+                f"{path}: array size {array.shape[0]}x{array.shape[1]} differs from {like} ({src.height}x{src.width})"
+            )
         crs, transform = src.crs, src.transform
     bands = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "COG", "height": bands.shape[1], "width": bands.shape[2], "count": bands.shape[0],
-               "dtype": bands.dtype.name, "crs": crs, "transform": transform, "compress": "deflate"}  # fmt: skip
+    profile = {
+        "driver": "COG",
+        "height": bands.shape[1],
+        "width": bands.shape[2],
+        "count": bands.shape[0],
+        "dtype": bands.dtype.name,
+        "crs": crs,
+        "transform": transform,
+        "compress": "deflate",
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(bands)
     return path

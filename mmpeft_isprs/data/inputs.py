@@ -8,16 +8,16 @@ default), then its ``mean`` / ``std`` when it has them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .bands import check_bands, select_bands, to_chw
 from .dsm import DsmNormalisation, normalise_dsm, valid_range
-from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
 from .geo import with_file_nodata
+from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
 from .layouts import ModalitySpec
 from .patterns import tile_key_of_name
 
@@ -54,7 +54,9 @@ def pair_inputs(optical: Sequence[str | Path], dsm: Sequence[str | Path]) -> lis
     return list(zip(opt, _pair_one(opt, optical, dsm, "optical", "DSM", "--dsm")))
 
 
-def pair_modalities(sources: Mapping[str, Sequence[str | Path]], flags: Mapping[str, str] | None = None) -> list[dict[str, Path]]:
+def pair_modalities(
+    sources: Mapping[str, Sequence[str | Path]], flags: Mapping[str, str] | None = None
+) -> list[dict[str, Path]]:
     """One ``{modality: file}`` per tile: the first modality's files are the tiles, every other
     modality's file is paired with each as :func:`pair_inputs` pairs a DSM (stem, else tile id,
     else the order of equal-length file lists). ``flags``: how the command line names each
@@ -71,8 +73,9 @@ def pair_modalities(sources: Mapping[str, Sequence[str | Path]], flags: Mapping[
     return [{n: columns[n][i] for n in names} for i in range(len(first))]
 
 
-def _pair_one(opt: list[Path], optical: Sequence[str | Path], dsm: Sequence[str | Path], first: str, label: str,
-              flag: str) -> list[Path]:  # fmt: skip
+def _pair_one(
+    opt: list[Path], optical: Sequence[str | Path], dsm: Sequence[str | Path], first: str, label: str, flag: str
+) -> list[Path]:
     """The file of ``dsm`` paired with each of ``opt`` (see :func:`pair_inputs`)."""
     dem = _list_images(dsm, flag.rstrip("="))
     by_stem = {d.stem: d for d in dem}
@@ -104,8 +107,9 @@ def dsm_tensor(path: Path, rule: DsmNormalisation) -> torch.Tensor:
     return modality_tensor(path, ModalitySpec("dsm", "elevation"), rule)
 
 
-def modality_tensor(path: Path, spec: ModalitySpec, rule: DsmNormalisation, channels: int | None = None,
-                    raw: np.ndarray | None = None) -> torch.Tensor:  # fmt: skip
+def modality_tensor(
+    path: Path, spec: ModalitySpec, rule: DsmNormalisation, channels: int | None = None, raw: np.ndarray | None = None
+) -> torch.Tensor:
     """(C, H, W) float32 of modality ``spec`` read from ``path``: its bands (an elevation without
     bands: the first), scaled as in training (elevation by ``rule``, no-data: the rule's, else
     the file's), normalised by its statistics. ``channels``: the band count the model takes when
@@ -117,7 +121,9 @@ def modality_tensor(path: Path, spec: ModalitySpec, rule: DsmNormalisation, chan
         spec = dataclasses.replace(spec, bands=(0,))
     check_bands(spec, path, have)
     if spec.bands is None and channels is not None and have != channels:
-        raise DataError(f"{path}: {spec.name} must have {channels} bands, has {have}; choose them with --bands (e.g. 0,1,2)")
+        raise DataError(
+            f"{path}: {spec.name} must have {channels} bands, has {have}; choose them with --bands (e.g. 0,1,2)"
+        )
     arr = select_bands(spec, arr)
     if spec.kind == "elevation":
         rule = with_file_nodata(rule, path)

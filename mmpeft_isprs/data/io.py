@@ -12,9 +12,10 @@ sliding-window evaluation run on GeoTIFFs larger than memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -33,8 +34,14 @@ GeoAsciiParams: the tags that carry a GeoTIFF's georeferencing."""
 
 
 _PIL_MODES: dict[str, tuple[int, str]] = {
-    "L": (1, "uint8"), "P": (1, "uint8"), "RGB": (3, "uint8"), "RGBA": (4, "uint8"),
-    "LA": (2, "uint8"), "I;16": (1, "uint16"), "I": (1, "int32"), "F": (1, "float32"),
+    "L": (1, "uint8"),
+    "P": (1, "uint8"),
+    "RGB": (3, "uint8"),
+    "RGBA": (4, "uint8"),
+    "LA": (2, "uint8"),
+    "I;16": (1, "uint16"),
+    "I": (1, "int32"),
+    "F": (1, "float32"),
 }
 
 
@@ -73,10 +80,7 @@ def _open_tiff(path: Path) -> tifffile.TiffFile:
         size = path.stat().st_size
         ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
         if ends and max(ends) > size:
-            raise DataError(
-                f"{path}: truncated TIFF: image data needs {max(ends)} bytes, "
-                f"the file has {size}"
-            )
+            raise DataError(f"{path}: truncated TIFF: image data needs {max(ends)} bytes, the file has {size}")
     except DataError:
         tif.close()
         raise
@@ -100,7 +104,9 @@ def raster_info(path: PathLike) -> RasterInfo:
         with _open_tiff(path) as tif:
             page = tif.pages.first
             return RasterInfo(
-                int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel),
+                int(page.imagelength),
+                int(page.imagewidth),
+                int(page.samplesperpixel),
                 np.dtype(page.dtype),
             )
     _check_exists(path)
@@ -227,9 +233,7 @@ class TiffWindowReader:
         self.close()
 
 
-def _paste(
-    out: np.ndarray, seg: np.ndarray, sy: int, sx: int, y0: int, x0: int, plane: int | None
-) -> None:
+def _paste(out: np.ndarray, seg: np.ndarray, sy: int, sx: int, y0: int, x0: int, plane: int | None) -> None:
     """Copy the part of a decoded segment at (sy, sx) that falls in the window at (y0, x0)."""
     h, w = out.shape[:2]
     ya, yb = max(sy, y0), min(sy + seg.shape[0], y0 + h)
@@ -246,8 +250,7 @@ def _paste(
 def _check_window(path: Path, shape: tuple[int, int], y0: int, x0: int, h: int, w: int) -> None:
     if h <= 0 or w <= 0 or y0 < 0 or x0 < 0 or y0 + h > shape[0] or x0 + w > shape[1]:
         raise DataError(
-            f"{path}: window (y0={y0}, x0={x0}, h={h}, w={w}) outside the image of size "
-            f"{shape[0]}x{shape[1]}"
+            f"{path}: window (y0={y0}, x0={x0}, h={h}, w={w}) outside the image of size {shape[0]}x{shape[1]}"
         )
 
 
@@ -326,8 +329,14 @@ def write_tiff(
     photometric = "rgb" if array.ndim == 3 and array.shape[2] == 3 else "minisblack"
     planar = "contig" if array.ndim == 3 else None
     tifffile.imwrite(
-        path, array, photometric=photometric, planarconfig=planar, tile=tile,
-        compression=compression, extratags=extratags, metadata=None,
+        path,
+        array,
+        photometric=photometric,
+        planarconfig=planar,
+        tile=tile,
+        compression=compression,
+        extratags=extratags,
+        metadata=None,
     )
     return path
 
@@ -342,6 +351,13 @@ def _extratag(code: int, dtype: int, count: int, value: Any) -> tuple[Any, ...]:
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "DataError", "RasterInfo", "GEO_TAGS", "TiffWindowReader",
-    "raster_info", "read_image", "read_window", "read_geotags", "write_tiff",
+    "DataError",
+    "RasterInfo",
+    "GEO_TAGS",
+    "TiffWindowReader",
+    "raster_info",
+    "read_image",
+    "read_window",
+    "read_geotags",
+    "write_tiff",
 ]

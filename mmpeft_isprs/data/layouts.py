@@ -14,9 +14,10 @@ the best epoch on the test set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -54,7 +55,9 @@ class ModalitySpec:
     def __post_init__(self) -> None:
         if self.kind not in ("image", "elevation"):
             raise ValueError(f"ModalitySpec {self.name}: kind must be image or elevation")
-        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std or ())):
+        if (self.mean is None) != (self.std is None) or (
+            self.mean is not None and len(self.mean) != len(self.std or ())
+        ):
             raise ValueError(f"ModalitySpec {self.name}: give mean and std together, one number per band each")
 
     @property
@@ -125,9 +128,7 @@ class Layout(ABC):
     colour_tolerance: int = 0
     patterns: dict[str, tuple[str, ...]] = {}
 
-    def __init__(
-        self, split: SplitSpec | None = None, splits: Mapping[str, Sequence[str]] | None = None
-    ) -> None:
+    def __init__(self, split: SplitSpec | None = None, splits: Mapping[str, Sequence[str]] | None = None) -> None:
         self.split = split or SplitSpec()
         self._splits = {k: [str(i) for i in v] for k, v in splits.items()} if splits else None
 
@@ -181,8 +182,7 @@ class Layout(ABC):
     def _protocol(self, table: Mapping[str, dict[str, list[str]]]) -> dict[str, list[str]]:
         if self.split.protocol not in table:
             raise ValueError(
-                f"{type(self).__name__}: unknown protocol {self.split.protocol!r}; "
-                f"available: {sorted(table)}"
+                f"{type(self).__name__}: unknown protocol {self.split.protocol!r}; available: {sorted(table)}"
             )
         return {k: list(v) for k, v in table[self.split.protocol].items()}
 
@@ -213,7 +213,9 @@ POTSDAM_FILES = {
 """Potsdam's file names as in the archive: the nDSM's tile numbers are zero-padded (``02_10``)."""
 
 MMHUNAN_FILES = {
-    "optical": ("images_png/{id}.png",), "dsm": ("dsm_pngs/{id}.png",), "labels": ("masks_png/{id}.tif",),
+    "optical": ("images_png/{id}.png",),
+    "dsm": ("dsm_pngs/{id}.png",),
+    "labels": ("masks_png/{id}.tif",),
 }
 """MMHunan's three flat folders."""
 
@@ -355,7 +357,16 @@ class MMHunanLayout(Layout):
 
 
 __all__ = [
-    "ModalitySpec", "TileFiles", "SplitSpec", "Layout", "VaihingenLayout", "PotsdamLayout",
-    "MMHunanLayout", "VAIHINGEN_SPLITS", "POTSDAM_SPLITS", "VAIHINGEN_FILES",
-    "POTSDAM_FILES", "MMHUNAN_FILES",
+    "ModalitySpec",
+    "TileFiles",
+    "SplitSpec",
+    "Layout",
+    "VaihingenLayout",
+    "PotsdamLayout",
+    "MMHunanLayout",
+    "VAIHINGEN_SPLITS",
+    "POTSDAM_SPLITS",
+    "VAIHINGEN_FILES",
+    "POTSDAM_FILES",
+    "MMHUNAN_FILES",
 ]

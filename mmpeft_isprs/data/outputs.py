@@ -15,7 +15,11 @@ __all__ = ["write_prediction"]
 
 
 def write_prediction(
-    pred: np.ndarray, out_dir: str | Path, stem: str, info: DatasetInfo, georef_from: str | Path | None = None,
+    pred: np.ndarray,
+    out_dir: str | Path,
+    stem: str,
+    info: DatasetInfo,
+    georef_from: str | Path | None = None,
     cog: bool = False,
 ) -> list[Path]:
     """Write ``pred`` (H, W) class indices as index map and colour map; returns the paths.

@@ -118,11 +118,22 @@ ISPRS = DatasetInfo(
 MMHUNAN = DatasetInfo(
     name="mmhunan",
     class_names=(
-        "cropland", "forest", "grassland", "wetland", "water", "unused land", "built-up area",
+        "cropland",
+        "forest",
+        "grassland",
+        "wetland",
+        "water",
+        "unused land",
+        "built-up area",
     ),
     palette=(
-        (255, 211, 127), (38, 115, 0), (163, 255, 115), (0, 197, 255),
-        (0, 77, 168), (178, 178, 178), (230, 0, 0),
+        (255, 211, 127),
+        (38, 115, 0),
+        (163, 255, 115),
+        (0, 197, 255),
+        (0, 77, 168),
+        (178, 178, 178),
+        (230, 0, 0),
     ),
     eval_classes=(0, 1, 2, 3, 4, 5, 6),
     ignore_values=(-1,),
@@ -163,9 +174,7 @@ def _fill_tolerance(lut: np.ndarray, entries: list[tuple[RGB, int]], tol: int) -
         lut[keys[closer]] = value
 
 
-def colour_to_index(
-    rgb: np.ndarray, info: DatasetInfo, source: str | None = None, tolerance: int = 0
-) -> np.ndarray:
+def colour_to_index(rgb: np.ndarray, info: DatasetInfo, source: str | None = None, tolerance: int = 0) -> np.ndarray:
     """Convert a colour label image to class indices.
 
     Args:
@@ -194,9 +203,7 @@ def colour_to_index(
     return out.astype(np.int64)
 
 
-def _unknown_colours_message(
-    keys: np.ndarray, unknown: np.ndarray, info: DatasetInfo, source: str | None
-) -> str:
+def _unknown_colours_message(keys: np.ndarray, unknown: np.ndarray, info: DatasetInfo, source: str | None) -> str:
     bad_keys, first, counts = np.unique(keys[unknown], return_index=True, return_counts=True)
     flat_pos = np.flatnonzero(unknown)[first]
     order = np.argsort(-counts)[:5]
@@ -209,7 +216,8 @@ def _unknown_colours_message(
     more = f" (and {len(bad_keys) - len(order)} more colours)" if len(bad_keys) > len(order) else ""
     return (
         f"{source or 'labels'}: unknown label colour(s) for {info.name}: "
-        + "; ".join(parts) + more
+        + "; ".join(parts)
+        + more
         + f". Known colours: {list(info.palette)}, ignored: {list(info.ignore_colours)}"
     )
 
@@ -238,9 +246,7 @@ def index_to_colour(mask: np.ndarray, info: DatasetInfo) -> np.ndarray:
     return table[mask.astype(np.intp)]
 
 
-def normalise_index_labels(
-    labels: np.ndarray, info: DatasetInfo, source: str | None = None
-) -> np.ndarray:
+def normalise_index_labels(labels: np.ndarray, info: DatasetInfo, source: str | None = None) -> np.ndarray:
     """Turn raw index labels into a mask: ``info.ignore_values`` -> :data:`IGNORE_INDEX`.
 
     Args:
@@ -276,6 +282,11 @@ def normalise_index_labels(
 
 
 __all__ = [
-    "IGNORE_INDEX", "DatasetInfo", "ISPRS", "MMHUNAN",
-    "colour_to_index", "index_to_colour", "normalise_index_labels",
+    "IGNORE_INDEX",
+    "DatasetInfo",
+    "ISPRS",
+    "MMHUNAN",
+    "colour_to_index",
+    "index_to_colour",
+    "normalise_index_labels",
 ]

@@ -12,11 +12,10 @@ a file matching the pattern with the tile id written with or without zero paddin
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
-__all__ = ["tile_key", "pad_id", "fill_pattern", "resolve_file", "as_patterns", "tile_key_of_name",
-           "merge_patterns"]
+__all__ = ["tile_key", "pad_id", "fill_pattern", "resolve_file", "as_patterns", "tile_key_of_name", "merge_patterns"]
 
 _ID = re.compile(r"^\d+(?:_\d+)*$")
 _NUMBERS = r"(\d+(?:_\d+)*)"

@@ -3,8 +3,8 @@ the ISPRS benchmark), split lists on disk, and seeded ratio splits of flat folde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,9 +33,7 @@ VAIHINGEN_SPLITS: dict[str, dict[str, list[str]]] = {
 
 POTSDAM_SPLITS: dict[str, dict[str, list[str]]] = {
     "authors": {
-        "train": _ids(
-            "6_10 7_10 2_12 3_11 2_10 7_8 5_10 3_12 5_12 7_11 7_9 6_9 7_7 4_12 6_8 6_12 6_7 4_11"
-        ),
+        "train": _ids("6_10 7_10 2_12 3_11 2_10 7_8 5_10 3_12 5_12 7_11 7_9 6_9 7_7 4_12 6_8 6_12 6_7 4_11"),
         "test": _ids("4_10 5_11 2_11 3_10 6_11 7_12"),
     },
     "official": {

@@ -29,7 +29,7 @@ import numpy as np
 
 from .io import PathLike, write_tiff
 from .layouts import VAIHINGEN_SPLITS, SplitSpec, VaihingenLayout
-from .palette import ISPRS, index_to_colour, IGNORE_INDEX
+from .palette import IGNORE_INDEX, ISPRS, index_to_colour
 from .scenes import boundary_mask, render_scene
 
 GENERATOR_VERSION = 1
@@ -119,8 +119,12 @@ def generate_synthetic_vaihingen(
     root = Path(root)
     if tile_size < 64:
         raise ValueError(f"tile_size must be >= 64, got {tile_size}")
-    params = {"num_tiles": int(num_tiles), "tile_size": int(tile_size), "seed": int(seed),
-              "boundary_radius": int(boundary_radius)}
+    params = {
+        "num_tiles": int(num_tiles),
+        "tile_size": int(tile_size),
+        "seed": int(seed),
+        "boundary_radius": int(boundary_radius),
+    }
     splits = synthetic_splits(num_tiles)
     existing = _read_manifest(root)
     if existing is not None and not overwrite and _matches(root, existing, params):
@@ -131,8 +135,13 @@ def generate_synthetic_vaihingen(
     files, layout = [], VaihingenLayout()
     for index, tile_id in enumerate(ids):
         files += _write_tile(layout, root, tile_id, index, tile_size, seed, boundary_radius)
-    manifest = {"generator": "mmpeft_isprs.data.synthetic", "version": GENERATOR_VERSION,
-                "params": params, "splits": splits, "files": files}
+    manifest = {
+        "generator": "mmpeft_isprs.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "params": params,
+        "splits": splits,
+        "files": files,
+    }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks completion
     return manifest
 
@@ -162,6 +171,10 @@ def synthetic_layout(root: PathLike, **layout_kwargs: Any) -> VaihingenLayout:
 
 
 __all__ = [
-    "generate_synthetic_vaihingen", "synthetic_splits", "synthetic_layout",
-    "SYNTHETIC_VAL_IDS", "GENERATOR_VERSION", "DEFAULT_NUM_TILES",
+    "generate_synthetic_vaihingen",
+    "synthetic_splits",
+    "synthetic_layout",
+    "SYNTHETIC_VAL_IDS",
+    "GENERATOR_VERSION",
+    "DEFAULT_NUM_TILES",
 ]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -137,9 +138,7 @@ class TileSet:
     def _check_missing(self, files: list[TileFiles]) -> None:
         missing = missing_files(self.layout, files, self.labels)
         if missing:
-            raise DataError(
-                f"{len(missing)} missing file(s) under {self.root}:\n  " + "\n  ".join(missing)
-            )
+            raise DataError(f"{len(missing)} missing file(s) under {self.root}:\n  " + "\n  ".join(missing))
 
     def dsm_rule(self, modality: str, path: Path | None = None) -> DsmNormalisation:
         """The scaling rule of an elevation modality (with ``path``'s declared no-data value

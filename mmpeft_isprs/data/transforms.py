@@ -9,8 +9,9 @@ Non-tensor entries (e.g. ``"name"``) pass through untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,6 +17,15 @@ from .mfnet import MFNet, build_encoder, build_mfnet
 from .weights import MFNetFile, load_mfnet, read_mfnet, save_mfnet
 
 __all__ = [
-    "MFNetConfig", "MFNet", "MFNET_PRESETS", "mfnet_preset", "build_mfnet", "build_encoder", "save_mfnet",
-    "load_mfnet", "read_mfnet", "MFNetFile", "check_input_size",
-]  # fmt: skip
+    "MFNetConfig",
+    "MFNet",
+    "MFNET_PRESETS",
+    "mfnet_preset",
+    "build_mfnet",
+    "build_encoder",
+    "save_mfnet",
+    "load_mfnet",
+    "read_mfnet",
+    "MFNetFile",
+    "check_input_size",
+]

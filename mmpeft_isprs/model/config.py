@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mmpeft import FUSION_RULES, resolve_dtype
 from mmpeft.backbones import SAM_SPECS
@@ -109,7 +110,9 @@ class MFNetConfig:
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be unique and non-empty, got {self.modalities}")
         if self.efficient_attention not in (True, False, "auto", "real", "all"):
-            raise ValueError(f"efficient_attention must be true, false, 'real' or 'all', got {self.efficient_attention!r}")
+            raise ValueError(
+                f"efficient_attention must be true, false, 'real' or 'all', got {self.efficient_attention!r}"
+            )
         resolve_dtype(self.base_dtype)  # ValueError naming the accepted names
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
@@ -149,7 +152,7 @@ class MFNetConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MFNetConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> MFNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -157,7 +160,7 @@ class MFNetConfig:
         return cls(**dict(d))
 
 
-def _check_encoder_options(cfg: "MFNetConfig", kind: BackboneKind) -> None:
+def _check_encoder_options(cfg: MFNetConfig, kind: BackboneKind) -> None:
     """The options that only some encoders take, named when given to another."""
     name = f"model.backbone={cfg.backbone}"
     if kind.kind == "sam":
@@ -165,10 +168,19 @@ def _check_encoder_options(cfg: "MFNetConfig", kind: BackboneKind) -> None:
         if bad:
             raise ValueError(f"{bad} apply to SAM2 / timm ViT backbones, not to SAM's {name}")
         return
-    bad = [k for k, v in (("impl", cfg.impl != "timm"), ("zero_rel_pos", cfg.zero_rel_pos),
-                          ("pos_embed_interp", cfg.pos_embed_interp != "bicubic")) if v]  # fmt: skip
+    bad = [
+        k
+        for k, v in (
+            ("impl", cfg.impl != "timm"),
+            ("zero_rel_pos", cfg.zero_rel_pos),
+            ("pos_embed_interp", cfg.pos_embed_interp != "bicubic"),
+        )
+        if v
+    ]
     if kind.kind == "sam2":
-        bad += [k for k in ("depth", "pyramid_blocks") if getattr(cfg, k)] + (["dfm_norms"] if cfg.dfm_norms != "authors" else [])
+        bad += [k for k in ("depth", "pyramid_blocks") if getattr(cfg, k)] + (
+            ["dfm_norms"] if cfg.dfm_norms != "authors" else []
+        )
     if bad:
         raise ValueError(
             f"{bad} do not apply to {name} (impl / zero_rel_pos / pos_embed_interp are SAM's; a SAM2 trunk's depth is "
@@ -196,7 +208,6 @@ def check_input_size(size: Sequence[int]) -> None:
         )
 
 
-
 #: ``MFNetConfig.compile`` values
 COMPILE_MODES = ("auto", "blocks", "model", "model-ro", "none")
 
@@ -219,11 +230,21 @@ MFNET_PRESETS: dict[str, dict[str, Any]] = {
     "mfnet_mmlora": {"method": "lora", "fusion": "scalar"},
     # the authors' published runs exactly: default adapter init, zeroed relative tables,
     # LayerNorm/BatchNorm pyramid pair, bicubic position-embedding resize
-    "authors_mmadapter": {"preset": "mmadapter_authors", "method": "adapter", "zero_rel_pos": True,
-                          "dfm_norms": "authors", "pos_embed_interp": "bicubic"},
-    "authors_mmlora": {"preset": "mmlora_authors", "method": "lora", "zero_rel_pos": True,
-                       "dfm_norms": "authors", "pos_embed_interp": "bicubic"},
-}  # fmt: skip
+    "authors_mmadapter": {
+        "preset": "mmadapter_authors",
+        "method": "adapter",
+        "zero_rel_pos": True,
+        "dfm_norms": "authors",
+        "pos_embed_interp": "bicubic",
+    },
+    "authors_mmlora": {
+        "preset": "mmlora_authors",
+        "method": "lora",
+        "zero_rel_pos": True,
+        "dfm_norms": "authors",
+        "pos_embed_interp": "bicubic",
+    },
+}
 
 
 def mfnet_preset(name: str, **overrides: Any) -> MFNetConfig:
@@ -231,4 +252,3 @@ def mfnet_preset(name: str, **overrides: Any) -> MFNetConfig:
     if name not in MFNET_PRESETS:
         raise ValueError(f"unknown MFNet preset {name!r}; known: {sorted(MFNET_PRESETS)}")
     return MFNetConfig(**{**MFNET_PRESETS[name], **overrides})
-

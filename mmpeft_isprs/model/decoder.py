@@ -47,9 +47,7 @@ __all__ = [
 # ----------------------------------------------------------------------------- fusion heads
 def _check_skip(x: Tensor, res: Tensor) -> None:
     if res.shape[-2:] != (2 * x.shape[-2], 2 * x.shape[-1]):
-        raise ValueError(
-            f"skip map must be twice the decoder map: decoder {tuple(x.shape)}, skip {tuple(res.shape)}"
-        )
+        raise ValueError(f"skip map must be twice the decoder map: decoder {tuple(x.shape)}, skip {tuple(res.shape)}")
 
 
 class WF(nn.Module):
@@ -148,9 +146,7 @@ def check_decoder_features(features: Sequence[Tensor], channels: Sequence[int]) 
 
 
 def _forward_list(features: Sequence[Tensor], size: tuple[int, int]) -> None: ...
-def _forward_levels(
-    res1: Tensor, res2: Tensor, res3: Tensor, res4: Tensor, h: int, w: int
-) -> None: ...
+def _forward_levels(res1: Tensor, res2: Tensor, res3: Tensor, res4: Tensor, h: int, w: int) -> None: ...
 
 
 _LIST_SIGNATURE = inspect.signature(_forward_list)
@@ -215,9 +211,7 @@ class UNetFormerDecoder(nn.Module):
     def forward(self, features: Sequence[Tensor], size: tuple[int, int]) -> Tensor: ...
 
     @overload
-    def forward(
-        self, res1: Tensor, res2: Tensor, res3: Tensor, res4: Tensor, h: int, w: int
-    ) -> Tensor: ...
+    def forward(self, res1: Tensor, res2: Tensor, res3: Tensor, res4: Tensor, h: int, w: int) -> Tensor: ...
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """``forward(features, size)`` or the reference's ``forward(res1, res2, res3, res4, h, w)``.
@@ -233,6 +227,4 @@ class UNetFormerDecoder(nn.Module):
             if "features" in a:
                 return self.decode(a["features"], a["size"])
             return self.decode([a["res1"], a["res2"], a["res3"], a["res4"]], (a["h"], a["w"]))
-        raise TypeError(
-            "UNetFormerDecoder.forward takes (features, size) or (res1, res2, res3, res4, h, w)"
-        )
+        raise TypeError("UNetFormerDecoder.forward takes (features, size) or (res1, res2, res3, res4, h, w)")

@@ -33,13 +33,9 @@ def _same_padding(kernel_size: int, stride: int = 1, dilation: int = 1) -> int:
     return ((stride - 1) + dilation * (kernel_size - 1)) // 2
 
 
-def _conv2d(
-    in_ch: int, out_ch: int, k: int, stride: int, dilation: int, groups: int, bias: bool
-) -> nn.Conv2d:
+def _conv2d(in_ch: int, out_ch: int, k: int, stride: int, dilation: int, groups: int, bias: bool) -> nn.Conv2d:
     pad = _same_padding(k, stride, dilation)
-    return nn.Conv2d(
-        in_ch, out_ch, k, stride=stride, padding=pad, dilation=dilation, groups=groups, bias=bias
-    )
+    return nn.Conv2d(in_ch, out_ch, k, stride=stride, padding=pad, dilation=dilation, groups=groups, bias=bias)
 
 
 class Conv(nn.Sequential):
@@ -190,9 +186,7 @@ class GlobalLocalAttention(nn.Module):
         window_size: window side; must be even (the axial pools and proj are then size-exact).
     """
 
-    def __init__(
-        self, dim: int = 64, num_heads: int = 8, qkv_bias: bool = False, window_size: int = 8
-    ) -> None:
+    def __init__(self, dim: int = 64, num_heads: int = 8, qkv_bias: bool = False, window_size: int = 8) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
@@ -314,5 +308,3 @@ class Block(nn.Module):
         """x: (B, C, H, W) -> (B, C, H, W)."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ PyramidNorm = Literal["layernorm", "batchnorm"]
 #: ``"authors"`` = LayerNorm for modality 0 and BatchNorm for every other modality (the
 #: published model: optical LayerNorm, DSM BatchNorm); ``"layernorm"`` / ``"batchnorm"`` = the
 #: same norm everywhere; or one entry per modality.
-NormSpec = Union[Literal["authors", "layernorm", "batchnorm"], Sequence[str]]
+NormSpec = Literal["authors", "layernorm", "batchnorm"] | Sequence[str]
 _NORMS: tuple[str, ...] = ("layernorm", "batchnorm")
 
 
@@ -233,9 +233,7 @@ class DeepFusionModule(nn.Module):
         # Registration order = RNG order of the reference: all pyramids, then fusion1..4.
         make = pyramid or (lambda norm: SimplePyramid(channels, norm))  # type: ignore[arg-type]
         self.pyramids = nn.ModuleList(make(norm) for norm in self.norms)
-        self.fusions = nn.ModuleList(
-            SEFusion(channels, num_modalities, reduction) for _ in range(self.num_levels)
-        )
+        self.fusions = nn.ModuleList(SEFusion(channels, num_modalities, reduction) for _ in range(self.num_levels))
 
     def _check_inputs(self, features: Sequence[Tensor], expected: int) -> None:
         if features and not isinstance(features[0], Tensor):  # lists of maps: the pyramids check them
@@ -248,8 +246,7 @@ class DeepFusionModule(nn.Module):
         first = shapes[0]
         if len(first) != 4 or first[1] != self.channels or any(s != first for s in shapes):
             raise ValueError(
-                f"DFM expects {self.num_modalities} maps of one shape (B, {self.channels}, h, w); "
-                f"got shapes {shapes}"
+                f"DFM expects {self.num_modalities} maps of one shape (B, {self.channels}, h, w); got shapes {shapes}"
             )
 
     def forward(
@@ -296,4 +293,3 @@ def convert_reference_dfm_state_dict(state_dict: Mapping[str, Tensor]) -> dict[s
             continue
         raise KeyError(f"not a reference DFM key: {key!r}")
     return out
-

@@ -12,16 +12,20 @@ from __future__ import annotations
 import importlib
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import nn
 
 __all__ = [
-    "EncoderCheckpointError", "EncoderLoadReport", "read_state_dict", "describe_checkpoint",
-    "load_checked", "load_vit_checkpoint",
-]  # fmt: skip
+    "EncoderCheckpointError",
+    "EncoderLoadReport",
+    "read_state_dict",
+    "describe_checkpoint",
+    "load_checked",
+    "load_vit_checkpoint",
+]
 
 _LISTED = 8
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -85,7 +89,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _blocks(keys: list[str], prefix: str = "") -> int:
-    found = {int(m.group(1)) for k in keys if k.startswith(prefix) for m in [_BLOCK.search(k[len(prefix):])] if m}
+    found = {int(m.group(1)) for k in keys if k.startswith(prefix) for m in [_BLOCK.search(k[len(prefix) :])] if m}
     return max(found) + 1 if found else 0
 
 
@@ -95,7 +99,9 @@ def describe_checkpoint(state: Mapping[str, torch.Tensor]) -> str:
     if any(k.startswith("image_encoder.trunk.") for k in keys):
         w = state.get("image_encoder.trunk.patch_embed.proj.weight")
         width = None if w is None else w.shape[0]
-        return f"a SAM2 checkpoint (image_encoder.trunk.*: width {width}, {_blocks(keys, 'image_encoder.trunk.')} blocks)"
+        return (
+            f"a SAM2 checkpoint (image_encoder.trunk.*: width {width}, {_blocks(keys, 'image_encoder.trunk.')} blocks)"
+        )
     if any(k.startswith("image_encoder.") for k in keys):
         w = state.get("image_encoder.patch_embed.proj.weight")
         width = None if w is None else w.shape[0]
@@ -113,8 +119,11 @@ def load_checked(
     """Load ``mapped`` (model naming) into ``module`` key by key; shapes must agree. Fills and returns
     ``report``; with ``strict`` any missing or unexpected key is an error naming them."""
     own = module.state_dict()
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-             for k, v in mapped.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if wrong:
         raise EncoderCheckpointError(
             f"{report.source} does not fit {report.backbone} ({what}); {len(wrong)} tensors differ in shape: "
@@ -122,8 +131,11 @@ def load_checked(
         )
     report.missing = sorted(set(own) - set(mapped))
     report.unexpected = sorted(set(mapped) - set(own))
-    problems = [f"{name}: {listing(keys)}" for name, keys in
-                (("missing from the checkpoint", report.missing), ("unexpected in it", report.unexpected)) if keys]  # fmt: skip
+    problems = [
+        f"{name}: {listing(keys)}"
+        for name, keys in (("missing from the checkpoint", report.missing), ("unexpected in it", report.unexpected))
+        if keys
+    ]
     if problems and strict:
         raise EncoderCheckpointError(f"loading {report.source} into {report.backbone} ({what}): " + "; ".join(problems))
     module.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=False)

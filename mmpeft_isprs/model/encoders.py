@@ -16,8 +16,9 @@ Both are built with random weights (``pretrained=False``); weights come from a l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +28,30 @@ from .encoder_weights import EncoderLoadReport, load_vit_checkpoint
 from .sam2_weights import load_sam2_checkpoint
 
 __all__ = [
-    "SAM2_BACKBONES", "DINOV2_BACKBONES", "BackboneKind", "resolve_backbone", "known_backbones",
-    "HieraFeatures", "ViTFeatures", "build_feature_encoder", "default_pyramid_blocks",
-]  # fmt: skip
+    "SAM2_BACKBONES",
+    "DINOV2_BACKBONES",
+    "BackboneKind",
+    "resolve_backbone",
+    "known_backbones",
+    "HieraFeatures",
+    "ViTFeatures",
+    "build_feature_encoder",
+    "default_pyramid_blocks",
+]
 
 #: SAM2's image-encoder trunks (timm names)
 SAM2_BACKBONES = ("sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large")
 #: DINOv2's torch-hub names -> timm names
 DINOV2_BACKBONES = {
-    "dinov2_vits14": "vit_small_patch14_dinov2", "dinov2_vitb14": "vit_base_patch14_dinov2",
-    "dinov2_vitl14": "vit_large_patch14_dinov2", "dinov2_vitg14": "vit_giant_patch14_dinov2",
-    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2", "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
-    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2", "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
-}  # fmt: skip
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vitl14": "vit_large_patch14_dinov2",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
+}
 #: the token grid every ViT encoder is brought to (SAM's: input / 16)
 GRID_STRIDE = 16
 
@@ -55,8 +67,10 @@ class BackboneKind:
 
 def known_backbones(sam_names: Sequence[str]) -> str:
     """The choices of ``model.backbone``, for error messages."""
-    return (f"SAM {sorted(sam_names)}, SAM2 {list(SAM2_BACKBONES)}, DINOv2 {list(DINOV2_BACKBONES)}, "
-            "or any timm ViT name (timm.list_models('vit_*'))")  # fmt: skip
+    return (
+        f"SAM {sorted(sam_names)}, SAM2 {list(SAM2_BACKBONES)}, DINOv2 {list(DINOV2_BACKBONES)}, "
+        "or any timm ViT name (timm.list_models('vit_*'))"
+    )
 
 
 def resolve_backbone(name: str, sam_names: Sequence[str]) -> BackboneKind:
@@ -129,8 +143,12 @@ class ViTFeatures(nn.Module):
         if tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         return self.trunk.forward_intermediates(  # (B, D, h, w) each, prefix tokens dropped
-            x, indices=self.blocks_taken, norm=True, output_fmt="NCHW", intermediates_only=True,
-        )  # fmt: skip
+            x,
+            indices=self.blocks_taken,
+            norm=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )
 
 
 def _vit_trunk(timm_name: str, size: tuple[int, int], kwargs: dict[str, Any]) -> nn.Module:
@@ -149,9 +167,13 @@ def _vit_trunk(timm_name: str, size: tuple[int, int], kwargs: dict[str, Any]) ->
 
 
 def build_feature_encoder(
-    name: str, kind: BackboneKind, size: tuple[int, int], kwargs: dict[str, Any] | None = None,
-    pyramid_blocks: Sequence[int] | None = None, checkpoint: str | None = None,
-) -> tuple[HieraFeatures | ViTFeatures, EncoderLoadReport | None]:  # fmt: skip
+    name: str,
+    kind: BackboneKind,
+    size: tuple[int, int],
+    kwargs: dict[str, Any] | None = None,
+    pyramid_blocks: Sequence[int] | None = None,
+    checkpoint: str | None = None,
+) -> tuple[HieraFeatures | ViTFeatures, EncoderLoadReport | None]:
     """The unwrapped feature encoder of backbone ``name`` (a SAM2 / ViT ``kind``) for inputs of
     ``size``, with the weights of the local file ``checkpoint`` (None: random) and its load report.
 

@@ -4,16 +4,30 @@ Module and the UNetFormer decoder."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmpeft import (
-    MultimodalModel, Presence, count_parameters, is_trainable_name, per_modality_forward, reference_forward,
-    state_mismatches, wrap_multimodal,
+    MultimodalModel,
+    Presence,
+    count_parameters,
+    is_trainable_name,
+    per_modality_forward,
+    reference_forward,
+    state_mismatches,
+    wrap_multimodal,
 )
-from mmpeft.backbones import SAM_SPECS, SamLoadReport, build_sam_encoder, load_sam_checkpoint, replace_spec, zero_rel_pos
+from mmpeft.backbones import (
+    SAM_SPECS,
+    SamLoadReport,
+    build_sam_encoder,
+    load_sam_checkpoint,
+    replace_spec,
+    zero_rel_pos,
+)
 
 from .config import MFNetConfig, check_input_size, global_blocks
 from .decoder import UNetFormerDecoder
@@ -34,7 +48,7 @@ def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | Encod
     if kind.kind != "sam":
         encoder, loaded = build_feature_encoder(
             config.backbone, kind, config.size, config.timm_kwargs, config.pyramid_blocks, config.checkpoint
-        )  # fmt: skip
+        )
         return encoder, loaded, DFM_CHANNELS
     spec = SAM_SPECS[config.backbone]
     sizes = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads") if getattr(config, k)}
@@ -44,9 +58,11 @@ def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | Encod
     report = None
     if config.checkpoint:
         report = load_sam_checkpoint(
-            sam, config.checkpoint, zero_rel_pos=config.zero_rel_pos,
+            sam,
+            config.checkpoint,
+            zero_rel_pos=config.zero_rel_pos,
             pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
     elif config.zero_rel_pos:
         zero_rel_pos(sam)
     return sam, report, spec.out_chans
@@ -65,10 +81,15 @@ def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport |
         options = {}
     extra: dict[str, Any] = {} if config.backbone_kind.kind == "sam" else {"probe": (64, 64)}  # a cheap dry run
     wrapped = wrap_multimodal(
-        encoder, config.modalities, preset=config.mmpeft_preset, stems=dict(config.stems),
-        efficient_attention=config.efficient_attention, base_dtype=config.base_dtype,
-        **extra, **{k: v for k, v in options.items() if v is not None},
-    )  # fmt: skip
+        encoder,
+        config.modalities,
+        preset=config.mmpeft_preset,
+        stems=dict(config.stems),
+        efficient_attention=config.efficient_attention,
+        base_dtype=config.base_dtype,
+        **extra,
+        **{k: v for k, v in options.items() if v is not None},
+    )
     if config.grad_checkpointing:
         wrapped.set_grad_checkpointing(True)
     return wrapped, report, channels
@@ -91,6 +112,7 @@ def _cast(x: Any, dtype: torch.dtype) -> Any:
 
 def _masked_sum(maps: list[Any], mask: torch.Tensor | None) -> Any:
     """Sum over modalities of their maps (or, level by level, of their lists of maps); absent samples count 0."""
+
     def one(i: int, m: torch.Tensor) -> torch.Tensor:
         return m if mask is None else m * mask[i].view(-1, 1, 1, 1)
 
@@ -116,9 +138,13 @@ class MFNet(nn.Module):
         else:  # Table V "without DFM": sum the encoder outputs, one simple pyramid
             self.dfm = SimplePyramid(c, norm="layernorm") if make is None else make("layernorm")
         self.decoder = UNetFormerDecoder(
-            (c, c, c, c), config.decode_channels, config.decoder_dropout, config.window_size,
-            config.decoder_heads, config.num_classes,
-        )  # fmt: skip
+            (c, c, c, c),
+            config.decode_channels,
+            config.decoder_dropout,
+            config.window_size,
+            config.decoder_heads,
+            config.num_classes,
+        )
 
     def forward(self, inputs: Mapping[str, torch.Tensor], presence: Presence | None = None) -> torch.Tensor:
         """inputs: {modality: (B, c_m, H, W)} with (H, W) = config size -> logits (B, K, H, W).
@@ -203,13 +229,13 @@ class MFNet(nn.Module):
 
     def parameter_groups(self) -> dict[str, dict[str, int]]:
         """Trainable / frozen parameters of encoder (by kind), DFM and decoder."""
+
         def group(name: str) -> str:
             if name.startswith("encoder."):
                 return "encoder (trainable)" if is_trainable_name(name) else "encoder (frozen)"
             return name.split(".")[0]
 
         return count_parameters(self, by=group).to_dict()
-
 
 
 def build_mfnet(config: MFNetConfig | Mapping[str, Any] | None = None, **overrides: Any) -> MFNet:
@@ -221,4 +247,3 @@ def build_mfnet(config: MFNetConfig | Mapping[str, Any] | None = None, **overrid
     elif overrides:
         config = dataclasses.replace(config, **overrides)
     return MFNet(config)
-

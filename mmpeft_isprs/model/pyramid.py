@@ -47,7 +47,9 @@ class MultiScaleProjection(nn.Module):
     def __init__(self, in_channels: Sequence[int], channels: int = 256) -> None:
         super().__init__()
         if len(in_channels) != 4:
-            raise ValueError(f"MultiScaleProjection takes four maps (strides 4, 8, 16, 32); got channels {list(in_channels)}")
+            raise ValueError(
+                f"MultiScaleProjection takes four maps (strides 4, 8, 16, 32); got channels {list(in_channels)}"
+            )
         self.in_channels = tuple(int(c) for c in in_channels)
         self.channels = channels
         self.proj = nn.ModuleList(projection(c, channels) for c in self.in_channels)

@@ -24,19 +24,29 @@ official-layout files with it).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .encoder_weights import EncoderCheckpointError, EncoderLoadReport, describe_checkpoint, load_checked, read_state_dict
+from .encoder_weights import (
+    EncoderCheckpointError,
+    EncoderLoadReport,
+    describe_checkpoint,
+    load_checked,
+    read_state_dict,
+)
 
 __all__ = ["SAM2_TRUNK_PREFIX", "sam2_to_timm_state_dict", "timm_to_sam2_state_dict", "load_sam2_checkpoint"]
 
 SAM2_TRUNK_PREFIX = "image_encoder.trunk."
 #: (width, blocks) of each official trunk
-SAM2_SIZES = {(96, 12): "sam2_hiera_tiny", (96, 16): "sam2_hiera_small", (112, 24): "sam2_hiera_base_plus",
-              (144, 48): "sam2_hiera_large"}  # fmt: skip
+SAM2_SIZES = {
+    (96, 12): "sam2_hiera_tiny",
+    (96, 16): "sam2_hiera_small",
+    (112, 24): "sam2_hiera_base_plus",
+    (144, 48): "sam2_hiera_large",
+}
 
 
 def sam2_to_timm_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

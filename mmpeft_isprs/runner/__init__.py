@@ -13,6 +13,13 @@ from .scoring import score_weights
 from .trainer import Trainer, TrainResult, fit
 
 __all__ = [
-    "fit", "Trainer", "TrainResult", "TrainState", "score_weights", "load_checkpoint", "CHECKPOINT", "BEST",
+    "fit",
+    "Trainer",
+    "TrainResult",
+    "TrainState",
+    "score_weights",
+    "load_checkpoint",
+    "CHECKPOINT",
+    "BEST",
     "LAST_WEIGHTS",
-]  # fmt: skip
+]

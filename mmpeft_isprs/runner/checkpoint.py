@@ -26,18 +26,41 @@ from ..task import SegmentationTask
 from ..threads import current_policy
 
 __all__ = [
-    "CHECKPOINT", "BEST", "LAST_WEIGHTS", "FORMAT", "RESUMABLE_CHANGES", "TrainState", "load_checkpoint",
-    "check_resumable", "resume_checkpoint", "recorded_threads", "save_checkpoint", "restore_checkpoint", "seed_process",
-]  # fmt: skip
+    "CHECKPOINT",
+    "BEST",
+    "LAST_WEIGHTS",
+    "FORMAT",
+    "RESUMABLE_CHANGES",
+    "TrainState",
+    "load_checkpoint",
+    "check_resumable",
+    "resume_checkpoint",
+    "recorded_threads",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "seed_process",
+]
 
 CHECKPOINT = "last.pt"
 BEST = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 FORMAT = "mmpeft_isprs.train/1"
 RESUMABLE_CHANGES = (  # config fields that may differ when a run is resumed
-    "train.resume", "train.overwrite", "train.epochs", "train.num_workers", "train.device", "train.threads", "train.log_every", "train.progress",
-    "train.tensorboard", "train.val_every", "train.checkpoint_every", "data.root", "data.cache", "model.checkpoint",
-)  # fmt: skip
+    "train.resume",
+    "train.overwrite",
+    "train.epochs",
+    "train.num_workers",
+    "train.device",
+    "train.threads",
+    "train.log_every",
+    "train.progress",
+    "train.tensorboard",
+    "train.val_every",
+    "train.checkpoint_every",
+    "data.root",
+    "data.cache",
+    "model.checkpoint",
+)
 
 
 @dataclass
@@ -85,7 +108,11 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("stems", "folders", "modalities") else {f"{prefix}{k}": v})
+        out.update(
+            _flat(v, f"{prefix}{k}.")
+            if isinstance(v, dict) and k not in ("stems", "folders", "modalities")
+            else {f"{prefix}{k}": v}
+        )
     return out
 
 
@@ -118,7 +145,9 @@ def check_resumable(saved: dict[str, Any], cfg: ExperimentConfig, path: Path) ->
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
     if diff:
         listing = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-        raise ConfigError(f"cannot resume {path}: the config differs from the run's ({listing}); only {', '.join(RESUMABLE_CHANGES)} may change")
+        raise ConfigError(
+            f"cannot resume {path}: the config differs from the run's ({listing}); only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
 
 
 def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] | None:
@@ -129,12 +158,23 @@ def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] |
         ckpt = load_checkpoint(path, "cpu")
         check_resumable(ckpt["config"], cfg, path)
         if len(ckpt["rng"]) != info.world_size:
-            raise ConfigError(f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many (now {info.world_size})")
+            raise ConfigError(
+                f"{path} was written by {len(ckpt['rng'])} process(es); resume it with as many (now {info.world_size})"
+            )
         return ckpt
     earlier = [name for name in (CHECKPOINT, "config.yaml", "log.csv", BEST) if (run_dir / name).exists()]
     if earlier and cfg.train.overwrite:
         if info.is_main:
-            for name in (*earlier, LAST_WEIGHTS, "run.json", "figures", "metrics", "tensorboard", "train.log", "eval.log"):
+            for name in (
+                *earlier,
+                LAST_WEIGHTS,
+                "run.json",
+                "figures",
+                "metrics",
+                "tensorboard",
+                "train.log",
+                "eval.log",
+            ):
                 _remove(run_dir / name)
             for folder in run_dir.glob("eval_*"):  # their metrics describe the replaced weights
                 _remove(folder)
@@ -156,12 +196,20 @@ def _remove(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- writing and restoring
-def save_checkpoint(path: Path, task: SegmentationTask, state: TrainState, cfg: ExperimentConfig, info: DistInfo) -> None:
+def save_checkpoint(
+    path: Path, task: SegmentationTask, state: TrainState, cfg: ExperimentConfig, info: DistInfo
+) -> None:
     """Write ``last.pt`` atomically (rank 0; every rank's RNG state gathered)."""
     rngs = all_gather_object({**_rng_state(info.device), "loss_sum": state.loss_sum})
     if info.is_main:
-        ckpt = {"format": FORMAT, **task.state_dict(), "state": dataclasses.asdict(state), "rng": rngs, "config": cfg.to_dict(),
-                "threads": current_policy().threads}  # reused on resume (another count is not bit-exact)
+        ckpt = {
+            "format": FORMAT,
+            **task.state_dict(),
+            "state": dataclasses.asdict(state),
+            "rng": rngs,
+            "config": cfg.to_dict(),
+            "threads": current_policy().threads,
+        }  # reused on resume (another count is not bit-exact)
         atomic_write(path, lambda p: torch.save(ckpt, p))
     barrier()
 

@@ -11,8 +11,9 @@ Only matplotlib's object API is used (no pyplot, no global state, no display nee
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,16 @@ def _display(arr: Any) -> np.ndarray:
     return np.clip((a - lo) / max(float(hi - lo), 1e-6), 0, 1)
 
 
-def tile_figure(path: Path, title: str, optical: Any, dsm: Any | None, truth: np.ndarray, pred: np.ndarray,
-                info: DatasetInfo, elevation: Sequence[str] = ("dsm",)) -> Path:  # fmt: skip
+def tile_figure(
+    path: Path,
+    title: str,
+    optical: Any,
+    dsm: Any | None,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    info: DatasetInfo,
+    elevation: Sequence[str] = ("dsm",),
+) -> Path:
     """Every input | ground truth | prediction | errors, with the class legend; returns ``path``.
 
     ``optical``: a mapping ``{modality: array}`` (one panel per modality, in order; those named in
@@ -60,10 +69,14 @@ def tile_figure(path: Path, title: str, optical: Any, dsm: Any | None, truth: np
     shown = np.where(valid, truth, 0)
     truth_rgb = index_to_colour(shown.astype(np.uint8), info)
     truth_rgb[~valid] = 0
-    panels = _input_panels(optical if isinstance(optical, Mapping) else {"input": optical, "DSM": dsm},
-                           (*elevation, "DSM"))  # fmt: skip
-    panels += [("ground truth", truth_rgb, None), ("prediction", index_to_colour(pred.astype(np.uint8), info), None),
-               (f"errors ({100 * float((truth != pred)[valid].mean() if valid.any() else 0):.1f}%)", errors, None)]  # fmt: skip
+    panels = _input_panels(
+        optical if isinstance(optical, Mapping) else {"input": optical, "DSM": dsm}, (*elevation, "DSM")
+    )
+    panels += [
+        ("ground truth", truth_rgb, None),
+        ("prediction", index_to_colour(pred.astype(np.uint8), info), None),
+        (f"errors ({100 * float((truth != pred)[valid].mean() if valid.any() else 0):.1f}%)", errors, None),
+    ]
     fig = _figure(3.2 * len(panels), 4.2)
     for i, (name, img, cmap) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -72,8 +85,10 @@ def tile_figure(path: Path, title: str, optical: Any, dsm: Any | None, truth: np
         if img is not None:
             ax.imshow(img, cmap=cmap, interpolation="nearest")
     colours = [*(np.array(c) / 255 for c in info.palette), np.array(ERROR_COLOUR) / 255, "black"]
-    handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=n)
-               for n, c in zip([*info.class_names, "error", "ignored"], colours)]  # fmt: skip
+    handles = [
+        Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=n)
+        for n, c in zip([*info.class_names, "error", "ignored"], colours)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=8)
     fig.suptitle(title)
     fig.subplots_adjust(bottom=0.12, top=0.85, wspace=0.05)
@@ -114,8 +129,15 @@ def confusion_figure(path: Path, matrix: Any, class_names: Sequence[str], title:
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{share[i, j]:.0f}%\n{int(m[i, j])}", ha="center", va="center", fontsize=7,
-                    color="white" if share[i, j] > 60 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{share[i, j]:.0f}%\n{int(m[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share[i, j] > 60 else "black",
+            )
     ax.set_xticks(range(k), class_names, rotation=40, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="prediction", ylabel="ground truth", title=title)

@@ -6,8 +6,9 @@ import csv
 import json
 import platform
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..config import ExperimentConfig
 from ..data import TileSet
@@ -17,7 +18,18 @@ from ..threads import current_policy
 
 __all__ = ["CSV_FIELDS", "RunLog", "TextLog", "describe_run", "run_header"]
 
-CSV_FIELDS = ("epoch", "step", "lr", "train_loss", "val_OA", "val_mF1", "val_mIoU", "best_epoch", "seconds", "images_per_s")
+CSV_FIELDS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_OA",
+    "val_mF1",
+    "val_mIoU",
+    "best_epoch",
+    "seconds",
+    "images_per_s",
+)
 
 
 class RunLog:
@@ -102,7 +114,9 @@ def _ids(ids: list[str], show: int = 8) -> str:
     return " ".join(ids[:show]) + (f" ... ({len(ids)} tiles)" if len(ids) > show else "")
 
 
-def describe_run(cfg: ExperimentConfig, model: MFNet, train_tiles: TileSet, val_tiles: TileSet | None, info: DistInfo) -> str:
+def describe_run(
+    cfg: ExperimentConfig, model: MFNet, train_tiles: TileSet, val_tiles: TileSet | None, info: DistInfo
+) -> str:
     """One paragraph: model, trainable parameters, tiles, schedule, processes and run folder."""
     t = cfg.train
     trainable = model.parameter_groups()["total"]["trainable"]
@@ -129,12 +143,18 @@ def run_header(cfg: ExperimentConfig, info: DistInfo) -> str:
     threads = current_policy()
     versions = _versions()
     payload = {
-        "versions": versions, "device": str(info.device), "world_size": info.world_size,
-        "threads": threads.to_dict(), "command": sys.argv, "config": cfg.to_dict(),
-    }  # fmt: skip
+        "versions": versions,
+        "device": str(info.device),
+        "world_size": info.world_size,
+        "threads": threads.to_dict(),
+        "command": sys.argv,
+        "config": cfg.to_dict(),
+    }
     (run_dir / "run.json").write_text(json.dumps(payload, indent=1))
-    return "\n".join([
-        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"device: {info.device} x {info.world_size} process(es); threads: {threads.describe()}",
-        f"resolved config: {run_dir / 'config.yaml'} (with versions and threads: {run_dir / 'run.json'})",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            f"device: {info.device} x {info.world_size} process(es); threads: {threads.describe()}",
+            f"resolved config: {run_dir / 'config.yaml'} (with versions and threads: {run_dir / 'run.json'})",
+        ]
+    )

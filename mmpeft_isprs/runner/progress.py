@@ -12,7 +12,8 @@ windows/s and ETA, at every tenth of the windows and at least every :data:`EVAL_
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +45,15 @@ class StepLog:
             0's share of the batches, not reduced over the ranks; the epoch's loss in ``log.csv`` is).
     """
 
-    def __init__(self, log: Callable[[str], None], every: int, total_steps: int, images_per_step: int,
-                 clock: Callable[[], float] = time.perf_counter, loss_label: str = "loss") -> None:  # fmt: skip
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        every: int,
+        total_steps: int,
+        images_per_step: int,
+        clock: Callable[[], float] = time.perf_counter,
+        loss_label: str = "loss",
+    ) -> None:
         self.log, self.every, self.total, self.images = log, every, total_steps, images_per_step
         self.loss_label = loss_label
         self.clock = clock
@@ -66,9 +74,11 @@ class StepLog:
         if not due:
             return None
         rate = self.steps / max(elapsed, 1e-9)
-        line = (f"step {step}/{self.total} ({where}): {self.loss_label} {float(self.loss) / self.steps:.4f}, lr {lr:.3g}, "
-                f"{rate * self.images:.1f} img/s, data wait {100 * self.wait / max(elapsed, 1e-9):.0f}%, "
-                f"ETA {format_seconds((self.total - step) / max(rate, 1e-9))}")  # fmt: skip
+        line = (
+            f"step {step}/{self.total} ({where}): {self.loss_label} {float(self.loss) / self.steps:.4f}, lr {lr:.3g}, "
+            f"{rate * self.images:.1f} img/s, data wait {100 * self.wait / max(elapsed, 1e-9):.0f}%, "
+            f"ETA {format_seconds((self.total - step) / max(rate, 1e-9))}"
+        )
         self.log(line)
         self.restart()
         return line
@@ -81,8 +91,14 @@ class EvalProgress:
     that crosses it): ``eval: D/T windows (P%), elapsed E, R windows/s, ETA S``.
     """
 
-    def __init__(self, log: Callable[[str], None], total: int, what: str = "eval", every_s: float = EVAL_SILENCE,
-                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        total: int,
+        what: str = "eval",
+        every_s: float = EVAL_SILENCE,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.log, self.total, self.what, self.every_s, self.clock = log, max(int(total), 1), what, every_s, clock
         self.done = 0
         self.t0 = self.last = clock()
@@ -95,7 +111,9 @@ class EvalProgress:
             return
         self.last, elapsed = now, now - self.t0
         rate = self.done / max(elapsed, 1e-9)
-        line = (f"{self.what}: {self.done}/{self.total} windows ({100 * self.done / self.total:.0f}%), "
-                f"elapsed {format_seconds(elapsed)}, {rate:.1f} windows/s, "
-                f"ETA {format_seconds(max(self.total - self.done, 0) / max(rate, 1e-9))}")  # fmt: skip
+        line = (
+            f"{self.what}: {self.done}/{self.total} windows ({100 * self.done / self.total:.0f}%), "
+            f"elapsed {format_seconds(elapsed)}, {rate:.1f} windows/s, "
+            f"ETA {format_seconds(max(self.total - self.done, 0) / max(rate, 1e-9))}"
+        )
         self.log(line)

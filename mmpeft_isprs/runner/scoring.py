@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -26,8 +26,13 @@ __all__ = ["score_weights", "eval_folder", "check_eval_folder"]
 
 
 def score_weights(
-    cfg: ExperimentConfig, weights: str | Path | MFNetFile, *, subsets: bool = False, info: DistInfo | None = None,
-    out_dir: str | Path | None = None, log: Callable[[str], None] = print,
+    cfg: ExperimentConfig,
+    weights: str | Path | MFNetFile,
+    *,
+    subsets: bool = False,
+    info: DistInfo | None = None,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> EvalResult:
     """Load ``weights``, score ``cfg.eval.split``, write ``metrics.json`` (rank 0).
 
@@ -45,7 +50,9 @@ def score_weights(
     info = info or DistInfo()
     stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
     out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / eval_folder(cfg, stored.path, subsets)
-    again = check_eval_folder(out, _protocol(cfg, str(stored.path)))  # every rank, before any work: all stop, none waits
+    again = check_eval_folder(
+        out, _protocol(cfg, str(stored.path))
+    )  # every rank, before any work: all stop, none waits
     model, _ = load_trained(stored, info.device, checkpoint=cfg.model.checkpoint)
     if list(model.modalities) != list(cfg.model.modalities) and info.is_main:
         log(f"note: the weights use modalities {list(model.modalities)} (config: {cfg.model.modalities})")
@@ -63,11 +70,15 @@ def score_weights(
         windows = eval_windows(tiles, model.config.size[0], e.stride) * len(runs)  # over all ranks
         own = eval_windows(tiles, model.config.size[0], e.stride, info) * len(runs)
         shared = f"; {info.world_size} processes, progress lines count rank 0's {own}" if info.world_size > 1 else ""
-        log(f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
-            + (f" ({len(runs)} modality subsets)" if subsets else "") + shared)  # fmt: skip
+        log(
+            f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
+            + (f" ({len(runs)} modality subsets)" if subsets else "")
+            + shared
+        )
         progress = EvalProgress(log, own, what="eval (rank 0)" if info.world_size > 1 else "eval")
-    results = evaluate_subsets(model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress,
-                               log=log if subsets else None)  # fmt: skip
+    results = evaluate_subsets(
+        model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress, log=log if subsets else None
+    )
     result = next(iter(results.values()))
     if info.is_main:
         _write_metrics(out, cfg, str(stored.path), tiles, model.config.size[0], result, info, log)
@@ -94,8 +105,14 @@ def eval_folder(cfg: ExperimentConfig, weights: str | Path, subsets: bool = Fals
 def _protocol(cfg: ExperimentConfig, weights: str) -> dict[str, object]:
     """What names an evaluation (the window is the weights' model's)."""
     e = cfg.eval
-    return {"split": e.split, "labels": e.labels, "stride": e.stride, "mode": e.mode, "tta_flip": e.tta_flip,
-            "weights": weights}  # fmt: skip
+    return {
+        "split": e.split,
+        "labels": e.labels,
+        "stride": e.stride,
+        "mode": e.mode,
+        "tta_flip": e.tta_flip,
+        "weights": weights,
+    }
 
 
 def check_eval_folder(out: Path, protocol: dict[str, object]) -> bool:
@@ -125,8 +142,16 @@ def _clear_earlier(out: Path, log: Callable[[str], None]) -> None:
     (out / "subsets.json").unlink(missing_ok=True)
 
 
-def _write_metrics(out: Path, cfg: ExperimentConfig, weights: str, tiles: TileSet, window: int, result: EvalResult,
-                   info: DistInfo, log: Callable[[str], None]) -> None:  # fmt: skip
+def _write_metrics(
+    out: Path,
+    cfg: ExperimentConfig,
+    weights: str,
+    tiles: TileSet,
+    window: int,
+    result: EvalResult,
+    info: DistInfo,
+    log: Callable[[str], None],
+) -> None:
     e = cfg.eval
     protocol = {**_protocol(cfg, weights), "window": window, "tiles": tiles.ids, "world_size": info.world_size}
     protocol.pop("weights")
@@ -145,8 +170,11 @@ def draw_figures(out: Path, tiles: TileSet, preds: Path | None, result: EvalResu
     except ImportError:  # matplotlib: pip install matplotlib (part of the isprs extra)
         return []
     info = tiles.layout.info
-    paths = [confusion_figure(out / "confusion.png", result.confusion.mat.cpu().numpy(), info.class_names,
-                              f"{name}: confusion matrix")]  # fmt: skip
+    paths = [
+        confusion_figure(
+            out / "confusion.png", result.confusion.mat.cpu().numpy(), info.class_names, f"{name}: confusion matrix"
+        )
+    ]
     for i, tile in enumerate(tiles.ids if preds is not None else []):
         stem = tile.replace("/", "_")
         pred_file = next(iter(sorted(preds.glob(f"{stem}_pred.*"))), None)  # type: ignore[union-attr]
@@ -154,6 +182,16 @@ def draw_figures(out: Path, tiles: TileSet, preds: Path | None, result: EvalResu
             continue
         sample = tiles.load(i)
         elevation = [m.name for m in tiles.modalities if m.kind == "elevation"]
-        paths.append(tile_figure(out / f"tile_{stem}.png", f"{name}: tile {tile}", sample_panels(sample, tiles.modality_names),
-                                 None, np.asarray(sample[tiles.label_key]), read_image(pred_file), info, elevation))  # fmt: skip
+        paths.append(
+            tile_figure(
+                out / f"tile_{stem}.png",
+                f"{name}: tile {tile}",
+                sample_panels(sample, tiles.modality_names),
+                None,
+                np.asarray(sample[tiles.label_key]),
+                read_image(pred_file),
+                info,
+                elevation,
+            )
+        )
     return paths

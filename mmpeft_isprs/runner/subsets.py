@@ -4,8 +4,8 @@ modalities (the scoring itself is :func:`mmpeft_isprs.runner.score_weights`, the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 from ..config import ExperimentConfig
 from ..task import EvalResult
@@ -15,9 +15,13 @@ __all__ = ["report_subsets"]
 
 
 def report_subsets(
-    out: Path, cfg: ExperimentConfig, weights: str, tiles: int, results: Mapping[str, EvalResult],
+    out: Path,
+    cfg: ExperimentConfig,
+    weights: str,
+    tiles: int,
+    results: Mapping[str, EvalResult],
     log: Callable[[str], None] = print,
-) -> None:  # fmt: skip
+) -> None:
     """Print the subsets side by side and write ``out/subsets.json`` (rank 0)."""
     log(f"{cfg.name}: {cfg.eval.split} split, {tiles} tiles, every modality subset of one model")
     log(format_subsets(results))

@@ -13,9 +13,10 @@ TensorBoard events when TensorBoard is installed.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -25,7 +26,13 @@ from ..datamodule import ISPRSDataModule
 from ..distributed import DistInfo, sum_tensor
 from ..task import SegmentationTask
 from .checkpoint import (
-    BEST, CHECKPOINT, LAST_WEIGHTS, TrainState, restore_checkpoint, resume_checkpoint, save_checkpoint,
+    BEST,
+    CHECKPOINT,
+    LAST_WEIGHTS,
+    TrainState,
+    restore_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
     seed_process,
 )
 from .logs import RunLog, TextLog, describe_run, run_header
@@ -50,12 +57,16 @@ def _quiet(_: str) -> None:
     return None
 
 
-def fit(cfg: ExperimentConfig, info: DistInfo, *, max_steps: int | None = None, log: Callable[[str], None] = print) -> TrainResult:
+def fit(
+    cfg: ExperimentConfig, info: DistInfo, *, max_steps: int | None = None, log: Callable[[str], None] = print
+) -> TrainResult:
     """Train ``cfg`` on this process: check the run folder, open the data, build the task, loop.
 
     Everything that can be wrong (resume checkpoint, config, data) raises before training.
     """
-    log = TextLog(Path(cfg.train.run_dir) / "train.log", log) if info.is_main else _quiet  # created after the folder checks
+    log = (
+        TextLog(Path(cfg.train.run_dir) / "train.log", log) if info.is_main else _quiet
+    )  # created after the folder checks
     resume = resume_checkpoint(cfg, info)
     data = ISPRSDataModule(cfg, info, log)
     data.setup()
@@ -80,7 +91,11 @@ class Trainer:
         self._pending: torch.Tensor | None = None  # losses of this epoch not yet read from the device
 
     def fit(
-        self, task: SegmentationTask, data: ISPRSDataModule, *, resume: dict[str, Any] | None = None,
+        self,
+        task: SegmentationTask,
+        data: ISPRSDataModule,
+        *,
+        resume: dict[str, Any] | None = None,
         max_steps: int | None = None,
     ) -> TrainResult:
         """Train from ``resume`` (a ``last.pt``) or from the start; stop after ``max_steps`` steps in total."""
@@ -93,8 +108,13 @@ class Trainer:
                 s = self.state
                 self.log(f"resuming {self.run_dir / CHECKPOINT}: epoch {s.epoch + 1}, batch {s.batch}, step {s.step}")
         self.logs = RunLog(self.run_dir, t.tensorboard) if info.is_main else None
-        self.steps = StepLog(self.log, t.log_every, t.epochs * t.batches_per_epoch, t.batch_size,
-                             loss_label="rank-0 loss" if info.world_size > 1 else "loss")  # not reduced: no sync per line
+        self.steps = StepLog(
+            self.log,
+            t.log_every,
+            t.epochs * t.batches_per_epoch,
+            t.batch_size,
+            loss_label="rank-0 loss" if info.world_size > 1 else "loss",
+        )  # not reduced: no sync per line
         try:
             return self._loop(max_steps)
         finally:
@@ -124,9 +144,14 @@ class Trainer:
     def _train_epoch(self, max_steps: int | None) -> bool:
         """Train the rest of ``state.epoch``; False when stopped early by ``max_steps``."""
         t, s = self.cfg.train, self.state
-        bar = tqdm(total=t.batches_per_epoch, initial=s.batch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
-                   disable=None if self.info.is_main and t.progress else True,  # None: off when not a terminal
-                   dynamic_ncols=True, leave=False)  # fmt: skip
+        bar = tqdm(
+            total=t.batches_per_epoch,
+            initial=s.batch,
+            desc=f"epoch {s.epoch + 1}/{t.epochs}",
+            disable=None if self.info.is_main and t.progress else True,  # None: off when not a terminal
+            dynamic_ncols=True,
+            leave=False,
+        )
         self.steps.restart()
         t0 = shown = time.perf_counter()
         batches = iter(self.data.train_loader(s.epoch, s.batch))
@@ -141,9 +166,17 @@ class Trainer:
             bar.update(1)
             if not bar.disable and time.perf_counter() - shown >= 1.0:  # the bar's loss: once a second
                 shown = time.perf_counter()
-                bar.set_postfix(loss=f"{self._fold() / s.batch:.4f}", img_s=f"{s.batch * t.batch_size / max(elapsed, 1e-9):.1f}")
+                bar.set_postfix(
+                    loss=f"{self._fold() / s.batch:.4f}", img_s=f"{s.batch * t.batch_size / max(elapsed, 1e-9):.1f}"
+                )
             if self.info.is_main:
-                self.steps.update(s.step, loss, batch[1], self.task.lr, f"epoch {s.epoch + 1}/{t.epochs}, batch {s.batch}/{t.batches_per_epoch}")
+                self.steps.update(
+                    s.step,
+                    loss,
+                    batch[1],
+                    self.task.lr,
+                    f"epoch {s.epoch + 1}/{t.epochs}, batch {s.batch}/{t.batches_per_epoch}",
+                )
             done = s.batch >= t.batches_per_epoch
             stop = max_steps is not None and s.step >= max_steps and not done
             if stop or (t.checkpoint_every and s.step % t.checkpoint_every == 0 and not done):
@@ -164,7 +197,9 @@ class Trainer:
             return None
         result = self.task.evaluation_step(tiles, self.info, stride=self.cfg.eval.val_stride)
         if self.info.is_main:
-            self.log(f"epoch {epoch}/{t.epochs} validation ({len(tiles)} tiles, {result.seconds:.1f} s):\n{result.table}")
+            self.log(
+                f"epoch {epoch}/{t.epochs} validation ({len(tiles)} tiles, {result.seconds:.1f} s):\n{result.table}"
+            )
         return result.metrics
 
     def _end_epoch(self) -> dict[str, Any]:
@@ -181,18 +216,30 @@ class Trainer:
             s.best_miou = metrics["mIoU"] if metrics is not None else s.best_miou
             s.best_epoch = epoch
         row = {
-            "epoch": epoch, "step": s.step, "lr": lr, "train_loss": loss,
-            "val_OA": metrics and metrics["OA"], "val_mF1": metrics and metrics["mF1"],
-            "val_mIoU": metrics and metrics["mIoU"], "best_epoch": s.best_epoch, "seconds": s.seconds,
+            "epoch": epoch,
+            "step": s.step,
+            "lr": lr,
+            "train_loss": loss,
+            "val_OA": metrics and metrics["OA"],
+            "val_mF1": metrics and metrics["mF1"],
+            "val_mIoU": metrics and metrics["mIoU"],
+            "best_epoch": s.best_epoch,
+            "seconds": s.seconds,
             "images_per_s": t.batches_per_epoch * t.batch_size / max(s.seconds, 1e-9),
-        }  # fmt: skip
+        }
         if self.logs is not None:
             self.logs.write(row, metrics)
             if improved or no_val:
                 self.task.save_weights(self.run_dir / BEST, epoch, metrics)
             self.task.save_weights(self.run_dir / LAST_WEIGHTS, epoch, metrics)
-            self.log(f"epoch {epoch}: loss {loss:.4f}, lr {lr:g}, {row['images_per_s']:.1f} img/s"
-                     + (f", val mIoU {metrics['mIoU'] * 100:.2f} (best {s.best_miou * 100:.2f} @ {s.best_epoch})" if metrics else ""))  # fmt: skip
+            self.log(
+                f"epoch {epoch}: loss {loss:.4f}, lr {lr:g}, {row['images_per_s']:.1f} img/s"
+                + (
+                    f", val mIoU {metrics['mIoU'] * 100:.2f} (best {s.best_miou * 100:.2f} @ {s.best_epoch})"
+                    if metrics
+                    else ""
+                )
+            )
         s.epoch, s.batch, s.loss_sum, s.seconds = epoch, 0, 0.0, 0.0
         self._save()
         return row

@@ -14,6 +14,13 @@ from .segmentation import SegmentationTask, build_model, make_optimizer, segment
 from .weights import load_trained, read_weights, save_trained
 
 __all__ = [
-    "SegmentationTask", "build_model", "make_optimizer", "segmentation_loss", "EvalResult", "evaluate_tileset",
-    "save_trained", "load_trained", "read_weights",
-]  # fmt: skip
+    "SegmentationTask",
+    "build_model",
+    "make_optimizer",
+    "segmentation_loss",
+    "EvalResult",
+    "evaluate_tileset",
+    "save_trained",
+    "load_trained",
+    "read_weights",
+]

@@ -10,9 +10,10 @@ tiles are scored on the eroded ("noBoundary") labels.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import ConfigError, ExperimentConfig
 from ..data import TileSet, write_prediction
@@ -46,8 +47,14 @@ def eval_windows(tiles: TileSet, window: int, stride: int, info: DistInfo | None
 
 
 def evaluate_tileset(
-    model: MFNet, tiles: TileSet, cfg: ExperimentConfig, *, stride: int | None = None,
-    info: DistInfo | None = None, out_dir: str | Path | None = None, progress: Callable[[int], None] | None = None,
+    model: MFNet,
+    tiles: TileSet,
+    cfg: ExperimentConfig,
+    *,
+    stride: int | None = None,
+    info: DistInfo | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Score ``model`` on every tile of ``tiles`` (sharded over ranks; one summed matrix).
 
@@ -73,10 +80,17 @@ def evaluate_tileset(
     cm = ConfusionMatrix(k, device="cpu")
     for i in shard(range(len(tiles)), info.rank, info.world_size):
         scores = sliding_window_predict(
-            run, tiles.window_reader(i), k, window=model.config.size[0], stride=stride or e.stride,
-            batch_size=e.batch_size, mode=e.mode, tta_flip=e.tta_flip, device=info.device,
+            run,
+            tiles.window_reader(i),
+            k,
+            window=model.config.size[0],
+            stride=stride or e.stride,
+            batch_size=e.batch_size,
+            mode=e.mode,
+            tta_flip=e.tta_flip,
+            device=info.device,
             on_batch=progress,
-        )  # fmt: skip
+        )
         pred = scores.argmax(0)
         cm.update(pred, tiles.load(i)[tiles.label_key])  # type: ignore[arg-type]
         if out_dir is not None:

@@ -8,8 +8,9 @@ lives in :mod:`mmpeft_isprs.runner`; the data in :mod:`mmpeft_isprs.datamodule`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +116,10 @@ class SegmentationTask:
         """Trainable tensors (on CPU), optimiser, scheduler and scaler states."""
         return {
             "model": {k: v.detach().cpu().clone() for k, v in self.model.trainable_state_dict().items()},
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-        }  # fmt: skip
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""

@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,11 @@ from ..model import MFNet
 from .evaluation import EvalResult, evaluate_tileset
 
 __all__ = [
-    "TrainingPresence", "SubsetModel", "modality_subsets", "evaluate_subsets", "format_subsets",
+    "TrainingPresence",
+    "SubsetModel",
+    "modality_subsets",
+    "evaluate_subsets",
+    "format_subsets",
 ]
 
 
@@ -95,9 +100,15 @@ def modality_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
 
 
 def evaluate_subsets(
-    model: MFNet, tiles: TileSet, cfg: ExperimentConfig, *, info: DistInfo | None = None,
-    subsets: Sequence[Sequence[str]] | None = None, out_dir: str | Path | None = None,
-    progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None,
+    model: MFNet,
+    tiles: TileSet,
+    cfg: ExperimentConfig,
+    *,
+    info: DistInfo | None = None,
+    subsets: Sequence[Sequence[str]] | None = None,
+    out_dir: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, EvalResult]:
     """Score ``model`` on ``tiles`` once per modality subset; {"optical+dsm": result, ...}.
 
@@ -111,8 +122,13 @@ def evaluate_subsets(
         net = model if tuple(subset) == tuple(model.modalities) else SubsetModel(model, subset)
         try:
             out[key] = evaluate_tileset(
-                net, tiles, cfg, info=info, out_dir=out_dir if i == 0 else None, progress=progress  # type: ignore[arg-type]
-            )  # fmt: skip
+                net,
+                tiles,
+                cfg,
+                info=info,
+                out_dir=out_dir if i == 0 else None,
+                progress=progress,  # type: ignore[arg-type]
+            )
         except NonFiniteInputError as exc:
             raise NonFiniteInputError(f"evaluating {key} on {tiles.ids}: {exc}") from exc
         if log is not None and (info is None or info.is_main):
@@ -125,8 +141,11 @@ def format_subsets(results: Mapping[str, EvalResult], metric: str = "IoU") -> st
     per subset for up to three (two modalities), one row per subset beyond (seven for three)."""
     keys = list(results)
     classes = list(results[keys[0]].metrics[metric])
-    cells = {k: [results[k].metrics[metric][c] for c in classes] + [float(results[k].metrics[n]) for n in ("OA", "mF1", "mIoU")]
-             for k in keys}  # fmt: skip
+    cells = {
+        k: [results[k].metrics[metric][c] for c in classes]
+        + [float(results[k].metrics[n]) for n in ("OA", "mF1", "mIoU")]
+        for k in keys
+    }
     names = [*classes, "OA", "mF1", "mIoU"]
     if len(keys) > 3:
         label = max(12, *(len(k) + 2 for k in keys))

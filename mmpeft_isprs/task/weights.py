@@ -9,8 +9,9 @@ experiment config as JSON), ``init_seed`` (rebuilds a random frozen encoder), ``
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -20,12 +21,16 @@ from ..model import MFNet, MFNetFile, load_mfnet, read_mfnet, save_mfnet
 __all__ = ["save_trained", "load_trained", "read_weights"]
 
 
-def save_trained(model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, metrics: Mapping[str, Any] | None) -> None:
+def save_trained(
+    model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, metrics: Mapping[str, Any] | None
+) -> None:
     """Write ``model``'s trainable tensors with the experiment, seed, epoch and validation mIoU."""
     extra = {
-        "experiment": json.dumps(cfg.to_dict()), "init_seed": str(cfg.train.seed), "epoch": str(epoch),
+        "experiment": json.dumps(cfg.to_dict()),
+        "init_seed": str(cfg.train.seed),
+        "epoch": str(epoch),
         "val_mIoU": "" if metrics is None else f"{metrics['mIoU']:.6f}",
-    }  # fmt: skip
+    }
     save_mfnet(model, path, extra=extra)
 
 
@@ -38,9 +43,11 @@ def read_weights(path: str | Path) -> MFNetFile:
 
 
 def load_trained(
-    weights: str | Path | MFNetFile, device: torch.device | str = "cpu", checkpoint: str | None = None,
+    weights: str | Path | MFNetFile,
+    device: torch.device | str = "cpu",
+    checkpoint: str | None = None,
     key: str = "model.checkpoint",
-) -> tuple[MFNet, ExperimentConfig | None]:  # fmt: skip
+) -> tuple[MFNet, ExperimentConfig | None]:
     """Rebuild a trained MFNet (and the experiment it came from) from its safetensors file
     (a path, or the file already read by :func:`read_weights`).
 

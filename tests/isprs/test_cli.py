@@ -15,13 +15,27 @@ from PIL import Image
 from mmpeft_isprs.cli import build_parser, main
 from mmpeft_isprs.data import ISPRS, generate_synthetic_vaihingen, read_geotags, read_image
 
-TINY = ["model.backbone=vit_tiny", "model.embed_dim=32", "model.num_heads=2", "model.decode_channels=16",
-        "model.window_size=4", "model.decoder_heads=2", "model.img_size=64", "train.epochs=1",
-        "train.batches_per_epoch=2", "train.batch_size=2", "train.num_workers=0", "train.progress=false",
-        "eval.stride=32", "eval.val_stride=64"]  # fmt: skip
+TINY = [
+    "model.backbone=vit_tiny",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "model.decode_channels=16",
+    "model.window_size=4",
+    "model.decoder_heads=2",
+    "model.img_size=64",
+    "train.epochs=1",
+    "train.batches_per_epoch=2",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.progress=false",
+    "eval.stride=32",
+    "eval.val_stride=64",
+]
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"], ["demo"], ["generate-synthetic"], ["list-configs"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["eval"], ["predict"], ["demo"], ["generate-synthetic"], ["list-configs"]]
+)
 def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -48,16 +62,33 @@ def test_list_configs(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "vaihingen_mmadaptor_vit_b"], "config file 'vaihingen_mmadaptor_vit_b' not found; did you mean vaihingen_mmadapter_vit_b"),
+        (
+            ["train", "vaihingen_mmadaptor_vit_b"],
+            "config file 'vaihingen_mmadaptor_vit_b' not found; did you mean vaihingen_mmadapter_vit_b",
+        ),
         (["train", "demo", "train.lrr=0.1"], "unknown config key 'train.lrr'; did you mean 'train.lr'"),
         (["train", "demo", "train.batch_size=ten"], "train.batch_size: expected an integer, got 'ten'"),
-        (["train", "vaihingen_mmadapter_vit_b", "data.root=/nonexistent/vaihingen"], "data.root: folder /nonexistent/vaihingen not found"),
-        (["eval", "demo", "--weights", "/nonexistent/best.safetensors"], "--weights: /nonexistent/best.safetensors not found"),
-        (["predict", "--weights", "/nonexistent/w.safetensors", "--optical", "x.tif", "--out", "o"], "weights file /nonexistent/w.safetensors not found"),
-        (["demo", "--checkpoint", "/nonexistent/sam_vit_b_01ec64.pth"], "--checkpoint: /nonexistent/sam_vit_b_01ec64.pth not found"),
+        (
+            ["train", "vaihingen_mmadapter_vit_b", "data.root=/nonexistent/vaihingen"],
+            "data.root: folder /nonexistent/vaihingen not found",
+        ),
+        (
+            ["eval", "demo", "--weights", "/nonexistent/best.safetensors"],
+            "--weights: /nonexistent/best.safetensors not found",
+        ),
+        (
+            ["predict", "--weights", "/nonexistent/w.safetensors", "--optical", "x.tif", "--out", "o"],
+            "weights file /nonexistent/w.safetensors not found",
+        ),
+        (
+            ["demo", "--checkpoint", "/nonexistent/sam_vit_b_01ec64.pth"],
+            "--checkpoint: /nonexistent/sam_vit_b_01ec64.pth not found",
+        ),
     ],
 )
-def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_errors_are_one_clear_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -65,7 +96,17 @@ def test_errors_are_one_clear_line(argv: list[str], message: str, capsys: pytest
 
 def test_missing_tiles_are_listed_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "vaihingen" / "top").mkdir(parents=True)
-    assert main(["train", "vaihingen_mmadapter_vit_b", f"data.root={tmp_path / 'vaihingen'}", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "vaihingen_mmadapter_vit_b",
+                f"data.root={tmp_path / 'vaihingen'}",
+                f"train.run_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "missing file(s)" in err and "top_mosaic_09cm_area1.tif" in err and "dsm_09cm_matching_area37.tif" in err
     assert not (tmp_path / "run").exists()
@@ -77,10 +118,32 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("cli")
     assert main(["generate-synthetic", str(base / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
     cfg = base / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({"name": "tiny", "data": {"dataset": "synthetic", "root": str(base / "data"),
-                                   "synthetic": {"num_tiles": 3, "tile_size": 96}}}))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "data": {
+                    "dataset": "synthetic",
+                    "root": str(base / "data"),
+                    "synthetic": {"num_tiles": 3, "tile_size": 96},
+                },
+            }
+        )
+    )
     assert main(["train", str(cfg), f"train.run_dir={base / 'run'}", *TINY]) == 0
-    assert main(["eval", str(cfg), "--weights", str(base / "run" / "best.safetensors"), *TINY, f"train.run_dir={base / 'run'}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(cfg),
+                "--weights",
+                str(base / "run" / "best.safetensors"),
+                *TINY,
+                f"train.run_dir={base / 'run'}",
+            ]
+        )
+        == 0
+    )
     assert (base / "run" / "eval_test_stride32_average_eroded" / "metrics.json").is_file()
     return base
 
@@ -89,8 +152,24 @@ def test_predict_geotiff_in_georeferenced_geotiff_out(trained: Path) -> None:
     top = trained / "data" / "top" / "top_mosaic_09cm_area5.tif"
     dsm = trained / "data" / "dsm" / "dsm_09cm_matching_area5.tif"
     out = trained / "pred_geo"
-    assert main(["predict", "--weights", str(trained / "run" / "best.safetensors"), "--optical", str(top.parent),
-                 "--dsm", str(dsm.parent), "--out", str(out), "--stride", "32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(trained / "run" / "best.safetensors"),
+                "--optical",
+                str(top.parent),
+                "--dsm",
+                str(dsm.parent),
+                "--out",
+                str(out),
+                "--stride",
+                "32",
+            ]
+        )
+        == 0
+    )
     names = {p.name for p in out.iterdir()}
     stems = {p.stem for p in top.parent.glob("*.tif")}
     assert names == {f"{s}_{kind}" for s in stems for kind in ("pred.tif", "colour.tif", "colour.png")}
@@ -110,8 +189,22 @@ def test_predict_plain_images_of_any_size(trained: Path) -> None:
     Image.fromarray(rng.integers(0, 255, (150, 70, 3), dtype=np.uint8)).save(src / "scene.png")  # not a window multiple
     Image.fromarray(rng.integers(0, 255, (150, 70), dtype=np.uint8)).save(src / "scene_dsm.png")
     out = trained / "pred_png"
-    assert main(["predict", "--weights", str(trained / "run" / "best.safetensors"), "--optical", str(src / "scene.png"),
-                 "--dsm", str(src / "scene_dsm.png"), "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(trained / "run" / "best.safetensors"),
+                "--optical",
+                str(src / "scene.png"),
+                "--dsm",
+                str(src / "scene_dsm.png"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == ["scene_colour.png", "scene_pred.png"]
     index = np.asarray(Image.open(out / "scene_pred.png"))
     assert index.shape == (150, 70) and index.max() < 6
@@ -119,7 +212,20 @@ def test_predict_plain_images_of_any_size(trained: Path) -> None:
 
 def test_predict_needs_the_dsm(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     top = trained / "data" / "top" / "top_mosaic_09cm_area5.tif"
-    assert main(["predict", "--weights", str(trained / "run" / "best.safetensors"), "--optical", str(top), "--out", str(trained / "x")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(trained / "run" / "best.safetensors"),
+                "--optical",
+                str(top),
+                "--out",
+                str(trained / "x"),
+            ]
+        )
+        == 2
+    )
     assert "give --dsm as well" in capsys.readouterr().err
 
 

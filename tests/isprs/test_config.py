@@ -7,11 +7,22 @@ from pathlib import Path
 import pytest
 
 from mmpeft_isprs.config import (
-    ConfigError, ExperimentConfig, bundled_configs, config_from_dict, load_config, parse_overrides,
-    resolve_config_path, yaml_load,
-)  # fmt: skip
+    ConfigError,
+    ExperimentConfig,
+    bundled_configs,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    resolve_config_path,
+    yaml_load,
+)
 
-PAPER = [f"{d}_{m}_{b}" for d in ("vaihingen", "potsdam", "mmhunan") for m in ("mmadapter", "mmlora") for b in ("vit_b", "vit_l", "vit_h")]
+PAPER = [
+    f"{d}_{m}_{b}"
+    for d in ("vaihingen", "potsdam", "mmhunan")
+    for m in ("mmadapter", "mmlora")
+    for b in ("vit_b", "vit_l", "vit_h")
+]
 
 
 def test_bundled_configs_cover_the_paper_runs() -> None:
@@ -23,7 +34,14 @@ def test_bundled_configs_cover_the_paper_runs() -> None:
         assert cfg.model.method == ("adapter" if method == "mmadapter" else "lora") and cfg.model.fusion == "scalar"
         assert cfg.train.batch_size == (4 if backbone == "vit_h" else 10)
         t, e = cfg.train, cfg.eval
-        assert (t.epochs, t.batches_per_epoch, t.optimizer, t.lr, t.momentum, t.weight_decay) == (50, 1000, "sgd", 0.01, 0.9, 5e-4)
+        assert (t.epochs, t.batches_per_epoch, t.optimizer, t.lr, t.momentum, t.weight_decay) == (
+            50,
+            1000,
+            "sgd",
+            0.01,
+            0.9,
+            5e-4,
+        )
         assert (t.milestones, t.gamma, t.flips, t.rotations) == ([25, 35, 45], 0.1, True, False)
         assert (cfg.model.size, e.stride, e.mode) == ((256, 256), 32, "logit_sum")
         assert cfg.model.num_classes == (7 if dataset == "mmhunan" else 6)
@@ -32,8 +50,17 @@ def test_bundled_configs_cover_the_paper_runs() -> None:
 
 
 def test_overrides_are_yaml_typed() -> None:
-    cfg = load_config("demo", ["train.lr=5e-3", "model.modalities=[optical]", "data.val_ids=[9, 2_10, 010]",
-                               "train.milestones=[2, 4]", "eval.tta_flip=true", "model.stems.dsm=conv"])  # fmt: skip
+    cfg = load_config(
+        "demo",
+        [
+            "train.lr=5e-3",
+            "model.modalities=[optical]",
+            "data.val_ids=[9, 2_10, 010]",
+            "train.milestones=[2, 4]",
+            "eval.tta_flip=true",
+            "model.stems.dsm=conv",
+        ],
+    )
     assert cfg.train.lr == 0.005 and isinstance(cfg.train.lr, float)
     assert cfg.model.modalities == ["optical"]
     assert cfg.data.val_ids == ["9", "2_10", "010"]  # Potsdam ids stay strings, no octal
@@ -99,7 +126,12 @@ def test_partial_file_takes_defaults_and_round_trips(tmp_path: Path) -> None:
 
 def test_model_preset_applies_under_command_line_overrides() -> None:
     cfg = load_config("vaihingen_mmadapter_vit_l", ["model_preset=t4_optical_lora", "model.rank=8"])
-    assert (cfg.model.method, cfg.model.fusion, cfg.model.modalities, cfg.model.rank) == ("lora", "none", ["optical"], 8)
+    assert (cfg.model.method, cfg.model.fusion, cfg.model.modalities, cfg.model.rank) == (
+        "lora",
+        "none",
+        ["optical"],
+        8,
+    )
     assert cfg.model.backbone == "vit_l"  # the rest of the file's model section stays
     exact = load_config("vaihingen_mmadapter_vit_b", ["model_preset=authors_mmadapter"])
     assert exact.model.preset == "mmadapter_authors" and exact.model.zero_rel_pos is True

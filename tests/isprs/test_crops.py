@@ -9,8 +9,8 @@ import torch
 
 from mmpeft_isprs.data import IGNORE_INDEX, JointFlipRotate, RandomCropDataset, TileSet, VaihingenLayout
 from mmpeft_isprs.data.datasets import item_rng
-from tests.isprs.test_data import make_vaihingen
 from tests.helpers import assert_close
+from tests.isprs.test_data import make_vaihingen
 
 
 def test_random_crops_deterministic_per_seed_epoch_index(tmp_path):
@@ -28,7 +28,9 @@ def test_random_crops_deterministic_per_seed_epoch_index(tmp_path):
     # each crop is a real window of its tile
     for x in first[:4]:
         tile = ts.load(ts.ids.index(x["name"]))["optical"]
-        hits = [(y, z) for y in range(25) for z in range(33) if torch.equal(tile[:, y : y + 16, z : z + 16], x["optical"])]
+        hits = [
+            (y, z) for y in range(25) for z in range(33) if torch.equal(tile[:, y : y + 16, z : z + 16], x["optical"])
+        ]
         assert len(hits) == 1
     c = RandomCropDataset(ts, crop_size=16, samples_per_epoch=12, seed=8)
     assert not torch.equal(c[0]["optical"], first[0]["optical"]) or c[0]["name"] != first[0]["name"]
@@ -93,5 +95,7 @@ def test_lazy_tileset_pickles_and_feeds_workers(tmp_path):
     batches = []
     for ts, workers in ((eager, 0), (lazy, 2)):
         ds = RandomCropDataset(ts, crop_size=16, samples_per_epoch=6, seed=1)
-        batches.append(torch.cat([b["dsm"] for b in torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers)]))
+        batches.append(
+            torch.cat([b["dsm"] for b in torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers)])
+        )
     assert torch.equal(batches[0], batches[1])

@@ -12,10 +12,28 @@ import torch
 from PIL import Image
 
 from mmpeft_isprs.data import (
-    IGNORE_INDEX, ISPRS, MMHUNAN, DataError, DatasetInfo, DsmNormalisation, GenericLayout,
-    MMHunanLayout, ModalitySpec, PotsdamLayout, SplitSpec,
-    TiffWindowReader, TileSet, VaihingenLayout, colour_to_index, index_to_colour,
-    normalise_index_labels, raster_info, read_geotags, read_image, read_window, write_tiff,
+    IGNORE_INDEX,
+    ISPRS,
+    MMHUNAN,
+    DataError,
+    DatasetInfo,
+    DsmNormalisation,
+    GenericLayout,
+    MMHunanLayout,
+    ModalitySpec,
+    PotsdamLayout,
+    SplitSpec,
+    TiffWindowReader,
+    TileSet,
+    VaihingenLayout,
+    colour_to_index,
+    index_to_colour,
+    normalise_index_labels,
+    raster_info,
+    read_geotags,
+    read_image,
+    read_window,
+    write_tiff,
 )
 from tests.helpers import assert_close
 
@@ -274,7 +292,9 @@ def test_dsm_nodata_fill_raise_zero_range_and_global(tmp_path):
         d = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation(nodata=-9999)).load(0)["dsm"][0]
     assert float(d[0, 0]) == 0.0 and float(d[1, 1]) == 0.0 and float(d[2, 2]) == 1.0 and float(d[3, 3]) == 0.0
     with pytest.warns(UserWarning):
-        g = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation("global", min=90, max=130, nodata=-9999)).load(0)["dsm"][0]
+        g = TileSet(lay, tmp_path, ["1"], dsm=DsmNormalisation("global", min=90, max=130, nodata=-9999)).load(0)["dsm"][
+            0
+        ]
     assert float(g[3, 3]) == pytest.approx(0.25) and float(g[2, 2]) == pytest.approx(0.5)
     write_tiff(tmp_path / "dsm" / "dsm_09cm_matching_area1.tif", np.full((8, 8), 7.0, np.float32))
     flat = TileSet(lay, tmp_path, ["1"]).load(0)["dsm"]
@@ -303,7 +323,11 @@ def test_potsdam_irrg_bands_and_jpeg_ndsm(tmp_path):
     write_tiff(f.labels, index_to_colour(random_classes(rng, 16, 20), ISPRS))
     s = TileSet(lay, tmp_path, ["2_10"]).load(0)
     assert_close(s["optical"], torch.from_numpy(rgbir[..., [3, 0, 1]]).permute(2, 0, 1).float() / 255, rel=1e-5)
-    assert s["dsm"].shape == (1, 16, 20) and float(s["dsm"][0, :, 0].max()) < 0.05 and float(s["dsm"][0, :, -1].min()) > 0.95
+    assert (
+        s["dsm"].shape == (1, 16, 20)
+        and float(s["dsm"][0, :, 0].max()) < 0.05
+        and float(s["dsm"][0, :, -1].min()) > 0.95
+    )
 
 
 def test_mmhunan_layout_split_lists_and_ignore(tmp_path):
@@ -332,7 +356,9 @@ def test_generic_layout_any_modalities_colour_labels(tmp_path):
     rng = np.random.default_rng(5)
     lay = GenericLayout(
         modalities=(ModalitySpec("optical"), ModalitySpec("dsm", "elevation"), ModalitySpec("sar", bands=(1,))),
-        label_format="colour", info=ISPRS, folders={"sar": "radar"},
+        label_format="colour",
+        info=ISPRS,
+        folders={"sar": "radar"},
     )
     cls = random_classes(rng, 10, 14)
     radars: dict[str, np.ndarray] = {}

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import mmpeft
-from mmpeft import presence_tensor
 import mmpeft_isprs.evaluate
 import mmpeft_isprs.task.evaluation
 import mmpeft_isprs.task.subsets
+from mmpeft import presence_tensor
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import load_config
 from mmpeft_isprs.data import Layout, generate_synthetic_vaihingen
@@ -24,11 +24,19 @@ from mmpeft_isprs.datamodule import ISPRSDataModule
 from mmpeft_isprs.model import build_mfnet
 from mmpeft_isprs.runner.progress import EvalProgress
 from mmpeft_isprs.task import save_trained
-from tests.isprs.test_layouts_real import make_mmhunan_archive
 from tests.helpers import close
+from tests.isprs.test_layouts_real import make_mmhunan_archive
 
-TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
-              "window_size": 4, "decoder_heads": 2, "img_size": 64}  # fmt: skip
+TINY_MODEL = {
+    "backbone": "vit_tiny",
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "decode_channels": 16,
+    "window_size": 4,
+    "decoder_heads": 2,
+    "img_size": 64,
+}
 
 
 def _model(nonfinite: str = "error"):
@@ -38,7 +46,11 @@ def _model(nonfinite: str = "error"):
     with torch.no_grad():  # non-zero adapters and lambdas: the branches mix
         for n, p in model.encoder.named_parameters():
             if p.requires_grad and "stem" not in n:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.6 + 0.2 if "lam" in n else torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(
+                    torch.rand(p.shape, generator=g) * 0.6 + 0.2
+                    if "lam" in n
+                    else torch.randn(p.shape, generator=g) * 0.05
+                )
     model.encoder.set_nonfinite(nonfinite)
     return model
 
@@ -141,7 +153,9 @@ def test_setup_builds_the_layout_once(dataset: str, tmp_path: Path, monkeypatch:
         cfg = load_config("mmhunan_mmlora_vit_b", [f"data.root={root}", "data.val_fraction=0.25", "data.cache=false"])
     else:
         generate_synthetic_vaihingen(root, num_tiles=3, tile_size=96)
-        cfg = load_config({"data": {"dataset": "synthetic", "root": str(root), "synthetic": {"num_tiles": 3, "tile_size": 96}}})
+        cfg = load_config(
+            {"data": {"dataset": "synthetic", "root": str(root), "synthetic": {"num_tiles": 3, "tile_size": 96}}}
+        )
     made, lines = _count_layouts(monkeypatch), []
     dm = ISPRSDataModule(cfg, log=lines.append)
     dm.setup()
@@ -169,10 +183,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     written as training writes them (random frozen encoder, rebuilt from the stored seed)."""
     tmp = tmp_path_factory.mktemp("eval")
     generate_synthetic_vaihingen(tmp / "data", num_tiles=3, tile_size=96)
-    cfg = load_config({"name": "tiny", "data": {"dataset": "synthetic", "root": str(tmp / "data"),
-                                                "synthetic": {"num_tiles": 3, "tile_size": 96}},
-                       "model": TINY_MODEL, "train": {"run_dir": str(tmp / "run")},
-                       "eval": {"stride": 32, "val_stride": 64, "batch_size": 1}})  # fmt: skip
+    cfg = load_config(
+        {
+            "name": "tiny",
+            "data": {"dataset": "synthetic", "root": str(tmp / "data"), "synthetic": {"num_tiles": 3, "tile_size": 96}},
+            "model": TINY_MODEL,
+            "train": {"run_dir": str(tmp / "run")},
+            "eval": {"stride": 32, "val_stride": 64, "batch_size": 1},
+        }
+    )
     torch.manual_seed(cfg.train.seed)
     save_trained(build_mfnet(cfg.model), tmp / "best.safetensors", cfg, epoch=1, metrics=None)
     return tmp, tmp / "best.safetensors"
@@ -189,9 +208,9 @@ def _count_opens(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[str]:
             if original is None or not callable(original):
                 continue
 
-            def counted(target, *args, _original=original, **kwargs):
+            def counted(target, *args, _original=original, _name=name, **kwargs):
                 if Path(target).resolve() == path.resolve():
-                    opened.append(name)
+                    opened.append(_name)
                 return _original(target, *args, **kwargs)
 
             monkeypatch.setattr(module, attr, counted)
@@ -219,7 +238,10 @@ def test_eval_reads_the_weights_once_through_one_path(
     monkeypatch.setattr(mmpeft_isprs.task.subsets, "evaluate_tileset", spy_tileset)
     opened = _count_opens(monkeypatch, weights)
     out_dir = tmp / f"out_{subsets}"
-    assert main(["eval", "tiny", "--weights", str(weights), "--out", str(out_dir), *(["--subsets"] if subsets else [])]) == 0
+    assert (
+        main(["eval", "tiny", "--weights", str(weights), "--out", str(out_dir), *(["--subsets"] if subsets else [])])
+        == 0
+    )
     assert len(opened) == 1, opened
     assert calls == [subsets]  # the same function, --subsets or not
     assert scored == ([("optical", "dsm"), ("optical",), ("dsm",)] if subsets else [("optical", "dsm")])
@@ -244,7 +266,11 @@ def test_eval_progress_lines_by_count_and_by_time() -> None:
     assert lines == ["eval: 10/100 windows (10%), elapsed 5s, 2.0 windows/s, ETA 45s"]
     now[0] += 30.0
     progress(1)  # 11 of 100 after 30 s of silence: a line by time
-    assert len(lines) == 2 and lines[1].startswith("eval: 11/100 windows (11%), elapsed 35s") and lines[1].endswith("0.3 windows/s, ETA 4m43s")  # 89 left at 11/35 per s
+    assert (
+        len(lines) == 2
+        and lines[1].startswith("eval: 11/100 windows (11%), elapsed 35s")
+        and lines[1].endswith("0.3 windows/s, ETA 4m43s")
+    )  # 89 left at 11/35 per s
     now[0] += 1.0
     progress(89)
     assert lines[-1].startswith("eval: 100/100 windows (100%)") and lines[-1].endswith("ETA 0s")

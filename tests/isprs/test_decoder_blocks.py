@@ -113,8 +113,9 @@ def _naive_gla(attn: GlobalLocalAttention, x: Tensor) -> Tensor:
     table = attn.relative_position_bias_table
     o = torch.zeros(b, c, hp, wp)
     coords = [(t // ws, t % ws) for t in range(ws * ws)]
-    bias_idx = torch.tensor([[(ri - rj + ws - 1) * (2 * ws - 1) + (ci - cj + ws - 1)
-                              for (rj, cj) in coords] for (ri, ci) in coords])
+    bias_idx = torch.tensor(
+        [[(ri - rj + ws - 1) * (2 * ws - 1) + (ci - cj + ws - 1) for (rj, cj) in coords] for (ri, ci) in coords]
+    )
     for bi in range(b):
         for wr in range(hp // ws):
             for wc in range(wp // ws):

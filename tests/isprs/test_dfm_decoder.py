@@ -95,8 +95,9 @@ def test_pyramid_keys_and_exact_2x_upsampling() -> None:
 def test_se_fusion_hand_computed() -> None:
     fusion = SEFusion(channels=2, num_inputs=2, reduction=2)  # hidden = 1
     with torch.no_grad():
-        for se, (w1, b1, w2, b2) in zip(fusion.se, [((1.0, -1.0), 0.5, (2.0, -3.0), (0.0, 1.0)),
-                                                   ((0.5, 0.5), -1.0, (1.0, 1.0), (-1.0, 0.0))]):
+        for se, (w1, b1, w2, b2) in zip(
+            fusion.se, [((1.0, -1.0), 0.5, (2.0, -3.0), (0.0, 1.0)), ((0.5, 0.5), -1.0, (1.0, 1.0), (-1.0, 0.0))]
+        ):
             se.fc[0].weight.copy_(torch.tensor(w1).view(1, 2, 1, 1))
             se.fc[0].bias.fill_(b1)
             se.fc[2].weight.copy_(torch.tensor(w2).view(2, 1, 1, 1))
@@ -130,9 +131,17 @@ def test_reference_dfm_keys_load_strictly() -> None:
         for j, name in enumerate(("rgb", "depth")):
             for key, v in dfm.fusions[i].se[j].state_dict().items():
                 ref[f"fusion{i + 1}.se_{name}.{key}"] = torch.full_like(v, 10 * i + j)
-    expected_ref = {"fpn1x.0.weight", "fpn1x.3.bias", "fpn1x.1.ln.weight", "fpn1y.1.running_var",
-                    "fpn1y.1.num_batches_tracked", "fpn2x.0.weight", "fpn2y.0.bias",
-                    "fusion1.se_rgb.fc.0.weight", "fusion4.se_depth.fc.2.bias"}
+    expected_ref = {
+        "fpn1x.0.weight",
+        "fpn1x.3.bias",
+        "fpn1x.1.ln.weight",
+        "fpn1y.1.running_var",
+        "fpn1y.1.num_batches_tracked",
+        "fpn2x.0.weight",
+        "fpn2y.0.bias",
+        "fusion1.se_rgb.fc.0.weight",
+        "fusion4.se_depth.fc.2.bias",
+    }
     assert expected_ref <= set(ref)
     dfm.load_state_dict(convert_reference_dfm_state_dict(ref), strict=True)
     assert torch.all(dfm.pyramids[1].fpn1[1].running_var == 2)
@@ -173,12 +182,23 @@ def test_stage_shapes_reduced(size: tuple[int, int], train: bool) -> None:
     with torch.no_grad():
         levels, logits, shapes = _run_with_stage_shapes(dfm, dec, size)
     h, w = size
-    assert [tuple(t.shape) for t in levels] == [(1, 32, h // 4, w // 4), (1, 32, h // 8, w // 8),
-                                                (1, 32, h // 16, w // 16), (1, 32, h // 32, w // 32)]
+    assert [tuple(t.shape) for t in levels] == [
+        (1, 32, h // 4, w // 4),
+        (1, 32, h // 8, w // 8),
+        (1, 32, h // 16, w // 16),
+        (1, 32, h // 32, w // 32),
+    ]
     s32, s16, s8, s4 = (h // 32, w // 32), (h // 16, w // 16), (h // 8, w // 8), (h // 4, w // 4)
-    assert shapes == {"pre_conv": (1, 16, *s32), "b4": (1, 16, *s32), "b3": (1, 16, *s16),
-                      "p3": (1, 16, *s16), "b2": (1, 16, *s8), "p2": (1, 16, *s8),
-                      "p1": (1, 16, *s4), "segmentation_head": (1, 6, *s4)}
+    assert shapes == {
+        "pre_conv": (1, 16, *s32),
+        "b4": (1, 16, *s32),
+        "b3": (1, 16, *s16),
+        "p3": (1, 16, *s16),
+        "b2": (1, 16, *s8),
+        "p2": (1, 16, *s8),
+        "p1": (1, 16, *s4),
+        "segmentation_head": (1, 6, *s4),
+    }
     assert logits.shape == (1, 6, h, w) and torch.isfinite(logits).all()
 
 
@@ -237,19 +257,51 @@ def test_inconsistent_sizes_raise_value_error() -> None:
 # ----------------------------------------------------------------------------- state dict and init
 def test_decoder_state_dict_keys() -> None:
     keys = set(UNetFormerDecoder().state_dict())
-    expected = {"pre_conv.0.weight", "pre_conv.1.running_var", "p3.weights", "p2.pre_conv.0.weight",
-                "p3.post_conv.0.weight", "p3.post_conv.1.bias", "p1.weights", "p1.pre_conv.0.weight",
-                "p1.post_conv.1.weight", "p1.pa.0.weight", "p1.pa.0.bias", "p1.ca.1.0.weight",
-                "p1.ca.3.0.weight", "p1.shortcut.0.weight", "p1.shortcut.1.num_batches_tracked",
-                "p1.proj.0.weight", "p1.proj.1.weight", "p1.proj.2.weight",
-                "segmentation_head.0.0.weight", "segmentation_head.0.1.weight",
-                "segmentation_head.2.0.weight"}
+    expected = {
+        "pre_conv.0.weight",
+        "pre_conv.1.running_var",
+        "p3.weights",
+        "p2.pre_conv.0.weight",
+        "p3.post_conv.0.weight",
+        "p3.post_conv.1.bias",
+        "p1.weights",
+        "p1.pre_conv.0.weight",
+        "p1.post_conv.1.weight",
+        "p1.pa.0.weight",
+        "p1.pa.0.bias",
+        "p1.ca.1.0.weight",
+        "p1.ca.3.0.weight",
+        "p1.shortcut.0.weight",
+        "p1.shortcut.1.num_batches_tracked",
+        "p1.proj.0.weight",
+        "p1.proj.1.weight",
+        "p1.proj.2.weight",
+        "segmentation_head.0.0.weight",
+        "segmentation_head.0.1.weight",
+        "segmentation_head.2.0.weight",
+    }
     for blk in ("b4", "b3", "b2"):
-        expected |= {f"{blk}.{k}" for k in (
-            "norm1.weight", "attn.relative_position_bias_table", "attn.relative_position_index",
-            "attn.qkv.0.weight", "attn.local1.0.weight", "attn.local1.1.weight", "attn.local2.0.weight",
-            "attn.local2.1.running_mean", "attn.proj.0.weight", "attn.proj.1.bias", "attn.proj.2.weight",
-            "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "norm2.running_var")}
+        expected |= {
+            f"{blk}.{k}"
+            for k in (
+                "norm1.weight",
+                "attn.relative_position_bias_table",
+                "attn.relative_position_index",
+                "attn.qkv.0.weight",
+                "attn.local1.0.weight",
+                "attn.local1.1.weight",
+                "attn.local2.0.weight",
+                "attn.local2.1.running_mean",
+                "attn.proj.0.weight",
+                "attn.proj.1.bias",
+                "attn.proj.2.weight",
+                "mlp.fc1.weight",
+                "mlp.fc1.bias",
+                "mlp.fc2.weight",
+                "mlp.fc2.bias",
+                "norm2.running_var",
+            )
+        }
     assert expected <= keys, sorted(expected - keys)
     assert "p1.pa.0.bias" in keys and "segmentation_head.2.0.bias" not in keys
     assert "b4.attn.qkv.0.bias" not in keys
@@ -260,8 +312,9 @@ def _fresh_like(m: nn.Module) -> nn.Module:
     if isinstance(m, nn.ConvTranspose2d):
         return nn.ConvTranspose2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, bias=m.bias is not None)
     assert isinstance(m, nn.Conv2d)
-    return nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                     m.groups, bias=m.bias is not None)
+    return nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias=m.bias is not None
+    )
 
 
 def _replay(model: nn.Module, order: list[str]) -> None:
@@ -279,13 +332,27 @@ def _replay(model: nn.Module, order: list[str]) -> None:
 
 
 def test_rng_consumption_order() -> None:
-    blk = ["attn.qkv.0", "attn.local1.0", "attn.local2.0", "attn.proj.0", "attn.proj.2",
-           "attn.relative_position_bias_table", "mlp.fc1", "mlp.fc2"]
+    blk = [
+        "attn.qkv.0",
+        "attn.local1.0",
+        "attn.local2.0",
+        "attn.proj.0",
+        "attn.proj.2",
+        "attn.relative_position_bias_table",
+        "mlp.fc1",
+        "mlp.fc2",
+    ]
     wf = ["pre_conv.0", "post_conv.0"]
-    order = (["pre_conv.0"] + [f"b4.{p}" for p in blk] + [f"b3.{p}" for p in blk] + [f"p3.{p}" for p in wf]
-             + [f"b2.{p}" for p in blk] + [f"p2.{p}" for p in wf]
-             + [f"p1.{p}" for p in wf + ["pa.0", "ca.1.0", "ca.3.0", "shortcut.0", "proj.0", "proj.2"]]
-             + ["segmentation_head.0.0", "segmentation_head.2.0"])
+    order = (
+        ["pre_conv.0"]
+        + [f"b4.{p}" for p in blk]
+        + [f"b3.{p}" for p in blk]
+        + [f"p3.{p}" for p in wf]
+        + [f"b2.{p}" for p in blk]
+        + [f"p2.{p}" for p in wf]
+        + [f"p1.{p}" for p in wf + ["pa.0", "ca.1.0", "ca.3.0", "shortcut.0", "proj.0", "proj.2"]]
+        + ["segmentation_head.0.0", "segmentation_head.2.0"]
+    )
     torch.manual_seed(123)
     dec = UNetFormerDecoder()
     after_build = torch.rand(4)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmpeft_isprs.datamodule import EpochBatchSampler
 from mmpeft_isprs.demo import QUICK_OVERRIDES, demo_config
 from mmpeft_isprs.distributed import DistInfo, all_gather_object, barrier, init_distributed, shard, sum_tensor
 from mmpeft_isprs.evaluate import evaluate
-from mmpeft_isprs.datamodule import EpochBatchSampler
 
 
 def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,8 +49,24 @@ def test_torchrun_two_cpu_ranks_match_one(tmp_path: Path) -> None:
     About 10-13 s on 2 idle cores (two processes start and import torch), so not marked slow."""
     extra = ["data.synthetic.num_tiles=10", "train.batch_size=2"]  # 2 test tiles, so both ranks score one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "mmpeft_isprs", "demo", "--quick", "--out", str(tmp_path), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mmpeft_isprs",
+        "demo",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("DSM gain") == 1  # only rank 0 prints
@@ -66,8 +82,16 @@ def test_torchrun_two_cpu_ranks_match_one(tmp_path: Path) -> None:
     steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert steps and all("rank-0 loss" in line for line in steps)  # the step line says whose loss it is
     # eval under torchrun: the note once, the header counts every rank's windows
-    cmd = [*cmd[: cmd.index("mmpeft_isprs") + 1], "eval", "demo", "--weights", str(run / "best.safetensors"),
-           "--out", str(tmp_path / "two"), *extra]  # fmt: skip
+    cmd = [
+        *cmd[: cmd.index("mmpeft_isprs") + 1],
+        "eval",
+        "demo",
+        "--weights",
+        str(run / "best.safetensors"),
+        "--out",
+        str(tmp_path / "two"),
+        *extra,
+    ]
     cmd[cmd.index("--master_port") + 1] = str(_free_port())
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

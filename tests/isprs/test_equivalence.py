@@ -23,7 +23,7 @@ def _perturb(model: torch.nn.Module) -> None:
     """Non-trivial trainable values (LoRA B and zero-init adapters start at 0)."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for n, p in model.encoder.named_parameters():
+        for _n, p in model.encoder.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
 

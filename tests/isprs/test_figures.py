@@ -10,9 +10,9 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from mmpeft_isprs.data import ISPRS  # noqa: E402
-from mmpeft_isprs.demo import run_demo  # noqa: E402
-from mmpeft_isprs.runner.figures import tile_figure  # noqa: E402
+from mmpeft_isprs.data import ISPRS
+from mmpeft_isprs.demo import run_demo
+from mmpeft_isprs.runner.figures import tile_figure
 
 
 def test_tile_figure_has_five_panels_and_the_legend(tmp_path: Path, monkeypatch) -> None:

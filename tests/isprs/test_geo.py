@@ -30,7 +30,10 @@ def test_declared_nodata_is_used_when_the_config_sets_none(tmp_path: Path) -> No
     path = tmp_path / "dsm" / "dsm_09cm_matching_area1.tif"
     _dsm_with_declared_nodata(path)
     assert file_nodata(path) == -32767.0 and file_nodata(tmp_path / "x.png") is None
-    with pytest.warns(DataWarning, match=r"\(tile 1\): DSM has 2 NaN/no-data pixel\(s\) \(no-data value -32767.0\), first at \(row 3, col 4\)"):
+    with pytest.warns(
+        DataWarning,
+        match=r"\(tile 1\): DSM has 2 NaN/no-data pixel\(s\) \(no-data value -32767.0\), first at \(row 3, col 4\)",
+    ):
         tiles = TileSet(VaihingenLayout(), tmp_path, ["1"])
     dsm = tiles.load(0)["dsm"][0]
     assert float(dsm[3, 4]) == 0.0 and float(dsm.max()) == 1.0  # filled with the minimum 250, scaled over 250..260
@@ -55,8 +58,18 @@ def test_rasterio_profile_and_cloud_optimized_output(tmp_path: Path) -> None:
 
     src = tmp_path / "top.tif"
     transform = from_origin(496000.0, 5420000.0, 0.09, 0.09)
-    with rasterio.open(src, "w", driver="GTiff", height=64, width=48, count=3, dtype="uint8", crs="EPSG:32632",
-                       transform=transform, nodata=0) as dst:  # fmt: skip
+    with rasterio.open(
+        src,
+        "w",
+        driver="GTiff",
+        height=64,
+        width=48,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32632",
+        transform=transform,
+        nodata=0,
+    ) as dst:
         dst.write(np.random.default_rng(0).integers(1, 255, (3, 64, 48), dtype=np.uint8))
     prof = geo_profile(src)
     assert prof["transform"] == tuple(transform)[:6] and "32632" in prof["crs"] and prof["nodata"] == 0

@@ -45,8 +45,10 @@ def test_unknown_topic_or_section_is_an_error_listing_what_exists(capsys: pytest
 
 def test_help_needs_neither_torch_nor_the_isprs_extra() -> None:
     """`help` runs on a bare install: torch, PyYAML and the rest are never imported."""
-    code = ("import sys\nfor m in ('torch', 'yaml', 'tifffile', 'PIL', 'tqdm'): sys.modules[m] = None\n"
-            "from mmpeft_isprs.cli import main\nsys.exit(main(['help', 'quickstart']))")  # fmt: skip
+    code = (
+        "import sys\nfor m in ('torch', 'yaml', 'tifffile', 'PIL', 'tqdm'): sys.modules[m] = None\n"
+        "from mmpeft_isprs.cli import main\nsys.exit(main(['help', 'quickstart']))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == (DOCS / "quickstart.md").read_text()
@@ -64,11 +66,18 @@ def test_the_packaged_docs_are_the_repository_docs() -> None:
 def _messages(path: Path) -> list[str]:
     """The string constants of a module outside docstrings (messages, help texts)."""
     tree = ast.parse(path.read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                  and n.body and isinstance(n.body[0], ast.Expr)}  # fmt: skip
-    return [n.value for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]  # fmt: skip
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+    }
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    ]
 
 
 def test_messages_point_to_help_topics_that_exist() -> None:
@@ -95,14 +104,20 @@ def test_wheel_ships_the_docs_and_builds_without_warnings(tmp_path: Path) -> Non
 
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", str(ROOT), "-w", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     if proc.returncode != 0 and "setuptools" in proc.stdout + proc.stderr and "No matching distribution" in proc.stderr:
         pytest.skip("the build dependencies (setuptools, wheel) cannot be installed here (no package index)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ignore = ("byte-compiling is disabled", "is ignored: it is neither a file nor a directory")  # environment, not ours
-    warnings = [line for line in (proc.stdout + proc.stderr).splitlines()
-                if "warn" in line.lower() and not any(i in line for i in ignore)]  # fmt: skip
+    warnings = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "warn" in line.lower() and not any(i in line for i in ignore)
+    ]
     assert not warnings, "\n".join(warnings)
     (wheel,) = tmp_path.glob("mmpeft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

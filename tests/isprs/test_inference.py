@@ -66,7 +66,9 @@ def naive_average(model, inputs, window, stride):
     votes: dict[tuple[int, int], list[torch.Tensor]] = {}
     for y in window_starts(H, window, stride):
         for x in window_starts(W, window, stride):
-            crop = {k: F.pad(v[:, y : y + window, x : x + window], (0, pad_w, 0, pad_h))[None] for k, v in inputs.items()}
+            crop = {
+                k: F.pad(v[:, y : y + window, x : x + window], (0, pad_w, 0, pad_h))[None] for k, v in inputs.items()
+            }
             prob = model(crop)[0].softmax(0)
             for i in range(min(window, H)):
                 for j in range(min(window, W)):

@@ -19,18 +19,41 @@ from PIL import Image
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.data import (
-    ISPRS, DataError, DataWarning, DsmNormalisation, MMHunanLayout, PotsdamLayout, SplitSpec, TileSet,
-    VaihingenLayout, index_to_colour, pair_inputs, write_tiff,
+    ISPRS,
+    DataError,
+    DataWarning,
+    DsmNormalisation,
+    MMHunanLayout,
+    PotsdamLayout,
+    SplitSpec,
+    TileSet,
+    VaihingenLayout,
+    index_to_colour,
+    pair_inputs,
+    write_tiff,
 )
 from mmpeft_isprs.data.inputs import dsm_tensor
 from mmpeft_isprs.data.patterns import pad_id, tile_key, tile_key_of_name
 from mmpeft_isprs.data.splits import POTSDAM_SPLITS, VAIHINGEN_SPLITS
 from mmpeft_isprs.datamodule import make_layout, split_ids
 
-TINY = ["model.backbone=vit_tiny", "model.embed_dim=32", "model.num_heads=2", "model.decode_channels=16",
-        "model.window_size=4", "model.decoder_heads=2", "model.img_size=32", "model.checkpoint=null",
-        "train.epochs=1", "train.batches_per_epoch=1", "train.batch_size=2", "train.num_workers=0",
-        "train.progress=false", "eval.stride=32", "eval.val_stride=32"]  # fmt: skip
+TINY = [
+    "model.backbone=vit_tiny",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "model.decode_channels=16",
+    "model.window_size=4",
+    "model.decoder_heads=2",
+    "model.img_size=32",
+    "model.checkpoint=null",
+    "train.epochs=1",
+    "train.batches_per_epoch=1",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.progress=false",
+    "eval.stride=32",
+    "eval.val_stride=32",
+]
 SIZE = 32
 
 
@@ -47,7 +70,9 @@ def make_vaihingen_archive(root: Path, ids: list[str], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for i in ids:
         write_tiff(root / "top" / f"top_mosaic_09cm_area{i}.tif", rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
-        write_tiff(root / "dsm" / f"dsm_09cm_matching_area{i}.tif", rng.uniform(240, 280, (SIZE, SIZE)).astype(np.float32))
+        write_tiff(
+            root / "dsm" / f"dsm_09cm_matching_area{i}.tif", rng.uniform(240, 280, (SIZE, SIZE)).astype(np.float32)
+        )
         full, eroded = _colour_labels(rng)
         write_tiff(root / "gts_for_participants" / f"top_mosaic_09cm_area{i}.tif", full)
         write_tiff(root / "gts_eroded_for_participants" / f"top_mosaic_09cm_area{i}_noBoundary.tif", eroded)
@@ -59,7 +84,9 @@ def make_potsdam_archive(root: Path, ids: list[str], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     (root / "1_DSM_normalisation").mkdir(parents=True, exist_ok=True)
     for i in ids:
-        write_tiff(root / "4_Ortho_RGBIR" / f"top_potsdam_{i}_RGBIR.tif", rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8))
+        write_tiff(
+            root / "4_Ortho_RGBIR" / f"top_potsdam_{i}_RGBIR.tif", rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8)
+        )
         ndsm = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
         ndsm.save(root / "1_DSM_normalisation" / f"dsm_potsdam_{pad_id(i)}_normalized_lastools.jpg", quality=95)
         full, eroded = _colour_labels(rng)
@@ -98,8 +125,24 @@ def _train_eval_predict(tmp_path: Path, config: str, root: Path, optical: Path, 
     k = 7 if "mmhunan" in config else 6
     assert len(metrics["confusion"]) == k and all(len(row) == k for row in metrics["confusion"])
     out = tmp_path / "pred"
-    assert main(["predict", "--weights", str(run / "best.safetensors"), "--optical", str(optical), "--dsm", str(dsm),
-                 "--out", str(out), "--stride", "32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(run / "best.safetensors"),
+                "--optical",
+                str(optical),
+                "--dsm",
+                str(dsm),
+                "--out",
+                str(out),
+                "--stride",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("*_colour.png"))) == len([p for p in optical.iterdir() if p.is_file()])
     return metrics
 
@@ -115,7 +158,9 @@ def test_potsdam_archive_zero_padded_ndsm_trains_evaluates_predicts(tmp_path: Pa
     root = tmp_path / "potsdam"
     make_potsdam_archive(root, _all_ids(POTSDAM_SPLITS))
     assert (root / "1_DSM_normalisation" / "dsm_potsdam_02_10_normalized_lastools.jpg").is_file()
-    m = _train_eval_predict(tmp_path, "potsdam_mmlora_vit_b", root, root / "4_Ortho_RGBIR", root / "1_DSM_normalisation", capsys)
+    m = _train_eval_predict(
+        tmp_path, "potsdam_mmlora_vit_b", root, root / "4_Ortho_RGBIR", root / "1_DSM_normalisation", capsys
+    )
     assert m["protocol"]["tiles"] == ["4_10", "5_11", "2_11", "3_10", "6_11", "7_12"]
     assert sorted(p.name for p in (tmp_path / "pred").glob("*_pred.*"))[0] == "top_potsdam_2_10_RGBIR_pred.png"
 
@@ -155,7 +200,11 @@ def test_potsdam_real_names_and_unpadded_copies(tmp_path: Path) -> None:
 
 def test_vaihingen_complete_ground_truth_folders(tmp_path: Path) -> None:
     full = tmp_path / "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE" / "top_mosaic_09cm_area2.tif"
-    eroded = tmp_path / "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE" / "top_mosaic_09cm_area2_noBoundary.tif"
+    eroded = (
+        tmp_path
+        / "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE"
+        / "top_mosaic_09cm_area2_noBoundary.tif"
+    )
     for p in (full, eroded):
         p.parent.mkdir(parents=True)
         p.write_bytes(b"x")
@@ -167,21 +216,32 @@ def test_file_patterns_from_the_config(tmp_path: Path) -> None:
     root = tmp_path / "potsdam"
     make_potsdam_archive(root, ["2_10", "7_12"])
     (root / "1_DSM_normalisation").rename(root / "ndsm")  # the user's copy: another folder name
-    cfg = load_config("potsdam_mmlora_vit_b", [f"data.root={root}", "data.splits={train: [2_10], test: [7_12]}", "data.val_fraction=0",
-                                               "data.files.dsm=ndsm/dsm_potsdam_{id0}_normalized_lastools.jpg"])  # fmt: skip
+    cfg = load_config(
+        "potsdam_mmlora_vit_b",
+        [
+            f"data.root={root}",
+            "data.splits={train: [2_10], test: [7_12]}",
+            "data.val_fraction=0",
+            "data.files.dsm=ndsm/dsm_potsdam_{id0}_normalized_lastools.jpg",
+        ],
+    )
     layout = make_layout(cfg.data)
     assert layout.tile_files(root, "7_12").inputs["dsm"] == root / "ndsm" / "dsm_potsdam_07_12_normalized_lastools.jpg"
     assert TileSet(layout, root, "train").ids == ["2_10"]
     bad = load_config("potsdam_mmlora_vit_b", ["data.files.ndsm=x/{id}.jpg"])
-    with pytest.raises(ConfigError, match=r"^data.files: unknown role 'ndsm'; known: optical, dsm, labels, eval_labels$"):
+    with pytest.raises(
+        ConfigError, match=r"^data.files: unknown role 'ndsm'; known: optical, dsm, labels, eval_labels$"
+    ):
         make_layout(bad.data)
     with pytest.raises(ConfigError, match=r"must contain \{id\} or \{id0\}"):
         make_layout(load_config("potsdam_mmlora_vit_b", ["data.files.dsm=x/dsm.jpg"]).data)
 
 
 def test_split_presets_authors_and_official() -> None:
-    for name, sizes in (("vaihingen_mmadapter_vit_b", {"authors": (12, 4), "official": (16, 17)}),
-                        ("potsdam_mmadapter_vit_b", {"authors": (18, 6), "official": (24, 14)})):  # fmt: skip
+    for name, sizes in (
+        ("vaihingen_mmadapter_vit_b", {"authors": (12, 4), "official": (16, 17)}),
+        ("potsdam_mmadapter_vit_b", {"authors": (18, 6), "official": (24, 14)}),
+    ):
         for preset, (n_train, n_test) in sizes.items():
             data = load_config(name, [f"data.split={preset}", "data.val_fraction=0"]).data
             assert (len(split_ids(data, "train")), len(split_ids(data, "test"))) == (n_train, n_test)
@@ -212,11 +272,15 @@ def test_mmhunan_split_from_id_list_files_or_explicit_lists(tmp_path: Path) -> N
     (root / "lists").mkdir()
     (root / "lists" / "tr.txt").write_text("0\n1\n# a comment\n2\n")
     (root / "lists" / "te.txt").write_text("3 \n4\n")
-    cfg = load_config("mmhunan_mmlora_vit_b", [f"data.root={root}", "data.val_fraction=0",
-                                               "data.split_files={train: lists/tr.txt, test: lists/te.txt}"])  # fmt: skip
+    cfg = load_config(
+        "mmhunan_mmlora_vit_b",
+        [f"data.root={root}", "data.val_fraction=0", "data.split_files={train: lists/tr.txt, test: lists/te.txt}"],
+    )
     assert TileSet(make_layout(cfg.data), root, "test").ids == ["3", "4"]
     assert split_ids(cfg.data, "train") == ["0", "1", "2"]
-    explicit = load_config("mmhunan_mmlora_vit_b", [f"data.root={root}", "data.val_fraction=0", "data.splits={train: [4], test: [0]}"]).data
+    explicit = load_config(
+        "mmhunan_mmlora_vit_b", [f"data.root={root}", "data.val_fraction=0", "data.splits={train: [4], test: [0]}"]
+    ).data
     assert split_ids(explicit, "test") == ["0"]
     gone = load_config("mmhunan_mmlora_vit_b", [f"data.root={root}", "data.split_files={train: lists/nope.txt}"]).data
     with pytest.raises(ConfigError, match=f"^data.split_files: split list {root / 'lists' / 'nope.txt'} not found$"):
@@ -242,12 +306,17 @@ def test_dsm_nodata_warns_with_file_tile_and_count_and_raise_fails(tmp_path: Pat
         TileSet(VaihingenLayout(), tmp_path, ["1"])
     (w,) = [r for r in record if r.category is DataWarning]
     lo = float(np.nanmin(tifffile.imread(path)))
-    assert str(w.message) == f"{path} (tile 1): {first}: filled with the tile minimum {lo:g} (data.dsm_fill=raise rejects them)"
+    assert (
+        str(w.message)
+        == f"{path} (tile 1): {first}: filled with the tile minimum {lo:g} (data.dsm_fill=raise rejects them)"
+    )
     with pytest.warns(DataWarning, match=r"\(tile 1\): DSM has 3 NaN/no-data pixel"):  # predict
         dsm_tensor(path, DsmNormalisation())
     with pytest.raises(DataError) as info:
         TileSet(VaihingenLayout(), tmp_path, ["1"], dsm=DsmNormalisation(fill="raise"))
-    assert info.value.args[0].endswith(f"{path} (tile 1): {first}; set data.dsm_fill=min to fill them with the tile minimum")
+    assert info.value.args[0].endswith(
+        f"{path} (tile 1): {first}; set data.dsm_fill=min to fill them with the tile minimum"
+    )
     with pytest.raises(DataError, match=r"\(tile 1\): DSM has 3 NaN/no-data pixel\(s\).*data.dsm_fill=min"):
         dsm_tensor(path, DsmNormalisation(fill="raise"))
 
@@ -260,14 +329,25 @@ def test_dsm_nodata_warning_reaches_the_command_line(tmp_path: Path, capsys) -> 
     dsm[1, 1] = -9999
     write_tiff(path, dsm)
     run = tmp_path / "run"
-    args = [f"data.root={root}", f"train.run_dir={run}", "data.splits={train: [1], test: [5]}", "data.val_fraction=0",
-            "data.dsm_nodata=-9999", *TINY]  # fmt: skip
+    args = [
+        f"data.root={root}",
+        f"train.run_dir={run}",
+        "data.splits={train: [1], test: [5]}",
+        "data.val_fraction=0",
+        "data.dsm_nodata=-9999",
+        *TINY,
+    ]
     assert main(["train", "vaihingen_mmadapter_vit_b", *args]) == 0
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert main(["eval", "vaihingen_mmadapter_vit_b", "--weights", str(run / "best.safetensors")]) == 0
-    assert any(f"{path} (tile 5): DSM has 1 NaN/no-data pixel(s) (no-data value -9999.0)" in str(w.message) for w in seen)
-    assert main(["eval", "vaihingen_mmadapter_vit_b", "--weights", str(run / "best.safetensors"), "data.dsm_fill=raise"]) == 2
+    assert any(
+        f"{path} (tile 5): DSM has 1 NaN/no-data pixel(s) (no-data value -9999.0)" in str(w.message) for w in seen
+    )
+    assert (
+        main(["eval", "vaihingen_mmadapter_vit_b", "--weights", str(run / "best.safetensors"), "data.dsm_fill=raise"])
+        == 2
+    )
     assert f"{path} (tile 5): DSM has 1 NaN/no-data pixel(s)" in capsys.readouterr().err
 
 
@@ -284,12 +364,16 @@ def test_predict_names_the_unpaired_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         pair_inputs([root / "4_Ortho_RGBIR"], [dsm_dir])
     opt = root / "4_Ortho_RGBIR" / "top_potsdam_7_12_RGBIR.tif"
-    assert str(info.value) == f"1 optical file(s) without a DSM:\n  {opt} (tile 7_12): no DSM file of tile 7_12 in --dsm {dsm_dir}"
+    assert (
+        str(info.value)
+        == f"1 optical file(s) without a DSM:\n  {opt} (tile 7_12): no DSM file of tile 7_12 in --dsm {dsm_dir}"
+    )
 
 
 def test_size_mismatch_names_each_file_with_its_own_size(tmp_path: Path) -> None:
-    from mmpeft_isprs.data import check_sizes
     import torch
+
+    from mmpeft_isprs.data import check_sizes
 
     a, b = tmp_path / "top_potsdam_2_10_RGBIR.tif", tmp_path / "dsm_potsdam_02_10_normalized_lastools.jpg"
     with pytest.raises(DataError) as info:

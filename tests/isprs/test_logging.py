@@ -15,8 +15,10 @@ from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.train import train
 from tests.isprs.test_train import tiny_config
 
-LINE = re.compile(r"^step (\d+)/(\d+) \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d.]+ img/s, "
-                  r"data wait \d+%, ETA \S+$")  # fmt: skip
+LINE = re.compile(
+    r"^step (\d+)/(\d+) \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d.]+ img/s, "
+    r"data wait \d+%, ETA \S+$"
+)
 
 
 class Clock:

@@ -11,9 +11,7 @@ from mmpeft_isprs.data import ISPRS
 from mmpeft_isprs.metrics import ConfusionMatrix, compute_metrics, format_table
 
 # rows = true class, columns = predicted class
-HAND = [[5, 1, 0],
-        [2, 3, 1],
-        [0, 1, 7]]  # fmt: skip
+HAND = [[5, 1, 0], [2, 3, 1], [0, 1, 7]]
 NAMES = ("a", "b", "c")
 
 
@@ -83,6 +81,7 @@ def test_merge_and_all_reduce_hooks():
     seen = []
     a.all_reduce(lambda t: (seen.append(t.clone()), t * 2)[1])  # returns the "sum of 2 ranks"
     assert a.mat.tolist() == [[12, 2, 0], [4, 8, 2], [0, 2, 16]] and len(seen) == 1
+
     def in_place(t: torch.Tensor) -> None:
         t.mul_(0)
 

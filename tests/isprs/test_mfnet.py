@@ -120,8 +120,14 @@ def test_bad_sizes_are_explained() -> None:
         build_mfnet({"bakbone": "vit_b"})
 
 
-PAPER_ENCODER = {("vit_b", "adapter"): 14_201_880, ("vit_l", "adapter"): 50_454_576, ("vit_h", "adapter"): 105_062_464,
-                 ("vit_b", "lora"): 1_032_240, ("vit_l", "lora"): 2_752_608, ("vit_h", "lora"): 4_587_648}  # fmt: skip
+PAPER_ENCODER = {
+    ("vit_b", "adapter"): 14_201_880,
+    ("vit_l", "adapter"): 50_454_576,
+    ("vit_h", "adapter"): 105_062_464,
+    ("vit_b", "lora"): 1_032_240,
+    ("vit_l", "lora"): 2_752_608,
+    ("vit_h", "lora"): 4_587_648,
+}
 
 
 @pytest.mark.parametrize("backbone,method", sorted(PAPER_ENCODER))

@@ -9,12 +9,16 @@ import torch
 from mmpeft import reference_forward
 from mmpeft_isprs.model import MFNetConfig, build_mfnet, load_mfnet, save_mfnet
 from mmpeft_isprs.model.encoders import build_feature_encoder
-from tests.helpers import assert_close, close, grad_scale, rel_diff
+from tests.helpers import assert_close, grad_scale, rel_diff
 
 #: tiny SAM2 Hiera (one block per stage, widths 16..128) and tiny DINOv2 (4 blocks of width 32);
 #: DINOv2's layer scale (1e-5) set to 1 so that every block's updates show in the outputs
-HIERA = dict(backbone="sam2_hiera_tiny", embed_dim=16, num_heads=1,
-             encoder_kwargs={"stages": [1, 1, 1, 1], "global_att_blocks": []})  # fmt: skip
+HIERA = dict(
+    backbone="sam2_hiera_tiny",
+    embed_dim=16,
+    num_heads=1,
+    encoder_kwargs={"stages": [1, 1, 1, 1], "global_att_blocks": []},
+)
 DINO = dict(backbone="dinov2_vits14", embed_dim=32, depth=4, num_heads=2, encoder_kwargs={"init_values": 1.0})
 ENCODERS = {"sam2": HIERA, "dinov2": DINO}
 S = 64  # side of the fast tests (a multiple of 32; the ViT sees 56 x 56: grid 4 x 4 of patch 14)
@@ -88,7 +92,10 @@ def scene(size: int = S, b: int = 2, seed: int = 3) -> tuple[dict[str, torch.Ten
     """Smooth random optical and DSM images (8 x 8 noise upsampled) and labels read off them:
     class = (DSM > 0.5) + 2 * (mean optical > 0.5), so that the task can be learnt."""
     g = torch.Generator().manual_seed(seed)
-    up = lambda c: torch.nn.functional.interpolate(torch.rand(b, c, 8, 8, generator=g), size=(size, size), mode="bilinear")  # noqa: E731
+
+    def up(c):
+        return torch.nn.functional.interpolate(torch.rand(b, c, 8, 8, generator=g), size=(size, size), mode="bilinear")
+
     x = {"optical": up(3), "dsm": up(1)}
     y = (x["dsm"][:, 0] > 0.5).long() + 2 * (x["optical"].mean(1) > 0.5).long()
     return x, y
@@ -132,15 +139,20 @@ def test_placements_follow_the_library_presets() -> None:
     for name, blocks in (("sam2", 4), ("dinov2", 4)):
         lora = dict(build(name, method="lora").encoder.layers())
         adapter = dict(build(name, method="adapter").encoder.layers())
-        assert sorted(lora) == sorted(f"base_model.trunk.blocks.{i}.{s}" for i in range(blocks)
-                                      for s in ("attn.qkv", "mlp.fc1", "mlp.fc2"))  # fmt: skip
-        assert sorted(adapter) == sorted(f"base_model.trunk.blocks.{i}.{s}" for i in range(blocks) for s in ("attn", "mlp"))
+        assert sorted(lora) == sorted(
+            f"base_model.trunk.blocks.{i}.{s}" for i in range(blocks) for s in ("attn.qkv", "mlp.fc1", "mlp.fc2")
+        )
+        assert sorted(adapter) == sorted(
+            f"base_model.trunk.blocks.{i}.{s}" for i in range(blocks) for s in ("attn", "mlp")
+        )
         qkv = lora["base_model.trunk.blocks.1.attn.qkv"]  # Hiera: block 1 pools its queries
         assert type(qkv.lora_fusion).__name__ == "NoFusion" and list(qkv.slices) == ["q", "v"]
         assert type(lora["base_model.trunk.blocks.1.mlp.fc1"].lora_fusion).__name__ == "ScalarFusion"
         after, beside = adapter["base_model.trunk.blocks.1.attn"], adapter["base_model.trunk.blocks.1.mlp"]
         assert (after.placement, beside.placement) == ("after", "beside")
-        assert type(after.adapter_fusion).__name__ == "NoFusion" and type(beside.adapter_fusion).__name__ == "ScalarFusion"
+        assert (
+            type(after.adapter_fusion).__name__ == "NoFusion" and type(beside.adapter_fusion).__name__ == "ScalarFusion"
+        )
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -153,7 +165,9 @@ def test_output_shapes(name: str, size: int) -> None:
         levels = model.dfm([feats, model.encoder(x)["dsm"]])
         logits = model(x)
     if name == "sam2":
-        assert [tuple(f.shape) for f in feats] == [(1, 16 * 2**i, size // 4 // 2**i, size // 4 // 2**i) for i in range(4)]
+        assert [tuple(f.shape) for f in feats] == [
+            (1, 16 * 2**i, size // 4 // 2**i, size // 4 // 2**i) for i in range(4)
+        ]
     else:  # 4 blocks of width 32 on the stride-16 grid (the input resized to grid * 14)
         assert [tuple(f.shape) for f in feats] == [(1, 32, size // 16, size // 16)] * 4
         assert model.encoder.base_model.input_size == (size // 16 * 14,) * 2
@@ -194,7 +208,9 @@ def test_missing_modality_and_no_dfm(name: str) -> None:
     x = inputs(seed=9)
     with torch.no_grad():
         alone = model({"optical": x["optical"]})
-        masked = model(x, presence={"optical": torch.ones(2, dtype=torch.bool), "dsm": torch.zeros(2, dtype=torch.bool)})
+        masked = model(
+            x, presence={"optical": torch.ones(2, dtype=torch.bool), "dsm": torch.zeros(2, dtype=torch.bool)}
+        )
         assert_close(alone, masked, rel=1e-5)
         assert rel_diff(alone, model(x)) > 1e-5  # the DSM does count when present
         no_dfm = build(name, method="lora", dfm=False).eval()

@@ -9,9 +9,9 @@ import torch
 from mmpeft_isprs.model import MFNetConfig, build_mfnet, load_mfnet, save_mfnet
 from mmpeft_isprs.model.encoder_weights import EncoderCheckpointError
 from mmpeft_isprs.model.sam2_weights import sam2_to_timm_state_dict, timm_to_sam2_state_dict
+from tests.helpers import close
 
 from .test_mfnet_encoders import DINO, HIERA, S, base_encoder, inputs
-from tests.helpers import close
 
 #: keys of an official SAM2 file outside the trunk (dropped on purpose, reported)
 OTHER_SAM2 = ("image_encoder.neck.convs.0.conv.weight", "sam_mask_decoder.iou_token.weight", "maskmem_tpos_enc")
@@ -101,17 +101,24 @@ def test_files_of_other_encoders_are_refused_naming_them(tmp_path) -> None:
     write_sam2(tmp_path / "large.pt", _zeros_like_meta(large))
     with pytest.raises(EncoderCheckpointError, match=r"sam2_hiera_large; model.backbone sam2_hiera_tiny"):
         build_mfnet(**HIERA, img_size=S, checkpoint=str(tmp_path / "large.pt"))
-    sam = {"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16), "image_encoder.blocks.0.norm1.weight": torch.zeros(768)}
+    sam = {
+        "image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+        "image_encoder.blocks.0.norm1.weight": torch.zeros(768),
+    }
     torch.save(sam, tmp_path / "sam_vit_b.pth")
     with pytest.raises(EncoderCheckpointError, match=r"a SAM \(v1\) ViT checkpoint .*not a SAM2 checkpoint"):
         build_mfnet(**HIERA, img_size=S, checkpoint=str(tmp_path / "sam_vit_b.pth"))
     with pytest.raises(EncoderCheckpointError, match=r"is a SAM2 checkpoint .*dinov2_vits14 is a ViT of width 32"):
         build_mfnet(**DINO, img_size=S, checkpoint=str(tmp_path / "large.pt"))
-    dino = _zeros_like_meta(timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, device="meta"))
+    dino = _zeros_like_meta(
+        timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, device="meta")
+    )
     torch.save({**dino, "mask_token": torch.zeros(1, 384)}, tmp_path / "dinov2_vits14_pretrain.pth")
     with pytest.raises(EncoderCheckpointError, match=r"official DINOv2 checkpoint \(width 384, 12 blocks"):
         build_mfnet(**HIERA, img_size=S, checkpoint=str(tmp_path / "dinov2_vits14_pretrain.pth"))
-    with pytest.raises(EncoderCheckpointError, match=r"official DINOv2 checkpoint \(width 384, 12 blocks.*width 32 with 4"):
+    with pytest.raises(
+        EncoderCheckpointError, match=r"official DINOv2 checkpoint \(width 384, 12 blocks.*width 32 with 4"
+    ):
         build_mfnet(**DINO, img_size=S, checkpoint=str(tmp_path / "dinov2_vits14_pretrain.pth"))
     with pytest.raises(FileNotFoundError, match="model.checkpoint .*nowhere.pt not found"):
         build_mfnet(**DINO, img_size=S, checkpoint=str(tmp_path / "nowhere.pt"))
@@ -123,8 +130,9 @@ def test_dinov2_file_reproduces_the_unwrapped_encoder(tmp_path, layout: str) -> 
 
     cfg = MFNetConfig(**DINO, img_size=S)
     torch.manual_seed(5)  # a full trunk (all blocks, a classifier head), as a published file holds it
-    full = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=10, img_size=56,
-                             **cfg.timm_kwargs)  # fmt: skip
+    full = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=10, img_size=56, **cfg.timm_kwargs
+    )
     state = dict(full.state_dict())
     if layout == "dinov2":  # the official layout: a mask token, no head
         state = {k: v for k, v in state.items() if not k.startswith("head.")} | {"mask_token": torch.zeros(1, 32)}
@@ -136,8 +144,12 @@ def test_dinov2_file_reproduces_the_unwrapped_encoder(tmp_path, layout: str) -> 
     full.eval()
     x = inputs(seed=8)["optical"]
     with torch.no_grad():
-        want = full.forward_intermediates(torch.nn.functional.interpolate(x, size=(56, 56), mode="bilinear",
-                                          antialias=True), indices=[0, 1, 2, 3], norm=True, intermediates_only=True)  # fmt: skip
+        want = full.forward_intermediates(
+            torch.nn.functional.interpolate(x, size=(56, 56), mode="bilinear", antialias=True),
+            indices=[0, 1, 2, 3],
+            norm=True,
+            intermediates_only=True,
+        )
         got = model.encoder({"optical": x, "dsm": x[:, :1]})["optical"]
     assert all(close(a, b, rel=1e-5) for a, b in zip(got, want))
 
@@ -171,7 +183,9 @@ def test_vitdet_last_block_and_a_patch16_timm_vit() -> None:
 
 
 def test_sam_only_position_and_norm_options_are_refused_elsewhere() -> None:
-    with pytest.raises(ValueError, match=r"\['pos_embed_interp', 'dfm_norms'\] do not apply to model.backbone=sam2_hiera_tiny"):
+    with pytest.raises(
+        ValueError, match=r"\['pos_embed_interp', 'dfm_norms'\] do not apply to model.backbone=sam2_hiera_tiny"
+    ):
         MFNetConfig(backbone="sam2_hiera_tiny", pos_embed_interp="antialias", dfm_norms="layernorm")
     with pytest.raises(ValueError, match=r"\['pos_embed_interp'\] do not apply to model.backbone=dinov2_vits14"):
         MFNetConfig(backbone="dinov2_vits14", pos_embed_interp="antialias")

@@ -19,8 +19,16 @@ from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.task.subsets import TrainingPresence, modality_subsets
 from tests.helpers import close, rel_diff
 
-TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
-              "window_size": 4, "decoder_heads": 2, "img_size": 64}  # fmt: skip
+TINY_MODEL = {
+    "backbone": "vit_tiny",
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "decode_channels": 16,
+    "window_size": 4,
+    "decoder_heads": 2,
+    "img_size": 64,
+}
 
 
 def _model():
@@ -30,7 +38,11 @@ def _model():
     with torch.no_grad():  # non-zero adapters and lambdas: the DSM really mixes into the optical branch
         for n, p in model.encoder.named_parameters():
             if p.requires_grad and "stem" not in n:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.6 + 0.2 if "lam" in n else torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(
+                    torch.rand(p.shape, generator=g) * 0.6 + 0.2
+                    if "lam" in n
+                    else torch.randn(p.shape, generator=g) * 0.05
+                )
     return model
 
 
@@ -79,8 +91,12 @@ def test_gradients_flow_with_modality_dropout() -> None:
 
 
 def _task(**train):
-    values = {"data": {"dataset": "synthetic"}, "model": {**TINY_MODEL, "fusion": "scalar", "method": "adapter"},
-              "train": train, "eval": {"stride": 32, "val_stride": 32}}  # fmt: skip
+    values = {
+        "data": {"dataset": "synthetic"},
+        "model": {**TINY_MODEL, "fusion": "scalar", "method": "adapter"},
+        "train": train,
+        "eval": {"stride": 32, "val_stride": 32},
+    }
     return SegmentationTask(load_config(values), DistInfo())
 
 
@@ -105,20 +121,45 @@ def test_bad_dropout_config_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="train.modality_dropout.*unknown modalities"):
         _task(modality_dropout={"sar": 0.5})
     assert isinstance(TrainingPresence, type) and modality_subsets(("optical", "dsm")) == [
-        ("optical", "dsm"), ("optical",), ("dsm",)]
+        ("optical", "dsm"),
+        ("optical",),
+        ("dsm",),
+    ]
 
 
-TINY = ["model.backbone=vit_tiny", "model.embed_dim=32", "model.num_heads=2", "model.decode_channels=16",
-        "model.window_size=4", "model.decoder_heads=2", "model.img_size=64", "train.epochs=1",
-        "train.batches_per_epoch=2", "train.batch_size=2", "train.num_workers=0", "train.progress=false",
-        "eval.stride=32", "eval.val_stride=64"]  # fmt: skip
+TINY = [
+    "model.backbone=vit_tiny",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "model.decode_channels=16",
+    "model.window_size=4",
+    "model.decoder_heads=2",
+    "model.img_size=64",
+    "train.epochs=1",
+    "train.batches_per_epoch=2",
+    "train.batch_size=2",
+    "train.num_workers=0",
+    "train.progress=false",
+    "eval.stride=32",
+    "eval.val_stride=64",
+]
 
 
 def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate-synthetic", str(tmp_path / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({"name": "tiny", "data": {"dataset": "synthetic", "root": str(tmp_path / "data"),
-                                   "synthetic": {"num_tiles": 3, "tile_size": 96}}}))  # fmt: skip
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "data": {
+                    "dataset": "synthetic",
+                    "root": str(tmp_path / "data"),
+                    "synthetic": {"num_tiles": 3, "tile_size": 96},
+                },
+            }
+        )
+    )
     run = [f"train.run_dir={tmp_path / 'run'}", *TINY]
     assert main(["train", str(cfg), *run, "train.modality_dropout={dsm: 0.5, optical: 0.2}"]) == 0
     capsys.readouterr()

@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tifffile
 
 from mmpeft_isprs.cli import main
-from mmpeft_isprs.config import load_config
 from mmpeft_isprs.data import write_tiff
 from mmpeft_isprs.data.splits import VAIHINGEN_SPLITS
 from mmpeft_isprs.train import train
@@ -76,7 +74,10 @@ def test_an_evaluation_of_the_same_protocol_is_replaced_with_a_word(data_root: P
     assert any((folder / "predictions").iterdir())
     capsys.readouterr()
     assert main(["eval", str(cfg_file), "--weights", weights, "eval.stride=32"]) == 0
-    assert f"note: {folder} holds an earlier evaluation of the same protocol and weights; it is replaced" in capsys.readouterr().out
+    assert (
+        f"note: {folder} holds an earlier evaluation of the same protocol and weights; it is replaced"
+        in capsys.readouterr().out
+    )
     assert not (folder / "predictions").exists() and (folder / "figures" / "confusion.png").is_file()
 
 
@@ -92,7 +93,9 @@ def test_resume_reuses_the_runs_thread_count(data_root: Path, tmp_path: Path, ca
     assert json.loads((run / "run.json").read_text())["threads"]["threads"] == 1
     assert main(["train", str(cfg), "--overwrite", "train.threads=1", "--max-steps", "2"]) == 0
     assert main(["train", str(cfg), "--resume", "train.threads=2"]) == 0
-    assert "note: resuming with 2 torch thread(s), the run used 1: the result is not bit-exact" in capsys.readouterr().out
+    assert (
+        "note: resuming with 2 torch thread(s), the run used 1: the result is not bit-exact" in capsys.readouterr().out
+    )
 
 
 def test_official_split_without_the_test_tiles_is_said_at_the_start(tmp_path: Path, capsys) -> None:
@@ -100,8 +103,20 @@ def test_official_split_without_the_test_tiles_is_said_at_the_start(tmp_path: Pa
     official = VAIHINGEN_SPLITS["official"]
     make_vaihingen_archive(root, official["train"])
     run = tmp_path / "run"
-    assert main(["train", "vaihingen_mmadapter_vit_b", f"data.root={root}", f"train.run_dir={run}", "data.split=official",
-                 "data.val_fraction=0", *TINY]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "vaihingen_mmadapter_vit_b",
+                f"data.root={root}",
+                f"train.run_dir={run}",
+                "data.split=official",
+                "data.val_fraction=0",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     n = len(official["test"])
     assert f"warning: data.split=official: {n} of the {n} official test tiles lack files under {root}" in out
@@ -119,9 +134,19 @@ def test_data_warnings_print_as_the_docs_show(tmp_path: Path) -> None:
     dsm[0, 3] = np.nan
     write_tiff(path, dsm)
     run = tmp_path / "run"
-    args = [f"data.root={root}", f"train.run_dir={run}", "data.splits={train: [1, 5], test: [5]}", "data.val_fraction=0", *TINY]
-    done = subprocess.run([sys.executable, "-m", "mmpeft_isprs", "train", "vaihingen_mmadapter_vit_b", *args],
-                          capture_output=True, text=True, timeout=300)  # as on a cluster: stderr to a file
+    args = [
+        f"data.root={root}",
+        f"train.run_dir={run}",
+        "data.splits={train: [1, 5], test: [5]}",
+        "data.val_fraction=0",
+        *TINY,
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "mmpeft_isprs", "train", "vaihingen_mmadapter_vit_b", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # as on a cluster: stderr to a file
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stderr.splitlines() if "NaN/no-data" in x)
     assert line.startswith(f"DataWarning: {path} (tile 5): DSM has 1 NaN/no-data pixel(s)")

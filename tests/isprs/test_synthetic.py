@@ -10,8 +10,16 @@ import tifffile
 import torch
 
 from mmpeft_isprs.data import (
-    IGNORE_INDEX, ISPRS, SplitSpec, TileSet, VaihingenLayout, colour_to_index,
-    generate_synthetic_vaihingen, read_geotags, synthetic_layout, synthetic_splits,
+    IGNORE_INDEX,
+    ISPRS,
+    SplitSpec,
+    TileSet,
+    VaihingenLayout,
+    colour_to_index,
+    generate_synthetic_vaihingen,
+    read_geotags,
+    synthetic_layout,
+    synthetic_splits,
 )
 from mmpeft_isprs.data.synthetic import MANIFEST, SYNTHETIC_VAL_IDS
 

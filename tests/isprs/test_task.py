@@ -13,19 +13,34 @@ from mmpeft_isprs.task import SegmentationTask, segmentation_loss
 from tests.helpers import assert_close
 
 MatrixFusion = mmpeft.FUSION_RULES["matrix"]  # through the public registry only
-TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "depth": 2, "num_heads": 2, "decode_channels": 16,
-              "window_size": 4, "decoder_heads": 2, "img_size": 64}  # fmt: skip
+TINY_MODEL = {
+    "backbone": "vit_tiny",
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "decode_channels": 16,
+    "window_size": 4,
+    "decoder_heads": 2,
+    "img_size": 64,
+}
 
 
 def _batch(seed: int = 0, b: int = 2, s: int = 64) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"optical": torch.rand(b, 3, s, s, generator=g), "dsm": torch.rand(b, 1, s, s, generator=g),
-            "mask": torch.randint(0, 6, (b, s, s), generator=g)}  # fmt: skip
+    return {
+        "optical": torch.rand(b, 3, s, s, generator=g),
+        "dsm": torch.rand(b, 1, s, s, generator=g),
+        "mask": torch.randint(0, 6, (b, s, s), generator=g),
+    }
 
 
 def _task(fusion: str, method: str = "adapter") -> SegmentationTask:
-    values = {"data": {"dataset": "synthetic"}, "model": {**TINY_MODEL, "fusion": fusion, "method": method},
-              "train": {"weight_decay": 0.0, "lr": 0.05}, "eval": {"stride": 32, "val_stride": 32}}  # fmt: skip
+    values = {
+        "data": {"dataset": "synthetic"},
+        "model": {**TINY_MODEL, "fusion": fusion, "method": method},
+        "train": {"weight_decay": 0.0, "lr": 0.05},
+        "eval": {"stride": 32, "val_stride": 32},
+    }
     return SegmentationTask(load_config(values), DistInfo())
 
 

@@ -11,14 +11,21 @@ import torch
 
 from mmpeft_isprs.config import ConfigError, ExperimentConfig, load_config
 from mmpeft_isprs.data import generate_synthetic_vaihingen
-from mmpeft_isprs.evaluate import evaluate
 from mmpeft_isprs.datamodule import EpochBatchSampler
+from mmpeft_isprs.evaluate import evaluate
 from mmpeft_isprs.runner import CHECKPOINT, load_checkpoint
 from mmpeft_isprs.task import load_trained
 from mmpeft_isprs.train import train
 
-TINY_MODEL = {"backbone": "vit_tiny", "embed_dim": 32, "num_heads": 2, "decode_channels": 16, "window_size": 4,
-              "decoder_heads": 2, "img_size": 64}  # fmt: skip
+TINY_MODEL = {
+    "backbone": "vit_tiny",
+    "embed_dim": 32,
+    "num_heads": 2,
+    "decode_channels": 16,
+    "window_size": 4,
+    "decoder_heads": 2,
+    "img_size": 64,
+}
 
 
 def tiny_config(data_root: Path, run_dir: Path, *overrides: str, **train: Any) -> ExperimentConfig:
@@ -27,10 +34,18 @@ def tiny_config(data_root: Path, run_dir: Path, *overrides: str, **train: Any) -
         "name": "tiny",
         "data": {"dataset": "synthetic", "root": str(data_root), "synthetic": {"num_tiles": 3, "tile_size": 96}},
         "model": dict(TINY_MODEL),
-        "train": {"run_dir": str(run_dir), "epochs": 2, "batches_per_epoch": 3, "batch_size": 2, "num_workers": 0,
-                  "progress": False, "tensorboard": False, **train},
+        "train": {
+            "run_dir": str(run_dir),
+            "epochs": 2,
+            "batches_per_epoch": 3,
+            "batch_size": 2,
+            "num_workers": 0,
+            "progress": False,
+            "tensorboard": False,
+            **train,
+        },
         "eval": {"stride": 32, "val_stride": 64},
-    }  # fmt: skip
+    }
     return load_config(values, overrides)
 
 
@@ -85,7 +100,10 @@ def test_resume_reaches_the_same_weights_bit_for_bit(data_root: Path, tmp_path: 
 def test_resume_refuses_a_changed_config_and_an_existing_run(data_root: Path, tmp_path: Path) -> None:
     train(tiny_config(data_root, tmp_path / "run", epochs=1, batches_per_epoch=1), log=quiet)
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.02"):
-        train(tiny_config(data_root, tmp_path / "run", "train.resume=true", epochs=1, batches_per_epoch=1, lr=0.02), log=quiet)
+        train(
+            tiny_config(data_root, tmp_path / "run", "train.resume=true", epochs=1, batches_per_epoch=1, lr=0.02),
+            log=quiet,
+        )
     with pytest.raises(ConfigError, match="already holds last.pt"):
         train(tiny_config(data_root, tmp_path / "run", epochs=1, batches_per_epoch=1), log=quiet)
     with pytest.raises(FileNotFoundError, match="cannot resume"):
@@ -122,8 +140,12 @@ def test_train_then_evaluate_end_to_end(data_root: Path, tmp_path: Path) -> None
     per_epoch = json.loads((run / "metrics" / f"epoch_{result.state.best_epoch:03d}.json").read_text())
     assert set(per_epoch["IoU"]) == {"impervious surfaces", "building", "low vegetation", "tree", "car", "clutter"}
     # best.safetensors rebuilds the model that was validated: same confusion matrix on the val tiles
-    val = evaluate(load_config(cfg.to_dict(), ["eval.split=val", "eval.stride=64"]), run / "best.safetensors",
-                   out_dir=tmp_path / "val", log=quiet)  # fmt: skip
+    val = evaluate(
+        load_config(cfg.to_dict(), ["eval.split=val", "eval.stride=64"]),
+        run / "best.safetensors",
+        out_dir=tmp_path / "val",
+        log=quiet,
+    )
     assert val.metrics["confusion"] == per_epoch["confusion"]
     test = evaluate(cfg, run / "best.safetensors", log=messages.append)
     saved = json.loads((run / "eval_test_stride32_average_eroded" / "metrics.json").read_text())
@@ -136,8 +158,9 @@ def test_train_then_evaluate_end_to_end(data_root: Path, tmp_path: Path) -> None
 
 
 def test_bf16_autocast_and_grad_checkpointing_train(data_root: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(data_root, tmp_path / "run", "train.amp=bf16", "model.grad_checkpointing=true",
-                      epochs=1, batches_per_epoch=1)  # fmt: skip
+    cfg = tiny_config(
+        data_root, tmp_path / "run", "train.amp=bf16", "model.grad_checkpointing=true", epochs=1, batches_per_epoch=1
+    )
     result = train(cfg, log=quiet)
     assert result.finished and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
@@ -173,9 +196,18 @@ def test_generic_layout_of_your_own_tiles(tmp_path: Path) -> None:
             for folder, shape in (("optical", (80, 72, 3)), ("ndsm", (80, 72)), ("labels", (80, 72))):
                 (tmp_path / "data" / split / folder).mkdir(parents=True, exist_ok=True)
                 high = 6 if folder == "labels" else 255
-                Image.fromarray(rng.integers(0, high, shape, dtype=np.uint8)).save(tmp_path / "data" / split / folder / f"{stem}.png")
-    cfg = tiny_config(tmp_path / "data", tmp_path / "run", "data.dataset=generic", "data.val_fraction=0.5",
-                      "data.generic.folders={dsm: ndsm}", epochs=1, batches_per_epoch=1)  # fmt: skip
+                Image.fromarray(rng.integers(0, high, shape, dtype=np.uint8)).save(
+                    tmp_path / "data" / split / folder / f"{stem}.png"
+                )
+    cfg = tiny_config(
+        tmp_path / "data",
+        tmp_path / "run",
+        "data.dataset=generic",
+        "data.val_fraction=0.5",
+        "data.generic.folders={dsm: ndsm}",
+        epochs=1,
+        batches_per_epoch=1,
+    )
     result = train(cfg, log=quiet)
     assert result.finished and result.state.best_epoch == 1
     metrics = evaluate(cfg, result.best, log=quiet).metrics

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
+from ...errors import MmpeftTypeError, MmpeftValueError
 from ..registry import Method, register_method
 from .config import ACTIVATIONS, AdapterConfig
 from .layer import MultimodalAdapter
-from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["ACTIVATIONS", "AdapterConfig", "MultimodalAdapter", "build_adapter"]
 
@@ -42,10 +42,20 @@ def build_adapter(
     if width is not None and rule.placement == "after":
         c_in = c_out = width
     return MultimodalAdapter(
-        module, modalities, in_features=c_in, out_features=c_out, hidden=max(1, int(c_in * rule.ratio)),
-        placement=rule.placement, activation=ACTIVATIONS[rule.activation], bias=rule.bias,
-        dropout=rule.dropout, scale=rule.scale, init=rule.init, fusion=rule.fusion, lambda_init=rule.lambda_init,
-    )  # fmt: skip
+        module,
+        modalities,
+        in_features=c_in,
+        out_features=c_out,
+        hidden=max(1, int(c_in * rule.ratio)),
+        placement=rule.placement,
+        activation=ACTIVATIONS[rule.activation],
+        bias=rule.bias,
+        dropout=rule.dropout,
+        scale=rule.scale,
+        init=rule.init,
+        fusion=rule.fusion,
+        lambda_init=rule.lambda_init,
+    )
 
 
 register_method(Method("adapter", AdapterConfig, MultimodalAdapter, build_adapter, None, "mmadapter"))

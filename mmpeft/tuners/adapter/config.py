@@ -7,9 +7,9 @@ from typing import Literal
 
 from torch import nn
 
+from ...errors import MmpeftTypeError, MmpeftValueError
 from ...utils import check_number
 from ..options import Targets, check_fusion, check_targets
-from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["AdapterConfig", "ACTIVATIONS"]
 

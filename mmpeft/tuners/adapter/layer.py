@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ...errors import MmpeftValueError
+from ...utils import check_int
+from ..base import MultimodalLayer, by_modality
 from ..fusion import Fusion, build_fusion, lowrank_mix
 from ..lowrank import mixed_up, stacked_linear
 from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
-from ...utils import check_int
-from ..base import MultimodalLayer, by_modality
-from ...errors import MmpeftValueError
 
 __all__ = ["MultimodalAdapter"]
 

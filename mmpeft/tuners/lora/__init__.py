@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
+from ...errors import MmpeftTypeError, MmpeftValueError
 from ..base import MultimodalLayer
 from ..registry import Method, register_method
 from .config import LoRAConfig
 from .conv import MultimodalLoRAConv2d
 from .layer import MultimodalLoRA
-from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["LoRAConfig", "MultimodalLoRA", "MultimodalLoRAConv2d", "build_lora"]
 
@@ -51,9 +51,16 @@ def _build_conv(rule: LoRAConfig, module: nn.Conv2d, name: str, modalities: Sequ
         )
     try:
         return MultimodalLoRAConv2d(
-            module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout, fusion=rule.fusion,
-            lambda_init=rule.lambda_init, use_rslora=rule.use_rslora, use_dora=rule.use_dora,
-        )  # fmt: skip
+            module,
+            modalities,
+            rank=rule.rank,
+            alpha=rule.alpha,
+            dropout=rule.dropout,
+            fusion=rule.fusion,
+            lambda_init=rule.lambda_init,
+            use_rslora=rule.use_rslora,
+            use_dora=rule.use_dora,
+        )
     except ValueError as e:
         raise MmpeftValueError(f"{name}: {e}") from e
 
@@ -64,13 +71,23 @@ def build_lora(rule: LoRAConfig, module: nn.Module, name: str, modalities: Seque
     if isinstance(module, nn.Conv2d):
         return _build_conv(rule, module, name, modalities)
     if not isinstance(module, nn.Linear):
-        raise MmpeftTypeError(f"{name} is a {type(module).__name__}; the LoRA method wraps nn.Linear and nn.Conv2d modules")
+        raise MmpeftTypeError(
+            f"{name} is a {type(module).__name__}; the LoRA method wraps nn.Linear and nn.Conv2d modules"
+        )
     return MultimodalLoRA(
-        module, modalities, rank=rule.rank, alpha=rule.alpha, dropout=rule.dropout,
-        slices=_slice_ranges(rule, module, name), fusion=rule.fusion, lambda_init=rule.lambda_init,
-        use_rslora=rule.use_rslora, init_lora_weights=rule.init_lora_weights, lora_bias=rule.lora_bias,
+        module,
+        modalities,
+        rank=rule.rank,
+        alpha=rule.alpha,
+        dropout=rule.dropout,
+        slices=_slice_ranges(rule, module, name),
+        fusion=rule.fusion,
+        lambda_init=rule.lambda_init,
+        use_rslora=rule.use_rslora,
+        init_lora_weights=rule.init_lora_weights,
+        lora_bias=rule.lora_bias,
         use_dora=rule.use_dora,
-    )  # fmt: skip
+    )
 
 
 register_method(Method("lora", LoRAConfig, MultimodalLoRA, build_lora, (nn.Linear, nn.Conv2d), "mmlora"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ...errors import MmpeftTypeError, MmpeftValueError
 from ...utils import check_int, check_number
 from ..options import Targets, check_fusion, check_targets
 from .variants import check_init, lora_scaling
-from ...errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = ["LoRAConfig"]
 

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fusion import Fusion, build_fusion
+from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 from ...utils import check_int
 from ..base import MultimodalLayer, mixing_refusal
+from ..fusion import Fusion, build_fusion
 from ..merging import WeightMerging
 from .variants import DORA_MIXING, dora_extra, dora_scale, lora_scaling, row_norms
-from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = ["MultimodalLoRAConv2d"]
 
@@ -52,10 +52,17 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     method = "lora"
 
     def __init__(
-        self, base_layer: nn.Conv2d, modalities: Sequence[str], rank: int = 4, alpha: float | None = None,
-        dropout: float = 0.0, fusion: str = "scalar", lambda_init: float = 0.5, use_rslora: bool = False,
+        self,
+        base_layer: nn.Conv2d,
+        modalities: Sequence[str],
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        fusion: str = "scalar",
+        lambda_init: float = 0.5,
+        use_rslora: bool = False,
         use_dora: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(base_layer, modalities)
         _check_conv(base_layer)
         self.in_channels = base_layer.in_channels
@@ -70,9 +77,17 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
         self.lora_B = nn.ModuleDict()
         for name in self.modalities:
             self.lora_A[name] = nn.Conv2d(
-                b.in_channels, rank, b.kernel_size, b.stride, b.padding, b.dilation, bias=False,
-                padding_mode=b.padding_mode, device=dev, dtype=dt,
-            )  # fmt: skip
+                b.in_channels,
+                rank,
+                b.kernel_size,
+                b.stride,
+                b.padding,
+                b.dilation,
+                bias=False,
+                padding_mode=b.padding_mode,
+                device=dev,
+                dtype=dt,
+            )
             self.lora_B[name] = nn.Conv2d(rank, b.out_channels, 1, bias=False, device=dev, dtype=dt)
         self.lora_fusion = build_fusion(fusion, self.modalities, lambda_init, device=dev)
         if self.use_dora and self.lora_fusion.mixes:

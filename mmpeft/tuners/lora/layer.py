@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fusion import Fusion, build_fusion, lowrank_mix
-from ..lowrank import mixed_up, stacked_linear
+from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 from ...utils import check_int
 from ..base import MultimodalLayer, by_modality, mixing_refusal
+from ..fusion import Fusion, build_fusion, lowrank_mix
+from ..lowrank import mixed_up, stacked_linear
 from ..merging import WeightMerging
 from .variants import (
-    DORA_MIXING, FROM_WEIGHT, LowRankOffset, add_slice, cast_or_none, check_init, check_slices, decompose, dora_extra,
-    dora_scale, init_pair, lora_scaling, row_norms, slice_rows,
-)  # fmt: skip
-from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
+    DORA_MIXING,
+    FROM_WEIGHT,
+    LowRankOffset,
+    add_slice,
+    cast_or_none,
+    check_init,
+    check_slices,
+    decompose,
+    dora_extra,
+    dora_scale,
+    init_pair,
+    lora_scaling,
+    row_norms,
+    slice_rows,
+)
 
 __all__ = ["MultimodalLoRA"]
 
@@ -289,9 +301,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         mixed = lowrank_mix(self.lora_fusion, h, b_full, by_modality(out, m), inplace=True, weights=self._mixing())
         return mixed.view(out.shape)
 
-    def _dora_batched(
-        self, xd: torch.Tensor, out: torch.Tensor, h: torch.Tensor, mods: Sequence[str]
-    ) -> torch.Tensor:
+    def _dora_batched(self, xd: torch.Tensor, out: torch.Tensor, h: torch.Tensor, mods: Sequence[str]) -> torch.Tensor:
         """DoRA on the stacked batch (a rule that does not mix): out + (g - 1) W x' + g d."""
         m = len(mods)
         b_full = torch.stack([self._up_full(mod) for mod in mods]).to(h.dtype)  # (M, out, K)

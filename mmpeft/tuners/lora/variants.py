@@ -20,18 +20,30 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ...utils import check_number
 from ...errors import MmpeftValueError
+from ...utils import check_number
 
 __all__ = [
-    "INITS", "check_init", "lora_scaling", "init_pair", "decompose", "LowRankOffset", "slice_rows", "dora_scale",
-    "dora_extra", "row_norms", "DORA_MIXING", "add_slice", "check_slices", "cast_or_none",
-]  # fmt: skip
+    "INITS",
+    "check_init",
+    "lora_scaling",
+    "init_pair",
+    "decompose",
+    "LowRankOffset",
+    "slice_rows",
+    "dora_scale",
+    "dora_extra",
+    "row_norms",
+    "DORA_MIXING",
+    "add_slice",
+    "check_slices",
+    "cast_or_none",
+]
 
 #: why DoRA and a mixing fusion rule do not go together
 DORA_MIXING = (
@@ -100,7 +112,9 @@ def decompose(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tup
     """
     out_f, in_f = weight.shape
     if rank > min(out_f, in_f):
-        raise MmpeftValueError(f"init_lora_weights={init!r} needs rank <= min(out, in) = {min(out_f, in_f)}, got {rank}")
+        raise MmpeftValueError(
+            f"init_lora_weights={init!r} needs rank <= min(out, in) = {min(out_f, in_f)}, got {rank}"
+        )
     if weight.device.type == "meta":
         return torch.empty(rank, in_f, device="meta"), torch.empty(out_f, rank, device="meta")
     w = weight.float()
@@ -127,10 +141,10 @@ class LowRankOffset(nn.Module):
             self.register_buffer(f"up_{name}", b)
 
     def down(self, name: str) -> torch.Tensor:
-        return getattr(self, f"down_{name}")  # type: ignore[no-any-return]
+        return getattr(self, f"down_{name}")
 
     def up(self, name: str) -> torch.Tensor:
-        return getattr(self, f"up_{name}")  # type: ignore[no-any-return]
+        return getattr(self, f"up_{name}")
 
 
 def slice_rows(ranges: Mapping[str, tuple[int, int]], out_features: int) -> list[int] | None:
@@ -177,9 +191,7 @@ def add_slice(out: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Ten
     return torch.cat([out[..., :lo], out[..., lo:hi] + d, out[..., hi:]], -1)
 
 
-def check_slices(
-    slices: Mapping[str, tuple[int, int]] | None, out_features: int
-) -> dict[str, tuple[int, int]] | None:
+def check_slices(slices: Mapping[str, tuple[int, int]] | None, out_features: int) -> dict[str, tuple[int, int]] | None:
     if slices is None:
         return None
     if not slices:
