@@ -10,11 +10,12 @@ imports everything). A package's ``__init__`` importing its own submodules is an
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 
-from tests.isprs import test_architecture as arch
+from tests import source_graph as arch
 
 # core package -> its modules (a module belongs to the longest prefix; the package ``mmpeft``
 # itself, its ``__init__``, is the public API on top)
@@ -121,12 +122,78 @@ def forbidden_imports(files: list[Path]) -> list[str]:
     return problems
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _imported(tree: ast.AST, package: str, modules: set[str]) -> tuple[dict[str, str], list[tuple[int, str, str]]]:
+    """(local name -> the core module an import binds it to, [(line, module, private name)] taken
+    by name: ``from ..targeting.inject import _owners``). ``package``: the one relative imports start in."""
+    bound: dict[str, str] = {}
+    taken: list[tuple[int, str, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                bound[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            for a in node.names:
+                if f"{target}.{a.name}" in modules:
+                    bound[a.asname or a.name] = f"{target}.{a.name}"
+                elif _private(a.name) and (owner := resolve(target, modules)):
+                    taken.append((node.lineno, owner, a.name))
+    return bound, taken
+
+
+def _module_named(node: ast.expr, bound: dict[str, str], modules: set[str]) -> str | None:
+    """The core module an expression ``a.b.c`` names through an import (``inject``,
+    ``mmpeft.targeting.inject``), else None."""
+    chain: list[str] = []
+    while isinstance(node, ast.Attribute):
+        chain.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id not in bound:
+        return None
+    target = ".".join([bound[node.id], *reversed(chain)])
+    return target if target in modules else None
+
+
+def private_uses(files: list[Path]) -> list[str]:
+    """Private names (``_x``, not dunders) a core module takes from a module of another core
+    package: imported by name, or read as an attribute of an imported module (``inject._owners``)."""
+    modules = {arch.module_name(p) for p in files}
+    problems = []
+    for path in files:
+        mod = arch.module_name(path)
+        tree = ast.parse(path.read_text(), str(path))
+        bound, taken = _imported(tree, mod if path.name == "__init__.py" else mod.rpartition(".")[0], modules)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                owner = _module_named(node.value, bound, modules)
+                if owner is not None:
+                    taken.append((node.lineno, owner, node.attr))
+        own = core_package_of(mod)
+        for line, owner, name in sorted(taken):
+            other = core_package_of(owner)
+            if other != own:
+                where = f"{path.relative_to(arch.ROOT)}:{line}: {own} ({mod})"
+                problems.append(f"{where} uses {name}, private to {other} ({owner}): give it a public name there")
+    return problems
+
+
 def test_no_import_circle_inside_the_core() -> None:
     assert import_cycles(core_graph(core_files())) == []
 
 
 def test_core_imports_follow_the_stated_direction() -> None:
     assert forbidden_imports(core_files()) == []
+
+
+def test_no_private_name_is_used_across_packages() -> None:
+    """A package reads another's internals only through public names (``_x`` may change freely)."""
+    assert private_uses(core_files()) == []
 
 
 def test_the_stated_direction_has_no_circle_and_is_drawn_in_the_docs() -> None:
@@ -199,3 +266,31 @@ def test_the_checker_catches_an_import_against_the_direction(tmp_path: Path, mon
         p.startswith("mmpeft/tuners/__init__.py:1: tuners") and "may import only ['base']" in p for p in found
     ), found
     assert any("mmpeft.novel" in p and "no core package" in p for p in found), found
+
+
+def test_the_checker_catches_a_private_name_across_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taken by name (inside a function too), read on a module imported by name, by alias or by
+    its dotted path; not: a private name of the same package, a dunder, a private alias."""
+    files = _fake_core(
+        tmp_path,
+        monkeypatch,
+        {
+            "mmpeft/__init__.py": "from . import __version__\n",
+            "mmpeft/targeting/__init__.py": "",
+            "mmpeft/targeting/inject.py": "def _owners(): ...\nfrom .probe import _probe\n",  # same package
+            "mmpeft/targeting/probe.py": "def _probe(): ...\n",
+            "mmpeft/model/__init__.py": "",
+            "mmpeft/model/combine.py": "def f():\n    from ..targeting.inject import _owners\n",
+            "mmpeft/model/wrap.py": "from ..targeting import inject\nx = inject._owners\n",
+            "mmpeft/model/io.py": "import mmpeft.targeting.probe as p\nimport mmpeft\np._probe\nmmpeft.targeting.inject._o\n",
+            "mmpeft/model/ok.py": "from ..targeting.inject import owners as _owners\nfrom .io import _local\n",
+        },
+    )
+    found = private_uses(files)
+    assert [p.split(": ")[0] for p in found] == [
+        "mmpeft/model/combine.py:2",
+        "mmpeft/model/io.py:3",
+        "mmpeft/model/io.py:4",
+        "mmpeft/model/wrap.py:2",
+    ], found
+    assert "uses _owners, private to targeting (mmpeft.targeting.inject)" in found[0], found

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import LoRAConfig, MultimodalConfig
 from ..errors import MmpeftValueError
-from ..targeting.inject import _owners
+from ..targeting.inject import rule_owners
 from ..tuners import MultimodalLayer, MultimodalLoRA, MultimodalLoRAConv2d, multimodal_layers
 
 __all__ = ["combination_refusal", "weighted_lora_set"]
@@ -85,7 +85,7 @@ def _set_pieces(model: Any, name: str, weight: float) -> dict[str, Piece]:
         if learned:
             raise MmpeftValueError(f"{where}: the stems of {learned} are learnable modules outside the LoRA updates")
         with model._bare():
-            owner = _owners(model.base_model, model.config)
+            owner = rule_owners(model.base_model, model.config)
         pieces = {}
         for site, layer in multimodal_layers(model.base_model):
             reason = combination_refusal(layer)

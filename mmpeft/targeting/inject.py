@@ -26,7 +26,7 @@ from .selection import all_linear, is_all_linear
 from .structure import warn_structural
 from .targets import match_targets
 
-__all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "set_submodule", "wrap_modules_to_save"]
+__all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "rule_owners", "set_submodule", "wrap_modules_to_save"]
 
 
 class ModuleToSave(nn.Module):
@@ -75,7 +75,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
+def rule_owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
     """{module name: index of the rule that targets it}; a module claimed twice is an error."""
     owner: dict[str, int] = {}
     for i, rule in enumerate(config.rules):
@@ -121,7 +121,7 @@ def apply_rules(
             "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "
             "the same frozen model use wrapped.add_adapter(name, ...) and wrapped.set_adapter(name)"
         )
-    owner = _owners(model, config)
+    owner = rule_owners(model, config)
     if config.preset is not None:
         owner = _without_nested(config, _without_identities(model, owner))
     check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
@@ -137,13 +137,17 @@ def apply_rules(
         widths = {n: r.width for n, r in probed.items()}
     if config.preset is not None:
         warn_uncovered_attention(model, owner)
+    # all or nothing: every layer is built (and so checked) around the module as given before the
+    # first one is put in place; a refusal leaves the model untouched
+    order = sorted(owner, key=lambda s: s.count("."), reverse=True)
+    layers = {n: _build_layer(model, config.rules[owner[n]], n, config, widths.get(n)) for n in order}
     model.requires_grad_(False)
-    # deepest first, so a parent wrapper receives its already patched children
-    for n in sorted(owner, key=lambda s: s.count("."), reverse=True):
-        layer = _build_layer(model, config.rules[owner[n]], n, config, widths.get(n))
-        layer.batch_factor = factors.get(n)
-        layer.factor_size = tuple(size) if size is not None and n in factors else None
-        set_submodule(model, n, layer)
+    # deepest first: a child goes into its parent (the module object a parent's layer holds) while
+    # the path to it is still the model's own
+    for n in order:
+        layers[n].batch_factor = factors.get(n)
+        layers[n].factor_size = tuple(size) if size is not None and n in factors else None
+        set_submodule(model, n, layers[n])
     return sorted(owner)
 
 
