@@ -13,7 +13,7 @@ from ..config import MultimodalConfig
 from ..errors import MmpeftTypeError, MmpeftValueError
 from ..runtime.norms import frozen_norms
 from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
-from ..targeting.prepare import prepare_backbone
+from ..targeting.prepare import prepare_backbone, unchanged_on_error
 from ..tuners import multimodal_layers
 from ..utils import dtype_name
 from .io import read_adapter, write_adapter
@@ -86,7 +86,20 @@ class Persistence:
     ) -> T:
         """Freeze ``model`` and patch it in place as ``config`` says (what ``wrap_multimodal`` does;
         ``probe``: the wrap-time dry run of :func:`mmpeft.targeting.inject.apply_rules`, True, False or its (H, W);
-        ``autocast_adapter_dtype``: trainable tensors float32 on a bf16 / fp16 base, :mod:`mmpeft.model.precision`)."""
+        ``autocast_adapter_dtype``: trainable tensors float32 on a bf16 / fp16 base, :mod:`mmpeft.model.precision`).
+        All or nothing: a refusal leaves ``model`` exactly as given (:func:`mmpeft.targeting.prepare.unchanged_on_error`)."""
+        with unchanged_on_error(model):
+            return cls._from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
+
+    @classmethod
+    def _from_config(
+        cls: type[T],
+        model: nn.Module,
+        config: MultimodalConfig,
+        efficient_attention: bool | str,
+        probe: bool | tuple[int, int],
+        autocast_adapter_dtype: bool,
+    ) -> T:
         check_autocast(autocast_adapter_dtype)
         check_not_peft(model)
         requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored by unload()

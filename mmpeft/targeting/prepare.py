@@ -17,12 +17,17 @@ to keep in eval mode (:mod:`mmpeft.runtime.norms`). Every change keeps the model
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
 from torch import nn
 
 from ..errors import MmpeftValueError
 from ..runtime.norms import frozen_norms
 
-__all__ = ["BypassError", "prepare_backbone", "check_targets_callable"]
+__all__ = ["BypassError", "check_targets_callable", "prepare_backbone", "unchanged_on_error"]
 
 
 class BypassError(MmpeftValueError):
@@ -73,3 +78,40 @@ def check_targets_callable(model: nn.Module, names: list[str]) -> None:
                     "the attention module itself (adapter 'after'), or swap it for "
                     "mmpeft.backbones.torchvision_vit.ExplicitMultiheadAttention.from_torch(...) first"
                 )
+
+
+def _module_state(module: nn.Module) -> tuple[type, dict[str, Any], dict[str, dict[Any, Any]]]:
+    """(class, attributes, copies of the dict attributes: children, parameters, buffers, hooks)."""
+    attrs = dict(module.__dict__)
+    return type(module), attrs, {k: dict(v) for k, v in attrs.items() if isinstance(v, dict)}
+
+
+@contextlib.contextmanager
+def unchanged_on_error(model: nn.Module) -> Iterator[None]:
+    """Run the block; on any exception put ``model`` back exactly as it was and re-raise.
+
+    Every module's class, attributes, children, parameters, buffers and hooks, and every
+    parameter's ``requires_grad`` and data are recorded (references, no tensor is copied) and
+    restored: the wrap refuses without a trace even when a check fails after a change (the
+    checks come first; this is the guarantee behind them)."""
+    modules = {id(m): (m, _module_state(m)) for m in model.modules()}
+    params = [(p, p.requires_grad, p.data) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for m, (cls, attrs, dicts) in modules.values():
+            if type(m) is not cls:
+                m.__class__ = cls
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if k in dicts:
+                    v.clear()
+                    v.update(dicts[k])
+                m.__dict__[k] = v
+        with torch.no_grad():
+            for p, flag, data in params:
+                if p.data is not data:
+                    p.data = data
+                p.requires_grad_(flag)
+        raise
