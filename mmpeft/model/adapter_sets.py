@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from ..runtime.blocks import runner_of
 from ..runtime.stems import ModalityStem
 from ..targeting.inject import ModuleToSave, apply_rules
 from ..tuners import MultimodalLayer, set_execution
+from .build import WrapOptions
 from .combine import weighted_lora_set
 from .io import CONFIG_NAME, read_adapter
 from .merge import check_usable
@@ -44,7 +44,6 @@ __all__ = ["AdapterSet", "AdapterSets", "DEFAULT_ADAPTER"]
 
 DEFAULT_ADAPTER = "default"  # peft's name of the first set
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a folder name of its own (saved per set)
-_SHARED = ("in_channels", "modules_to_save", "base_dtype")  # the model's, not a set's
 
 Site = tuple[nn.Module, str, MultimodalLayer]  # (parent module, attribute, layer)
 
@@ -93,9 +92,6 @@ class AdapterSets:
     adapters_enabled: bool
     call_check_pending: bool
     training: bool
-    #: builds a set's config from ``wrap_multimodal``'s arguments (``mmpeft.model.wrap._config_of``);
-    #: set by :mod:`mmpeft.model.wrap`, which imports the model class (so this module cannot import it)
-    build_set_config: ClassVar[Callable[..., MultimodalConfig]]
     _active_name: str = DEFAULT_ADAPTER
     _names: tuple[str, ...] = (DEFAULT_ADAPTER,)
     _inactive: dict[str, AdapterSet] | None = None  # created by the first add_adapter
@@ -227,8 +223,9 @@ class AdapterSets:
         (a different value is an error)."""
         check_usable(self)
         name = self._new_name(adapter_name)
+        opts = WrapOptions.for_set(self.config, method, preset=preset, targets=targets, config=config, **options)
         with self._bare():  # planned and built on the plain model, as a first wrap is
-            cfg = self._set_config(method, preset, targets, config, dict(options))
+            cfg = opts.resolve(self.base_model, in_place=True)
             apply_rules(self.base_model, cfg, probe=probe is not False, probe_size=_probe_size(probe))
             sites = _sites(self.base_model)
             for parent, attr, layer in sites:
@@ -237,43 +234,6 @@ class AdapterSets:
         self._like_active(new)
         self._inactive = {**(self._inactive or {}), name: new}
         self._names = (*self._names, name)
-
-    def _set_config(
-        self,
-        method: str | None,
-        preset: str | None,
-        targets: Any,
-        config: MultimodalConfig | None,
-        options: dict[str, Any],
-    ) -> MultimodalConfig:
-        for key in _SHARED:
-            if key in options and options[key] != getattr(self.config, key):
-                raise MmpeftValueError(
-                    f"{key}={options[key]!r}: {key} is the model's ({getattr(self.config, key)!r}), shared by every "
-                    "adapter set; add_adapter cannot change it (wrap a fresh base model for another)"
-                )
-            options.pop(key, None)
-        if config is not None:
-            if options or targets is not None or preset is not None or method is not None:
-                raise MmpeftValueError("pass either config= or method/options/targets/preset, not both")
-            mine = {"modalities": list(self.modalities), **{k: getattr(self.config, k) for k in _SHARED}}
-            theirs = {"modalities": list(config.modalities), **{k: getattr(config, k) for k in _SHARED}}
-            if theirs != mine:
-                raise MmpeftValueError(f"config= must share the model's {mine} (every set's); it has {theirs}")
-            return config
-        stems = {m: dataclasses.replace(self.config.stem(m)) for m in self.modalities}  # the model's by default
-        options["stems"] = {**stems, **(options.get("stems") or {})}
-        shared = {"in_channels": self.config.in_channels, "modules_to_save": self.config.modules_to_save}
-        return type(self).build_set_config(
-            self.base_model,
-            self.modalities,
-            method,
-            preset,
-            targets,
-            None,
-            self.config.base_dtype,
-            {**options, **shared},
-        )
 
     def _new_stems(self, config: MultimodalConfig) -> nn.ModuleDict:
         return nn.ModuleDict({m: ModalityStem(m, config.stem(m), self.in_channels) for m in self.modalities})

@@ -140,9 +140,9 @@ class Selection:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def pop(cls, options: dict[str, Any]) -> Selection:
-        """Take the selection options out of ``options`` and check them."""
-        got = {k: options.pop(k) for k in SELECTION_OPTIONS if options.get(k) is not None}
+    def parse(cls, options: Mapping[str, Any]) -> Selection:
+        """The selection options among ``options`` (other keys ignored; None: not given), checked."""
+        got = {k: options[k] for k in SELECTION_OPTIONS if options.get(k) is not None}
         sel = cls(**got)
         if sel.exclude is not None:
             sel.exclude = check_targets(sel.exclude)

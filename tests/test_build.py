@@ -1,0 +1,89 @@
+"""The one build path (mmpeft.model.build): wrap arguments parsed once into WrapOptions, used by
+wrap_multimodal, build_config, plan_targets and add_adapter alike."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from mmpeft import MultimodalModel, StemConfig, build_config, plan_targets, wrap_multimodal
+from mmpeft.model.build import ModelOptions, WrapOptions
+from mmpeft.targeting.selection import Selection
+from tests.tiny_models import tiny_custom, tiny_timm_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_from_kwargs_splits_the_options_once() -> None:
+    opts = WrapOptions.from_kwargs(
+        ("optical", "dsm"),
+        "lora",
+        targets=["qkv"],
+        base_dtype="bf16",
+        rank=3,
+        stems={"dsm": ("conv1x1", 1)},
+        in_channels=3,
+        exclude=["blocks.1.attn.qkv"],
+    )
+    assert opts.modalities == ("optical", "dsm") and opts.method == "lora" and opts.targets == ["qkv"]
+    assert opts.base_dtype == "bfloat16"
+    assert dict(opts.method_options) == {"rank": 3}
+    assert opts.model == ModelOptions({"dsm": StemConfig("conv1x1", 1)}, 3, None)
+    assert opts.selection == Selection(exclude=["blocks.1.attn.qkv"])
+
+
+def test_the_public_functions_build_the_same_config() -> None:
+    kw = dict(method="lora", targets=["qkv", "fc1"], rank=2, exclude=["blocks.0.attn.qkv"])
+    expected = WrapOptions.from_kwargs(("optical", "dsm"), **kw).resolve(tiny_timm_vit())
+    assert build_config(tiny_timm_vit(), ("optical", "dsm"), **kw) == expected
+    assert wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), **kw).config.rules == expected.rules
+    planned = [t.name for t in plan_targets(tiny_timm_vit(), ("optical", "dsm"), **kw)]
+    assert planned == ["blocks.0.mlp.fc1", "blocks.1.attn.qkv", "blocks.1.mlp.fc1"]
+
+
+def test_a_string_of_modalities_is_refused_at_the_entrance() -> None:
+    """build_config(model, "optical") built a config for the seven modalities o, p, t, i, c, a, l."""
+    with pytest.raises(TypeError, match="got the string 'optical'"):
+        build_config(tiny_timm_vit(), "optical", targets=["qkv"])  # type: ignore[arg-type]
+
+
+def test_a_selection_option_left_at_none_is_not_given() -> None:
+    """exclude=None (as peft's default exclude_modules) was refused as an unknown option."""
+    config = build_config(tiny_timm_vit(), ("optical",), "lora", targets=["qkv"], exclude=None, layers=None)
+    assert config == build_config(tiny_timm_vit(), ("optical",), "lora", targets=["qkv"])
+
+
+def test_refusals_before_the_model_is_read() -> None:
+    with pytest.raises(ValueError, match="either config= or"):
+        WrapOptions.from_kwargs(config=build_config(tiny_custom(), targets=["in_proj"]), rank=2)
+    with pytest.raises(ValueError, match="either preset= or targets="):
+        WrapOptions.from_kwargs(preset="mmlora", targets=["qkv"])
+    with pytest.raises(ValueError, match="unknown method 'lorra'"):
+        WrapOptions.from_kwargs(method="lorra")
+    with pytest.raises(TypeError, match=r"stems must be a \{modality: stem\} dict"):
+        WrapOptions.from_kwargs(stems="repeat")
+
+
+def test_a_set_shares_the_model_options() -> None:
+    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), stems={"dsm": ("conv1x1", 1)})
+    opts = WrapOptions.for_set(wrapped.config, "adapter")
+    assert opts.model.stems == wrapped.config.stems and opts.model.in_channels == wrapped.config.in_channels
+    with pytest.raises(ValueError, match="in_channels is the model's"):
+        WrapOptions.for_set(wrapped.config, in_channels=4)
+    wrapped.add_adapter("second", "adapter")
+    assert wrapped.set_adapter("second") is None and wrapped.config.stems["dsm"] == StemConfig("conv1x1", 1)
+
+
+def test_no_function_is_assigned_onto_a_class_from_outside() -> None:
+    """The sets module reads the build path directly (wrap.py set MultimodalModel.build_set_config)."""
+    assert not hasattr(MultimodalModel, "build_set_config")
+    for path in sorted((ROOT / "mmpeft").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            for t in targets:
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id[:1].isupper():
+                    assert t.value.id in defined, f"{path.relative_to(ROOT)}:{node.lineno} sets {t.value.id}.{t.attr}"
