@@ -334,14 +334,27 @@ class AdapterSets:
         }
 
     # ------------------------------------------------------------------ saving and loading
-    def save_pretrained(self, directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None) -> None:
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        selected_adapters: Sequence[str] | None = None,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **hub_options: Any,
+    ) -> Any:
         """Write every set (or ``selected_adapters``) as peft lays them out: ``"default"`` in
-        ``directory`` itself (the single-set format), every other set in ``directory/<name>``."""
+        ``directory`` itself (the single-set format), every other set in ``directory/<name>``.
+        ``push_to_hub``: then upload ``directory`` with a model card to ``repo_id`` (default: the
+        directory's name) with :meth:`push_to_hub`'s options (:mod:`mmpeft.model.hub`)."""
+        if (repo_id is not None or hub_options) and not push_to_hub:
+            raise MmpeftTypeError(f"repo_id / {sorted(hub_options)} are options of push_to_hub=True")
         names = self.adapters if selected_adapters is None else [self._known(n) for n in selected_adapters]
         for name in names:
             with self._using(name):
                 target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
                 self._save_active_set(target)  # type: ignore[attr-defined]
+        return self._push_saved(directory, repo_id, hub_options) if push_to_hub else None  # type: ignore[attr-defined]
 
     def load_adapter(
         self,

@@ -30,6 +30,7 @@ from ..utils import state_mismatches
 from . import merge as _merge
 from .adapter_sets import AdapterSets
 from .features import BlockFeatures
+from .hub import HubMixin
 from .params import trainable_summary
 from .precision import sync_dtype
 from .saving import Persistence
@@ -37,7 +38,7 @@ from .saving import Persistence
 __all__ = ["MultimodalModel"]
 
 
-class MultimodalModel(AdapterSets, Persistence, BlockFeatures, nn.Module):
+class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Module):
     """A frozen model patched with multimodal layers; one input and one output per modality.
 
     ``forward(inputs)`` stacks the modalities modality-major on the batch axis, runs the frozen

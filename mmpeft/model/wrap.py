@@ -17,6 +17,7 @@ from ..config import MultimodalConfig
 from ..targeting.inject import rule_owners
 from ..tuners.options import Targets
 from .build import WrapOptions, planned
+from .hub import HUB_OPTIONS, resolve_adapter_source
 from .multimodal import MultimodalModel
 
 __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
@@ -149,7 +150,11 @@ def load_multimodal(
     **options: Any,
 ) -> MultimodalModel:
     """:meth:`MultimodalModel.from_pretrained`: for inference (eval mode, frozen) unless
-    ``is_trainable``; ``options``: its ``efficient_attention``, ``probe``, ``autocast_adapter_dtype``."""
+    ``is_trainable``; ``options``: its ``efficient_attention``, ``probe``, ``autocast_adapter_dtype``.
+    ``directory``: a local directory, or a Hub repo id ``owner/name`` (:mod:`mmpeft.model.hub`; with
+    the options ``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
+    hub = {k: options.pop(k) for k in HUB_OPTIONS if k in options}
+    directory = resolve_adapter_source(directory, **hub)  # an existing path is returned as it is
     return MultimodalModel.from_pretrained(base_model, directory, is_trainable=is_trainable, strict=strict, **options)
 
 
