@@ -54,7 +54,9 @@ def test_each_modality_gets_the_loss_the_plain_model_computes_alone() -> None:
         assert_close(out[m].loss, want.loss, rel=1e-5)
         assert_close(out[m].logits, want.logits, rel=1e-5)
         assert out[m].to_tuple()[0] is out[m].loss  # first, as Hugging Face orders it
-    sum(o.loss for o in out.values()).backward()
+    assert list(out) == ["loss", *MODS]  # the combined loss first, then each modality's output
+    assert_close(out.loss, (out["optical"].loss + out["dsm"].loss) / 2, rel=1e-6)
+    out.loss.backward()
     assert all(p.grad is not None for n, p in w.named_parameters() if p.requires_grad and "lora_" in n)
 
 

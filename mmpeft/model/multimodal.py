@@ -19,7 +19,7 @@ from torch import nn
 from ..config import MultimodalConfig
 from ..errors import MmpeftTypeError, MmpeftValueError
 from ..runtime.batch import Inputs, check_sizes, gather, split_output
-from ..runtime.labels import check_presence, take_labels, with_losses
+from ..runtime.labels import check_presence, computes_losses, take_labels, with_losses
 from ..runtime.presence import NonFiniteAction, Presence, masked_presence
 from ..runtime.stems import ModalityStem, check_stem_inputs
 from ..runtime.verify import cast_inputs, checked_call, input_dtype
@@ -141,13 +141,17 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
         self,
         inputs: Inputs | None = None,
         *args: Any,
+        pixel_values: Inputs | None = None,
+        labels: Any = None,
         presence: Presence | None = None,
         finite_checked: bool = False,
         **kwargs: Any,
     ) -> Any:
         """inputs: {modality: (B, c_m, H, W)} or a sequence in modality order, given by position
         or by the keyword of the base model's own first parameter (``pixel_values=`` for a
-        Hugging Face model); other arguments go to the base model unchanged.
+        Hugging Face model); other arguments go to the base model unchanged. ``pixel_values``
+        and ``labels`` are named so that Hugging Face's ``Trainer`` (which reads this signature)
+        keeps those columns and finds the labels; they go on as any keyword.
 
         Any non-empty subset of the modalities may be given (left out of the dict, or None in the
         sequence): only those run, mixed as the fusion rules define for missing modalities
@@ -160,9 +164,20 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
         in modality order (present ones only); each output of the base model's own type (a
         Hugging Face ``ModelOutput`` stays one, with its fields). ``labels=`` to a Hugging Face
         ``*ForImageClassification`` model gives each modality's output the loss of its own
-        logits (:mod:`mmpeft.runtime.labels`; other heads are refused naming the way).
+        logits, and a dict input a :class:`~mmpeft.runtime.labels.MultimodalOutput` with the
+        mean of those losses as ``"loss"`` (:mod:`mmpeft.runtime.labels`; other heads are
+        refused naming the way).
         """
-        return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **kwargs)
+        named = {k: v for k, v in (("pixel_values", pixel_values), ("labels", labels)) if v is not None}
+        return self.call("forward", inputs, *args, presence=presence, finite_checked=finite_checked, **named, **kwargs)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Read by Hugging Face's ``Trainer``: True when ``num_items_in_batch=`` reaches the loss
+        (a Hugging Face ``*ForImageClassification`` head, whose loss mmpeft computes per modality),
+        so the Trainer leaves the accumulation scaling to it; False otherwise (the keyword would
+        reach a base model that takes no loss arguments)."""
+        return computes_losses(self.base_model)
 
     def call(
         self,

@@ -8,19 +8,39 @@ same ``loss_function``: what the plain model returns for that modality alone. Ot
 take ``labels`` (semantic segmentation: upsampled logits, ignore index, auxiliary heads, each
 model its own) compute their loss inline; they are refused, naming how to compute the loss from
 each modality's ``logits``.
+
+With a dict input the output is a :class:`MultimodalOutput`: ``{"loss": combined, modality:
+output, ...}``, the combined loss the mean of the present modalities' losses (what Hugging Face's
+``Trainer`` reads as ``outputs["loss"]``). ``num_items_in_batch=`` (the Trainer's count of labels
+over the accumulated batches) reaches each modality's ``loss_function`` as it reaches the plain
+model's, so each modality's loss is its label sum over that count and gradient accumulation is
+exact (:attr:`~mmpeft.MultimodalModel.accepts_loss_kwargs`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import MmpeftTypeError, MmpeftValueError
 
-__all__ = ["take_labels", "check_presence", "with_losses"]
+__all__ = [
+    "LOSS_KWARGS",
+    "Labels",
+    "MultimodalOutput",
+    "computes_losses",
+    "take_labels",
+    "check_presence",
+    "with_losses",
+]
+
+#: keyword arguments of a Hugging Face forward that go to its loss, not to the model
+LOSS_KWARGS = ("num_items_in_batch",)
 
 
 def _takes_labels(fn: Any) -> bool:
@@ -38,10 +58,37 @@ def _hugging_face(model: nn.Module) -> bool:
     return any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__)
 
 
-def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Any:
-    """Pop ``labels`` from ``kwargs`` when ``fn`` (a method of the Hugging Face ``model``) takes
-    them; None when not given (or another model: they go to it unchanged). A head whose loss
-    cannot be computed per modality is an error naming the way."""
+def computes_losses(model: nn.Module) -> bool:
+    """True when mmpeft computes ``model``'s loss per modality (a Hugging Face ``*ForImageClassification``)."""
+    return _hugging_face(model) and _classifier(model)
+
+
+@dataclass
+class Labels:
+    """The labels taken out of a call and the loss keyword arguments that came with them."""
+
+    labels: Any
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class MultimodalOutput(dict):  # type: ignore[type-arg]
+    """``{"loss": the mean of the modalities' losses, modality: its output, ...}`` (a dict, as a
+    Hugging Face ``ModelOutput`` is one, the loss first): ``out.loss``, ``out["loss"]``,
+    ``out["optical"].loss``; :meth:`outputs` the per-modality part."""
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self["loss"]
+
+    def outputs(self) -> dict[str, Any]:
+        """``{modality: output}`` without the combined loss."""
+        return {k: v for k, v in self.items() if k != "loss"}
+
+
+def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Labels | None:
+    """Pop ``labels`` (and :data:`LOSS_KWARGS`) from ``kwargs`` when ``fn`` (a method of the
+    Hugging Face ``model``) takes them; None when not given (or another model: they go to it
+    unchanged). A head whose loss cannot be computed per modality is an error naming the way."""
     if kwargs.get("labels") is None or not _hugging_face(model) or not _takes_labels(fn):
         return None
     name = type(model).__name__
@@ -54,7 +101,7 @@ def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Any:
             "transformers.loss.loss_utils.ForSemanticSegmentationLoss(o.logits, labels, "
             "ignore_index=model.base_model.config.semantic_loss_ignore_index) for o in out.values())"
         )
-    return kwargs.pop("labels")
+    return Labels(kwargs.pop("labels"), {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs})
 
 
 def check_presence(labels: Any, mask: Any) -> None:
@@ -66,18 +113,25 @@ def check_presence(labels: Any, mask: Any) -> None:
         )
 
 
-def _with_loss(model: nn.Module, out: Any, labels: Any) -> Any:
+def _with_loss(model: nn.Module, out: Any, labels: Labels) -> Any:
     if not isinstance(out, Mapping) or out.get("logits") is None:
         raise MmpeftTypeError(
             f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss"
         )
-    loss = model.loss_function(labels, out["logits"], model.config)  # type: ignore[operator]
+    loss = model.loss_function(labels.labels, out["logits"], model.config, **labels.loss_kwargs)  # type: ignore[operator]
     fields = {"loss": loss, **{k: v for k, v in out.items() if k != "loss"}}
     return type(out)(**fields)
 
 
-def with_losses(model: nn.Module, outputs: Any, labels: Any) -> Any:
-    """Each modality's output (a dict or list of them) with its ``loss`` from its own logits."""
+def with_losses(model: nn.Module, outputs: Any, labels: Labels) -> Any:
+    """Each modality's output with its ``loss`` from its own logits: a :class:`MultimodalOutput`
+    (with the mean loss) for a dict of outputs, a list for a list."""
     if isinstance(outputs, dict):
-        return {m: _with_loss(model, o, labels) for m, o in outputs.items()}
+        if "loss" in outputs:
+            raise MmpeftValueError(
+                "labels= with a modality named 'loss': the output's 'loss' entry is the combined loss; "
+                "rename the modality (e.g. 'loss_image')"
+            )
+        per = {m: _with_loss(model, o, labels) for m, o in outputs.items()}
+        return MultimodalOutput(loss=torch.stack([o.loss for o in per.values()]).mean(), **per)
     return [_with_loss(model, o, labels) for o in outputs]

@@ -1,0 +1,178 @@
+"""The stock Hugging Face ``Trainer`` trains a wrapped ``ViTForImageClassification`` (two
+modalities): the forward's named ``pixel_values`` / ``labels`` keep the columns and give the label
+names, the output's ``"loss"`` is the mean of the modalities' losses, ``num_items_in_batch`` makes
+accumulation exact; :class:`mmpeft.interop.trainer.MultimodalTrainer` checkpoints in mmpeft's
+adapter format, which ``load_multimodal`` reads and ``resume_from_checkpoint`` continues from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mmpeft import load_multimodal, wrap_multimodal
+from tests.helpers import assert_close, randomise_trainables
+
+transformers = pytest.importorskip("transformers")
+from mmpeft.interop.trainer import MultimodalTrainer  # noqa: E402  (imports transformers)
+
+MODS = ("optical", "dsm")
+
+
+def _base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+        intermediate_size=32,
+        num_labels=4,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _wrapped() -> Any:
+    w = wrap_multimodal(_base(), MODS, preset="mmlora", stems={"dsm": ("repeat", 1)})
+    return randomise_trainables(w)  # LoRA B at zero would leave A without a gradient at the first step
+
+
+class _Data(torch.utils.data.Dataset):
+    """Samples as a user's dataset gives them: the inputs under the base model's name, the labels,
+    and a column the model does not take (dropped by ``remove_unused_columns``)."""
+
+    def __init__(self, n: int, seed: int = 1) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.optical, self.dsm = torch.rand(n, 3, 32, 32, generator=g), torch.rand(n, 1, 32, 32, generator=g)
+        self.labels = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = {"optical": self.optical[i], "dsm": self.dsm[i]}
+        return {"pixel_values": x, "labels": self.labels[i], "tile_name": f"tile_{i}"}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"pixel_values": {modality: (B, c, H, W)}, "labels": (B,)} (the default collator stacks no dict)."""
+    assert all("tile_name" not in s for s in samples), "remove_unused_columns kept a column the model does not take"
+    x = {m: torch.stack([s["pixel_values"][m] for s in samples]) for m in MODS}
+    return {"pixel_values": x, "labels": torch.stack([s["labels"] for s in samples])}
+
+
+def _batch(data: _Data, n: int) -> dict[str, Any]:
+    """The first ``n`` samples as the Trainer hands them to the model (the extra column dropped)."""
+    return collate([{k: v for k, v in data[i].items() if k != "tile_name"} for i in range(n)])
+
+
+def _args(out: Path, **kw: Any) -> Any:
+    base = dict(output_dir=str(out), report_to=[], use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True)
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def _trainables(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.trainable_state_dict().items()}
+
+
+def _train(trainer_class: Any, out: Path, data: Any, dtype: torch.dtype = torch.float32, **kw: Any) -> tuple[Any, Any]:
+    model = _wrapped().to(dtype)
+    trainer = trainer_class(model, _args(out, **kw), train_dataset=data, eval_dataset=data, data_collator=collate)
+    trainer.train()
+    return model, trainer
+
+
+def test_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
+    """Batch 2 x 2 accumulated against batch 4, SGD (an update proportional to the gradient, so a
+    loss off by the accumulation factor shows: it was 2.000x before ``num_items_in_batch``). In
+    float64, so that the updates (~1e-3 of weights ~0.1) are compared far above rounding."""
+    data = _Data(8)
+    start = _trainables(_wrapped().double())
+    sgd = dict(optim="sgd", learning_rate=0.5, max_steps=2, lr_scheduler_type="constant")
+    big, _ = _train(transformers.Trainer, tmp_path / "a", data, torch.float64, per_device_train_batch_size=4, **sgd)
+    acc, _ = _train(
+        transformers.Trainer,
+        tmp_path / "b",
+        data,
+        torch.float64,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        **sgd,
+    )
+    for k, v in _trainables(big).items():
+        assert v.dtype == torch.float64 and not torch.equal(v, start[k]), f"{k} did not train in float64"
+        assert_close(_trainables(acc)[k] - start[k], v - start[k], rel=1e-6, msg=k)
+
+
+def test_columns_labels_and_eval_loss(tmp_path: Path) -> None:
+    """``remove_unused_columns`` (default) keeps ``pixel_values`` and ``labels`` (the collator
+    asserts the extra column went), the label names are found, ``evaluate()`` gives ``eval_loss``:
+    the mean over the modalities of each modality's mean loss, computed here by hand."""
+    data = _Data(6)
+    model, trainer = _train(transformers.Trainer, tmp_path, data, max_steps=1, per_device_eval_batch_size=6)
+    assert trainer.args.remove_unused_columns and trainer.label_names == ["labels"]
+    assert trainer.model_accepts_loss_kwargs
+    metrics = trainer.evaluate()
+    batch = _batch(data, len(data))
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+        logits = {m: out[m].logits for m in MODS}
+    by_hand = sum(torch.nn.functional.cross_entropy(logits[m], batch["labels"]) for m in MODS) / len(MODS)
+    assert_close(torch.tensor(metrics["eval_loss"]), by_hand, rel=1e-5)
+    assert_close(out.loss, by_hand, rel=1e-6)
+    assert list(out) == ["loss", *MODS] and out.outputs().keys() == set(MODS)
+
+
+def test_checkpoints_hold_the_adapter_files_and_load(tmp_path: Path) -> None:
+    """Every checkpoint and ``save_model`` hold mmpeft's files (the trainables and config only, no
+    ``model.safetensors``); ``load_multimodal`` on a fresh base reproduces the trained model exactly."""
+    data = _Data(8)
+    model, trainer = _train(
+        MultimodalTrainer,
+        tmp_path,
+        data,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer.save_model(str(tmp_path / "final"))
+    trained = model.trainable_state_dict()
+    for folder in (tmp_path / "checkpoint-2", tmp_path / "final"):
+        assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+        assert json.loads((folder / "mmpeft_config.json").read_text())["format"] == "mmpeft"
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            assert set(f.keys()) == set(trained)
+        loaded = load_multimodal(_base(), folder)
+        batch = _batch(data, 4)
+        model.eval()
+        with torch.no_grad():
+            want, got = model(**batch), loaded(**batch)
+        for m in MODS:
+            assert_close(got[m].logits, want[m].logits, rel=0)
+    assert (tmp_path / "checkpoint-1" / "optimizer.pt").is_file()  # the rest of a checkpoint is the Trainer's
+
+
+@pytest.mark.parametrize("trainer_class", [MultimodalTrainer, transformers.Trainer], ids=["mmpeft", "stock"])
+def test_resume_continues_the_run(trainer_class: Any, tmp_path: Path) -> None:
+    """A run resumed from its step-2 checkpoint ends where the uninterrupted 4-step run ends (AdamW:
+    the optimizer state comes back too), from mmpeft's checkpoint files and from the stock
+    Trainer's own (the whole state dict in ``model.safetensors``)."""
+    data = _Data(8)
+    kw = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    whole, _ = _train(trainer_class, tmp_path, data, **kw)
+    stock = trainer_class is transformers.Trainer
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file() == stock
+    model = _wrapped()
+    trainer = trainer_class(model, _args(tmp_path / "r", **kw), train_dataset=data, data_collator=collate)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    want = _trainables(whole)
+    for k, v in _trainables(model).items():
+        assert_close(v, want[k], rel=1e-6, msg=k)
