@@ -32,6 +32,7 @@ from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 from ..runtime.blocks import runner_of
 from ..runtime.stems import ModalityStem
 from ..targeting.inject import ModuleToSave, apply_rules
+from ..targeting.peft_config import peft_arguments
 from ..tuners import MultimodalLayer, set_execution
 from .build import WrapOptions
 from .combine import weighted_lora_set
@@ -223,6 +224,7 @@ class AdapterSets:
         (a different value is an error)."""
         check_usable(self)
         name = self._new_name(adapter_name)
+        method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a peft LoraConfig
         opts = WrapOptions.for_set(self.config, method, preset=preset, targets=targets, config=config, **options)
         with self._bare():  # planned and built on the plain model, as a first wrap is
             cfg = opts.resolve(self.base_model, in_place=True)
@@ -232,6 +234,8 @@ class AdapterSets:
                 setattr(parent, attr, layer.base_layer)
         new = AdapterSet(cfg, sites, self._new_stems(cfg), self._new_trained())
         self._like_active(new)
+        for module in new.own_modules() if frozen else ():  # LoraConfig(inference_mode=True), as peft
+            module.requires_grad_(False)
         self._inactive = {**(self._inactive or {}), name: new}
         self._names = (*self._names, name)
 
@@ -294,6 +298,7 @@ class AdapterSets:
     def delete_adapter(self, adapter_name: str) -> None:
         """Drop the set ``adapter_name`` (its layers, stems and copies). The active set cannot be
         deleted: :meth:`set_adapter` to another first (a model always holds one set)."""
+        check_usable(self)
         name = self._known(adapter_name)
         if name == self._active_name:
             others = [n for n in self._names if n != name]
@@ -316,11 +321,13 @@ class AdapterSets:
     def count_adapter_parameters(self, adapter_name: str | None = None, by: str = "kind") -> ParamReport:
         """:func:`~mmpeft.count_parameters` of the model with set ``adapter_name`` active (default:
         the active one): that set's trainables by group beside the frozen model."""
+        check_usable(self)
         with self._using(self._known(adapter_name or self._active_name)):
             return count_parameters(self, by=by)  # type: ignore[arg-type]
 
     def adapter_status(self) -> dict[str, Any]:
         """``{"active_adapter": name, "adapters": {name: {"layers": n, "trainable": n}}}``."""
+        check_usable(self)
         sets = dict(zip([self._active_name, *(self._inactive or {})], self._all_sets()))
         return {
             "active_adapter": self._active_name,
@@ -364,10 +371,16 @@ class AdapterSets:
         is_trainable: bool = False,
         strict: bool = True,
         probe: bool | tuple[int, int] = True,
+        hotswap: bool = False,
     ) -> None:
         """Add the set saved in ``directory/<adapter_name>`` (or in ``directory`` itself when it has
         no such folder) under ``adapter_name``, not made active. For inference unless
-        ``is_trainable`` (its tensors frozen). Errors as :meth:`from_pretrained`'s."""
+        ``is_trainable`` (its tensors frozen). Errors as :meth:`from_pretrained`'s. ``hotswap``:
+        copy the saved weights into the loaded set ``adapter_name`` instead (``hotswap_adapter``)."""
+        if hotswap:
+            if is_trainable:
+                raise MmpeftValueError("hotswap=True keeps the set's requires_grad flags: drop is_trainable")
+            return self.hotswap_adapter(directory, adapter_name)  # type: ignore[attr-defined]
         path = Path(directory) / adapter_name
         tensors, meta = read_adapter(path if (path / CONFIG_NAME).is_file() else directory)
         self.add_adapter(adapter_name, config=MultimodalConfig.from_dict(meta["config"]), probe=probe)

@@ -31,14 +31,16 @@ from . import merge as _merge
 from .adapter_sets import AdapterSets
 from .features import BlockFeatures
 from .hub import HubMixin
+from .mixed_batch import mixed_batch_call
 from .params import trainable_summary
+from .peft_names import PeftNames
 from .precision import sync_dtype
 from .saving import Persistence
 
 __all__ = ["MultimodalModel"]
 
 
-class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Module):
+class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Module):
     """A frozen model patched with multimodal layers; one input and one output per modality.
 
     ``forward(inputs)`` stacks the modalities modality-major on the batch axis, runs the frozen
@@ -188,8 +190,13 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
         finite_checked: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs."""
+        """Run ``base_model.<method>`` (e.g. ``"forward_features"``) on the stacked inputs;
+        ``adapter_names=[set per sample]``: :mod:`mmpeft.model.mixed_batch`."""
         _merge.check_usable(self)
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:  # one adapter set per sample, as peft
+            kwargs.update(presence=presence, finite_checked=finite_checked)
+            return mixed_batch_call(self, method, inputs, args, kwargs, names)
         fn = getattr(self.base_model, method)
         labels = take_labels(self.base_model, fn, kwargs)  # a Hugging Face head's: a loss per modality
         if inputs is None:  # given by the keyword of the method's first parameter
@@ -222,6 +229,7 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
         """nn.Module's ``_apply`` (``.to()``, ``.bfloat16()``, ``.half()``, ``.cuda()``), then the
         compute dtype and the trainable tensors made to agree with the frozen model's new dtype
         (:mod:`mmpeft.model.precision`: float32 masters on a bf16 / fp16 base by default)."""
+        _merge.check_usable(self)  # unloaded: the base model is the caller's now, not moved through here
         result = super()._apply(fn, recurse)
         if recurse:
             sync_dtype(self)
@@ -246,16 +254,19 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
     # ------------------------------------------------------------------ parameters
     def layers(self) -> Iterator[tuple[str, MultimodalLayer]]:
         """(name, layer) of every multimodal layer."""
+        _merge.check_usable(self)
         return multimodal_layers(self)
 
     def modules_to_save(self) -> Iterator[tuple[str, ModuleToSave]]:
         """(name, wrapper) of every module that trains in full (``modules_to_save``)."""
+        _merge.check_usable(self)
         return ((n, m) for n, m in self.named_modules() if isinstance(m, ModuleToSave))
 
     def _own_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """(qualified name, module) of what mmpeft added: the stems, every child of a multimodal
         layer except its ``base_layer``, the trained copies of the modules to save. The one
         structural source of trainables."""
+        _merge.check_usable(self)
         yield "stems", self.stems
         for name, layer in self.layers():
             for child_name, child in layer.named_children():
@@ -273,10 +284,14 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
         """The parameters and buffers mmpeft added (multimodal layers without their base, stems)."""
         return [t for _, module in self._own_modules() for t in (*module.parameters(), *module.buffers())]
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the tensors mmpeft added (LoRA, adapters, fusion, stems, modules to save), detached."""
-        own = self.trainable_names()
-        return {k: v.detach() for k, v in self.state_dict().items() if k in own}
+    def trainable_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Only the tensors mmpeft added (LoRA, adapters, fusion, stems, modules to save), detached;
+        of the set ``adapter_name`` (default: the active one) without switching to it, under the
+        keys it has when active (peft's ``get_peft_model_state_dict(model, adapter_name=)``)."""
+        _merge.check_usable(self)
+        with self._using(self._known(adapter_name or self.active_adapter)):
+            own = self.trainable_names()
+            return {k: v.detach() for k, v in self.state_dict().items() if k in own}
 
     def unsaved_trainables(self) -> list[str]:
         """Names of parameters that require grad but would not be saved (e.g. a head unfrozen by
@@ -284,10 +299,18 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
         own = self.trainable_names()
         return [n for n, p in self.named_parameters() if p.requires_grad and n not in own]
 
-    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-        """Load tensors saved by :meth:`trainable_state_dict`; mismatches raise naming the keys."""
-        own = self.trainable_state_dict()
+    def load_trainable_state_dict(
+        self, state: Mapping[str, torch.Tensor], strict: bool = True, adapter_name: str | None = None
+    ) -> None:
+        """Load tensors saved by :meth:`trainable_state_dict` (in place: the same parameter objects);
+        mismatches raise naming the keys. ``adapter_name``: into that set, without switching to it
+        (peft's ``set_peft_model_state_dict(model, state, adapter_name=)``)."""
         _merge.check_usable(self)
+        name = self._known(adapter_name or self.active_adapter)
+        if name != self.active_adapter:
+            with self._using(name):
+                return self.load_trainable_state_dict(state, strict)
+        own = self.trainable_state_dict()
         problems = state_mismatches(own, state, strict)
         if problems:
             raise MmpeftValueError("cannot load multimodal weights: " + " | ".join(problems))
@@ -299,28 +322,35 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters), as peft's method of that name."""
+        _merge.check_usable(self)
         params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
         """peft-style one-line summary of trainable versus all parameters."""
+        _merge.check_usable(self)
         print(trainable_summary(self))
 
     # ------------------------------------------------------------------ execution
     def set_execution(self, execution: Execution) -> None:
         """``"batched"`` (default) or ``"loop"`` (every layer per modality: the reference path)."""
+        _merge.check_usable(self)
         set_execution(self, execution)
 
     @contextlib.contextmanager
     def only_modality(self, modality: str) -> Iterator[None]:
         """Within the block the layers see a batch of ``modality`` only (non-mixing layers)."""
+        _merge.check_usable(self)
         with only_modality(self, modality):
             yield
 
     def status(self) -> dict[str, Any]:
         """What state the model is in, in one place: mode, adapters on or off, merged layers,
         execution per layer kind, the NaN action, the compute dtype, block features, locked
-        norms, modules to save, and whether the first-forward check is still pending."""
+        norms, modules to save, and whether the first-forward check is still pending; after an
+        in-place unload only ``{"unloaded": the call}`` (every other accessor refuses)."""
+        if self.unloaded is not None:
+            return {"unloaded": self.unloaded}
         layers = list(self.layers())
         return {
             "training": self.training,
@@ -341,6 +371,7 @@ class MultimodalModel(AdapterSets, Persistence, BlockFeatures, HubMixin, nn.Modu
     def set_adapters_enabled(self, enabled: bool) -> None:
         """Turn every multimodal layer and module to save on (True) or off (False: the model
         computes the frozen model's function on the stems' outputs)."""
+        _merge.check_usable(self)
         if not isinstance(enabled, bool):
             raise MmpeftTypeError(f"enabled must be a bool, got {enabled!r}")
         _merge.set_enabled(self, enabled)

@@ -15,10 +15,12 @@ from torch import nn
 
 from ..config import MultimodalConfig
 from ..targeting.inject import rule_owners
+from ..targeting.peft_config import peft_arguments
 from ..tuners.options import Targets
 from .build import WrapOptions, planned
 from .hub import HUB_OPTIONS, resolve_adapter_source
 from .multimodal import MultimodalModel
+from .peft_names import set_folder
 
 __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
 
@@ -134,11 +136,15 @@ def wrap_multimodal(
     Returns:
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
+    adapter_name = options.pop("adapter_name", "default")  # peft's name of the first set
+    method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a peft LoraConfig
     opts = WrapOptions.from_kwargs(
         modalities, method, preset=preset, targets=targets, config=config, base_dtype=base_dtype, **options
     )
     config = opts.resolve(model, in_place=True)
-    return MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
+    wrapped = MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
+    wrapped._after_wrap(adapter_name, frozen)
+    return wrapped
 
 
 def load_multimodal(
@@ -155,7 +161,13 @@ def load_multimodal(
     the options ``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
     hub = {k: options.pop(k) for k in HUB_OPTIONS if k in options}
     directory = resolve_adapter_source(directory, **hub)  # an existing path is returned as it is
-    return MultimodalModel.from_pretrained(base_model, directory, is_trainable=is_trainable, strict=strict, **options)
+    adapter_name = options.pop("adapter_name", "default")  # peft's: the set's name, saved in its folder
+    directory = set_folder(directory, adapter_name)
+    wrapped = MultimodalModel.from_pretrained(
+        base_model, directory, is_trainable=is_trainable, strict=strict, **options
+    )
+    wrapped._after_wrap(adapter_name, False)
+    return wrapped
 
 
 def save_multimodal(wrapped: MultimodalModel, directory: str | os.PathLike) -> None:

@@ -1,0 +1,195 @@
+"""peft's names on a wrapped model (issue 28), each the same operation as mmpeft's own, with peft's
+behaviour as the reference: disable_adapter, get_base_model, peft_config, active_peft_config,
+merge_adapter / unmerge_adapter, adapter_name= at wrap and load, a named set's state dict
+without switching, adapter_names= per sample, a hot swap of saved weights into a loaded set."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmpeft import MultimodalModel, load_multimodal, wrap_multimodal
+from mmpeft.errors import MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError
+from tests.helpers import assert_close, perturb_trainables
+from tests.tiny_models import tiny_timm_vit
+
+peft = pytest.importorskip("peft")
+
+MODS = ("optical", "dsm")
+
+
+def _inputs(batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"optical": torch.rand(batch, 3, 32, 32, generator=g), "dsm": torch.rand(batch, 1, 32, 32, generator=g)}
+
+
+def _two_sets(seed: int = 5) -> MultimodalModel:
+    """Set "default" (LoRA on qkv, fc1, scalar mixing on fc1) and set "b" (rank 4 on fc1, fc2), both trained."""
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora")
+    w.add_adapter("b", "lora", targets=["fc1", "fc2"], rank=4, alpha=8.0, fusion="none")
+    perturb_trainables(w, seed)
+    with w._using("b"):
+        perturb_trainables(w, seed + 1)
+    return w.eval()
+
+
+def _run(w: MultimodalModel, x: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """``w``'s output on ``x`` with set ``name`` active (``"__base__"``: adapters off)."""
+    before = w.active_adapter
+    with torch.no_grad():
+        if name == "__base__":
+            with w.disable_adapters():
+                return w(x)
+        w.set_adapter(name)
+        try:
+            return w(x)
+        finally:
+            w.set_adapter(before)
+
+
+# ---------------------------------------------------------------------- the names
+def test_peft_names_are_the_same_operations(capsys: pytest.CaptureFixture[str]) -> None:
+    w = _two_sets()
+    x = _inputs()
+    with torch.no_grad():
+        with w.disable_adapter():
+            off = w(x)
+        with w.disable_adapters():
+            assert all(torch.equal(v, off[m]) for m, v in w(x).items())
+        on = w(x)
+    assert w.get_base_model() is w.base_model
+    assert list(w.peft_config) == w.adapters == ["default", "b"]
+    assert w.peft_config["default"] is w.config is w.active_peft_config
+    assert w.peft_config["b"].rules[0].rank == 4
+    w.print_trainable_parameters()
+    trainable, total = w.get_nb_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )
+    w2 = wrap_multimodal(tiny_timm_vit(), MODS, preset="lora")
+    perturb_trainables(w2)
+    w2.eval()
+    with torch.no_grad():
+        want = w2(x)
+        assert w2.merge_adapter() == w2.merge_adapter(["default"]) == [n for n, _ in w2.layers()]
+        assert w2.status()["merged"]
+        merged = w2(x)
+        w2.unmerge_adapter()
+        assert not w2.status()["merged"] and all(torch.equal(w2(x)[m], want[m]) for m in MODS)
+    for m in MODS:
+        assert_close(merged[m], want[m], rel=1e-5)
+    with pytest.raises(MmpeftValueError, match=r"only the active set 'default' merges.*set_adapter\('b'\)"):
+        w.merge_adapter(["b"])
+    with pytest.raises(MmpeftKeyError, match="no adapter set 'zz'"):
+        w.merge_adapter(["zz"])
+    assert not any(torch.equal(on[m], off[m]) for m in MODS)
+
+
+def test_adapter_name_at_wrap_and_load_as_peft(tmp_path: Path) -> None:
+    """peft: get_peft_model(..., adapter_name="ft").save_pretrained(d) writes d/ft; so does mmpeft,
+    and load_multimodal(base, d, adapter_name="ft") reads it back under that name."""
+    cfg = peft.LoraConfig(r=2, target_modules=["qkv"])
+    peft.get_peft_model(tiny_timm_vit(), copy.deepcopy(cfg), adapter_name="ft").save_pretrained(tmp_path / "peft")
+    assert (tmp_path / "peft" / "ft" / "adapter_config.json").is_file()
+    w = wrap_multimodal(tiny_timm_vit(), MODS, cfg, adapter_name="ft")
+    assert w.adapters == ["ft"] and w.active_adapter == "ft" and list(w.peft_config) == ["ft"]
+    perturb_trainables(w)
+    w.save_pretrained(tmp_path / "mm")
+    assert (tmp_path / "mm" / "ft" / "mmpeft_config.json").is_file()
+    loaded = load_multimodal(tiny_timm_vit(), tmp_path / "mm", adapter_name="ft")
+    assert loaded.adapters == ["ft"]
+    x = _inputs()
+    with torch.no_grad():
+        got, want = loaded(x), w.eval()(x)
+    assert all(torch.equal(got[m], want[m]) for m in MODS)
+    with pytest.raises(MmpeftValueError, match="adapter_name must be a folder name"):
+        wrap_multimodal(tiny_timm_vit(), MODS, cfg, adapter_name="a/b")
+
+
+# ---------------------------------------------------------------------- per-set state dicts
+def test_a_named_sets_state_dict_without_switching() -> None:
+    w = _two_sets()
+    want = copy.deepcopy(w)
+    want.set_adapter("b")
+    sd = w.trainable_state_dict(adapter_name="b")
+    assert w.active_adapter == "default"
+    expected = want.trainable_state_dict()
+    assert sd.keys() == expected.keys() and all(torch.equal(sd[k], expected[k]) for k in sd)
+    other = _two_sets(seed=11)
+    other.load_trainable_state_dict(sd, adapter_name="b")  # peft's set_peft_model_state_dict(..., adapter_name="b")
+    assert other.active_adapter == "default"
+    x = _inputs()
+    got, ref = _run(other, x, "b"), _run(w, x, "b")
+    assert all(torch.equal(got[m], ref[m]) for m in MODS)
+    with pytest.raises(MmpeftValueError, match="cannot load"):
+        other.load_trainable_state_dict(w.trainable_state_dict(), adapter_name="b")  # default's keys into b
+    with pytest.raises(MmpeftKeyError, match="no adapter set 'c'"):
+        w.trainable_state_dict(adapter_name="c")
+
+
+# ---------------------------------------------------------------------- adapter_names per sample
+def test_adapter_names_per_sample_equal_each_set_alone() -> None:
+    w = _two_sets()
+    x = _inputs(batch=5, seed=3)
+    names = ["b", "default", "__base__", "b", "default"]
+    with torch.no_grad():
+        got = w(x, adapter_names=names)
+    assert w.active_adapter == "default" and w.adapters_enabled
+    for name in ("default", "b", "__base__"):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+        alone = _run(w, {m: v[idx] for m, v in x.items()}, name)  # its samples under its set alone
+        full = _run(w, x, name)  # the whole batch under its set
+        for m in MODS:
+            assert_close(got[m][idx], alone[m], rel=0)
+            assert_close(got[m][idx], full[m][idx], rel=1e-5)  # another batch size: rounding only
+
+
+def test_adapter_names_refusals() -> None:
+    w = _two_sets()
+    x = _inputs(batch=2)
+    with pytest.raises(MmpeftKeyError, match=r"no adapter set \['zz'\]; the sets are \['default', 'b'\]"):
+        w(x, adapter_names=["b", "zz"])
+    with pytest.raises(MmpeftValueError, match=r"1 name\(s\) for a batch of 2"):
+        w(x, adapter_names=["b"])
+    with pytest.raises(MmpeftTypeError, match="one per sample"):
+        w(x, adapter_names="b")
+    with pytest.raises(MmpeftStateError, match="inference"):
+        w.train()(x, adapter_names=["b", "default"])
+    w = wrap_multimodal(tiny_timm_vit(), MODS, preset="lora")  # no mixing: merges
+    w.add_adapter("b", "lora", targets=["fc1"], fusion="none")
+    w.eval().merge_adapters()
+    with pytest.raises(MmpeftStateError, match=r"merged layers .*unmerge_adapters\(\) first"):
+        w(x, adapter_names=["b", "default"])
+
+
+# ---------------------------------------------------------------------- hot swap
+def test_hotswap_copies_saved_weights_into_the_loaded_set(tmp_path: Path) -> None:
+    w, trained = _two_sets(seed=5), _two_sets(seed=21)
+    trained.save_pretrained(tmp_path)
+    params = {n: p for n, p in w.named_parameters()}
+    w.load_adapter(tmp_path, "default", hotswap=True)  # the active set
+    w.hotswap_adapter(tmp_path, "b")  # an inactive one, from tmp_path/b
+    assert all(p is params[n] for n, p in w.named_parameters())  # the same objects: nothing rebuilt
+    x = _inputs()
+    for name in ("default", "b"):
+        got, want = _run(w, x, name), _run(trained, x, name)
+        assert all(torch.equal(got[m], want[m]) for m in MODS)
+
+
+def test_hotswap_refuses_naming_the_tensor_or_the_option(tmp_path: Path) -> None:
+    w = _two_sets()
+    before = {k: v.clone() for k, v in w.state_dict().items()}
+    rank8 = wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora", rank=8)
+    rank8.save_pretrained(tmp_path / "rank8")
+    with pytest.raises(MmpeftValueError, match=r"qkv\.lora_A\.dsm\.q\.weight: saved \(8, 32\), set \(4, 32\)"):
+        w.load_adapter(tmp_path / "rank8", "default", hotswap=True)
+    alpha = wrap_multimodal(tiny_timm_vit(), MODS, preset="mmlora", alpha=2.0)  # same shapes, another scaling
+    alpha.save_pretrained(tmp_path / "alpha")
+    with pytest.raises(MmpeftValueError, match=r"rules\[1\]\.alpha: saved 2\.0, set None"):
+        w.hotswap_adapter(tmp_path / "alpha", "default")
+    with pytest.raises(MmpeftKeyError, match="no adapter set 'c' to swap into"):
+        w.hotswap_adapter(tmp_path / "alpha", "c")
+    assert all(torch.equal(v, before[k]) for k, v in w.state_dict().items())  # nothing copied
