@@ -162,6 +162,39 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
         64,
     ),
     "mobilevitv2": (timm_model("mobilevitv2_050"), 64),
+    # issue 31: attention the names do not tell (GPSA, XCA, convolutional q / k / v), kv-only blocks
+    "convit": (
+        timm_model("convit_tiny", img_size=32, depth=2, embed_dim=32, num_heads=2, local_up_to_layer=1, patch_size=8),
+        32,
+    ),
+    "xcit": (timm_model("xcit_nano_12_p8_224", img_size=32, depth=2, embed_dim=32, num_heads=2, cls_attn_layers=1), 32),
+    "shvit": (timm_model("shvit_s1", embed_dim=(16, 32, 48), depth=(1, 1, 1), partial_dim=(8, 8, 8)), 64),
+    "iformer": (
+        timm_class(
+            "iformer",
+            "IFormer",
+            dims=(16, 16, 32, 32),
+            depths=(1, 1, 3, 3),
+            attn_groups=(0, 0, 1, 1),
+            attn_head_dim_reduction=(0, 0, 2, 4),
+        ),
+        64,
+    ),
+    "efficientvit_mit": (
+        timm_class(
+            "efficientvit_mit",
+            "EfficientVit",
+            widths=(8, 16, 32, 32, 32),
+            depths=(1, 1, 1, 2, 2),
+            head_dim=16,
+            head_widths=(64, 64),
+        ),
+        64,
+    ),
+    "gcvit_kv": (
+        timm_class("gcvit", "GlobalContextVit", img_size=64, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), embed_dim=16),
+        64,
+    ),
     "convnext": (timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 16, 16)), 64),
     "hgnet": (timm_model("hgnetv2_b0"), 64),
 }

@@ -18,6 +18,7 @@ from ..errors import MmpeftTypeError, MmpeftValueError
 from ..tuners import method_of, multimodal_layers
 from ..tuners.adapter import AdapterConfig, build_adapter
 from ..tuners.options import Targets
+from .attention_trace import AttentionTrace
 from .coverage import warn_uncovered_attention
 from .inputs import infer_in_channels
 from .prepare import check_targets_callable
@@ -128,19 +129,22 @@ def apply_rules(
     factors: dict[str, int | None] = {}
     widths: dict[str, int | None] = {}
     size: tuple[int, int] | None = None
+    trace = AttentionTrace(model) if config.preset is not None else None  # attention left bare is named
     if probe and owner:
         channels = in_channels or _probe_channels(model, config, probe_size)
         size = probe_size or probe_input(model, channels)
-        probed = dry_run(model, sorted(owner), channels, size)
+        probed = dry_run(model, sorted(owner), channels, size, trace=trace)
         factors = probe_batch_factors(model, sorted(owner), channels, size, config.preset is not None, probed)
         owner = {n: i for n, i in owner.items() if n in factors}
         widths = {n: r.width for n, r in probed.items()}
-    if config.preset is not None:
-        warn_uncovered_attention(model, owner)
+    if trace is not None:
+        trace.close()
+        warn_uncovered_attention(model, owner, trace.found)
     # all or nothing: every layer is built (and so checked) around the module as given before the
     # first one is put in place; a refusal leaves the model untouched
     order = sorted(owner, key=lambda s: s.count("."), reverse=True)
-    layers = {n: _build_layer(model, config.rules[owner[n]], n, config, widths.get(n)) for n in order}
+    rules = _kv_only(model, config, owner)
+    layers = {n: _build_layer(model, rules[n], n, config, widths.get(n)) for n in order}
     model.requires_grad_(False)
     # deepest first: a child goes into its parent (the module object a parent's layer holds) while
     # the path to it is still the model's own
@@ -149,6 +153,29 @@ def apply_rules(
         layers[n].factor_size = tuple(size) if size is not None and n in factors else None
         set_submodule(model, n, layers[n])
     return sorted(owner)
+
+
+def _kv_only(model: nn.Module, config: MultimodalConfig, owner: dict[str, int]) -> dict[str, Any]:
+    """Each target's rule; a preset's q / v slices of a fused q/k/v projection become the v half where
+    the projection holds only keys and values (``out = 2 x in``: GCViT's global-query blocks, whose
+    query comes from outside the block), said in a warning naming them."""
+    rules: dict[str, Any] = {n: config.rules[i] for n, i in owner.items()}
+    if config.preset is None:  # explicit slices are the user's: a misfit is refused by the layer
+        return rules
+    kv = []
+    for n, rule in rules.items():
+        module = model.get_submodule(n)
+        fits = isinstance(module, nn.Linear) and module.out_features == 2 * module.in_features
+        if fits and getattr(rule, "slices", None) and list(rule.split) == ["q", "k", "v"] and "v" in rule.slices:
+            rules[n] = type(rule)(**{**rule.__dict__, "slices": ["v"], "split": ["k", "v"]})
+            kv.append(n)
+    if kv:
+        warn_structural(
+            f"{len(kv)} projection(s) the preset cuts into q / v slices hold only keys and values (out = 2 x in; "
+            f"the query comes from outside, as GCViT's global query): LoRA on their v half, none on the external "
+            f"query: {kv[:4]}{' ...' if len(kv) > 4 else ''}. Pass targets= to choose otherwise"
+        )
+    return rules
 
 
 def _without_identities(model: nn.Module, owner: dict[str, int]) -> dict[str, int]:

@@ -28,6 +28,7 @@ reason logged (``logging.getLogger("mmpeft.targeting.probe")``, level INFO).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from torch import nn
 
 from ..errors import MmpeftValueError, MmpeftWarning
 from ..runtime.verify import WrapError
+from .attention_trace import AttentionTrace
 from .inputs import choose_size
 from .shapes import meta_forward
 from .structure import warn_structural
@@ -156,15 +158,22 @@ def _hooks(model: nn.Module, names: Sequence[str], seen: _Seen) -> list[Any]:
 
 
 def _shape_run(
-    model: nn.Module, names: Sequence[str], shapes: list[tuple[int, ...]], dtype: torch.dtype, seen: _Seen
+    model: nn.Module,
+    names: Sequence[str],
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    seen: _Seen,
+    trace: AttentionTrace | None,
 ) -> bool:
     """The dry run on meta tensors; False (and ``seen`` emptied) when the model cannot run there."""
     try:
-        meta_forward(model, shapes, dtype, between=lambda _: [seen[n].append([]) for n in names])
+        meta_forward(model, shapes, dtype, between=lambda _: [seen[n].append([]) for n in names], inner=trace)
         return True
     except Exception as err:
         for n in names:
             seen[n].clear()
+        if trace is not None:
+            trace.found.clear()
         _LOG.info(
             "shape-only dry run of %s failed (%s: %s); running it for real",
             type(model).__name__,
@@ -180,11 +189,14 @@ def dry_run(
     in_channels: int,
     size: tuple[int, int] | None = None,
     shapes_only: bool = True,
+    trace: AttentionTrace | None = None,
 ) -> dict[str, Probed]:
     """Run ``model`` on (b, in_channels, H, W) inputs for b in :data:`PROBE_BATCHES` and return,
     per module of ``names``, the shapes of its inputs and outputs: on meta tensors
     (:mod:`mmpeft.targeting.shapes`) when ``shapes_only`` and the model runs there, else for real
-    on random inputs. The model's modes, its hooks and gradient mode are as before afterwards."""
+    on random inputs. The model's modes, its hooks and gradient mode are as before afterwards.
+    ``trace``: an :class:`~mmpeft.targeting.attention_trace.AttentionTrace` of ``model`` that records
+    the modules computing attention in the same forwards (its hooks are removed afterwards)."""
     h, w = size or probe_input(model, in_channels)
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
@@ -194,9 +206,9 @@ def dry_run(
     try:
         model.eval()
         shapes = [(b, in_channels, h, w) for b in PROBE_BATCHES]
-        if not (shapes_only and _shape_run(model, names, shapes, dtype, seen)):
+        if not (shapes_only and _shape_run(model, names, shapes, dtype, seen, trace)):
             gen = torch.Generator(device="cpu").manual_seed(0)
-            with torch.no_grad():
+            with torch.no_grad(), trace if trace is not None else contextlib.nullcontext():
                 for shape in shapes:
                     for n in names:
                         seen[n].append([])
@@ -204,6 +216,8 @@ def dry_run(
     finally:
         for handle in handles:
             handle.remove()
+        if trace is not None:
+            trace.close()
         for m, training in modes:
             m.training = training
     return {n: Probed(n, *_split(seen[n])) for n in names}

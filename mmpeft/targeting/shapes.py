@@ -14,6 +14,7 @@ exactly as it was found.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,14 +174,16 @@ def meta_forward(
     shapes: Sequence[tuple[int, ...]],
     dtype: torch.dtype,
     between: Callable[[int], None] | None = None,
+    inner: TorchFunctionMode | None = None,
 ) -> None:
     """Call ``model`` once per shape of ``shapes`` on a meta input of that shape and ``dtype``,
     with its tensors swapped for meta ones (under ``torch.no_grad``); ``between(i)`` runs before
-    the i-th call. Whatever the forward raises propagates; the model is left as it was."""
+    the i-th call; ``inner``: a mode that sees every call first (an attention trace).
+    Whatever the forward raises propagates; the model is left as it was."""
     state = _meta_state(model)
     saved = _attributes(model)
     try:
-        with torch.no_grad(), _ShapeOnly():
+        with torch.no_grad(), _ShapeOnly(), inner if inner is not None else contextlib.nullcontext():
             for i, shape in enumerate(shapes):
                 if between is not None:
                     between(i)

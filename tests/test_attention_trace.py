@@ -1,0 +1,90 @@
+"""Attention found by what a module computes (issue 31): attention left without an update is named
+whatever its class is called (ConViT's GPSA, XCiT's class attention beside its XCA), no model with
+attention is called a CNN, and GCViT's kv-only blocks get LoRA on their v half (said)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mmpeft import wrap_multimodal
+from mmpeft.targeting.attention_trace import traced_attention
+from mmpeft.targeting.coverage import CoverageWarning, has_attention
+from mmpeft.targeting.structure import StructuralFamilyWarning
+from tests.family_zoo import ZOO, build
+from tests.helpers import assert_close
+
+MODS = ("optical", "dsm")
+
+
+def _wrap(kind: str, method: str = "lora") -> tuple[object, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = wrap_multimodal(build(kind), MODS, method)
+    return wrapped, [str(w.message) for w in caught if w.category in (CoverageWarning, StructuralFamilyWarning)]
+
+
+class Products(nn.Module):
+    """Two activations multiplied (attention) and a channel softmax over pooled weights (not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.gate = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = (self.q(x) @ self.k(x).transpose(-2, -1)).softmax(-1) @ x
+        return a * torch.softmax(self.gate(x.mean(1, keepdim=True)), -1)  # SK-style channel attention: no product
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = Products(), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x.flatten(2).transpose(1, 2)))
+
+
+def test_trace_credits_the_module_that_multiplies_two_activations() -> None:
+    assert traced_attention(Wrapper(), 8, (4, 4)) == ["body"]
+    assert traced_attention(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Softmax(1)), 3, (4, 4)) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "classes", "left"),
+    [("convit", "GPSA", ["blocks.0.attn"]), ("xcit", "ClassAttn", ["cls_attn_blocks.0.attn"])],
+)
+def test_attention_without_an_update_is_named_whatever_its_class(kind: str, classes: str, left: list[str]) -> None:
+    _, caught = _wrap(kind)
+    (msg,) = [m for m in caught if "without an update" in m]
+    assert re.search(rf"leaves {len(left)} of the model's \d+ attention modules without an update \({classes}: ", msg)
+    assert all(n in msg for n in left)
+
+
+@pytest.mark.parametrize("kind", ["shvit", "iformer", "efficientvit_mit"])
+def test_convolutional_attention_is_not_called_a_cnn(kind: str) -> None:
+    assert has_attention(build(kind))
+    try:
+        wrap_multimodal(build(kind), MODS, "lora")
+    except ValueError as err:
+        assert "a CNN has no attention" not in str(err)
+
+
+def test_gcvit_kv_only_blocks_take_lora_on_their_v_half() -> None:
+    wrapped, caught = _wrap("gcvit_kv")
+    layers = dict(wrapped.layers())
+    kv = layers["base_model.stages.0.blocks.1.attn.qkv"]
+    assert kv.slices == {"v": (16, 32)} and layers["base_model.stages.0.blocks.0.attn.qkv"].slices == {
+        "q": (0, 16),
+        "v": (32, 48),
+    }
+    assert any("hold only keys and values" in m and "stages.0.blocks.1.attn.qkv" in m for m in caught)
+    x = torch.rand(1, 3, ZOO["gcvit_kv"][1], ZOO["gcvit_kv"][1])
+    with torch.no_grad():
+        out = wrapped({m: x for m in MODS})
+        ref = build("gcvit_kv")(x)
+    assert_close(out["dsm"], ref, rel=1e-5)  # identity at init
