@@ -147,7 +147,10 @@ def test_no_network_no_cache_one_clear_error(server: _Server, monkeypatch: pytes
 
 
 def test_neither_path_nor_name(tmp_path: Path) -> None:
-    with pytest.raises(MmpeftFileNotFoundError, match="neither an existing file nor the name of an official"):
+    with pytest.raises(
+        MmpeftFileNotFoundError,
+        match="model.checkpoint .*sam_vit_q.pth not found: neither an existing file nor the name of an official",
+    ):
         weights.resolve_weights(str(tmp_path / "sam_vit_q.pth"))
 
 
@@ -172,3 +175,47 @@ def test_the_table_is_the_official_one() -> None:
             assert e.url == f"https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
         assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256), name
         assert e.md5 is None or re.fullmatch(r"[0-9a-f]{32}", e.md5), name
+
+
+@pytest.mark.slow
+def test_mfnet_checkpoint_by_name(server: _Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``model.checkpoint=dinov2_vits14`` (a name, not a path) builds the model a local copy of the
+    same file builds: fetched from the server, checked, loaded from the cache."""
+    timm = pytest.importorskip("timm")
+    import torch
+
+    from mmpeft_isprs.model import build_mfnet
+
+    sizes = {"embed_dim": 32, "depth": 4, "num_heads": 2}
+    torch.manual_seed(5)  # a tiny DINOv2 trunk in timm's layout, as a file holds it
+    trunk = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=56, init_values=1.0, **sizes)
+    local = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(dict(trunk.state_dict()), local)
+    body = local.read_bytes()
+    _register(monkeypatch, server, "dinov2_vits14", body, size=len(body), sha256=hashlib.sha256(body).hexdigest())
+    models = []
+    for checkpoint in ("dinov2_vits14", str(local)):
+        torch.manual_seed(0)
+        cfg = dict(backbone="dinov2_vits14", encoder_kwargs={"init_values": 1.0}, **sizes)
+        models.append(build_mfnet(**cfg, img_size=64, method="lora", checkpoint=checkpoint).eval())
+    by_name, by_path = models
+    assert by_name.load_report.source == str(weights.weights_cache_dir() / "dinov2_vits14_pretrain.pth")
+    assert by_name.load_report.loaded == by_path.load_report.loaded and by_name.load_report.loaded
+    g = torch.Generator().manual_seed(1)
+    x = {"optical": torch.randn(1, 3, 64, 64, generator=g), "dsm": torch.randn(1, 1, 64, 64, generator=g)}
+    with torch.no_grad():
+        assert torch.equal(by_name(x), by_path(x))
+    assert len(server.hits) == 1
+
+
+def test_the_docs_list_every_file_with_its_address() -> None:
+    """docs/mfnet.md ("Weights") has one row per file: its name, file, address, size and hashes as in the table."""
+    text = (Path(__file__).parents[1] / "docs" / "mfnet.md").read_text()
+    for name, e in weights.WEIGHT_FILES.items():
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+        assert len(rows) == 1, name
+        cells = [c.strip() for c in rows[0].strip("|").split("|")]
+        assert cells[1:3] == [f"`{e.filename}`", e.url], name
+        assert cells[3] == (f"{e.size:,}" if e.size else "-"), name
+        assert cells[4].startswith(f"`{e.sha256}`" if e.sha256 else "-"), name
+        assert e.md5 is None or f"md5 `{e.md5}`" in cells[4], name

@@ -1,5 +1,6 @@
-"""Frozen backbones: SAM image encoders and their official checkpoints; torchvision's ViT attention
-with called projections (see docs/backbones.md for every supported family)."""
+"""Frozen backbones: SAM image encoders and their official checkpoints; the official SAM / SAM2 /
+DINOv2 weight files by name (:mod:`.weights`); torchvision's ViT attention with called projections
+(see docs/backbones.md for every supported family)."""
 
 from .sam_build import (
     SAM_SPECS,
@@ -22,6 +23,7 @@ from .sam_load import (
     zero_rel_pos,
 )
 from .torchvision_vit import ExplicitMultiheadAttention, make_attention_explicit
+from .weights import WEIGHT_FILES, WeightFile, fetch_weights, resolve_weights, weights_cache_dir
 
 __all__ = [
     "ExplicitMultiheadAttention",
@@ -31,7 +33,10 @@ __all__ = [
     "SamLoadReport",
     "SamSpec",
     "TimmSamEncoder",
+    "WEIGHT_FILES",
+    "WeightFile",
     "build_sam_encoder",
+    "fetch_weights",
     "load_sam_checkpoint",
     "make_attention_explicit",
     "read_sam_state_dict",
@@ -39,7 +44,9 @@ __all__ = [
     "resize_pos_embed",
     "resize_rel_pos",
     "resolve_sam_spec",
+    "resolve_weights",
     "sam_encoder_grid",
     "sam_encoder_impl",
+    "weights_cache_dir",
     "zero_rel_pos",
 ]

@@ -249,6 +249,6 @@ def resolve_weights(checkpoint: str | os.PathLike, *, progress: bool = True) -> 
     if value in WEIGHT_FILES:
         return str(fetch_weights(value, progress=progress))
     raise MmpeftFileNotFoundError(
-        f"model.checkpoint {value!r} is neither an existing file nor the name of an official weight file "
+        f"model.checkpoint {value} not found: neither an existing file nor the name of an official weight file "
         f"({', '.join(sorted(WEIGHT_FILES))}; docs/mfnet.md, 'Weights')"
     )

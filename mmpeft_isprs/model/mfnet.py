@@ -26,6 +26,7 @@ from mmpeft.backbones import (
     build_sam_encoder,
     load_sam_checkpoint,
     replace_spec,
+    resolve_weights,
     zero_rel_pos,
 )
 
@@ -45,9 +46,11 @@ __all__ = ["MFNet", "build_mfnet", "build_encoder"]
 def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | EncoderLoadReport | None, int]:
     """The unwrapped encoder of ``config`` with its weights: (module, load report, DFM channels)."""
     kind = config.backbone_kind
+    # a local path, or an official file's name ("sam_vit_b"): fetched, cached and checked (mmpeft.backbones.weights)
+    checkpoint = resolve_weights(config.checkpoint) if config.checkpoint else None
     if kind.kind != "sam":
         encoder, loaded = build_feature_encoder(
-            config.backbone, kind, config.size, config.timm_kwargs, config.pyramid_blocks, config.checkpoint
+            config.backbone, kind, config.size, config.timm_kwargs, config.pyramid_blocks, checkpoint
         )
         return encoder, loaded, DFM_CHANNELS
     spec = SAM_SPECS[config.backbone]
@@ -56,10 +59,10 @@ def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | Encod
         spec = replace_spec(spec, global_attn_indexes=global_blocks(sizes.get("depth", spec.depth)), **sizes)
     sam = build_sam_encoder(spec, impl=config.impl, img_size=config.size)  # type: ignore[arg-type]
     report = None
-    if config.checkpoint:
+    if checkpoint:
         report = load_sam_checkpoint(
             sam,
-            config.checkpoint,
+            checkpoint,
             zero_rel_pos=config.zero_rel_pos,
             pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
         )
