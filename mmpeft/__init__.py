@@ -29,7 +29,7 @@ from .runtime.presence import (
     modality_dropout,
     presence_tensor,
 )
-from .targeting.targets import FAMILIES, PRESETS, detect_family, match_targets
+from .targeting.targets import FAMILIES, PRESETS, detect_family, match_targets, register_family
 from .tuners import (
     METHODS,
     MergeError,
@@ -88,6 +88,7 @@ __all__ = [
     "presence_tensor",
     "plan_targets",
     "PRESETS",
+    "register_family",
     "register_fusion",
     "resolve_dtype",
     "save_multimodal",

@@ -7,6 +7,8 @@
   in the error.
 - :func:`state_mismatches`: readable problems between a model's tensors and a saved state.
 - :func:`atomic_write`: write a file under a temporary name and rename it into place.
+- :func:`listing`: the items a message names, the first :data:`LISTED` and how many more.
+- :func:`register`: the one convention of mmpeft's registries (methods, fusion rules, families).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,15 +26,23 @@ from .errors import MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "DTYPES",
+    "LISTED",
     "RESERVED_NAMES",
     "atomic_write",
     "check_int",
     "check_modalities",
     "check_number",
     "dtype_name",
+    "listing",
+    "register",
     "resolve_dtype",
     "state_mismatches",
 ]
+
+T = TypeVar("T")
+
+#: how many items a message names before saying how many more there are (:func:`listing`)
+LISTED = 10
 
 #: Names a modality cannot take: attributes of ``nn.ModuleDict`` / ``nn.ParameterDict`` (and so of
 #: ``nn.Module``: ``forward``, ``train``, ``to``, ``state_dict``, ``keys``, ``items``, ``update``, ...).
@@ -129,14 +139,37 @@ def state_mismatches(
     if shape:
         problems.append(
             "shape mismatch: "
-            + "; ".join(f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:10])
-            + (f" (+{len(shape) - 10} more)" if len(shape) > 10 else "")
+            + listing((f"{k}: saved {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape), sep="; ")
         )
     if strict and missing:
-        problems.append(f"missing {len(missing)} keys, e.g. {missing[:5]}")
+        problems.append(f"missing {len(missing)} keys: {listing(missing)}")
     if strict and unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:5]}")
+        problems.append(f"unexpected {len(unexpected)} keys: {listing(unexpected)}")
     return problems
+
+
+def listing(items: Iterable[Any], limit: int = LISTED, sep: str = ", ") -> str:
+    """``items`` for a message, joined by ``sep``: all of them, or the first ``limit`` and how many
+    more (``listing(["a", "b", "c"], limit=2) == "a, b (and 1 more)"``)."""
+    texts = [str(item) for item in items]
+    more = f" (and {len(texts) - limit} more)" if len(texts) > limit else ""
+    return sep.join(texts[:limit]) + more
+
+
+def register(registry: dict[str, T], name: str, item: T, *, kind: str, replace: bool = False) -> T:
+    """Add ``item`` to ``registry`` under ``name`` and return it: the one convention of mmpeft's
+    registries (methods, fusion rules, families). A name taken by another item is refused, naming
+    it, unless ``replace=True`` (registering the same item again changes nothing)."""
+    if not isinstance(name, str) or not name:
+        raise MmpeftTypeError(f"a {kind} is registered under a non-empty str name, got {name!r}")
+    old = registry.get(name)
+    if old is not None and not replace and not (old is item or old == item):
+        raise MmpeftValueError(
+            f"{kind} {name!r} is already registered; pass replace=True to replace it, or pick another name "
+            f"(registered: {listing(sorted(registry))})"
+        )
+    registry[name] = item
+    return item
 
 
 def _umask() -> int:

@@ -146,12 +146,13 @@ def tiny_sam_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(ROOT / p)])
 def test_doc_snippets_run(page: str, tmp_path, monkeypatch, one_thread, request) -> None:
     """Every python block of the page runs, in order, in one namespace (as a reader would)."""
+    from mmpeft import FAMILIES
     from mmpeft.tuners.fusion import FUSION_RULES
 
     if page in TINY_PAGES:
         request.getfixturevalue("tiny_sam_models")
     monkeypatch.chdir(tmp_path)  # snippets may write files
-    rules = dict(FUSION_RULES)  # snippets may register fusion rules: leave the registry as found
+    rules, families = dict(FUSION_RULES), dict(FAMILIES)  # snippets may register some: leave them as found
     namespace: dict[str, object] = {"__name__": f"docs_{Path(page).stem}"}
     try:
         for i, block in enumerate(python_blocks(ROOT / page)):
@@ -165,6 +166,8 @@ def test_doc_snippets_run(page: str, tmp_path, monkeypatch, one_thread, request)
     finally:
         FUSION_RULES.clear()
         FUSION_RULES.update(rules)
+        FAMILIES.clear()
+        FAMILIES.update(families)
 
 
 @pytest.mark.parametrize("page,line", sorted(NOT_RUN))

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import MmpeftFileNotFoundError, MmpeftValueError
+from ..utils import listing
 from .sam_build import SamImpl, sam_encoder_impl
 
 __all__ = [
@@ -39,7 +40,6 @@ _DROPPED_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 _ANCHOR_KEY = "patch_embed.proj.weight"
 _MLP_RE = re.compile(r"\.mlp\.(?:lin|fc)([12])\.")
 _REL_POS_RE = re.compile(r"^blocks\.(\d+)\.attn\.rel_pos_[hw]$")
-_MAX_LISTED = 10
 
 CheckpointSource = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
 Shape = tuple[int, ...]
@@ -76,12 +76,6 @@ class SamLoadReport:
     zeroed: list[str] = field(default_factory=list)
 
 
-def _listing(items: list[str], limit: int = _MAX_LISTED) -> str:
-    """'a, b, c' or 'a, ..., j (and 5 more)'."""
-    shown = ", ".join(items[:limit])
-    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
-
-
 def read_sam_state_dict(checkpoint: CheckpointSource) -> tuple[dict[str, torch.Tensor], str]:
     """Read a checkpoint into a flat ``{key: tensor}`` dict on the CPU.
 
@@ -112,7 +106,7 @@ def read_sam_state_dict(checkpoint: CheckpointSource) -> tuple[dict[str, torch.T
         raise SamCheckpointError(f"{source} holds a {type(raw).__name__}, not a state dict")
     not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise SamCheckpointError(f"{source} is not a SAM checkpoint: non-tensor entries {_listing(not_tensors)}")
+        raise SamCheckpointError(f"{source} is not a SAM checkpoint: non-tensor entries {listing(not_tensors)}")
     return {str(k): v for k, v in raw.items()}, source
 
 
@@ -140,7 +134,7 @@ def _split_encoder_keys(
         keys = list(state)
         raise SamCheckpointError(
             f"{source} is not a SAM checkpoint: no '{_ENCODER_PREFIX}{_ANCHOR_KEY}' or "
-            f"'{_ANCHOR_KEY}' among its {len(keys)} keys (found: {_listing(keys, 5)})"
+            f"'{_ANCHOR_KEY}' among its {len(keys)} keys (found: {listing(keys)})"
         )
     return encoder, dropped, foreign
 
@@ -208,23 +202,21 @@ def _check_shapes(
 ) -> None:
     if not mismatched:
         return
-    lines = [f"  {k}: checkpoint {c} vs model {m}" for k, c, m in mismatched[:_MAX_LISTED]]
-    if len(mismatched) > _MAX_LISTED:
-        lines.append(f"  ... and {len(mismatched) - _MAX_LISTED} more")
+    lines = listing((f"  {k}: checkpoint {c} vs model {m}" for k, c, m in mismatched), sep="\n")
     raise SamCheckpointError(
         f"{source} does not fit the encoder (wrong model size or window/global layout?): "
         f"checkpoint has "
         f"{_describe_size(ckpt)}, encoder has {_describe_size(model)}; "
-        f"{len(mismatched)} tensors differ in shape:\n" + "\n".join(lines)
+        f"{len(mismatched)} tensors differ in shape:\n" + lines
     )
 
 
 def _check_keys(report: SamLoadReport, strict: bool) -> None:
     problems = []
     if report.missing:
-        problems.append(f"missing from the checkpoint: {_listing(report.missing)}")
+        problems.append(f"missing from the checkpoint: {listing(report.missing)}")
     if report.unexpected:
-        problems.append(f"unexpected in the checkpoint: {_listing(report.unexpected)}")
+        problems.append(f"unexpected in the checkpoint: {listing(report.unexpected)}")
     if not problems:
         return
     message = f"loading {report.source} into the {report.impl} encoder: " + "; ".join(problems)

@@ -15,7 +15,7 @@ from ..runtime.norms import frozen_norms
 from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_save
 from ..targeting.prepare import prepare_backbone, unchanged_on_error
 from ..tuners import multimodal_layers
-from ..utils import dtype_name
+from ..utils import dtype_name, listing
 from .io import read_adapter, write_adapter
 from .merge import check_usable
 from .precision import check_autocast, sync_dtype
@@ -167,7 +167,7 @@ class Persistence:
         if unsaved:
             raise MmpeftValueError(
                 f"{len(unsaved)} parameter(s) require grad but are not part of the adapters, so they would not be "
-                f"saved: {unsaved[:6]}{' ...' if len(unsaved) > 6 else ''}. Wrap with modules_to_save=[...] naming "
+                f"saved: {listing(unsaved)}. Wrap with modules_to_save=[...] naming "
                 "their modules (they then train and are saved), or freeze them with requires_grad_(False)"
             )
         dtype: Any = self.compute_dtype  # type: ignore[attr-defined]

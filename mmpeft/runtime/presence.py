@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from ..errors import MmpeftKeyError, MmpeftValueError
+from ..utils import listing
 
 __all__ = [
     "NonFiniteInputError",
@@ -74,8 +75,7 @@ def refuse_empty(mask: torch.Tensor, names: Sequence[str], tiles: Sequence[str] 
         return
     where = [_describe(tiles, b) for b in torch.nonzero(empty).flatten().tolist()]
     raise MmpeftValueError(
-        f"every modality of {list(names)} is absent in {', '.join(where[:10])}"
-        + (f" (+{len(where) - 10} more)" if len(where) > 10 else "")
+        f"every modality of {list(names)} is absent in {listing(where)}"
         + (f" ({why})" if why else "")
         + ": a sample needs at least one present modality; leave such samples out of the batch"
     )
@@ -180,8 +180,7 @@ def check_finite(
             parts.append(f"{name} in {_describe(tiles, b)}: {int(counts[b])} of {total} pixels")
     raise NonFiniteInputError(
         "NaN or inf in the inputs: "
-        + "; ".join(parts[:10])
-        + (f" (+{len(parts) - 10} more)" if len(parts) > 10 else "")
+        + listing(parts, sep="; ")
         + ". Fix the data, or map such samples to a missing modality (nonfinite='absent')"
     )
 
@@ -200,8 +199,7 @@ def _refuse_all_bad(
             for b in samples
         ]
         raise NonFiniteInputError(
-            f"every modality holds NaN or inf in {'; '.join(where[:10])}"
-            + (f" (+{len(where) - 10} more)" if len(where) > 10 else "")
+            f"every modality holds NaN or inf in {listing(where, sep='; ')}"
             + ": with nonfinite='absent' such a sample has no modality left; fix the data or leave the sample out"
         )
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import MmpeftTypeError, MmpeftValueError
 from ..tuners import MultimodalLayer
+from ..utils import listing
 
 __all__ = ["WrapError", "cast_inputs", "compute_dtype", "input_dtype", "checked_call"]
 
@@ -87,7 +88,7 @@ def checked_call(
     if missing:
         raise WrapError(
             f"{len(missing)} wrapped module(s) were not called on the stacked batch (leading size a multiple of "
-            f"{x.shape[0]}) during the forward: {missing[:8]}{' ...' if len(missing) > 8 else ''}. Their host "
+            f"{x.shape[0]}) during the forward: {listing(missing)}. Their host "
             "reads their weights directly or does not use them, so their updates never act. Target modules "
             "that the forward calls (or call model.skip_call_check() if they serve another method)"
         )

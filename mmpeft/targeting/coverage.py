@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..errors import MmpeftWarning
+from ..utils import listing
 from .structure import warn_structural
 
 __all__ = ["CoverageWarning", "attention_modules", "conv_projections", "has_attention", "warn_uncovered_attention"]
@@ -103,7 +104,7 @@ def warn_uncovered_attention(model: nn.Module, targets: Iterable[str], traced: I
         classes = sorted({type(model.get_submodule(a)).__name__ for a in left})
         warn_structural(
             f"the preset leaves {len(left)} of the model's {len(attention)} attention modules without an update "
-            f"({', '.join(classes)}: {left[:4]}{' ...' if len(left) > 4 else ''}); pass targets= to cover them",
+            f"({', '.join(classes)}: {listing(left)}); pass targets= to cover them",
             CoverageWarning,
         )
     return left

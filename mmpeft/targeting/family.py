@@ -1,4 +1,5 @@
-"""One family of vision transformers: the module names the presets target (:class:`BackboneFamily`)."""
+"""One family of vision transformers: the module names the presets target (:class:`BackboneFamily`),
+and the registry of families (:data:`FAMILIES`, :func:`register_family`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import re
 from dataclasses import dataclass
 
 from ..config import Targets
-from ..errors import MmpeftValueError
+from ..errors import MmpeftTypeError, MmpeftValueError
+from ..utils import register
 
-__all__ = ["BackboneFamily"]
+__all__ = ["BackboneFamily", "FAMILIES", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +81,23 @@ class BackboneFamily:
     def mlp_linears(self) -> list[str]:
         """The MLP's linears the LoRA presets tune (gate, input, output)."""
         return [n for n in (self.mlp_gate, self.mlp_in, self.mlp_out) if n is not None]
+
+
+#: ``{name: BackboneFamily}`` in detection order (:func:`mmpeft.targeting.targets.detect_family`
+#: takes the first that fits); the built-in ones are registered by :mod:`mmpeft.targeting.targets`.
+FAMILIES: dict[str, BackboneFamily] = {}
+
+
+def register_family(family: BackboneFamily, *, replace: bool = False) -> BackboneFamily:
+    """Add ``family`` to :data:`FAMILIES` under its name and return it; a name taken by another
+    family is an error naming it unless ``replace=True`` (:func:`mmpeft.utils.register`).
+
+    Detection order: a family with marker ``classes`` is tried before every family detected by
+    names alone, each group in the order registered (a replaced family keeps its place)."""
+    if not isinstance(family, BackboneFamily):
+        raise MmpeftTypeError(f"register_family takes a BackboneFamily, got {type(family).__name__}")
+    register(FAMILIES, family.name, family, kind="backbone family", replace=replace)
+    ordered = sorted(FAMILIES.values(), key=lambda f: not f.classes)  # stable: registration order kept
+    FAMILIES.clear()
+    FAMILIES.update((f.name, f) for f in ordered)
+    return family

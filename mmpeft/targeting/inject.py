@@ -18,6 +18,7 @@ from ..errors import MmpeftTypeError, MmpeftValueError
 from ..tuners import method_of, multimodal_layers
 from ..tuners.adapter import AdapterConfig, build_adapter
 from ..tuners.options import Targets
+from ..utils import listing
 from .attention_trace import AttentionTrace
 from .coverage import warn_uncovered_attention
 from .inputs import infer_in_channels
@@ -185,7 +186,7 @@ def _without_identities(model: nn.Module, owner: dict[str, int]) -> dict[str, in
     if idle and len(idle) < len(owner):
         warn_structural(
             f"left out {len(idle)} nn.Identity placeholder(s) the preset's names match, which compute nothing to "
-            f"adapt: {idle[:6]}{' ...' if len(idle) > 6 else ''}. Pass targets= to choose modules yourself",
+            f"adapt: {listing(idle)}. Pass targets= to choose modules yourself",
             ProbeWarning,
         )
     return {n: i for n, i in owner.items() if n not in idle} if len(idle) < len(owner) else owner
@@ -199,7 +200,7 @@ def _without_nested(config: MultimodalConfig, owner: dict[str, int]) -> dict[str
     if inner:
         warn_structural(
             f"left out {len(inner)} module(s) the preset's names match inside a module an adapter already wraps: "
-            f"{inner[:6]}{' ...' if len(inner) > 6 else ''}. Pass targets= to choose modules yourself",
+            f"{listing(inner)}. Pass targets= to choose modules yourself",
             ProbeWarning,
         )
     return {n: i for n, i in owner.items() if n not in inner}

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import MmpeftValueError, MmpeftWarning
 from ..runtime.verify import WrapError
+from ..utils import listing
 from .attention_trace import AttentionTrace
 from .inputs import choose_size
 from .shapes import meta_forward
@@ -240,7 +241,7 @@ class ProbeWarning(MmpeftWarning):
 
 def _not_batched(bad: list[Probed], leave_out: bool) -> None:
     tails = sorted({_tail(r.name) for r in bad})
-    more = f" ({len(bad) - 1} more: {[r.name for r in bad[1:6]]})" if len(bad) > 1 else ""
+    more = f" (also {listing(r.name for r in bad[1:])})" if len(bad) > 1 else ""
     if leave_out:
         warn_structural(
             f"left out {len(bad)} module(s) the default selection chose whose input does not carry the batch "
@@ -275,7 +276,7 @@ def probe_batch_factors(
         h, w = size or probe_input(model, in_channels)  # only for the message
         raise WrapError(
             f"{len(unused)} targeted module(s) were not called in a dry run of {type(model).__name__}.forward on a "
-            f"({PROBE_BATCHES[0]}, {in_channels}, {h}, {w}) input: {unused[:8]}{' ...' if len(unused) > 8 else ''}. "
+            f"({PROBE_BATCHES[0]}, {in_channels}, {h}, {w}) input: {listing(unused)}. "
             "Their updates would never act; leave them out (exclude=...) or target modules the forward calls"
         )
     bad = [r for r in probed.values() if not r.follows_batch()]

@@ -117,7 +117,7 @@ class Structure:
             f"blocks ({', '.join(self.lists)}; width {self.width}): attention {attn}, output projection "
             f"{self.out_proj}; MLP {self.mlp_in} ({self.width} -> {self.hidden}) and {self.mlp_out}{gate}; "
             f"adapters after {self.attn}, {beside}. List them with mmpeft.plan_targets(model, ...); pass "
-            "targets= or register a BackboneFamily in mmpeft.FAMILIES to choose others"
+            "targets= or register a BackboneFamily (mmpeft.register_family) to choose others"
         )
 
 

@@ -18,8 +18,9 @@ from torch import nn
 
 from ..config import AdapterConfig, LoRAConfig, RuleConfig, Targets
 from ..errors import MmpeftTypeError, MmpeftValueError
+from ..utils import listing
 from .coverage import conv_projections, has_attention
-from .family import BackboneFamily
+from .family import FAMILIES, BackboneFamily, register_family
 from .hybrid import HYBRID_FAMILIES
 from .structure import StructureError, find_structure, warn_structural
 
@@ -30,6 +31,7 @@ __all__ = [
     "detect_family",
     "match_targets",
     "preset_rules",
+    "register_family",
     "structural_family",
 ]
 
@@ -44,39 +46,39 @@ _HF_SWIN_NO_ADAPTER = (
     "pass targets= (e.g. targets=['attention.output.dense'], placement='after')"
 )
 
-FAMILIES: dict[str, BackboneFamily] = {
+_BUILT_IN = (  # the families mmpeft knows, registered below
     # timm's Eva / EVA02 (rotary): fused qkv whose bias timm adds inside F.linear reading
     # qkv.weight; mmpeft.targeting.prepare switches it to timm's own `qkv_bias_separate` so qkv is called
-    "timm_eva": BackboneFamily(
-        "timm_eva",
-        "attn.qkv",
-        "mlp.fc1",
-        "mlp.fc2",
-        "attn",
-        "mlp",
+    BackboneFamily(
+        name="timm_eva",
+        qkv="attn.qkv",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attn",
+        mlp="mlp",
         classes=("timm.models.eva.EvaAttention",),
         note="timm Eva / EVA02 tiny / small (fused qkv)",
     ),
-    "timm_eva_swiglu": BackboneFamily(
-        "timm_eva_swiglu",
-        None,
-        "mlp.fc1_x",
-        "mlp.fc2",
-        "attn",
-        "mlp",
+    BackboneFamily(
+        name="timm_eva_swiglu",
+        qkv=None,
+        mlp_in="mlp.fc1_x",
+        mlp_out="mlp.fc2",
+        attn="attn",
+        mlp="mlp",
         q="attn.q_proj",
         v="attn.v_proj",
         mlp_gate="mlp.fc1_g",
         classes=("timm.models.eva.EvaAttention",),
         note="timm EVA02 base / large: separate q, k, v and a SwiGLU MLP",
     ),
-    "timm_eva_split": BackboneFamily(
-        "timm_eva_split",
-        None,
-        "mlp.fc1",
-        "mlp.fc2",
-        "attn",
-        "mlp",
+    BackboneFamily(
+        name="timm_eva_split",
+        qkv=None,
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attn",
+        mlp="mlp",
         q="attn.q_proj",
         v="attn.v_proj",
         classes=("timm.models.eva.EvaAttention",),
@@ -84,20 +86,20 @@ FAMILIES: dict[str, BackboneFamily] = {
     ),
     # torchvision's VisionTransformer: nn.MultiheadAttention is swapped (mmpeft.targeting.prepare) for an
     # equivalent with an explicit `in_proj` nn.Linear and the same state-dict keys
-    "torchvision": BackboneFamily(
-        "torchvision",
-        "self_attention.in_proj",
-        "mlp.0",
-        "mlp.3",
-        "self_attention.out_proj",
-        "mlp",
+    BackboneFamily(
+        name="torchvision",
+        qkv="self_attention.in_proj",
+        mlp_in="mlp.0",
+        mlp_out="mlp.3",
+        attn="self_attention.out_proj",
+        mlp="mlp",
         classes=("torchvision.models.vision_transformer.EncoderBlock",),
         prepared=True,
         note="torchvision VisionTransformer (vit_b_16, ...)",
     ),
     # timm's Hiera: HieraBlock reads `attn.q_stride`, so the "after" adapter follows the
     # attention's output projection (its last operation) instead of replacing the attention
-    "timm_hiera": BackboneFamily(
+    BackboneFamily(
         name="timm_hiera",
         qkv="attn.qkv",
         mlp_in="mlp.fc1",
@@ -108,7 +110,7 @@ FAMILIES: dict[str, BackboneFamily] = {
         note="timm Hiera (hiera_tiny_224, ...); adapter after attn.proj",
     ),
     # timm's PVTv2: separate q, fused kv (LoRA on its v half), spatial-reduction keys
-    "timm_pvt_v2": BackboneFamily(
+    BackboneFamily(
         name="timm_pvt_v2",
         qkv=None,
         q="attn.q",
@@ -123,25 +125,25 @@ FAMILIES: dict[str, BackboneFamily] = {
     # torchvision's Swin (v1, v2): the attention reads qkv.weight / proj.weight in a function;
     # mmpeft.targeting.prepare gives it a forward that calls them (same module, same state-dict keys). The
     # "after" adapter follows attn.proj (v2's attention ends its nn.Linear list with cpb_mlp's)
-    "torchvision_swin": BackboneFamily(
-        "torchvision_swin",
-        "attn.qkv",
-        "mlp.0",
-        "mlp.3",
-        "attn.proj",
-        "mlp",
+    BackboneFamily(
+        name="torchvision_swin",
+        qkv="attn.qkv",
+        mlp_in="mlp.0",
+        mlp_out="mlp.3",
+        attn="attn.proj",
+        mlp="mlp",
         classes=(_TV_SWIN, _TV_SWIN + "V2", _MM_SWIN, _MM_SWIN + "V2"),
         note="torchvision swin_t / swin_v2_t, ...",
     ),
     # transformers' Swinv2Model (and SwinModel of transformers 4): blocks.j.attention.self.{query,
     # key,value}, the attention's output dense, intermediate.dense / output.dense; no MLP module
-    "hf_swinv2": BackboneFamily(
-        "hf_swinv2",
-        None,
-        "intermediate.dense",
-        "output.dense",
-        "attention.output.dense",
-        "intermediate",
+    BackboneFamily(
+        name="hf_swinv2",
+        qkv=None,
+        mlp_in="intermediate.dense",
+        mlp_out="output.dense",
+        attn="attention.output.dense",
+        mlp="intermediate",
         q="attention.self.query",
         v="attention.self.value",
         scope=_HF_BLOCKS,
@@ -153,13 +155,13 @@ FAMILIES: dict[str, BackboneFamily] = {
         note="transformers Swinv2Model (SwinModel of transformers 4): LoRA presets only",
     ),
     # transformers 5's SwinModel and SegformerModel: stages' blocks.j.attention.{q,k,v,o}_proj, mlp.fc1 / fc2
-    "hf_swin_segformer": BackboneFamily(
-        "hf_swin_segformer",
-        None,
-        "mlp.fc1",
-        "mlp.fc2",
-        "attention.o_proj",
-        "mlp",
+    BackboneFamily(
+        name="hf_swin_segformer",
+        qkv=None,
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attention.o_proj",
+        mlp="mlp",
         q="attention.q_proj",
         v="attention.v_proj",
         scope=_HF_BLOCKS,
@@ -170,46 +172,58 @@ FAMILIES: dict[str, BackboneFamily] = {
         note="transformers 5 SwinModel, SegformerModel (the MiT encoder)",
     ),
     # segment-anything's ImageEncoderViT: blocks.i.attn.qkv, blocks.i.mlp.lin1 / lin2
-    "segment_anything": BackboneFamily(
-        "segment_anything", "attn.qkv", "mlp.lin1", "mlp.lin2", "attn", "mlp", note="segment-anything ImageEncoderViT"
+    BackboneFamily(
+        name="segment_anything",
+        qkv="attn.qkv",
+        mlp_in="mlp.lin1",
+        mlp_out="mlp.lin2",
+        attn="attn",
+        mlp="mlp",
+        note="segment-anything ImageEncoderViT",
     ),
     # timm's VisionTransformer (ViT, DeiT, DINOv2), VisionTransformerSAM, Swin: attn.qkv, mlp.fc1 / fc2
-    "timm": BackboneFamily(
-        "timm", "attn.qkv", "mlp.fc1", "mlp.fc2", "attn", "mlp", note="timm ViT, DeiT, DINOv2, SAM ViT, Swin"
+    BackboneFamily(
+        name="timm",
+        qkv="attn.qkv",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attn",
+        mlp="mlp",
+        note="timm ViT, DeiT, DINOv2, SAM ViT, Swin",
     ),
     # transformers' ViTModel, Dinov2Model: layers.i.attention.{q,k,v,o}_proj, mlp.fc1 / fc2;
     # the attention returns a tuple, so the "after" adapter follows its output projection
-    "hf_vit": BackboneFamily(
-        "hf_vit",
-        None,
-        "mlp.fc1",
-        "mlp.fc2",
-        "attention.o_proj",
-        "mlp",
+    BackboneFamily(
+        name="hf_vit",
+        qkv=None,
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attention.o_proj",
+        mlp="mlp",
         q="attention.q_proj",
         v="attention.v_proj",
         scope=_HF_SCOPE,
         note="transformers ViTModel, Dinov2Model",
     ),
     # transformers' CLIPVisionModel, SiglipVisionModel: layers.i.self_attn.{q,k,v,out}_proj
-    "hf_clip": BackboneFamily(
-        "hf_clip",
-        None,
-        "mlp.fc1",
-        "mlp.fc2",
-        "self_attn.out_proj",
-        "mlp",
+    BackboneFamily(
+        name="hf_clip",
+        qkv=None,
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="self_attn.out_proj",
+        mlp="mlp",
         q="self_attn.q_proj",
         v="self_attn.v_proj",
         scope=_HF_SCOPE,
         note="transformers CLIPVisionModel, SiglipVisionModel",
     ),
-}
+)
 
-# the hybrid families after the other families with marker classes, before those detected by names alone
-FAMILIES.update(HYBRID_FAMILIES)
-for _name in [k for k, f in FAMILIES.items() if not f.classes]:
-    FAMILIES[_name] = FAMILIES.pop(_name)
+# through register_family, as a user's family: those with marker classes are tried before those
+# detected by names alone, each group in the order registered (the hybrid families after the others)
+for _family in (*_BUILT_IN, *HYBRID_FAMILIES):
+    register_family(_family)
 
 
 def _matches(name: str, targets: Targets) -> bool:
@@ -237,7 +251,7 @@ def match_targets(
         raise MmpeftValueError(
             f"targets {targets!r} match no module of {type(model).__name__}. "
             f"Module name endings that exist{' (' + _names(want) + ')' if want else ''}: "
-            f"{suffixes[:40]}{' ...' if len(suffixes) > 40 else ''}"
+            f"{listing(suffixes)}"
         )
     if want is not None:
         modules = dict(model.named_modules())
@@ -305,7 +319,7 @@ def _unplaced(model: nn.Module, err: StructureError) -> str:
     why = str(err) if len(str(err)) <= 160 else str(err)[:157] + "..."
     return (
         f"cannot tell which ViT family {name} belongs to, nor place the presets by structure ({why}); pass targets= "
-        "or register a BackboneFamily in mmpeft.FAMILIES"
+        "or register a BackboneFamily (mmpeft.register_family)"
     )
 
 

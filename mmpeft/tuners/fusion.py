@@ -36,7 +36,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import MmpeftValueError
+from ..errors import MmpeftTypeError, MmpeftValueError
+from ..utils import register
 
 __all__ = [
     "Fusion",
@@ -192,16 +193,25 @@ class MatrixFusion(Fusion):
 
 
 FusionFactory = Callable[..., Fusion]
-FUSION_RULES: dict[str, FusionFactory] = {
-    "none": lambda modalities, init=0.5, device=None: NoFusion(modalities),
-    "scalar": ScalarFusion,
-    "matrix": MatrixFusion,
-}
+FUSION_RULES: dict[str, FusionFactory] = {}
 
 
-def register_fusion(name: str, factory: FusionFactory) -> None:
-    """Register a new fusion rule ``factory(modalities, init=..., device=...) -> Fusion``."""
-    FUSION_RULES[name] = factory
+def register_fusion(name: str, factory: FusionFactory, *, replace: bool = False) -> FusionFactory:
+    """Register the fusion rule ``name``: ``factory(modalities, init=..., device=...) -> Fusion``,
+    returned; a name taken by another factory is an error naming it unless ``replace=True``
+    (:func:`mmpeft.utils.register`)."""
+    if not callable(factory):
+        raise MmpeftTypeError(f"fusion rule {name!r}: the factory must be callable, got {factory!r}")
+    return register(FUSION_RULES, name, factory, kind="fusion rule", replace=replace)
+
+
+def _no_fusion(modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> Fusion:
+    return NoFusion(modalities)
+
+
+register_fusion("none", _no_fusion)
+register_fusion("scalar", ScalarFusion)
+register_fusion("matrix", MatrixFusion)
 
 
 def build_fusion(rule: str, modalities: Sequence[str], init: float = 0.5, device: torch.device | None = None) -> Fusion:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import MmpeftTypeError, MmpeftValueError
+from ..utils import register
 from .base import MultimodalLayer
 
 __all__ = ["Method", "METHODS", "register_method", "get_method", "method_of"]
@@ -47,12 +48,12 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register_method(method: Method) -> None:
-    """Add ``method`` to :data:`METHODS` (a name taken by another method is an error)."""
-    old = METHODS.get(method.name)
-    if old is not None and old != method:
-        raise MmpeftValueError(f"method {method.name!r} is already registered")
-    METHODS[method.name] = method
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add ``method`` to :data:`METHODS` under its name and return it; a name taken by another
+    method is an error naming it unless ``replace=True`` (:func:`mmpeft.utils.register`)."""
+    if not isinstance(method, Method):
+        raise MmpeftTypeError(f"register_method takes a Method, got {type(method).__name__}")
+    return register(METHODS, method.name, method, kind="method", replace=replace)
 
 
 def get_method(name: Any) -> Method:

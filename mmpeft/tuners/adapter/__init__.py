@@ -58,4 +58,13 @@ def build_adapter(
     )
 
 
-register_method(Method("adapter", AdapterConfig, MultimodalAdapter, build_adapter, None, "mmadapter"))
+register_method(
+    Method(
+        name="adapter",
+        config=AdapterConfig,
+        layer=MultimodalAdapter,
+        build=build_adapter,
+        wraps=None,
+        preset="mmadapter",
+    )
+)

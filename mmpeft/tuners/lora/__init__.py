@@ -90,4 +90,13 @@ def build_lora(rule: LoRAConfig, module: nn.Module, name: str, modalities: Seque
     )
 
 
-register_method(Method("lora", LoRAConfig, MultimodalLoRA, build_lora, (nn.Linear, nn.Conv2d), "mmlora"))
+register_method(
+    Method(
+        name="lora",
+        config=LoRAConfig,
+        layer=MultimodalLoRA,
+        build=build_lora,
+        wraps=(nn.Linear, nn.Conv2d),
+        preset="mmlora",
+    )
+)
