@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError
 from ..utils import check_modalities
 from .fusion import Fusion, apply_mixing
+from .outputs import take_input
 
 __all__ = [
     "by_modality",
@@ -165,6 +166,57 @@ class MultimodalLayer(nn.Module):
     def get_delta_weight(self, modality: str) -> torch.Tensor:
         """The weight update of ``modality`` (same shape as the base weight), for layers that merge."""
         raise MergeError(self.cannot_merge())
+
+    # ------------------------------------------------------------------ the forward: one dispatch, the method's steps
+    def forward(self, x: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """x: (M*B', ...) stacked modality-major -> the base layer's output with each modality's update.
+
+        The one dispatch of every method, in order: the first-forward call check, the per-modality
+        reference (:mod:`mmpeft.tuners.lockstep`), adapters disabled (``base_layer`` alone), merged
+        weights (unless per-sample presence), one modality alone (``single``), then the stacked
+        batch in ``"loop"`` or ``"batched"`` execution. A method supplies the steps
+        :meth:`_forward_one`, :meth:`_forward_loop`, :meth:`_forward_batched` and, if it merges,
+        :meth:`_forward_merged`. Extra arguments go to the base module with ``x``, which may also
+        come by the keyword of the module's first parameter (:func:`mmpeft.tuners.outputs.take_input`).
+        """
+        if x is None:
+            x, kwargs = take_input(self.base_layer, x, kwargs)
+        self._note_call(x)
+        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
+            return self.reference.call(self, "forward", x, args, kwargs)
+        if not self.adapters_enabled:
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged and self.presence is None:  # per-sample presence takes the unmerged path
+            self._merged_current()
+            if self.single is None:
+                self._check_stack(x)
+            return self._forward_merged(x)
+        if self.single is not None:
+            return self._forward_one(x, self.modalities[self._check_single()], *args, **kwargs)
+        self._check_stack(x)
+        if self.execution == "loop":
+            return self._forward_loop(x, *args, **kwargs)
+        return self._forward_batched(x, *args, **kwargs)
+
+    def _forward_one(self, x: torch.Tensor, modality: str, *args: Any, **kwargs: Any) -> Any:
+        """Step: a batch of ``modality`` alone -> its base output plus its own update (no mixing)."""
+        raise NotImplementedError
+
+    def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Step: the stacked batch, the base layer and each modality's update run one modality at a time."""
+        raise NotImplementedError
+
+    def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Step: the stacked batch, one frozen pass and every modality's update at once."""
+        raise NotImplementedError
+
+    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        """Step of a merged layer: the stacked batch (or ``single``'s) with the per-modality merged weights."""
+        raise MergeError(self.cannot_merge())
+
+    def _merged_current(self) -> None:
+        """Before a merged forward: refuse training through merged weights, merge again when a
+        tensor they come from changed (:class:`mmpeft.tuners.merging.WeightMerging`)."""
 
     def _note_call(self, x: torch.Tensor) -> None:
         """Record, during the checked first forward, a call on the stacked batch."""

@@ -91,26 +91,12 @@ class WeightMerging:
         return tuple((t._version, t.data_ptr()) for t in self._merge_sources)
 
     def _merged_current(self) -> None:
-        """Merge again when a tensor changed since the merge (so merged weights are never stale)."""
+        """Before a merged forward (:meth:`mmpeft.tuners.base.MultimodalLayer.forward`): refuse
+        training through the merged weights, and merge again when a tensor changed since the
+        merge (so merged weights are never stale)."""
+        self._check_merged_inference()
         if not torch.compiler.is_compiling() and not _exporting() and self._stamp() != self._merge_stamp:
             self.merge()
-
-    def _shared_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The cases every LoRA forward shares, in order: the call check, the per-modality
-        reference, adapters disabled, merged weights (per-sample presence takes the unmerged
-        path). Returns the output, or None when the layer's own paths apply."""
-        self._note_call(x)  # type: ignore[attr-defined]
-        if self.reference is not None:  # type: ignore[attr-defined]  # mmpeft.tuners.lockstep
-            return self.reference.call(self, "forward", x, (), {})  # type: ignore[attr-defined]
-        if not self.adapters_enabled:  # type: ignore[attr-defined]
-            return self.base_layer(x)
-        if self.merged and self.presence is None:  # type: ignore[attr-defined]
-            self._check_merged_inference()
-            self._merged_current()
-            if self.single is None:  # type: ignore[attr-defined]
-                self._check_stack(x)  # type: ignore[attr-defined]
-            return self._forward_merged(x)
-        return None
 
     def _check_merged_inference(self) -> None:
         """A merged layer has no gradient path to its LoRA weights: training through it would

@@ -13,7 +13,7 @@ from ...utils import check_int
 from ..base import MultimodalLayer, by_modality
 from ..fusion import Fusion, build_fusion, lowrank_mix
 from ..lowrank import mixed_up, stacked_linear
-from ..outputs import cat_rests, chunk_args, first_output, take_input, with_first
+from ..outputs import cat_rests, chunk_args, first_output, with_first
 
 __all__ = ["MultimodalAdapter"]
 
@@ -109,30 +109,13 @@ class MultimodalAdapter(MultimodalLayer):
             "linear, so no weight matrix equals it (only LoRA layers merge)"
         )
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out).
-
-        Extra arguments (e.g. timm's ``attn_mask=None``) are passed to the base module unchanged;
-        ``x`` may come by the keyword of the module's first parameter. When the module returns a
-        tuple (an attention's ``(output, weights)``) the first element is adapted and the rest
-        passed through (:mod:`mmpeft.tuners.outputs`).
-        """
-        x, kwargs = take_input(self.base_layer, x, kwargs)
-        self._note_call(x)
-        if self.reference is not None:  # the per-modality reference (mmpeft.tuners.lockstep)
-            return self.reference.call(self, "forward", x, args, kwargs)
-        if not self.adapters_enabled:
-            return self.base_layer(x, *args, **kwargs)
-        if self.single is not None:
-            mod = self.modalities[self._check_single()]
-            y, rest = first_output(self.base_layer(x, *args, **kwargs))
-            z = x if self.placement == "beside" else y
-            return with_first(y + self.scale * self._adapt(z, mod), rest)
-        self._check_stack(x)
-        if self.execution == "loop":
-            return self._forward_loop(x, *args, **kwargs)
-        return self._forward_batched(x, *args, **kwargs)
+    # ------------------------------------------------------------------ the forward's steps (MultimodalLayer.forward)
+    # Extra arguments (e.g. timm's ``attn_mask=None``) go to the base module unchanged. When the
+    # module returns a tuple (an attention's ``(output, weights)``) the first element is adapted
+    # and the rest passed through (:mod:`mmpeft.tuners.outputs`).
+    def _forward_one(self, x: torch.Tensor, modality: str, *args: Any, **kwargs: Any) -> Any:
+        y, rest = first_output(self.base_layer(x, *args, **kwargs))
+        return with_first(y + self.scale * self._adapt(x if self.placement == "beside" else y, modality), rest)
 
     def _forward_batched(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         y, rest = first_output(self.base_layer(x, *args, **kwargs))  # (M*B', ..., out)

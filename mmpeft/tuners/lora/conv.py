@@ -14,7 +14,7 @@ from ...utils import check_int
 from ..base import MultimodalLayer, mixing_refusal
 from ..fusion import Fusion, build_fusion
 from ..merging import WeightMerging
-from .variants import DORA_MIXING, dora_extra, dora_scale, lora_scaling, row_norms
+from .variants import DORA_MIXING, LoRAFactor, dora_extra, dora_scale, lora_scaling, row_norms
 
 __all__ = ["MultimodalLoRAConv2d"]
 
@@ -107,6 +107,13 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     def _fusion(self) -> Fusion:
         return self.lora_fusion
 
+    def factors(self, modality: str) -> list[LoRAFactor]:
+        """``modality``'s one low-rank pair over every output channel, as
+        :meth:`MultimodalLoRA.factors <mmpeft.tuners.lora.MultimodalLoRA.factors>` gives a linear layer's."""
+        if modality not in self.modalities:
+            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        return [LoRAFactor("all", slice(0, self.out_channels), self.lora_A[modality], self.lora_B[modality], None)]
+
     # ------------------------------------------------------------------ merging
     def cannot_merge(self) -> str | None:
         return mixing_refusal(self.lora_fusion)
@@ -162,20 +169,12 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
         y = self._conv(xg, weight.flatten(0, 1), None if bias is None else bias.repeat(s), groups=s)
         return y.view(n // s, s, -1, *y.shape[-2:]).transpose(0, 1)
 
-    # ------------------------------------------------------------------ forward
+    # ------------------------------------------------------------------ the forward's steps (MultimodalLayer.forward)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (M*N, in, H, W) stacked modality-major -> (M*N, out, H', W')."""
+        """x: (M*N, in, H, W) stacked modality-major -> (M*N, out, H', W') (:meth:`MultimodalLayer.forward`)."""
         if x.dim() != 4:
             raise MmpeftValueError(f"{type(self).__name__} expects a (M*N, C, H, W) batch, got shape {tuple(x.shape)}")
-        shared = self._shared_forward(x)  # call check, reference, disabled, merged
-        if shared is not None:
-            return shared
-        if self.single is not None:
-            return self._forward_one(x, self.modalities[self._check_single()])
-        self._check_stack(x)
-        if self.execution == "loop":
-            return self._forward_loop(x)
-        return self._forward_batched(x)
+        return super().forward(x)
 
     def _delta(self, xd: torch.Tensor, modality: str) -> torch.Tensor:
         """scaling * B_m(A_m(x')), x' the input after dropout; the (float32 master) weights cast to its dtype."""

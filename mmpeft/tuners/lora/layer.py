@@ -17,6 +17,7 @@ from ..merging import WeightMerging
 from .variants import (
     DORA_MIXING,
     FROM_WEIGHT,
+    LoRAFactor,
     LowRankOffset,
     add_slice,
     cast_or_none,
@@ -164,6 +165,18 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
             return a, b  # type: ignore[return-value]
         return a[slice_name], b[slice_name]  # type: ignore[index]
 
+    def factors(self, modality: str) -> list[LoRAFactor]:
+        """``modality``'s low-rank pairs, one per output slice in slice order (one over every row
+        without ``slices``), with their rows and PiSSA / OLoRA offsets: the layer's layout as
+        export and the combination of sets read it (:class:`~mmpeft.tuners.lora.variants.LoRAFactor`)."""
+        if modality not in self.modalities:
+            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        off = self.lora_offset
+        return [
+            LoRAFactor(s, slice(lo, hi), *self._pair(modality, s), None if off is None else (off.down(s), off.up(s)))
+            for s, (lo, hi) in self._ranges().items()
+        ]
+
     def _pairs_all(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
         return [(m, *self._pair(m, s)) for m in self.modalities for s in self._ranges()]
 
@@ -219,19 +232,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
             y = y + b.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (M*B', ..., in) stacked modality-major -> (M*B', ..., out)."""
-        shared = self._shared_forward(x)  # call check, reference, disabled, merged
-        if shared is not None:
-            return shared
-        if self.single is not None:
-            return self._forward_single(x, self.modalities[self._check_single()])
-        self._check_stack(x)
-        if self.execution == "loop":
-            return self._forward_loop(x)
-        return self._forward_batched(x)
-
+    # ------------------------------------------------------------------ the forward's steps (MultimodalLayer.forward)
     def _pad_rows(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """(out, S*k): per-slice (len, k) pieces in their output rows, zeros elsewhere.
 
@@ -342,7 +343,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         xd = self.lora_dropout(x)
         return dora_extra(self._dora_scale(modality), self._frozen_product(xd, out), self._full_delta(x, xd, modality))
 
-    def _forward_single(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+    def _forward_one(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         out = self.base_layer(x)
         if self.use_dora:
             return out + self._dora_one(x, out, modality).to(out.dtype)

@@ -15,12 +15,16 @@
 - DoRA (``use_dora``): ``out_m = g_m * (W x_m + delta_m x_m) + b`` with
   ``g_m = mag_m / ||W + delta_m||_row`` (norm per output row, detached as in the DoRA paper, 4.3),
   the magnitude ``mag_m`` a trainable vector per modality initialised to ``||W||_row``.
+
+A layer's per-modality pairs, their output rows and offsets are read through :class:`LoRAFactor`
+(``layer.factors(modality)``), the one public view of its layout.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +47,7 @@ __all__ = [
     "add_slice",
     "check_slices",
     "cast_or_none",
+    "LoRAFactor",
 ]
 
 #: why DoRA and a mixing fusion rule do not go together
@@ -145,6 +150,23 @@ class LowRankOffset(nn.Module):
 
     def up(self, name: str) -> torch.Tensor:
         return getattr(self, f"up_{name}")
+
+
+class LoRAFactor(NamedTuple):
+    """One low-rank pair of a LoRA layer for one modality (``layer.factors(modality)``). It adds
+    ``scaling * (lora_B(lora_A(x)) - B_0 A_0 x)`` to the base output's rows ``rows`` (channels for
+    a convolution); DoRA's ``lora_magnitude_vector`` covers the factors' rows, in factor order."""
+
+    #: the output slice's name (``"all"``: the layer has no slices)
+    name: str
+    #: the base layer's output rows (channels) the pair writes
+    rows: slice
+    #: in -> r: an ``nn.Linear`` (weight (r, in)) or the conv's ``nn.Conv2d`` (weight (r, in, kh, kw))
+    lora_A: nn.Module
+    #: r -> rows: an ``nn.Linear`` (weight (rows, r), ``.bias`` with ``lora_bias``) or a 1x1 ``nn.Conv2d``
+    lora_B: nn.Module
+    #: PiSSA / OLoRA's frozen initial pair (A_0 (r, in), B_0 (rows, r)) subtracted from the update, else None
+    offset: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def slice_rows(ranges: Mapping[str, tuple[int, int]], out_features: int) -> list[int] | None:
