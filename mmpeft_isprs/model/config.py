@@ -30,7 +30,7 @@ class MFNetConfig:
         fusion: cross-modal rule of the mixing parts of the encoder, passed to
             ``wrap_multimodal``: "scalar" (MFNet), "none" (standard per-modality tuning),
             "matrix" (a learnable M x M mix), or any rule added with
-            ``mmpeft.fusion.register_fusion`` (register it before building the config).
+            ``mmpeft.register_fusion`` (register it before building the config).
         preset: an mmpeft preset choosing the placement instead of ``method``, e.g.
             "mmadapter_authors" (``fusion`` still sets the rule of its mixing parts).
         modalities: input modalities in order (optical first; one or more).
@@ -46,7 +46,7 @@ class MFNetConfig:
         stems: per-modality stem kinds, e.g. {"dsm": "repeat"} (default: auto = repeat to 3).
         grad_checkpointing: recompute encoder block activations in backward (less memory).
         efficient_attention: run the encoder blocks without work on window padding, with fused
-            attention (``mmpeft.attention``; same outputs). True: the attention calls chosen per
+            attention (``mmpeft.runtime.attention``; same outputs). True: the attention calls chosen per
             device at run time (one call over the padded windows on CUDA, the real queries only
             elsewhere); "real" / "all" force one; False: the encoder's own blocks.
         base_dtype: keep the frozen encoder weights in this dtype ("bf16", "fp16"; None: float32):
