@@ -46,6 +46,14 @@ EXAMPLES = {  # script: lines its tiny run must print (each a check the script a
         "merge_and_unload('dsm')",
         "load_multimodal for inference",
     ],
+    "hf_trainer.py": [
+        "hf trainer example OK",
+        "eval_loss (mean of the modalities' losses) on the training samples",
+        "frozen weights bit-identical after training: True",
+        "no model.safetensors",
+        "on a fresh base reproduces the trained model: max diff 0.0e+00",
+        "ends where the uninterrupted run ends",
+    ],
     "adapter_sets.py": [
         "adapter sets example OK",
         "Vaihingen set bit-identical after training the Potsdam set: True",

@@ -176,3 +176,47 @@ def test_resume_continues_the_run(trainer_class: Any, tmp_path: Path) -> None:
     want = _trainables(whole)
     for k, v in _trainables(model).items():
         assert_close(v, want[k], rel=1e-6, msg=k)
+
+
+def test_one_modality_trains_as_peft_does_with_the_stock_trainer(tmp_path: Path) -> None:
+    """peft's model through the stock Trainer is the reference: a one-modality, non-mixing wrap
+    exported to peft (the same weights), both trained with batch 2 x 2 accumulated (SGD): the same
+    label names and loss-kwargs handling, the same trained outputs and ``eval_loss``. Kept
+    differences (docs/peft.md): the wrapped forward names ``inputs`` / ``pixel_values`` /
+    ``labels`` / ``presence`` rather than every parameter of the base model's forward, and the
+    stock Trainer saves it as a whole state dict (``MultimodalTrainer`` saves the adapter files)."""
+    peft = pytest.importorskip("peft")
+    from mmpeft.interop.peft_interop import export_peft
+
+    ours = randomise_trainables(wrap_multimodal(_base(), ("optical",), preset="lora"))
+    export_peft(ours, "optical", tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "peft"), is_trainable=True)
+    data = _Data(8)
+
+    def plain(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"pixel_values": torch.stack([s["pixel_values"]["optical"] for s in samples]), **_labels(samples)}
+
+    def one(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "pixel_values": {"optical": torch.stack([s["pixel_values"]["optical"] for s in samples])},
+            **_labels(samples),
+        }
+
+    kw = dict(optim="sgd", learning_rate=0.5, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    results = {}
+    for name, model, collator in (("peft", theirs, plain), ("mmpeft", ours, one)):
+        trainer = transformers.Trainer(
+            model, _args(tmp_path / name, **kw), train_dataset=data, eval_dataset=data, data_collator=collator
+        )
+        trainer.train()
+        assert trainer.label_names == ["labels"] and trainer.model_accepts_loss_kwargs
+        model.eval()
+        with torch.no_grad():
+            logits = model(**collator([data[i] for i in range(8)]))
+        results[name] = (trainer.evaluate()["eval_loss"], logits)
+    assert_close(results["mmpeft"][1]["optical"].logits, results["peft"][1].logits, rel=1e-5)
+    assert_close(torch.tensor(results["mmpeft"][0]), torch.tensor(results["peft"][0]), rel=1e-5)
+
+
+def _labels(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {"labels": torch.stack([s["labels"] for s in samples])}
