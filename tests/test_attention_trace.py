@@ -88,3 +88,24 @@ def test_gcvit_kv_only_blocks_take_lora_on_their_v_half() -> None:
         out = wrapped({m: x for m in MODS})
         ref = build("gcvit_kv")(x)
     assert_close(out["dsm"], ref, rel=1e-5)  # identity at init
+
+
+@pytest.mark.parametrize(
+    ("kind", "lora"),
+    [
+        (
+            "shvit",
+            ["stages.1.blocks.0.mixer.m.qkv.c", "stages.1.blocks.0.ffn.m.pw1.c", "stages.1.blocks.0.ffn.m.pw2.c"],
+        ),
+        ("iformer", ["stages.2.blocks.1.mixer.module.q.c", "stages.2.blocks.1.mixer.module.v_gate.c"]),
+        ("efficientvit_mit", ["stages.2.blocks.1.context_module.main.qkv.conv"]),
+    ],
+)
+def test_convolutional_attention_placed_by_what_it_feeds(kind: str, lora: list[str]) -> None:
+    wrapped, caught = _wrap(kind)
+    names = {n.removeprefix("base_model.") for n, _ in wrapped.layers()}
+    assert set(lora) <= names
+    assert not any(n.endswith(("k.c", "proj.c", "proj.conv")) for n in names)  # k alone and outputs left
+    assert any("placed by what its attention computes" in m for m in caught)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) maps with convolution projections"):
+        wrap_multimodal(build(kind), MODS, "adapter")

@@ -58,20 +58,26 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 class AttentionTrace(TorchFunctionMode):
     """Records, during the forwards run inside it, the modules of ``model`` that compute attention
-    (:attr:`found`: their names, in the order first seen). Hooks on every module follow the calls;
-    :meth:`close` removes them. Enter it innermost (:func:`mmpeft.targeting.shapes.meta_forward`'s ``inner``), so it sees every call before another mode answers it."""
+    (:attr:`found`: their names, in the order first seen) and what feeds each one's products
+    (:attr:`roles`: ``{module: {"q" | "k" | "v": projection names}}``, the ``nn.Linear`` /
+    ``nn.Conv2d`` whose outputs reach the operands: the left and right of a product of two
+    projections are q and k, the operand multiplied with a product's result is v; SDPA's three
+    arguments are q, k, v). Hooks on every module follow the calls; :meth:`close` removes them.
+    Enter it innermost (:func:`mmpeft.targeting.shapes.meta_forward`'s ``inner``), so it sees every
+    call before another mode answers it."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.found: dict[str, str] = {}  # name: what was seen ("sdpa" / "product")
+        self.roles: dict[str, dict[str, set[str]]] = {}
         self._stack: list[str] = []
-        self._marked: dict[int, weakref.ref[torch.Tensor]] = {}
+        self._marked: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
         self._handles = [
             h
             for n, m in model.named_modules()
             for h in (
                 m.register_forward_pre_hook(self._enter(n, root=m is model), with_kwargs=True),
-                m.register_forward_hook(self._leave(n), always_call=True),
+                m.register_forward_hook(self._leave(n, isinstance(m, (nn.Linear, nn.Conv2d))), always_call=True),
             )
         ]
 
@@ -79,40 +85,60 @@ class AttentionTrace(TorchFunctionMode):
         def pre(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if root and not self._stack:  # the model's input: what every activation derives from
                 for t in _tensors((args, kwargs)):
-                    self._mark(t)
+                    self._mark(t, frozenset())
             self._stack.append(name)
 
         return pre
 
-    def _leave(self, name: str) -> Any:
-        def post(*_: Any) -> None:
+    def _leave(self, name: str, projection: bool) -> Any:
+        def post(_: nn.Module, args: Any, out: Any = None) -> None:
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+            if projection:  # what it returns comes from this projection (and no earlier one)
+                for t in _tensors(out):
+                    if self._sources(t) is not None:
+                        self._mark(t, frozenset({name}))
 
         return post
 
-    def _mark(self, t: torch.Tensor) -> None:
-        self._marked[id(t)] = weakref.ref(t)
+    def _mark(self, t: torch.Tensor, sources: frozenset[str]) -> None:
+        self._marked[id(t)] = (weakref.ref(t), sources)
 
-    def _is_marked(self, t: torch.Tensor) -> bool:
-        ref = self._marked.get(id(t))
-        return ref is not None and ref() is t
+    def _sources(self, t: torch.Tensor) -> frozenset[str] | None:
+        """The projections ``t`` derives from (None: not computed from the input)."""
+        entry = self._marked.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = [t for t in _tensors((args, kwargs)) if self._is_marked(t)]
+        inputs = [(t, src) for t in _tensors((args, kwargs)) if (src := self._sources(t)) is not None]
         if not inputs:
             return out
-        for t in _tensors(out):
-            self._mark(t)
         where = self._stack[-1] if self._stack else None
-        if where is not None and where not in self.found:
-            if func is F.scaled_dot_product_attention:
-                self.found[where] = "sdpa"
-            elif (func in _PRODUCTS or func is torch.einsum) and len(inputs) >= 2:
-                self.found[where] = "product"
+        product = func in _PRODUCTS or func is torch.einsum
+        sources = frozenset().union(*(src for _, src in inputs))
+        if where is not None and (func is F.scaled_dot_product_attention or (product and len(inputs) >= 2)):
+            self.found.setdefault(where, "sdpa" if func is F.scaled_dot_product_attention else "product")
+            self._roles(where, [src for _, src in inputs], func is F.scaled_dot_product_attention)
+            sources = sources | {"@" + where}
+        for t in _tensors(out):
+            self._mark(t, sources)
         return out
+
+    def _roles(self, where: str, operands: list[frozenset[str]], sdpa: bool) -> None:
+        roles = self.roles.setdefault(where, {"q": set(), "k": set(), "v": set()})
+        own = [{n for n in src if not n.startswith("@")} for src in operands]
+        if sdpa:
+            for role, names in zip("qkv", own):
+                roles[role] |= names
+            return
+        flagged = ["@" + where in src for src in operands]
+        if any(flagged):  # a product's result times an operand: the values
+            roles["v"] |= set().union(*(n for n, f in zip(own, flagged) if not f))
+        else:
+            roles["q"] |= own[0]
+            roles["k"] |= set().union(*own[1:])
 
     def close(self) -> None:
         """Remove the hooks (the mode can be entered again until then)."""

@@ -23,6 +23,7 @@ from .coverage import conv_projections, has_attention
 from .family import FAMILIES, BackboneFamily, register_family
 from .hybrid import HYBRID_FAMILIES
 from .structure import StructureError, find_structure, warn_structural
+from .traced import traced_placement
 
 __all__ = [
     "BackboneFamily",
@@ -296,7 +297,10 @@ def detect_family(model: nn.Module) -> BackboneFamily:
     try:
         structure = find_structure(model)
     except StructureError as err:
-        raise MmpeftValueError(_unplaced(model, err)) from None
+        traced = traced_placement(model)  # convolutional attention, found by what it computes
+        if traced is None:
+            raise MmpeftValueError(_unplaced(model, err)) from None
+        return traced
     warn_structural(structure.summary(type(model).__name__))
     return BackboneFamily("structural", **structure.family_fields())
 
