@@ -198,6 +198,7 @@ def test_api_doc_names_every_export() -> None:
     import mmpeft
     import mmpeft.backbones
     import mmpeft.interop.peft_interop
+    import mmpeft.interop.trainer
     import mmpeft.runtime.attention
     import mmpeft.runtime.checkpointing
 
@@ -208,6 +209,7 @@ def test_api_doc_names_every_export() -> None:
             mmpeft,
             mmpeft.backbones,
             mmpeft.interop.peft_interop,
+            mmpeft.interop.trainer,
             mmpeft.runtime.attention,
             mmpeft.runtime.checkpointing,
         )
