@@ -149,7 +149,7 @@ def test_no_network_no_cache_one_clear_error(server: _Server, monkeypatch: pytes
 def test_neither_path_nor_name(tmp_path: Path) -> None:
     with pytest.raises(
         MmpeftFileNotFoundError,
-        match="model.checkpoint .*sam_vit_q.pth not found: neither an existing file nor the name of an official",
+        match="model.checkpoint .*sam_vit_q.pth not found: neither an existing file, nor the name of an official .*nor a timm",
     ):
         weights.resolve_weights(str(tmp_path / "sam_vit_q.pth"))
 
@@ -193,19 +193,52 @@ def test_mfnet_checkpoint_by_name(server: _Server, monkeypatch: pytest.MonkeyPat
     torch.save(dict(trunk.state_dict()), local)
     body = local.read_bytes()
     _register(monkeypatch, server, "dinov2_vits14", body, size=len(body), sha256=hashlib.sha256(body).hexdigest())
+    # the same file as timm's pretrained weights of a timm name, in a Hugging Face cache (offline)
+    timm_name = "vit_small_patch14_dinov2.lvd142m"
+    hub_cache = _hf_cache(monkeypatch, tmp_path, "timm/" + timm_name, {"model.safetensors": trunk.state_dict()})
     models = []
-    for checkpoint in ("dinov2_vits14", str(local)):
+    for checkpoint in ("dinov2_vits14", timm_name, str(local)):
         torch.manual_seed(0)
         cfg = dict(backbone="dinov2_vits14", encoder_kwargs={"init_values": 1.0}, **sizes)
         models.append(build_mfnet(**cfg, img_size=64, method="lora", checkpoint=checkpoint).eval())
-    by_name, by_path = models
+    by_name, by_timm_name, by_path = models
     assert by_name.load_report.source == str(weights.weights_cache_dir() / "dinov2_vits14_pretrain.pth")
-    assert by_name.load_report.loaded == by_path.load_report.loaded and by_name.load_report.loaded
+    assert by_timm_name.load_report.source.startswith(str(hub_cache))
+    assert by_name.load_report.loaded == by_path.load_report.loaded == by_timm_name.load_report.loaded
+    assert by_path.load_report.loaded
     g = torch.Generator().manual_seed(1)
     x = {"optical": torch.randn(1, 3, 64, 64, generator=g), "dsm": torch.randn(1, 1, 64, 64, generator=g)}
     with torch.no_grad():
-        assert torch.equal(by_name(x), by_path(x))
+        assert torch.equal(by_name(x), by_path(x)) and torch.equal(by_timm_name(x), by_path(x))
     assert len(server.hits) == 1
+
+
+def _hf_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, repo: str, files: dict[str, dict]) -> Path:
+    """A Hugging Face cache holding ``repo`` at ``main`` with ``files`` (safetensors), the Hub offline."""
+    hf = pytest.importorskip("huggingface_hub")
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "hf-cache"
+    store = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (store / "snapshots" / commit).mkdir(parents=True)
+    for name, state in files.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(store / "snapshots" / commit / name))
+    (store / "refs").mkdir()
+    (store / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_timm_name_not_cached_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    _hf_cache(monkeypatch, tmp_path, "timm/other", {})
+    with pytest.raises(MmpeftFileNotFoundError) as err:
+        weights.resolve_weights("vit_small_patch14_dinov2.lvd142m")
+    for part in ("'vit_small_patch14_dinov2.lvd142m'", "https://huggingface.co/timm/vit_small_patch14_dinov2.lvd142m"):
+        assert part in str(err.value)
+    assert "model.checkpoint=PATH" in str(err.value)
 
 
 def test_the_docs_list_every_file_with_its_address() -> None:

@@ -23,7 +23,7 @@ from .sam_load import (
     zero_rel_pos,
 )
 from .torchvision_vit import ExplicitMultiheadAttention, make_attention_explicit
-from .weights import WEIGHT_FILES, WeightFile, fetch_weights, resolve_weights, weights_cache_dir
+from .weights import WEIGHT_FILES, WeightFile, fetch_timm_weights, fetch_weights, resolve_weights, weights_cache_dir
 
 __all__ = [
     "ExplicitMultiheadAttention",
@@ -36,6 +36,7 @@ __all__ = [
     "WEIGHT_FILES",
     "WeightFile",
     "build_sam_encoder",
+    "fetch_timm_weights",
     "fetch_weights",
     "load_sam_checkpoint",
     "make_attention_explicit",

@@ -31,7 +31,14 @@ from pathlib import Path
 
 from ..errors import MmpeftFileNotFoundError, MmpeftKeyError, MmpeftValueError
 
-__all__ = ["WeightFile", "WEIGHT_FILES", "weights_cache_dir", "fetch_weights", "resolve_weights"]
+__all__ = [
+    "WeightFile",
+    "WEIGHT_FILES",
+    "weights_cache_dir",
+    "fetch_weights",
+    "fetch_timm_weights",
+    "resolve_weights",
+]
 
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
@@ -240,15 +247,66 @@ def fetch_weights(name: str, *, progress: bool = True) -> Path:
     return path
 
 
+def _timm_source(name: str) -> tuple[str, str | None] | None:
+    """(Hub repo, file name or None) where timm's ``pretrained=True`` takes the weights of the timm
+    pretrained name ``name`` (``vit_small_patch14_dinov2.lvd142m``, or an architecture: its default
+    tag); None when ``name`` is not one (or timm is not installed)."""
+    try:
+        from timm.models import get_pretrained_cfg
+    except ImportError:
+        return None
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # a string timm cannot parse is not one of its names
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    return cfg.hf_hub_id, cfg.hf_hub_filename
+
+
+def fetch_timm_weights(name: str) -> Path:
+    """The file timm's ``pretrained=True`` loads for ``name`` (its pretrained config's Hub repo,
+    ``model.safetensors``, else ``pytorch_model.bin``), through ``huggingface_hub.hf_hub_download``
+    (the Hugging Face cache; its hashes checked by huggingface_hub; ``HF_HUB_OFFLINE=1``: the cache
+    only). Not reachable: one error naming the name, the repo and ``model.checkpoint=PATH``."""
+    source = _timm_source(name)
+    if source is None:
+        raise MmpeftKeyError(f"{name!r} is not a timm pretrained name with weights on the Hugging Face Hub")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, filename = source
+    repo, _, revision = repo.partition("@")
+    last: Exception | None = None
+    for file in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
+        try:
+            return Path(hf_hub_download(repo, file, revision=revision or None))
+        except EntryNotFoundError as err:  # the other file name
+            last = err
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+            last = err
+            break
+    reason = str(last).strip().splitlines()[0].rstrip(".") if str(last).strip() else type(last).__name__
+    raise MmpeftFileNotFoundError(
+        f"timm's pretrained weights {name!r} (https://huggingface.co/{repo}) are not in the Hugging Face cache and "
+        f"were not downloaded: {reason}. Run once with a network (they stay in the cache), or pass a local copy "
+        "with model.checkpoint=PATH"
+    )
+
+
 def resolve_weights(checkpoint: str | os.PathLike, *, progress: bool = True) -> str:
     """A local file for ``model.checkpoint``: an existing path as it is; a name of
-    :data:`WEIGHT_FILES` fetched (:func:`fetch_weights`); anything else an error naming both."""
+    :data:`WEIGHT_FILES` fetched (:func:`fetch_weights`); a timm pretrained name (``<architecture>.<tag>``)
+    the file timm's ``pretrained=True`` loads (:func:`fetch_timm_weights`); anything else an error
+    naming the possibilities."""
     value = os.fspath(checkpoint)
     if os.path.exists(value):
         return value
     if value in WEIGHT_FILES:
         return str(fetch_weights(value, progress=progress))
+    if _timm_source(value) is not None:
+        return str(fetch_timm_weights(value))
     raise MmpeftFileNotFoundError(
-        f"model.checkpoint {value} not found: neither an existing file nor the name of an official weight file "
-        f"({', '.join(sorted(WEIGHT_FILES))}; docs/mfnet.md, 'Weights')"
+        f"model.checkpoint {value} not found: neither an existing file, nor the name of an official weight file "
+        f"({', '.join(sorted(WEIGHT_FILES))}; docs/mfnet.md, 'Weights'), nor a timm pretrained name"
     )
