@@ -112,11 +112,15 @@ def test_accumulation_equals_the_large_batch(tmp_path: Path) -> None:
 def test_columns_labels_and_eval_loss(tmp_path: Path) -> None:
     """``remove_unused_columns`` (default) keeps ``pixel_values`` and ``labels`` (the collator
     asserts the extra column went), the label names are found, ``evaluate()`` gives ``eval_loss``:
-    the mean over the modalities of each modality's mean loss, computed here by hand."""
+    the mean over the modalities of each modality's mean loss, computed here by hand.
+    ``compute_metrics`` gets one prediction per modality (model order) with its ``logits``
+    (peft's model: the logits alone)."""
     data = _Data(6)
     model, trainer = _train(transformers.Trainer, tmp_path, data, max_steps=1, per_device_eval_batch_size=6)
     assert trainer.args.remove_unused_columns and trainer.label_names == ["labels"]
     assert trainer.model_accepts_loss_kwargs
+    seen: list[Any] = []
+    trainer.compute_metrics = lambda p: seen.append(p.predictions) or {}
     metrics = trainer.evaluate()
     batch = _batch(data, len(data))
     model.eval()
@@ -127,6 +131,9 @@ def test_columns_labels_and_eval_loss(tmp_path: Path) -> None:
     assert_close(torch.tensor(metrics["eval_loss"]), by_hand, rel=1e-5)
     assert_close(out.loss, by_hand, rel=1e-6)
     assert list(out) == ["loss", *MODS] and out.outputs().keys() == set(MODS)
+    assert isinstance(seen[0], tuple) and len(seen[0]) == len(MODS)
+    for m, prediction in zip(MODS, seen[0]):
+        assert_close(torch.as_tensor(prediction["logits"]), logits[m], rel=1e-6)
 
 
 def test_checkpoints_hold_the_adapter_files_and_load(tmp_path: Path) -> None:
