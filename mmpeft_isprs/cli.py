@@ -58,15 +58,25 @@ def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="label new tiles", description="Index and colour maps for tiles of any size.")
     p.add_argument("--weights", required=True, help="best.safetensors written by training")
     p.add_argument(
-        "--optical", nargs="+", default=[], help="optical image files or folders (the model's first modality)"
+        "--optical",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="optical image files or folders (the model's first modality); repeated: all of them",
     )
-    p.add_argument("--dsm", nargs="*", default=[], help="DSM files or folders (paired by name or tile number)")
+    p.add_argument(
+        "--dsm",
+        nargs="*",
+        action="extend",
+        default=[],
+        help="DSM files or folders (paired by name or tile number); repeated: all of them",
+    )
     p.add_argument(
         "--input",
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="files or a folder of modality NAME (repeat per modality: --input nir=4_Ortho_RGBIR/)",
+        help="files or a folder of modality NAME (one per modality: --input nir=4_Ortho_RGBIR/; repeated: all of them)",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stride", type=int, default=128, help="window stride (default 128; the paper used 32)")
@@ -175,9 +185,10 @@ def _eval(args: argparse.Namespace) -> None:
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: {args.weights} not found")
     weights = read_weights(args.weights)  # the one read of the file: config, model and metrics all use it
-    cfg = eval_config(args.config, weights, args.overrides)
+    notes: list[str] = []
+    cfg = eval_config(args.config, weights, args.overrides, log=notes.append)  # printed (and logged) by evaluate
     info = init_distributed(cfg.train.device, cfg.train.threads)
-    evaluate(cfg, weights, subsets=args.subsets, info=info, out_dir=args.out)
+    evaluate(cfg, weights, subsets=args.subsets, info=info, out_dir=args.out, notes=notes)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -194,7 +205,14 @@ def _predict(args: argparse.Namespace) -> None:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--input: expected NAME=PATH (e.g. nir=4_Ortho_RGBIR/), got {item!r}")
-        inputs.setdefault(name, []).append(path)
+        inputs.setdefault(name, []).append(path)  # repeated: pooled, as --optical A --optical B
+    for flag, given in (("--optical", args.optical), ("--dsm", args.dsm)):
+        name = flag.lstrip("-")
+        if given and name in inputs:
+            raise ConfigError(
+                f"modality {name!r} is given twice, by {flag} and --input {name}=: give it once "
+                "(repeat one flag to pool several files or folders)"
+            )
     if not args.optical and not inputs:
         raise ConfigError(
             "predict: give the inputs (--optical FILE|DIR ..., --dsm ..., or --input NAME=PATH per modality)"

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .config import ConfigError, DataConfig, ExperimentConfig
+from .config.data import new_roles
 from .data import (
     ISPRS,
     MMHUNAN,
@@ -105,7 +106,11 @@ def _modality_specs(layout: Layout, data: DataConfig) -> tuple[ModalitySpec, ...
             raise ConfigError(f"data.modalities.{name}.bands: an elevation modality keeps one band, got {list(bands)}")
         stats = (tuple(e.mean), tuple(e.std)) if e.mean is not None and e.std is not None else (None, None)
         source = parent.source if parent is not None and src == name else src
-        out[name] = ModalitySpec(name, kind, bands, None if source == name else source, *stats)  # type: ignore[arg-type]
+        out[name] = ModalitySpec(name, kind, bands, None if source == name else source, *stats, e.nodata, e.fill)  # type: ignore[arg-type]
+    sourced = {m.role for m in out.values()}
+    for role in new_roles(data):  # a raster of its own (data.files.<role>) that no entry reads: its own modality
+        if role not in out and role not in sourced:
+            out[role] = ModalitySpec(role)
     return tuple(out.values())
 
 
@@ -113,7 +118,7 @@ def make_layout(data: DataConfig) -> Layout:
     """The file layout and splits of ``data`` (validation hold-out included), with the
     modalities of ``data.modalities``."""
     layout = _base_layout(data)
-    if data.modalities:
+    if data.modalities or data.files:
         layout.modalities = _modality_specs(layout, data)
     return layout
 
@@ -141,7 +146,7 @@ def _base_layout(data: DataConfig) -> Layout:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if data.dataset == "synthetic":
-        return synthetic_layout(data.root, split=split)
+        return synthetic_layout(data.root, split=split, files=files)
     g = data.generic
     return GenericLayout(
         modalities=tuple(ModalitySpec(n, k) for n, k in g.modalities.items()),  # type: ignore[arg-type]
@@ -152,6 +157,7 @@ def _base_layout(data: DataConfig) -> Layout:
         folders=dict(g.folders),
         split=split,
         splits=splits,
+        files=files,
     )
 
 

@@ -63,10 +63,12 @@ def evaluate(
     info: DistInfo | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    notes: Sequence[str] = (),
 ) -> EvalResult:
     """Load ``weights``, score ``cfg.eval.split`` (with ``subsets``: also every modality subset,
     in ``result.subsets``), write JSON (rank 0); see :func:`~mmpeft_isprs.runner.score_weights`.
 
     ``info``: the process group (default: one process on the CPU; the CLI joins torchrun's).
+    ``notes``: lines printed first and kept in ``eval.log`` (e.g. :func:`eval_config`'s).
     """
-    return score_weights(cfg, weights, subsets=subsets, info=info, out_dir=out_dir, log=log)
+    return score_weights(cfg, weights, subsets=subsets, info=info, out_dir=out_dir, log=log, notes=notes)

@@ -89,7 +89,7 @@ def predict_files(
     """
     opts = options or PredictOptions()
     device = torch.device(device)
-    model, experiment = load_trained(weights, device, checkpoint=opts.checkpoint, key="--checkpoint")
+    model, experiment = load_trained(weights, device, checkpoint=opts.checkpoint, key="--checkpoint", log=log)
     specs = _specs(model, experiment, opts.bands)
     sources, flags = _sources(model, specs, optical, dsm, inputs or {})
     info, size = dataset_info(model, experiment), model.config.size[0]

@@ -46,9 +46,10 @@ def train(
             t.device, t.threads, (recorded, str(Path(t.run_dir) / CHECKPOINT)) if recorded else None
         )
     used = current_policy().threads
+    notes = []  # printed by fit, so that train.log holds them too
     if recorded and used != recorded and info.is_main:
-        log(
+        notes.append(
             f"note: resuming with {used} torch thread(s), the run used {recorded}: the result is not bit-exact "
             "(leave train.threads and OMP_NUM_THREADS unset to reuse the run's count)"
         )
-    return fit(cfg, info, max_steps=max_steps, log=log)
+    return fit(cfg, info, max_steps=max_steps, log=log, notes=notes)

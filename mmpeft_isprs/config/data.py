@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["DataConfig", "SyntheticConfig", "GenericConfig", "ModalityConfig", "DATASETS", "provided_modalities"]
+__all__ = [
+    "DataConfig", "SyntheticConfig", "GenericConfig", "ModalityConfig", "DATASETS", "BUILTIN_ROLES", "provided_modalities",
+    "new_roles",
+]  # fmt: skip
 
 DATASETS = ("vaihingen", "potsdam", "mmhunan", "generic", "synthetic")
+BUILTIN_ROLES = ("optical", "dsm", "labels", "eval_labels")
+"""The file roles of the Vaihingen, Potsdam and MMHunan layouts (``data.files`` may add others)."""
 
 
 @dataclass
@@ -61,6 +66,11 @@ class ModalityConfig:
             of the ``data.dsm_*`` keys); null: ``elevation`` for a ``dsm`` source, else ``image``.
         mean, std: per-band normalisation after that scaling, ``(x - mean) / std``, one number
             per kept band (null: none, as the paper).
+        nodata: an image modality's no-data value (NaN and infinite values of float rasters always
+            count as missing; null: the value the GeoTIFF declares, if any). Elevation: ``data.dsm_nodata``.
+        fill: what an image modality's missing pixels become, counted per band when the tile is read:
+            ``min`` (each band's tile minimum, with a warning naming the file and the band; null means
+            this), ``zero``, or ``raise`` (an error naming them). Elevation: ``data.dsm_fill``.
     """
 
     source: str | None = None
@@ -68,6 +78,8 @@ class ModalityConfig:
     kind: Literal["image", "elevation"] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    nodata: float | None = None
+    fill: Literal["min", "zero", "raise"] | None = None
 
     def __post_init__(self) -> None:
         if self.bands is not None and (not self.bands or min(self.bands) < 0):
@@ -105,7 +117,11 @@ class DataConfig:
         files: file name patterns by role (``optical``, ``dsm``, ``labels``, ``eval_labels``)
             where your copy's names differ from the archive's, e.g.
             ``{dsm: "ndsm/dsm_potsdam_{id0}_normalized_lastools.jpg"}``; ``{id}`` is the tile
-            id, ``{id0}`` the id zero-padded (``02_10``); a list gives alternatives.
+            id, ``{id0}`` the id zero-padded (``02_10``); a list gives alternatives. A new role
+            adds a raster of its own beside the archive (``{sar: "sar/sar_area{id}.tif"}``), read
+            as the modality of its name unless a ``data.modalities`` entry takes it as its source. A new role
+            adds a raster of its own beside the archive (``{sar: "sar/sar_area{id}.tif"}``), read
+            as the modality of its name unless a ``data.modalities`` entry takes it as its source.
         val_ids: tiles used for model selection (taken out of training; test tiles are an error).
         val_fraction: instead of ``val_ids``, hold out this fraction of the training tiles.
         val_seed: seed of the ``val_fraction`` draw.
@@ -149,8 +165,19 @@ class DataConfig:
     generic: GenericConfig = field(default_factory=GenericConfig)
 
 
+def new_roles(data: DataConfig) -> list[str]:
+    """The roles of ``data.files`` the data set does not have: rasters of their own beside it."""
+    known = set(BUILTIN_ROLES)
+    if data.dataset == "generic":
+        known |= set(data.generic.modalities) | set(data.generic.folders.values())
+    return [r for r in data.files if r not in known]
+
+
 def provided_modalities(data: DataConfig) -> list[str]:
     """The modality names ``data`` provides: the data set's own (``optical`` and ``dsm``, or
-    ``data.generic.modalities``) and the entries of ``data.modalities``, in that order."""
+    ``data.generic.modalities``), the entries of ``data.modalities``, then each new role of
+    ``data.files`` that no entry reads, in that order."""
     base = list(data.generic.modalities) if data.dataset == "generic" else ["optical", "dsm"]
-    return base + [m for m in data.modalities if m not in base]
+    names = base + [m for m in data.modalities if m not in base]
+    sourced = {e.source or n for n, e in data.modalities.items()}
+    return names + [r for r in new_roles(data) if r not in names and r not in sourced]

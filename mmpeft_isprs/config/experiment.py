@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..model import MFNET_PRESETS, MFNetConfig
+from .checks import check_files, check_stems
 from .data import DataConfig, provided_modalities
 from .evaluation import EvalConfig
 from .schema import ConfigError, build_dataclass
@@ -119,8 +120,11 @@ def validate(cfg: ExperimentConfig) -> None:
         not bad,
         "model.modalities",
         f"{d.dataset} provides {known} ({where} and data.modalities), not {bad}; "
-        "add a modality with data.modalities.<name>={source: ..., bands: [...]}",
+        "add a modality with data.modalities.<name>={source: ..., bands: [...]} or a raster of its own with "
+        "data.files.<name>=<pattern with {id}>",
     )
+    check_files(d, m)
+    check_stems(d, m)
 
 
 def config_from_dict(values: Mapping[str, Any]) -> ExperimentConfig:

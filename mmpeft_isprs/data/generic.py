@@ -9,6 +9,7 @@ from pathlib import Path
 from .io import IMAGE_SUFFIXES
 from .layouts import LabelFormat, Layout, ModalitySpec, SplitSpec, TileFiles, _split_tile
 from .palette import ISPRS, DatasetInfo
+from .patterns import merge_patterns, resolve_file
 from .splits import list_splits
 
 __all__ = ["GenericLayout"]
@@ -50,6 +51,9 @@ class GenericLayout(Layout):
         eval_label_dir: folder of eroded labels for scoring (``None``: score on label_dir).
         folders: modality name -> folder name, where they differ.
         colour_tolerance: snap near-palette colours (colour labels only).
+        files: file name patterns by role (a modality's source, ``labels``, ``eval_labels``),
+            relative to the root (``{id}``: the tile's stem; see :mod:`.patterns`), used instead
+            of ``<folder>/<stem>.<ext>`` for these roles: a raster named otherwise (``radar/s1_{id}_vv.tif``).
     """
 
     modalities: tuple[ModalitySpec, ...] = (ModalitySpec("optical"), ModalitySpec("dsm", "elevation"))
@@ -61,6 +65,7 @@ class GenericLayout(Layout):
     colour_tolerance: int = 0
     split: SplitSpec = field(default_factory=SplitSpec)
     splits: dict[str, list[str]] | None = None
+    files: dict[str, str | list[str]] | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.modalities]
@@ -69,13 +74,20 @@ class GenericLayout(Layout):
         if self.label_format not in ("index", "colour"):
             raise ValueError("GenericLayout: label_format must be 'index' or 'colour'")
         Layout.__init__(self, self.split, self.splits)
+        self.patterns = merge_patterns({}, self.files)
+
+    def _file(self, base: Path, role: str, folder: str | None, stem: str) -> Path | None:
+        """The file of ``role``: its pattern when ``files`` gives one, else ``folder/stem.<ext>``."""
+        if role in self.patterns:
+            return resolve_file(base, self.patterns[role], stem)
+        return _find(base / folder, stem) if folder else None
 
     def tile_files(self, root: Path, tile_id: str) -> TileFiles:
         base, stem = _split_tile(Path(root), tile_id)
-        inputs = {m.name: _find(base / self.folder(m), stem) for m in self.modalities}
-        labels = _find(base / self.label_dir, stem)
-        evals = _find(base / self.eval_label_dir, stem) if self.eval_label_dir else None
-        return TileFiles(tile_id, inputs, labels, evals)
+        inputs = {m.name: self._file(base, m.role, self.folder(m), stem) for m in self.modalities}
+        labels = self._file(base, "labels", self.label_dir, stem)
+        evals = self._file(base, "eval_labels", self.eval_label_dir, stem)
+        return TileFiles(tile_id, inputs, labels, evals)  # type: ignore[arg-type]
 
     def folder(self, m: ModalitySpec) -> str:
         """The folder modality ``m`` is read from: ``folders[name]``, else its source's folder."""

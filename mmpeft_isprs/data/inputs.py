@@ -19,6 +19,7 @@ from .dsm import DsmNormalisation, normalise_dsm, valid_range
 from .geo import with_file_nodata
 from .io import IMAGE_SUFFIXES, DataError, read_geotags, read_image
 from .layouts import ModalitySpec
+from .nodata import band_fills, fill_bands
 from .patterns import tile_key_of_name
 
 __all__ = ["pair_inputs", "pair_modalities", "modality_tensor", "dsm_tensor", "is_geotiff", "check_sizes"]
@@ -128,6 +129,8 @@ def modality_tensor(
     if spec.kind == "elevation":
         rule = with_file_nodata(rule, path)
         arr = normalise_dsm(arr, rule, valid_range(arr, rule, str(path), tile_key_of_name(path.stem)))
+    else:  # NaN / inf / no-data of an image modality, as in training
+        arr = fill_bands(arr, spec, path, band_fills(arr, spec, path, tile_key_of_name(path.stem)))
     return to_chw(arr, spec)
 
 

@@ -43,6 +43,11 @@ class ModalitySpec:
             :class:`~.generic.GenericLayout` a folder); ``None``: its own name. Two modalities may
             share a source (Potsdam's RGB and near-infrared from one RGBIR tile).
         mean, std: per-band normalisation after the scaling, ``(x - mean) / std`` (None: none).
+        nodata: an image modality's no-data value (NaN and infinite values of float data always
+            count as missing; None: the value the GeoTIFF declares, if any); see :mod:`.nodata`.
+        fill: what an image modality's missing pixels become: ``"min"`` (each band's tile
+            minimum, with a warning naming file and band; None means this), ``"zero"``, or
+            ``"raise"`` (an error). Elevation modalities follow their DSM rule instead.
     """
 
     name: str
@@ -51,10 +56,14 @@ class ModalitySpec:
     source: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    nodata: float | None = None
+    fill: Literal["min", "zero", "raise"] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "elevation"):
             raise ValueError(f"ModalitySpec {self.name}: kind must be image or elevation")
+        if self.fill not in (None, "min", "zero", "raise"):
+            raise ValueError(f"ModalitySpec {self.name}: fill must be min, zero or raise, got {self.fill!r}")
         if (self.mean is None) != (self.std is None) or (
             self.mean is not None and len(self.mean) != len(self.std or ())
         ):

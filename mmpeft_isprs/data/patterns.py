@@ -91,13 +91,20 @@ def resolve_file(root: Path, patterns: Sequence[str], tile_id: str) -> Path:
     return root / fill_pattern(patterns[0], tile_id)
 
 
+_ROLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def merge_patterns(
     defaults: Mapping[str, tuple[str, ...]], overrides: Mapping[str, str | Sequence[str]] | None
 ) -> dict[str, tuple[str, ...]]:
-    """The default patterns of a layout with the user's ones (``data.files``) in their place."""
+    """The default patterns of a layout with the user's ones (``data.files``) in their place; a
+    role the layout lacks is added (a raster of its own beside the archive, e.g. ``sar``)."""
     out = dict(defaults)
     for role, value in (overrides or {}).items():
-        if role not in out:
-            raise ValueError(f"data.files: unknown role {role!r}; known: {', '.join(out)}")
-        out[role] = as_patterns(value)
+        if not _ROLE.match(str(role)):
+            raise ValueError(f"data.files.{role}: a role is a name of letters, digits and _ (e.g. sar, ms)")
+        try:
+            out[role] = as_patterns(value)
+        except ValueError as exc:
+            raise ValueError(f"data.files.{role}: {exc}") from None
     return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +30,7 @@ from .dsm import DsmNormalisation, normalise_dsm, valid_range
 from .geo import with_file_nodata
 from .io import TIFF_SUFFIXES, DataError, PathLike, TiffWindowReader, raster_info, read_image
 from .layouts import Layout, ModalitySpec, TileFiles
+from .nodata import band_fills, checks_nodata, fill_bands
 from .palette import colour_to_index, normalise_index_labels
 
 LabelKind = Literal["full", "eroded", "none"]
@@ -78,6 +79,7 @@ class _Tile:
     shape: tuple[int, int]
     dsm_range: dict[str, tuple[float, float]]
     arrays: dict[str, np.ndarray] | None = None  # cache: inputs (H, W[, C]) + mask (H, W) uint8
+    fills: dict[str, np.ndarray | None] = field(default_factory=dict)  # image modalities: (C,) per-band fill values
 
 
 class TileSet:
@@ -173,10 +175,13 @@ class TileSet:
             tile.arrays = arrays if self.cache else None
         else:
             for m in self.modalities:
+                path = f.inputs[m.name]
                 if m.kind == "elevation":
-                    raw = select_bands(m, read_image(f.inputs[m.name]))
-                    rule = self.dsm_rule(m.name, f.inputs[m.name])
-                    tile.dsm_range[m.name] = valid_range(raw, rule, str(f.inputs[m.name]), f.tile_id)
+                    raw = select_bands(m, read_image(path))
+                    rule = self.dsm_rule(m.name, path)
+                    tile.dsm_range[m.name] = valid_range(raw, rule, str(path), f.tile_id)
+                elif checks_nodata(m, sizes[path].dtype):
+                    tile.fills[m.name] = band_fills(select_bands(m, read_image(path)), m, path, f.tile_id)
         return tile
 
     def _decode_tile(self, tile: _Tile) -> dict[str, np.ndarray]:
@@ -192,6 +197,9 @@ class TileSet:
                 rule = self.dsm_rule(m.name, path)
                 tile.dsm_range[m.name] = valid_range(raw, rule, str(path), tile.files.tile_id)
                 raw = normalise_dsm(raw, rule, tile.dsm_range[m.name])
+            else:  # NaN / inf / no-data of an image modality: counted per band, filled or refused
+                tile.fills[m.name] = band_fills(raw, m, path, tile.files.tile_id)
+                raw = fill_bands(raw, m, path, tile.fills[m.name])
             out[m.name] = raw
         if tile.label_path is not None:
             out[self.label_key] = self._labels(read_image(tile.label_path), tile.label_path)
@@ -266,6 +274,8 @@ class TileSet:
             raw = select_bands(m, files[path])
             if m.kind == "elevation":
                 raw = normalise_dsm(raw, self.dsm_rule(m.name, path), tile.dsm_range[m.name])
+            else:
+                raw = fill_bands(raw, m, path, tile.fills.get(m.name))
             out[m.name] = raw
         if tile.label_path is not None:
             raw_labels = self._readers.read(tile.label_path, y0, x0, h, w)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import platform
-import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,9 @@ from ..config import ExperimentConfig
 from ..data import TileSet
 from ..distributed import DistInfo
 from ..model import MFNet
+from ..model.fingerprint import describe_load_report
 from ..threads import current_policy
+from .records import mixed_launches, record_launch
 
 __all__ = ["CSV_FIELDS", "RunLog", "TextLog", "describe_run", "run_header"]
 
@@ -79,24 +81,46 @@ class RunLog:
 
 
 class TextLog:
-    """A ``log`` callable that also appends every line to a text file (``train.log``, ``eval.log``).
+    """A ``log`` callable that also appends every line to a text file (``train.log``, ``eval.log``),
+    each physical line after the time it was written (``2026-12-07 02:50:47 ``).
 
     The file is opened for each line (no handle kept open, nothing lost on a crash) and created
     with its folder at the first line; a file that cannot be written is reported once, on the
-    forwarded log, and skipped.
+    forwarded log, and skipped. With ``hold=True`` the file lines wait in memory until
+    :meth:`release` (a command that refuses before its work starts leaves no file behind).
+    :meth:`write_file` writes to the file only (warnings, which the terminal already shows).
     """
 
-    def __init__(self, path: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, path: Path, log: Callable[[str], None] = print, hold: bool = False) -> None:
         self.path, self.log, self.failed = Path(path), log, False
+        self.held: list[str] | None = [] if hold else None
 
     def __call__(self, line: str) -> None:
         self.log(line)
+        self.write_file(line)
+
+    def write_file(self, line: str) -> None:
+        """Append ``line`` to the file (not to the forwarded log), timestamped."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        text = "".join(f"{stamp} {x}\n" for x in (str(line).splitlines() or [""]))
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            self._append(text)
+
+    def release(self) -> None:
+        """Write the held lines and stop holding."""
+        held, self.held = self.held or [], None
+        if held:
+            self._append("".join(held))
+
+    def _append(self, text: str) -> None:
         if self.failed:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
-                f.write(line + "\n")
+                f.write(text)
         except OSError as exc:
             self.failed = True
             self.log(f"note: cannot write {self.path} ({exc}); the lines go to the output only")
@@ -137,24 +161,27 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "mmpeft": mmpeft.__version__}
 
 
-def run_header(cfg: ExperimentConfig, info: DistInfo) -> str:
-    """Write ``run.json`` (versions, device, threads, command, resolved config); return its lines for the log."""
+def run_header(
+    cfg: ExperimentConfig, info: DistInfo, encoder: dict[str, Any] | None = None, resumed: bool = False
+) -> str:
+    """Record this launch in ``run.json`` (versions, device, threads, command, the encoder file,
+    the resolved config; earlier launches kept on resume); return its lines for the log."""
     run_dir = Path(cfg.train.run_dir)
     threads = current_policy()
     versions = _versions()
-    payload = {
+    launch = {
         "versions": versions,
         "device": str(info.device),
         "world_size": info.world_size,
         "threads": threads.to_dict(),
-        "command": sys.argv,
-        "config": cfg.to_dict(),
     }
-    (run_dir / "run.json").write_text(json.dumps(payload, indent=1))
-    return "\n".join(
-        [
-            "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-            f"device: {info.device} x {info.world_size} process(es); threads: {threads.describe()}",
-            f"resolved config: {run_dir / 'config.yaml'} (with versions and threads: {run_dir / 'run.json'})",
-        ]
-    )
+    launches = record_launch(run_dir, launch, cfg.to_dict(), encoder, resumed)
+    lines = [
+        "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"device: {info.device} x {info.world_size} process(es); threads: {threads.describe()}",
+        f"resolved config: {run_dir / 'config.yaml'} (with versions, threads and every launch: {run_dir / 'run.json'})",
+    ]
+    if encoder is not None:
+        lines.append(describe_load_report(encoder.get("report"), encoder.get("sha256")))
+    mixed = mixed_launches(launches)
+    return "\n".join(lines + ([mixed] if mixed else []))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +14,14 @@ from ..config import ConfigError, ExperimentConfig
 from ..data import TileSet, read_image
 from ..datamodule import ISPRSDataModule
 from ..distributed import DistInfo, barrier
-from ..model import MFNetFile
-from ..task import EvalResult, load_trained, read_weights
+from ..model import MFNet, MFNetFile
+from ..model.fingerprint import describe_load_report, load_report_dict, short_hash
+from ..task import EncoderFile, EvalResult, encoder_file, load_trained, read_weights
 from ..task.evaluation import eval_windows
 from ..task.subsets import evaluate_subsets, modality_subsets
 from .logs import TextLog
 from .progress import EvalProgress
+from .records import logged_warnings
 from .subsets import report_subsets
 
 __all__ = ["score_weights", "eval_folder", "check_eval_folder"]
@@ -33,36 +35,69 @@ def score_weights(
     info: DistInfo | None = None,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    notes: Sequence[str] = (),
 ) -> EvalResult:
     """Load ``weights``, score ``cfg.eval.split``, write ``metrics.json`` (rank 0).
 
     ``weights``: a path, or the file already read (:func:`~mmpeft_isprs.task.read_weights`): it is
     opened once. The model is the one stored in ``weights`` (its own MFNet config);
     ``model.checkpoint`` of ``cfg`` replaces the SAM path saved with it when set (e.g. the file
-    moved). ``subsets``: also score every non-empty subset of the model's modalities, print them
+    moved). An encoder file whose SHA-256 is not the one recorded in the weights is a warning
+    naming both hashes, and the evaluation gets a folder of its own (``..._encoder_<hash>``).
+    ``subsets``: also score every non-empty subset of the model's modalities, print them
     side by side and write ``subsets.json`` (the result's ``subsets``). Progress lines (windows
     done / total, elapsed, ETA) go to ``log`` while it runs.
     Outputs in ``out_dir`` (default ``<run_dir>/`` :func:`eval_folder`, named by the protocol; a
     folder holding another protocol's evaluation is refused): ``metrics.json``, ``figures/`` and, with
-    ``eval.save_predictions``, ``predictions/<tile>_pred.*`` and ``<tile>_colour.png``. The lines
-    printed are appended to ``eval.log`` beside the weights (the run folder, beside ``log.csv``).
+    ``eval.save_predictions``, ``predictions/<tile>_pred.*`` and ``<tile>_colour.png``. Every line
+    printed (``notes`` first, warnings included) is appended to ``eval.log`` beside the weights (the
+    run folder, beside ``log.csv``), timestamped, once the evaluation starts.
     """
     info = info or DistInfo()
     stored = weights if isinstance(weights, MFNetFile) else read_weights(weights)
-    out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / eval_folder(cfg, stored.path, subsets)
-    again = check_eval_folder(
-        out, _protocol(cfg, str(stored.path))
-    )  # every rank, before any work: all stop, none waits
-    model, _ = load_trained(stored, info.device, checkpoint=cfg.model.checkpoint)
-    if list(model.modalities) != list(cfg.model.modalities) and info.is_main:
-        log(f"note: the weights use modalities {list(model.modalities)} (config: {cfg.model.modalities})")
-    e = cfg.eval
-    tiles = ISPRSDataModule(cfg, info, log).tiles(e.split, labels=e.labels)
+    encoder = encoder_file(stored, cfg.model.checkpoint)
+    folder = eval_folder(cfg, stored.path, subsets) + (
+        f"_encoder_{short_hash(encoder.sha256)}" if encoder.differs else ""
+    )
+    out = Path(out_dir) if out_dir is not None else Path(cfg.train.run_dir) / folder
+    again = check_eval_folder(out, _protocol(cfg, str(stored.path), encoder.sha256))  # every rank, before any work
+    text = TextLog(Path(stored.path).parent / "eval.log", log, hold=True) if info.is_main else None
+    say = text if text is not None else log
+    with logged_warnings(text.write_file if text is not None else _ignore):
+        model, tiles = _open(cfg, stored, info, say, [f"== evaluation of {stored.path} into {out}", *notes], encoder)
+        if text is not None:
+            text.release()  # the evaluation starts: the lines held so far go to eval.log
+            if again:
+                _clear_earlier(out, say)
+        return _score(cfg, model, tiles, (str(stored.path), encoder), out, subsets, info, say)
+
+
+def _ignore(_: str) -> None:
+    return None
+
+
+def _open(
+    cfg: ExperimentConfig, stored: MFNetFile, info: DistInfo, say: Callable[[str], None], notes: Sequence[str],
+    encoder: EncoderFile,
+) -> tuple[MFNet, TileSet]:  # fmt: skip
+    """The model of ``stored`` and the tiles to score (everything that can fail, before any work)."""
+    for note in notes if info.is_main else ():
+        say(note)
+    model, _ = load_trained(stored, info.device, checkpoint=cfg.model.checkpoint, log=say if info.is_main else None)
     if info.is_main:
-        log = TextLog(Path(stored.path).parent / "eval.log", log)
-        log(f"== evaluation of {stored.path} into {out}")
-        if again:
-            _clear_earlier(out, log)
+        say(describe_load_report(load_report_dict(model.load_report), encoder.sha256))
+        if list(model.modalities) != list(cfg.model.modalities):
+            say(f"note: the weights use modalities {list(model.modalities)} (config: {cfg.model.modalities})")
+    e = cfg.eval
+    return model, ISPRSDataModule(cfg, info, say).tiles(e.split, labels=e.labels)
+
+
+def _score(
+    cfg: ExperimentConfig, model: MFNet, tiles: TileSet, source: tuple[str, EncoderFile], out: Path, subsets: bool,
+    info: DistInfo, log: Callable[[str], None],
+) -> EvalResult:  # fmt: skip
+    """Score ``model`` on ``tiles`` (every modality subset with ``subsets``) and write the files (rank 0)."""
+    e, (weights, encoder) = cfg.eval, source
     preds = out / "predictions" if e.save_predictions else None
     runs = modality_subsets(model.modalities) if subsets else [tuple(model.modalities)]
     progress = None
@@ -70,23 +105,19 @@ def score_weights(
         windows = eval_windows(tiles, model.config.size[0], e.stride) * len(runs)  # over all ranks
         own = eval_windows(tiles, model.config.size[0], e.stride, info) * len(runs)
         shared = f"; {info.world_size} processes, progress lines count rank 0's {own}" if info.world_size > 1 else ""
-        log(
-            f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
-            + (f" ({len(runs)} modality subsets)" if subsets else "")
-            + shared
-        )
+        log(f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
+            + (f" ({len(runs)} modality subsets)" if subsets else "") + shared)  # fmt: skip
         progress = EvalProgress(log, own, what="eval (rank 0)" if info.world_size > 1 else "eval")
-    results = evaluate_subsets(
-        model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress, log=log if subsets else None
-    )
+    results = evaluate_subsets(model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress,
+                               log=log if subsets else None)  # fmt: skip
     result = next(iter(results.values()))
     if info.is_main:
-        _write_metrics(out, cfg, str(stored.path), tiles, model.config.size[0], result, info, log)
-        figures = draw_figures(out / "figures", tiles, preds, result, cfg.name)
+        _write_metrics(out, cfg, (weights, encoder.sha256), tiles, model.config.size[0], result, info, log)
+        figures = draw_figures(out / "figures", tiles, preds, result, cfg.name, model.modalities)
         if figures:
             log(f"figures ({len(figures)}) in {out / 'figures'}: " + ", ".join(p.name for p in figures))
         if subsets:
-            report_subsets(out, cfg, str(stored.path), len(tiles), results, log)
+            report_subsets(out, cfg, weights, len(tiles), results, log)
     barrier()
     if subsets:
         result.subsets = results
@@ -102,8 +133,8 @@ def eval_folder(cfg: ExperimentConfig, weights: str | Path, subsets: bool = Fals
     return name + ("_subsets" if subsets else "") + ("" if stem == "best" else f"_{stem}")
 
 
-def _protocol(cfg: ExperimentConfig, weights: str) -> dict[str, object]:
-    """What names an evaluation (the window is the weights' model's)."""
+def _protocol(cfg: ExperimentConfig, weights: str, encoder: str | None = None) -> dict[str, object]:
+    """What names an evaluation (the window is the weights' model's; ``encoder``: the encoder file's SHA-256)."""
     e = cfg.eval
     return {
         "split": e.split,
@@ -112,6 +143,7 @@ def _protocol(cfg: ExperimentConfig, weights: str) -> dict[str, object]:
         "mode": e.mode,
         "tta_flip": e.tta_flip,
         "weights": weights,
+        "encoder_sha256": encoder,
     }
 
 
@@ -123,7 +155,8 @@ def check_eval_folder(out: Path, protocol: dict[str, object]) -> bool:
         return False
     saved = json.loads(path.read_text())
     before = {**saved.get("protocol", {}), "weights": saved.get("weights")}
-    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in protocol.items() if before.get(k) != v]
+    # a key an older metrics.json lacks (encoder_sha256) is taken as the same
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in protocol.items() if before.get(k, v) != v]
     if changed:
         raise ConfigError(
             f"{out} holds an evaluation of another protocol ({'; '.join(changed)}): give another --out "
@@ -145,17 +178,23 @@ def _clear_earlier(out: Path, log: Callable[[str], None]) -> None:
 def _write_metrics(
     out: Path,
     cfg: ExperimentConfig,
-    weights: str,
+    source: tuple[str, str | None],
     tiles: TileSet,
     window: int,
     result: EvalResult,
     info: DistInfo,
     log: Callable[[str], None],
 ) -> None:
-    e = cfg.eval
-    protocol = {**_protocol(cfg, weights), "window": window, "tiles": tiles.ids, "world_size": info.world_size}
+    e, (weights, encoder) = cfg.eval, source
+    protocol = {**_protocol(cfg, weights, encoder), "window": window, "tiles": tiles.ids, "world_size": info.world_size}
     protocol.pop("weights")
-    payload = {"weights": weights, "protocol": protocol, "seconds": result.seconds, **result.metrics}
+    payload = {
+        "weights": weights,
+        "encoder_sha256": encoder,
+        "protocol": protocol,
+        "seconds": result.seconds,
+        **result.metrics,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(payload, indent=1))
     log(f"{cfg.name}: {e.split} split, {len(tiles)} tiles, stride {e.stride}, {e.labels} labels")
@@ -163,8 +202,16 @@ def _write_metrics(
     log(f"metrics written to {out / 'metrics.json'}")
 
 
-def draw_figures(out: Path, tiles: TileSet, preds: Path | None, result: EvalResult, name: str) -> list[Path]:
-    """The confusion-matrix figure and, when predictions were written, one side-by-side figure per tile."""
+def draw_figures(
+    out: Path,
+    tiles: TileSet,
+    preds: Path | None,
+    result: EvalResult,
+    name: str,
+    modalities: Sequence[str] | None = None,
+) -> list[Path]:
+    """The confusion-matrix figure and, when predictions were written, one side-by-side figure per
+    tile: the ``modalities`` the model takes (default: every modality of the tiles), in its order."""
     try:
         from .figures import confusion_figure, sample_panels, tile_figure
     except ImportError:  # matplotlib: pip install matplotlib (part of the isprs extra)
@@ -186,7 +233,7 @@ def draw_figures(out: Path, tiles: TileSet, preds: Path | None, result: EvalResu
             tile_figure(
                 out / f"tile_{stem}.png",
                 f"{name}: tile {tile}",
-                sample_panels(sample, tiles.modality_names),
+                sample_panels(sample, modalities or tiles.modality_names),
                 None,
                 np.asarray(sample[tiles.label_key]),
                 read_image(pred_file),

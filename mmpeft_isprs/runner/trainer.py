@@ -13,7 +13,7 @@ TensorBoard events when TensorBoard is installed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..config import ExperimentConfig
 from ..datamodule import ISPRSDataModule
 from ..distributed import DistInfo, sum_tensor
+from ..model.fingerprint import encoder_record
 from ..task import SegmentationTask
 from .checkpoint import (
     BEST,
@@ -37,6 +38,7 @@ from .checkpoint import (
 )
 from .logs import RunLog, TextLog, describe_run, run_header
 from .progress import StepLog
+from .records import logged_warnings
 
 __all__ = ["Trainer", "TrainResult", "fit"]
 
@@ -58,20 +60,31 @@ def _quiet(_: str) -> None:
 
 
 def fit(
-    cfg: ExperimentConfig, info: DistInfo, *, max_steps: int | None = None, log: Callable[[str], None] = print
+    cfg: ExperimentConfig,
+    info: DistInfo,
+    *,
+    max_steps: int | None = None,
+    log: Callable[[str], None] = print,
+    notes: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``cfg`` on this process: check the run folder, open the data, build the task, loop.
 
-    Everything that can be wrong (resume checkpoint, config, data) raises before training.
+    Everything that can be wrong (resume checkpoint, config, data) raises before training, and
+    leaves no log behind. Every line printed on rank 0, ``notes`` (printed first) and warnings
+    included, also goes to ``train.log``, timestamped.
     """
-    log = (
-        TextLog(Path(cfg.train.run_dir) / "train.log", log) if info.is_main else _quiet
-    )  # created after the folder checks
-    resume = resume_checkpoint(cfg, info)
-    data = ISPRSDataModule(cfg, info, log)
-    data.setup()
-    task = SegmentationTask(cfg, info)
-    return Trainer(cfg, info, log).fit(task, data, resume=resume, max_steps=max_steps)
+    text = TextLog(Path(cfg.train.run_dir) / "train.log", log, hold=True) if info.is_main else None
+    out = text or _quiet
+    with logged_warnings(text.write_file if text is not None else _quiet):
+        resume = resume_checkpoint(cfg, info)
+        for note in notes:
+            out(note)
+        data = ISPRSDataModule(cfg, info, out)
+        data.setup()
+        task = SegmentationTask(cfg, info)
+        if text is not None:
+            text.release()  # the work starts: the held lines go to the file
+        return Trainer(cfg, info, out).fit(task, data, resume=resume, max_steps=max_steps)
 
 
 def _next_timed(batches: Iterator[Any]) -> tuple[Any, float] | None:
@@ -100,7 +113,7 @@ class Trainer:
     ) -> TrainResult:
         """Train from ``resume`` (a ``last.pt``) or from the start; stop after ``max_steps`` steps in total."""
         t, info = self.cfg.train, self.info
-        self.task, self.data = task, data
+        self.task, self.data, self.resumed = task, data, resume is not None
         seed_process(t.seed, info.rank)
         if resume is not None:
             self.state = restore_checkpoint(resume, task, info)
@@ -128,7 +141,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             self.logs.trim(s.epoch)
             self.log(describe_run(self.cfg, self.task.model, self.data.train_tiles, self.data.val_tiles, self.info))  # type: ignore[arg-type]
-            self.log(run_header(self.cfg, self.info))
+            self.log(run_header(self.cfg, self.info, encoder_record(self.task.model), resumed=self.resumed))
             if s.epoch >= t.epochs:
                 self.log(f"{self.run_dir} already finished its {t.epochs} epochs; raise train.epochs to train on")
         history: list[dict[str, Any]] = []

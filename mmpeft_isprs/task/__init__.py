@@ -11,7 +11,7 @@ Never imports the data module, the runner or a command (see docs/architecture.md
 
 from .evaluation import EvalResult, evaluate_tileset
 from .segmentation import SegmentationTask, build_model, make_optimizer, segmentation_loss
-from .weights import load_trained, read_weights, save_trained
+from .weights import EncoderFile, encoder_file, load_trained, read_weights, save_trained
 
 __all__ = [
     "SegmentationTask",
@@ -23,4 +23,6 @@ __all__ = [
     "save_trained",
     "load_trained",
     "read_weights",
+    "encoder_file",
+    "EncoderFile",
 ]

@@ -2,14 +2,16 @@
 
 ``best.safetensors`` / ``last.safetensors`` hold the tensors and config of
 :func:`~mmpeft_isprs.model.save_mfnet` plus string metadata: ``experiment`` (the resolved
-experiment config as JSON), ``init_seed`` (rebuilds a random frozen encoder), ``epoch`` and
-``val_mIoU``.
+experiment config as JSON), ``init_seed`` (rebuilds a random frozen encoder), ``epoch``,
+``val_mIoU`` and ``encoder_sha256`` (the SHA-256 of the encoder file it was trained from, empty
+without one): loading compares it with the file given (:func:`encoder_file`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +19,63 @@ import torch
 
 from ..config import ExperimentConfig, config_from_dict, upgrade_stored
 from ..model import MFNet, MFNetFile, load_mfnet, read_mfnet, save_mfnet
+from ..model.fingerprint import file_sha256, short_hash
 
-__all__ = ["save_trained", "load_trained", "read_weights"]
+__all__ = ["save_trained", "load_trained", "read_weights", "encoder_file", "EncoderFile"]
 
 
 def save_trained(
     model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, metrics: Mapping[str, Any] | None
 ) -> None:
     """Write ``model``'s trainable tensors with the experiment, seed, epoch and validation mIoU."""
+    sam = cfg.model.checkpoint
     extra = {
         "experiment": json.dumps(cfg.to_dict()),
         "init_seed": str(cfg.train.seed),
         "epoch": str(epoch),
         "val_mIoU": "" if metrics is None else f"{metrics['mIoU']:.6f}",
+        "encoder_sha256": file_sha256(sam) if sam and Path(sam).is_file() else "",
     }
     save_mfnet(model, path, extra=extra)
+
+
+@dataclass(frozen=True)
+class EncoderFile:
+    """The encoder file trained weights will load: ``path`` (None: a random encoder from the seed),
+    its ``sha256`` now, the one ``trained`` recorded in the weights (None: not recorded) and the
+    path recorded with it."""
+
+    weights: Path
+    path: str | None
+    sha256: str | None
+    trained: str | None
+    trained_path: str | None
+
+    @property
+    def differs(self) -> bool:
+        """True when the file's content is not the one the weights were trained with."""
+        return self.sha256 is not None and self.trained is not None and self.sha256 != self.trained
+
+    def warning(self) -> str | None:
+        """The line that says so (None when it is the same file, or nothing can be compared)."""
+        if not self.differs:
+            return None
+        name = Path(str(self.trained_path)).name
+        return (
+            f"warning: {self.path} (sha256 {short_hash(self.sha256)}) is not the encoder file {name} that "
+            f"{self.weights} was trained with (sha256 {short_hash(self.trained)}): the frozen encoder differs, so do "
+            "its outputs; the results are kept apart from those of the training's file"
+        )
+
+
+def encoder_file(weights: MFNetFile, checkpoint: str | None = None) -> EncoderFile:
+    """Which encoder file ``weights`` will load (``checkpoint`` when given, else the recorded path)
+    and its hashes (now and at training)."""
+    meta = weights.metadata
+    needed = json.loads(meta["config"]).get("checkpoint") if "config" in meta else None
+    sam = (checkpoint or needed) if needed else None
+    digest = file_sha256(sam) if sam and Path(sam).is_file() else None
+    return EncoderFile(weights.path, sam, digest, meta.get("encoder_sha256") or None, needed)
 
 
 def read_weights(path: str | Path) -> MFNetFile:
@@ -47,6 +91,7 @@ def load_trained(
     device: torch.device | str = "cpu",
     checkpoint: str | None = None,
     key: str = "model.checkpoint",
+    log: Callable[[str], None] | None = None,
 ) -> tuple[MFNet, ExperimentConfig | None]:
     """Rebuild a trained MFNet (and the experiment it came from) from its safetensors file
     (a path, or the file already read by :func:`read_weights`).
@@ -59,6 +104,8 @@ def load_trained(
     Args:
         key: how the user sets the SAM path (``model.checkpoint`` for ``eval``, ``--checkpoint``
             for ``predict``), named in the error when the file is missing.
+        log: where the warning goes when the encoder file's content (SHA-256) is not the one
+            the weights were trained with (:class:`EncoderFile`).
 
     Raises:
         FileNotFoundError: the weights need a SAM checkpoint and it is not found.
@@ -72,6 +119,9 @@ def load_trained(
             f"SAM checkpoint {sam} not found: {path} was trained from {Path(str(needed)).name} (its frozen encoder is "
             f"not stored in the weights); set {key}=/path/to/{Path(str(needed)).name}"
         )
+    mismatch = encoder_file(stored, checkpoint).warning() if sam else None
+    if mismatch and log is not None:
+        log(mismatch)
     seed = meta.get("init_seed")
     if seed is not None:
         torch.manual_seed(int(seed))
