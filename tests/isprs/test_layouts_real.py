@@ -228,7 +228,9 @@ def test_file_patterns_from_the_config(tmp_path: Path) -> None:
     layout = make_layout(cfg.data)
     assert layout.tile_files(root, "7_12").inputs["dsm"] == root / "ndsm" / "dsm_potsdam_07_12_normalized_lastools.jpg"
     assert TileSet(layout, root, "train").ids == ["2_10"]
-    with pytest.raises(ConfigError, match=r"^data\.files\.ndsm: no modality reads the role 'ndsm'.*did you mean dsm\?$"):
+    with pytest.raises(
+        ConfigError, match=r"^data\.files\.ndsm: no modality reads the role 'ndsm'.*did you mean dsm\?$"
+    ):
         load_config("potsdam_mmlora_vit_b", ["data.files.ndsm=x/{id}.jpg"])  # a new role nothing reads: a typo
     with pytest.raises(ConfigError, match=r"must contain \{id\} \(the tile id\) or \{id0\}"):
         load_config("potsdam_mmlora_vit_b", ["data.files.dsm=x/dsm.jpg"])
