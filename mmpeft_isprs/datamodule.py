@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .config import ConfigError, DataConfig, ExperimentConfig
+from .config.checks import stem_error
 from .config.data import new_roles
 from .data import (
     ISPRS,
@@ -36,6 +37,7 @@ from .data import (
     TileSet,
     VaihingenLayout,
     generate_synthetic_vaihingen,
+    raster_info,
     synthetic_layout,
 )
 from .data.splits import read_id_list
@@ -201,6 +203,18 @@ def make_tileset(data: DataConfig, split: str, labels: str = "full", layout: Lay
         raise ConfigError(f"data ({data.dataset} in {root}): {exc}") from exc
 
 
+def check_file_stems(cfg: ExperimentConfig, tiles: TileSet) -> None:
+    """The stem of each modality of the model that keeps every band of its files, against the band
+    count of its first tile's file (the config could not know it): a ConfigError naming ``model.stems``."""
+    for m in tiles.modalities:
+        if m.name not in cfg.model.modalities or m.bands is not None or m.kind != "image":
+            continue
+        path = tiles.files(0).inputs[m.name]
+        error = stem_error(cfg.model, m.name, raster_info(path).channels, f"all bands of {path}")
+        if error is not None:
+            raise ConfigError(error)
+
+
 # --------------------------------------------------------------------------- sampler
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches ``start..batches-1`` of one epoch; this rank's share of each global batch.
@@ -255,6 +269,7 @@ class ISPRSDataModule:
         """Open the training and validation tiles and build the training set (raises before training)."""
         d, t, layout = self.cfg.data, self.cfg.train, self.layout
         self.train_tiles = make_tileset(d, "train", labels="full", layout=layout)
+        check_file_stems(self.cfg, self.train_tiles)
         has_val = bool(split_ids(d, "val", layout))
         self.val_tiles = make_tileset(d, "val", labels=self.cfg.eval.labels, layout=layout) if has_val else None
         if isinstance(layout, MMHunanLayout) and self.info.is_main:

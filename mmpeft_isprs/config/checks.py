@@ -11,7 +11,7 @@ from ..model import MFNetConfig
 from .data import BUILTIN_ROLES, DataConfig, new_roles, provided_modalities
 from .schema import ConfigError
 
-__all__ = ["check_files", "check_stems", "kept_bands"]
+__all__ = ["check_files", "check_stems", "kept_bands", "stem_error"]
 
 ENCODER_CHANNELS = 3
 """The band count every MFNet encoder's patch embedding takes (RGB)."""
@@ -84,19 +84,25 @@ def _stem_problem(kind: str, declared: Any, bands: int) -> str | None:
     return f"no stem fits: the encoder takes {c} bands and the default stem repeats 1 or {c}"
 
 
+def stem_error(m: MFNetConfig, name: str, bands: int, where: str) -> str | None:
+    """Why the stem of modality ``name`` cannot take ``bands`` bands (``where`` says what fixes the
+    count), naming ``model.stems`` and the stems that fit; None when it can."""
+    kind, declared = _stem(m.stems.get(name, "auto"))
+    problem = _stem_problem(kind, declared, bands)
+    if problem is None:
+        return None
+    return (
+        f"model.stems.{name}: {problem}; modality {name!r} keeps {bands} band(s) ({where}): set "
+        f"model.stems.{name}=[adapt, {bands}] (the frozen RGB patch embedding adapted to {bands} bands, as timm "
+        f"adapts in_chans; nothing trains) or model.stems.{name}=[conv1x1, {bands}] (a learnable 1x1 convolution)"
+    )
+
+
 def check_stems(d: DataConfig, m: MFNetConfig) -> None:
     """Every modality of the model whose band count the config fixes has a stem that takes it;
     the error names ``model.stems``, the bands and the ``adapt`` / ``conv1x1`` stems that fit."""
     for name in m.modalities:
         bands, where = kept_bands(d, name)
-        if bands is None:
-            continue  # all bands of the file: checked when the files are read
-        kind, declared = _stem(m.stems.get(name, "auto"))
-        problem = _stem_problem(kind, declared, bands)
-        if problem is None:
-            continue
-        raise ConfigError(
-            f"model.stems.{name}: {problem}; modality {name!r} keeps {bands} band(s) ({where}): set "
-            f"model.stems.{name}=[adapt, {bands}] (the frozen RGB patch embedding adapted to {bands} bands, as timm "
-            f"adapts in_chans; nothing trains) or model.stems.{name}=[conv1x1, {bands}] (a learnable 1x1 convolution)"
-        )
+        error = stem_error(m, name, bands, where) if bands is not None else None  # None: known from the files
+        if error is not None:
+            raise ConfigError(error)
