@@ -107,24 +107,23 @@ def _linear_pieces(layer: MultimodalLoRA, modality: str) -> tuple[torch.Tensor, 
     Each slice's pair sits in its own rank block, B only in the slice's rows (rank S*r for sliced
     qkv); a PiSSA / OLoRA layer adds its frozen offset as a second block ``[A_0; -B_0]`` (rank
     2r per slice): ``s (B A - B_0 A_0) x``, exact without dropout (inference)."""
-    pieces: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
-    offset = getattr(layer, "lora_offset", None)
-    for s, (lo, hi) in layer._ranges().items():
-        a, b = layer._pair(modality, s)
-        pieces.append((a.weight.detach(), b.weight.detach(), lo, hi))
-        if offset is not None:
-            pieces.append((offset.down(s).detach(), -offset.up(s).detach(), lo, hi))
-    lora_a = torch.cat([a for a, _, _, _ in pieces], 0).float()
+    factors = layer.factors(modality)
+    pieces: list[tuple[torch.Tensor, torch.Tensor, slice]] = []
+    for f in factors:
+        pieces.append((f.lora_A.weight.detach(), f.lora_B.weight.detach(), f.rows))
+        if f.offset is not None:
+            pieces.append((f.offset[0].detach(), -f.offset[1].detach(), f.rows))
+    lora_a = torch.cat([a for a, _, _ in pieces], 0).float()
     lora_b = lora_a.new_zeros(layer.out_features, lora_a.shape[0])
     col = 0
-    for a, b, lo, hi in pieces:
-        lora_b[lo:hi, col : col + a.shape[0]] = b.float()
+    for a, b, rows in pieces:
+        lora_b[rows, col : col + a.shape[0]] = b.float()
         col += a.shape[0]
     bias = None
-    if getattr(layer, "lora_bias", False):
+    if layer.lora_bias:
         bias = lora_a.new_zeros(layer.out_features)
-        for s, (lo, hi) in layer._ranges().items():
-            bias[lo:hi] = layer._pair(modality, s)[1].bias.detach().float()
+        for f in factors:
+            bias[f.rows] = f.lora_B.bias.detach().float()
     return lora_a.contiguous(), lora_b.contiguous(), bias
 
 
@@ -133,7 +132,7 @@ def _full_magnitude(layer: MultimodalLoRA, modality: str, lora_a: torch.Tensor, 
     the row norms of ``W + delta`` (DoRA's factor 1 there, as in the layer)."""
     w = layer.base_layer.weight.detach().float()
     full = torch.linalg.norm(w + layer.scaling * lora_b @ lora_a, dim=1)
-    rows = layer._rows if layer._rows is not None else list(range(layer.out_features))
+    rows = [i for f in layer.factors(modality) for i in range(f.rows.start, f.rows.stop)]  # the magnitude's order
     full[rows] = layer.lora_magnitude_vector[modality].detach().float()
     return full
 

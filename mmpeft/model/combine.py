@@ -95,11 +95,9 @@ def _set_pieces(model: Any, name: str, weight: float) -> dict[str, Piece]:
         return pieces
 
 
-def _pairs(layer: MultimodalLayer) -> dict[tuple[str, str], tuple[nn.Module, nn.Module]]:
+def _pairs(layer: MultimodalLoRA | MultimodalLoRAConv2d) -> dict[tuple[str, str], tuple[nn.Module, nn.Module]]:
     """{(modality, slice): (A, B) modules}; the rank is dim 0 of A's weight and dim 1 of B's."""
-    if isinstance(layer, MultimodalLoRA):
-        return {(m, s): layer._pair(m, s) for m in layer.modalities for s in layer._ranges()}
-    return {(m, "all"): (layer.lora_A[m], layer.lora_B[m]) for m in layer.modalities}
+    return {(m, f.name): (f.lora_A, f.lora_B) for m in layer.modalities for f in layer.factors(m)}
 
 
 def _rules(sites: dict[str, list[Piece]]) -> list[LoRAConfig]:
