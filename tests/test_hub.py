@@ -20,6 +20,7 @@ from mmpeft.errors import MmpeftFileNotFoundError, MmpeftTypeError
 from tests.helpers import assert_close, randomise_trainables
 
 hf = pytest.importorskip("huggingface_hub")
+pytest.importorskip("huggingface_hub.constants")  # a lazy submodule: imported before hf.constants is read
 MODALITIES = ("optical", "dsm")
 
 
@@ -134,6 +135,12 @@ def test_model_card(hub: SimpleNamespace) -> None:
 def test_local_directory_unchanged_and_errors_name_both(hub: SimpleNamespace, tmp_path: Path) -> None:
     wrapped = _trained()
     wrapped.save_pretrained(tmp_path / "user" / "local")
+    # deliberate difference from peft (whose save_pretrained always writes README.md): a save without
+    # push_to_hub writes the two files it always wrote, the card only goes with a push
+    assert sorted(p.name for p in (tmp_path / "user" / "local").iterdir()) == [
+        "adapter_model.safetensors",
+        "mmpeft_config.json",
+    ]
     # an existing path is a local directory, even when it reads as owner/name
     _same_outputs(wrapped, load_multimodal(tiny_timm_vit(), str(tmp_path / "user" / "local")))
     with pytest.raises(MmpeftFileNotFoundError, match="neither a local directory .* nor a Hub repo.*owner/name"):

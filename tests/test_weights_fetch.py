@@ -216,6 +216,7 @@ def test_mfnet_checkpoint_by_name(server: _Server, monkeypatch: pytest.MonkeyPat
 def _hf_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, repo: str, files: dict[str, dict]) -> Path:
     """A Hugging Face cache holding ``repo`` at ``main`` with ``files`` (safetensors), the Hub offline."""
     hf = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants  # noqa: F401 (a lazy submodule: imported before hf.constants is read)
     from safetensors.torch import save_file
 
     cache = tmp_path / "hf-cache"
