@@ -3,6 +3,7 @@
 Runs in a few seconds on a CPU with randomly initialised, small backbones::
 
     python examples/quickstart.py
+    python examples/quickstart.py --tiny     # smaller still: 32 px (or MMPEFT_EXAMPLES_TINY=1)
 
 With the official SAM ViT-B weights from a local file (no download is attempted)::
 
@@ -16,6 +17,7 @@ backbone, reload, and check the outputs are identical.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -106,10 +108,19 @@ def demo(name: str, build: Callable[[], nn.Module], batch: dict[str, torch.Tenso
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sam-size", default="vit_tiny", help="vit_tiny (random, CPU demo), vit_b, vit_l, vit_h")
-    p.add_argument("--img-size", type=int, default=64, help="input side in pixels (multiple of 16)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        default=bool(os.environ.get("MMPEFT_EXAMPLES_TINY")),
+        help="the smallest run: 32 px inputs (seconds; also MMPEFT_EXAMPLES_TINY=1)",
+    )
+    p.add_argument(
+        "--img-size", type=int, default=None, help="input side in pixels (multiple of 16; default 64, tiny 32)"
+    )
     p.add_argument("--checkpoint", default=None, help="local official SAM .pth, e.g. sam_vit_b_01ec64.pth")
     p.add_argument("--out", default=None, help="where to save the adapters (default: a temporary directory)")
     args = p.parse_args(argv)
+    args.img_size = args.img_size or (32 if args.tiny else 64)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     batch = dummy_batch(args.img_size)
     with tempfile.TemporaryDirectory() as tmp:
