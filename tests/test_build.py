@@ -72,6 +72,8 @@ def test_a_set_shares_the_model_options() -> None:
     assert opts.model.stems == wrapped.config.stems and opts.model.in_channels == wrapped.config.in_channels
     with pytest.raises(ValueError, match="in_channels is the model's"):
         WrapOptions.for_set(wrapped.config, in_channels=4)
+    with pytest.raises(TypeError, match=r"stems must be a \{modality: stem\} dict"):
+        WrapOptions.for_set(wrapped.config, stems="repeat")
     wrapped.add_adapter("second", "adapter")
     assert wrapped.set_adapter("second") is None and wrapped.config.stems["dsm"] == StemConfig("conv1x1", 1)
 

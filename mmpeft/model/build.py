@@ -156,7 +156,8 @@ class WrapOptions:
             return parsed
         stems = {m: dataclasses.replace(model_config.stem(m)) for m in model_config.modalities}
         shared = {k: getattr(model_config, k) for k in _SHARED}
-        options["stems"] = {**stems, **(options.get("stems") or {})}
+        given = options.get("stems") or {}
+        options["stems"] = {**stems, **given} if isinstance(given, Mapping) else given  # else refused by parse
         return cls.from_kwargs(model_config.modalities, method, preset=preset, targets=targets, **shared, **options)
 
     def resolve(self, model: nn.Module, in_place: bool = False) -> MultimodalConfig:
