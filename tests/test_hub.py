@@ -151,3 +151,19 @@ def test_local_directory_unchanged_and_errors_name_both(hub: SimpleNamespace, tm
         from mmpeft.model.hub import resolve_adapter_source
 
         resolve_adapter_source("user/x", revison="main")
+
+
+def test_without_huggingface_hub_one_clear_import_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    from mmpeft.model.hub import MissingDependencyError
+
+    wrapped = _trained()
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"needs huggingface_hub .*pip install 'mmpeft\[hub\]'") as err:
+        load_multimodal(tiny_timm_vit(), "user/anything")
+    assert isinstance(err.value, ImportError)
+    with pytest.raises(MissingDependencyError):
+        wrapped.push_to_hub("user/anything")
+    wrapped.save_pretrained(tmp_path / "local")  # a local directory needs no Hub
+    _same_outputs(wrapped, load_multimodal(tiny_timm_vit(), str(tmp_path / "local")))

@@ -79,10 +79,12 @@ def resolve_adapter_source(source: str | os.PathLike, **hub_options: Any) -> Pat
     if not is_hub_repo_id(source):
         raise _both(os.fspath(source), "not an existing path, and not of the form 'owner/name'")
     hub = _hub()
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError  # a lazy submodule: imported
+
     patterns = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"*/{CONFIG_NAME}", f"*/{WEIGHTS_NAME}"]
     try:
         folder = hub.snapshot_download(str(source), allow_patterns=patterns, **hub_options)
-    except (hub.errors.HfHubHTTPError, hub.errors.LocalEntryNotFoundError, OSError, ValueError) as err:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise _both(str(source), f"{type(err).__name__}: {first}") from None
     return Path(folder)
