@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 import warnings
@@ -317,6 +318,29 @@ def _format_warning(
 
 _PYTHON_FORMAT = warnings.formatwarning
 
+ISPRS_EXTRA = {"yaml": "PyYAML", "tifffile": "tifffile", "PIL": "Pillow", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+"""The modules of the ``isprs`` extra (``pip install 'mmpeft[isprs]'``) and their packages."""
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> int:
+    """``error:`` naming the missing package of the isprs extra and the command that installs it."""
+    package = ISPRS_EXTRA.get((exc.name or "").split(".")[0])
+    if package is None:
+        raise exc
+    print(
+        f"error: {package} (module {exc.name!r}) is missing: the mmpeft-isprs command needs the isprs extra; "
+        "install it with: pip install 'mmpeft[isprs]' (or, in a source checkout: pip install -e '.[isprs]')",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _quiet_broken_pipe() -> int:
+    """The output was closed early (``mmpeft-isprs help | head``): stop quietly, as a Unix tool does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: into /dev/null, not a traceback
+    return 0
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mmpeft-isprs`` and ``python -m mmpeft_isprs``; returns the exit status."""
@@ -333,9 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "help":  # before torch and the isprs extra: works on any install
         from .help import show_help
 
-        return show_help(args.topic, args.section)
-    from .config import ConfigError
-    from .data import DataError
+        try:
+            return show_help(args.topic, args.section)
+        except BrokenPipeError:
+            return _quiet_broken_pipe()
+    try:
+        from .config import ConfigError
+        from .data import DataError
+    except ModuleNotFoundError as exc:
+        return _missing_extra(exc)
 
     default_format = warnings.formatwarning
     warnings.formatwarning = _format_warning  # data warnings as the docs show them: no source path or code line
@@ -350,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        return _missing_extra(exc)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     finally:
         from .distributed import shutdown
 

@@ -54,13 +54,17 @@ def _headings(lines: list[str]) -> list[tuple[int, int]]:
 
 
 def section(topic: str, text: str) -> str:
-    """The first section of ``topic`` whose heading contains ``text`` (any case), subsections included."""
+    """The first section of ``topic`` whose heading contains ``text`` (any case), subsections
+    included; the page's title (its one level-1 heading, which names the page's topics) only when
+    no section heading matches, so ``help isprs metrics`` prints the metrics section, not the page."""
     lines = page(topic).splitlines()
     heads = _headings(lines)
-    for n, (start, level) in enumerate(heads):
-        if text.lower() in lines[start].lower():
-            end = next((i for i, lv in heads[n + 1 :] if lv <= level), len(lines))
-            return "\n".join(lines[start:end]).rstrip() + "\n"
+    found = [n for n, (start, _) in enumerate(heads) if text.lower() in lines[start].lower()]
+    found = [n for n in found if heads[n][1] > 1] or found
+    if found:
+        n, (start, level) = found[0], heads[found[0]]
+        end = next((i for i, lv in heads[n + 1 :] if lv <= level), len(lines))
+        return "\n".join(lines[start:end]).rstrip() + "\n"
     titles = "; ".join(lines[i].lstrip("# ") for i, _ in heads)
     raise FileNotFoundError(f"help: no section of {topic!r} matches {text!r}; sections: {titles}")
 
