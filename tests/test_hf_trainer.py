@@ -227,3 +227,20 @@ def test_one_modality_trains_as_peft_does_with_the_stock_trainer(tmp_path: Path)
 
 def _labels(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"labels": torch.stack([s["labels"] for s in samples])}
+
+
+def test_activation_checkpointing_trains_the_same(tmp_path: Path) -> None:
+    """``activation_checkpointing=True`` (the Trainer calls ``activation_checkpointing_enable``):
+    the base model checkpoints its layers and every trainable ends where it ends without it."""
+    data = _Data(4)
+    kw = dict(optim="sgd", learning_rate=0.5, max_steps=2, per_device_train_batch_size=2)
+    plain, _ = _train(transformers.Trainer, tmp_path / "a", data, **kw)
+    checkpointed, _ = _train(transformers.Trainer, tmp_path / "b", data, activation_checkpointing=True, **kw)
+    assert checkpointed.base_model.is_activation_checkpointing and not plain.base_model.is_activation_checkpointing
+    want = _trainables(plain)
+    for k, v in _trainables(checkpointed).items():
+        assert_close(v, want[k], rel=1e-6, msg=k)
+    with pytest.raises(TypeError, match="set_grad_checkpointing"):
+        wrap_multimodal(
+            torch.nn.Sequential(torch.nn.Linear(4, 4)), MODS, targets=["0"], in_channels=4, probe=False
+        ).activation_checkpointing_enable()

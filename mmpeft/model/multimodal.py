@@ -181,6 +181,29 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
         reach a base model that takes no loss arguments)."""
         return computes_losses(self.base_model)
 
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """What Hugging Face's ``Trainer`` calls for ``activation_checkpointing=True`` (peft passes
+        it to the base model too): the Hugging Face base model's own checkpointing, which trains
+        every LoRA tensor (the stacked input requires grad while the host checkpoints). Another
+        base model is a TypeError naming mmpeft's own, :meth:`set_grad_checkpointing`."""
+        _merge.check_usable(self)
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is None:
+            raise MmpeftTypeError(
+                f"{type(self.base_model).__name__} has no activation_checkpointing_enable (a Hugging Face model's): "
+                "checkpoint its blocks with wrapped.set_grad_checkpointing() and leave activation_checkpointing off"
+            )
+        enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+            every_n_layers=every_n_layers,
+            offload=offload,
+        )
+
     def call(
         self,
         method: str,
