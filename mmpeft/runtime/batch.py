@@ -93,6 +93,13 @@ def _same_mapping(like: Mapping[str, Any], fields: dict[str, Any]) -> Any:
         return fields
 
 
+def _split_field(key: Any, value: Any, names: Sequence[str]) -> list[Any]:
+    try:
+        return split_output(value, names, False)  # type: ignore[no-any-return]
+    except MmpeftTypeError as err:
+        raise MmpeftTypeError(f"output field {key!r}: {err}") from None
+
+
 def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
     """Split every tensor of ``out`` (dim 0 = S*B) into one part per modality of ``names``:
     ``{modality: part}`` (``as_dict``) or a list; tuples, lists and mappings are split inside
@@ -103,12 +110,18 @@ def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
             raise MmpeftValueError(f"cannot split an output of shape {tuple(out.shape)} into {m} modalities")
         parts = out.chunk(m, 0)
         return dict(zip(names, parts)) if as_dict else list(parts)
+    if out is None or isinstance(out, (bool, int, float, str)):  # no batch axis (a field such as MaskFormer
+        return dict.fromkeys(names, out) if as_dict else [out] * m  # Swin's spatial sizes): the same for each
     if isinstance(out, Mapping):  # a dict, or a Hugging Face ModelOutput (rebuilt as its own type)
-        per = {k: split_output(v, names, False) if v is not None else [None] * m for k, v in out.items()}
+        per = {k: _split_field(k, v, names) for k, v in out.items()}
         res = [_same_mapping(out, {k: v[i] for k, v in per.items()}) for i in range(m)]
         return dict(zip(names, res)) if as_dict else res
     if isinstance(out, (list, tuple)):
         per_t = [split_output(v, names, False) for v in out]
         res_t = [type(out)(v[i] for v in per_t) for i in range(m)]
         return dict(zip(names, res_t)) if as_dict else res_t
-    raise MmpeftTypeError(f"cannot split an output of type {type(out).__name__}")
+    raise MmpeftTypeError(
+        f"cannot split an output of type {type(out).__name__} into one part per modality (tensors, tuples, lists, "
+        "mappings and plain values are handled); return tensors from the model's forward, or call "
+        "wrapped.base_model on the stacked batch yourself"
+    )

@@ -161,6 +161,22 @@ def _channels_of(module: nn.Module, shape: tuple[int, ...], guess: int, size: tu
 
 
 def _first_call(model: nn.Module, guess: int, size: tuple[int, int], meta: bool) -> int | None:
+    return _first_seen(model, guess, size, meta)[1]
+
+
+def declared_channels(model: nn.Module) -> int | None:
+    """The channels ``model`` says it takes: timm's ``pretrained_cfg["input_size"][0]``,
+    transformers' ``config.num_channels``; None when it says nothing."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (tuple, list)) and len(size) == 3 and isinstance(size[0], int):
+        return size[0]
+    c = getattr(getattr(model, "config", None), "num_channels", None)
+    return c if isinstance(c, int) and not isinstance(c, bool) and c > 0 else None
+
+
+def _first_seen(model: nn.Module, guess: int, size: tuple[int, int], meta: bool) -> tuple[bool, int | None]:
+    """(whether the forward on ``guess`` channels reached a layer, the channels that layer tells)."""
     seen: list[int | None] = []
 
     def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -187,7 +203,7 @@ def _first_call(model: nn.Module, guess: int, size: tuple[int, int], meta: bool)
             h.remove()
         for m, training in modes:
             m.training = training
-    return seen[0] if seen else None
+    return bool(seen), (seen[0] if seen else None)
 
 
 def _static_channels(model: nn.Module) -> int | None:
@@ -207,4 +223,10 @@ def infer_in_channels(model: nn.Module, size: tuple[int, int] | None = None) -> 
     found = _first_call(model, guess, size, meta=False)  # stopped before the first layer computes: cheap
     if found is None:
         found = _first_call(model, guess, size, meta=True)
+    declared = declared_channels(model)
+    if found is None and declared is not None and declared != guess:
+        # the first convolution does not see the input (CSATv2's DCT stem: 3 colour channels, then 64
+        # frequencies per plane): the channels the model declares, when its forward takes them
+        if any(_first_seen(model, declared, size, meta)[0] for meta in (False, True)):
+            return declared
     return found if found is not None else static
