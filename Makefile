@@ -3,13 +3,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmpeft-installed
+# CPU=1: PyTorch's CPU wheels (without the 3.2 GB of CUDA libraries of the default 5.7 GB install)
+TORCH_INDEX ?= $(if $(CPU),https://download.pytorch.org/whl/cpu,)
 
 .PHONY: install lint test test-slow test-all demo bench-params
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing mmpeft with its isprs and test extras into $(VENV): PyTorch, timm, peft, transformers and"
+	@echo "their dependencies, about 5.7 GB with PyTorch's CUDA libraries (minutes; pip shows its progress)."
+	@echo "CPU only (the demo, the tests): make install CPU=1 uses PyTorch's CPU wheels, without the 3.2 GB of CUDA libraries."
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[isprs,test]'
+	$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e '.[isprs,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
