@@ -244,3 +244,31 @@ def test_activation_checkpointing_trains_the_same(tmp_path: Path) -> None:
         wrap_multimodal(
             torch.nn.Sequential(torch.nn.Linear(4, 4)), MODS, targets=["0"], in_channels=4, probe=False
         ).activation_checkpointing_enable()
+
+
+def test_a_named_set_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """As peft lays out several adapters: the checkpoint holds ``"default"`` in the folder and set
+    ``"b"`` in ``b/``; resuming with ``"b"`` active loads ``b/`` into it, and ``"default"`` stays as built."""
+    data = _Data(8)
+
+    def two_sets() -> Any:
+        model = _wrapped()
+        model.add_adapter("b", preset="lora")
+        model.set_adapter("b")
+        return randomise_trainables(model, seed=7)
+
+    kw = dict(max_steps=4, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+    whole = two_sets()
+    MultimodalTrainer(whole, _args(tmp_path, **kw), train_dataset=data, data_collator=collate).train()
+    folder = tmp_path / "checkpoint-2"
+    assert (folder / "mmpeft_config.json").is_file() and (folder / "b" / "adapter_model.safetensors").is_file()
+    model = two_sets()
+    trainer = MultimodalTrainer(model, _args(tmp_path / "r", **kw), train_dataset=data, data_collator=collate)
+    trainer.train(resume_from_checkpoint=str(folder))
+    want = _trainables(whole)
+    for k, v in _trainables(model).items():
+        assert_close(v, want[k], rel=1e-6, msg=k)
+    model.set_adapter("default")
+    built = _trainables(_wrapped())
+    for k, v in _trainables(model).items():
+        assert torch.equal(v, built[k]), f"set 'default' changed: {k}"
