@@ -23,7 +23,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["assert_close", "close", "grad_scale", "one_thread", "randomise_trainables", "rel_diff"]
+__all__ = [
+    "assert_close",
+    "close",
+    "grad_scale",
+    "one_thread",
+    "perturb_trainables",
+    "randomise_trainables",
+    "rel_diff",
+]
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -99,6 +107,17 @@ def randomise_trainables(model: nn.Module, seed: int = 5) -> nn.Module:
             elif "stem" not in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
+
+
+def perturb_trainables(model: nn.Module, seed: int = 5) -> None:
+    """Seeded noise N(0, 0.1) on every trainable tensor: added to DoRA magnitudes and fusion
+    weights (their values at init matter), copied over the rest (LoRA factors, adapters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=g) * 0.1
+                p.add_(noise) if "magnitude" in name or "lam" in name else p.copy_(noise)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,7 @@ from mmpeft import StemConfig, wrap_multimodal
 from mmpeft.config import parse_stem
 from mmpeft.runtime.stems import adapted_band_mix
 from tests.helpers import assert_close, close
-
-from .conftest import tiny_timm_vit
+from tests.tiny_models import tiny_timm_vit
 
 
 def _patch_tokens(wrapped, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 from mmpeft import count_parameters, load_multimodal, set_execution, wrap_multimodal
 from mmpeft.interop.peft_interop import peft_lora_weights
 from tests.helpers import assert_close, rel_diff
+from tests.helpers import randomise_trainables as _randomise_trainables
+from tests.tiny_models import tiny_sam, tiny_timm_vit
 
-from .conftest import tiny_sam, tiny_timm_vit
-from .test_backbones import _one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
-from .test_wrap import _randomise_trainables
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest
 
 MODS = ("optical", "dsm")
 

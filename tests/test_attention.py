@@ -13,8 +13,7 @@ from mmpeft.runtime.attention import disable_efficient_attention, efficient_atte
 from mmpeft.runtime.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from mmpeft.tuners import MultimodalAdapter, MultimodalLoRA
 from tests.helpers import assert_close, close, grad_scale
-
-from .conftest import tiny_sam, tiny_timm_sam, tiny_timm_vit
+from tests.tiny_models import tiny_sam, tiny_timm_sam, tiny_timm_vit
 
 ENCODERS = {"segment_anything": tiny_sam, "timm": tiny_timm_sam}
 

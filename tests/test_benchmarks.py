@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # builds all six encoders and peft's models in a subprocess: ~30 s
 def test_params_benchmark_reproduces_table_vi(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "params.py"), "--out", str(tmp_path)],

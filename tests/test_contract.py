@@ -18,8 +18,7 @@ from torch import nn
 from mmpeft import MergeError, MultimodalModel, build_config, load_multimodal, wrap_multimodal
 from mmpeft.tuners.fusion import FUSION_RULES, register_fusion
 from tests.helpers import assert_close, close
-
-from .conftest import tiny_sam, tiny_timm_vit
+from tests.tiny_models import tiny_sam, tiny_timm_vit
 
 MODS = ("optical", "dsm")
 

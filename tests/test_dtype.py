@@ -12,8 +12,7 @@ from torch import nn
 
 from mmpeft import MultimodalModel, load_multimodal, wrap_multimodal
 from tests.helpers import assert_close
-
-from .conftest import tiny_timm_vit
+from tests.tiny_models import tiny_timm_vit
 
 MODS = ("optical", "dsm")
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import mmpeft
 from mmpeft import MmpeftError, MmpeftKeyError, MmpeftStateError, MmpeftValueError, MmpeftWarning, wrap_multimodal
-from tests.conftest import tiny_timm_vit
+from tests.tiny_models import tiny_timm_vit
 
 ROOT = Path(mmpeft.__file__).parent
 

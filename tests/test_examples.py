@@ -142,7 +142,7 @@ def tiny_sam_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import torch
 
     from mmpeft.backbones import SAM_SPECS
-    from tests.test_sam_backbone import official_state
+    from tests.tiny_models import official_sam_state as official_state
 
     tiny = SAM_SPECS["vit_tiny"]
     state = official_state(tiny)

@@ -10,8 +10,7 @@ import torch
 
 from mmpeft import wrap_multimodal
 from tests.helpers import assert_close
-
-from .conftest import tiny_timm_vit
+from tests.tiny_models import tiny_timm_vit
 
 MODS = ("optical", "dsm")
 HF = {

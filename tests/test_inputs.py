@@ -15,8 +15,7 @@ from mmpeft.runtime.batch import check_sizes
 from mmpeft.runtime.presence import masked_presence, presence_tensor
 from mmpeft.runtime.stems import check_stem_inputs
 from mmpeft.utils import check_modalities
-
-from .conftest import tiny_timm_vit
+from tests.tiny_models import tiny_timm_vit
 
 MODS = ("optical", "dsm")
 

@@ -12,9 +12,8 @@ from torch import nn
 
 from mmpeft import count_parameters, load_multimodal, trainable_summary, wrap_multimodal
 from mmpeft.model.io import CONFIG_NAME, WEIGHTS_NAME
-
-from .conftest import tiny_sam, tiny_timm_sam
-from .test_wrap import _randomise_trainables
+from tests.helpers import randomise_trainables as _randomise_trainables
+from tests.tiny_models import tiny_sam, tiny_timm_sam
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])

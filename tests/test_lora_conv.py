@@ -17,8 +17,7 @@ from torch import nn
 
 from mmpeft import MergeError, MultimodalLoRAConv2d, load_multimodal, save_multimodal, wrap_multimodal
 from tests.helpers import assert_close, close
-
-from .conftest import CustomViT, tiny_sam, tiny_timm_vit
+from tests.tiny_models import CustomViT, tiny_sam, tiny_timm_vit
 
 MODS = ("optical", "dsm")
 BOTH = ["attn.proj", "patch_embed.proj"]  # a Linear and a Conv2d in one rule

@@ -16,8 +16,8 @@ from torch import nn
 from mmpeft import load_multimodal, wrap_multimodal
 from mmpeft.tuners.lora import LoRAConfig, MultimodalLoRA
 from tests.helpers import assert_close
-
-from .conftest import tiny_timm_vit
+from tests.helpers import perturb_trainables as _randomise
+from tests.tiny_models import tiny_timm_vit
 
 MODS = ("optical", "dsm")
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -46,15 +46,6 @@ def _wrap(variant: str, fusion: str | None = None, base: nn.Module | None = None
 def _inputs(batch: int = 2, seed: int = 1, mods=MODS) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {m: torch.rand(batch, 3 if m == "optical" else 1, 32, 32, generator=g) for m in mods}
-
-
-def _randomise(model: nn.Module, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g) * 0.1
-                p.add_(noise) if "magnitude" in n or "lam" in n else p.copy_(noise)
 
 
 def _frozen_outputs(base: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

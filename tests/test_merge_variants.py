@@ -11,9 +11,8 @@ from torch import nn
 
 from mmpeft import MultimodalLoRAConv2d, wrap_multimodal
 from tests.helpers import assert_close
-
-from .conftest import tiny_timm_vit
-from .test_lora_variants import _randomise
+from tests.helpers import perturb_trainables as _randomise
+from tests.tiny_models import tiny_timm_vit
 
 MODS = ("optical", "dsm")
 TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]

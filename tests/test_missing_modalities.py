@@ -16,8 +16,7 @@ from mmpeft import MultimodalLoRA, build_fusion, wrap_multimodal
 from mmpeft.runtime.presence import NonFiniteInputError, check_finite, modality_dropout
 from mmpeft.tuners.fusion import presence_weights
 from tests.helpers import close, rel_diff
-
-from .conftest import tiny_sam, tiny_timm_vit
+from tests.tiny_models import tiny_sam, tiny_timm_vit
 
 MODS3 = ("optical", "dsm", "sar")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,26 +13,19 @@ from torch import nn
 from mmpeft import wrap_multimodal
 from mmpeft.interop.peft_families import PlainModelError, place, prepare_for_peft
 from mmpeft.interop.peft_interop import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_peft, peft_lora_weights
+from tests.backbone_cases import BACKBONES
+from tests.backbone_cases import backbone_inputs as _family_inputs
+from tests.backbone_cases import build_backbone as _build
+from tests.backbone_cases import main_tensor as _tensor
+from tests.backbone_cases import randomise_family_trainables as _randomise_family
 from tests.helpers import assert_close, close, rel_diff
-
-from .conftest import tiny_sam, tiny_timm_vit
-from .test_backbones import BACKBONES, _build, _tensor
-from .test_backbones import _inputs as _family_inputs
-from .test_backbones import _randomise_trainables as _randomise_family
-from .test_wrap import _randomise_trainables
+from tests.helpers import randomise_trainables as _randomise_trainables
+from tests.tiny_models import tiny_sam, tiny_timm_vit
 
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is fastest, and a 2-thread pool on busy cores is far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs(size: int = 64) -> dict[str, torch.Tensor]:

@@ -20,8 +20,8 @@ import mmpeft.targeting.inject as inject
 from mmpeft import wrap_multimodal
 from mmpeft.targeting.inputs import choose_size, infer_in_channels
 from mmpeft.targeting.probe import ProbeError, dry_run
-from tests.conftest import tiny_sam, tiny_timm_vit
 from tests.family_zoo import build
+from tests.tiny_models import tiny_sam, tiny_timm_vit
 
 MODS = ("optical", "dsm")
 FAMILIES: dict[str, Callable[[], nn.Module]] = {

@@ -13,11 +13,14 @@ from torch import nn
 
 from mmpeft import reference_forward, wrap_multimodal
 from mmpeft.runtime.verify import WrapError
+from tests import backbone_cases as tb
+from tests.backbone_cases import main_tensor as _tensor
+from tests.backbone_cases import randomise_family_trainables as _randomise_trainables
 from tests.helpers import assert_close, rel_diff
 
-from . import test_backbones as tb
 from . import test_families as tf
-from .test_backbones import _one_thread, _randomise_trainables, _tensor  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest
 
 MODS3 = ("optical", "dsm", "sar")
 KINDS = [("b", k, m) for k in tb.BACKBONES for m in ("lora", "adapter")] + [("f", k, m) for k, m in tf.CASES]

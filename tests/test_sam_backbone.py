@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from functools import partial
 
 import pytest
 import torch
@@ -26,43 +25,13 @@ from mmpeft.backbones import (
     sam_encoder_impl,
 )
 from tests.helpers import assert_close, close
+from tests.tiny_models import SAM_DROPPED as DROPPED
+from tests.tiny_models import SAM_NATIVE as NATIVE
+from tests.tiny_models import SAM_TINY as TINY
+from tests.tiny_models import official_sam_state as official_state
+from tests.tiny_models import reference_sam_encoder as reference_encoder
 
-TINY = SamSpec(embed_dim=64, depth=4, num_heads=2, global_attn_indexes=(1, 3), window_size=4, out_chans=32)
-NATIVE = 256  # checkpoint's native input size: 16 x 16 tokens
 IMPLS = ("timm", "segment_anything")
-DROPPED = ("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", "mask_decoder.iou_token.weight")
-
-
-def reference_encoder(spec: SamSpec, img_size: int) -> ImageEncoderViT:
-    """segment-anything's encoder configured exactly as in its build_sam."""
-    return ImageEncoderViT(
-        img_size=img_size,
-        patch_size=16,
-        embed_dim=spec.embed_dim,
-        depth=spec.depth,
-        num_heads=spec.num_heads,
-        mlp_ratio=spec.mlp_ratio,
-        out_chans=spec.out_chans,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=spec.window_size,
-        global_attn_indexes=spec.global_attn_indexes,
-    )
-
-
-def official_state(spec: SamSpec = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A flat dict in the official SAM layout, every tensor (pos_embed, rel_pos too) random."""
-    torch.manual_seed(seed)
-    encoder = reference_encoder(spec, NATIVE)
-    with torch.no_grad():
-        for name, param in encoder.named_parameters():
-            scale = 1.0 if "rel_pos" in name or "pos_embed" in name else 0.2
-            param.add_(torch.randn_like(param) * scale)
-    state = {f"image_encoder.{k}": v.clone() for k, v in encoder.state_dict().items()}
-    state[DROPPED[0]] = torch.randn(2, 16)
-    state[DROPPED[1]] = torch.randn(1, 32)
-    return state
 
 
 def stripped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,8 +11,7 @@ from mmpeft import wrap_multimodal
 from mmpeft.runtime.attention import resolve_queries
 from mmpeft.runtime.blocks import runner_of, set_block_features
 from tests.helpers import assert_close, grad_scale
-
-from .conftest import tiny_timm_sam
+from tests.tiny_models import tiny_timm_sam
 
 X = {
     "optical": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
@@ -151,7 +150,7 @@ def _train_steps(model: nn.Module, run: nn.Module, steps: int = 3) -> list[torch
     return outs
 
 
-@pytest.mark.parametrize("how", ["blocks", "model"])
+@pytest.mark.parametrize("how", ["blocks", pytest.param("model", marks=pytest.mark.slow)])  # whole model: ~17 s
 def test_compiled_equals_eager_without_recompilation(how: str) -> None:
     """Dynamo + AOT autograd (the graphs Inductor would compile) give the eager function, step
     after step, compile once (two block graphs: windowed and global), and never again."""

@@ -16,8 +16,8 @@ from mmpeft import FAMILIES, detect_family, wrap_multimodal
 from mmpeft.model.wrap import plan_targets
 from mmpeft.targeting.structure import StructuralFamilyWarning, StructureError, find_structure
 from mmpeft.targeting.targets import BackboneFamily, match_targets, structural_family
-from tests.conftest import CustomBlock, tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
 from tests.helpers import close
+from tests.tiny_models import CustomBlock, tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
 
 MODS = ("optical", "dsm")
 

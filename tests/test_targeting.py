@@ -22,8 +22,7 @@ from mmpeft import (
     wrap_multimodal,
 )
 from mmpeft.tuners import multimodal_layers
-
-from .conftest import tiny_timm_vit
+from tests.tiny_models import tiny_timm_vit
 
 peft = pytest.importorskip("peft")
 MODS = ("optical", "dsm")

@@ -8,8 +8,7 @@ from torch import nn
 
 from mmpeft import wrap_multimodal
 from tests.helpers import close
-
-from .conftest import tiny_sam, tiny_timm_vit
+from tests.tiny_models import tiny_sam, tiny_timm_vit
 
 MODS = ("optical", "dsm")
 

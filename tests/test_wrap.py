@@ -11,8 +11,8 @@ from torch import nn
 from mmpeft import MultimodalModel, count_parameters, set_execution, wrap_multimodal
 from mmpeft.interop.reference import per_modality_forward
 from tests.helpers import close, rel_diff
-
-from .conftest import tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
+from tests.helpers import randomise_trainables as _randomise_trainables
+from tests.tiny_models import tiny_custom, tiny_sam, tiny_timm_sam, tiny_timm_vit
 
 CUSTOM_TARGETS = {"lora": ["in_proj", "ffn.0", "ffn.2"], "adapter": r"layers\.\d+\.ffn"}
 
@@ -29,18 +29,6 @@ def _inputs(kind: str) -> dict[str, torch.Tensor]:
     size = 32 if kind in ("timm_vit", "custom") else 64
     g = torch.Generator().manual_seed(3)
     return {"optical": torch.rand(2, 3, size, size, generator=g), "dsm": torch.rand(2, 1, size, size, generator=g)}
-
-
-def _randomise_trainables(model: nn.Module, seed: int = 5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if not p.requires_grad:  # frozen tensors (e.g. DINOv2's layer-scale lambda1) stay as built
-                continue
-            if "_fusion." in n:
-                p.uniform_(0.2, 0.9, generator=g)
-            elif "stem" not in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 BACKBONES = ["sam", "timm_sam", "timm_vit", "custom"]

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import source_graph
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # layer -> module prefixes (longest match wins)
@@ -62,26 +64,11 @@ def layer_of(module: str) -> str | None:
 
 
 def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return source_graph.module_name(path, ROOT)  # ROOT: patched by the checkers' own tests
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every import in ``path``, relative ones resolved."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
-            target = ".".join([*base, *([node.module] if node.module else [])])
-            if node.module is None:  # from . import x: x is a module of the package
-                out += [(node.lineno, f"{target}.{a.name}") for a in node.names]
-            else:
-                out.append((node.lineno, target))
-    return out
+    return source_graph.imports_of(path, ROOT)
 
 
 def project_files() -> list[Path]:

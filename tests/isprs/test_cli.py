@@ -242,7 +242,7 @@ def test_demo_quick_with_a_sam_checkpoint(tmp_path: Path, capsys: pytest.Capture
     import torch
 
     from mmpeft.backbones import SAM_SPECS
-    from tests.test_sam_backbone import official_state
+    from tests.tiny_models import official_sam_state as official_state
 
     ckpt = tmp_path / "sam_vit_tiny_random.pth"
     torch.save(official_state(SAM_SPECS["vit_tiny"]), ckpt)

@@ -10,7 +10,7 @@ import torch
 from mmpeft_isprs.data import IGNORE_INDEX, JointFlipRotate, RandomCropDataset, TileSet, VaihingenLayout
 from mmpeft_isprs.data.datasets import item_rng
 from tests.helpers import assert_close
-from tests.isprs.test_data import make_vaihingen
+from tests.isprs.archives import make_vaihingen
 
 
 def test_random_crops_deterministic_per_seed_epoch_index(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,27 +35,9 @@ from mmpeft_isprs.data import (
     write_tiff,
 )
 from tests.helpers import assert_close
+from tests.isprs.archives import make_vaihingen, random_classes
 
 # ------------------------------------------------------------------ helpers
-
-
-def random_classes(rng: np.random.Generator, h: int, w: int, k: int = 6) -> np.ndarray:
-    return rng.integers(0, k, (h, w)).astype(np.int64)
-
-
-def make_vaihingen(root: Path, ids, size=(40, 48), seed=0) -> None:
-    """Tiny Vaihingen-layout tiles with random content and valid colours."""
-    rng = np.random.default_rng(seed)
-    lay = VaihingenLayout()
-    for i in ids:
-        f = lay.tile_files(root, i)
-        cls = random_classes(rng, *size)
-        write_tiff(f.inputs["optical"], rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-        write_tiff(f.inputs["dsm"], (250 + 10 * rng.random(size)).astype(np.float32))
-        write_tiff(f.labels, index_to_colour(cls, ISPRS))
-        eroded = cls.copy()
-        eroded[0] = IGNORE_INDEX  # first row: "boundary"
-        write_tiff(f.eval_labels, index_to_colour(eroded, ISPRS))
 
 
 # ------------------------------------------------------------------ palette

@@ -25,7 +25,7 @@ from mmpeft_isprs.model import build_mfnet
 from mmpeft_isprs.runner.progress import EvalProgress
 from mmpeft_isprs.task import save_trained
 from tests.helpers import close
-from tests.isprs.test_layouts_real import make_mmhunan_archive
+from tests.isprs.archives import make_mmhunan_archive
 
 TINY_MODEL = {
     "backbone": "vit_tiny",

@@ -43,6 +43,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow  # two torchrun processes: ~30 s on 2 cores
 def test_torchrun_two_cpu_ranks_match_one(tmp_path: Path) -> None:
     """`torchrun --nproc_per_node 2 -m mmpeft_isprs demo --quick`: DDP training (gloo) then evaluation
     sharded over the ranks; the same weights scored in one process give the identical confusion matrix.

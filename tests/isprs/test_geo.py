@@ -14,7 +14,7 @@ from mmpeft_isprs.data import ISPRS, DataWarning, DsmNormalisation, TileSet, Vai
 from mmpeft_isprs.data.geo import GDAL_NODATA, file_nodata, has_rasterio
 from mmpeft_isprs.data.inputs import dsm_tensor
 
-from .test_layouts_real import make_vaihingen_archive
+from tests.isprs.archives import make_vaihingen_archive
 
 
 def _dsm_with_declared_nodata(path: Path) -> np.ndarray:

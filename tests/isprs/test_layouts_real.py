@@ -14,12 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 import yaml
-from PIL import Image
 
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.data import (
-    ISPRS,
     DataError,
     DataWarning,
     DsmNormalisation,
@@ -28,7 +26,6 @@ from mmpeft_isprs.data import (
     SplitSpec,
     TileSet,
     VaihingenLayout,
-    index_to_colour,
     pair_inputs,
     write_tiff,
 )
@@ -36,75 +33,7 @@ from mmpeft_isprs.data.inputs import dsm_tensor
 from mmpeft_isprs.data.patterns import pad_id, tile_key, tile_key_of_name
 from mmpeft_isprs.data.splits import POTSDAM_SPLITS, VAIHINGEN_SPLITS
 from mmpeft_isprs.datamodule import make_layout, split_ids
-
-TINY = [
-    "model.backbone=vit_tiny",
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.decode_channels=16",
-    "model.window_size=4",
-    "model.decoder_heads=2",
-    "model.img_size=32",
-    "model.checkpoint=null",
-    "train.epochs=1",
-    "train.batches_per_epoch=1",
-    "train.batch_size=2",
-    "train.num_workers=0",
-    "train.progress=false",
-    "eval.stride=32",
-    "eval.val_stride=32",
-]
-SIZE = 32
-
-
-def _colour_labels(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    classes = rng.integers(0, 6, (SIZE, SIZE))
-    full = index_to_colour(classes, ISPRS)
-    eroded = full.copy()
-    eroded[::5] = 0  # black boundary rows, ignored
-    return full, eroded
-
-
-def make_vaihingen_archive(root: Path, ids: list[str], seed: int = 0) -> None:
-    """``top/``, ``dsm/``, ``gts_for_participants/``, ``gts_eroded_for_participants/`` as unpacked."""
-    rng = np.random.default_rng(seed)
-    for i in ids:
-        write_tiff(root / "top" / f"top_mosaic_09cm_area{i}.tif", rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
-        write_tiff(
-            root / "dsm" / f"dsm_09cm_matching_area{i}.tif", rng.uniform(240, 280, (SIZE, SIZE)).astype(np.float32)
-        )
-        full, eroded = _colour_labels(rng)
-        write_tiff(root / "gts_for_participants" / f"top_mosaic_09cm_area{i}.tif", full)
-        write_tiff(root / "gts_eroded_for_participants" / f"top_mosaic_09cm_area{i}_noBoundary.tif", eroded)
-
-
-def make_potsdam_archive(root: Path, ids: list[str], seed: int = 0) -> None:
-    """RGBIR tiles, the nDSM JPEGs with zero-padded ids (``dsm_potsdam_02_10_...``), and the labels
-    of all tiles as the complete archives unpack (``5_Labels_all``, ``5_Labels_all_noBoundary``)."""
-    rng = np.random.default_rng(seed)
-    (root / "1_DSM_normalisation").mkdir(parents=True, exist_ok=True)
-    for i in ids:
-        write_tiff(
-            root / "4_Ortho_RGBIR" / f"top_potsdam_{i}_RGBIR.tif", rng.integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8)
-        )
-        ndsm = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
-        ndsm.save(root / "1_DSM_normalisation" / f"dsm_potsdam_{pad_id(i)}_normalized_lastools.jpg", quality=95)
-        full, eroded = _colour_labels(rng)
-        write_tiff(root / "5_Labels_all" / f"top_potsdam_{i}_label.tif", full)
-        write_tiff(root / "5_Labels_all_noBoundary" / f"top_potsdam_{i}_label_noBoundary.tif", eroded)
-
-
-def make_mmhunan_archive(root: Path, n: int, seed: int = 0) -> list[str]:
-    """The three flat folders ``images_png/``, ``dsm_pngs/``, ``masks_png/`` (no split folders or lists)."""
-    rng = np.random.default_rng(seed)
-    for sub in ("images_png", "dsm_pngs", "masks_png"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    stems = [str(i) for i in range(n)]
-    for s in stems:
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / "images_png" / f"{s}.png")
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(root / "dsm_pngs" / f"{s}.png")
-        tifffile.imwrite(root / "masks_png" / f"{s}.tif", rng.integers(-1, 7, (SIZE, SIZE)).astype(np.int8))
-    return stems
+from tests.isprs.archives import SIZE, TINY, make_mmhunan_archive, make_potsdam_archive, make_vaihingen_archive
 
 
 def _all_ids(table: dict[str, dict[str, list[str]]]) -> list[str]:

@@ -13,7 +13,7 @@ from mmpeft_isprs.data import generate_synthetic_vaihingen
 from mmpeft_isprs.runner.progress import MAX_SILENCE, StepLog, format_seconds
 from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.train import train
-from tests.isprs.test_train import tiny_config
+from tests.isprs.runs import tiny_config
 
 LINE = re.compile(
     r"^step (\d+)/(\d+) \(epoch \d+/\d+, batch \d+/\d+\): loss [\d.]+, lr [\d.e-]+, [\d.]+ img/s, "

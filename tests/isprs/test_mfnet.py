@@ -82,7 +82,7 @@ def test_exact_save_and_load_of_a_trained_model(tmp_path) -> None:
 
 
 def test_save_load_with_sam_checkpoint_reproduces_outputs(tmp_path) -> None:
-    from tests.test_sam_backbone import official_state
+    from tests.tiny_models import official_sam_state as official_state
 
     spec = replace_spec(SAM_SPECS["vit_tiny"], embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))
     ckpt = tmp_path / "sam_tiny.pth"

@@ -10,8 +10,7 @@ from mmpeft_isprs.model import MFNetConfig, build_mfnet, load_mfnet, save_mfnet
 from mmpeft_isprs.model.encoder_weights import EncoderCheckpointError
 from mmpeft_isprs.model.sam2_weights import sam2_to_timm_state_dict, timm_to_sam2_state_dict
 from tests.helpers import close
-
-from .test_mfnet_encoders import DINO, HIERA, S, base_encoder, inputs
+from tests.isprs.encoders import DINO, HIERA, S, base_encoder, inputs
 
 #: keys of an official SAM2 file outside the trunk (dropped on purpose, reported)
 OTHER_SAM2 = ("image_encoder.neck.convs.0.conv.weight", "sam_mask_decoder.iou_token.weight", "maskmem_tpos_enc")

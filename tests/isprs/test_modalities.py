@@ -20,7 +20,7 @@ from mmpeft_isprs.data import ISPRS, DataError, index_to_colour, write_tiff
 from mmpeft_isprs.data.splits import POTSDAM_SPLITS
 from mmpeft_isprs.datamodule import make_tileset, modality_specs
 from tests.helpers import assert_close
-from tests.isprs.test_layouts_real import TINY, make_potsdam_archive
+from tests.isprs.archives import TINY, make_potsdam_archive
 
 THREE = "potsdam_rgb_nir_dsm_mmadapter_vit_b"
 IDS = sorted({i for split in POTSDAM_SPLITS["authors"].values() for i in split})

@@ -18,8 +18,8 @@ from mmpeft_isprs.cli import main
 from mmpeft_isprs.data import write_tiff
 from mmpeft_isprs.data.splits import VAIHINGEN_SPLITS
 from mmpeft_isprs.train import train
-from tests.isprs.test_layouts_real import TINY, make_vaihingen_archive
-from tests.isprs.test_train import data_root, quiet, tiny_config  # noqa: F401 (fixture)
+from tests.isprs.archives import TINY, make_vaihingen_archive
+from tests.isprs.runs import quiet, tiny_config
 
 
 def _losses(run: Path) -> list[str]:
@@ -27,7 +27,7 @@ def _losses(run: Path) -> list[str]:
         return [row["train_loss"] for row in csv.DictReader(f)]
 
 
-def test_logged_loss_does_not_depend_on_checkpoints(data_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_logged_loss_does_not_depend_on_checkpoints(data_root: Path, tmp_path: Path) -> None:
     plain = tiny_config(data_root, tmp_path / "a", epochs=1, batches_per_epoch=6)
     watched = tiny_config(data_root, tmp_path / "b", epochs=1, batches_per_epoch=6, checkpoint_every=1)
     train(plain, log=quiet)
@@ -35,7 +35,7 @@ def test_logged_loss_does_not_depend_on_checkpoints(data_root: Path, tmp_path: P
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
-def test_each_evaluation_keeps_its_folder_and_logs_are_written(data_root: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_each_evaluation_keeps_its_folder_and_logs_are_written(data_root: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     cfg = tiny_config(data_root, run, epochs=1, batches_per_epoch=2)
     train(cfg)
@@ -60,7 +60,7 @@ def test_each_evaluation_keeps_its_folder_and_logs_are_written(data_root: Path, 
     assert evals.count("== evaluation of") == 4 and "stride 64" in evals and "mIoU" in evals
 
 
-def test_an_evaluation_of_the_same_protocol_is_replaced_with_a_word(data_root: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_an_evaluation_of_the_same_protocol_is_replaced_with_a_word(data_root: Path, tmp_path: Path, capsys) -> None:
     """A second eval of the same protocol says it replaces the first and leaves none of its
     predictions behind (saved the first time, not the second)."""
     run = tmp_path / "run"
@@ -81,7 +81,7 @@ def test_an_evaluation_of_the_same_protocol_is_replaced_with_a_word(data_root: P
     assert not (folder / "predictions").exists() and (folder / "figures" / "confusion.png").is_file()
 
 
-def test_resume_reuses_the_runs_thread_count(data_root: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_resume_reuses_the_runs_thread_count(data_root: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny_config(data_root, run, epochs=1, batches_per_epoch=4).to_yaml())

@@ -9,55 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from mmpeft_isprs.config import ConfigError, ExperimentConfig, load_config
-from mmpeft_isprs.data import generate_synthetic_vaihingen
+from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.datamodule import EpochBatchSampler
 from mmpeft_isprs.evaluate import evaluate
 from mmpeft_isprs.runner import CHECKPOINT, load_checkpoint
 from mmpeft_isprs.task import load_trained
 from mmpeft_isprs.train import train
-
-TINY_MODEL = {
-    "backbone": "vit_tiny",
-    "embed_dim": 32,
-    "num_heads": 2,
-    "decode_channels": 16,
-    "window_size": 4,
-    "decoder_heads": 2,
-    "img_size": 64,
-}
-
-
-def tiny_config(data_root: Path, run_dir: Path, *overrides: str, **train: Any) -> ExperimentConfig:
-    """Synthetic data (3 tiles of 96 px), a toy MFNet with 64x64 crops, 2 epochs x 3 steps of 2."""
-    values = {
-        "name": "tiny",
-        "data": {"dataset": "synthetic", "root": str(data_root), "synthetic": {"num_tiles": 3, "tile_size": 96}},
-        "model": dict(TINY_MODEL),
-        "train": {
-            "run_dir": str(run_dir),
-            "epochs": 2,
-            "batches_per_epoch": 3,
-            "batch_size": 2,
-            "num_workers": 0,
-            "progress": False,
-            "tensorboard": False,
-            **train,
-        },
-        "eval": {"stride": 32, "val_stride": 64},
-    }
-    return load_config(values, overrides)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate_synthetic_vaihingen(root, num_tiles=3, tile_size=96)
-    return root
-
-
-def quiet(_: str) -> None:
-    return None
+from tests.isprs.runs import quiet, tiny_config
 
 
 def assert_same_run(a: Path, b: Path) -> None:

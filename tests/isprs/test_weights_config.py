@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.evaluate import eval_config
 
-from .test_layouts_real import TINY, make_vaihingen_archive
+from tests.isprs.archives import TINY, make_vaihingen_archive
 
 
 @pytest.fixture(scope="module")
