@@ -34,6 +34,7 @@ __all__ = ["run_demo", "DemoResult", "QUICK_OVERRIDES", "side_by_side", "new_dem
 
 DEMO_ROOT = Path("runs/demo")
 OPTIONS = "demo.json"  # the options a demo folder was started with (read by --resume)
+SUMMARY = "demo_summary.json"  # written when both runs are scored: the demo is finished
 
 RUNS: tuple[tuple[str, str, list[str]], ...] = (
     ("optical+dsm", "optical_dsm", ["optical", "dsm"]),
@@ -179,6 +180,9 @@ def run_demo(
     t0 = time.perf_counter()
     out = Path(out) if out is not None else latest_demo_dir() if resume else new_demo_dir()
     opts = _options(out, checkpoint, quick, overrides, resume, overwrite)
+    if resume and (out / SUMMARY).is_file():
+        return _finished(out, log)
+    spent = float(opts.get("seconds", 0.0)) if resume else 0.0  # the earlier launches' time
     configs = {
         label: demo_config(
             out,
@@ -193,8 +197,10 @@ def run_demo(
     info = info or init_distributed(configs["optical+dsm"].train.device, configs["optical+dsm"].train.threads)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        (out / SUMMARY).unlink(missing_ok=True)  # --overwrite: the earlier demo's summary goes
         (out / OPTIONS).write_text(json.dumps(opts, indent=1))
-        log(f"demo folder {out} (interrupted? continue with: mmpeft-isprs demo --resume {out})")
+        hint = "resumed" if resume else f"interrupted? continue with: mmpeft-isprs demo --resume {out}"
+        log(f"demo folder {out} ({hint})")
     results: dict[str, EvalResult] = {}
     for label, cfg in configs.items():
         if info.is_main:
@@ -206,7 +212,17 @@ def run_demo(
         if info.is_main:
             log(f"=== {label}: test tiles ===")
         results[label] = score_weights(cfg, run.best, info=info, out_dir=Path(cfg.train.run_dir) / "test", log=log)
-    return _report(out, configs, results, time.perf_counter() - t0, opts, info, log)
+        if info.is_main:  # the time so far, for a resumed demo's wall time
+            (out / OPTIONS).write_text(json.dumps({**opts, "seconds": spent + time.perf_counter() - t0}, indent=1))
+    return _report(out, configs, results, spent + time.perf_counter() - t0, opts, info, log)
+
+
+def _finished(out: Path, log: Callable[[str], None]) -> DemoResult:
+    """A finished demo asked to resume: nothing to train, its summary printed again, no file touched."""
+    saved = json.loads((out / SUMMARY).read_text())
+    log(f"{out} holds a finished demo (its {SUMMARY}): nothing to resume; its results:")
+    log("\n=== test tiles: optical+DSM vs optical ===\n" + saved["table"] + "\n" + saved["summary"])
+    return DemoResult({}, float(saved["seconds"]), saved["summary"])
 
 
 def _report(
@@ -244,5 +260,5 @@ def _report(
             "summary": summary,
             "runs": {k: r.metrics for k, r in results.items()},
         }
-        (out / "demo_summary.json").write_text(json.dumps(payload, indent=1))
+        (out / SUMMARY).write_text(json.dumps(payload, indent=1))
     return DemoResult(results, seconds, summary)

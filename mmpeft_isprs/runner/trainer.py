@@ -118,8 +118,9 @@ class Trainer:
         if resume is not None:
             self.state = restore_checkpoint(resume, task, info)
             if info.is_main:
-                s = self.state
-                self.log(f"resuming {self.run_dir / CHECKPOINT}: epoch {s.epoch + 1}, batch {s.batch}, step {s.step}")
+                s, where = self.state, self.run_dir / CHECKPOINT
+                at = f"epoch {s.epoch + 1}, batch {s.batch}" if s.epoch < t.epochs else f"all {t.epochs} epochs done"
+                self.log(f"resuming {where}: {at}, step {s.step}")
         self.logs = RunLog(self.run_dir, t.tensorboard) if info.is_main else None
         self.steps = StepLog(
             self.log,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.help import page
 
@@ -36,3 +38,17 @@ def test_without_the_isprs_extra_the_error_says_how_to_install_it() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "error: PyYAML (module 'yaml') is missing" in done.stderr and "pip install 'mmpeft[isprs]'" in done.stderr
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_demo_changes_nothing(tmp_path, capsys) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "train.threads=1"]) == 0
+    summary = (out / "demo_summary.json").read_bytes()
+    first = capsys.readouterr().out
+    assert f"interrupted? continue with: mmpeft-isprs demo --resume {out}" in first
+    assert main(["demo", "--resume", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert f"{out} holds a finished demo (its demo_summary.json): nothing to resume" in again
+    assert "interrupted?" not in again and "epoch 2" not in again and "DSM gain" in again
+    assert (out / "demo_summary.json").read_bytes() == summary  # its wall time is not replaced by the resume's
