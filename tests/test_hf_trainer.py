@@ -176,6 +176,9 @@ def test_resume_continues_the_run(trainer_class: Any, tmp_path: Path) -> None:
     whole, _ = _train(trainer_class, tmp_path, data, **kw)
     stock = trainer_class is transformers.Trainer
     assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file() == stock
+    if stock:  # no config in it: load_multimodal says what wrote it and the way
+        with pytest.raises(FileNotFoundError, match="stock transformers.Trainer.*MultimodalTrainer"):
+            load_multimodal(_base(), tmp_path / "checkpoint-2")
     model = _wrapped()
     trainer = trainer_class(model, _args(tmp_path / "r", **kw), train_dataset=data, data_collator=collate)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

@@ -45,6 +45,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 if sets
                 else ""
             )
+            if not sets and (d / "model.safetensors").is_file():  # the stock Hugging Face Trainer's whole state dict
+                held = (
+                    "; it holds model.safetensors, the whole state dict the stock transformers.Trainer writes for a "
+                    "model of its own (no config): train with mmpeft.interop.trainer.MultimodalTrainer, whose "
+                    "checkpoints and save_model write these files, or call wrapped.save_pretrained(directory)"
+                )
             raise MmpeftFileNotFoundError(
                 f"{d / f} not found: not a directory written by save_pretrained / save_multimodal{held}"
             )
