@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from mmpeft import load_multimodal, wrap_multimodal
+from mmpeft import MultimodalModel, load_multimodal, wrap_multimodal
 from mmpeft.errors import MmpeftFileNotFoundError, MmpeftTypeError
 from tests.helpers import assert_close, randomise_trainables
 
@@ -96,13 +96,23 @@ def test_push_then_load_reproduces_outputs(hub: SimpleNamespace) -> None:
 def test_save_pretrained_push_to_hub(hub: SimpleNamespace, tmp_path: Path) -> None:
     wrapped = _trained()
     wrapped.add_adapter("second")
-    randomise_trainables(wrapped, seed=9)  # the active set ("default") again; "second" keeps zeros
+    wrapped.set_adapter("second")
+    randomise_trainables(wrapped, seed=9)  # the active set's trainables: "second" differs from "default"
+    wrapped.set_adapter("default")
     target = tmp_path / "tiny-adapters"
     wrapped.save_pretrained(target, push_to_hub=True, repo_id="user/two-sets")
     assert (target / "README.md").is_file()  # the card is written into the directory pushed
     files = hub.calls[-1][3]
     assert "second/mmpeft_config.json" in files and "adapter_model.safetensors" in files
-    _same_outputs(wrapped, load_multimodal(tiny_timm_vit(), "user/two-sets"))
+    loaded = load_multimodal(tiny_timm_vit(), "user/two-sets")
+    _same_outputs(wrapped, loaded)
+    # peft's other readers of a Hub id: from_pretrained, and load_adapter of a set in its folder
+    _same_outputs(wrapped, MultimodalModel.from_pretrained(tiny_timm_vit(), "user/two-sets"))
+    loaded.load_adapter("user/two-sets", "second")
+    loaded.set_adapter("second")
+    wrapped.set_adapter("second")
+    _same_outputs(wrapped, loaded)
+    wrapped.set_adapter("default")
     # repo_id defaults to the directory's name (a bare name: the token's user, as transformers)
     wrapped.save_pretrained(target, push_to_hub=True)
     assert hub.calls[-2][1] == "tiny-adapters" and hub.calls[-1][1] == "me/tiny-adapters"

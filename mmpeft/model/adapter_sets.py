@@ -36,6 +36,7 @@ from ..targeting.peft_config import peft_arguments
 from ..tuners import MultimodalLayer, set_execution
 from .build import WrapOptions
 from .combine import weighted_lora_set
+from .hub import resolve_adapter_source
 from .io import CONFIG_NAME, read_adapter
 from .merge import check_usable
 from .params import ParamReport, count_parameters
@@ -380,7 +381,8 @@ class AdapterSets:
         if hotswap:
             if is_trainable:
                 raise MmpeftValueError("hotswap=True keeps the set's requires_grad flags: drop is_trainable")
-            return self.hotswap_adapter(directory, adapter_name)  # type: ignore[attr-defined]
+            return self.hotswap_adapter(resolve_adapter_source(directory), adapter_name)  # type: ignore[attr-defined]
+        directory = resolve_adapter_source(directory)  # a directory, or a Hub repo id (mmpeft.model.hub)
         path = Path(directory) / adapter_name
         tensors, meta = read_adapter(path if (path / CONFIG_NAME).is_file() else directory)
         self.add_adapter(adapter_name, config=MultimodalConfig.from_dict(meta["config"]), probe=probe)

@@ -59,9 +59,9 @@ def is_hub_repo_id(source: str | os.PathLike) -> bool:
 
 def _both(source: str, reason: str) -> MmpeftFileNotFoundError:
     return MmpeftFileNotFoundError(
-        f"{source!r} is neither a local directory written by save_pretrained nor a Hub repo that could be "
-        f"fetched ({reason}). Pass an existing directory, or a Hub repo id 'owner/name' (with HF_HUB_OFFLINE=1 "
-        "only repos already in the Hugging Face cache are found)"
+        f"{Path(source) / CONFIG_NAME} not found: {source!r} is neither a local directory written by "
+        f"save_pretrained nor a Hub repo that could be fetched ({reason}). Pass an existing directory, or a Hub "
+        "repo id 'owner/name' (with HF_HUB_OFFLINE=1 only repos already in the Hugging Face cache are found)"
     )
 
 

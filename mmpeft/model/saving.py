@@ -16,6 +16,7 @@ from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_s
 from ..targeting.prepare import prepare_backbone, unchanged_on_error
 from ..tuners import multimodal_layers
 from ..utils import dtype_name, listing
+from .hub import resolve_adapter_source
 from .io import read_adapter, write_adapter
 from .merge import check_usable
 from .precision import check_autocast, sync_dtype
@@ -147,7 +148,7 @@ class Persistence:
         model runs in the saved ``base_dtype``, or in its own dtype when that is bf16 / fp16 and none
         was saved; ``autocast_adapter_dtype`` as in :meth:`from_config`.
         """
-        tensors, meta = read_adapter(directory)
+        tensors, meta = read_adapter(resolve_adapter_source(directory))  # a directory, or a Hub repo id
         config = MultimodalConfig.from_dict(meta["config"])
         wrapped = cls.from_config(base_model, config, efficient_attention, probe, autocast_adapter_dtype)
         _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
