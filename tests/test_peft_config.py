@@ -210,3 +210,23 @@ def test_inference_mode_freezes_the_set_and_add_adapter_takes_a_config_too() -> 
     with pytest.raises(MmpeftValueError, match="LoraConfig.bias"):
         w.add_adapter("e", peft.LoraConfig(target_modules=["fc1"], bias="all"))
     assert w.adapters == ["default", "b", "c", "d"]
+
+
+def test_a_second_set_from_a_lora_config_equals_peft_add_adapter() -> None:
+    """peft: get_peft_model(base, c1).add_adapter("b", c2); set_adapter("b"). mmpeft: the same calls."""
+    first, second = peft.LoraConfig(r=2, target_modules=["qkv"]), peft.LoraConfig(r=4, target_modules=["fc1", "fc2"])
+    base = tiny_timm_vit()
+    twin = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(first))
+    twin.add_adapter("b", copy.deepcopy(second))
+    twin.set_adapter("b")
+    w = wrap_multimodal(base, ("optical",), first)
+    w.add_adapter("b", second)
+    w.set_adapter("b")
+    perturb_trainables(w)
+    with torch.no_grad():
+        for name, layer in w.layers():
+            p = twin.base_model.model.get_submodule(name.removeprefix("base_model."))
+            p.lora_A["b"].weight.copy_(layer.lora_A["optical"].weight)
+            p.lora_B["b"].weight.copy_(layer.lora_B["optical"].weight)
+        x = _inputs(32, ("optical",))["optical"]
+        assert_close(w.eval()({"optical": x})["optical"], twin.eval()(x), rel=1e-5)

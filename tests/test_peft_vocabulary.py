@@ -193,3 +193,35 @@ def test_hotswap_refuses_naming_the_tensor_or_the_option(tmp_path: Path) -> None
     with pytest.raises(MmpeftKeyError, match="no adapter set 'c' to swap into"):
         w.hotswap_adapter(tmp_path / "alpha", "c")
     assert all(torch.equal(v, before[k]) for k, v in w.state_dict().items())  # nothing copied
+
+
+def test_adapter_names_on_a_hugging_face_model_by_keyword() -> None:
+    """The inputs by the model's keyword (pixel_values=), a ModelOutput per modality put back per sample."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, intermediate_size=64
+    )
+    w = wrap_multimodal(transformers.ViTModel(cfg).eval(), MODS, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    w.add_adapter("b", peft.LoraConfig(r=4, target_modules=["v_proj", "fc1"]))
+    perturb_trainables(w)
+    with w._using("b"):
+        perturb_trainables(w, 6)
+    w.eval()
+    x = _inputs(batch=3, seed=4)
+    names = ["default", "b", "default"]
+    with torch.no_grad():
+        got = w(pixel_values=x, adapter_names=names, output_hidden_states=True)
+        with pytest.raises(MmpeftValueError, match="labels= with adapter_names="):
+            w(pixel_values=x, adapter_names=names, labels=torch.zeros(3, dtype=torch.long))
+    assert type(got["dsm"]).__name__ == "BaseModelOutputWithPooling"
+    for name in ("default", "b"):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+        w.set_adapter(name)
+        with torch.no_grad():
+            alone = w(pixel_values={m: v[idx] for m, v in x.items()}, output_hidden_states=True)
+        for m in MODS:
+            for field in ("last_hidden_state", "pooler_output"):
+                assert torch.equal(getattr(got[m], field)[idx], getattr(alone[m], field))
+            assert torch.equal(got[m].hidden_states[1][idx], alone[m].hidden_states[1])
+    w.set_adapter("default")
