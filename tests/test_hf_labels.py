@@ -113,3 +113,14 @@ def test_labels_of_a_model_of_ones_own_go_to_it_unchanged() -> None:
         plain = w(x)
     for m in MODS:
         assert_close(out[m], plain[m] + 1, rel=1e-5)
+
+
+def test_a_modality_named_loss_is_refused_with_labels_before_the_run() -> None:
+    """The combined loss is the output's ``"loss"`` entry: a modality of that name is refused, before any work."""
+    w = wrap_multimodal(_classifier(), ("optical", "loss"), preset="lora", stems={"loss": ("repeat", 1)})
+    x, y = _inputs()
+    with pytest.raises(ValueError, match="modality named 'loss'"):
+        w(pixel_values={"optical": x["optical"], "loss": x["dsm"]}, labels=y)
+    assert w.call_check_pending  # the model did not run
+    with torch.no_grad():
+        assert set(w(pixel_values={"optical": x["optical"], "loss": x["dsm"]})) == {"optical", "loss"}

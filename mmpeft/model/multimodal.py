@@ -225,7 +225,7 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
         if inputs is None:  # given by the keyword of the method's first parameter
             fn, inputs = _by_keyword(fn, kwargs)
         names, x, mask = self._prepare(inputs, presence, finite_checked)
-        check_presence(labels, mask)
+        check_presence(labels, mask, names)  # before the run
         # the layers check their inputs' leading size against the batch; a subset of the
         # modalities or a presence mask changes how they mix
         state: dict[str, Any] = {"batch_size": x.shape[0] // len(names), "input_size": tuple(x.shape[2:])}

@@ -20,7 +20,7 @@ exact (:attr:`~mmpeft.MultimodalModel.accepts_loss_kwargs`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,8 +104,14 @@ def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Labels | N
     return Labels(kwargs.pop("labels"), {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs})
 
 
-def check_presence(labels: Any, mask: Any) -> None:
-    """``labels`` with a per-sample presence mask (``presence=`` or ``nonfinite="absent"``) is an error."""
+def check_presence(labels: Any, mask: Any, names: Sequence[str] = ()) -> None:
+    """``labels`` with a per-sample presence mask (``presence=`` or ``nonfinite="absent"``) is an
+    error; so is a modality named ``"loss"`` among ``names`` (the combined loss's key)."""
+    if labels is not None and "loss" in names:
+        raise MmpeftValueError(
+            "labels= with a modality named 'loss': the output's 'loss' entry is the combined loss; "
+            "rename the modality (e.g. 'loss_image')"
+        )
     if labels is not None and mask is not None:
         raise MmpeftValueError(
             "labels= with a presence mask: the head's loss is a mean over every sample, absent ones included. "
@@ -127,11 +133,6 @@ def with_losses(model: nn.Module, outputs: Any, labels: Labels) -> Any:
     """Each modality's output with its ``loss`` from its own logits: a :class:`MultimodalOutput`
     (with the mean loss) for a dict of outputs, a list for a list."""
     if isinstance(outputs, dict):
-        if "loss" in outputs:
-            raise MmpeftValueError(
-                "labels= with a modality named 'loss': the output's 'loss' entry is the combined loss; "
-                "rename the modality (e.g. 'loss_image')"
-            )
         per = {m: _with_loss(model, o, labels) for m, o in outputs.items()}
         return MultimodalOutput(loss=torch.stack([o.loss for o in per.values()]).mean(), **per)
     return [_with_loss(model, o, labels) for o in outputs]
