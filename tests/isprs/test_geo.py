@@ -13,7 +13,6 @@ import tifffile
 from mmpeft_isprs.data import ISPRS, DataWarning, DsmNormalisation, TileSet, VaihingenLayout, write_prediction
 from mmpeft_isprs.data.geo import GDAL_NODATA, file_nodata, has_rasterio
 from mmpeft_isprs.data.inputs import dsm_tensor
-
 from tests.isprs.archives import make_vaihingen_archive
 
 

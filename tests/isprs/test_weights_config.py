@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.evaluate import eval_config
-
 from tests.isprs.archives import TINY, make_vaihingen_archive
 
 
