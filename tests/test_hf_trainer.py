@@ -275,3 +275,20 @@ def test_a_named_set_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
     built = _trainables(_wrapped())
     for k, v in _trainables(model).items():
         assert torch.equal(v, built[k]), f"set 'default' changed: {k}"
+
+
+def test_load_best_model_at_end_reads_the_adapter_files(tmp_path: Path) -> None:
+    """``load_best_model_at_end``: the best checkpoint's adapter files come back into the model (also
+    after the trainables were changed since: the load is what sets them)."""
+    from mmpeft.model.io import read_adapter
+
+    data = _Data(8)
+    kw = dict(max_steps=4, per_device_train_batch_size=2, eval_strategy="steps", eval_steps=2, save_steps=2)
+    model, trainer = _train(MultimodalTrainer, tmp_path, data, save_strategy="steps", load_best_model_at_end=True, **kw)
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not (Path(best) / "model.safetensors").exists()
+    saved = read_adapter(best)[0]
+    assert all(torch.equal(v, saved[k]) for k, v in model.trainable_state_dict().items())
+    randomise_trainables(model, seed=11)
+    trainer._load_best_model()
+    assert all(torch.equal(v, saved[k]) for k, v in model.trainable_state_dict().items())
