@@ -122,10 +122,16 @@ def test_save_pretrained_push_to_hub(hub: SimpleNamespace, tmp_path: Path) -> No
     assert (target / "README.md").read_text() == "my card\n"
 
 
-def test_hub_options_without_push_are_refused_before_writing(tmp_path: Path) -> None:
+def test_hub_options_refused_before_writing(hub: SimpleNamespace, tmp_path: Path) -> None:
+    wrapped = _trained()
     with pytest.raises(MmpeftTypeError, match="options of push_to_hub=True"):
-        _trained().save_pretrained(tmp_path / "x", repo_id="user/x")
-    assert not (tmp_path / "x").exists()
+        wrapped.save_pretrained(tmp_path / "x", repo_id="user/x")
+    with pytest.raises(MmpeftTypeError, match=r"unknown push_to_hub option\(s\) \['privat'\]"):
+        wrapped.save_pretrained(tmp_path / "x", push_to_hub=True, repo_id="user/x", privat=True)
+    with pytest.raises(MmpeftTypeError, match="'a b' is not a Hub repo id"):
+        wrapped.save_pretrained(tmp_path / "a b", push_to_hub=True)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert hub.calls == []
 
 
 def test_model_card(hub: SimpleNamespace) -> None:

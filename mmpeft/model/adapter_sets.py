@@ -357,12 +357,13 @@ class AdapterSets:
         directory's name) with :meth:`push_to_hub`'s options (:mod:`mmpeft.model.hub`)."""
         if (repo_id is not None or hub_options) and not push_to_hub:
             raise MmpeftTypeError(f"repo_id / {sorted(hub_options)} are options of push_to_hub=True")
+        repo = self._push_target(directory, repo_id, hub_options) if push_to_hub else None  # type: ignore[attr-defined]
         names = self.adapters if selected_adapters is None else [self._known(n) for n in selected_adapters]
         for name in names:
             with self._using(name):
                 target = Path(directory) if name == DEFAULT_ADAPTER else Path(directory) / name
                 self._save_active_set(target)  # type: ignore[attr-defined]
-        return self._push_saved(directory, repo_id, hub_options) if push_to_hub else None  # type: ignore[attr-defined]
+        return self._push_saved(directory, repo, hub_options) if repo else None  # type: ignore[attr-defined]
 
     def load_adapter(
         self,

@@ -35,6 +35,7 @@ __all__ = [
 HUB_OPTIONS = ("revision", "token", "cache_dir", "local_files_only")
 CARD_NAME = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_PUSH_OPTIONS = ("private", "token", "commit_message", "revision", "create_pr", "base_model")
 _PUSH_ID = re.compile(r"^([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")  # a bare name: the token's user
 
 
@@ -175,12 +176,20 @@ class HubMixin:
             self.save_pretrained(tmp, selected_adapters=selected_adapters)  # type: ignore[attr-defined]
             return _upload(self, Path(tmp), repo_id, options)
 
-    def _push_saved(self, directory: str | os.PathLike, repo_id: str | None, options: dict[str, Any]) -> Any:
-        """``save_pretrained(directory, push_to_hub=True, repo_id=...)``: upload ``directory`` as
-        written (``repo_id`` default: the directory's name, as transformers does)."""
+    def _push_target(self, directory: str | os.PathLike, repo_id: str | None, options: dict[str, Any]) -> str:
+        """The repo ``save_pretrained(directory, push_to_hub=True, repo_id=...)`` uploads to (default:
+        the directory's name, as transformers does), checked with the options before anything is written."""
+        unknown = sorted(set(options) - set(_PUSH_OPTIONS))
+        if unknown:
+            raise MmpeftTypeError(f"unknown push_to_hub option(s) {unknown}; the options are {list(_PUSH_OPTIONS)}")
         repo = repo_id or Path(directory).resolve().name
         if not _PUSH_ID.match(repo):
             raise MmpeftTypeError(
                 f"save_pretrained(push_to_hub=True): {repo!r} is not a Hub repo id; pass repo_id='owner/name'"
             )
+        _hub()  # installed
+        return repo
+
+    def _push_saved(self, directory: str | os.PathLike, repo: str, options: dict[str, Any]) -> Any:
+        """Upload ``directory`` as :meth:`save_pretrained` wrote it (with a model card) to ``repo``."""
         return _upload(self, Path(directory), repo, dict(options))
