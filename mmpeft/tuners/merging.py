@@ -1,5 +1,6 @@
 """Merging for the layers whose update has a weight form (the LoRA layers): per-modality copies
-of the frozen weight (and bias) that never go stale, see :class:`WeightMerging`."""
+of the frozen weight (and bias) that follow every change torch tracks, and are otherwise a
+snapshot that ``merge_adapters()`` refreshes (an edit through ``param.data``), see :class:`WeightMerging`."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class WeightMerging:
     def _merged_current(self) -> None:
         """Before a merged forward (:meth:`mmpeft.tuners.base.MultimodalLayer.forward`): refuse
         training through the merged weights, and merge again when a tensor changed since the
-        merge (so merged weights are never stale)."""
+        merge as torch tracks it (version counters: an edit through ``.data`` moves none, so it waits
+        for the next ``merge()``; docs/concepts.md, "Merging")."""
         self._check_merged_inference()
         if not torch.compiler.is_compiling() and not _exporting() and self._stamp() != self._merge_stamp:
             self.merge()
