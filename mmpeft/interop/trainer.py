@@ -69,11 +69,15 @@ class MultimodalTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return None
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        model.save_pretrained(output_dir)
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        if directory is None:
+            raise MmpeftValueError(
+                "MultimodalTrainer.save_model: no output_dir given and none in the TrainingArguments"
+            )
+        model.save_pretrained(directory)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+            self.processing_class.save_pretrained(directory)
+        torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
         return None
 
     def _load_sets(self, model: MultimodalModel, directory: str) -> bool:

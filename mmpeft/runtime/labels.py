@@ -71,7 +71,7 @@ class Labels:
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-class MultimodalOutput(dict):  # type: ignore[type-arg]
+class MultimodalOutput(dict[str, Any]):
     """``{"loss": the mean of the modalities' losses, modality: its output, ...}`` (a dict, as a
     Hugging Face ``ModelOutput`` is one, the loss first): ``out.loss``, ``out["loss"]``,
     ``out["optical"].loss``; :meth:`outputs` the per-modality part."""
