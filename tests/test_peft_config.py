@@ -230,3 +230,13 @@ def test_a_second_set_from_a_lora_config_equals_peft_add_adapter() -> None:
             p.lora_B["b"].weight.copy_(layer.lora_B["optical"].weight)
         x = _inputs(32, ("optical",))["optical"]
         assert_close(w.eval()({"optical": x})["optical"], twin.eval()(x), rel=1e-5)
+
+
+def test_layers_to_transform_without_layers_pattern_differs_from_peft_deliberately() -> None:
+    """peft's default layers_pattern finds no block index in timm's 'blocks.1.attn.qkv' and selects
+    nothing; mmpeft reads 'blocks' / 'layers' / 'layer' (docs/peft.md, Targeting) and wraps block 1."""
+    cfg = peft.LoraConfig(target_modules=["qkv"], layers_to_transform=[1])
+    with pytest.raises(ValueError, match="not found in the base model"):
+        peft.get_peft_model(tiny_timm_vit(), copy.deepcopy(cfg))
+    w = wrap_multimodal(tiny_timm_vit(), MODS, cfg)
+    assert [n for n, _ in w.layers()] == ["base_model.blocks.1.attn.qkv"]

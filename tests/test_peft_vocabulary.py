@@ -92,10 +92,13 @@ def test_adapter_name_at_wrap_and_load_as_peft(tmp_path: Path) -> None:
     """peft: get_peft_model(..., adapter_name="ft").save_pretrained(d) writes d/ft; so does mmpeft,
     and load_multimodal(base, d, adapter_name="ft") reads it back under that name."""
     cfg = peft.LoraConfig(r=2, target_modules=["qkv"])
-    peft.get_peft_model(tiny_timm_vit(), copy.deepcopy(cfg), adapter_name="ft").save_pretrained(tmp_path / "peft")
+    twin = peft.get_peft_model(tiny_timm_vit(), copy.deepcopy(cfg), adapter_name="ft")
+    twin.save_pretrained(tmp_path / "peft")
     assert (tmp_path / "peft" / "ft" / "adapter_config.json").is_file()
     w = wrap_multimodal(tiny_timm_vit(), MODS, cfg, adapter_name="ft")
-    assert w.adapters == ["ft"] and w.active_adapter == "ft" and list(w.peft_config) == ["ft"]
+    assert w.adapters == ["ft"] and w.active_adapter == "ft" and list(w.peft_config) == list(twin.peft_config)
+    # deliberate: peft keeps the LoraConfig, mmpeft the config the set was built from (its rules)
+    assert isinstance(twin.peft_config["ft"], peft.LoraConfig) and w.peft_config["ft"].rules[0].rank == 2
     perturb_trainables(w)
     w.save_pretrained(tmp_path / "mm")
     assert (tmp_path / "mm" / "ft" / "mmpeft_config.json").is_file()
