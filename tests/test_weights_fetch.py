@@ -253,3 +253,19 @@ def test_the_docs_list_every_file_with_its_address() -> None:
         assert cells[3] == (f"{e.size:,}" if e.size else "-"), name
         assert cells[4].startswith(f"`{e.sha256}`" if e.sha256 else "-"), name
         assert e.md5 is None or f"md5 `{e.md5}`" in cells[4], name
+
+
+def test_read_only_cache_still_checked(server: _Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared cache the user cannot write (the record beside the file fails to be written): the
+    file placed there is used, checked, and hashed again at the next use."""
+    _register(monkeypatch, server, "sam_vit_b", PAYLOAD)
+    cache = weights.weights_cache_dir()
+    cache.mkdir(parents=True)
+    (cache / "sam_vit_b_01ec64.pth").write_bytes(PAYLOAD)
+    monkeypatch.setattr(weights, "_record", lambda p: p.parent / "not-writable" / (p.name + ".sha256"))
+    for _ in range(2):
+        assert weights.fetch_weights("sam_vit_b", progress=False) == cache / "sam_vit_b_01ec64.pth"
+    assert server.hits == [] and sorted(p.name for p in cache.iterdir()) == ["sam_vit_b_01ec64.pth"]
+    (cache / "sam_vit_b_01ec64.pth").write_bytes(PAYLOAD[:-1] + b"?")  # still checked at each use
+    with pytest.raises(MmpeftValueError, match="the cached file .* is not 'sam_vit_b'"):
+        weights.fetch_weights("sam_vit_b", progress=False)

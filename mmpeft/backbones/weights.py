@@ -165,7 +165,10 @@ def _recorded(path: Path) -> tuple[str | None, bool]:
 
 def _write_record(path: Path, sha: str, record: Path) -> None:
     st = path.stat()
-    record.write_text(f"{sha} {st.st_size} {st.st_mtime_ns}\n")
+    try:
+        record.write_text(f"{sha} {st.st_size} {st.st_mtime_ns}\n")
+    except OSError:  # a read-only shared cache: the file is hashed again at the next use
+        pass
 
 
 def _check(entry: WeightFile, path: Path, first: str | None) -> tuple[str | None, str]:
