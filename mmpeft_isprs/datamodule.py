@@ -302,11 +302,21 @@ class ISPRSDataModule:
         complete = sorted(
             {str(Path(p).parent) for role in ("labels", "eval_labels") for p in layout.patterns.get(role, ())[1:]}
         )
-        first = missing_files(layout, [files[ids.index(lacking[0])]], self.cfg.eval.labels)[0]  # type: ignore[arg-type]
+        entries = missing_files(layout, [files[ids.index(t)] for t in lacking], self.cfg.eval.labels)  # type: ignore[arg-type]
+        images = [e for e in entries if ", modality " in e]  # an image or DSM, not a label file
+        labels = [e for e in entries if ", modality " not in e]
+        what = [
+            f"{len(images)} image file(s) (first: {images[0]}): every tile's images are in the archives' image folders"
+        ] * bool(images)
+        what += [
+            f"{len(labels)} label file(s) (first: {labels[0]}): the official test tiles' labels come in the complete "
+            f"ground truth ({', '.join(complete)})"
+        ] * bool(labels)
         self.log(
             f"warning: data.split=official: {len(lacking)} of the {len(ids)} official test tiles lack files under {d.root} "
-            f"(tiles {' '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}; first: {first}); evaluation needs them: "
-            f"the official test tiles' labels come in the complete ground truth ({', '.join(complete)}; `mmpeft-isprs help isprs layouts`)"
+            f"(tiles {' '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}); evaluation needs them: missing "
+            + "; ".join(what)
+            + " (`mmpeft-isprs help isprs layouts`)"
         )
 
     def tiles(self, split: str, labels: str = "full") -> TileSet:

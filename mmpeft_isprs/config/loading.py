@@ -140,13 +140,38 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str]
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, eval)")
     values = _deep_copy(values)
     parsed = parse_overrides(overrides)
+    before = values.get("model", {}).get("backbone") if isinstance(values.get("model"), Mapping) else None
     apply_overrides(values, parsed)
+    _rename_for_backbone(values, before, {k for k, _ in parsed})
     preset = values.get("model_preset")
     if isinstance(preset, str) and preset in MFNET_PRESETS:
         model = values.get("model") if isinstance(values.get("model"), Mapping) else {}
         values["model"] = {**model, **_deep_copy(MFNET_PRESETS[preset])}  # type: ignore[dict-item]
         apply_overrides(values, [(k, v) for k, v in parsed if k.startswith("model.")])
     return config_from_dict(values)
+
+
+def _rename_for_backbone(values: dict[str, Any], before: Any, overridden: set[str]) -> None:
+    """``model.backbone=`` on the command line renames a name and run folder that end with the file's
+    backbone (``vaihingen_mmadapter_vit_b`` -> ``vaihingen_mmadapter_sam2_hiera_tiny``), unless they are
+    given too: the header and the run folder say which encoder ran, and two backbones never share a folder."""
+    model = values.get("model")
+    after = model.get("backbone") if isinstance(model, Mapping) else None
+    if (
+        "model.backbone" not in overridden
+        or not isinstance(before, str)
+        or not isinstance(after, str)
+        or before == after
+    ):
+        return
+    suffix = f"_{before}"
+    name = values.get("name")
+    if "name" not in overridden and isinstance(name, str) and name.endswith(suffix):
+        values["name"] = name[: -len(suffix)] + f"_{after}"
+    train = values.get("train")
+    run_dir = train.get("run_dir") if isinstance(train, Mapping) else None
+    if "train.run_dir" not in overridden and isinstance(run_dir, str) and run_dir.endswith(suffix):
+        values["train"] = {**train, "run_dir": run_dir[: -len(suffix)] + f"_{after}"}  # type: ignore[dict-item]
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -63,7 +63,8 @@ def describe_load_report(report: dict[str, Any] | None, digest: str | None) -> s
 def encoder_record(model: Any) -> dict[str, Any]:
     """The encoder file an MFNet was built from: ``path``, ``sha256`` (None without a file) and
     its load ``report`` (:func:`load_report_dict`), for ``run.json`` and the logs."""
-    path = getattr(model.config, "checkpoint", None)
+    report = getattr(model, "load_report", None)
+    path = getattr(report, "source", None) or getattr(model.config, "checkpoint", None)  # a name: its file
     return {
         "path": path,
         "sha256": file_sha256(path) if path and Path(path).is_file() else None,

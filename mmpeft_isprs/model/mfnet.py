@@ -22,6 +22,7 @@ from mmpeft import (
 )
 from mmpeft.backbones import (
     SAM_SPECS,
+    SamCheckpointError,
     SamLoadReport,
     build_sam_encoder,
     load_sam_checkpoint,
@@ -33,7 +34,7 @@ from mmpeft.backbones import (
 from .config import MFNetConfig, check_input_size, global_blocks
 from .decoder import UNetFormerDecoder
 from .dfm import DeepFusionModule, SimplePyramid
-from .encoder_weights import EncoderLoadReport
+from .encoder_weights import EncoderCheckpointError, EncoderLoadReport, describe_checkpoint, read_state_dict
 from .encoders import HieraFeatures, build_feature_encoder
 from .pyramid import BlockPyramid, MultiScaleProjection
 
@@ -60,15 +61,33 @@ def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | Encod
     sam = build_sam_encoder(spec, impl=config.impl, img_size=config.size)  # type: ignore[arg-type]
     report = None
     if checkpoint:
-        report = load_sam_checkpoint(
-            sam,
-            checkpoint,
-            zero_rel_pos=config.zero_rel_pos,
-            pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
-        )
+        try:
+            report = load_sam_checkpoint(
+                sam,
+                checkpoint,
+                zero_rel_pos=config.zero_rel_pos,
+                pos_embed_interp=config.pos_embed_interp,  # type: ignore[arg-type]
+            )
+        except SamCheckpointError as exc:
+            raise _not_sam(exc, checkpoint, config.backbone) from None
     elif config.zero_rel_pos:
         zero_rel_pos(sam)
     return sam, report, spec.out_chans
+
+
+def _not_sam(exc: SamCheckpointError, path: str, backbone: str) -> Exception:
+    """A file that is not a SAM (v1) checkpoint named by what it is (a SAM2, DINOv2 or timm ViT file), as
+    the other encoders' loaders say; other load errors as they are."""
+    if "is not a SAM checkpoint" not in str(exc):
+        return exc
+    try:
+        kind = describe_checkpoint(read_state_dict(path))
+    except (EncoderCheckpointError, OSError):
+        return exc
+    return EncoderCheckpointError(
+        f"model.checkpoint {path} is {kind}; model.backbone {backbone} is a SAM (v1) ViT: give a SAM file "
+        "(sam_vit_b_01ec64.pth, ...) or the backbone the file is for (e.g. model.backbone=sam2_hiera_tiny for a SAM2 file)"
+    )
 
 
 def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport | EncoderLoadReport | None, int]:

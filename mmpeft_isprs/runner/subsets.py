@@ -22,10 +22,13 @@ def report_subsets(
     results: Mapping[str, EvalResult],
     log: Callable[[str], None] = print,
 ) -> None:
-    """Print the subsets side by side and write ``out/subsets.json`` (rank 0)."""
+    """Print the subsets side by side and write ``out/subsets.json`` (rank 0): per subset OA, mF1,
+    mIoU, per-class F1 and IoU, the classes left out as absent and the confusion matrix (rows: truth,
+    columns: prediction, in the class order of ``"support"``), as ``metrics.json`` holds them."""
     log(f"{cfg.name}: {cfg.eval.split} split, {tiles} tiles, every modality subset of one model")
     log(format_subsets(results))
     out.mkdir(parents=True, exist_ok=True)
-    payload = {k: {n: r.metrics[n] for n in ("OA", "mF1", "mIoU", "F1", "IoU")} for k, r in results.items()}
+    keys = ("OA", "mF1", "mIoU", "F1", "IoU", "support", "absent", "confusion")
+    payload = {k: {n: r.metrics[n] for n in keys if n in r.metrics} for k, r in results.items()}
     (out / "subsets.json").write_text(json.dumps({"weights": weights, "subsets": payload}, indent=1))
     log(f"subset metrics written to {out / 'subsets.json'}")

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mmpeft.backbones import resolve_weights
+
 from ..config import ExperimentConfig, config_from_dict, upgrade_stored
 from ..model import MFNet, MFNetFile, load_mfnet, read_mfnet, save_mfnet
 from ..model.fingerprint import file_sha256, short_hash
@@ -28,7 +30,7 @@ def save_trained(
     model: MFNet, path: Path, cfg: ExperimentConfig, epoch: int, metrics: Mapping[str, Any] | None
 ) -> None:
     """Write ``model``'s trainable tensors with the experiment, seed, epoch and validation mIoU."""
-    sam = cfg.model.checkpoint
+    sam = _loaded_file(model) or cfg.model.checkpoint
     extra = {
         "experiment": json.dumps(cfg.to_dict()),
         "init_seed": str(cfg.train.seed),
@@ -37,6 +39,23 @@ def save_trained(
         "encoder_sha256": file_sha256(sam) if sam and Path(sam).is_file() else "",
     }
     save_mfnet(model, path, extra=extra)
+
+
+def _loaded_file(model: MFNet) -> str | None:
+    """The file the model's encoder was loaded from (a ``model.checkpoint`` name resolved to its file)."""
+    source = getattr(model.load_report, "source", None)
+    return str(source) if source and Path(str(source)).is_file() else None
+
+
+def _local_file(sam: str) -> str | None:
+    """``sam`` as a local file: a path that exists, or the cached file of a ``model.checkpoint`` name
+    (fetched as when training, if it is not cached); None when it is neither."""
+    if Path(sam).is_file():
+        return sam
+    try:
+        return resolve_weights(sam)
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -74,7 +93,8 @@ def encoder_file(weights: MFNetFile, checkpoint: str | None = None) -> EncoderFi
     meta = weights.metadata
     needed = json.loads(meta["config"]).get("checkpoint") if "config" in meta else None
     sam = (checkpoint or needed) if needed else None
-    digest = file_sha256(sam) if sam and Path(sam).is_file() else None
+    local = _local_file(sam) if sam else None
+    digest = file_sha256(local) if local else None
     return EncoderFile(weights.path, sam, digest, meta.get("encoder_sha256") or None, needed)
 
 
@@ -114,7 +134,7 @@ def load_trained(
     meta, path = stored.metadata, stored.path
     needed = json.loads(meta["config"]).get("checkpoint") if "config" in meta else None
     sam = (checkpoint or needed) if needed else None
-    if sam and not Path(sam).is_file():
+    if sam and _local_file(sam) is None:
         raise FileNotFoundError(
             f"SAM checkpoint {sam} not found: {path} was trained from {Path(str(needed)).name} (its frozen encoder is "
             f"not stored in the weights); set {key}=/path/to/{Path(str(needed)).name}"

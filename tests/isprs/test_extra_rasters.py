@@ -134,6 +134,7 @@ def test_ms_and_sar_beside_vaihingen_train_evaluate_subsets_and_predict(archive:
     folder = next(run.glob("eval_test_*_subsets"))
     subsets = json.loads((folder / "subsets.json").read_text())
     assert len(subsets["subsets"]) == 15  # 2^4 - 1 subsets of optical, ms, sar, dsm
+    assert all(len(s["confusion"]) == 6 and len(s["support"]) == 6 for s in subsets["subsets"].values())
     out = tmp_path / "pred"
     assert main(["predict", "--weights", weights, "--optical", str(archive / "top"), "--dsm", str(archive / "dsm"),
                  "--input", f"ms={archive / 'ms'}", "--input", f"sar={archive / 'sar'}", "--out", str(out),
