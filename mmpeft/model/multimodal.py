@@ -413,8 +413,10 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
     def merge_adapters(self) -> list[str]:
         """Fold every LoRA update into per-modality copies of its frozen weight (:mod:`mmpeft.model.merge`);
         raises naming each layer that cannot merge and why. Returns the merged layers' names. Merged
-        weights follow every later change of the tensors they come from (loading, in-place edits,
-        dtype / device moves): they are merged again at load or at the next forward."""
+        weights follow every later change torch tracks of the tensors they come from (loading,
+        in-place edits, dtype / device moves): merged again at load or at the next forward. An
+        edit through ``param.data`` (or inside ``torch.compile``) is not seen: merging is a snapshot
+        for it, refreshed by calling this again (docs/concepts.md, "Merging")."""
         _merge.check_usable(self)
         return _merge.merge_layers(self)
 
