@@ -218,6 +218,11 @@ class MultimodalLayer(nn.Module):
         """Before a merged forward: refuse training through merged weights, merge again when a
         tensor they come from changed (:class:`mmpeft.tuners.merging.WeightMerging`)."""
 
+    def _check_modality(self, modality: str) -> None:
+        """A KeyError naming the known modalities when ``modality`` is not one of them."""
+        if modality not in self.modalities:
+            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+
     def _note_call(self, x: torch.Tensor) -> None:
         """Record, during the checked first forward, a call on the stacked batch."""
         if self.call_check is not None and x.dim() > 0 and x.shape[0] % self.call_check == 0:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
+from ...errors import MmpeftTypeError, MmpeftValueError
 from ...utils import check_int
 from ..base import MultimodalLayer, mixing_refusal
 from ..fusion import Fusion, build_fusion
@@ -110,8 +110,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
     def factors(self, modality: str) -> list[LoRAFactor]:
         """``modality``'s one low-rank pair over every output channel, as
         :meth:`MultimodalLoRA.factors <mmpeft.tuners.lora.MultimodalLoRA.factors>` gives a linear layer's."""
-        if modality not in self.modalities:
-            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        self._check_modality(modality)
         return [LoRAFactor("all", slice(0, self.out_channels), self.lora_A[modality], self.lora_B[modality], None)]
 
     # ------------------------------------------------------------------ merging
@@ -131,8 +130,7 @@ class MultimodalLoRAConv2d(WeightMerging, MultimodalLayer):
 
     def get_delta_weight(self, modality: str) -> torch.Tensor:
         """(out, in, kh, kw) float32: ``scaling * B_m A_m``; with DoRA ``g_m (W + delta_m) - W``."""
-        if modality not in self.modalities:
-            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        self._check_modality(modality)
         delta = self._lora_weight(modality)
         if not self.use_dora:
             return delta

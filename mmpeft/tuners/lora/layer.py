@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
+from ...errors import MmpeftTypeError, MmpeftValueError
 from ...utils import check_int
 from ..base import MultimodalLayer, by_modality, mixing_refusal
 from ..fusion import Fusion, build_fusion, lowrank_mix
@@ -169,8 +169,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
         """``modality``'s low-rank pairs, one per output slice in slice order (one over every row
         without ``slices``), with their rows and PiSSA / OLoRA offsets: the layer's layout as
         export and the combination of sets read it (:class:`~mmpeft.tuners.lora.variants.LoRAFactor`)."""
-        if modality not in self.modalities:
-            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        self._check_modality(modality)
         off = self.lora_offset
         return [
             LoRAFactor(s, slice(lo, hi), *self._pair(modality, s), None if off is None else (off.down(s), off.up(s)))
@@ -200,8 +199,7 @@ class MultimodalLoRA(WeightMerging, MultimodalLayer):
     def get_delta_weight(self, modality: str) -> torch.Tensor:
         """(out, in) float32: ``scaling * (B_m A_m - B_0 A_0)`` (B_0 A_0 = 0 but for PiSSA / OLoRA;
         slice B's in their output rows, zeros elsewhere); with DoRA ``g_m (W + delta_m) - W``."""
-        if modality not in self.modalities:
-            raise MmpeftKeyError(f"unknown modality {modality!r}; known: {self.modalities}")
+        self._check_modality(modality)
         delta = self._lora_weight(modality)
         if not self.use_dora:
             return delta
