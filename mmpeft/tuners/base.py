@@ -91,6 +91,9 @@ class MultimodalLayer(nn.Module):
             execution scheme).
         adapters_enabled: False while the layer computes its ``base_layer`` alone.
         single, present, presence, call_check, called: see the module docstring.
+
+    :meth:`forward` is the one dispatch of every method; a subclass supplies its steps
+    (``_forward_one``, ``_forward_loop``, ``_forward_batched``, and ``_forward_merged`` if it merges).
     """
 
     #: the method's name in :data:`mmpeft.tuners.METHODS`.
