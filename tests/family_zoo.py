@@ -191,6 +191,20 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
         ),
         64,
     ),
+    "coat_parallel": (  # the registered structure: two block classes (serial, parallel) sharing their crpe
+        timm_class(
+            "coat",
+            "CoaT",
+            img_size=64,
+            patch_size=4,
+            embed_dims=(16, 32, 32, 32),
+            serial_depths=(1, 1, 1, 1),
+            parallel_depth=2,
+            num_heads=8,
+            mlp_ratios=(2, 2, 2, 2),
+        ),
+        64,
+    ),
     "gcvit_kv": (
         timm_class("gcvit", "GlobalContextVit", img_size=64, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), embed_dim=16),
         64,

@@ -109,3 +109,18 @@ def test_convolutional_attention_placed_by_what_it_feeds(kind: str, lora: list[s
     assert any("placed by what its attention computes" in m for m in caught)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\) maps with convolution projections"):
         wrap_multimodal(build(kind), MODS, "adapter")
+
+
+def test_coat_parallel_blocks_placed_by_what_their_attention_computes() -> None:
+    """The registered CoaT (serial and parallel blocks, crpe modules shared between them: tied
+    tensors, which the shape-only run takes once) has no one block class: placed by the trace."""
+    wrapped, caught = _wrap("coat_parallel")
+    layers = {n.removeprefix("base_model."): m for n, m in wrapped.layers()}
+    assert layers["parallel_blocks.1.factoratt_crpe4.qkv"].slices == {"q": (0, 32), "v": (64, 96)}
+    assert "parallel_blocks.1.mlp2.fc1" in layers and "serial_blocks1.0.mlp.fc2" in layers
+    assert not any("without an update" in m for m in caught)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = wrapped({m: x for m in MODS})
+        ref = build("coat_parallel")(x)
+    assert_close(out["optical"], ref, rel=1e-5)

@@ -1,8 +1,8 @@
 """Running a model on shapes only: the dry run's cheap path.
 
 :func:`meta_forward` calls a model with its parameters and buffers swapped for ``meta`` tensors
-of the same shapes and dtypes (``torch.func.functional_call``; the model's own tensors are back
-afterwards) on ``meta`` inputs: every operation computes its output's shape and nothing else, so
+of the same shapes and dtypes (swapped in each module, a shared tensor once; the model's own
+tensors are back afterwards) on ``meta`` inputs: every operation computes its output's shape and nothing else, so
 forward hooks see the shapes a real forward would give at a cost of microseconds per operation.
 
 A model whose forward cannot run on meta tensors (it makes a CPU tensor of its own, reads a
@@ -54,9 +54,22 @@ def _restore(saved: list[tuple[nn.Module, dict[str, Any]]]) -> None:
                     delattr(module, key)
 
 
-def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    return {k: torch.empty_like(v, device="meta") for k, v in named}
+_Swapped = list[tuple[dict[str, Any], str, torch.Tensor]]
+
+
+def _swap_meta(model: nn.Module) -> _Swapped:
+    """Every parameter and buffer replaced in its module by a meta tensor of its shape and dtype, one
+    per tensor (a tensor shared by two modules, as CoaT's crpe, stays shared); returns what to restore."""
+    swapped: _Swapped = []
+    metas: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, t in list(store.items()):
+                if t is not None:
+                    meta = metas.setdefault(id(t), torch.empty_like(t, device="meta"))
+                    swapped.append((store, key, t))
+                    store[key] = meta  # type: ignore[assignment]
+    return swapped
 
 
 # functions whose output has their first argument's shape and dtype, whose meta kernels are slow
@@ -180,14 +193,15 @@ def meta_forward(
     with its tensors swapped for meta ones (under ``torch.no_grad``); ``between(i)`` runs before
     the i-th call; ``inner``: a mode that sees every call first (an attention trace).
     Whatever the forward raises propagates; the model is left as it was."""
-    state = _meta_state(model)
     saved = _attributes(model)
+    swapped = _swap_meta(model)
     try:
         with torch.no_grad(), _ShapeOnly(), inner if inner is not None else contextlib.nullcontext():
             for i, shape in enumerate(shapes):
                 if between is not None:
                     between(i)
-                x = torch.empty(shape, dtype=dtype, device="meta")
-                torch.func.functional_call(model, state, (x,), tie_weights=True, strict=False)
+                model(torch.empty(shape, dtype=dtype, device="meta"))
     finally:
+        for store, key, t in reversed(swapped):
+            store[key] = t
         _restore(saved)

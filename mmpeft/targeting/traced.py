@@ -7,12 +7,14 @@ for every module that computes attention, which projections feed its products as
 
 - attention: LoRA on the projections inside each attention module that feed q and v (k alone is
   left, as the presets do); a fused projection feeding all three (SHViT's ``qkv``, LiteMLA's
-  ``qkv``) takes one LoRA over all its outputs (a convolution takes no q / v slices); a query from
+  ``qkv``) takes one LoRA over all its outputs (a convolution takes no q / v slices), or its q and
+  v thirds when every one is an ``nn.Linear`` of ``out = 3 x in`` (CoaT's ``qkv``); a query from
   outside the module (GCViT's global query) gets none; grouped convolutions are left out (Conv2d
   LoRA takes ``groups=1``);
-- MLP: in every block of the lists that hold an attention module, the first pair of projections
+- MLP: in every block of the lists that hold an attention module, the pairs of projections
   (``nn.Linear`` or 1x1 ``nn.Conv2d``) widening ``c -> h`` then narrowing ``h -> c`` outside the
-  attention; none found: no placement (the refusal names the attention's projections);
+  attention (CoaT's parallel blocks hold three); none found: no placement (the refusal names the
+  attention's projections);
 - adapters: after each attention module and beside each MLP when every projection is an
   ``nn.Linear``; refused with the reason when the attention works on (N, C, H, W) maps.
 """
@@ -92,26 +94,31 @@ def _block_of(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _mlp_pair(block: nn.Module, prefix: str, attention: list[str]) -> tuple[str, str] | None:
+def _mlp_pairs(block: nn.Module, prefix: str, attention: list[str]) -> list[tuple[str, str]]:
+    """Each narrowing projection ``h -> c`` with the latest unused widening ``c -> h`` before it
+    (CoaT's parallel blocks hold three MLPs)."""
     lins = [
         (f"{prefix}.{n}", m)
         for n, m in block.named_modules()
         if n and _projection(m) and not any(f"{prefix}.{n}".startswith(a + ".") for a in attention)
     ]
+    pairs: list[tuple[str, str]] = []
+    used: set[str] = set()
     for j, (nj, mj) in enumerate(lins):
-        for ni, mi in lins[:j]:
+        for ni, mi in reversed(lins[:j]):
             (ci, hi), (hj, cj) = _dims(mi), _dims(mj)
-            if hi > ci and (hj, cj) == (hi, ci):
-                return ni, nj
-    return None
+            if ni not in used and nj not in used and hi > ci and (hj, cj) == (hi, ci):
+                pairs.append((ni, nj))
+                used |= {ni, nj}
+                break
+    return pairs
 
 
 def _mlps(model: nn.Module, attention: list[str]) -> list[tuple[str, str]]:
     blocks = {b for b in (_block_of(model, a) for a in attention) if b is not None}
     lists = {b.rpartition(".")[0] for b in blocks}
     siblings = [f"{lst}.{k}" for lst in sorted(lists) for k, _ in model.get_submodule(lst).named_children()]
-    pairs = [_mlp_pair(model.get_submodule(b), b, attention) for b in siblings]
-    return [p for p in pairs if p is not None]
+    return [p for b in siblings for p in _mlp_pairs(model.get_submodule(b), b, attention)]
 
 
 def _container(a: str, b: str) -> str:
@@ -135,8 +142,10 @@ def traced_family(model: nn.Module, in_channels: int, size: tuple[int, int]) -> 
     containers = [_container(*p) for p in pairs]
     refused = None if linear and all(c and not any(a.startswith(c + ".") for a in roles) for c in containers) else _NCHW
     classes = sorted({type(model.get_submodule(a)).__name__ for a in attention})
+    chosen = tuple(n for a in attention for n in inputs[a])
+    fused = all(len(inputs[a]) == 1 and _thirds(model.get_submodule(inputs[a][0])) for a in attention)
     parts = (
-        ("q", tuple(n for a in attention for n in inputs[a])),
+        ("qkv" if fused else "q", chosen),  # fused linears (out = 3 x in): LoRA on their q and v thirds
         ("v", ()),
         ("mlp_in", tuple(p[0] for p in pairs)),
         ("mlp_out", tuple(p[1] for p in pairs)),
@@ -145,22 +154,27 @@ def traced_family(model: nn.Module, in_channels: int, size: tuple[int, int]) -> 
     )
     note = (
         f"placed by what its attention computes: {len(attention)} attention modules ({', '.join(classes)}), LoRA on "
-        f"the projections feeding q and v ({_short(inputs[attention[0]], attention[0])} in {attention[0]}; a fused "
-        f"one whole), the MLP pairs of {len(pairs)} blocks ({_short(pairs[0], _block_of(model, pairs[0][0]) or '')})"
+        f"the projections feeding q and v ({_short(inputs[attention[0]], attention[0])} in {attention[0]}; "
+        f"{'q and v thirds of a fused linear' if fused else 'a fused one whole'}), {len(pairs)} MLP pairs "
+        f"({', '.join(pairs[0])}, ...)"
     )
     return TracedFamily(
         "traced",
-        None,
+        "qkv" if fused else None,
         "mlp_in",
         "mlp_out",
         "attn",
         "mlp",
-        q="q",
-        v="v",
+        q=None if fused else "q",
+        v=None if fused else "v",
         adapter_refused=refused,
         note=note,
         parts=parts,
     )
+
+
+def _thirds(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) and m.out_features == 3 * m.in_features
 
 
 def _short(names: tuple[str, ...] | list[str], prefix: str) -> str:

@@ -1,0 +1,197 @@
+"""The status of every timm model module with attention, measured on its smallest registered model.
+
+For each module of ``timm.models`` (timm's own grouping: one file per architecture) the smallest
+registered model (parameters counted on the meta device) is built with random weights
+(``pretrained=False``, ``num_classes=0``, ``depth=2`` where the model takes it); a module has attention when a shape-only forward shows a
+module computing it (:mod:`mmpeft.targeting.attention_trace`) or one is named like one. Each such
+model is then wrapped by default with LoRA and with the adapter, and checked:
+
+- ``identity``: every modality's output equals the plain model's at init (default preset);
+- ``stacked_vs_alone``: after seeded random trainables (preset without mixing), the stacked batch
+  equals each modality run alone (relative difference, bound 1e-4);
+- ``effect``: with layer scales / zero norm weights set to 1 (near-zero inits), random trainables
+  change the output (relative difference above 1e-4).
+
+Writes JSON (``--out``, default ``benchmarks/results/timm_attention_status.json``), one record per
+module, and prints a line per module. ``--modules a,b`` limits the run. Slow (a CPU run of every
+model): about 20-40 minutes on two cores.
+
+    python benchmarks/timm_attention_status.py --out /tmp/status.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmpeft import wrap_multimodal
+from mmpeft.targeting.attention_trace import traced_attention
+from mmpeft.targeting.coverage import attention_modules
+from mmpeft.targeting.inputs import choose_size, infer_in_channels
+from tests.helpers import randomise_trainables, rel_diff
+
+MODS = ("optical", "sar")
+REL = 1e-4
+
+
+def _params(name: str) -> int:
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    return sum(p.numel() for p in model.parameters())
+
+
+def smallest(module: str) -> tuple[str, int] | None:
+    """The registered model of ``timm.models.<module>`` with the fewest parameters."""
+    import timm
+
+    sizes = []
+    for name in timm.list_models(module=module):
+        try:
+            sizes.append((_params(name), name))
+        except Exception:
+            continue
+    return (sizes and (min(sizes)[1], min(sizes)[0])) or None
+
+
+def _tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _tensor(out[-1])
+    if isinstance(out, dict):
+        return _tensor(next(iter(out.values())))
+    raise TypeError(type(out))
+
+
+def _wake(model: nn.Module) -> None:
+    """Near-zero inits set to 1: layer scales, zero-initialised norm weights (residual branches on)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            last = n.rsplit(".", 1)[-1]
+            if ("gamma" in last or "scale" in last or last.startswith("ls")) and p.abs().max() < 1e-3:
+                p.fill_(1.0)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.any():
+                m.weight.fill_(1.0)
+
+
+def _check(build: Any, method: str, x: torch.Tensor) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    base = build()
+    with torch.no_grad():
+        ref = _tensor(base(x))
+    wrapped = wrap_multimodal(build(), MODS, method)
+    rec["layers"] = sum(1 for _ in wrapped.layers())
+    with torch.no_grad():
+        out = wrapped({m: x for m in MODS})
+    rec["identity"] = max(rel_diff(_tensor(out[m]), ref) for m in MODS)
+    split = wrap_multimodal(build(), MODS, preset=method)  # the method's preset without mixing
+    randomise_trainables(split)
+    xs = {m: x + 0.1 * i for i, m in enumerate(MODS)}
+    with torch.no_grad():
+        together = split(xs)
+        rec["stacked_vs_alone"] = max(rel_diff(_tensor(together[m]), _tensor(split({m: xs[m]})[m])) for m in MODS)
+        rec["effect"] = rel_diff(_tensor(together[MODS[0]]), _tensor(base(xs[MODS[0]])))
+    rec["ok"] = rec["identity"] <= REL and rec["stacked_vs_alone"] <= REL and rec["effect"] > REL
+    return rec
+
+
+def _timeout(*_: Any) -> None:
+    raise TimeoutError("over the time limit")
+
+
+def measure(module: str, limit: int) -> dict[str, Any]:
+    import timm
+
+    rec: dict[str, Any] = {"module": module}
+    found = smallest(module)
+    if found is None:
+        return {**rec, "error": "no model builds"}
+    name, rec["params"] = found
+    rec["model"] = name
+
+    def create() -> nn.Module:
+        for kw in ({"depth": 2}, {}):  # reduced depth where the model takes it (ViTs)
+            try:
+                return timm.create_model(name, pretrained=False, num_classes=0, **kw)
+            except Exception:
+                continue
+        raise RuntimeError(f"{name} does not build")
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = create().eval()
+        _wake(model)
+        return model
+
+    model = build()
+    channels = infer_in_channels(model) or 3
+    size = choose_size(model, channels)
+    traced = traced_attention(model, channels, size)
+    rec["attention"] = len(attention_modules(model, traced))
+    rec["traced"] = len(traced)
+    if not rec["attention"]:
+        return rec
+    x = torch.rand(2, channels, *size, generator=torch.Generator().manual_seed(1))
+    for method in ("lora", "adapter"):
+        start = time.perf_counter()
+        signal.alarm(limit)
+        try:
+            rec[method] = _check(build, method, x)
+        except Exception as err:
+            rec[method] = {"ok": False, "refused": f"{type(err).__name__}: {str(err)[:300]}"}
+        finally:
+            signal.alarm(0)
+        rec[method]["seconds"] = round(time.perf_counter() - start, 1)
+    return rec
+
+
+def main() -> None:
+    import timm
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/timm_attention_status.json")
+    ap.add_argument("--modules", default="", help="comma-separated timm.models modules (default: all)")
+    ap.add_argument("--limit", type=int, default=300, help="seconds per model and method")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    signal.signal(signal.SIGALRM, _timeout)
+    modules = args.modules.split(",") if args.modules else sorted(timm.list_modules())
+    records = []
+    for module in modules:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                rec = measure(module, args.limit)
+            except Exception as err:
+                rec = {"module": module, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        records.append(rec)
+        brief = {k: rec[k] for k in ("model", "attention") if k in rec}
+        for method in ("lora", "adapter"):
+            if method in rec:
+                brief[method] = "ok" if rec[method]["ok"] else rec[method].get("refused", rec[method])
+        print(module, json.dumps(brief)[:400], flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+    with_attn = [r for r in records if r.get("attention")]
+    for method in ("lora", "adapter"):
+        ok = sum(1 for r in with_attn if r.get(method, {}).get("ok"))
+        print(f"{method}: {ok} of {len(with_attn)} modules with attention wrap and pass the checks")
+
+
+if __name__ == "__main__":
+    main()
