@@ -35,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "check_resumable",
     "resume_checkpoint",
+    "clear_run",
     "recorded_threads",
     "save_checkpoint",
     "restore_checkpoint",
@@ -150,8 +151,11 @@ def check_resumable(saved: dict[str, Any], cfg: ExperimentConfig, path: Path) ->
         )
 
 
-def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] | None:
-    """The checkpoint to continue (``train.resume``), checked; None for a fresh run in an unused folder."""
+def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo, clear: bool = True) -> dict[str, Any] | None:
+    """The checkpoint to continue (``train.resume``), checked; None for a fresh run in an unused folder.
+
+    With ``train.overwrite`` the earlier run's files are removed here, or, with ``clear=False``, by
+    :func:`clear_run` once every check has passed (a refused run leaves the earlier one as it was)."""
     run_dir = Path(cfg.train.run_dir)
     path = run_dir / CHECKPOINT
     if cfg.train.resume:
@@ -164,9 +168,27 @@ def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] |
         return ckpt
     earlier = [name for name in (CHECKPOINT, "config.yaml", "log.csv", BEST) if (run_dir / name).exists()]
     if earlier and cfg.train.overwrite:
+        if clear:
+            clear_run(cfg, info)
+    elif earlier:
+        raise ConfigError(
+            f"{run_dir} already holds {' and '.join(earlier)} from an earlier run: add --resume "
+            "(train.resume=true) to continue it, --overwrite (train.overwrite=true) to replace it, or "
+            "choose another train.run_dir"
+        )
+    return None
+
+
+def clear_run(cfg: ExperimentConfig, info: DistInfo) -> None:
+    """Remove an earlier run's files from ``train.run_dir`` (``--overwrite``; rank 0, the others wait)."""
+    run_dir = Path(cfg.train.run_dir)
+    if cfg.train.overwrite and not cfg.train.resume:
         if info.is_main:
             for name in (
-                *earlier,
+                CHECKPOINT,
+                "config.yaml",
+                "log.csv",
+                BEST,
                 LAST_WEIGHTS,
                 "run.json",
                 "figures",
@@ -179,13 +201,6 @@ def resume_checkpoint(cfg: ExperimentConfig, info: DistInfo) -> dict[str, Any] |
             for folder in run_dir.glob("eval_*"):  # their metrics describe the replaced weights
                 _remove(folder)
         barrier()
-    elif earlier:
-        raise ConfigError(
-            f"{run_dir} already holds {' and '.join(earlier)} from an earlier run: add --resume "
-            "(train.resume=true) to continue it, --overwrite (train.overwrite=true) to replace it, or "
-            "choose another train.run_dir"
-        )
-    return None
 
 
 def _remove(path: Path) -> None:

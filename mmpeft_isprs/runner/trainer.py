@@ -31,6 +31,7 @@ from .checkpoint import (
     CHECKPOINT,
     LAST_WEIGHTS,
     TrainState,
+    clear_run,
     restore_checkpoint,
     resume_checkpoint,
     save_checkpoint,
@@ -76,12 +77,13 @@ def fit(
     text = TextLog(Path(cfg.train.run_dir) / "train.log", log, hold=True) if info.is_main else None
     out = text or _quiet
     with logged_warnings(text.write_file if text is not None else _quiet):
-        resume = resume_checkpoint(cfg, info)
+        resume = resume_checkpoint(cfg, info, clear=False)  # --overwrite: the earlier run goes once all is checked
         for note in notes:
             out(note)
         data = ISPRSDataModule(cfg, info, out)
         data.setup()
         task = SegmentationTask(cfg, info)
+        clear_run(cfg, info)
         if text is not None:
             text.release()  # the work starts: the held lines go to the file
         return Trainer(cfg, info, out).fit(task, data, resume=resume, max_steps=max_steps)

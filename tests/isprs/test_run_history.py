@@ -156,3 +156,16 @@ def test_mixed_launches_are_said(launches: list, expected: str | None) -> None:
 
     note = mixed_launches(launches)
     assert (note is None) if expected is None else (expected in note)  # type: ignore[operator]
+
+
+def test_a_refused_overwrite_leaves_the_earlier_run_as_it_was(tmp_path: Path, capsys) -> None:
+    root, run = _archive(tmp_path / "v"), tmp_path / "run"
+    args = ["train", "vaihingen_mmadapter_vit_b", f"train.run_dir={run}", *ARGS, *TINY]
+    assert main([*args, f"data.root={root}"]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main([*args, f"data.root={tmp_path / 'elsewhere'}", "--overwrite"]) == 2  # the data is refused
+    assert "data.root: folder" in capsys.readouterr().err
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    assert main([*args, f"data.root={root}", "--overwrite"]) == 0  # checked: the earlier run is replaced
+    assert (run / "train.log").read_text().count("resolved config:") == 1
