@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpeft import MultimodalModel, load_multimodal, wrap_multimodal
+from mmpeft import MultimodalLayer, MultimodalModel, load_multimodal, wrap_multimodal
 from mmpeft.errors import MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError
 from tests.helpers import assert_close, perturb_trainables
 from tests.tiny_models import tiny_timm_vit
@@ -228,3 +228,20 @@ def test_adapter_names_on_a_hugging_face_model_by_keyword() -> None:
                 assert torch.equal(getattr(got[m], field)[idx], getattr(alone[m], field))
             assert torch.equal(got[m].hidden_states[1][idx], alone[m].hidden_states[1])
     w.set_adapter("default")
+
+
+@pytest.mark.parametrize("name", ["bad name", "__base__", "a/b"])
+def test_a_bad_first_set_name_is_refused_before_the_model_changes(name: str) -> None:
+    """adapter_name= is checked at the entrance: the refused model is exactly as given."""
+    model = tiny_timm_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MmpeftValueError, match="adapter_name"):
+        wrap_multimodal(model, ("optical", "dsm"), "lora", adapter_name=name)
+    assert not any(isinstance(m, MultimodalLayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    wrapped = wrap_multimodal(model, ("optical", "dsm"), "lora", adapter_name="fine")  # then it wraps
+    assert wrapped.adapters == ["fine"]
+    with pytest.raises(MmpeftValueError, match="__base__"):
+        wrapped.add_adapter("__base__", method="lora")

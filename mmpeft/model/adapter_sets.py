@@ -47,6 +47,20 @@ __all__ = ["AdapterSet", "AdapterSets", "DEFAULT_ADAPTER"]
 DEFAULT_ADAPTER = "default"  # peft's name of the first set
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a folder name of its own (saved per set)
 
+
+def check_set_name(name: object) -> str:
+    """An adapter set's name: a folder name of its own (the set is saved in ``dir/<name>``), not
+    ``"__base__"`` (peft's name for "adapters off" in ``adapter_names=``). Checked at the entrance
+    of every call that names a set, before anything is built."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise MmpeftValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
+    if name == "__base__":
+        raise MmpeftValueError(
+            "adapter_name '__base__' is peft's name for 'adapters off' in adapter_names=; pick another"
+        )
+    return name
+
+
 Site = tuple[nn.Module, str, MultimodalLayer]  # (parent module, attribute, layer)
 
 
@@ -125,8 +139,7 @@ class AdapterSets:
         return name
 
     def _new_name(self, name: str) -> str:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise MmpeftValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
+        check_set_name(name)
         if name in self._names:
             raise MmpeftValueError(
                 f"an adapter set {name!r} exists already; delete_adapter({name!r}) first or pick another name"

@@ -17,6 +17,7 @@ from ..config import MultimodalConfig
 from ..targeting.inject import rule_owners
 from ..targeting.peft_config import peft_arguments
 from ..tuners.options import Targets
+from .adapter_sets import check_set_name
 from .build import WrapOptions, planned
 from .hub import HUB_OPTIONS, resolve_adapter_source
 from .multimodal import MultimodalModel
@@ -136,7 +137,7 @@ def wrap_multimodal(
     Returns:
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
-    adapter_name = options.pop("adapter_name", "default")  # peft's name of the first set
+    adapter_name = check_set_name(options.pop("adapter_name", "default"))  # peft's name of the first set
     method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a peft LoraConfig
     opts = WrapOptions.from_kwargs(
         modalities, method, preset=preset, targets=targets, config=config, base_dtype=base_dtype, **options
@@ -161,7 +162,7 @@ def load_multimodal(
     the options ``revision``, ``token``, ``cache_dir``, ``local_files_only``)."""
     hub = {k: options.pop(k) for k in HUB_OPTIONS if k in options}
     directory = resolve_adapter_source(directory, **hub)  # an existing path is returned as it is
-    adapter_name = options.pop("adapter_name", "default")  # peft's: the set's name, saved in its folder
+    adapter_name = check_set_name(options.pop("adapter_name", "default"))  # peft's: the set's name, its folder
     directory = set_folder(directory, adapter_name)
     wrapped = MultimodalModel.from_pretrained(
         base_model, directory, is_trainable=is_trainable, strict=strict, **options
