@@ -11,7 +11,7 @@ from ..model import MFNetConfig
 from .data import BUILTIN_ROLES, DataConfig, new_roles, provided_modalities
 from .schema import ConfigError
 
-__all__ = ["check_files", "check_stems", "kept_bands", "stem_error"]
+__all__ = ["check_files", "check_fills", "check_stems", "kept_bands", "stem_error"]
 
 ENCODER_CHANNELS = 3
 """The band count every MFNet encoder's patch embedding takes (RGB)."""
@@ -38,6 +38,20 @@ def check_files(d: DataConfig, m: MFNetConfig) -> None:
             f"{role} to model.modalities (a modality of its own) or read it with data.modalities.<name>.source={role}"
             + (f"; did you mean {close[0]}?" if close else "")
         )
+
+
+def check_fills(d: DataConfig) -> None:
+    """``nodata`` / ``fill`` of ``data.modalities`` are an image modality's: an elevation modality
+    follows ``data.dsm_nodata`` / ``data.dsm_fill`` (set there, not silently ignored here)."""
+    for name, e in d.modalities.items():
+        bands, why = kept_bands(d, name)
+        elevation = bands == 1 and why.startswith("an elevation")
+        for key, value, dsm_key in (("fill", e.fill, "dsm_fill"), ("nodata", e.nodata, "dsm_nodata")):
+            if elevation and value is not None:
+                raise ConfigError(
+                    f"data.modalities.{name}.{key}: {name} is an elevation modality, whose missing pixels follow "
+                    f"data.{dsm_key} (every elevation modality); set that instead"
+                )
 
 
 def kept_bands(d: DataConfig, name: str) -> tuple[int | None, str]:

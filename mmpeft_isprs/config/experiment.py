@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from ..model import MFNET_PRESETS, MFNetConfig
-from .checks import check_files, check_stems
+from .checks import check_files, check_fills, check_stems
 from .data import DataConfig, provided_modalities
 from .evaluation import EvalConfig
 from .schema import ConfigError, build_dataclass
@@ -124,6 +124,7 @@ def validate(cfg: ExperimentConfig) -> None:
         "data.files.<name>=<pattern with {id}>",
     )
     check_files(d, m)
+    check_fills(d)
     check_stems(d, m)
 
 

@@ -66,3 +66,12 @@ def test_a_backbone_override_renames_the_run_and_its_folder() -> None:
     )
     cfg = load_config("vaihingen_mmadapter_vit_b", ["model.backbone=vit_l", "name=mine", "train.run_dir=runs/x"])
     assert (cfg.name, cfg.train.run_dir) == ("mine", "runs/x")  # given: kept
+
+
+def test_an_elevation_modalitys_fill_is_set_where_it_acts() -> None:
+    from mmpeft_isprs.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.modalities\.dsm\.fill: dsm is an elevation modality.*data\.dsm_fill"):
+        load_config("vaihingen_mmadapter_vit_b", ["data.modalities.dsm.fill=raise"])
+    with pytest.raises(ConfigError, match=r"data\.modalities\.dem\.nodata: .*data\.dsm_nodata"):
+        load_config("vaihingen_mmadapter_vit_b", ["data.modalities.dem={source: dsm, nodata: -9999}"])
