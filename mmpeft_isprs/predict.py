@@ -40,6 +40,7 @@ from .data.patterns import tile_key_of_name
 from .datamodule import dsm_rule, modality_specs
 from .inference import model_fn, sliding_window_predict
 from .model import MFNet
+from .model.fingerprint import describe_load_report, encoder_record
 from .task import load_trained
 
 __all__ = ["predict_files", "PredictOptions", "dataset_info"]
@@ -90,6 +91,8 @@ def predict_files(
     opts = options or PredictOptions()
     device = torch.device(device)
     model, experiment = load_trained(weights, device, checkpoint=opts.checkpoint, key="--checkpoint", log=log)
+    encoder = encoder_record(model)
+    log(describe_load_report(encoder["report"], encoder["sha256"]))
     specs = _specs(model, experiment, opts.bands)
     sources, flags = _sources(model, specs, optical, dsm, inputs or {})
     info, size = dataset_info(model, experiment), model.config.size[0]

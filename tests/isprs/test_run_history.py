@@ -134,6 +134,7 @@ def test_encoder_hash_is_recorded_and_another_file_warns_and_gets_its_own_evalua
                  str(out), "--checkpoint", str(b)]) == 0  # fmt: skip
     got = capsys.readouterr()
     assert f"warning: {b} (sha256 " in got.out + got.err and "is not the encoder file" in got.out + got.err
+    assert f"encoder weights: {b} (sha256 " in got.out  # predict says which file it loaded, too
 
 
 def test_file_hash_is_of_the_content(tmp_path: Path) -> None:
