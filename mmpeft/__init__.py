@@ -18,9 +18,11 @@ from .errors import (
 )
 from .interop.lockstep_reference import reference_forward
 from .interop.reference import per_modality_forward
+from .model.geo import BandMeaningWarning, set_modality_arguments
 from .model.multimodal import MultimodalModel
 from .model.params import ParamReport, count_parameters, is_trainable_name, trainable_summary
 from .model.wrap import build_config, load_multimodal, plan_targets, save_multimodal, wrap_multimodal
+from .runtime.matmul import MatmulPrecisionWarning
 from .runtime.presence import (
     NonFiniteInputError,
     Presence,
@@ -55,6 +57,9 @@ __all__ = [
     "MmpeftWarning",
     "METHODS",
     "MergeError",
+    "MatmulPrecisionWarning",
+    "BandMeaningWarning",
+    "set_modality_arguments",
     "Method",
     "reference_forward",
     "register_method",

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ..config import MultimodalConfig
+from ..runtime.matmul import warn_reduced_matmul_precision
 from ..targeting.inject import rule_owners
 from ..targeting.peft_config import peft_arguments
 from ..tuners.options import Targets
 from .adapter_sets import check_set_name
 from .build import WrapOptions, planned
+from .geo import watch_band_meaning
 from .hub import HUB_OPTIONS, resolve_adapter_source
 from .multimodal import MultimodalModel
 from .peft_names import set_folder
@@ -137,6 +139,7 @@ def wrap_multimodal(
     Returns:
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
+    warn_reduced_matmul_precision()  # "medium" set by another library (terratorch): said, see docs/backbones.md
     adapter_name = check_set_name(options.pop("adapter_name", "default"))  # peft's name of the first set
     method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a peft LoraConfig
     opts = WrapOptions.from_kwargs(
@@ -145,6 +148,7 @@ def wrap_multimodal(
     config = opts.resolve(model, in_place=True)
     wrapped = MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
     wrapped._after_wrap(adapter_name, frozen)
+    watch_band_meaning(wrapped)  # a stem tiling SAR into a model's named bands (Prithvi's HLS): warned (geo.py)
     return wrapped
 
 

@@ -3,7 +3,8 @@
 The size, in this order: a size the model declares (the first module's ``img_size`` in
 registration order, as timm's ``patch_embed.img_size``, CoaT's ``patch_embed1``, TNT's
 ``pixel_embed``; the model's ``img_size`` / ``image_size``; transformers' ``config.image_size``; a
-token grid times its patch stride); else the first of these candidates that a shape-only run
+token grid times its patch stride; a module's ``image_size``: torchgeo's CROMA inside a wrapper);
+else the first of these candidates that a shape-only run
 (:func:`mmpeft.targeting.shapes.meta_forward`) accepts: timm's ``pretrained_cfg["input_size"]``,
 a fixed-size table times a usual stride (a position table ``(1, h, w, C)`` / ``(1, N, C)``, a
 stage's ``feat_size`` / ``grid_size``, an attention's ``resolution``: VOLO, GCViT, torchvision
@@ -12,7 +13,10 @@ MaxViT built for 64 px), 224.
 The channels: those of the first convolution or linear layer the forward calls (its pre-hook
 stops the run there): a convolution's ``in_channels``; for a linear patch embedding (NaFlexViT)
 the channels its patches hold. A depthwise convolution registered before the stem (DaViT's
-``cpe.proj``) is not mistaken for it. Without a run, the first non-grouped convolution.
+``cpe.proj``) is not mistaken for it. Without a run, the first non-grouped convolution; without
+one, the number of bands the model was built for (a patch embedding generated from wavelengths:
+DOFA, Clay; :mod:`mmpeft.targeting.geo`). A model with a time axis (Prithvi-EO with ``num_frames``)
+is run on ``(1, C, T, H, W)``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from ..tuners import MultimodalLayer
+from .geo import band_channels, input_shape
 from .shapes import meta_forward
 
 __all__ = ["declared_size", "size_candidates", "choose_size", "infer_in_channels", "FALLBACK_SIZE"]
@@ -70,7 +75,8 @@ def declared_size(model: nn.Module) -> tuple[int, int] | None:
     for v in (first, getattr(model, "image_size", None), getattr(config, "image_size", None), _token_grid_size(model)):
         if _pair(v) is not None:
             return _pair(v)
-    return None
+    # a model inside the one given (a user's wrapper around torchgeo's CROMA, built for 120 px): its image_size
+    return next((_pair(m.image_size) for m in model.modules() if _pair(getattr(m, "image_size", None))), None)
 
 
 def _tables(model: nn.Module) -> Iterator[tuple[str, tuple[int, int]]]:
@@ -122,7 +128,8 @@ def choose_size(model: nn.Module, in_channels: int) -> tuple[int, int]:
         model.eval()
         for h, w in candidates:
             try:
-                meta_forward(model, [(1, in_channels, h, w)], _dtype(model))
+                # (1, C, T, H, W) for a model with a time axis (mmpeft.targeting.geo)
+                meta_forward(model, [input_shape(model, 1, in_channels, (h, w))], _dtype(model))
                 return h, w
             except Exception:
                 continue
@@ -189,11 +196,12 @@ def _first_seen(model: nn.Module, guess: int, size: tuple[int, int], meta: bool)
     try:
         model.eval()
         if meta:
-            meta_forward(model, [(1, guess, *size)], _dtype(model))
+            meta_forward(model, [input_shape(model, 1, guess, size)], _dtype(model))  # a time axis: 5-D
         else:
             with torch.no_grad():
                 p = next(iter(model.parameters()), None)
-                model(torch.zeros(1, guess, *size, dtype=_dtype(model), device=p.device if p is not None else None))
+                shape = input_shape(model, 1, guess, size)  # (1, C, T, H, W) with a time axis (geo)
+                model(torch.zeros(shape, dtype=_dtype(model), device=p.device if p is not None else None))
     except _Stop:
         pass
     except Exception:
@@ -229,4 +237,6 @@ def infer_in_channels(model: nn.Module, size: tuple[int, int] | None = None) -> 
         # frequencies per plane): the channels the model declares, when its forward takes them
         if any(_first_seen(model, declared, size, meta)[0] for meta in (False, True)):
             return declared
+    if found is None and static is None:  # a patch embedding generated from wavelengths (DOFA, Clay):
+        return band_channels(model)  # as many channels as the bands the model was built for (geo)
     return found if found is not None else static

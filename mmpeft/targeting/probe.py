@@ -41,6 +41,7 @@ from ..errors import MmpeftValueError, MmpeftWarning
 from ..runtime.verify import WrapError
 from ..utils import listing
 from .attention_trace import AttentionTrace
+from .geo import input_shape
 from .inputs import choose_size
 from .shapes import meta_forward
 from .structure import warn_structural
@@ -206,7 +207,8 @@ def dry_run(
     handles = _hooks(model, names, seen)
     try:
         model.eval()
-        shapes = [(b, in_channels, h, w) for b in PROBE_BATCHES]
+        # (b, C, H, W), or (b, C, T, H, W) for a model with a time axis (mmpeft.targeting.geo)
+        shapes = [input_shape(model, b, in_channels, (h, w)) for b in PROBE_BATCHES]
         if not (shapes_only and _shape_run(model, names, shapes, dtype, seen, trace)):
             gen = torch.Generator(device="cpu").manual_seed(0)
             with torch.no_grad(), trace if trace is not None else contextlib.nullcontext():
