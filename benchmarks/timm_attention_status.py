@@ -2,7 +2,7 @@
 
 For each module of ``timm.models`` (timm's own grouping: one file per architecture) the smallest
 registered model (parameters counted on the meta device) is built with random weights
-(``pretrained=False``, ``num_classes=0``, ``depth=2`` where the model takes it); a module has attention when a shape-only forward shows a
+(``pretrained=False``, ``num_classes=0``, ``depth=2`` for models over 30 M parameters that take it); a module has attention when a shape-only forward shows a
 module computing it (:mod:`mmpeft.targeting.attention_trace`) or one is named like one. Each such
 model is then wrapped by default with LoRA and with the adapter, and checked:
 
@@ -53,12 +53,26 @@ def _params(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+_SIZES = ("test", "atto", "femto", "pico", "nano", "xxtiny", "xxs", "tiny", "xs", "mini", "small", "s0", "b0", "t", "s")
+
+
+def _candidates(names: list[str], keep: int = 12) -> list[str]:
+    """At most ``keep`` names, those with the smallest size words first (counting every model of
+    ``vision_transformer``'s hundreds on the meta device takes minutes)."""
+
+    def rank(name: str) -> tuple[int, int]:
+        words = name.replace("-", "_").replace(".", "_").split("_")
+        return min((i for i, s in enumerate(_SIZES) if s in words), default=len(_SIZES)), len(name)
+
+    return sorted(names, key=rank)[:keep]
+
+
 def smallest(module: str) -> tuple[str, int] | None:
     """The registered model of ``timm.models.<module>`` with the fewest parameters."""
     import timm
 
     sizes = []
-    for name in timm.list_models(module=module):
+    for name in _candidates(timm.list_models(module=module)):
         try:
             sizes.append((_params(name), name))
         except Exception:
@@ -124,7 +138,8 @@ def measure(module: str, limit: int) -> dict[str, Any]:
     rec["model"] = name
 
     def create() -> nn.Module:
-        for kw in ({"depth": 2}, {}):  # reduced depth where the model takes it (ViTs)
+        big = rec["params"] > 30_000_000
+        for kw in ({"depth": 2}, {}) if big else ({},):  # reduced depth where the model takes it (large ViTs)
             try:
                 return timm.create_model(name, pretrained=False, num_classes=0, **kw)
             except Exception:

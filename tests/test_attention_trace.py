@@ -124,3 +124,32 @@ def test_coat_parallel_blocks_placed_by_what_their_attention_computes() -> None:
         out = wrapped({m: x for m in MODS})
         ref = build("coat_parallel")(x)
     assert_close(out["optical"], ref, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("halonet_h1", "HaloAttn"),  # 1x1 q and kv convolutions, bottleneck 1x1s around them
+        ("swiftformer_xs", "EfficientAdditiveAttention"),  # additive attention: no product of two activations
+        ("efficientvit_m0", "CascadedGroupAttention"),
+        ("lowformer_b0", "ConvAttention"),
+        ("edgenext_xx_small", "CrossCovarianceAttn"),
+        ("caformer_s18", "Attention"),  # MetaFormer: attention in its last stages only
+    ],
+)
+def test_registered_models_with_attention_placed_by_what_it_computes(name: str, kind: str) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    size = model.pretrained_cfg["input_size"][-2:]  # halonet_h1 takes 256 px
+    x = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        ref = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = wrap_multimodal(model, MODS, "lora")
+    assert any(f"attention modules ({kind})" in str(w.message) for w in caught)
+    with torch.no_grad():
+        out = wrapped({m: x for m in MODS})
+    assert_close(out["dsm"], ref, rel=1e-5)

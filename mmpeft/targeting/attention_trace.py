@@ -70,22 +70,28 @@ class AttentionTrace(TorchFunctionMode):
         super().__init__()
         self.found: dict[str, str] = {}  # name: what was seen ("sdpa" / "product")
         self.roles: dict[str, dict[str, set[str]]] = {}
+        self.fed_by: dict[str, frozenset[str]] = {}  # projection: the projections its input comes from
         self._stack: list[str] = []
         self._marked: dict[int, tuple[weakref.ref[torch.Tensor], frozenset[str]]] = {}
         self._handles = [
             h
             for n, m in model.named_modules()
             for h in (
-                m.register_forward_pre_hook(self._enter(n, root=m is model), with_kwargs=True),
+                m.register_forward_pre_hook(
+                    self._enter(n, m is model, isinstance(m, (nn.Linear, nn.Conv2d))), with_kwargs=True
+                ),
                 m.register_forward_hook(self._leave(n, isinstance(m, (nn.Linear, nn.Conv2d))), always_call=True),
             )
         ]
 
-    def _enter(self, name: str, root: bool) -> Any:
+    def _enter(self, name: str, root: bool, projection: bool) -> Any:
         def pre(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if root and not self._stack:  # the model's input: what every activation derives from
                 for t in _tensors((args, kwargs)):
                     self._mark(t, frozenset())
+            if projection:
+                srcs = [s for t in _tensors((args, kwargs)) if (s := self._sources(t)) is not None]
+                self.fed_by.setdefault(name, frozenset().union(*srcs))
             self._stack.append(name)
 
         return pre

@@ -13,8 +13,9 @@ for every module that computes attention, which projections feed its products as
   LoRA takes ``groups=1``);
 - MLP: in every block of the lists that hold an attention module, the pairs of projections
   (``nn.Linear`` or 1x1 ``nn.Conv2d``) widening ``c -> h`` then narrowing ``h -> c`` outside the
-  attention (CoaT's parallel blocks hold three); none found: no placement (the refusal names the
-  attention's projections);
+  attention (CoaT's parallel blocks hold three); in a block with none, the bottleneck's pair
+  narrowing (or keeping) then widening back (HaloNet's ``conv1_1x1`` / ``conv3_1x1`` around its attention); none
+  found: no placement (the refusal names the attention's projections);
 - adapters: after each attention module and beside each MLP when every projection is an
   ``nn.Linear``; refused with the reason when the attention works on (N, C, H, W) maps.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .attention_trace import AttentionTrace
+from .coverage import attention_modules
 from .family import BackboneFamily
 
 __all__ = ["TracedFamily", "attention_roles", "traced_family"]
@@ -51,7 +53,9 @@ class TracedFamily(BackboneFamily):
 
 def attention_roles(model: nn.Module, in_channels: int, size: tuple[int, int]) -> dict[str, dict[str, set[str]]]:
     """{attention module: {"q" | "k" | "v": projections feeding it}} of one shape-only forward on a
-    (1, in_channels, H, W) input (empty when the model cannot run there)."""
+    (1, in_channels, H, W) input (empty when the model cannot run there). An attention module named
+    like one that multiplies no two activations (SwiftFormer's additive attention) gets its input
+    projections (those fed from outside it) as q."""
     from .shapes import meta_forward
 
     modes = [(m, m.training) for m in model.modules()]
@@ -66,7 +70,16 @@ def attention_roles(model: nn.Module, in_channels: int, size: tuple[int, int]) -
         trace.close()
         for m, training in modes:
             m.training = training
-    return trace.roles
+    roles = dict(trace.roles)
+    for a in attention_modules(model):
+        if a not in roles:
+            first = {p for p, src in trace.fed_by.items() if p.startswith(a + ".") and not _inside(src, a)}
+            roles[a] = {"q": first, "k": set(), "v": set()}
+    return roles
+
+
+def _inside(names: frozenset[str], prefix: str) -> bool:
+    return any(n.startswith(prefix + ".") for n in names)
 
 
 def _projection(m: nn.Module) -> bool:
@@ -102,16 +115,19 @@ def _mlp_pairs(block: nn.Module, prefix: str, attention: list[str]) -> list[tupl
         for n, m in block.named_modules()
         if n and _projection(m) and not any(f"{prefix}.{n}".startswith(a + ".") for a in attention)
     ]
-    pairs: list[tuple[str, str]] = []
-    used: set[str] = set()
-    for j, (nj, mj) in enumerate(lins):
-        for ni, mi in reversed(lins[:j]):
-            (ci, hi), (hj, cj) = _dims(mi), _dims(mj)
-            if ni not in used and nj not in used and hi > ci and (hj, cj) == (hi, ci):
-                pairs.append((ni, nj))
-                used |= {ni, nj}
-                break
-    return pairs
+    for widen in (True, False):  # an MLP (c -> h -> c, h > c), else a bottleneck's 1x1s around the attention
+        pairs: list[tuple[str, str]] = []
+        used: set[str] = set()
+        for j, (nj, mj) in enumerate(lins):
+            for ni, mi in reversed(lins[:j]):
+                (ci, hi), (hj, cj) = _dims(mi), _dims(mj)
+                if ni not in used and nj not in used and (hi > ci) == widen and (hj, cj) == (hi, ci):
+                    pairs.append((ni, nj))
+                    used |= {ni, nj}
+                    break
+        if pairs:
+            return pairs
+    return []
 
 
 def _mlps(model: nn.Module, attention: list[str]) -> list[tuple[str, str]]:
