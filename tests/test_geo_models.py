@@ -19,7 +19,11 @@ from torch import nn
 from mmpeft import BandMeaningWarning, MatmulPrecisionWarning, set_modality_arguments, wrap_multimodal
 from tests.helpers import assert_close, randomise_trainables, rel_diff
 
+_PRECISION = torch.get_float32_matmul_precision()
 terratorch = pytest.importorskip("terratorch", reason="the optional extra geo-fm (pip install 'mmpeft[geo-fm]')")
+# import terratorch sets torch.set_float32_matmul_precision("medium") at collection time: put back at once, or every
+# test collected after this file would run its float32 matmuls in bf16 / TF32 (and wraps would warn)
+torch.set_float32_matmul_precision(_PRECISION)
 from terratorch.registry import BACKBONE_REGISTRY  # noqa: E402
 
 HLS6 = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
@@ -219,3 +223,40 @@ def test_ssl4eo_vit_wraps_as_first_called() -> None:
         ref = {"optical": _ssl4eo_vit()(x["optical"]), "sar": _ssl4eo_vit()(x["sar"].repeat(1, 3, 1, 1))}
     wrapped = _identity_and_alone(_ssl4eo_vit, x, ref)
     assert wrapped.in_channels == 6 and len(list(wrapped.layers())) == 6
+
+
+def _croma(modalities: list[str]) -> nn.Module:
+    from torchgeo.models.croma import CROMA
+
+    torch.manual_seed(0)
+    return CROMA(modalities=modalities, encoder_dim=64, encoder_depth=2, num_heads=16, patch_size=8, image_size=32)
+
+
+class _Optical(nn.Module):
+    """A user's one-line wrapper: CROMA's optical encoder called by keyword."""
+
+    def __init__(self, croma: nn.Module) -> None:
+        super().__init__()
+        self.croma = croma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.croma(x_optical=x)["optical_encodings"]
+
+
+def test_croma_pair_refused_with_its_reason_and_its_optical_encoder_wraps_at_its_own_size() -> None:
+    pair = _croma(["sar", "optical"])
+    before = {k: v.clone() for k, v in pair.state_dict().items()}
+    with pytest.raises(ValueError, match=r"takes one image per modality \(x_sar, x_optical\).*CROMA\(x_optical=x\)"):
+        wrap_multimodal(pair, MODS, "lora")
+    assert all(torch.equal(v, before[k]) for k, v in pair.state_dict().items())  # left as it was
+    assert all(p.requires_grad for p in pair.parameters())
+    optical = _Optical(_croma(["optical"])).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # StructuralFamilyWarning: placed by structure, said
+        wrapped = wrap_multimodal(
+            optical, MODS, "lora"
+        )  # dry run at the image_size CROMA declares inside the wrapper (32)
+    assert wrapped.in_channels == 12 and len(list(wrapped.layers())) == 6
+    x = {"optical": _rand(1, 12, 32, 32), "sar": _rand(1, 2, 32, 32, seed=1)}
+    with torch.no_grad():
+        assert_close(wrapped(x)["optical"], _Optical(_croma(["optical"])).eval()(x["optical"]), rel=1e-5)

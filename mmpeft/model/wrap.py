@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import MultimodalConfig
 from ..runtime.matmul import warn_reduced_matmul_precision
+from ..targeting.geo import refuse_separate_encoders
 from ..targeting.inject import rule_owners
 from ..targeting.peft_config import peft_arguments
 from ..tuners.options import Targets
@@ -145,6 +146,8 @@ def wrap_multimodal(
     opts = WrapOptions.from_kwargs(
         modalities, method, preset=preset, targets=targets, config=config, base_dtype=base_dtype, **options
     )
+    if targets is None and config is None:  # CROMA's pair: one encoder per modality, refused with that reason
+        refuse_separate_encoders(model)
     config = opts.resolve(model, in_place=True)
     wrapped = MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
     wrapped._after_wrap(adapter_name, frozen)

@@ -11,6 +11,9 @@ plain ViT does not, and say so in attributes rather than in a first convolution:
   weights from the bands' wavelengths, so no layer's ``in_channels`` tells the channels. The model
   holds the list (DOFA's ``wavelengths``, Clay's ``bands``, TerraTorch's ``model_bands``):
   :func:`band_channels` is its length, and :func:`band_names` the names where they are names.
+- **one encoder per modality**: torchgeo's CROMA takes ``forward(x_sar=None, x_optical=None)``,
+  each through its own encoder: no frozen network is shared, so :func:`refuse_separate_encoders`
+  refuses it at wrap time with that reason and the fix (wrap one encoder).
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["time_frames", "input_shape", "band_channels", "band_names", "BAND_ATTRIBUTES"]
+from ..errors import MmpeftValueError
+
+__all__ = [
+    "time_frames",
+    "input_shape",
+    "band_channels",
+    "band_names",
+    "BAND_ATTRIBUTES",
+    "separate_encoders",
+    "refuse_separate_encoders",
+]
 
 #: the attributes a model names (or gives the wavelengths of) its bands in, looked up in this order
 BAND_ATTRIBUTES = ("wavelengths", "model_bands", "bands")
@@ -80,3 +93,31 @@ def band_names(model: nn.Module) -> list[str] | None:
             if isinstance(value, (list, tuple)) and value and not all(isinstance(v, (int, float)) for v in value):
                 return [str(getattr(v, "value", v)) for v in value]
     return None
+
+
+def separate_encoders(model: nn.Module) -> list[str]:
+    """The image parameters of ``model.forward`` when it takes one image per modality, each optional
+    (torchgeo's CROMA: ``forward(x_sar=None, x_optical=None)``, each through its own encoder); else []."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    images = [p.name for p in params if p.name.startswith("x_") and p.default is None]
+    return images if len(images) >= 2 else []
+
+
+def refuse_separate_encoders(model: nn.Module) -> None:
+    """Refuse, before anything changes, a model built from separate per-modality encoders (CROMA's
+    pair): mmpeft runs one frozen network on every modality stacked on the batch axis, and such a
+    model has none that all modalities share. The message names its image arguments and the fix."""
+    images = separate_encoders(model)
+    if images:
+        name = type(model).__name__
+        raise MmpeftValueError(
+            f"{name}.forward takes one image per modality ({', '.join(images)}), each through its own encoder: "
+            "mmpeft runs one frozen network on all modalities stacked on the batch axis, and this model has none "
+            f"that its modalities share. Wrap one encoder: a module whose forward(x) calls {name}({images[-1]}=x) "
+            "(its modalities then share that encoder), or pass targets= to choose modules yourself"
+        )
