@@ -153,3 +153,22 @@ def test_registered_models_with_attention_placed_by_what_it_computes(name: str, 
     with torch.no_grad():
         out = wrapped({m: x for m in MODS})
     assert_close(out["dsm"], ref, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_coatnet_conv_qkv_takes_a_whole_conv_lora_said() -> None:
+    timm = pytest.importorskip("timm")
+    from mmpeft.tuners.lora import MultimodalLoRAConv2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("coatnet_nano_rw_224", pretrained=False, num_classes=0).eval()
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = wrap_multimodal(model, MODS, "lora")
+    assert isinstance(wrapped.base_model.stages[2].blocks[0].attn.qkv, MultimodalLoRAConv2d)
+    assert any("are convolutions, which a Conv2d LoRA takes whole" in str(w.message) for w in caught)
+    with torch.no_grad():
+        assert_close(wrapped({m: x for m in MODS})["dsm"], ref, rel=1e-5)

@@ -159,17 +159,27 @@ def apply_rules(
 def _kv_only(model: nn.Module, config: MultimodalConfig, owner: dict[str, int]) -> dict[str, Any]:
     """Each target's rule; a preset's q / v slices of a fused q/k/v projection become the v half where
     the projection holds only keys and values (``out = 2 x in``: GCViT's global-query blocks, whose
-    query comes from outside the block), said in a warning naming them."""
+    query comes from outside the block), and the whole projection where it is a convolution
+    (CoAtNet's 1x1 ``qkv``), each said in a warning naming them."""
     rules: dict[str, Any] = {n: config.rules[i] for n, i in owner.items()}
     if config.preset is None:  # explicit slices are the user's: a misfit is refused by the layer
         return rules
-    kv = []
+    kv, convs = [], []
     for n, rule in rules.items():
         module = model.get_submodule(n)
-        fits = isinstance(module, nn.Linear) and module.out_features == 2 * module.in_features
-        if fits and getattr(rule, "slices", None) and list(rule.split) == ["q", "k", "v"] and "v" in rule.slices:
+        sliced = getattr(rule, "slices", None) and list(rule.split) == ["q", "k", "v"] and "v" in rule.slices
+        if sliced and isinstance(module, nn.Conv2d):  # CoAtNet's 1x1 qkv: a Conv2d LoRA takes no slices
+            rules[n] = type(rule)(**{**rule.__dict__, "slices": None})
+            convs.append(n)
+        elif sliced and isinstance(module, nn.Linear) and module.out_features == 2 * module.in_features:
             rules[n] = type(rule)(**{**rule.__dict__, "slices": ["v"], "split": ["k", "v"]})
             kv.append(n)
+    if convs:
+        warn_structural(
+            f"{len(convs)} fused q/k/v projection(s) the preset cuts into q / v slices are convolutions, which a "
+            f"Conv2d LoRA takes whole: LoRA on all their outputs (q, k and v): {convs[:4]}"
+            f"{' ...' if len(convs) > 4 else ''}. Pass targets= to choose otherwise"
+        )
     if kv:
         warn_structural(
             f"{len(kv)} projection(s) the preset cuts into q / v slices hold only keys and values (out = 2 x in; "

@@ -71,6 +71,8 @@ def attention_roles(model: nn.Module, in_channels: int, size: tuple[int, int]) -
         for m, training in modes:
             m.training = training
     roles = dict(trace.roles)
+    _FED_BY.clear()
+    _FED_BY.update(trace.fed_by)
     for a in attention_modules(model):
         if a not in roles:
             first = {p for p, src in trace.fed_by.items() if p.startswith(a + ".") and not _inside(src, a)}
@@ -82,14 +84,32 @@ def _inside(names: frozenset[str], prefix: str) -> bool:
     return any(n.startswith(prefix + ".") for n in names)
 
 
+#: the last trace's {projection: projections feeding its input} (read by traced_family right after)
+_FED_BY: dict[str, frozenset[str]] = {}
+
+
 def _projection(m: nn.Module) -> bool:
     """An nn.Linear, or a 1x1 nn.Conv2d of groups 1 (what a LoRA of either kind wraps)."""
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)
 
 
-def _inputs(model: nn.Module, attn: str, roles: dict[str, set[str]]) -> list[str]:
+def _through(model: nn.Module, names: set[str], attn: str, fed_by: dict[str, frozenset[str]]) -> set[str]:
+    """``names`` inside ``attn``, a depthwise / grouped / spatial convolution replaced by the
+    projections feeding it (EfficientViM's ``dw`` after its 1x1 ``BCdt_proj``), up to three steps."""
+    out = {n for n in names if n.startswith(attn + ".")}
+    for _ in range(3):
+        behind = {n for n in out if not _projection(model.get_submodule(n))}
+        if not behind:
+            break
+        out = (out - behind) | {s for n in behind for s in fed_by.get(n, ()) if s.startswith(attn + ".")}
+    return out
+
+
+def _inputs(
+    model: nn.Module, attn: str, roles: dict[str, set[str]], fed_by: dict[str, frozenset[str]] | None = None
+) -> list[str]:
     """The projections inside ``attn`` feeding q or v (a fused one feeding all three once)."""
-    own = {r: {n for n in names if n.startswith(attn + ".")} for r, names in roles.items()}
+    own = {r: _through(model, names, attn, fed_by or {}) for r, names in roles.items()}
     chosen = own["q"] | own["v"] or own["k"]
     return sorted(n for n in chosen if _projection(model.get_submodule(n)))
 
@@ -148,7 +168,7 @@ def traced_family(model: nn.Module, in_channels: int, size: tuple[int, int]) -> 
     """The presets' modules found from what ``model``'s attention computes (see the module's doc);
     None when no attention module has a projection to adapt or no MLP is found."""
     roles = attention_roles(model, in_channels, size)
-    inputs = {a: _inputs(model, a, r) for a, r in roles.items()}
+    inputs = {a: _inputs(model, a, r, _FED_BY) for a, r in roles.items()}
     attention = [a for a, names in inputs.items() if names]
     pairs = _mlps(model, list(roles))
     if not attention or not pairs:
