@@ -17,6 +17,7 @@ module, and prints a line per module. ``--modules a,b`` limits the run. Slow (a 
 model): about 20-40 minutes on two cores.
 
     python benchmarks/timm_attention_status.py --out /tmp/status.json
+    python benchmarks/timm_attention_status.py --table /tmp/status.json   # the docs' table
 """
 
 from __future__ import annotations
@@ -174,6 +175,29 @@ def measure(module: str, limit: int) -> dict[str, Any]:
     return rec
 
 
+def _cell(rec: dict[str, Any]) -> str:
+    if rec.get("ok"):
+        return f"exact ({rec['layers']} layers; identity {rec['identity']:.0e}, alone {rec['stacked_vs_alone']:.0e})"
+    if "refused" in rec:
+        return "refused: " + rec["refused"].split(": ", 1)[-1][:110].replace("|", "/")
+    return f"fails the checks: {json.dumps({k: rec.get(k) for k in ('identity', 'stacked_vs_alone', 'effect')})}"
+
+
+def table(paths: list[str]) -> None:
+    """A markdown table of the modules with attention in the JSON files (a later file's record wins)."""
+    records: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        with open(path) as f:
+            records.update({r["module"]: r for r in json.load(f)})
+    rows = [r for _, r in sorted(records.items()) if r.get("attention")]
+    print("| module | model | LoRA (default) | adapter (default) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| `{r['module']}` | `{r['model']}` | {_cell(r['lora'])} | {_cell(r['adapter'])} |")
+    for method in ("lora", "adapter"):
+        ok = sum(1 for r in rows if r[method].get("ok"))
+        print(f"\n{method}: {ok} of {len(rows)} modules with attention ({len(records)} modules measured)")
+
+
 def main() -> None:
     import timm
 
@@ -181,7 +205,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/timm_attention_status.json")
     ap.add_argument("--modules", default="", help="comma-separated timm.models modules (default: all)")
     ap.add_argument("--limit", type=int, default=300, help="seconds per model and method")
+    ap.add_argument("--table", nargs="+", help="print the markdown table of these JSON files and stop")
     args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        return
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     signal.signal(signal.SIGALRM, _timeout)
     modules = args.modules.split(",") if args.modules else sorted(timm.list_modules())
