@@ -143,10 +143,12 @@ def test_dofa_wraps_with_channels_from_its_wavelengths_and_embeds_each_modality_
 
     plain = _wrap_quietly(_dofa())
     assert plain.in_channels == 6
-    with torch.no_grad():  # without the per-modality wavelengths, SAR (tiled to 6) is embedded as optical bands
+    with torch.no_grad(), pytest.warns(BandMeaningWarning, match=r"'sar' has 2 band.*0\.49.*set_modality_arguments"):
+        # without the per-modality wavelengths, SAR (tiled to 6) is embedded as optical bands: said
         assert rel_diff(_first(plain(x)["sar"]), _first(ref["sar"])) > 1e-2
     wrapped = build()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", BandMeaningWarning)  # SAR has its own wavelengths: nothing to say
         assert_close(_first(wrapped(x)["sar"]), _first(ref["sar"]), rel=1e-5, msg="SAR embedded as SAR")
     # the same through the no-mixing preset: stacked equal to alone with the wavelengths per modality
     split = wrap_multimodal(_dofa(), MODS, preset="lora")

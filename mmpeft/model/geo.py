@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import MmpeftKeyError, MmpeftValueError, MmpeftWarning
-from ..targeting.geo import band_names
+from ..targeting.geo import band_names, declared_bands
 
 __all__ = ["BandMeaningWarning", "watch_band_meaning", "set_modality_arguments"]
 
@@ -42,9 +42,10 @@ class BandMeaningWarning(MmpeftWarning):
 
 def watch_band_meaning(wrapped: Any) -> RemovableHandle | None:
     """Warn once per modality (:class:`BandMeaningWarning`) whose first input a default stem tiles
-    into the bands the model names (TerraTorch's ``model_bands`` / ``bands``); the hook removes
+    into the bands the model names (TerraTorch's ``model_bands`` / ``bands``, DOFA's ``wavelengths``); the hook removes
     itself once every modality has been seen. None when the model names no bands."""
-    names = band_names(wrapped.base_model)
+    names = band_names(wrapped.base_model)  # Prithvi's HLS bands, Clay's; else DOFA's wavelengths (um)
+    names = names if names is not None else [str(w) for w in declared_bands(wrapped.base_model) or ()] or None
     if names is None:
         return None
     pending = set(wrapped.modalities)
@@ -95,9 +96,19 @@ def _join(outs: list[Any], batch: int) -> Any:
     the other elements of a tuple (DOFA's generated weights) as the first modality's."""
     first = outs[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(outs, 0) if first.shape[:1] == (batch,) else first
+        if first.shape[:1] != (batch,):
+            return first
+        if len({tuple(o.shape[1:]) for o in outs}) > 1:  # refused: no guess at which one the model reads
+            raise MmpeftValueError(
+                f"set_modality_arguments: the per-modality outputs differ beyond the batch axis "
+                f"({[tuple(o.shape) for o in outs]}), so they cannot be stacked back; choose a module whose "
+                "outputs have the same shape for every modality"
+            )
+        return torch.cat(outs, 0)
     if isinstance(first, (tuple, list)):
         return type(first)(_join([o[i] for o in outs], batch) for i in range(len(first)))
+    if isinstance(first, dict):  # TerraMind's embeddings return {"x": tokens, "emb": positions, ...}
+        return {k: _join([o[k] for o in outs], batch) for k in first}
     return first
 
 

@@ -76,11 +76,18 @@ def _band_list(module: nn.Module) -> Sequence[Any] | None:
     return None
 
 
+def declared_bands(model: nn.Module) -> list[Any] | None:
+    """The bands ``model`` was built for: the first module's (registration order) list among
+    :data:`BAND_ATTRIBUTES` (names, or DOFA's wavelengths in micrometres); None when none."""
+    bands = next((b for b in map(_band_list, model.modules()) if b is not None), None)
+    return list(bands) if bands is not None else None
+
+
 def band_channels(model: nn.Module) -> int | None:
     """The number of bands ``model`` declares (the first module, in registration order, holding
     one of :data:`BAND_ATTRIBUTES` as a list), or None: the channels of a model whose patch
     embedding is generated from its bands' wavelengths (DOFA, Clay)."""
-    bands = next((b for b in map(_band_list, model.modules()) if b is not None), None)
+    bands = declared_bands(model)
     return len(bands) if bands is not None else None
 
 
