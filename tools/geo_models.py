@@ -9,7 +9,7 @@ on that modality's stem output) and, after random trainables, the stacked batch 
 modality alone (``tests.helpers.rel_diff``, 1e-4 relative). Float32 matmuls at "highest" (``import
 terratorch`` sets "medium"). Writes ``benchmarks/results/geo_models.json`` and ``.md``.
 
-    python tools/geo_models.py [--models prithvi_eo_v2 dofa ...]
+    python tools/geo_models.py [--models prithvi_eo_v2 dofa ...] [--update]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _croma_optical() -> nn.Module:  # its forward takes x_sar= / x_optical=: a u
 
 
 def _copernicusfm() -> nn.Module:  # spectral mode: wavelengths / bandwidths (nm) and metadata (NaN: unknown)
-    model = _torchgeo("copernicusfm_base", weights=None, depth=2)()
+    model = _torchgeo("copernicusfm_base", weights=None)()  # its builder fixes the depth (12)
     waves, widths = [490.0, 560.0, 665.0, 842.0], [65.0, 35.0, 30.0, 115.0]
     return KeywordInput(
         model,
@@ -128,11 +128,14 @@ MODELS: dict[str, tuple[Any, str]] = {
     ),
     "satlas_swin": (_registry("terratorch_satlas_swin_t_sentinel2_si_ms", model_bands=HLS6), "Satlas Swin V2-T"),
     "terramind": (_registry("terratorch_terramind_v1_tiny", modalities=["S2L2A", "S1GRD"]), "TerraMind v1 tiny"),
-    "dofa": (_registry("terratorch_dofa_small_patch16_224", model_bands=HLS6, img_size=64), "DOFA small"),
+    "dofa": (
+        _registry("terratorch_dofa_small_patch16_224", model_bands=HLS6, img_size=64),
+        "DOFA small (registry wrapper, wavelengths fixed at build)",
+    ),
     "clay": (_registry("timm_clay_v1_base", img_size=64, features_only=True), "Clay v1 base (encoder)"),
     "croma_optical": (_croma_optical, "CROMA base, optical encoder (called by keyword)"),
     "croma_pair": (_torchgeo("croma_base", weights=None, modalities=["sar", "optical"]), "CROMA base, both encoders"),
-    "copernicusfm": (_copernicusfm, "CopernicusFM base, 2 blocks, spectral mode"),
+    "copernicusfm": (_copernicusfm, "CopernicusFM base, spectral mode, in a wrapper holding its wavelengths"),
 }
 
 
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "geo_models"))
+    parser.add_argument("--update", action="store_true", help="replace only these models' rows of the --out JSON")
     args = parser.parse_args(argv)
     import terratorch  # noqa: F401  (sets the float32 matmul precision to "medium": set back below)
 
@@ -257,6 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         rows.append(survey(name))
         print(json.dumps(rows[-1]), flush=True)
+    if args.update:  # the other rows as the last full run wrote them, in the table's order
+        fresh = {r["model"]: r for r in rows}
+        old = json.loads(Path(args.out + ".json").read_text())["rows"]
+        rows = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
     meta = {"torch": torch.__version__, "terratorch": importlib.metadata.version("terratorch"), "device": "cpu"}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     Path(args.out + ".md").write_text(_markdown(rows))
