@@ -6,9 +6,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
-    "DataConfig", "SyntheticConfig", "GenericConfig", "ModalityConfig", "DATASETS", "BUILTIN_ROLES", "provided_modalities",
+    "DataConfig",
+    "SyntheticConfig",
+    "GenericConfig",
+    "ModalityConfig",
+    "DATASETS",
+    "BUILTIN_ROLES",
+    "provided_modalities",
     "new_roles",
-]  # fmt: skip
+]
 
 DATASETS = ("vaihingen", "potsdam", "mmhunan", "generic", "synthetic")
 BUILTIN_ROLES = ("optical", "dsm", "labels", "eval_labels")

@@ -88,8 +88,10 @@ def band_fills(arr: np.ndarray, m: ModalitySpec, path: Path, tile: str | None = 
     per_band = ", ".join(f"band {_file_band(m, k)} {int(n)} px" for k, n in enumerate(counts) if n)
     k0 = int(np.flatnonzero(counts)[0])
     row, col = divmod(int(np.flatnonzero(bad[..., k0])[0]), bad.shape[1])
-    what = (f"{where}: modality {m.name!r} has NaN/inf/no-data pixels (no-data value {nodata}) in {per_band} "
-            f"(bands counted from 0 in the file), first at band {_file_band(m, k0)} (row {row}, col {col})")  # fmt: skip
+    what = (
+        f"{where}: modality {m.name!r} has NaN/inf/no-data pixels (no-data value {nodata}) in {per_band} "
+        f"(bands counted from 0 in the file), first at band {_file_band(m, k0)} (row {row}, col {col})"
+    )
     key = f"data.modalities.{m.name}.fill"
     if fill == "raise":
         raise DataError(f"{what}; set {key}=min (each band's tile minimum) or {key}=zero to fill them")

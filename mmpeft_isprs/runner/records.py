@@ -42,8 +42,9 @@ def read_launches(path: Path) -> list[dict[str, Any]]:
     return [{k: saved[k] for k in keys if k in saved}] if saved else []
 
 
-def record_launch(run_dir: Path, launch: dict[str, Any], config: dict[str, Any], encoder: dict[str, Any] | None,
-                  resumed: bool) -> list[dict[str, Any]]:  # fmt: skip
+def record_launch(
+    run_dir: Path, launch: dict[str, Any], config: dict[str, Any], encoder: dict[str, Any] | None, resumed: bool
+) -> list[dict[str, Any]]:
     """Append this launch to ``run_dir/run.json`` (a fresh run starts its history); returns every launch."""
     path = Path(run_dir) / "run.json"
     entry = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(sys.argv), "resumed": resumed, **launch}
@@ -80,8 +81,14 @@ def logged_warnings(write: Callable[[str], None]) -> Iterator[None]:
     file's writer), formatted as on the terminal."""
     previous = warnings.showwarning
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:  # fmt: skip
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         previous(message, category, filename, lineno, file, line)
         with contextlib.suppress(Exception):
             write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"))

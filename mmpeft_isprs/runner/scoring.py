@@ -77,9 +77,13 @@ def _ignore(_: str) -> None:
 
 
 def _open(
-    cfg: ExperimentConfig, stored: MFNetFile, info: DistInfo, say: Callable[[str], None], notes: Sequence[str],
+    cfg: ExperimentConfig,
+    stored: MFNetFile,
+    info: DistInfo,
+    say: Callable[[str], None],
+    notes: Sequence[str],
     encoder: EncoderFile,
-) -> tuple[MFNet, TileSet]:  # fmt: skip
+) -> tuple[MFNet, TileSet]:
     """The model of ``stored`` and the tiles to score (everything that can fail, before any work)."""
     for note in notes if info.is_main else ():
         say(note)
@@ -93,9 +97,15 @@ def _open(
 
 
 def _score(
-    cfg: ExperimentConfig, model: MFNet, tiles: TileSet, source: tuple[str, EncoderFile], out: Path, subsets: bool,
-    info: DistInfo, log: Callable[[str], None],
-) -> EvalResult:  # fmt: skip
+    cfg: ExperimentConfig,
+    model: MFNet,
+    tiles: TileSet,
+    source: tuple[str, EncoderFile],
+    out: Path,
+    subsets: bool,
+    info: DistInfo,
+    log: Callable[[str], None],
+) -> EvalResult:
     """Score ``model`` on ``tiles`` (every modality subset with ``subsets``) and write the files (rank 0)."""
     e, (weights, encoder) = cfg.eval, source
     preds = out / "predictions" if e.save_predictions else None
@@ -105,11 +115,15 @@ def _score(
         windows = eval_windows(tiles, model.config.size[0], e.stride) * len(runs)  # over all ranks
         own = eval_windows(tiles, model.config.size[0], e.stride, info) * len(runs)
         shared = f"; {info.world_size} processes, progress lines count rank 0's {own}" if info.world_size > 1 else ""
-        log(f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
-            + (f" ({len(runs)} modality subsets)" if subsets else "") + shared)  # fmt: skip
+        log(
+            f"{cfg.name}: scoring {e.split} split, {len(tiles)} tiles, {windows} windows"
+            + (f" ({len(runs)} modality subsets)" if subsets else "")
+            + shared
+        )
         progress = EvalProgress(log, own, what="eval (rank 0)" if info.world_size > 1 else "eval")
-    results = evaluate_subsets(model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress,
-                               log=log if subsets else None)  # fmt: skip
+    results = evaluate_subsets(
+        model, tiles, cfg, info=info, subsets=runs, out_dir=preds, progress=progress, log=log if subsets else None
+    )
     result = next(iter(results.values()))
     if info.is_main:
         _write_metrics(out, cfg, (weights, encoder.sha256), tiles, model.config.size[0], result, info, log)

@@ -111,14 +111,21 @@ def test_a_new_roles_missing_file_and_size_are_named(archive: Path, tmp_path: Pa
 def test_new_roles_in_the_other_layouts(tmp_path: Path) -> None:
     """Potsdam, MMHunan and generic take a new role the same way (here one file pattern each)."""
     for dataset in ("potsdam", "mmhunan"):
-        cfg = load_config(f"{dataset}_mmlora_vit_b", [f"data.root={tmp_path}", "data.files.sar=sar/{id}.tif",
-                                                      "model.modalities=[optical, sar, dsm]"])  # fmt: skip
+        cfg = load_config(
+            f"{dataset}_mmlora_vit_b",
+            [f"data.root={tmp_path}", "data.files.sar=sar/{id}.tif", "model.modalities=[optical, sar, dsm]"],
+        )
         files = make_layout(cfg.data).tile_files(tmp_path, "2_10")
         assert files.inputs["sar"] == tmp_path / "sar" / "2_10.tif", dataset
-    generic = load_config("vaihingen_mmadapter_vit_b", [
-        f"data.root={tmp_path}", "data.dataset=generic", "data.files.sar=radar/s1_{id}_vv.tif",
-        "model.modalities=[optical, sar, dsm]",
-    ])  # fmt: skip
+    generic = load_config(
+        "vaihingen_mmadapter_vit_b",
+        [
+            f"data.root={tmp_path}",
+            "data.dataset=generic",
+            "data.files.sar=radar/s1_{id}_vv.tif",
+            "model.modalities=[optical, sar, dsm]",
+        ],
+    )
     files = make_layout(generic.data).tile_files(tmp_path, "a1")
     assert files.inputs["sar"] == tmp_path / "radar" / "s1_a1_vv.tif"
     assert files.inputs["optical"].parent == tmp_path / "optical"
@@ -136,9 +143,28 @@ def test_ms_and_sar_beside_vaihingen_train_evaluate_subsets_and_predict(archive:
     assert len(subsets["subsets"]) == 15  # 2^4 - 1 subsets of optical, ms, sar, dsm
     assert all(len(s["confusion"]) == 6 and len(s["support"]) == 6 for s in subsets["subsets"].values())
     out = tmp_path / "pred"
-    assert main(["predict", "--weights", weights, "--optical", str(archive / "top"), "--dsm", str(archive / "dsm"),
-                 "--input", f"ms={archive / 'ms'}", "--input", f"sar={archive / 'sar'}", "--out", str(out),
-                 "--stride", "32"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                weights,
+                "--optical",
+                str(archive / "top"),
+                "--dsm",
+                str(archive / "dsm"),
+                "--input",
+                f"ms={archive / 'ms'}",
+                "--input",
+                f"sar={archive / 'sar'}",
+                "--out",
+                str(out),
+                "--stride",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("*_colour.png"))) == len(IDS)
     assert "error" not in capsys.readouterr().err
 

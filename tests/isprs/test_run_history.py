@@ -106,8 +106,20 @@ def test_encoder_hash_is_recorded_and_another_file_warns_and_gets_its_own_evalua
     root, run = _archive(tmp_path / "v"), tmp_path / "run"
     a, b = _encoder_files(tmp_path)
     tiny = [x for x in TINY if not x.startswith("model.checkpoint")]
-    assert main(["train", "vaihingen_mmadapter_vit_b", f"data.root={root}", f"train.run_dir={run}", f"model.checkpoint={a}",
-                 *ARGS, *tiny]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "vaihingen_mmadapter_vit_b",
+                f"data.root={root}",
+                f"train.run_dir={run}",
+                f"model.checkpoint={a}",
+                *ARGS,
+                *tiny,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     digest_a = read_weights(run / "best.safetensors").metadata["encoder_sha256"]
     assert len(digest_a) == 64 and f"encoder weights: {a} (sha256 {digest_a[:12]})" in out
@@ -123,15 +135,34 @@ def test_encoder_hash_is_recorded_and_another_file_warns_and_gets_its_own_evalua
     got = capsys.readouterr()
     text = got.out + got.err
     assert "the same protocol and weights" not in text
-    assert re.search(rf"warning: {re.escape(str(b))} \(sha256 [0-9a-f]{{12}}\) is not the encoder file .*trained with "
-                     rf"\(sha256 {digest_a[:12]}\)", text), text  # fmt: skip
+    assert re.search(
+        rf"warning: {re.escape(str(b))} \(sha256 [0-9a-f]{{12}}\) is not the encoder file .*trained with "
+        rf"\(sha256 {digest_a[:12]}\)",
+        text,
+    ), text
     folders = sorted(run.glob("eval_test_*"))
     assert len(folders) == 2  # the first evaluation is kept beside the other encoder's
     other = next(f for f in folders if f != first)
     assert json.loads((other / "metrics.json").read_text())["encoder_sha256"] != digest_a
     out = tmp_path / "pred"
-    assert main(["predict", "--weights", weights, "--optical", str(root / "top"), "--dsm", str(root / "dsm"), "--out",
-                 str(out), "--checkpoint", str(b)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                weights,
+                "--optical",
+                str(root / "top"),
+                "--dsm",
+                str(root / "dsm"),
+                "--out",
+                str(out),
+                "--checkpoint",
+                str(b),
+            ]
+        )
+        == 0
+    )
     got = capsys.readouterr()
     assert f"warning: {b} (sha256 " in got.out + got.err and "is not the encoder file" in got.out + got.err
     assert f"encoder weights: {b} (sha256 " in got.out  # predict says which file it loaded, too
@@ -148,10 +179,13 @@ def test_file_hash_is_of_the_content(tmp_path: Path) -> None:
     assert file_sha256(a) == file_sha256(b)
 
 
-@pytest.mark.parametrize("launches,expected", [
-    ([{"threads": {"threads": 1}}, {"threads": {"threads": 2}}], "torch threads 1 -> 2"),
-    ([{"threads": {"threads": 1}}, {"threads": {"threads": 1}}], None),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "launches,expected",
+    [
+        ([{"threads": {"threads": 1}}, {"threads": {"threads": 2}}], "torch threads 1 -> 2"),
+        ([{"threads": {"threads": 1}}, {"threads": {"threads": 1}}], None),
+    ],
+)
 def test_mixed_launches_are_said(launches: list, expected: str | None) -> None:
     from mmpeft_isprs.runner.records import mixed_launches
 

@@ -11,8 +11,11 @@ import pytest
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import ConfigError, load_config
 
-MS = ["data.files.ms=ms/ms_area{id}.tif", "data.modalities.ms.bands=[0,1,2,3,4,5,6,7,8,9,10,11]",
-      "model.modalities=[optical, ms, dsm]"]  # fmt: skip
+MS = [
+    "data.files.ms=ms/ms_area{id}.tif",
+    "data.modalities.ms.bands=[0,1,2,3,4,5,6,7,8,9,10,11]",
+    "model.modalities=[optical, ms, dsm]",
+]
 
 
 def test_a_twelve_band_modality_without_a_fitting_stem_names_model_stems_and_adapt() -> None:
@@ -59,13 +62,16 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return seen
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--optical", "a", "--optical", "b"], {"optical": ["a", "b"]}),
-    (["--optical", "a", "b"], {"optical": ["a", "b"]}),
-    (["--optical", "a", "--dsm", "x", "--dsm", "y"], {"optical": ["a"], "dsm": ["x", "y"]}),
-    (["--input", "optical=a", "--input", "optical=b"], {"inputs": {"optical": ["a", "b"]}}),
-    (["--optical", "a", "--input", "nir=x", "--input", "nir=y"], {"optical": ["a"], "inputs": {"nir": ["x", "y"]}}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--optical", "a", "--optical", "b"], {"optical": ["a", "b"]}),
+        (["--optical", "a", "b"], {"optical": ["a", "b"]}),
+        (["--optical", "a", "--dsm", "x", "--dsm", "y"], {"optical": ["a"], "dsm": ["x", "y"]}),
+        (["--input", "optical=a", "--input", "optical=b"], {"inputs": {"optical": ["a", "b"]}}),
+        (["--optical", "a", "--input", "nir=x", "--input", "nir=y"], {"optical": ["a"], "inputs": {"nir": ["x", "y"]}}),
+    ],
+)
 def test_a_repeated_modality_flag_pools_its_files_in_every_spelling(
     argv: list[str], expected: dict, calls: list
 ) -> None:
@@ -74,10 +80,13 @@ def test_a_repeated_modality_flag_pools_its_files_in_every_spelling(
     assert got == {"optical": [], "dsm": [], "inputs": {}, **expected}
 
 
-@pytest.mark.parametrize("argv,flags", [
-    (["--optical", "a", "--input", "optical=b"], "--optical and --input optical="),
-    (["--dsm", "a", "--input", "dsm=b", "--optical", "c"], "--dsm and --input dsm="),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,flags",
+    [
+        (["--optical", "a", "--input", "optical=b"], "--optical and --input optical="),
+        (["--dsm", "a", "--input", "dsm=b", "--optical", "c"], "--dsm and --input dsm="),
+    ],
+)
 def test_one_modality_by_two_flags_is_an_error(argv: list[str], flags: str, calls: list, capsys) -> None:
     assert main(["predict", "--weights", "w.safetensors", "--out", "o", *argv]) == 2
     assert f"given twice, by {flags}" in capsys.readouterr().err and not calls
@@ -89,12 +98,42 @@ def test_repeated_optical_predicts_every_tile(tmp_path: Path, capsys) -> None:
 
     root, run = tmp_path / "v", tmp_path / "run"
     make_vaihingen_archive(root, ["1", "5", "7"])
-    assert main(["train", "vaihingen_mmadapter_vit_b", f"data.root={root}", f"train.run_dir={run}",
-                 "data.splits={train: [1, 7], test: [5]}", "data.val_fraction=0", *TINY]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "vaihingen_mmadapter_vit_b",
+                f"data.root={root}",
+                f"train.run_dir={run}",
+                "data.splits={train: [1, 7], test: [5]}",
+                "data.val_fraction=0",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     top, out = root / "top", tmp_path / "pred"
     files = [str(top / f"top_mosaic_09cm_area{i}.tif") for i in ("1", "5", "7")]
-    assert main(["predict", "--weights", str(run / "best.safetensors"), "--optical", files[0], "--optical", files[1],
-                 "--optical", files[2], "--dsm", str(root / "dsm"), "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(run / "best.safetensors"),
+                "--optical",
+                files[0],
+                "--optical",
+                files[1],
+                "--optical",
+                files[2],
+                "--dsm",
+                str(root / "dsm"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(list(out.glob("*_colour.png"))) == 3
     assert "wrote" in capsys.readouterr().out
 
