@@ -98,9 +98,10 @@ def _wake(model: nn.Module) -> None:
             last = n.rsplit(".", 1)[-1]
             if ("gamma" in last or "scale" in last or last.startswith("ls")) and p.abs().max() < 1e-3:
                 p.fill_(1.0)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.any():
-                m.weight.fill_(1.0)
+        for m in model.modules():  # zero-initialised norm weights: BatchNorm (LeViT), LayerNorm (Swin V2 post-norms)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+                if not m.weight.any():
+                    m.weight.fill_(1.0)
 
 
 def _check(build: Any, method: str, x: torch.Tensor) -> dict[str, Any]:
@@ -128,11 +129,11 @@ def _timeout(*_: Any) -> None:
     raise TimeoutError("over the time limit")
 
 
-def measure(module: str, limit: int) -> dict[str, Any]:
+def measure(module: str, limit: int, pick: str | None = None) -> dict[str, Any]:
     import timm
 
     rec: dict[str, Any] = {"module": module}
-    found = smallest(module)
+    found = (pick, _params(pick)) if pick else smallest(module)
     if found is None:
         return {**rec, "error": "no model builds"}
     name, rec["params"] = found
@@ -206,19 +207,21 @@ def main() -> None:
     ap.add_argument("--modules", default="", help="comma-separated timm.models modules (default: all)")
     ap.add_argument("--limit", type=int, default=300, help="seconds per model and method")
     ap.add_argument("--table", nargs="+", help="print the markdown table of these JSON files and stop")
+    ap.add_argument("--pick", nargs="*", default=[], help="module=model: measure this model instead of the smallest")
     args = ap.parse_args()
     if args.table:
         table(args.table)
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     signal.signal(signal.SIGALRM, _timeout)
+    picks = dict(p.split("=", 1) for p in args.pick)
     modules = args.modules.split(",") if args.modules else sorted(timm.list_modules())
     records = []
     for module in modules:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                rec = measure(module, args.limit)
+                rec = measure(module, args.limit, picks.get(module))
             except Exception as err:
                 rec = {"module": module, "error": f"{type(err).__name__}: {str(err)[:300]}"}
         records.append(rec)
