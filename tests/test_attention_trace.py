@@ -16,7 +16,7 @@ from mmpeft.targeting.attention_trace import traced_attention
 from mmpeft.targeting.coverage import CoverageWarning, has_attention
 from mmpeft.targeting.structure import StructuralFamilyWarning
 from tests.family_zoo import ZOO, build
-from tests.helpers import assert_close
+from tests.helpers import assert_close, randomise_trainables
 
 MODS = ("optical", "dsm")
 
@@ -172,3 +172,54 @@ def test_coatnet_conv_qkv_takes_a_whole_conv_lora_said() -> None:
     assert any("are convolutions, which a Conv2d LoRA takes whole" in str(w.message) for w in caught)
     with torch.no_grad():
         assert_close(wrapped({m: x for m in MODS})["dsm"], ref, rel=1e-5)
+
+
+class PerSampleQuery(nn.Module):
+    """Windows ``(B*nW, N, C)`` attended by a query per image ``(B, N, C)`` (GCViT's global query,
+    repeated image-major), plus a table shared by every sample (rotary-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv, self.proj = nn.Linear(8, 16), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(x).chunk(2, -1)
+        q = q.repeat_interleave(x.shape[0] // q.shape[0], 0) + table
+        return self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+class Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Module()])
+        self.blocks[0].attn = PerSampleQuery()
+        self.table = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 4 windows, 4 tokens, 8)
+        b = x.shape[0]
+        q = x.mean(1)  # (B, 4, 8): one query per image
+        return self.blocks[0].attn(x.flatten(0, 1), q, self.table).view(b, 4, 4, 8)
+
+
+@pytest.mark.parametrize("kind", ["gcvit_kv", "host"])
+def test_adapter_loop_equals_batched_with_a_per_sample_argument(kind: str) -> None:
+    """An adapter wrapping a module called with a further tensor (GCViT's global query) ran that
+    module once per modality with the whole query, silently mixing images (6e-3 relative on
+    gcvit_kv before): the frozen module now runs on the stacked batch, the adapters per modality."""
+    torch.manual_seed(0)
+    if kind == "host":
+        model: nn.Module = Host()
+        wrapped = wrap_multimodal(model, MODS, "adapter", targets=["blocks.0.attn"], placement="after", probe=False)
+        x = {m: torch.rand(2, 4, 4, 8) for m in MODS}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped = wrap_multimodal(build(kind), MODS, "adapter")
+        x = {m: torch.rand(2, 3, 64, 64) for m in MODS}
+    randomise_trainables(wrapped)
+    with torch.no_grad():
+        batched = wrapped(x)
+        wrapped.set_execution("loop")
+        looped = wrapped(x)
+    for m in MODS:
+        assert_close(looped[m], batched[m], rel=1e-5, msg=m)

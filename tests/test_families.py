@@ -153,8 +153,8 @@ FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...
     "nextvit": (functools.partial(zoo_build, "nextvit"), 64, "timm_nextvit", LORA),
     "tnt": (functools.partial(zoo_build, "tnt"), 32, "timm_tnt", BOTH),
     # issue 31: GCViT's kv-only global-query blocks after fused ones (LoRA on their v half); convolutional
-    # attention placed by what it computes (mmpeft.targeting.traced), the adapter presets refused there
-    "gcvit_kv": (functools.partial(zoo_build, "gcvit_kv"), 64, "timm", LORA),
+    # attention placed by what it computes (mmpeft.targeting.traced), the adapter presets refused there (not GCViT)
+    "gcvit_kv": (functools.partial(zoo_build, "gcvit_kv"), 64, "timm", BOTH),
     "shvit": (functools.partial(zoo_build, "shvit"), 64, "traced", LORA),
     "iformer": (functools.partial(zoo_build, "iformer"), 64, "traced", LORA),
     "efficientvit_mit": (functools.partial(zoo_build, "efficientvit_mit"), 64, "traced", LORA),

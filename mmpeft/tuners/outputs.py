@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import MmpeftTypeError
 
-__all__ = ["first_output", "with_first", "cat_rests", "take_input", "chunk_args"]
+__all__ = ["first_output", "with_first", "cat_rests", "take_input", "chunk_args", "only_x"]
 
 
 def take_input(module: nn.Module, x: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -53,13 +54,24 @@ def cat_rests(rests: Sequence[tuple[Any, ...] | None]) -> tuple[Any, ...] | None
     return tuple(torch.cat(list(items), 0) if isinstance(items[0], torch.Tensor) else items[0] for items in zip(*rests))
 
 
+def only_x(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """True when no argument but ``x`` itself holds a tensor (nested in tuples, lists, dicts too).
+
+    Only then can loop execution call a module once per modality: a further tensor may be per
+    sample (GCViT's global query, ``(M*B, ...)`` beside windows ``(M*B*nW, ...)``) or shared (a
+    rotary table of N tokens, where N may equal M*B), and which one cannot be told from its shape.
+    """
+    leaves = pytree.tree_leaves((args, kwargs))
+    return all(a is x or not isinstance(a, torch.Tensor) for a in leaves)
+
+
 def chunk_args(
     x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], m: int
 ) -> list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]:
     """Per-modality ``(x_m, args_m, kwargs_m)`` for loop execution: ``x`` split into M chunks,
     and so is every further argument that *is* ``x`` (torchvision calls its attention as
-    ``attn(x, x, x)``); all other arguments (rotary tables, masks, flags) go to every modality
-    unchanged. (Splitting by shape would be a guess: a rotary table of N tokens may have N = M*B.)"""
+    ``attn(x, x, x)``); all other arguments (flags, sizes) go to every modality unchanged. Call
+    it only where :func:`only_x` holds: another tensor could be per sample or shared."""
     xs = x.chunk(m, 0)
     return [
         (xs[i], tuple(xs[i] if a is x else a for a in args), {k: xs[i] if v is x else v for k, v in kwargs.items()})

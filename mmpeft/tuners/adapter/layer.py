@@ -13,7 +13,7 @@ from ...utils import check_int
 from ..base import MultimodalLayer, by_modality
 from ..fusion import Fusion, build_fusion, lowrank_mix
 from ..lowrank import mixed_up, stacked_linear
-from ..outputs import cat_rests, chunk_args, first_output, with_first
+from ..outputs import cat_rests, chunk_args, first_output, only_x, with_first
 
 __all__ = ["MultimodalAdapter"]
 
@@ -153,8 +153,14 @@ class MultimodalAdapter(MultimodalLayer):
         return self.adapter_up[modality](h)
 
     def _forward_loop(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        parts = chunk_args(x, args, kwargs, len(self._active()))  # x, and arguments that are x, split per modality
-        xs = [xm for xm, _, _ in parts]
+        m = len(self._active())
+        if not only_x(x, args, kwargs):  # a further tensor (GCViT's global query) may be per sample or
+            # shared: the frozen module runs once on the stacked batch, as batched; the adapters loop
+            y, rest = first_output(self.base_layer(x, *args, **kwargs))
+            xs, ys = x.chunk(m, 0), y.chunk(m, 0)
+            return with_first(self._loop_update(xs if self.placement == "beside" else ys, ys), rest)
+        parts = chunk_args(x, args, kwargs, m)  # x, and arguments that are x, split per modality
+        xs = tuple(xm for xm, _, _ in parts)
         # the frozen module once per modality
         ys, rests = zip(*(first_output(self.base_layer(xm, *a, **kw)) for xm, a, kw in parts))
         return with_first(self._loop_update(xs if self.placement == "beside" else ys, ys), cat_rests(rests))
