@@ -292,3 +292,30 @@ def test_load_best_model_at_end_reads_the_adapter_files(tmp_path: Path) -> None:
     randomise_trainables(model, seed=11)
     trainer._load_best_model()
     assert all(torch.equal(v, saved[k]) for k, v in model.trainable_state_dict().items())
+
+
+def test_label_smoothing_smooths_each_modality(tmp_path: Path) -> None:
+    """``label_smoothing_factor``: the stock Trainer reads ``outputs["logits"]`` (a multimodal
+    output has one per modality) and stops naming the fix; MultimodalTrainer's loss is the mean
+    over the modalities of each one's smoothed cross-entropy, computed here by hand, also under
+    gradient accumulation (``num_items_in_batch``)."""
+    data = _Data(4)
+    batch = _batch(data, 4)
+    with pytest.raises(KeyError, match="MultimodalTrainer, which smooths each modality's loss"):
+        _train(transformers.Trainer, tmp_path / "stock", data, max_steps=1, label_smoothing_factor=0.1)
+    model = _wrapped()
+    trainer = MultimodalTrainer(model, _args(tmp_path / "ours", label_smoothing_factor=0.1), data_collator=collate)
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        half = trainer.compute_loss(model, dict(batch), num_items_in_batch=8)  # this micro-batch is half of 8
+        logits = {m: model(pixel_values=batch["pixel_values"])[m].logits for m in MODS}
+    ce = torch.nn.functional.cross_entropy
+    by_hand = sum(ce(logits[m], batch["labels"], label_smoothing=0.1) for m in MODS) / len(MODS)
+    assert_close(loss, by_hand, rel=1e-6)
+    assert_close(half, by_hand / 2, rel=1e-6)
+    model.train()
+    trainer.train_dataset, trainer.args.max_steps = data, 1
+    start = _trainables(model)
+    trainer.train()
+    assert any(not torch.equal(v, start[k]) for k, v in _trainables(model).items())

@@ -11,7 +11,9 @@ that, through the methods the Trainer calls to save and load weights: ``save_mod
 checkpoint write :meth:`~mmpeft.MultimodalModel.save_pretrained`'s files (trainable tensors and
 config), and ``resume_from_checkpoint`` / ``load_best_model_at_end`` read the active set's back
 into the model (a stock checkpoint with ``model.safetensors`` still loads as the stock Trainer
-loads it). Importing this module imports ``transformers``.
+loads it). With ``label_smoothing_factor`` it smooths each modality's loss and averages them (the
+stock Trainer reads ``outputs["logits"]``, which a multimodal output does not have: it stops
+with that said). Importing this module imports ``transformers``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,19 @@ class MultimodalTrainer(Trainer):
                 "shard across processes: train with DDP (or ZeRO-1/2), or use the stock Trainer and "
                 "model.save_pretrained(directory) after gathering the model"
             )
+        if self.label_smoother is not None and self.compute_loss_func is None and self._wrapped() is not None:
+            self.compute_loss_func = self._smoothed_loss
+
+    def _smoothed_loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """``label_smoothing_factor``: the Trainer's ``LabelSmoother`` on each modality's logits,
+        averaged over the modalities (as the model's ``"loss"`` averages their losses). Given as
+        ``compute_loss_func``, so the Trainer normalises accumulated batches by
+        ``num_items_in_batch`` as it does for its own smoothing."""
+        assert self.label_smoother is not None
+        parts = [
+            self.label_smoother(o, labels, num_items_in_batch=num_items_in_batch) for o in outputs.outputs().values()
+        ]
+        return torch.stack(parts).mean()
 
     def _wrapped(self, model: nn.Module | None = None) -> MultimodalModel | None:
         found = self.accelerator.unwrap_model(self.model if model is None else model, keep_torch_compile=False)

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import MultimodalConfig
 from ..errors import MmpeftTypeError, MmpeftValueError
 from ..runtime.batch import Inputs, check_sizes, gather, split_output
-from ..runtime.labels import check_presence, computes_losses, take_labels, with_losses
+from ..runtime.labels import as_output, check_presence, computes_losses, take_labels, with_losses
 from ..runtime.presence import NonFiniteAction, Presence, masked_presence
 from ..runtime.stems import ModalityStem, check_stem_inputs
 from ..runtime.verify import cast_inputs, checked_call, input_dtype
@@ -234,7 +234,7 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
         with layer_state(self, **state):
             out = self._run(fn, x, *args, **kwargs)
         out = self.split(out, as_dict=isinstance(inputs, Mapping), names=names)
-        return out if labels is None else with_losses(self.base_model, out, labels)
+        return as_output(self.base_model, out) if labels is None else with_losses(self.base_model, out, labels)
 
     def _run(self, fn: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not self.call_check_pending or torch.compiler.is_compiling():

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MmpeftTypeError, MmpeftValueError
+from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
 __all__ = [
     "LOSS_KWARGS",
@@ -37,6 +37,7 @@ __all__ = [
     "take_labels",
     "check_presence",
     "with_losses",
+    "as_output",
 ]
 
 #: keyword arguments of a Hugging Face forward that go to its loss, not to the model
@@ -84,6 +85,15 @@ class MultimodalOutput(dict[str, Any]):
         """``{modality: output}`` without the combined loss."""
         return {k: v for k, v in self.items() if k != "loss"}
 
+    def __missing__(self, key: str) -> Any:
+        hint = ""
+        if key == "logits":  # the stock Trainer's label smoothing reads outputs["logits"]
+            hint = (
+                ": each modality has its own (out[modality].logits). For the Trainer's label_smoothing_factor "
+                "use mmpeft.interop.trainer.MultimodalTrainer, which smooths each modality's loss"
+            )
+        raise MmpeftKeyError(f"{key!r} is not in this multimodal output (keys {list(self)}){hint}")
+
 
 def take_labels(model: nn.Module, fn: Any, kwargs: dict[str, Any]) -> Labels | None:
     """Pop ``labels`` (and :data:`LOSS_KWARGS`) from ``kwargs`` when ``fn`` (a method of the
@@ -127,6 +137,12 @@ def _with_loss(model: nn.Module, out: Any, labels: Labels) -> Any:
     loss = model.loss_function(labels.labels, out["logits"], model.config, **labels.loss_kwargs)  # type: ignore[operator]
     fields = {"loss": loss, **{k: v for k, v in out.items() if k != "loss"}}
     return type(out)(**fields)
+
+
+def as_output(model: nn.Module, outputs: Any) -> Any:
+    """A dict of a Hugging Face classifier's outputs as a :class:`MultimodalOutput` (whose missing
+    ``"logits"`` names where each modality's are); anything else as it is."""
+    return MultimodalOutput(outputs) if isinstance(outputs, dict) and computes_losses(model) else outputs
 
 
 def with_losses(model: nn.Module, outputs: Any, labels: Labels) -> Any:
