@@ -19,6 +19,7 @@ from .errors import (
 from .interop.lockstep_reference import reference_forward
 from .interop.reference import per_modality_forward
 from .model.geo import BandMeaningWarning, set_modality_arguments
+from .model.geo_embeddings import set_modality_embeddings
 from .model.multimodal import MultimodalModel
 from .model.params import ParamReport, count_parameters, is_trainable_name, trainable_summary
 from .model.wrap import build_config, load_multimodal, plan_targets, save_multimodal, wrap_multimodal
@@ -60,6 +61,7 @@ __all__ = [
     "MatmulPrecisionWarning",
     "BandMeaningWarning",
     "set_modality_arguments",
+    "set_modality_embeddings",
     "Method",
     "reference_forward",
     "register_method",

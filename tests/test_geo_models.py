@@ -8,15 +8,24 @@ one-block-per-stage torchvision Swin V2) and an SSL4EO ViT. ``import terratorch`
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from mmpeft import BandMeaningWarning, MatmulPrecisionWarning, set_modality_arguments, wrap_multimodal
+from mmpeft import (
+    BandMeaningWarning,
+    MatmulPrecisionWarning,
+    load_multimodal,
+    save_multimodal,
+    set_modality_arguments,
+    wrap_multimodal,
+)
 from tests.helpers import assert_close, randomise_trainables, rel_diff
 
 _PRECISION = torch.get_float32_matmul_precision()
@@ -174,6 +183,31 @@ def test_set_modality_arguments_refuses_before_changing_anything() -> None:
     mixing = wrap_multimodal(_dofa(), MODS, "lora", stems={"sar": ("conv1x1", 2)})
     with pytest.raises(ValueError, match="'conv1x1' stem, which mixes its bands"):
         set_modality_arguments(mixing, "dofa_model.patch_embed", {"sar": {"wavelengths": SAR_WAVES}})
+
+
+@pytest.mark.slow  # over 5 s on the shared CPU
+def test_the_arguments_go_with_a_deep_copy_and_are_set_again_after_loading(tmp_path: Path) -> None:
+    x = {"optical": _rand(1, 6, 32, 32), "sar": _rand(1, 2, 32, 32, seed=1)}
+    wrapped = wrap_multimodal(_dofa(), MODS, preset="lora")
+    sar = {"sar": {"wavelengths": torch.tensor(SAR_WAVES)}}
+    handle = set_modality_arguments(wrapped, "dofa_model.patch_embed", sar)
+    randomise_trainables(wrapped)
+    with torch.no_grad():
+        expected = _first(wrapped(x)["sar"])
+        twin = copy.deepcopy(wrapped)
+        handle.remove()  # the original back to its optical wavelengths: the copy keeps its own arguments
+        assert rel_diff(_first(wrapped(x)["sar"]), expected) > 1e-2
+        assert_close(_first(twin(x)["sar"]), expected, rel=0, msg="deep copy, its own SAR wavelengths")
+        twin.base_model.dofa_model.patch_embed._forward_hooks.clear()  # and the copy's removal leaves the original
+        set_modality_arguments(wrapped, "dofa_model.patch_embed", sar)
+        assert_close(_first(wrapped(x)["sar"]), expected, rel=0, msg="set again on the original")
+    save_multimodal(wrapped, tmp_path / "dofa")
+    loaded = load_multimodal(_dofa(), tmp_path / "dofa")  # the arguments are not saved: said, then set again
+    with torch.no_grad(), pytest.warns(BandMeaningWarning, match="'sar' has 2 band"):
+        assert rel_diff(_first(loaded(x)["sar"]), expected) > 1e-2
+    set_modality_arguments(loaded, "dofa_model.patch_embed", sar)
+    with torch.no_grad():
+        assert_close(_first(loaded(x)["sar"]), expected, rel=0, msg="loaded, the arguments set again")
 
 
 def _satlas() -> nn.Module:

@@ -16,6 +16,7 @@ from ..targeting.inject import apply_rules, infer_in_channels, wrap_modules_to_s
 from ..targeting.prepare import prepare_backbone, unchanged_on_error
 from ..tuners import multimodal_layers
 from ..utils import dtype_name, listing
+from .geo import watch_band_meaning
 from .hub import resolve_adapter_source
 from .io import read_adapter, write_adapter
 from .merge import check_usable
@@ -153,6 +154,7 @@ class Persistence:
         wrapped = cls.from_config(base_model, config, efficient_attention, probe, autocast_adapter_dtype)
         _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
         wrapped.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
+        watch_band_meaning(wrapped)  # as at wrap time: TerraMind's modalities through their own embeddings (geo.py)
         if not is_trainable:
             wrapped.requires_grad_(False)  # type: ignore[attr-defined]
             wrapped.eval()  # type: ignore[attr-defined]
