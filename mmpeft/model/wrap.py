@@ -16,7 +16,7 @@ from torch import nn
 from ..config import MultimodalConfig
 from ..runtime.matmul import warn_reduced_matmul_precision
 from ..targeting.geo import refuse_separate_encoders
-from ..targeting.inject import rule_owners
+from ..targeting.inject import infer_in_channels, place_rules
 from ..targeting.peft_config import peft_arguments
 from ..tuners.options import Targets
 from .adapter_sets import check_set_name
@@ -25,6 +25,7 @@ from .geo import watch_band_meaning
 from .hub import HUB_OPTIONS, resolve_adapter_source
 from .multimodal import MultimodalModel
 from .peft_names import set_folder
+from .saving import _probe_size
 
 __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "load_multimodal", "save_multimodal"]
 
@@ -62,23 +63,26 @@ def plan_targets(
     preset: str | None = None,
     targets: Targets | None = None,
     base_dtype: torch.dtype | str | None = None,
+    probe: bool | tuple[int, int] = True,
     **options: Any,
 ) -> list[PlannedTarget]:
     """The modules ``wrap_multimodal`` called with the same arguments would patch, in the model's
-    order, without changing ``model`` (a dry run): ``[(name, method, {option: value})]``."""
+    order, without changing ``model`` (a dry run): ``[(name, method, {option: value})]``, the
+    options as the wrap applies them (the v half of a key-value projection, a convolution whole,
+    modules the dry run leaves out), from the same decisions
+    (:func:`mmpeft.targeting.inject.place_rules`) and with the same warnings."""
     opts = WrapOptions.from_kwargs(
         modalities, method, preset=preset, targets=targets, config=config, base_dtype=base_dtype, **options
     )
     view = planned(model, in_place=False)
     config = opts.resolve(view, in_place=True)
-    owner = rule_owners(view, config)
-    rules = config.rules
+    size = _probe_size(probe)
+    in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(view, size)
+    rules = place_rules(view, config, probe=probe is not False, probe_size=size, in_channels=in_channels).rules
     return [
-        PlannedTarget(
-            n, rules[owner[n]].kind, {k: v for k, v in rules[owner[n]].__dict__.items() if k not in ("targets", "kind")}
-        )
+        PlannedTarget(n, rules[n].kind, {k: v for k, v in rules[n].__dict__.items() if k not in ("targets", "kind")})
         for n, _ in view.named_modules()
-        if n in owner
+        if n in rules
     ]
 
 

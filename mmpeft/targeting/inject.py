@@ -8,6 +8,7 @@ place of each module that trains in full. Both change the model in place.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +29,16 @@ from .selection import all_linear, is_all_linear
 from .structure import warn_structural
 from .targets import match_targets
 
-__all__ = ["ModuleToSave", "apply_rules", "infer_in_channels", "rule_owners", "set_submodule", "wrap_modules_to_save"]
+__all__ = [
+    "ModuleToSave",
+    "Placement",
+    "apply_rules",
+    "place_rules",
+    "infer_in_channels",
+    "rule_owners",
+    "set_submodule",
+    "wrap_modules_to_save",
+]
 
 
 class ModuleToSave(nn.Module):
@@ -94,6 +104,60 @@ def rule_owners(model: nn.Module, config: MultimodalConfig) -> dict[str, int]:
     return owner
 
 
+@dataclass
+class Placement:
+    """Where and how a wrap patches a model, decided before any module is replaced: ``rules``
+    {module name: its rule, options as applied}, deepest module first; ``factors`` and ``widths``
+    from the dry run (empty without it), ``size`` its (H, W)."""
+
+    rules: dict[str, Any]
+    factors: dict[str, int | None] = field(default_factory=dict)
+    widths: dict[str, int | None] = field(default_factory=dict)
+    size: tuple[int, int] | None = None
+
+
+def place_rules(
+    model: nn.Module,
+    config: MultimodalConfig,
+    *,
+    probe: bool = True,
+    probe_size: tuple[int, int] | None = None,
+    in_channels: int | None = None,
+) -> Placement:
+    """Every check and placement decision of :func:`apply_rules` (its arguments), with ``model``
+    left as it is: ``plan_targets`` shows exactly this."""
+    if probe_size is not None and not probe:
+        raise MmpeftValueError(
+            f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)"
+        )
+    if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
+        raise MmpeftValueError(
+            "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "
+            "the same frozen model use wrapped.add_adapter(name, ...) and wrapped.set_adapter(name)"
+        )
+    owner = rule_owners(model, config)
+    if config.preset is not None:
+        owner = _without_nested(config, _without_identities(model, owner))
+    check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
+    placement = Placement({})
+    trace = AttentionTrace(model) if config.preset is not None else None  # attention left bare is named
+    if probe and owner:
+        channels = in_channels or _probe_channels(model, config, probe_size)
+        placement.size = probe_size or probe_input(model, channels)
+        probed = dry_run(model, sorted(owner), channels, placement.size, trace=trace)
+        placement.factors = probe_batch_factors(
+            model, sorted(owner), channels, placement.size, config.preset is not None, probed
+        )
+        owner = {n: i for n, i in owner.items() if n in placement.factors}
+        placement.widths = {n: r.width for n, r in probed.items()}
+    if trace is not None:
+        trace.close()
+        warn_uncovered_attention(model, owner, trace.found)
+    rules = _kv_only(model, config, owner)
+    placement.rules = {n: rules[n] for n in sorted(owner, key=lambda s: s.count("."), reverse=True)}
+    return placement
+
+
 def apply_rules(
     model: nn.Module,
     config: MultimodalConfig,
@@ -114,46 +178,19 @@ def apply_rules(
     :func:`mmpeft.targeting.inputs.choose_size`). ``in_channels``: the input channels when the
     caller already read them (default: ``config.in_channels``, else read off the model).
     """
-    if probe_size is not None and not probe:
-        raise MmpeftValueError(
-            f"probe_size={probe_size!r} needs probe=True (the size is the dry run's; with probe=False none runs)"
-        )
-    if any(True for _ in multimodal_layers(model)) or any(isinstance(m, ModuleToSave) for m in model.modules()):
-        raise MmpeftValueError(
-            "this model is already wrapped by mmpeft; wrap the original model once. For another adapter set on "
-            "the same frozen model use wrapped.add_adapter(name, ...) and wrapped.set_adapter(name)"
-        )
-    owner = rule_owners(model, config)
-    if config.preset is not None:
-        owner = _without_nested(config, _without_identities(model, owner))
-    check_targets_callable(model, list(owner))  # nothing inside an nn.MultiheadAttention
-    factors: dict[str, int | None] = {}
-    widths: dict[str, int | None] = {}
-    size: tuple[int, int] | None = None
-    trace = AttentionTrace(model) if config.preset is not None else None  # attention left bare is named
-    if probe and owner:
-        channels = in_channels or _probe_channels(model, config, probe_size)
-        size = probe_size or probe_input(model, channels)
-        probed = dry_run(model, sorted(owner), channels, size, trace=trace)
-        factors = probe_batch_factors(model, sorted(owner), channels, size, config.preset is not None, probed)
-        owner = {n: i for n, i in owner.items() if n in factors}
-        widths = {n: r.width for n, r in probed.items()}
-    if trace is not None:
-        trace.close()
-        warn_uncovered_attention(model, owner, trace.found)
+    placement = place_rules(model, config, probe=probe, probe_size=probe_size, in_channels=in_channels)
     # all or nothing: every layer is built (and so checked) around the module as given before the
     # first one is put in place; a refusal leaves the model untouched
-    order = sorted(owner, key=lambda s: s.count("."), reverse=True)
-    rules = _kv_only(model, config, owner)
-    layers = {n: _build_layer(model, rules[n], n, config, widths.get(n)) for n in order}
+    layers = {n: _build_layer(model, rule, n, config, placement.widths.get(n)) for n, rule in placement.rules.items()}
     model.requires_grad_(False)
     # deepest first: a child goes into its parent (the module object a parent's layer holds) while
     # the path to it is still the model's own
-    for n in order:
-        layers[n].batch_factor = factors.get(n)
-        layers[n].factor_size = tuple(size) if size is not None and n in factors else None
-        set_submodule(model, n, layers[n])
-    return sorted(owner)
+    size = placement.size
+    for n, layer in layers.items():
+        layer.batch_factor = placement.factors.get(n)
+        layer.factor_size = tuple(size) if size is not None and n in placement.factors else None
+        set_submodule(model, n, layer)
+    return sorted(layers)
 
 
 def _kv_only(model: nn.Module, config: MultimodalConfig, owner: dict[str, int]) -> dict[str, Any]:
