@@ -14,7 +14,8 @@ from .schema import ConfigError
 __all__ = ["check_files", "check_fills", "check_stems", "kept_bands", "stem_error"]
 
 ENCODER_CHANNELS = 3
-"""The band count every MFNet encoder's patch embedding takes (RGB)."""
+"""The band count every MFNet encoder's patch embedding takes (RGB), TerraTorch's aside: theirs are
+the bands the model is built for, known once it is built (the wrap checks the stems then)."""
 
 
 def check_files(d: DataConfig, m: MFNetConfig) -> None:
@@ -102,6 +103,8 @@ def stem_error(m: MFNetConfig, name: str, bands: int, where: str) -> str | None:
     """Why the stem of modality ``name`` cannot take ``bands`` bands (``where`` says what fixes the
     count), naming ``model.stems`` and the stems that fit; None when it can."""
     kind, declared = _stem(m.stems.get(name, "auto"))
+    if m.backbone_kind.kind == "geo":  # a TerraTorch encoder's channels are its bands (6 HLS for Prithvi)
+        return None
     problem = _stem_problem(kind, declared, bands)
     if problem is None:
         return None

@@ -24,7 +24,10 @@ class MFNetConfig:
             "vit_tiny" (tests, CPU demo); SAM2's Hiera: "sam2_hiera_tiny", "sam2_hiera_small",
             "sam2_hiera_base_plus", "sam2_hiera_large" (its four stages feed the DFM); DINOv2:
             "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14" (and "_reg" variants),
-            or any timm ViT name (a simple pyramid from ``pyramid_blocks`` feeds the DFM).
+            or any timm ViT name (a simple pyramid from ``pyramid_blocks`` feeds the DFM); TerraTorch's
+            backbone registry (the extra geo-fm): "terratorch_prithvi_eo_v2_tiny_tl", "timm_clay_v1_base",
+            ... or a timm name it registers ("clay_v1_base", "prithvi_swin_B", "prithvi_swin_L")
+            (docs/mfnet.md#terratorch-encoders).
         impl: "timm" (timm's VisionTransformerSAM) or "segment_anything" (the original ImageEncoderViT).
         method: "adapter", "lora" or "none" (frozen encoder: Table IV's "without Adapter").
         fusion: cross-modal rule of the mixing parts of the encoder, passed to
@@ -65,7 +68,11 @@ class MFNetConfig:
             ``{"stages": [1, 1, 1, 1], "global_att_blocks": []}`` for a tiny Hiera in tests).
         pyramid_blocks: the ViT blocks whose maps feed the DFM: four (one per pyramid level,
             shallow to deep) or one (ViTDet: the last block, ``[-1]``); default four evenly spaced
-            blocks ending with the last. ViTs only.
+            blocks ending with the last. ViTs only (timm's and TerraTorch's).
+        wavelengths: per-modality wavelengths (the model's units: micrometres for DOFA and Clay), e.g.
+            ``{"sar": [3.5, 4.0]}``, for a TerraTorch encoder whose patch embedding is generated from
+            them: each modality named is embedded from its own (``mmpeft.set_modality_arguments``),
+            the others from the bands the model was built for.
     """
 
     backbone: str = "vit_b"
@@ -100,6 +107,7 @@ class MFNetConfig:
     num_heads: int | None = None
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
     pyramid_blocks: list[int] | None = None
+    wavelengths: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_RULES:
@@ -164,9 +172,11 @@ def _check_encoder_options(cfg: MFNetConfig, kind: BackboneKind) -> None:
     """The options that only some encoders take, named when given to another."""
     name = f"model.backbone={cfg.backbone}"
     if kind.kind == "sam":
-        bad = [k for k in ("encoder_kwargs", "pyramid_blocks") if getattr(cfg, k)]
+        bad = [k for k in ("encoder_kwargs", "pyramid_blocks", "wavelengths") if getattr(cfg, k)]
         if bad:
-            raise ValueError(f"{bad} apply to SAM2 / timm ViT backbones, not to SAM's {name}")
+            raise ValueError(
+                f"{bad} apply to SAM2 / timm ViT backbones, not to SAM's {name} (wavelengths: to TerraTorch encoders)"
+            )
         return
     bad = [
         k
@@ -181,14 +191,35 @@ def _check_encoder_options(cfg: MFNetConfig, kind: BackboneKind) -> None:
         bad += [k for k in ("depth", "pyramid_blocks") if getattr(cfg, k)] + (
             ["dfm_norms"] if cfg.dfm_norms != "authors" else []
         )
+    if kind.kind != "geo":
+        bad += ["wavelengths"] if cfg.wavelengths else []
+    else:
+        _check_geo_options(cfg)
     if bad:
         raise ValueError(
             f"{bad} do not apply to {name} (impl / zero_rel_pos / pos_embed_interp are SAM's; a SAM2 trunk's depth is "
             "encoder_kwargs={'stages': [...]}; pyramid_blocks are a ViT's; SAM2's pyramid projection always uses "
-            "LayerNorm, so dfm_norms does not apply): leave them at their defaults"
+            "LayerNorm, so dfm_norms does not apply; wavelengths are a TerraTorch encoder's): leave them at their "
+            "defaults"
         )
     if cfg.pyramid_blocks is not None and len(cfg.pyramid_blocks) not in (1, 4):
         raise ValueError(f"model.pyramid_blocks takes 1 block (ViTDet) or 4 (one per level); got {cfg.pyramid_blocks}")
+
+
+def _check_geo_options(cfg: MFNetConfig) -> None:
+    """A TerraTorch encoder's options: single-date inputs, wavelengths of known modalities."""
+    frames = cfg.encoder_kwargs.get("num_frames", 1)
+    if frames != 1:
+        raise ValueError(
+            f"model.encoder_kwargs.num_frames={frames}: MFNet's inputs are single images (B, C, H, W), without a "
+            "time axis; build the encoder with num_frames=1"
+        )
+    unknown = sorted(set(cfg.wavelengths) - set(cfg.modalities))
+    if unknown:
+        raise ValueError(f"model.wavelengths names {unknown}, not modalities of the model {cfg.modalities}")
+    for m, waves in cfg.wavelengths.items():
+        if not isinstance(waves, (list, tuple)) or not waves or not all(isinstance(w, (int, float)) for w in waves):
+            raise ValueError(f"model.wavelengths.{m} must be a non-empty list of numbers (one per band), got {waves!r}")
 
 
 def global_blocks(depth: int) -> tuple[int, ...]:

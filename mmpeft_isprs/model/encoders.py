@@ -1,4 +1,5 @@
-"""MFNet's encoders beyond SAM: SAM2's Hiera and any timm ViT (DINOv2, ...), as feature encoders.
+"""MFNet's encoders beyond SAM: SAM2's Hiera and any timm ViT (DINOv2, ...), as feature encoders
+(TerraTorch's geospatial encoders: :mod:`.geo_encoders`).
 
 A feature encoder holds the timm model as ``trunk`` (the official SAM2 layout's name) and its
 ``forward`` returns a list of NCHW maps, one per modality after ``wrap_multimodal`` splits them:
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder_weights import EncoderLoadReport, load_vit_checkpoint
+from .geo_encoders import GEO_EXTRA, TERRATORCH_TIMM_NAMES, GeoFeatures, build_geo_encoder, check_geo_name, is_geo_name
 from .sam2_weights import load_sam2_checkpoint
 
 __all__ = [
@@ -58,8 +60,9 @@ GRID_STRIDE = 16
 
 @dataclass(frozen=True)
 class BackboneKind:
-    """What ``MFNetConfig.backbone`` names: ``kind`` "sam" (SAM's ViT), "sam2" (Hiera) or "vit"
-    (a timm ViT); ``timm_name`` the timm model name (None for SAM)."""
+    """What ``MFNetConfig.backbone`` names: ``kind`` "sam" (SAM's ViT), "sam2" (Hiera), "vit"
+    (a timm ViT) or "geo" (TerraTorch's registry, :mod:`.geo_encoders`); ``timm_name`` the timm
+    model name, or the registry's name for "geo" (None for SAM)."""
 
     kind: str
     timm_name: str | None = None
@@ -69,7 +72,10 @@ def known_backbones(sam_names: Sequence[str]) -> str:
     """The choices of ``model.backbone``, for error messages."""
     return (
         f"SAM {sorted(sam_names)}, SAM2 {list(SAM2_BACKBONES)}, DINOv2 {list(DINOV2_BACKBONES)}, "
-        "or any timm ViT name (timm.list_models('vit_*'))"
+        "any timm ViT name (timm.list_models('vit_*')), "
+        "or a TerraTorch backbone-registry name (terratorch_prithvi_eo_v2_tiny_tl, timm_clay_v1_base, ...: "
+        f"terratorch.registry.BACKBONE_REGISTRY) or a timm name it registers {list(TERRATORCH_TIMM_NAMES)} "
+        f"(the optional extra geo-fm: {GEO_EXTRA})"
     )
 
 
@@ -81,6 +87,8 @@ def resolve_backbone(name: str, sam_names: Sequence[str]) -> BackboneKind:
         return BackboneKind("sam2", name)
     if name in DINOV2_BACKBONES:
         return BackboneKind("vit", DINOV2_BACKBONES[name])
+    if is_geo_name(name):  # before timm: TerraTorch's timm names (clay_v1_base) are timm's once it is imported
+        return BackboneKind("geo", check_geo_name(name))
     import timm
 
     if isinstance(name, str) and timm.is_model(name):
@@ -173,17 +181,21 @@ def build_feature_encoder(
     kwargs: dict[str, Any] | None = None,
     pyramid_blocks: Sequence[int] | None = None,
     checkpoint: str | None = None,
-) -> tuple[HieraFeatures | ViTFeatures, EncoderLoadReport | None]:
-    """The unwrapped feature encoder of backbone ``name`` (a SAM2 / ViT ``kind``) for inputs of
+) -> tuple[HieraFeatures | ViTFeatures | GeoFeatures, EncoderLoadReport | None]:
+    """The unwrapped feature encoder of backbone ``name`` (a SAM2 / ViT / geo ``kind``) for inputs of
     ``size``, with the weights of the local file ``checkpoint`` (None: random) and its load report.
 
     ``kwargs``: extra timm ``create_model`` arguments (e.g. a smaller ``embed_dim`` / ``depth`` for
-    tests); ``pyramid_blocks``: the ViT blocks taken (default :func:`default_pyramid_blocks`).
+    tests; for "geo" the registry builder's, ``depth`` keeping the first blocks);
+    ``pyramid_blocks``: the ViT blocks taken (default :func:`default_pyramid_blocks`).
     """
     import timm
 
     kwargs = dict(kwargs or {})
     report = None
+    if kind.kind == "geo" and kind.timm_name is not None:  # no load report: the registry's builder loads the file
+        depth = kwargs.pop("depth", None)
+        return build_geo_encoder(kind.timm_name, size, kwargs, depth, pyramid_blocks, checkpoint), None
     if kind.kind == "sam2":
         hiera = HieraFeatures(timm.create_model(kind.timm_name, pretrained=False, num_classes=0, **kwargs))
         if checkpoint:

@@ -1,5 +1,5 @@
-"""MFNet: a frozen encoder (SAM's ViT, SAM2's Hiera or a timm ViT) wrapped by mmpeft, the Deep Fusion
-Module and the UNetFormer decoder."""
+"""MFNet: a frozen encoder (SAM's ViT, SAM2's Hiera, a timm ViT or a TerraTorch encoder) wrapped by mmpeft,
+the Deep Fusion Module and the UNetFormer decoder."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .decoder import UNetFormerDecoder
 from .dfm import DeepFusionModule, SimplePyramid
 from .encoder_weights import EncoderCheckpointError, EncoderLoadReport, describe_checkpoint, read_state_dict
 from .encoders import HieraFeatures, build_feature_encoder
+from .geo_encoders import set_wavelengths
 from .pyramid import BlockPyramid, MultiScaleProjection
 
 #: the DFM's channels for the SAM2 / ViT encoders (SAM's neck width)
@@ -112,6 +113,8 @@ def build_encoder(config: MFNetConfig) -> tuple[MultimodalModel, SamLoadReport |
         **extra,
         **{k: v for k, v in options.items() if v is not None},
     )
+    if config.wavelengths:  # TerraTorch's wavelength-generated embeddings: each modality embedded from its own
+        set_wavelengths(wrapped, config.wavelengths, config.backbone)
     if config.grad_checkpointing:
         wrapped.set_grad_checkpointing(True)
     return wrapped, report, channels
@@ -122,7 +125,7 @@ def pyramid_factory(config: MFNetConfig, base: nn.Module, channels: int) -> Call
     if config.backbone_kind.kind == "sam":
         return None
     ins = tuple(base.out_channels)  # type: ignore[arg-type]
-    if isinstance(base, HieraFeatures):
+    if isinstance(base, HieraFeatures) or getattr(base, "layout", None) == "stages":  # Hiera, a TerraTorch Swin
         return lambda norm: MultiScaleProjection(ins, channels)
     return lambda norm: BlockPyramid(ins[0], len(ins), channels, norm)  # type: ignore[arg-type]
 
