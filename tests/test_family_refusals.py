@@ -77,7 +77,8 @@ def test_a_cnn_is_refused_in_one_sentence(kind: str) -> None:
     with pytest.raises(ValueError) as err:
         wrap_multimodal(build(kind), MODS, "lora")
     assert re.fullmatch(
-        r"\w+ has no attention \([^)]*\): a CNN has no attention to adapt; pass targets=[^.]*", str(err.value)
+        r"\w+ has no attention \([^)]*\): nothing for the presets to adapt \(a CNN or a modulation network\); pass targets=[^.]*",
+        str(err.value),
     )
 
 

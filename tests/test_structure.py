@@ -157,7 +157,8 @@ def test_ambiguous_structure_is_refused_saying_what_was_found(model: nn.Module, 
     assert len(str(err.value)) < 400  # one sentence, not the list of every family
     if isinstance(model, nn.Sequential):  # no attention module, no q / k / v anywhere
         assert re.fullmatch(
-            r"\w+ has no attention \(.*\): a CNN has no attention to adapt; pass targets=.*", str(err.value)
+            r"\w+ has no attention \(.*\): nothing for the presets to adapt \(a CNN or a modulation network\); pass targets=.*",
+            str(err.value),
         )
     else:
         start = "cannot tell which ViT family Module belongs to, nor place the presets by structure ("

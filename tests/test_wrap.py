@@ -178,7 +178,10 @@ def test_bad_inputs_give_clear_errors() -> None:
 def test_bad_wrapping_gives_clear_errors() -> None:
     with pytest.raises(ValueError, match="match no module.*Module name endings"):
         wrap_multimodal(tiny_sam(), method="lora", targets=["attn.query"])
-    with pytest.raises(ValueError, match="Sequential has no attention.*a CNN has no attention to adapt"):
+    with pytest.raises(
+        ValueError,
+        match="Sequential has no attention.*nothing for the presets to adapt \(a CNN or a modulation network\)",
+    ):
         wrap_multimodal(nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(), nn.Linear(8, 4)), method="lora")
     with pytest.raises(TypeError, match="needs Linear"):
         wrap_multimodal(tiny_sam(), method="lora", targets=["mlp"])

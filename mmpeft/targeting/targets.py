@@ -310,8 +310,8 @@ def _unplaced(model: nn.Module, err: StructureError) -> str:
     name = type(model).__name__
     if not has_attention(model):
         return (
-            f"{name} has no attention (no attention module, no q / k / v projection): a CNN has no attention to "
-            "adapt; pass targets= to put LoRA on its convolutions or linears"
+            f"{name} has no attention (no attention module, no q / k / v projection): nothing for the presets to "
+            "adapt (a CNN or a modulation network); pass targets= to put LoRA on its convolutions or linears"
         )
     convs = conv_projections(model)
     if convs:
