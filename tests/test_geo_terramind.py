@@ -111,6 +111,17 @@ def test_a_model_without_the_modality_refuses_it_and_a_learnable_stem_is_the_use
     assert out["S1GRD"][-1].shape == (2, 4, 64)
 
 
+def test_unloaded_the_base_model_runs_as_its_own() -> None:
+    x = _inputs()
+    wrapped = wrap_multimodal(_terramind(), KEYS, "lora")
+    randomise_trainables(wrapped)
+    base = wrapped.unload()  # the routing hook stays on its embedding, and does nothing outside a wrapped forward
+    with torch.no_grad():
+        for k in KEYS:
+            for a, b in zip(base({k: x[k]}), _alone(x)[k]):
+                assert_close(a, b, rel=0, msg=f"unloaded, {k}")
+
+
 def test_the_routing_survives_save_load_and_deepcopy(tmp_path: Path) -> None:
     x = _inputs()
     wrapped = wrap_multimodal(_terramind(), KEYS, preset="lora")

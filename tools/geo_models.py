@@ -3,10 +3,13 @@
 Each model of issue 31's list is built from TerraTorch's ``BACKBONE_REGISTRY`` (or torchgeo's
 ``torchgeo.models``, which TerraTorch installs: Scale-MAE, CROMA, CopernicusFM) with random weights
 (``pretrained=False``) at reduced depth / width where the builder takes it, and wrapped for
-``("optical", "sar")`` with ``wrap_multimodal(model, ("optical", "sar"), "lora")``, no hint. A
-wrapped model is then checked: identity at init (each modality's output equal to the base model's
-on that modality's stem output) and, after random trainables, the stacked batch equal to each
-modality alone (``tests.helpers.rel_diff``, 1e-4 relative). Float32 matmuls at "highest" (``import
+``("optical", "sar")`` with ``wrap_multimodal(model, ("optical", "sar"), "lora")``, no hint (TerraMind,
+which has one patch embedding per modality, for its own keys ``("S2L2A", "S1GRD")``: each modality
+through its own embedding). A wrapped model is then checked: identity at init (each modality's
+output equal to the base model's on that modality's stem output; TerraMind's: the base model called
+with that modality alone, ``model({"S1GRD": x})``) and, after random trainables, the stacked batch equal to each
+modality alone (``tests.helpers.rel_diff``, 1e-4 relative; the worst of every tensor of the outputs:
+each block's where the model returns one per block). Float32 matmuls at "highest" (``import
 terratorch`` sets "medium"). Writes ``benchmarks/results/geo_models.json`` and ``.md``.
 
     python tools/geo_models.py [--models prithvi_eo_v2 dofa ...] [--update]
@@ -93,6 +96,9 @@ def _copernicusfm() -> nn.Module:  # spectral mode: wavelengths / bandwidths (nm
     )
 
 
+#: the modality names a row wraps for (optical first, then SAR), where not ("optical", "sar")
+NAMES: dict[str, tuple[str, str]] = {"terramind": ("S2L2A", "S1GRD")}
+
 #: name -> (builder, what the row stands for)
 MODELS: dict[str, tuple[Any, str]] = {
     "prithvi_eo_v2": (
@@ -139,12 +145,18 @@ MODELS: dict[str, tuple[Any, str]] = {
 }
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    """The first tensor of an output (a tensor, a tuple / list / dict of them, nested)."""
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor of an output, in order (a list of block outputs: each block's)."""
     if isinstance(out, torch.Tensor):
-        return out
-    values = out.values() if isinstance(out, dict) else out
-    return next(_first_tensor(v) for v in values if isinstance(v, (torch.Tensor, tuple, list, dict)))
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def _worst(a: Any, b: Any) -> float:
+    """The largest relative difference between the tensors of two outputs of the same structure."""
+    pairs = list(zip(_tensors(a), _tensors(b), strict=True))
+    return max(rel_diff(x, y) for x, y in pairs)
 
 
 def _inputs(wrapped: Any, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -154,24 +166,29 @@ def _inputs(wrapped: Any, model: nn.Module) -> dict[str, torch.Tensor]:
     channels = int(wrapped.in_channels)
     size = choose_size(model, channels)
     g = torch.Generator().manual_seed(0)
+    optical, sar = wrapped.modalities
     return {
-        "optical": torch.rand(input_shape(model, 2, channels, size), generator=g),
-        "sar": torch.rand(input_shape(model, 2, SAR_BANDS, size), generator=g),
+        optical: torch.rand(input_shape(model, 2, channels, size), generator=g),
+        sar: torch.rand(input_shape(model, 2, SAR_BANDS, size), generator=g),
     }
 
 
-def _stems(channels: int) -> dict[str, Any]:
+def _stems(channels: int, sar: str) -> dict[str, Any]:
     """SAR's 2 bands tile into an even channel count; into 3 (RGB) slots they need a stem."""
-    return {} if channels % SAR_BANDS == 0 else {"stems": {"sar": ("conv1x1", SAR_BANDS)}}
+    return {} if channels % SAR_BANDS == 0 else {"stems": {sar: ("conv1x1", SAR_BANDS)}}
 
 
 def _identity(wrapped: Any, x: dict[str, torch.Tensor]) -> float:
-    """Each modality's output at init against the base model on that modality's stem output."""
+    """Each modality's output at init against the base model on that modality's stem output (a model
+    with one patch embedding per modality, TerraMind: called with that modality alone, by its key)."""
+    from mmpeft.model.geo_embeddings import embedding_holder
+
+    own = embedding_holder(wrapped.base_model) is not None
     with torch.no_grad():
         out = wrapped(x)
         with wrapped.disable_adapters():
-            ref = {m: wrapped.base_model(wrapped.stems[m](x[m])) for m in x}
-    return max(rel_diff(_first_tensor(out[m]), _first_tensor(ref[m])) for m in x)
+            ref = {m: wrapped.base_model({m: x[m]} if own else wrapped.stems[m](x[m])) for m in x}
+    return max(_worst(out[m], ref[m]) for m in x)
 
 
 def _alone(wrapped: Any, x: dict[str, torch.Tensor]) -> float:
@@ -179,7 +196,7 @@ def _alone(wrapped: Any, x: dict[str, torch.Tensor]) -> float:
     randomise_trainables(wrapped)
     with torch.no_grad():
         together = wrapped(x)
-        return max(rel_diff(_first_tensor(together[m]), _first_tensor(wrapped({m: x[m]})[m])) for m in x)
+        return max(_worst(together[m], wrapped({m: x[m]})[m]) for m in x)
 
 
 def _mmpeft_warnings(caught: list[Any]) -> list[str]:
@@ -189,17 +206,21 @@ def _mmpeft_warnings(caught: list[Any]) -> list[str]:
 def _checked(row: dict[str, Any], spare: nn.Module, wrapped: Any) -> dict[str, Any]:
     from mmpeft import wrap_multimodal
 
+    names = wrapped.modalities
     x = _inputs(wrapped, spare)
-    stems = _stems(int(wrapped.in_channels))
+    stems = _stems(int(wrapped.in_channels), names[1])
     if stems:  # the wrap as first called cannot take 2 bands into 3 slots: the same wrap with a SAR stem
         torch.manual_seed(0)
-        wrapped = wrap_multimodal(MODELS[row["model"]][0]().eval(), ("optical", "sar"), "lora", **stems)
+        wrapped = wrap_multimodal(MODELS[row["model"]][0]().eval(), names, "lora", **stems)
         row["note"] = "SAR through stems={'sar': ('conv1x1', 2)} (2 bands do not tile into 3)"
+    routes = getattr(wrapped, "_embedding_routes", {})
+    if routes:
+        row["note"] = "each through its own embedding: " + ", ".join(f"{m} -> {e}" for m, e in routes.items())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             row["identity"] = _identity(wrapped, x)
-            row["stacked_vs_alone"] = _alone(wrap_multimodal(spare, ("optical", "sar"), preset="lora", **stems), x)
+            row["stacked_vs_alone"] = _alone(wrap_multimodal(spare, names, preset="lora", **stems), x)
         except Exception as err:
             return {**row, "status": "fails at its forward", "reason": f"{type(err).__name__}: {err}"[:400]}
     row["warnings"] = sorted(set(row["warnings"]) | set(_mmpeft_warnings(caught)))
@@ -224,7 +245,7 @@ def survey(name: str) -> dict[str, Any]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            wrapped = wrap_multimodal(model, ("optical", "sar"), "lora")  # as first called: no hint
+            wrapped = wrap_multimodal(model, NAMES.get(name, ("optical", "sar")), "lora")  # as first called: no hint
     except Exception as err:
         return {**row, "status": "refused", "reason": f"{type(err).__name__}: {err}"[:400]}
     row["warnings"], row["layers"] = _mmpeft_warnings(caught), len(list(wrapped.layers()))
