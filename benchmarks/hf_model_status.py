@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import sys
-import time
 import warnings
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timm_attention_status import _cell, _check, _timeout, _wake  # the same checks as timm's
+from benchmarks.timm_attention_status import _cell, _timeout, _wake, check_methods  # the same checks as timm's
 from mmpeft.targeting.attention_trace import traced_attention
 from mmpeft.targeting.coverage import attention_modules
 from tests.hf_zoo import EXTRAS, MODELS, build, input_size
@@ -51,17 +50,7 @@ def measure(name: str, limit: int) -> dict[str, Any]:
     rec["attention"] = len(attention_modules(model, traced))
     rec["traced"] = len(traced)
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    for method in ("lora", "adapter"):
-        start = time.perf_counter()
-        signal.alarm(limit)
-        try:
-            rec[method] = _check(make, method, x)
-        except Exception as err:
-            rec[method] = {"ok": False, "refused": f"{type(err).__name__}: {str(err)[:300]}"}
-        finally:
-            signal.alarm(0)
-        rec[method]["seconds"] = round(time.perf_counter() - start, 1)
-    return rec
+    return check_methods(rec, make, x, limit)
 
 
 def table(records: list[dict[str, Any]]) -> str:

@@ -125,6 +125,22 @@ def _check(build: Any, method: str, x: torch.Tensor) -> dict[str, Any]:
     return rec
 
 
+def check_methods(rec: dict[str, Any], build: Any, x: torch.Tensor, limit: int) -> dict[str, Any]:
+    """``rec["lora"]`` and ``rec["adapter"]``: :func:`_check` of each method (its exception a refusal),
+    each under a ``limit``-second alarm, with its seconds."""
+    for method in ("lora", "adapter"):
+        start = time.perf_counter()
+        signal.alarm(limit)
+        try:
+            rec[method] = _check(build, method, x)
+        except Exception as err:
+            rec[method] = {"ok": False, "refused": f"{type(err).__name__}: {str(err)[:300]}"}
+        finally:
+            signal.alarm(0)
+        rec[method]["seconds"] = round(time.perf_counter() - start, 1)
+    return rec
+
+
 def _timeout(*_: Any) -> None:
     raise TimeoutError("over the time limit")
 
@@ -163,17 +179,7 @@ def measure(module: str, limit: int, pick: str | None = None) -> dict[str, Any]:
     if not rec["attention"]:
         return rec
     x = torch.rand(2, channels, *size, generator=torch.Generator().manual_seed(1))
-    for method in ("lora", "adapter"):
-        start = time.perf_counter()
-        signal.alarm(limit)
-        try:
-            rec[method] = _check(build, method, x)
-        except Exception as err:
-            rec[method] = {"ok": False, "refused": f"{type(err).__name__}: {str(err)[:300]}"}
-        finally:
-            signal.alarm(0)
-        rec[method]["seconds"] = round(time.perf_counter() - start, 1)
-    return rec
+    return check_methods(rec, build, x, limit)
 
 
 def _cell(rec: dict[str, Any]) -> str:
