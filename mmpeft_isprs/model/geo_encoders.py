@@ -341,7 +341,7 @@ def build_geo_encoder(
             f"model.backbone {name} runs at {declared} with patch {patch}: a {grid} token grid, not the stride-16 "
             f"grid of {size} inputs; build it for {(size[0] // GRID_STRIDE * patch[0], size[1] // GRID_STRIDE * patch[1])}"
         )
-    return GeoFeatures(trunk, layout, [int(out_channels[i]) for i in taken], declared, patch, taken)
+    return GeoFeatures(trunk, layout, [int(out_channels[0])] * len(taken), declared, patch, taken)  # one width
 
 
 #: the names a patch embedding generated from wavelengths takes them by (DOFA's, Clay's)

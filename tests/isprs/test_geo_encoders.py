@@ -24,6 +24,8 @@ from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.data import write_tiff
 from mmpeft_isprs.model import MFNetConfig, build_mfnet
 from mmpeft_isprs.model.encoders import build_feature_encoder
+from mmpeft_isprs.model.geo_encoders import wavelength_embedding
+from mmpeft_isprs.model.pyramid import MultiScaleProjection
 from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.train import train
 from tests.helpers import assert_close
@@ -91,6 +93,7 @@ def _encoder(name: str, **kw: Any) -> Any:
     return enc.eval()
 
 
+@pytest.mark.slow  # Clay base's blocks are 768 wide: over 5 s on the shared CPU
 def test_block_maps_equal_terratorchs_own_reshape(terratorch: Any) -> None:
     """The maps of the blocks taken are TerraTorch's ``prepare_features_for_image_model`` of the
     model's own outputs (class token dropped, tokens to (B, D, h, w)), for Prithvi and for Clay
@@ -113,8 +116,31 @@ def test_block_maps_equal_terratorchs_own_reshape(terratorch: Any) -> None:
         (theirs,) = clay.trunk.prepare_features_for_image_model(clay.trunk(small))
     assert tuple(ours.shape) == (2, 768, 4, 4)
     assert_close(ours, theirs, rel=0)
+    # the embedding generated from wavelengths, where model.wavelengths go: Clay's; Prithvi has none
+    assert wavelength_embedding(clay.trunk) == ("clay_encoder.patch_embedding", "waves")
+    assert wavelength_embedding(prithvi.trunk) is None
     with pytest.raises(ValueError, match=r"ignores embed_dim.*768"):
         _encoder("clay_v1_base", depth=2, embed_dim=64)
+
+
+def test_a_swin_feeds_its_four_stages(terratorch: Any) -> None:
+    """Prithvi Swin (a timm name TerraTorch registers): its four NHWC stage outputs become NCHW maps at
+    strides 4, 8, 16, 32, each projected into the DFM as SAM2's Hiera's; depth is refused."""
+    swin = {"depths": [1, 1, 1, 1], "embed_dim": 16, "num_heads": [1, 2, 2, 4]}
+    torch.manual_seed(0)
+    model = build_mfnet(
+        backbone="prithvi_swin_B", modalities=MODS, stems={"sar": ["conv1x1", 2]}, encoder_kwargs=swin, **SMALL
+    ).eval()
+    enc = model.encoder.base_model
+    assert enc.layout == "stages" and enc.out_channels == (16, 32, 64, 128)
+    assert isinstance(model.dfm.pyramids[0], MultiScaleProjection)
+    x = {"optical": torch.rand(1, 6, 64, 64), "sar": torch.rand(1, 2, 64, 64)}
+    with torch.no_grad():
+        maps = model.encoder(x)["sar"]
+        assert model(x).shape == (1, 6, 64, 64)
+    assert [tuple(m.shape) for m in maps] == [(1, 16, 16, 16), (1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
+    with pytest.raises(ValueError, match=r"model.depth / model.pyramid_blocks apply to per-block encoders"):
+        build_mfnet(backbone="prithvi_swin_B", modalities=MODS, depth=2, encoder_kwargs=swin, **SMALL)
 
 
 def _clay_sar_reference(x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +153,7 @@ def _clay_sar_reference(x: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:].transpose(1, 2).reshape(x.shape[0], 768, 4, 4)  # (B, D, h, w)
 
 
+@pytest.mark.slow  # Clay base's blocks are 768 wide: over 5 s on the shared CPU
 def test_clay_embeds_sar_from_its_own_wavelengths(terratorch: Any) -> None:
     """model.wavelengths: SAR's two bands embedded from VV / VH's wavelengths (no BandMeaningWarning);
     without it the 'auto' stem tiles SAR into Clay's six optical bands, which is said."""
