@@ -180,7 +180,7 @@ def test_bad_wrapping_gives_clear_errors() -> None:
         wrap_multimodal(tiny_sam(), method="lora", targets=["attn.query"])
     with pytest.raises(
         ValueError,
-        match="Sequential has no attention.*nothing for the presets to adapt \(a CNN or a modulation network\)",
+        match=r"Sequential has no attention.*nothing for the presets to adapt \(a CNN or a modulation network\)",
     ):
         wrap_multimodal(nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(), nn.Linear(8, 4)), method="lora")
     with pytest.raises(TypeError, match="needs Linear"):
@@ -208,3 +208,21 @@ def test_options_reach_layers() -> None:
     assert mlp.hidden == 16 and isinstance(mlp.adapter_act, nn.ReLU)
     assert float(mlp.adapter_fusion.lam["dsm"].detach()) == pytest.approx(0.9)
     assert isinstance(wrapped, MultimodalModel)
+
+
+def test_hooks_on_the_base_model_run_inside_the_wrapped_forward() -> None:
+    """The wrap called ``base_model.forward`` directly, so forward hooks a user had put on the
+    model itself ran 0 times, silently (peft does the same): now it is called as a module, the
+    hooks see the stacked batch and their changes reach every modality's output."""
+    model = tiny_timm_vit()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    model.register_forward_hook(lambda m, args, out: out + 1.0)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        wrapped = wrap_multimodal(model, ("optical", "dsm"), "lora", targets=["qkv"])  # its dry run calls the model
+        seen.clear()
+        out = wrapped({"optical": x, "dsm": x})
+    assert seen == [4]  # once, on the stacked batch of 2 modalities x 2 samples
+    assert torch.equal(out["optical"], ref) and torch.equal(out["dsm"], ref)  # the +1 of the hook included

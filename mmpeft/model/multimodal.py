@@ -9,6 +9,7 @@ described in :mod:`mmpeft.tuners.base`; block features in :mod:`mmpeft.runtime.b
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -222,6 +223,8 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
             return mixed_batch_call(self, method, inputs, args, kwargs, names)
         fn = getattr(self.base_model, method)
         labels = take_labels(self.base_model, fn, kwargs)  # a Hugging Face head's: a loss per modality
+        if method == "forward":  # called as a module: hooks the user put on the base model run
+            fn = _as_module_call(self.base_model, fn)
         if inputs is None:  # given by the keyword of the method's first parameter
             fn, inputs = _by_keyword(fn, kwargs)
         names, x, mask = self._prepare(inputs, presence, finite_checked)
@@ -437,6 +440,13 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
         the module objects it held before wrapping, with their parameters' ``requires_grad`` as
         they were. In place: the wrapper refuses every use afterwards."""
         return _merge.unload(self)
+
+
+def _as_module_call(module: nn.Module, forward: Any) -> Any:
+    """``module.forward``'s signature, called through ``module(...)`` so that the forward hooks on
+    ``module`` run (on the stacked batch), as they would without the wrap."""
+    call = functools.wraps(forward)(lambda *a, **k: module(*a, **k))
+    return call
 
 
 def _by_keyword(fn: Any, kwargs: dict[str, Any]) -> tuple[Any, Inputs]:
