@@ -14,25 +14,17 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _git(*args: str) -> str:
+    """What ``git <args>`` prints in this checkout, stripped (empty where git fails)."""
+    run = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
+    return run.stdout.strip()
+
+
 def environment() -> dict[str, Any]:
     """git sha, torch version, device and threads: recorded with every result."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                check=False,
-            ).stdout.strip()
-        )
+        sha = _git("rev-parse", "--short", "HEAD")
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     except OSError:
         sha, dirty = "", False
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
