@@ -148,6 +148,13 @@ class MFNetConfig:
         return {**sizes, **self.encoder_kwargs}
 
     @property
+    def geo_kwargs(self) -> dict[str, Any]:
+        """The registry builder's arguments of a TerraTorch backbone: ``embed_dim`` / ``num_heads`` when
+        set, then ``encoder_kwargs`` (``depth`` keeps the first blocks of the built model instead)."""
+        sizes = {k: getattr(self, k) for k in ("embed_dim", "num_heads") if getattr(self, k)}
+        return {**sizes, **self.encoder_kwargs}
+
+    @property
     def mmpeft_preset(self) -> str:
         """The mmpeft placement preset: ``preset``, else "frozen" / "mm<method>" / "<method>" (no mixing)."""
         if self.preset is not None:

@@ -181,20 +181,20 @@ def build_feature_encoder(
     kwargs: dict[str, Any] | None = None,
     pyramid_blocks: Sequence[int] | None = None,
     checkpoint: str | None = None,
+    depth: int | None = None,
 ) -> tuple[HieraFeatures | ViTFeatures | GeoFeatures, EncoderLoadReport | None]:
     """The unwrapped feature encoder of backbone ``name`` (a SAM2 / ViT / geo ``kind``) for inputs of
     ``size``, with the weights of the local file ``checkpoint`` (None: random) and its load report.
 
     ``kwargs``: extra timm ``create_model`` arguments (e.g. a smaller ``embed_dim`` / ``depth`` for
-    tests; for "geo" the registry builder's, ``depth`` keeping the first blocks);
-    ``pyramid_blocks``: the ViT blocks taken (default :func:`default_pyramid_blocks`).
+    tests; for "geo" the registry builder's); ``pyramid_blocks``: the ViT blocks taken (default
+    :func:`default_pyramid_blocks`); ``depth``: the first blocks a "geo" encoder keeps (``model.depth``).
     """
     import timm
 
     kwargs = dict(kwargs or {})
     report = None
     if kind.kind == "geo" and kind.timm_name is not None:  # no load report: the registry's builder loads the file
-        depth = kwargs.pop("depth", None)
         return build_geo_encoder(kind.timm_name, size, kwargs, depth, pyramid_blocks, checkpoint), None
     if kind.kind == "sam2":
         hiera = HieraFeatures(timm.create_model(kind.timm_name, pretrained=False, num_classes=0, **kwargs))

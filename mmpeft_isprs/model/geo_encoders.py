@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -253,14 +254,38 @@ def _build(full: str, kwargs: dict[str, Any], checkpoint: str | None) -> nn.Modu
     from terratorch.registry import BACKBONE_REGISTRY
 
     weights: dict[str, Any] = {"pretrained": False}
-    if checkpoint:  # the registry's own loader (its key conversion): TerraTorch's ckpt_path, timm's file overlay
+    if checkpoint:  # the registry's own loader (its key conversion): TerraTorch's ckpt_path, timm's file overlay;
         extra = (
             {"ckpt_path": checkpoint}
             if full.startswith("terratorch_")
             else {"pretrained_cfg_overlay": {"file": checkpoint}}
         )
         weights = {"pretrained": True, **extra}
-    return BACKBONE_REGISTRY.build(full, **weights, **kwargs)
+    heard = _Heard()
+    logger = logging.getLogger("terratorch")
+    logger.addHandler(heard)
+    try:
+        model = BACKBONE_REGISTRY.build(full, **weights, **kwargs)
+    finally:
+        logger.removeHandler(heard)
+    if checkpoint and heard.problems:  # TerraTorch's loaders load non-strictly and only log what did not fit
+        raise ValueError(
+            f"model.checkpoint {checkpoint} does not fit model.backbone {full}: " + " | ".join(heard.problems)[:2000]
+        )
+    return model
+
+
+class _Heard(logging.Handler):
+    """The keys a TerraTorch loader logs as missing or unexpected (it loads with ``strict=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.problems: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "issing keys" in message or "nexpected keys" in message:
+            self.problems.append(message)
 
 
 def _trunk(full: str, size: tuple[int, int], kwargs: dict[str, Any], checkpoint: str | None) -> nn.Module:

@@ -50,6 +50,10 @@ def _base_encoder(config: MFNetConfig) -> tuple[nn.Module, SamLoadReport | Encod
     kind = config.backbone_kind
     # a local path, or an official file's name ("sam_vit_b"): fetched, cached and checked (mmpeft.backbones.weights)
     checkpoint = resolve_weights(config.checkpoint) if config.checkpoint else None
+    if kind.kind == "geo":  # TerraTorch's: model.depth keeps the first blocks of the built model
+        geo = (config.geo_kwargs, config.pyramid_blocks, checkpoint, config.depth)
+        encoder, loaded = build_feature_encoder(config.backbone, kind, config.size, *geo)
+        return encoder, loaded, DFM_CHANNELS
     if kind.kind != "sam":
         encoder, loaded = build_feature_encoder(
             config.backbone, kind, config.size, config.timm_kwargs, config.pyramid_blocks, checkpoint

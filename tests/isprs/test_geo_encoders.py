@@ -86,9 +86,9 @@ def test_registry_and_timm_names_resolve_and_options_are_checked(terratorch: Any
 
 def _encoder(name: str, **kw: Any) -> Any:
     cfg = MFNetConfig(backbone=name, **SMALL, **kw)
-    kwargs = cfg.timm_kwargs
     torch.manual_seed(0)
-    enc, report = build_feature_encoder(name, cfg.backbone_kind, cfg.size, kwargs, cfg.pyramid_blocks)
+    kind, size = cfg.backbone_kind, cfg.size
+    enc, report = build_feature_encoder(name, kind, size, cfg.geo_kwargs, cfg.pyramid_blocks, depth=cfg.depth)
     assert report is None
     return enc.eval()
 
@@ -141,6 +141,25 @@ def test_a_swin_feeds_its_four_stages(terratorch: Any) -> None:
     assert [tuple(m.shape) for m in maps] == [(1, 16, 16, 16), (1, 32, 8, 8), (1, 64, 4, 4), (1, 128, 2, 2)]
     with pytest.raises(ValueError, match=r"model.depth / model.pyramid_blocks apply to per-block encoders"):
         build_mfnet(backbone="prithvi_swin_B", modalities=MODS, depth=2, encoder_kwargs=swin, **SMALL)
+
+
+def test_a_local_checkpoint_is_loaded_by_the_registry_and_a_misfit_refused(terratorch: Any, tmp_path: Path) -> None:
+    """model.checkpoint: a Prithvi file loads through the registry's own builder (its key conversion),
+    every tensor as in the file; a file missing a tensor is refused naming it (TerraTorch only logs it)."""
+    kw = {"encoder_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2}, "modalities": MODS}  # built with 2
+    source = _encoder(PRITHVI, **kw).trunk.state_dict()
+    kw.update(SMALL)
+    torch.save(source, tmp_path / "prithvi.pt")
+    model = build_mfnet(backbone=PRITHVI, checkpoint=str(tmp_path / "prithvi.pt"), stems={"sar": ["conv1x1", 2]}, **kw)
+    loaded = model.encoder.base_model.trunk
+    frozen = {n.replace(".base_layer", ""): p for n, p in loaded.named_parameters() if not p.requires_grad}
+    assert sorted(frozen) == sorted(k for k in source if k != "pos_embed")  # pos_embed: a buffer (sin-cos)
+    for key, p in frozen.items():  # the wrapped model's frozen weights sit under base_layer
+        assert torch.equal(p, source[key]), key
+    del source["blocks.1.mlp.fc2.weight"]
+    torch.save(source, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match=r"model.checkpoint .*short.pt does not fit.*blocks\.1\.mlp\.fc2\.weight"):
+        build_mfnet(backbone=PRITHVI, checkpoint=str(tmp_path / "short.pt"), **kw)
 
 
 def _clay_sar_reference(x: torch.Tensor) -> torch.Tensor:
