@@ -28,23 +28,11 @@ GLOBAL_BATCH = 4
 
 def build() -> Any:
     """The seeded two-modality wrap of a tiny ``ViTForImageClassification`` (trainables randomised)."""
-    import transformers
-
     from mmpeft import wrap_multimodal
     from tests.helpers import randomise_trainables
+    from tests.hf_zoo import vit_classifier
 
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-        intermediate_size=32,
-        num_labels=4,
-    )
-    base = transformers.ViTForImageClassification(cfg)
-    return randomise_trainables(wrap_multimodal(base, MODS, preset="mmlora", stems={"dsm": ("repeat", 1)}))
+    return randomise_trainables(wrap_multimodal(vit_classifier(), MODS, preset="mmlora", stems={"dsm": ("repeat", 1)}))
 
 
 def samples(n: int) -> list[dict[str, Any]]:

@@ -106,6 +106,24 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return model
 
 
+def vit_classifier(seed: int = 0) -> nn.Module:
+    """A tiny ``ViTForImageClassification`` (2 layers of width 16, 32 px in 16 px patches, 4 labels),
+    seeded, as built (training mode): the head the Trainer, ``labels=`` and accelerate tests wrap."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+        intermediate_size=32,
+        num_labels=4,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
 def _fixed_noise(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """ViTMAE's embeddings given the same noise for every sample when none is passed."""
     if kwargs.get("noise") is not None:

@@ -8,6 +8,7 @@ import torch
 
 from mmpeft import wrap_multimodal
 from tests.helpers import assert_close
+from tests.hf_zoo import vit_classifier
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,17 +16,7 @@ MODS = ("optical", "dsm")
 
 
 def _classifier() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-        intermediate_size=32,
-        num_labels=4,
-    )
-    return transformers.ViTForImageClassification(cfg).eval()
+    return vit_classifier().eval()
 
 
 def _randomise(model: torch.nn.Module, seed: int = 5) -> None:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from mmpeft import load_multimodal, wrap_multimodal
 from tests.helpers import assert_close, randomise_trainables
+from tests.hf_zoo import vit_classifier
 
 transformers = pytest.importorskip("transformers")
 from mmpeft.interop.trainer import MultimodalTrainer  # noqa: E402  (imports transformers)
@@ -23,22 +24,8 @@ from mmpeft.interop.trainer import MultimodalTrainer  # noqa: E402  (imports tra
 MODS = ("optical", "dsm")
 
 
-def _base() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-        intermediate_size=32,
-        num_labels=4,
-    )
-    return transformers.ViTForImageClassification(cfg)
-
-
 def _wrapped() -> Any:
-    w = wrap_multimodal(_base(), MODS, preset="mmlora", stems={"dsm": ("repeat", 1)})
+    w = wrap_multimodal(vit_classifier(), MODS, preset="mmlora", stems={"dsm": ("repeat", 1)})
     return randomise_trainables(w)  # LoRA B at zero would leave A without a gradient at the first step
 
 
@@ -156,7 +143,7 @@ def test_checkpoints_hold_the_adapter_files_and_load(tmp_path: Path) -> None:
         assert json.loads((folder / "mmpeft_config.json").read_text())["format"] == "mmpeft"
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
             assert set(f.keys()) == set(trained)
-        loaded = load_multimodal(_base(), folder)
+        loaded = load_multimodal(vit_classifier(), folder)
         batch = _batch(data, 4)
         model.eval()
         with torch.no_grad():
@@ -178,7 +165,7 @@ def test_resume_continues_the_run(trainer_class: Any, tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file() == stock
     if stock:  # no config in it: load_multimodal says what wrote it and the way
         with pytest.raises(FileNotFoundError, match="stock transformers.Trainer.*MultimodalTrainer"):
-            load_multimodal(_base(), tmp_path / "checkpoint-2")
+            load_multimodal(vit_classifier(), tmp_path / "checkpoint-2")
     model = _wrapped()
     trainer = trainer_class(model, _args(tmp_path / "r", **kw), train_dataset=data, data_collator=collate)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
@@ -198,9 +185,9 @@ def test_one_modality_trains_as_peft_does_with_the_stock_trainer(tmp_path: Path)
     peft = pytest.importorskip("peft")
     from mmpeft.interop.peft_interop import export_peft
 
-    ours = randomise_trainables(wrap_multimodal(_base(), ("optical",), preset="lora"))
+    ours = randomise_trainables(wrap_multimodal(vit_classifier(), ("optical",), preset="lora"))
     export_peft(ours, "optical", tmp_path / "peft")
-    theirs = peft.PeftModel.from_pretrained(_base(), str(tmp_path / "peft"), is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(vit_classifier(), str(tmp_path / "peft"), is_trainable=True)
     data = _Data(8)
 
     def plain(samples: list[dict[str, Any]]) -> dict[str, Any]:
