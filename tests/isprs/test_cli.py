@@ -14,23 +14,7 @@ from PIL import Image
 
 from mmpeft_isprs.cli import build_parser, main
 from mmpeft_isprs.data import ISPRS, generate_synthetic_vaihingen, read_geotags, read_image
-
-TINY = [
-    "model.backbone=vit_tiny",
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.decode_channels=16",
-    "model.window_size=4",
-    "model.decoder_heads=2",
-    "model.img_size=64",
-    "train.epochs=1",
-    "train.batches_per_epoch=2",
-    "train.batch_size=2",
-    "train.num_workers=0",
-    "train.progress=false",
-    "eval.stride=32",
-    "eval.val_stride=64",
-]
+from tests.isprs.runs import TINY_SYNTHETIC
 
 
 @pytest.mark.parametrize(
@@ -130,7 +114,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         )
     )
-    assert main(["train", str(cfg), f"train.run_dir={base / 'run'}", *TINY]) == 0
+    assert main(["train", str(cfg), f"train.run_dir={base / 'run'}", *TINY_SYNTHETIC]) == 0
     assert (
         main(
             [
@@ -138,7 +122,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 str(cfg),
                 "--weights",
                 str(base / "run" / "best.safetensors"),
-                *TINY,
+                *TINY_SYNTHETIC,
                 f"train.run_dir={base / 'run'}",
             ]
         )

@@ -26,31 +26,11 @@ from mmpeft_isprs.runner.progress import EvalProgress
 from mmpeft_isprs.task import save_trained
 from tests.helpers import close
 from tests.isprs.archives import make_mmhunan_archive
-
-TINY_MODEL = {
-    "backbone": "vit_tiny",
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "decode_channels": 16,
-    "window_size": 4,
-    "decoder_heads": 2,
-    "img_size": 64,
-}
+from tests.isprs.runs import TINY_MFNET, mixing_mfnet
 
 
 def _model(nonfinite: str = "error"):
-    torch.manual_seed(0)
-    model = build_mfnet(**TINY_MODEL, method="adapter", fusion="scalar").eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero adapters and lambdas: the branches mix
-        for n, p in model.encoder.named_parameters():
-            if p.requires_grad and "stem" not in n:
-                p.copy_(
-                    torch.rand(p.shape, generator=g) * 0.6 + 0.2
-                    if "lam" in n
-                    else torch.randn(p.shape, generator=g) * 0.05
-                )
+    model = mixing_mfnet()
     model.encoder.set_nonfinite(nonfinite)
     return model
 
@@ -187,7 +167,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         {
             "name": "tiny",
             "data": {"dataset": "synthetic", "root": str(tmp / "data"), "synthetic": {"num_tiles": 3, "tile_size": 96}},
-            "model": TINY_MODEL,
+            "model": TINY_MFNET,
             "train": {"run_dir": str(tmp / "run")},
             "eval": {"stride": 32, "val_stride": 64, "batch_size": 1},
         }

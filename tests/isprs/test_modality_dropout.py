@@ -14,36 +14,10 @@ from mmpeft import NonFiniteInputError
 from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import ConfigError, load_config
 from mmpeft_isprs.distributed import DistInfo
-from mmpeft_isprs.model import build_mfnet
 from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.task.subsets import TrainingPresence, modality_subsets
 from tests.helpers import close, rel_diff
-
-TINY_MODEL = {
-    "backbone": "vit_tiny",
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "decode_channels": 16,
-    "window_size": 4,
-    "decoder_heads": 2,
-    "img_size": 64,
-}
-
-
-def _model():
-    torch.manual_seed(0)
-    model = build_mfnet(**TINY_MODEL, method="adapter", fusion="scalar").eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero adapters and lambdas: the DSM really mixes into the optical branch
-        for n, p in model.encoder.named_parameters():
-            if p.requires_grad and "stem" not in n:
-                p.copy_(
-                    torch.rand(p.shape, generator=g) * 0.6 + 0.2
-                    if "lam" in n
-                    else torch.randn(p.shape, generator=g) * 0.05
-                )
-    return model
+from tests.isprs.runs import TINY_MFNET, TINY_SYNTHETIC, mixing_mfnet
 
 
 def _inputs(b: int = 2, s: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -53,7 +27,7 @@ def _inputs(b: int = 2, s: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_optical_alone_equals_the_documented_rule_by_hand() -> None:
     """Optical alone: encoder with the optical update only; DFM = SE_optical(pyramid_optical) at every level."""
-    model = _model()
+    model = mixing_mfnet()
     x = _inputs()
     with torch.no_grad():
         out = model({"optical": x["optical"]})
@@ -67,7 +41,7 @@ def test_optical_alone_equals_the_documented_rule_by_hand() -> None:
 
 
 def test_all_ones_presence_equals_the_plain_path_and_per_sample_absence() -> None:
-    model = _model()
+    model = mixing_mfnet()
     x = _inputs(b=3)
     with torch.no_grad():
         plain = model(x)
@@ -81,7 +55,7 @@ def test_all_ones_presence_equals_the_plain_path_and_per_sample_absence() -> Non
 
 
 def test_gradients_flow_with_modality_dropout() -> None:
-    model = _model().train()
+    model = mixing_mfnet().train()
     out = model(_inputs(b=2), presence={"dsm": torch.tensor([True, False])})
     out.square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -93,7 +67,7 @@ def test_gradients_flow_with_modality_dropout() -> None:
 def _task(**train):
     values = {
         "data": {"dataset": "synthetic"},
-        "model": {**TINY_MODEL, "fusion": "scalar", "method": "adapter"},
+        "model": {**TINY_MFNET, "fusion": "scalar", "method": "adapter"},
         "train": train,
         "eval": {"stride": 32, "val_stride": 32},
     }
@@ -127,24 +101,6 @@ def test_bad_dropout_config_is_a_config_error() -> None:
     ]
 
 
-TINY = [
-    "model.backbone=vit_tiny",
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.decode_channels=16",
-    "model.window_size=4",
-    "model.decoder_heads=2",
-    "model.img_size=64",
-    "train.epochs=1",
-    "train.batches_per_epoch=2",
-    "train.batch_size=2",
-    "train.num_workers=0",
-    "train.progress=false",
-    "eval.stride=32",
-    "eval.val_stride=64",
-]
-
-
 def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate-synthetic", str(tmp_path / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
     cfg = tmp_path / "tiny.yaml"
@@ -160,7 +116,7 @@ def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, caps
             }
         )
     )
-    run = [f"train.run_dir={tmp_path / 'run'}", *TINY]
+    run = [f"train.run_dir={tmp_path / 'run'}", *TINY_SYNTHETIC]
     assert main(["train", str(cfg), *run, "train.modality_dropout={dsm: 0.5, optical: 0.2}"]) == 0
     capsys.readouterr()
     assert main(["eval", str(cfg), "--weights", str(tmp_path / "run" / "best.safetensors"), *run, "--subsets"]) == 0

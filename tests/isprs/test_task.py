@@ -11,18 +11,9 @@ from mmpeft_isprs.distributed import DistInfo
 from mmpeft_isprs.model import MFNetConfig, build_mfnet
 from mmpeft_isprs.task import SegmentationTask, segmentation_loss
 from tests.helpers import assert_close
+from tests.isprs.runs import TINY_MFNET
 
 MatrixFusion = mmpeft.FUSION_RULES["matrix"]  # through the public registry only
-TINY_MODEL = {
-    "backbone": "vit_tiny",
-    "embed_dim": 32,
-    "depth": 2,
-    "num_heads": 2,
-    "decode_channels": 16,
-    "window_size": 4,
-    "decoder_heads": 2,
-    "img_size": 64,
-}
 
 
 def _batch(seed: int = 0, b: int = 2, s: int = 64) -> dict[str, torch.Tensor]:
@@ -37,7 +28,7 @@ def _batch(seed: int = 0, b: int = 2, s: int = 64) -> dict[str, torch.Tensor]:
 def _task(fusion: str, method: str = "adapter") -> SegmentationTask:
     values = {
         "data": {"dataset": "synthetic"},
-        "model": {**TINY_MODEL, "fusion": fusion, "method": method},
+        "model": {**TINY_MFNET, "fusion": fusion, "method": method},
         "train": {"weight_decay": 0.0, "lr": 0.05},
         "eval": {"stride": 32, "val_stride": 32},
     }
@@ -60,7 +51,7 @@ def test_matrix_fusion_reaches_the_encoder_and_learns(method: str) -> None:
 
 
 def test_scalar_and_none_fusion_differ_from_matrix() -> None:
-    names = {f: {n for n, _ in build_mfnet(**TINY_MODEL, fusion=f).named_parameters()} for f in ("scalar", "none")}
+    names = {f: {n for n, _ in build_mfnet(**TINY_MFNET, fusion=f).named_parameters()} for f in ("scalar", "none")}
     assert any("fusion.lam" in n for n in names["scalar"]) and not any(".mix" in n for n in names["scalar"])
     assert not any("fusion." in n for n in names["none"])
 
@@ -74,7 +65,7 @@ def test_unknown_fusion_is_an_error_naming_the_known_rules() -> None:
 
 def test_a_registered_fusion_rule_passes_through(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(mmpeft.FUSION_RULES, "matrix_copy", MatrixFusion)
-    model = build_mfnet(**TINY_MODEL, fusion="matrix_copy")
+    model = build_mfnet(**TINY_MFNET, fusion="matrix_copy")
     assert any(isinstance(m, MatrixFusion) for m in model.modules())
 
 
