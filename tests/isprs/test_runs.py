@@ -8,26 +8,11 @@ from pathlib import Path
 import pytest
 
 from mmpeft_isprs.cli import main
+from mmpeft_isprs.demo import QUICK_OVERRIDES
 from mmpeft_isprs.task import SegmentationTask
 
-TINY = [
-    "data.synthetic.num_tiles=3",
-    "data.synthetic.tile_size=96",
-    "model.img_size=64",
-    "model.embed_dim=32",
-    "model.num_heads=2",
-    "model.decode_channels=16",
-    "model.window_size=4",
-    "model.decoder_heads=2",
-    "train.epochs=2",
-    "train.batches_per_epoch=2",
-    "train.batch_size=2",
-    "train.num_workers=0",
-    "eval.stride=32",
-    "eval.val_stride=64",
-    "train.tensorboard=false",
-    "train.threads=1",
-]
+# the demo's --quick settings, two epochs of two steps (the interrupt tests count on it)
+TINY = [*QUICK_OVERRIDES, "train.epochs=2", "train.batches_per_epoch=2", "train.tensorboard=false", "train.threads=1"]
 
 
 def _command(err: str) -> list[str]:
