@@ -103,30 +103,17 @@ TABLE_VI = {
 @pytest.mark.parametrize("impl", ["segment_anything", "timm"])
 def test_table_vi_trainable_counts_exactly(size: str, method: str, impl: str) -> None:
     dim, depth, heads, glob = SAM_SIZES[size]
+    sizes = dict(img_size=256, embed_dim=dim, depth=depth, num_heads=heads, global_attn_indexes=glob, use_rel_pos=True)
     with torch.device("meta"):
         if impl == "timm":
             from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-            enc: nn.Module = VisionTransformerSAM(
-                img_size=256,
-                embed_dim=dim,
-                depth=depth,
-                num_heads=heads,
-                global_attn_indexes=glob,
-                use_rel_pos=True,
-                num_classes=0,
-                global_pool="",
-            )
+            enc: nn.Module = VisionTransformerSAM(**sizes, num_classes=0, global_pool="")
         else:
             from segment_anything.modeling import ImageEncoderViT
 
             enc = ImageEncoderViT(
-                img_size=256,
-                embed_dim=dim,
-                depth=depth,
-                num_heads=heads,
-                global_attn_indexes=glob,
-                use_rel_pos=True,
+                **sizes,
                 window_size=14,
                 norm_layer=partial(nn.LayerNorm, eps=1e-6),
             )
