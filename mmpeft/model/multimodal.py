@@ -9,8 +9,6 @@ described in :mod:`mmpeft.tuners.base`; block features in :mod:`mmpeft.runtime.b
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +17,7 @@ from torch import nn
 
 from ..config import MultimodalConfig
 from ..errors import MmpeftTypeError, MmpeftValueError
-from ..runtime.batch import Inputs, check_sizes, gather, split_output
+from ..runtime.batch import Inputs, check_sizes, gather, inputs_by_keyword, module_call, split_output
 from ..runtime.labels import as_output, check_presence, computes_losses, take_labels, with_losses
 from ..runtime.presence import NonFiniteAction, Presence, masked_presence
 from ..runtime.stems import ModalityStem, check_stem_inputs
@@ -224,9 +222,9 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
         fn = getattr(self.base_model, method)
         labels = take_labels(self.base_model, fn, kwargs)  # a Hugging Face head's: a loss per modality
         if method == "forward":  # called as a module: hooks the user put on the base model run
-            fn = _as_module_call(self.base_model, fn)
+            fn = module_call(self.base_model, fn)
         if inputs is None:  # given by the keyword of the method's first parameter
-            fn, inputs = _by_keyword(fn, kwargs)
+            fn, inputs = inputs_by_keyword(fn, kwargs)
         names, x, mask = self._prepare(inputs, presence, finite_checked)
         check_presence(labels, mask, names)  # before the run
         # the layers check their inputs' leading size against the batch; a subset of the
@@ -440,24 +438,3 @@ class MultimodalModel(PeftNames, AdapterSets, Persistence, BlockFeatures, HubMix
         the module objects it held before wrapping, with their parameters' ``requires_grad`` as
         they were. In place: the wrapper refuses every use afterwards."""
         return _merge.unload(self)
-
-
-def _as_module_call(module: nn.Module, forward: Any) -> Any:
-    """``module.forward``'s signature, called through ``module(...)`` so that the forward hooks on
-    ``module`` run (on the stacked batch), as they would without the wrap."""
-    call = functools.wraps(forward)(lambda *a, **k: module(*a, **k))
-    return call
-
-
-def _by_keyword(fn: Any, kwargs: dict[str, Any]) -> tuple[Any, Inputs]:
-    """(a function taking the stacked input first, the per-modality inputs) when they come as
-    ``fn``'s first parameter by keyword (popped from ``kwargs``)."""
-    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    name = params[0].name if params else None
-    if name is None or kwargs.get(name) is None:
-        raise MmpeftTypeError(
-            f"no input given: pass the modalities' inputs by position or as {name or 'the first argument'}="
-            "{modality: tensor}"
-        )
-    inputs = kwargs.pop(name)
-    return (lambda x, *a, **k: fn(*a, **{name: x}, **k)), inputs

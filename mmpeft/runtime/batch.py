@@ -6,14 +6,17 @@ A :class:`~mmpeft.MultimodalModel` stacks its inputs modality-major on the batch
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 
-__all__ = ["Inputs", "gather", "check_dims", "check_sizes", "split_output"]
+__all__ = ["Inputs", "gather", "check_dims", "check_sizes", "split_output", "module_call", "inputs_by_keyword"]
 
 #: ``{modality: (B, c_m, ...)}`` or a sequence in the model's modality order (None: missing).
 Inputs = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -125,3 +128,24 @@ def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:
         "mappings and plain values are handled); return tensors from the model's forward, or call "
         "wrapped.base_model on the stacked batch yourself"
     )
+
+
+def module_call(module: nn.Module, forward: Any) -> Any:
+    """``module.forward``'s signature, called through ``module(...)`` so that the forward hooks on
+    ``module`` run (on the stacked batch), as they would without the wrap."""
+    call = functools.wraps(forward)(lambda *a, **k: module(*a, **k))
+    return call
+
+
+def inputs_by_keyword(fn: Any, kwargs: dict[str, Any]) -> tuple[Any, Inputs]:
+    """(a function taking the stacked input first, the per-modality inputs) when they come as
+    ``fn``'s first parameter by keyword (popped from ``kwargs``)."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    name = params[0].name if params else None
+    if name is None or kwargs.get(name) is None:
+        raise MmpeftTypeError(
+            f"no input given: pass the modalities' inputs by position or as {name or 'the first argument'}="
+            "{modality: tensor}"
+        )
+    inputs = kwargs.pop(name)
+    return (lambda x, *a, **k: fn(*a, **{name: x}, **k)), inputs
