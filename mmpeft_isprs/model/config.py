@@ -221,6 +221,12 @@ def _check_geo_options(cfg: MFNetConfig) -> None:
             f"model.encoder_kwargs.num_frames={frames}: MFNet's inputs are single images (B, C, H, W), without a "
             "time axis; build the encoder with num_frames=1"
         )
+    if cfg.wavelengths and cfg.execution == "per_modality":  # else SAR embedded as optical: a silent wrong result
+        raise ValueError(
+            "model.execution='per_modality' runs each modality through the encoder's own forward "
+            "(mmpeft.reference_forward), where model.wavelengths do not act (mmpeft.set_modality_arguments acts in "
+            "the stacked forward only): use model.execution=batched"
+        )
     unknown = sorted(set(cfg.wavelengths) - set(cfg.modalities))
     if unknown:
         raise ValueError(f"model.wavelengths names {unknown}, not modalities of the model {cfg.modalities}")

@@ -28,7 +28,7 @@ from mmpeft_isprs.model.geo_encoders import wavelength_embedding
 from mmpeft_isprs.model.pyramid import MultiScaleProjection
 from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.train import train
-from tests.helpers import assert_close
+from tests.helpers import assert_close, randomise_trainables, rel_diff
 from tests.isprs.archives import SIZE, TINY, make_vaihingen_archive
 from tests.isprs.runs import quiet
 
@@ -72,6 +72,8 @@ def test_registry_and_timm_names_resolve_and_options_are_checked(terratorch: Any
         MFNetConfig(backbone="terratorch_prithvi_eo_v9")
     with pytest.raises(ValueError, match=r"num_frames=3: MFNet's inputs are single images"):
         MFNetConfig(backbone=PRITHVI, encoder_kwargs={"num_frames": 3})
+    with pytest.raises(ValueError, match=r"execution='per_modality'.*model.wavelengths do not act"):
+        MFNetConfig(backbone="clay_v1_base", modalities=MODS, wavelengths={"sar": [3.5, 4.0]}, execution="per_modality")
     with pytest.raises(ValueError, match=r"model.wavelengths names \['dsm'\]"):
         MFNetConfig(backbone="clay_v1_base", modalities=MODS, wavelengths={"dsm": [1.0]})
     with pytest.raises(ValueError, match=r"\['wavelengths'\] apply to SAM2 / timm ViT backbones, not to SAM's"):
@@ -121,6 +123,25 @@ def test_block_maps_equal_terratorchs_own_reshape(terratorch: Any) -> None:
     assert wavelength_embedding(prithvi.trunk) is None
     with pytest.raises(ValueError, match=r"ignores embed_dim.*768"):
         _encoder("clay_v1_base", depth=2, embed_dim=64)
+
+
+@pytest.mark.slow  # two model passes per modality: over 5 s on the shared CPU
+def test_prithvi_stacked_equals_each_modality_through_its_own_forward(terratorch: Any) -> None:
+    """The batched pass over optical + SAR equals the per-modality reference (``execution=
+    "per_modality"``: mmpeft.reference_forward) after random trainables, with the mixing LoRA."""
+    torch.manual_seed(0)
+    model = build_mfnet(
+        backbone=PRITHVI, depth=4, embed_dim=32, num_heads=2, modalities=MODS, stems={"sar": ["conv1x1", 2]}, **SMALL
+    ).eval()
+    x = {"optical": torch.rand(2, 6, 64, 64), "sar": torch.rand(2, 2, 64, 64)}
+    with torch.no_grad():
+        before = model.encoder(x)["optical"][-1]
+        randomise_trainables(model.encoder)
+        assert rel_diff(model.encoder(x)["optical"][-1], before) > 1e-3  # the trainables act
+        batched = model(x)
+        model.config.execution = "per_modality"
+        alone = model(x)
+    assert_close(batched, alone, rel=1e-5)
 
 
 def test_a_swin_feeds_its_four_stages(terratorch: Any) -> None:
