@@ -63,9 +63,11 @@ class MFNetConfig:
             benchmarks and checks; same maths).
         decode_channels, decoder_dropout, window_size, decoder_heads: the UNetFormer decoder.
         embed_dim, depth, num_heads: override the backbone size (tests); for SAM2 only
-            ``embed_dim`` / ``num_heads`` (its depth is ``encoder_kwargs={"stages": [...]}``).
+            ``embed_dim`` / ``num_heads`` (its depth is ``encoder_kwargs={"stages": [...]}``); for a
+            TerraTorch ViT ``depth`` keeps the first blocks of the built model (Clay's builder takes none).
         encoder_kwargs: further timm ``create_model`` arguments of a SAM2 / ViT backbone (e.g.
-            ``{"stages": [1, 1, 1, 1], "global_att_blocks": []}`` for a tiny Hiera in tests).
+            ``{"stages": [1, 1, 1, 1], "global_att_blocks": []}`` for a tiny Hiera in tests); for a
+            TerraTorch backbone its registry builder's (``bands``, ``depth``, ``depths``, ...).
         pyramid_blocks: the ViT blocks whose maps feed the DFM: four (one per pyramid level,
             shallow to deep) or one (ViTDet: the last block, ``[-1]``); default four evenly spaced
             blocks ending with the last. ViTs only (timm's and TerraTorch's).
