@@ -126,14 +126,10 @@ def _not_run(page: str, block: str) -> str | None:
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and oversubscribed cores make a 2-thread pool crawl."""
-    import torch
+    from tests.helpers import one_thread as one_torch_thread  # imports torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
