@@ -47,6 +47,21 @@ def maxvit_rmlp() -> nn.Module:
     return MaxxVit(cfg, img_size=64, num_classes=0)
 
 
+def coat(parallel_depth: int) -> Callable[[], nn.Module]:
+    """timm CoaT at 64 px, one serial block per stage and ``parallel_depth`` parallel blocks."""
+    return timm_class(
+        "coat",
+        "CoaT",
+        img_size=64,
+        patch_size=4,
+        embed_dims=(16, 32, 32, 32),
+        serial_depths=(1, 1, 1, 1),
+        parallel_depth=parallel_depth,
+        num_heads=8,
+        mlp_ratios=(2, 2, 2, 2),
+    )
+
+
 def tv_maxvit() -> nn.Module:
     """torchvision's MaxVit, two one-block stages."""
     from torchvision.models import MaxVit
@@ -118,20 +133,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
         timm_class("tnt", "TNT", img_size=32, depth=2, embed_dim=32, inner_dim=8, num_heads_outer=2, num_heads_inner=2),
         32,
     ),
-    "coat": (
-        timm_class(
-            "coat",
-            "CoaT",
-            img_size=64,
-            patch_size=4,
-            embed_dims=(16, 32, 32, 32),
-            serial_depths=(1, 1, 1, 1),
-            parallel_depth=1,
-            num_heads=8,
-            mlp_ratios=(2, 2, 2, 2),
-        ),
-        64,
-    ),
+    "coat": (coat(parallel_depth=1), 64),
     "efficientformer": (
         timm_model("efficientformer_l1", depths=(1, 1, 1, 2), embed_dims=(16, 16, 32, 32), num_vit=1),
         64,
@@ -191,20 +193,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], int]] = {
         ),
         64,
     ),
-    "coat_parallel": (  # the registered structure: two block classes (serial, parallel) sharing their crpe
-        timm_class(
-            "coat",
-            "CoaT",
-            img_size=64,
-            patch_size=4,
-            embed_dims=(16, 32, 32, 32),
-            serial_depths=(1, 1, 1, 1),
-            parallel_depth=2,
-            num_heads=8,
-            mlp_ratios=(2, 2, 2, 2),
-        ),
-        64,
-    ),
+    # the registered structure: two block classes (serial, parallel) sharing their crpe
+    "coat_parallel": (coat(parallel_depth=2), 64),
     "gcvit_kv": (
         timm_class("gcvit", "GlobalContextVit", img_size=64, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), embed_dim=16),
         64,
