@@ -8,8 +8,6 @@ PVTv2's kv half, transformers Swin's refused adapter)."""
 from __future__ import annotations
 
 import copy
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,148 +16,14 @@ from torch import nn
 
 import mmpeft
 from mmpeft import detect_family, wrap_multimodal
-from tests.backbone_cases import MODS, train_and_check
+from tests.backbone_cases import FAMILY_CASES, FAMILY_MODELS, MODS, train_and_check, tv_swin
 from tests.backbone_cases import main_tensor as _tensor
 from tests.backbone_cases import randomise_family_trainables as _randomise_trainables
-from tests.backbone_cases import timm_builder as _timm
 from tests.helpers import close
-
-from .family_zoo import build as zoo_build
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest
 
 
-def _mvit() -> nn.Module:
-    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
-
-    return MultiScaleVit(MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=1), img_size=(64, 64), num_classes=0)
-
-
-def _tv_swin(v2: bool = False, **kw: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from torchvision.models import swin_transformer as sw
-
-        extra = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
-        sizes = dict(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[1, 2], window_size=[4, 4]) | kw
-        return sw.SwinTransformer(**sizes, num_classes=5, **extra)  # type: ignore[arg-type]
-
-    return build
-
-
-def _norms_on(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """timm's Swin V2 zero-initialises its post-norms (the residual branches are off): turn them on."""
-
-    def on() -> nn.Module:
-        model = build()
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.LayerNorm) and m.weight is not None and not m.weight.any():
-                    m.weight.fill_(1.0)
-        return model
-
-    return on
-
-
-def _hf(model: str, config: str, **sizes: Any) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        transformers = pytest.importorskip("transformers")
-        return getattr(transformers, model)(getattr(transformers, config)(**sizes))
-
-    return build
-
-
-_HF_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 1], num_heads=[1, 2], window_size=4)
-_SEGFORMER = dict(
-    num_encoder_blocks=2,
-    depths=[1, 1],
-    sr_ratios=[2, 1],
-    hidden_sizes=[16, 32],
-    num_attention_heads=[1, 2],
-    patch_sizes=[7, 3],
-    strides=[4, 2],
-    mlp_ratios=[2, 2],
-)
-BOTH, LORA = ("lora", "adapter"), ("lora",)
-# name: (builder, input size, expected family, methods whose default preset applies)
-FAMILY_MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, tuple[str, ...]]] = {
-    "timm_beit": (_timm("beit_base_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2), 32, "timm", BOTH),
-    "timm_swinv2": (
-        _norms_on(
-            _timm("swinv2_tiny_window8_256", img_size=32, window_size=4, depths=(2, 1), num_heads=(1, 2), embed_dim=16)
-        ),
-        32,
-        "timm",
-        BOTH,
-    ),
-    "timm_hiera": (
-        _timm("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)),
-        64,
-        "timm_hiera",
-        BOTH,
-    ),
-    "timm_sam2_hiera": (
-        _timm(
-            "sam2_hiera_tiny",
-            embed_dim=16,
-            num_heads=1,
-            stages=(1, 1, 2, 1),
-            global_att_blocks=(3,),
-            window_spec=(4, 4, 2, 2),
-            global_pos_size=(2, 2),
-        ),
-        64,
-        "timm",
-        BOTH,
-    ),
-    "timm_mvitv2": (_mvit, 64, "timm", BOTH),
-    "timm_pvt_v2": (
-        _timm("pvt_v2_b0", embed_dims=(16, 32), depths=(1, 1), num_heads=(1, 2), sr_ratios=(2, 1), mlp_ratios=(2, 2)),
-        64,
-        "timm_pvt_v2",
-        BOTH,
-    ),
-    "tv_swin": (_tv_swin(), 32, "torchvision_swin", BOTH),
-    "tv_swin_v2": (_tv_swin(v2=True), 32, "torchvision_swin", BOTH),
-    "hf_swin": (_hf("SwinModel", "SwinConfig", **_HF_SWIN), 32, "hf_swin_segformer", BOTH),
-    "hf_swinv2": (_hf("Swinv2Model", "Swinv2Config", **_HF_SWIN), 32, "hf_swinv2", LORA),
-    "hf_segformer": (_hf("SegformerModel", "SegformerConfig", **_SEGFORMER), 32, "hf_swin_segformer", BOTH),
-    # issue 24: the dry run at the model's own size (VOLO, GCViT, CoaT at 64 px) and channels (DaViT's stem
-    # behind a depthwise cpe.proj, NaFlexViT's linear patch embedding); position MLPs left out by default
-    # (vit_relpos, MaxViT rmlp); CaiT's "after" adapter as wide as the attention's output; MobileViT's
-    # nn.Identity `attn` placeholders left out; CoaT-lite / CoaT placed by structure (one block per stage)
-    **{
-        k: (functools.partial(zoo_build, k), s, fam, BOTH)
-        for k, s, fam in (
-            ("volo", 64, "timm"),
-            ("gcvit", 64, "timm"),
-            ("coat_lite", 64, "structural"),
-            ("coat", 64, "structural"),
-            ("davit", 64, "timm"),
-            ("naflexvit", 32, "timm"),
-            ("vit_relpos", 32, "timm"),
-            ("maxvit_rmlp", 64, "timm"),
-            ("cait", 32, "timm"),
-            ("mobilevit", 64, "timm"),
-        )
-    },
-    # 1x1-convolution attention: Conv2d LoRA per modality (the adapter presets refused: (N, C, H, W) maps)
-    "visformer": (functools.partial(zoo_build, "visformer"), 64, "timm_visformer", LORA),
-    "mobilevitv2": (functools.partial(zoo_build, "mobilevitv2"), 64, "timm_mobilevitv2", LORA),
-    "efficientformer": (functools.partial(zoo_build, "efficientformer"), 224, "timm_efficientformer", LORA),
-    "tv_maxvit": (functools.partial(zoo_build, "tv_maxvit"), 64, "torchvision_maxvit", BOTH),
-    "levit": (functools.partial(zoo_build, "levit"), 64, "timm_levit", BOTH),
-    "fastvit": (functools.partial(zoo_build, "fastvit"), 64, "timm_fastvit", LORA),
-    "efficientformerv2": (functools.partial(zoo_build, "efficientformerv2"), 224, "timm_efficientformerv2", LORA),
-    "nextvit": (functools.partial(zoo_build, "nextvit"), 64, "timm_nextvit", LORA),
-    "tnt": (functools.partial(zoo_build, "tnt"), 32, "timm_tnt", BOTH),
-    # issue 31: GCViT's kv-only global-query blocks after fused ones (LoRA on their v half); convolutional
-    # attention placed by what it computes (mmpeft.targeting.traced), the adapter presets refused there (not GCViT)
-    "gcvit_kv": (functools.partial(zoo_build, "gcvit_kv"), 64, "timm", BOTH),
-    "shvit": (functools.partial(zoo_build, "shvit"), 64, "traced", LORA),
-    "iformer": (functools.partial(zoo_build, "iformer"), 64, "traced", LORA),
-    "efficientvit_mit": (functools.partial(zoo_build, "efficientvit_mit"), 64, "traced", LORA),
-}
-CASES = [(k, m) for k, v in FAMILY_MODELS.items() for m in v[3]]
 SPLIT = {"lora": "lora", "adapter": "adapter"}  # the presets of each method without cross-modal mixing
 
 
@@ -183,7 +47,7 @@ def test_detected(kind: str) -> None:
     assert detect_family(_build(kind)).name == FAMILY_MODELS[kind][2]
 
 
-@pytest.mark.parametrize(("kind", "method"), CASES)
+@pytest.mark.parametrize(("kind", "method"), FAMILY_CASES)
 def test_identity_at_init(kind: str, method: str) -> None:
     base = _build(kind)
     wrapped = wrap_multimodal(copy.deepcopy(base), MODS, method)  # mmlora / mmadapter: zero-initialised updates
@@ -194,7 +58,7 @@ def test_identity_at_init(kind: str, method: str) -> None:
         assert _close(out["dsm"], base(x["dsm"].repeat(1, 3, 1, 1)))
 
 
-@pytest.mark.parametrize(("kind", "method"), CASES)
+@pytest.mark.parametrize(("kind", "method"), FAMILY_CASES)
 def test_batched_equals_loop_and_modalities_independent(kind: str, method: str) -> None:
     wrapped = wrap_multimodal(_build(kind), MODS, method)  # with the presets' mixing
     _randomise_trainables(wrapped)
@@ -212,7 +76,7 @@ def test_batched_equals_loop_and_modalities_independent(kind: str, method: str) 
             assert _close(together[m], split({m: x[m]})[m]), m  # each modality as if run alone
 
 
-@pytest.mark.parametrize(("kind", "method"), CASES)
+@pytest.mark.parametrize(("kind", "method"), FAMILY_CASES)
 def test_training_step_touches_only_trainables(kind: str, method: str) -> None:
     if kind == "nextvit":  # its tiny random model's attention gradients are ~1e-31: no Adam step moves them
         pytest.skip("NextViT's random-init gradients vanish (1e-31) in the last stages; the other checks hold")
@@ -221,7 +85,7 @@ def test_training_step_touches_only_trainables(kind: str, method: str) -> None:
     train_and_check(wrap_multimodal(_build(kind), MODS, method), _inputs(kind))
 
 
-@pytest.mark.parametrize(("kind", "method"), CASES)
+@pytest.mark.parametrize(("kind", "method"), FAMILY_CASES)
 def test_presence_mask_and_save_load(kind: str, method: str, tmp_path: Any) -> None:
     wrapped = wrap_multimodal(_build(kind), MODS, preset=SPLIT[method])
     _randomise_trainables(wrapped)
@@ -247,7 +111,7 @@ def test_torchvision_swin_explicit_attention_is_the_same_function(v2: bool, size
     from mmpeft.backbones.torchvision_swin import make_swin_attention_explicit
 
     torch.manual_seed(0)
-    base = _tv_swin(v2=v2)().eval()
+    base = tv_swin(v2=v2)().eval()
     with torch.no_grad():  # non-zero biases everywhere (v2's key bias too: torchvision drops it)
         for n, p in base.named_parameters():
             if n.endswith("bias"):

@@ -18,17 +18,15 @@ from tests.backbone_cases import main_tensor as _tensor
 from tests.backbone_cases import randomise_family_trainables as _randomise_trainables
 from tests.helpers import assert_close, rel_diff
 
-from . import test_families as tf
-
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest
 
 MODS3 = ("optical", "dsm", "sar")
-KINDS = [("b", k, m) for k in tb.BACKBONES for m in ("lora", "adapter")] + [("f", k, m) for k, m in tf.CASES]
+KINDS = [("b", k, m) for k in tb.BACKBONES for m in ("lora", "adapter")] + [("f", k, m) for k, m in tb.FAMILY_CASES]
 
 
 def _build(table: str, kind: str) -> Any:
     torch.manual_seed(0)
-    return (tb.BACKBONES[kind][0] if table == "b" else tf.FAMILY_MODELS[kind][0])().eval()
+    return (tb.BACKBONES[kind][0] if table == "b" else tb.FAMILY_MODELS[kind][0])().eval()
 
 
 def _inputs(size: int) -> dict[str, torch.Tensor]:
@@ -38,7 +36,7 @@ def _inputs(size: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("table", "kind", "method"), KINDS)
 def test_reference_equals_the_stacked_run_on_every_family(table: str, kind: str, method: str) -> None:
-    size = (tb.BACKBONES[kind] if table == "b" else tf.FAMILY_MODELS[kind])[1]
+    size = (tb.BACKBONES[kind] if table == "b" else tb.FAMILY_MODELS[kind])[1]
     w = wrap_multimodal(_build(table, kind), MODS3, method)  # the paper's presets: mixing layers
     _randomise_trainables(w)
     x = _inputs(size)
