@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from mmpeft_isprs.cli import main
 from mmpeft_isprs.config import ExperimentConfig, load_config
 from mmpeft_isprs.model import build_mfnet
 
@@ -59,6 +61,16 @@ def tiny_config(data_root: Path, run_dir: Path, *overrides: str, **train: Any) -
         "eval": {"stride": 32, "val_stride": 64},
     }
     return load_config(values, overrides)
+
+
+def synthetic_config_file(folder: Path) -> Path:
+    """``folder/data``: synthetic data written by the command line (3 tiles of 96 px), and
+    ``folder/tiny.yaml``: an experiment on it; returns the YAML file's path."""
+    assert main(["generate-synthetic", str(folder / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
+    cfg = folder / "tiny.yaml"
+    synthetic = {"dataset": "synthetic", "root": str(folder / "data"), "synthetic": {"num_tiles": 3, "tile_size": 96}}
+    cfg.write_text(yaml.safe_dump({"name": "tiny", "data": synthetic}))
+    return cfg
 
 
 def quiet(_: str) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mmpeft_isprs.cli import build_parser, main
 from mmpeft_isprs.data import ISPRS, generate_synthetic_vaihingen, read_geotags, read_image
-from tests.isprs.runs import TINY_SYNTHETIC
+from tests.isprs.runs import TINY_SYNTHETIC, synthetic_config_file
 
 
 @pytest.mark.parametrize(
@@ -100,20 +100,7 @@ def test_missing_tiles_are_listed_before_training(tmp_path: Path, capsys: pytest
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A toy model trained through the CLI on tiny synthetic data: (folder with data/ and run/)."""
     base = tmp_path_factory.mktemp("cli")
-    assert main(["generate-synthetic", str(base / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
-    cfg = base / "tiny.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "data": {
-                    "dataset": "synthetic",
-                    "root": str(base / "data"),
-                    "synthetic": {"num_tiles": 3, "tile_size": 96},
-                },
-            }
-        )
-    )
+    cfg = synthetic_config_file(base)
     assert main(["train", str(cfg), f"train.run_dir={base / 'run'}", *TINY_SYNTHETIC]) == 0
     assert (
         main(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mmpeft import NonFiniteInputError
 from mmpeft_isprs.cli import main
@@ -17,7 +16,7 @@ from mmpeft_isprs.distributed import DistInfo
 from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.task.subsets import TrainingPresence, modality_subsets
 from tests.helpers import close, rel_diff
-from tests.isprs.runs import TINY_MFNET, TINY_SYNTHETIC, mixing_mfnet
+from tests.isprs.runs import TINY_MFNET, TINY_SYNTHETIC, mixing_mfnet, synthetic_config_file
 
 
 def _inputs(b: int = 2, s: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -102,20 +101,7 @@ def test_bad_dropout_config_is_a_config_error() -> None:
 
 
 def test_train_with_modality_dropout_then_eval_every_subset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate-synthetic", str(tmp_path / "data"), "--num-tiles", "3", "--tile-size", "96"]) == 0
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny",
-                "data": {
-                    "dataset": "synthetic",
-                    "root": str(tmp_path / "data"),
-                    "synthetic": {"num_tiles": 3, "tile_size": 96},
-                },
-            }
-        )
-    )
+    cfg = synthetic_config_file(tmp_path)
     run = [f"train.run_dir={tmp_path / 'run'}", *TINY_SYNTHETIC]
     assert main(["train", str(cfg), *run, "train.modality_dropout={dsm: 0.5, optical: 0.2}"]) == 0
     capsys.readouterr()
