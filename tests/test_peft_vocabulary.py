@@ -150,6 +150,27 @@ def test_adapter_names_per_sample_equal_each_set_alone() -> None:
             assert_close(got[m][idx], full[m][idx], rel=1e-5)  # another batch size: rounding only
 
 
+def test_adapter_names_with_a_presence_tensor_equal_the_dict_form() -> None:
+    """An (S, B) presence tensor is split by samples (its columns), as the {modality: (B,)} form."""
+    w = _two_sets()
+    x = _inputs(batch=4, seed=3)
+    rows = torch.tensor([[True, True, True, True], [True, False, True, False]])  # dsm absent in samples 1, 3
+    names = ["default", "b", "default", "b"]
+    with torch.no_grad():
+        by_tensor = w(x, presence=rows, adapter_names=names)
+        by_dict = w(x, presence={"optical": rows[0], "dsm": rows[1]}, adapter_names=names)
+    for name in ("default", "b"):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+        w.set_adapter(name)
+        with torch.no_grad():
+            alone = w({m: v[idx] for m, v in x.items()}, presence=rows[:, idx])
+        w.set_adapter("default")
+        for m in MODS:
+            assert_close(by_tensor[m][idx], alone[m], rel=0)
+    for m in MODS:
+        assert_close(by_tensor[m], by_dict[m], rel=0)
+
+
 def test_adapter_names_refusals() -> None:
     w = _two_sets()
     x = _inputs(batch=2)

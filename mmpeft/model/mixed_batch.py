@@ -21,6 +21,7 @@ import torch
 
 from ..errors import MmpeftKeyError, MmpeftStateError, MmpeftTypeError, MmpeftValueError
 from ..runtime.batch import gather
+from ..runtime.presence import presence_tensor
 
 __all__ = ["BASE_NAME", "mixed_batch_call"]
 
@@ -87,6 +88,11 @@ def _subset(inputs: Any, index: torch.Tensor) -> Any:
     return [_take(x, index) for x in inputs]
 
 
+def _presence_of(presence: Any, index: torch.Tensor) -> torch.Tensor:
+    """The columns ``index`` (samples) of an (S, B) presence mask."""
+    return presence.index_select(1, index.to(presence.device))
+
+
 def _scatter(parts: list[Any], indices: list[torch.Tensor], batch: int) -> Any:
     """One output from the groups' outputs: every tensor whose first axis is its group's size put
     back at the samples' places (recursively through dicts, lists, tuples and ``ModelOutput``s)."""
@@ -116,14 +122,16 @@ def mixed_batch_call(
     given = kwargs.pop(keyword) if keyword is not None else inputs
     if given is None:
         raise MmpeftTypeError("no input given: pass the modalities' inputs by position or by keyword")
-    _, xs = gather(model.modalities, given)
+    present, xs = gather(model.modalities, given)
     names = _check(model, adapter_names, xs[0].shape[0], kwargs)
     order = list(dict.fromkeys(names))
     indices = [torch.tensor([i for i, n in enumerate(names) if n == s]) for s in order]
     presence = kwargs.pop("presence", None)
+    if presence is not None:  # a dict or an (S, B) tensor: as the (S, B) mask the forward makes of it
+        presence = presence_tensor(presence, present, len(names), xs[0].device, check=False)
     parts = []
     for name, index in zip(order, indices):
-        sub = {} if presence is None else {"presence": _subset(presence, index)}
+        sub = {} if presence is None else {"presence": _presence_of(presence, index)}
         call_kwargs = {**kwargs, **sub}
         if keyword is not None:
             call_kwargs[keyword] = _subset(given, index)
