@@ -113,13 +113,7 @@ def vit_classifier(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = transformers.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-        intermediate_size=32,
-        num_labels=4,
+        **{**_VIT, "hidden_size": 16, "patch_size": 16, "intermediate_size": 32, "num_labels": 4}
     )
     return transformers.ViTForImageClassification(cfg)
 
