@@ -351,6 +351,14 @@ def test_each_set_has_its_own_head_copy_and_stems(tmp_path) -> None:
     assert all(torch.equal(got[m], want[m]) for m in MODS)
     with pytest.raises(TypeError, match="adapter_name must be a str"):
         loaded.set_adapter(["conv"])
+    tree, before = [(n, type(m)) for n, m in loaded.named_modules()], _run(loaded)  # "conv" active
+    for method in ("lora", "adapter"):  # a layer in place of the trained head lost it on the next switch
+        with pytest.raises(ValueError, match=r"is, holds or is inside head, a module the model trains in full"):
+            loaded.add_adapter("two", method, targets=["head"])
+    loaded.set_adapter("default")
+    loaded.set_adapter("conv")  # the head's trained copies survive the round trip
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == tree and loaded.adapters == ["default", "conv"]
+    assert all(torch.equal(v, before[m]) for m, v in _run(loaded).items())
 
 
 def test_switching_sets_keeps_the_frozen_norms_in_eval_where_they_moved() -> None:
