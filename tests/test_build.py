@@ -78,6 +78,19 @@ def test_a_set_shares_the_model_options() -> None:
     assert wrapped.set_adapter("second") is None and wrapped.config.stems["dsm"] == StemConfig("conv1x1", 1)
 
 
+def test_a_set_takes_the_model_base_dtype_by_any_name() -> None:
+    """add_adapter(base_dtype=torch.float32) on a model wrapped at base_dtype="float32" was refused."""
+    import torch
+
+    wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), preset="lora", base_dtype="float32")
+    for same in (torch.float32, "fp32", "float32"):
+        assert WrapOptions.for_set(wrapped.config, base_dtype=same).base_dtype == "float32"
+    with pytest.raises(ValueError, match="base_dtype is the model's"):
+        WrapOptions.for_set(wrapped.config, base_dtype=torch.bfloat16)
+    wrapped.add_adapter("two", preset="lora", base_dtype=torch.float32)
+    assert wrapped.adapters == ["default", "two"]
+
+
 def test_no_function_is_assigned_onto_a_class_from_outside() -> None:
     """The sets module reads the build path directly (wrap.py set MultimodalModel.build_set_config)."""
     assert not hasattr(MultimodalModel, "build_set_config")

@@ -140,6 +140,8 @@ class WrapOptions:
         """``add_adapter``'s arguments for a model wrapped with ``model_config``: ``in_channels``,
         ``modules_to_save`` and ``base_dtype`` are the model's (another value is an error), the
         stems default to the model's."""
+        if options.get("base_dtype") is not None:  # torch.float32 / "fp32" / "float32": one dtype, by name
+            options["base_dtype"] = dtype_name(resolve_dtype(options["base_dtype"]))
         for key in _SHARED:
             if key in options and options[key] != getattr(model_config, key):
                 raise MmpeftValueError(
