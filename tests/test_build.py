@@ -78,6 +78,16 @@ def test_a_set_shares_the_model_options() -> None:
     assert wrapped.set_adapter("second") is None and wrapped.config.stems["dsm"] == StemConfig("conv1x1", 1)
 
 
+def test_fusion_on_a_preset_that_mixes_nothing_is_refused() -> None:
+    """build_config(preset="lora", fusion="scalar") was accepted and its rules kept fusion="none"."""
+    for preset in ("lora", "adapter"):
+        with pytest.raises(ValueError, match=f"fusion='scalar': preset '{preset}' mixes no modalities"):
+            build_config(tiny_timm_vit(), ("optical", "dsm"), preset=preset, fusion="scalar")
+    assert build_config(tiny_timm_vit(), preset="lora", fusion="none") == build_config(tiny_timm_vit(), preset="lora")
+    mixing = build_config(tiny_timm_vit(), preset="mmlora", fusion="matrix")  # a preset that mixes takes it
+    assert "matrix" in {r.fusion for r in mixing.rules}
+
+
 def test_a_set_takes_the_model_base_dtype_by_any_name() -> None:
     """add_adapter(base_dtype=torch.float32) on a model wrapped at base_dtype="float32" was refused."""
     import torch

@@ -211,6 +211,11 @@ def _checked_rules(opts: WrapOptions, rules: list[RuleConfig], preset: str | Non
     _check_options(options, methods)
     _check_patterns(sel, methods)
     rules = [_override(r, options, explicit=opts.targets is not None) for r in rules]
+    if options.get("fusion") not in (None, "none") and rules and all(r.fusion == "none" for r in rules):
+        raise MmpeftValueError(
+            f"fusion={options['fusion']!r}: preset {preset!r} mixes no modalities (every rule has fusion='none'), "
+            "so fusion would change nothing; drop it, choose a preset that mixes ('mmlora') or pass targets="
+        )
     if options.get("lambda_init") is not None and rules and all(r.fusion == "none" for r in rules):
         raise MmpeftValueError(
             f"lambda_init={options['lambda_init']!r}: every rule of this wrap has fusion='none' (no fusion "
