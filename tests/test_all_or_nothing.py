@@ -151,3 +151,78 @@ def test_unchanged_on_error_restores_classes_attributes_and_parameter_data() -> 
         raise RuntimeError("late failure")
     _assert_as_before(model, before)
     assert type(model.blocks[0].attn) is FusedAttention and not hasattr(model.blocks[1].attn, "flag")
+
+
+def _torchvision_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(exclude=["nonexistent"]),
+        dict(autocast_adapter_dtype="yes"),
+        dict(rank_pattern={"zzz": 2}),
+    ],
+)
+def test_refusals_after_the_model_is_prepared_leave_its_attention(kw: dict[str, Any]) -> None:
+    """Resolving the targets swaps torchvision's nn.MultiheadAttention for its explicit equivalent;
+    that ran before the guard, so these refusals left ExplicitMultiheadAttention in the model."""
+    model = _torchvision_vit()
+    keys = list(model.state_dict())
+    with pytest.raises((ValueError, TypeError)):
+        wrap_multimodal(model, ("a", "b"), targets="all-linear", **kw)
+    assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention
+    assert list(model.state_dict()) == keys
+
+
+def test_a_refused_load_leaves_the_base_model_as_given(tmp_path: Any) -> None:
+    """load_multimodal onto another base model (its fingerprint differs) is refused; the base model
+    had already been wrapped in place (a MultimodalLoRA in it, its weights frozen)."""
+    import timm
+
+    from mmpeft import load_multimodal
+
+    def vit(mlp_ratio: float) -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, depth=1, embed_dim=32, num_heads=2, mlp_ratio=mlp_ratio
+        )
+
+    wrap_multimodal(vit(4.0), ("a", "b")).save_pretrained(tmp_path)
+    other = vit(2.0)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="the base model differs"):
+        load_multimodal(other, tmp_path)
+    assert type(other.blocks[0].attn.qkv) is nn.Linear and all(p.requires_grad for p in other.parameters())
+    assert other.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_the_plan_prepares_as_the_wrap_does_and_puts_the_model_back() -> None:
+    """plan_targets' dry run refused timm BEiT ('not called in a dry run': its attention reads
+    qkv.weight until prepared) and listed a module both adapted and saved whole, which the wrap
+    refuses; the model comes back from the plan as given."""
+    import timm
+
+    from mmpeft import plan_targets
+
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", img_size=32, depth=1, embed_dim=32, num_heads=2)
+    flags = {n: getattr(m, "qkv_bias_separate", None) for n, m in beit.named_modules()}
+    plan = [t.name for t in plan_targets(beit, ("a", "b"), "lora")]
+    assert plan == [
+        n.removeprefix("base_model.") for n, _ in wrap_multimodal(_clone(beit), ("a", "b"), "lora").layers()
+    ]
+    assert flags == {n: getattr(m, "qkv_bias_separate", None) for n, m in beit.named_modules()}
+    with pytest.raises(ValueError, match="modules_to_save selects head"):
+        plan_targets(beit, ("a", "b"), "lora", targets=["head", "qkv"], modules_to_save=["head"])
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)

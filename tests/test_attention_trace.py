@@ -223,3 +223,13 @@ def test_adapter_loop_equals_batched_with_a_per_sample_argument(kind: str) -> No
         looped = wrapped(x)
     for m in MODS:
         assert_close(looped[m], batched[m], rel=1e-5, msg=m)
+
+
+def test_the_trace_leaves_no_hook_and_the_modes_as_they_were() -> None:
+    """A shape-only trace that succeeded returned before removing its hooks and restoring the
+    training modes (a refused CNN was left in eval mode with two hooks on every module)."""
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(2048, 4))
+    cnn.train()
+    assert traced_attention(cnn, 3, (16, 16)) == []
+    assert all(m.training for m in cnn.modules())
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in cnn.modules()) == 0

@@ -151,10 +151,12 @@ class Persistence:
         """
         tensors, meta = read_adapter(resolve_adapter_source(directory))  # a directory, or a Hub repo id
         config = MultimodalConfig.from_dict(meta["config"])
-        wrapped = cls.from_config(base_model, config, efficient_attention, probe, autocast_adapter_dtype)
-        _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
-        wrapped.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
-        watch_band_meaning(wrapped)  # as at wrap time: TerraMind's modalities through their own embeddings (geo.py)
+        with unchanged_on_error(base_model):  # a refusal below (another base model, tensors that do not fit)
+            # leaves the caller's model as given
+            wrapped = cls.from_config(base_model, config, efficient_attention, probe, autocast_adapter_dtype)
+            _check_fingerprint(wrapped, meta.get("base_fingerprint", {}), strict)  # type: ignore[arg-type]
+            wrapped.load_trainable_state_dict(tensors, strict=strict)  # type: ignore[attr-defined]
+            watch_band_meaning(wrapped)  # as at wrap time: TerraMind's modalities through their own embeddings
         if not is_trainable:
             wrapped.requires_grad_(False)  # type: ignore[attr-defined]
             wrapped.eval()  # type: ignore[attr-defined]

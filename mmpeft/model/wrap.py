@@ -16,11 +16,12 @@ from torch import nn
 from ..config import MultimodalConfig
 from ..runtime.matmul import warn_reduced_matmul_precision
 from ..targeting.geo import refuse_separate_encoders
-from ..targeting.inject import infer_in_channels, place_rules
+from ..targeting.inject import check_saved_apart, infer_in_channels, place_rules
 from ..targeting.peft_config import peft_arguments
+from ..targeting.prepare import prepare_backbone, unchanged_after, unchanged_on_error
 from ..tuners.options import Targets
 from .adapter_sets import check_set_name
-from .build import WrapOptions, planned
+from .build import WrapOptions
 from .geo import watch_band_meaning
 from .hub import HUB_OPTIONS, resolve_adapter_source
 from .multimodal import MultimodalModel
@@ -74,15 +75,18 @@ def plan_targets(
     opts = WrapOptions.from_kwargs(
         modalities, method, preset=preset, targets=targets, config=config, base_dtype=base_dtype, **options
     )
-    view = planned(model, in_place=False)
-    config = opts.resolve(view, in_place=True)
-    size = _probe_size(probe)
-    in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(view, size)
-    rules = place_rules(view, config, probe=probe is not False, probe_size=size, in_channels=in_channels).rules
+    with unchanged_after(model):  # prepared in place as the wrap prepares it, then put back (no copy)
+        config = opts.resolve(model, in_place=True)
+        prepare_backbone(model)  # as MultimodalModel.from_config: called projections, explicit attention
+        size = _probe_size(probe)
+        in_channels = config.in_channels if config.in_channels is not None else infer_in_channels(model, size)
+        rules = place_rules(model, config, probe=probe is not False, probe_size=size, in_channels=in_channels).rules
+        if config.modules_to_save is not None:
+            check_saved_apart(model, config.modules_to_save, list(rules))
+        names = [n for n, _ in model.named_modules() if n in rules]
     return [
         PlannedTarget(n, rules[n].kind, {k: v for k, v in rules[n].__dict__.items() if k not in ("targets", "kind")})
-        for n, _ in view.named_modules()
-        if n in rules
+        for n in names
     ]
 
 
@@ -152,10 +156,11 @@ def wrap_multimodal(
     )
     if targets is None and config is None:  # CROMA's pair: one encoder per modality, refused with that reason
         refuse_separate_encoders(model)
-    config = opts.resolve(model, in_place=True)
-    wrapped = MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
-    wrapped._after_wrap(adapter_name, frozen)
-    watch_band_meaning(wrapped)  # a stem tiling SAR into a model's named bands (Prithvi's HLS): warned (geo.py)
+    with unchanged_on_error(model):  # resolving prepares the model (torchvision's attention): undone on a refusal
+        config = opts.resolve(model, in_place=True)
+        wrapped = MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
+        wrapped._after_wrap(adapter_name, frozen)
+        watch_band_meaning(wrapped)  # a stem tiling SAR into a model's named bands (Prithvi's HLS): warned (geo.py)
     return wrapped
 
 

@@ -158,11 +158,20 @@ def traced_attention(model: nn.Module, in_channels: int, size: tuple[int, int]) 
     input: shapes only (:func:`mmpeft.targeting.shapes.meta_forward`), else a real forward under
     ``torch.no_grad`` in eval mode (modes restored). Empty when the model cannot run on that input
     (the reason logged)."""
-    from .shapes import meta_forward
-
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     trace = AttentionTrace(model)
+    try:  # the hooks removed and the modes restored on every path
+        return _trace(model, trace, in_channels, size)
+    finally:
+        trace.close()
+        for m, training in modes:
+            m.training = training
+
+
+def _trace(model: nn.Module, trace: AttentionTrace, in_channels: int, size: tuple[int, int]) -> list[str]:
+    from .shapes import meta_forward
+
     try:
         meta_forward(model, [(1, in_channels, *size)], _dtype(model), inner=trace)
         return list(trace.found)
@@ -178,10 +187,6 @@ def traced_attention(model: nn.Module, in_channels: int, size: tuple[int, int]) 
     except Exception as err:
         _LOG.info("attention trace of %s failed (%s: %s)", type(model).__name__, type(err).__name__, err)
         return []
-    finally:
-        trace.close()
-        for m, training in modes:
-            m.training = training
 
 
 def _dtype(model: nn.Module) -> torch.dtype:

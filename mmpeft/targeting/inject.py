@@ -278,11 +278,10 @@ def _probe_channels(model: nn.Module, config: MultimodalConfig, size: tuple[int,
     return c
 
 
-def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str]) -> list[str]:
-    """Put a :class:`ModuleToSave` in place of every module ``targets`` selects; returns their names.
-
-    A module that holds (or is) a multimodal layer cannot also train in full: error naming it.
-    """
+def check_saved_apart(model: nn.Module, targets: Targets, adapted: list[str]) -> list[str]:
+    """The outermost modules ``targets`` (``modules_to_save``) selects; an error naming the first
+    that holds, is, or is inside one of the ``adapted`` modules (a module either trains in full or
+    carries multimodal layers). Changes nothing."""
     names = match_targets(model, targets)
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
     for n in names:
@@ -292,5 +291,16 @@ def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str])
                 f"modules_to_save selects {n}, which holds or is inside the adapted module(s) {inside[:3]}: "
                 "a module either trains in full or carries multimodal layers; narrow modules_to_save or targets"
             )
+    return names
+
+
+def wrap_modules_to_save(model: nn.Module, targets: Targets, adapted: list[str]) -> list[str]:
+    """Put a :class:`ModuleToSave` in place of every module ``targets`` selects; returns their names.
+
+    A module that holds (or is) a multimodal layer cannot also train in full: error naming it
+    (:func:`check_saved_apart`, before any is placed).
+    """
+    names = check_saved_apart(model, targets, adapted)
+    for n in names:
         set_submodule(model, n, ModuleToSave(model.get_submodule(n)))
     return names

@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import MmpeftValueError
 from ..runtime.norms import frozen_norms
 
-__all__ = ["BypassError", "check_targets_callable", "prepare_backbone", "unchanged_on_error"]
+__all__ = ["BypassError", "check_targets_callable", "prepare_backbone", "unchanged_on_error", "unchanged_after"]
 
 
 class BypassError(MmpeftValueError):
@@ -94,11 +94,31 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
     parameter's ``requires_grad`` and data are recorded (references, no tensor is copied) and
     restored: the wrap refuses without a trace even when a check fails after a change (the
     checks come first; this is the guarantee behind them)."""
-    modules = {id(m): (m, _module_state(m)) for m in model.modules()}
-    params = [(p, p.requires_grad, p.data) for p in model.parameters()]
+    restore = _snapshot(model)
     try:
         yield
     except BaseException:
+        restore()
+        raise
+
+
+@contextlib.contextmanager
+def unchanged_after(model: nn.Module) -> Iterator[None]:
+    """Run the block and put ``model`` back exactly as it was afterwards, whatever happened (a dry
+    run that prepares the model in place, as the wrap would, without copying its tensors)."""
+    restore = _snapshot(model)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def _snapshot(model: nn.Module) -> Any:
+    """A function putting ``model`` back as it is now (:func:`unchanged_on_error`)."""
+    modules = {id(m): (m, _module_state(m)) for m in model.modules()}
+    params = [(p, p.requires_grad, p.data) for p in model.parameters()]
+
+    def restore() -> None:
         for m, (cls, attrs, dicts) in modules.values():
             if type(m) is not cls:
                 m.__class__ = cls
@@ -114,4 +134,5 @@ def unchanged_on_error(model: nn.Module) -> Iterator[None]:
                 if p.data is not data:
                     p.data = data
                 p.requires_grad_(flag)
-        raise
+
+    return restore
