@@ -66,6 +66,18 @@ def test_refusals_before_the_model_is_read() -> None:
         WrapOptions.from_kwargs(stems="repeat")
 
 
+def test_modalities_beside_a_config_must_be_its_own() -> None:
+    """wrap_multimodal(m, ("rgb", "sar", "ir"), config=cfg) wrapped cfg's ("optical", "dsm") silently."""
+    cfg = build_config(tiny_timm_vit(), ("rgb", "sar"), preset="lora")
+    with pytest.raises(ValueError, match=r"modalities=\['rgb', 'sar', 'ir'\] but config.modalities=\['rgb', 'sar'\]"):
+        wrap_multimodal(tiny_timm_vit(), ("rgb", "sar", "ir"), config=cfg)
+    with pytest.raises(ValueError, match="config.modalities"):
+        plan_targets(tiny_timm_vit(), ("optical", "dsm"), config=cfg)  # the old default, given explicitly
+    assert wrap_multimodal(tiny_timm_vit(), config=cfg).modalities == ("rgb", "sar")
+    assert wrap_multimodal(tiny_timm_vit(), ["rgb", "sar"], config=cfg).modalities == ("rgb", "sar")
+    assert build_config(tiny_timm_vit(), preset="lora").modalities == ["optical", "dsm"]  # the default
+
+
 def test_a_set_shares_the_model_options() -> None:
     wrapped = wrap_multimodal(tiny_timm_vit(), ("optical", "dsm"), stems={"dsm": ("conv1x1", 1)})
     opts = WrapOptions.for_set(wrapped.config, "adapter")

@@ -34,8 +34,10 @@ from ..tuners.options import Targets
 from ..utils import check_modalities, dtype_name, resolve_dtype
 from .saving import check_not_peft
 
-__all__ = ["MODEL_OPTIONS", "ModelOptions", "WrapOptions", "planned"]
+__all__ = ["DEFAULT_MODALITIES", "MODEL_OPTIONS", "ModelOptions", "WrapOptions", "planned"]
 
+#: the modalities of a wrap given neither ``modalities`` nor ``config=``
+DEFAULT_MODALITIES = ("optical", "dsm")
 #: options of the wrapped model, whatever the method
 MODEL_OPTIONS = ("stems", "in_channels", "modules_to_save")
 _SHARED = ("in_channels", "modules_to_save", "base_dtype")  # the model's, shared by every adapter set
@@ -95,7 +97,7 @@ class WrapOptions:
     @classmethod
     def from_kwargs(
         cls,
-        modalities: Sequence[str] = ("optical", "dsm"),
+        modalities: Sequence[str] | None = None,
         method: str | None = None,
         *,
         preset: str | None = None,
@@ -104,12 +106,19 @@ class WrapOptions:
         base_dtype: torch.dtype | str | None = None,
         **options: Any,
     ) -> WrapOptions:
-        """Parse ``wrap_multimodal``'s arguments; an error names the argument at fault."""
+        """Parse ``wrap_multimodal``'s arguments; an error names the argument at fault. ``modalities``
+        None: ``config.modalities`` with ``config=`` (other modalities beside it are an error), else
+        :data:`DEFAULT_MODALITIES`."""
         if config is not None:
             if options or targets is not None or preset is not None or method is not None or base_dtype is not None:
                 raise MmpeftValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
+            if modalities is not None and check_modalities(modalities) != list(config.modalities):
+                raise MmpeftValueError(
+                    f"modalities={list(modalities)} but config.modalities={list(config.modalities)}: the config "
+                    "decides them; leave modalities out (or build a config for these modalities)"
+                )
             return cls(tuple(config.modalities), config=config)
-        names = tuple(check_modalities(modalities))
+        names = tuple(check_modalities(DEFAULT_MODALITIES if modalities is None else modalities))
         if method is not None:
             get_method(method)
         if targets is not None and preset is not None:
