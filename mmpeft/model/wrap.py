@@ -33,7 +33,7 @@ __all__ = ["wrap_multimodal", "build_config", "plan_targets", "PlannedTarget", "
 
 def build_config(
     model: nn.Module,
-    modalities: Sequence[str] = ("optical", "dsm"),
+    modalities: Sequence[str] | None = None,
     method: str | None = None,
     *,
     preset: str | None = None,
@@ -57,7 +57,7 @@ class PlannedTarget(NamedTuple):
 
 def plan_targets(
     model: nn.Module,
-    modalities: Sequence[str] = ("optical", "dsm"),
+    modalities: Sequence[str] | None = None,
     method: str | None = None,
     *,
     config: MultimodalConfig | None = None,
@@ -92,7 +92,7 @@ def plan_targets(
 
 def wrap_multimodal(
     model: nn.Module,
-    modalities: Sequence[str] = ("optical", "dsm"),
+    modalities: Sequence[str] | None = None,
     method: str | None = None,
     *,
     preset: str | None = None,
@@ -108,7 +108,9 @@ def wrap_multimodal(
 
     Args:
         model: any ViT (segment-anything ``ImageEncoderViT``, timm ViTs, or your own).
-        modalities: modality names, in the order they are stacked on the batch axis.
+        modalities: modality names, in the order they are stacked on the batch axis (default None:
+            ``config.modalities`` with ``config=``, where other modalities are an error; else
+            ``("optical", "dsm")``).
         method: a registered method, ``"lora"`` (default) or ``"adapter"``. Without ``targets``
             the method's paper placement is used (preset "mmlora" / "mmadapter"), detected from
             the model; with ``preset`` the method is the preset's (a different one is an error).
