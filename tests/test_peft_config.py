@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmpeft import wrap_multimodal
+from mmpeft import build_config, plan_targets, wrap_multimodal
 from mmpeft.errors import MmpeftTypeError, MmpeftValueError
 from tests.helpers import assert_close, perturb_trainables
 from tests.tiny_models import tiny_sam, tiny_timm_vit
@@ -210,6 +210,31 @@ def test_inference_mode_freezes_the_set_and_add_adapter_takes_a_config_too() -> 
     with pytest.raises(MmpeftValueError, match="LoraConfig.bias"):
         w.add_adapter("e", peft.LoraConfig(target_modules=["fc1"], bias="all"))
     assert w.adapters == ["default", "b", "c", "d"]
+
+
+def test_every_entry_point_takes_a_peft_config_and_adapter_name() -> None:
+    """plan_targets / build_config refused a LoraConfig (a bare TypeError: unhashable LoraConfig) and
+    peft_config= / adapter_name= (unknown options) that wrap_multimodal takes: one translation
+    (WrapOptions.from_kwargs) for the four."""
+    cfg = peft.LoraConfig(r=2, target_modules=["qkv"], layers_to_transform=[1])
+    wrapped = wrap_multimodal(tiny_timm_vit(), MODS, cfg, adapter_name="first")
+    assert wrapped.active_adapter == "first"
+    for config in (build_config(tiny_timm_vit(), MODS, cfg), build_config(tiny_timm_vit(), MODS, peft_config=cfg)):
+        assert config.rules == wrapped.config.rules and config.modules_to_save == wrapped.config.modules_to_save
+    for plan in (
+        plan_targets(tiny_timm_vit(), MODS, cfg),
+        plan_targets(tiny_timm_vit(), MODS, peft_config=cfg, adapter_name="first"),
+    ):
+        assert [("base_model." + t.name, t.options["rank"], t.options["fusion"]) for t in plan] == [
+            (n, layer.rank, "none") for n, layer in wrapped.layers()
+        ]
+    assert build_config(tiny_timm_vit(), MODS, targets=["qkv"], adapter_name="x") == build_config(
+        tiny_timm_vit(), MODS, targets=["qkv"]
+    )
+    with pytest.raises(MmpeftValueError, match="adapter_name must be a folder name"):
+        plan_targets(tiny_timm_vit(), MODS, cfg, adapter_name="a/b")
+    with pytest.raises(MmpeftValueError, match=r"\['preset'\] given beside a peft config"):
+        build_config(tiny_timm_vit(), MODS, cfg, preset="lora")
 
 
 def test_a_second_set_from_a_lora_config_equals_peft_add_adapter() -> None:

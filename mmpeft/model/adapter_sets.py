@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,8 @@ from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 from ..runtime.blocks import runner_of
 from ..runtime.stems import ModalityStem
 from ..targeting.inject import ModuleToSave, apply_rules
-from ..targeting.peft_config import peft_arguments
 from ..tuners import MultimodalLayer, set_execution
-from .build import WrapOptions
+from .build import DEFAULT_ADAPTER, WrapOptions, check_set_name
 from .combine import weighted_lora_set
 from .hub import resolve_adapter_source
 from .io import CONFIG_NAME, read_adapter
@@ -43,23 +41,6 @@ from .params import ParamReport, count_parameters
 from .saving import _check_fingerprint, _probe_size
 
 __all__ = ["AdapterSet", "AdapterSets", "DEFAULT_ADAPTER"]
-
-DEFAULT_ADAPTER = "default"  # peft's name of the first set
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a folder name of its own (saved per set)
-
-
-def check_set_name(name: object) -> str:
-    """An adapter set's name: a folder name of its own (the set is saved in ``dir/<name>``), not
-    ``"__base__"`` (peft's name for "adapters off" in ``adapter_names=``). Checked at the entrance
-    of every call that names a set, before anything is built."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise MmpeftValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
-    if name == "__base__":
-        raise MmpeftValueError(
-            "adapter_name '__base__' is peft's name for 'adapters off' in adapter_names=; pick another"
-        )
-    return name
-
 
 Site = tuple[nn.Module, str, MultimodalLayer]  # (parent module, attribute, layer)
 
@@ -252,7 +233,6 @@ class AdapterSets:
         (a different value is an error)."""
         check_usable(self)
         name = self._new_name(adapter_name)
-        method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a peft LoraConfig
         opts = WrapOptions.for_set(self.config, method, preset=preset, targets=targets, config=config, **options)
         saved = [n for n, m in self.base_model.named_modules() if isinstance(m, ModuleToSave)]
         with self._bare():  # planned and built on the plain model, as a first wrap is (a refusal undone)
@@ -264,7 +244,7 @@ class AdapterSets:
                 setattr(parent, attr, layer.base_layer)
         new = AdapterSet(cfg, sites, self._new_stems(cfg), self._new_trained())
         self._like_active(new)
-        for module in new.own_modules() if frozen else ():  # LoraConfig(inference_mode=True), as peft
+        for module in new.own_modules() if opts.inference_mode else ():  # LoraConfig(inference_mode=True), as peft
             module.requires_grad_(False)
         self._inactive = {**(self._inactive or {}), name: new}
         self._names = (*self._names, name)

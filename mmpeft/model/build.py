@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..config import MultimodalConfig, RuleConfig, StemConfig, parse_stem
 from ..errors import MmpeftTypeError, MmpeftValueError
+from ..targeting.peft_config import peft_arguments
 from ..targeting.prepare import prepare_backbone
 from ..targeting.selection import PATTERN_FIELDS, SELECTION_OPTIONS, Selection, is_all_linear, resolve_rules
 from ..targeting.targets import detect_family, preset_rules
@@ -34,7 +36,32 @@ from ..tuners.options import Targets
 from ..utils import check_modalities, dtype_name, resolve_dtype
 from .saving import check_not_peft
 
-__all__ = ["DEFAULT_MODALITIES", "MODEL_OPTIONS", "ModelOptions", "WrapOptions", "planned"]
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "DEFAULT_MODALITIES",
+    "MODEL_OPTIONS",
+    "ModelOptions",
+    "WrapOptions",
+    "check_set_name",
+    "planned",
+]
+
+DEFAULT_ADAPTER = "default"  # peft's name of the first set
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")  # a folder name of its own (saved per set)
+
+
+def check_set_name(name: object) -> str:
+    """An adapter set's name: a folder name of its own (the set is saved in ``dir/<name>``), not
+    ``"__base__"`` (peft's name for "adapters off" in ``adapter_names=``). Checked at the entrance
+    of every call that names a set, before anything is built."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise MmpeftValueError(f"adapter_name must be a folder name (letters, digits, '_', '-', '.'), got {name!r}")
+    if name == "__base__":
+        raise MmpeftValueError(
+            "adapter_name '__base__' is peft's name for 'adapters off' in adapter_names=; pick another"
+        )
+    return name
+
 
 #: the modalities of a wrap given neither ``modalities`` nor ``config=``
 DEFAULT_MODALITIES = ("optical", "dsm")
@@ -82,6 +109,11 @@ class WrapOptions:
             methods by :meth:`resolve`.
         model: the wrapped model's options.
         selection: the selection options (``exclude``, ``layers``, patterns).
+        adapter_name: the set's name (the ``adapter_name=`` option, peft's; checked).
+        inference_mode: a peft ``LoraConfig(inference_mode=True)`` was given: the set's tensors frozen.
+
+    A peft ``LoraConfig`` as ``method`` (or ``peft_config=``) is translated here, for every entry
+    point alike (:func:`mmpeft.targeting.peft_config.peft_arguments`).
     """
 
     modalities: tuple[str, ...]
@@ -93,6 +125,8 @@ class WrapOptions:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     model: ModelOptions = field(default_factory=ModelOptions)
     selection: Selection = field(default_factory=Selection)
+    adapter_name: str = DEFAULT_ADAPTER
+    inference_mode: bool = False
 
     @classmethod
     def from_kwargs(
@@ -109,6 +143,8 @@ class WrapOptions:
         """Parse ``wrap_multimodal``'s arguments; an error names the argument at fault. ``modalities``
         None: ``config.modalities`` with ``config=`` (other modalities beside it are an error), else
         :data:`DEFAULT_MODALITIES`."""
+        name = check_set_name(options.pop("adapter_name", DEFAULT_ADAPTER))  # peft's name of the set
+        method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a LoraConfig
         if config is not None:
             if options or targets is not None or preset is not None or method is not None or base_dtype is not None:
                 raise MmpeftValueError("pass either config= or method/options/targets/preset/base_dtype, not both")
@@ -117,7 +153,7 @@ class WrapOptions:
                     f"modalities={list(modalities)} but config.modalities={list(config.modalities)}: the config "
                     "decides them; leave modalities out (or build a config for these modalities)"
                 )
-            return cls(tuple(config.modalities), config=config)
+            return cls(tuple(config.modalities), config=config, adapter_name=name, inference_mode=frozen)
         names = tuple(check_modalities(DEFAULT_MODALITIES if modalities is None else modalities))
         if method is not None:
             get_method(method)
@@ -133,6 +169,8 @@ class WrapOptions:
             method_options=rest,
             model=ModelOptions.parse(options),
             selection=Selection.parse(options),
+            adapter_name=name,
+            inference_mode=frozen,
         )
 
     @classmethod
@@ -148,7 +186,8 @@ class WrapOptions:
     ) -> WrapOptions:
         """``add_adapter``'s arguments for a model wrapped with ``model_config``: ``in_channels``,
         ``modules_to_save`` and ``base_dtype`` are the model's (another value is an error), the
-        stems default to the model's."""
+        stems default to the model's. A peft ``LoraConfig`` is translated first (its fields compared so)."""
+        method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)
         if options.get("base_dtype") is not None:  # torch.float32 / "fp32" / "float32": one dtype, by name
             options["base_dtype"] = dtype_name(resolve_dtype(options["base_dtype"]))
         for key in _SHARED:
@@ -164,12 +203,13 @@ class WrapOptions:
             theirs = {"modalities": list(config.modalities), **{k: getattr(config, k) for k in _SHARED}}
             if theirs != mine:
                 raise MmpeftValueError(f"config= must share the model's {mine} (every set's); it has {theirs}")
-            return parsed
+            return dataclasses.replace(parsed, inference_mode=frozen)
         stems = {m: dataclasses.replace(model_config.stem(m)) for m in model_config.modalities}
         shared = {k: getattr(model_config, k) for k in _SHARED}
         given = options.get("stems") or {}
         options["stems"] = {**stems, **given} if isinstance(given, Mapping) else given  # else refused by parse
-        return cls.from_kwargs(model_config.modalities, method, preset=preset, targets=targets, **shared, **options)
+        parsed = cls.from_kwargs(model_config.modalities, method, preset=preset, targets=targets, **shared, **options)
+        return dataclasses.replace(parsed, inference_mode=frozen)
 
     def resolve(self, model: nn.Module, in_place: bool = False) -> MultimodalConfig:
         """The config of a wrap of ``model`` (:attr:`config` when given). ``in_place``: ``model`` may

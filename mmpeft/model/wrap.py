@@ -17,7 +17,6 @@ from ..config import MultimodalConfig
 from ..runtime.matmul import warn_reduced_matmul_precision
 from ..targeting.geo import refuse_separate_encoders
 from ..targeting.inject import check_saved_apart, infer_in_channels, place_rules
-from ..targeting.peft_config import peft_arguments
 from ..targeting.prepare import prepare_backbone, unchanged_after, unchanged_on_error
 from ..tuners.options import Targets
 from .adapter_sets import check_set_name
@@ -151,17 +150,15 @@ def wrap_multimodal(
         A :class:`MultimodalModel`; call it with ``{modality: tensor}`` or a sequence.
     """
     warn_reduced_matmul_precision()  # "medium" set by another library (terratorch): said, see docs/backbones.md
-    adapter_name = check_set_name(options.pop("adapter_name", "default"))  # peft's name of the first set
-    method, targets, options, frozen = peft_arguments(method, preset, targets, config, options)  # a peft LoraConfig
-    opts = WrapOptions.from_kwargs(
+    opts = WrapOptions.from_kwargs(  # a peft LoraConfig translated there, adapter_name= read there
         modalities, method, preset=preset, targets=targets, config=config, base_dtype=base_dtype, **options
     )
-    if targets is None and config is None:  # CROMA's pair: one encoder per modality, refused with that reason
+    if opts.targets is None and opts.config is None:  # CROMA's pair: one encoder per modality, refused with that reason
         refuse_separate_encoders(model)
     with unchanged_on_error(model):  # resolving prepares the model (torchvision's attention): undone on a refusal
         config = opts.resolve(model, in_place=True)
         wrapped = MultimodalModel.from_config(model, config, efficient_attention, probe, autocast_adapter_dtype)
-        wrapped._after_wrap(adapter_name, frozen)
+        wrapped._after_wrap(opts.adapter_name, opts.inference_mode)
         watch_band_meaning(wrapped)  # a stem tiling SAR into a model's named bands (Prithvi's HLS): warned (geo.py)
     return wrapped
 
