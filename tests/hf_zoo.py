@@ -106,14 +106,15 @@ def build(name: str, seed: int = 0) -> nn.Module:
     return model
 
 
-def vit_classifier(seed: int = 0) -> nn.Module:
-    """A tiny ``ViTForImageClassification`` (2 layers of width 16, 32 px in 16 px patches, 4 labels),
-    seeded, as built (training mode): the head the Trainer, ``labels=`` and accelerate tests wrap."""
+def vit_classifier(seed: int = 0, **config: Any) -> nn.Module:
+    """A tiny ``ViTForImageClassification`` (2 layers of width 16, 32 px in 16 px patches, 4 labels;
+    ``config`` overrides, e.g. ``problem_type``), seeded, as built (training mode): the head the
+    Trainer, ``labels=`` and accelerate tests wrap."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.ViTConfig(
-        **{**_VIT, "hidden_size": 16, "patch_size": 16, "intermediate_size": 32, "num_labels": 4}
+        **{**_VIT, "hidden_size": 16, "patch_size": 16, "intermediate_size": 32, "num_labels": 4, **config}
     )
     return transformers.ViTForImageClassification(cfg)
 

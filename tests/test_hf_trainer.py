@@ -306,3 +306,59 @@ def test_label_smoothing_smooths_each_modality(tmp_path: Path) -> None:
     start = _trainables(model)
     trainer.train()
     assert any(not torch.equal(v, start[k]) for k, v in _trainables(model).items())
+
+
+@pytest.mark.parametrize(("problem", "num_labels"), [("regression", 1), ("multi_label_classification", 3)])
+def test_accumulation_is_exact_for_regression_and_multi_label_heads(
+    tmp_path: Path, problem: str, num_labels: int
+) -> None:
+    """transformers' MSE / BCE losses ignore ``num_items_in_batch`` (the plain model's accumulated
+    update is 2.000x the large batch's too): each modality's loss is made a sum over that count,
+    so batch 2 x 2 accumulated updates as batch 4 does (it was 2.000x), in float64."""
+    g = torch.Generator().manual_seed(0)
+    shape = (8,) if num_labels == 1 else (8, num_labels)
+    labels = torch.rand(shape, generator=g, dtype=torch.float64)
+    labels = labels if problem == "regression" else (labels > 0.5).double()
+    x = {"optical": torch.rand(8, 3, 32, 32, generator=g), "dsm": torch.rand(8, 1, 32, 32, generator=g)}
+    data = [{"pixel_values": {m: v[i].double() for m, v in x.items()}, "labels": labels[i]} for i in range(8)]
+    sgd = dict(optim="sgd", learning_rate=0.5, max_steps=1, lr_scheduler_type="constant", max_grad_norm=0.0)
+    updates = []
+    for batch, accumulate in ((4, 1), (2, 2)):
+        base = vit_classifier(num_labels=num_labels, problem_type=problem)
+        model = randomise_trainables(wrap_multimodal(base, MODS, preset="mmlora", stems={"dsm": ("repeat", 1)}))
+        model = model.double()
+        start = _trainables(model)
+        args = _args(
+            tmp_path / str(batch), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate, **sgd
+        )
+        transformers.Trainer(model, args, train_dataset=data, data_collator=collate).train()
+        updates.append({k: v - start[k] for k, v in _trainables(model).items()})
+    for k, big in updates[0].items():
+        assert big.abs().max() > 0, f"{k} did not train"
+        assert_close(updates[1][k], big, rel=1e-6, msg=k)
+
+
+def test_a_modality_named_loss_keeps_its_output_without_labels(tmp_path: Path) -> None:
+    """Without labels= a classifier's outputs became a MultimodalOutput, whose "loss" is the
+    combined loss: a modality named "loss" was dropped from the smoothed loss (1.397947, the other
+    modality's alone, instead of the mean 1.398586). It stays a plain dict, and the smoothed loss
+    covers both."""
+    model = wrap_multimodal(vit_classifier(), ("loss", "dsm"), preset="mmlora", stems={"dsm": ("repeat", 1)})
+    model.eval()
+    x = {"loss": torch.rand(2, 3, 32, 32), "dsm": torch.rand(2, 1, 32, 32)}
+    labels = torch.tensor([0, 1])
+    trainer = MultimodalTrainer(model, _args(tmp_path, label_smoothing_factor=0.1))
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        loss = trainer.compute_loss(model, {"pixel_values": x, "labels": labels})
+    assert list(out) == ["loss", "dsm"] and not hasattr(out, "outputs")
+    ce = torch.nn.functional.cross_entropy
+    assert_close(loss, sum(ce(out[m].logits, labels, label_smoothing=0.1) for m in ("loss", "dsm")) / 2, rel=1e-6)
+
+
+def test_label_smoothing_on_a_model_of_ones_own_is_refused_naming_the_way(tmp_path: Path) -> None:
+    from tests.tiny_models import tiny_timm_vit
+
+    model = wrap_multimodal(tiny_timm_vit(), MODS, "lora", targets=["qkv"])
+    with pytest.raises(ValueError, match="give compute_loss_func= a loss over each modality's output"):
+        MultimodalTrainer(model, _args(tmp_path, label_smoothing_factor=0.1))

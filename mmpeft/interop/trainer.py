@@ -29,6 +29,7 @@ from transformers import Trainer
 from ..errors import MmpeftValueError
 from ..model.io import CONFIG_NAME, read_adapter
 from ..model.multimodal import MultimodalModel
+from ..runtime.labels import computes_losses
 
 __all__ = ["MultimodalTrainer", "checkpoint_sets"]
 
@@ -58,7 +59,14 @@ class MultimodalTrainer(Trainer):
                 "shard across processes: train with DDP (or ZeRO-1/2), or use the stock Trainer and "
                 "model.save_pretrained(directory) after gathering the model"
             )
-        if self.label_smoother is not None and self.compute_loss_func is None and self._wrapped() is not None:
+        wrapped = self._wrapped()
+        if self.label_smoother is not None and self.compute_loss_func is None and wrapped is not None:
+            if not computes_losses(wrapped.base_model):
+                raise MmpeftValueError(
+                    "label_smoothing_factor: MultimodalTrainer smooths the losses of a Hugging Face "
+                    f"*ForImageClassification head, not of {type(wrapped.base_model).__name__}: give "
+                    "compute_loss_func= a loss over each modality's output instead"
+                )
             self.compute_loss_func = self._smoothed_loss
 
     def _smoothed_loss(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -67,9 +75,8 @@ class MultimodalTrainer(Trainer):
         ``compute_loss_func``, so the Trainer normalises accumulated batches by
         ``num_items_in_batch`` as it does for its own smoothing."""
         assert self.label_smoother is not None
-        parts = [
-            self.label_smoother(o, labels, num_items_in_batch=num_items_in_batch) for o in outputs.outputs().values()
-        ]
+        # labels were taken out before the call: every entry is a modality's output (no combined loss)
+        parts = [self.label_smoother(o, labels, num_items_in_batch=num_items_in_batch) for o in outputs.values()]
         return torch.stack(parts).mean()
 
     def _wrapped(self, model: nn.Module | None = None) -> MultimodalModel | None:

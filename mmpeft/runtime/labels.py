@@ -135,6 +135,12 @@ def _with_loss(model: nn.Module, out: Any, labels: Labels) -> Any:
             f"{type(model).__name__} returned {type(out).__name__} without logits; cannot add its loss"
         )
     loss = model.loss_function(labels.labels, out["logits"], model.config, **labels.loss_kwargs)  # type: ignore[operator]
+    n = labels.loss_kwargs.get("num_items_in_batch")
+    if n is not None and getattr(model.config, "problem_type", None) != "single_label_classification":
+        # transformers' regression / multi-label losses are means over this micro-batch and ignore
+        # num_items_in_batch (the Trainer then divides by nothing: accumulation off by its factor, the
+        # plain model's too): as a sum over the accumulated count, as the single-label loss is
+        loss = loss * (labels.labels.numel() / n)
     fields = {"loss": loss, **{k: v for k, v in out.items() if k != "loss"}}
     return type(out)(**fields)
 
@@ -142,7 +148,9 @@ def _with_loss(model: nn.Module, out: Any, labels: Labels) -> Any:
 def as_output(model: nn.Module, outputs: Any) -> Any:
     """A dict of a Hugging Face classifier's outputs as a :class:`MultimodalOutput` (whose missing
     ``"logits"`` names where each modality's are); anything else as it is."""
-    return MultimodalOutput(outputs) if isinstance(outputs, dict) and computes_losses(model) else outputs
+    if not isinstance(outputs, dict) or "loss" in outputs or not computes_losses(model):
+        return outputs  # a modality named "loss" stays a plain dict: MultimodalOutput reads "loss" as the combined loss
+    return MultimodalOutput(outputs)
 
 
 def with_losses(model: nn.Module, outputs: Any, labels: Labels) -> Any:
