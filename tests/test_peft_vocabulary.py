@@ -266,3 +266,46 @@ def test_a_bad_first_set_name_is_refused_before_the_model_changes(name: str) -> 
     assert wrapped.adapters == ["fine"]
     with pytest.raises(MmpeftValueError, match="__base__"):
         wrapped.add_adapter("__base__", method="lora")
+
+
+class _PerToken(torch.nn.Module):
+    """Per-token logits flattened into the batch axis, (B*16, 5), as a per-pixel head may return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Linear(8, 5)
+        self.odd = False
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.fc(self.conv(x).flatten(2).transpose(1, 2)).flatten(0, 1)
+        out = {"logits": logits}
+        if self.odd:  # B + 2 values (B + 1 per modality): neither rows per sample nor the same in every group
+            out["odd"] = torch.cat([logits.view(x.shape[0], -1).mean(1), logits.mean().view(1).expand(2)])
+        return out
+
+
+def test_adapter_names_put_back_rows_per_sample_and_refuse_the_rest() -> None:
+    """An output with 16 rows per sample came back with the first group's rows only (sample 1
+    missing, silently); it is put back per sample, equal to each set alone; one that is neither
+    per sample nor the same in every group is refused naming its field."""
+    torch.manual_seed(0)
+    model = wrap_multimodal(_PerToken(), ("a", "b"), targets=["fc"], method="lora", fusion="none", probe=False)
+    model.add_adapter("other", method="lora", targets=["fc"], fusion="none", probe=False)
+    perturb_trainables(model)
+    model.set_adapter("other")
+    perturb_trainables(model, seed=9)
+    model.set_adapter("default")
+    model.eval()
+    x = {"a": torch.rand(3, 3, 16, 16), "b": torch.rand(3, 3, 16, 16)}
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", "other", "default"])["a"]
+        alone = {}
+        for name in ("default", "other"):
+            model.set_adapter(name)
+            alone[name] = model(x)["a"]
+    assert mixed["logits"].shape == (48, 5)
+    for i, name in enumerate(["default", "other", "default"]):
+        assert_close(mixed["logits"][16 * i : 16 * (i + 1)], alone[name]["logits"][16 * i : 16 * (i + 1)], rel=1e-5)
+    model.base_model.odd = True
+    with torch.no_grad(), pytest.raises(ValueError, match=r"output\['a'\]\['odd'\] has \[\(3,\), \(2,\)\]"):
+        model(x, adapter_names=["default", "other", "default"])

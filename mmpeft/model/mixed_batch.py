@@ -93,24 +93,40 @@ def _presence_of(presence: Any, index: torch.Tensor) -> torch.Tensor:
     return presence.index_select(1, index.to(presence.device))
 
 
-def _scatter(parts: list[Any], indices: list[torch.Tensor], batch: int) -> Any:
-    """One output from the groups' outputs: every tensor whose first axis is its group's size put
-    back at the samples' places (recursively through dicts, lists, tuples and ``ModelOutput``s)."""
+def _scatter(parts: list[Any], indices: list[torch.Tensor], batch: int, where: str = "output") -> Any:
+    """One output from the groups' outputs: every tensor with k rows per sample of its group
+    (k = 1: a per-sample axis; k > 1: samples flattened with another axis, as (B*T, C)) put back at
+    the samples' places, recursively through dicts, lists, tuples and ``ModelOutput``s; a tensor
+    equal in every group is shared (taken once); any other is an error naming ``where``."""
     first = parts[0]
     if isinstance(first, torch.Tensor):
-        if first.dim() == 0 or first.shape[0] != len(indices[0]):
-            return first  # not per sample
-        out = first.new_empty((batch, *first.shape[1:]))
-        for part, index in zip(parts, indices):
-            out.index_copy_(0, index.to(out.device), part)
-        return out
+        return _scatter_tensor(parts, indices, batch, where)
     if isinstance(first, Mapping):
-        values = {k: _scatter([p[k] for p in parts], indices, batch) for k in first}
+        values = {k: _scatter([p[k] for p in parts], indices, batch, f"{where}[{k!r}]") for k in first}
         return type(first)(**values) if hasattr(first, "to_tuple") else type(first)(values)
     if isinstance(first, (list, tuple)):
-        items = [_scatter([p[i] for p in parts], indices, batch) for i in range(len(first))]
+        items = [_scatter([p[i] for p in parts], indices, batch, f"{where}[{i}]") for i in range(len(first))]
         return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)
     return first
+
+
+def _scatter_tensor(parts: list[torch.Tensor], indices: list[torch.Tensor], batch: int, where: str) -> torch.Tensor:
+    rows = {p.shape[0] // len(i) if p.dim() and p.shape[0] % len(i) == 0 else 0 for p, i in zip(parts, indices)}
+    shared = all(p.shape == parts[0].shape and torch.equal(p, parts[0]) for p in parts[1:])
+    if rows == {1} or (not shared and len(rows) == 1 and 0 not in rows):  # per sample first, as before
+        k = rows.pop()
+        out = parts[0].new_empty((batch * k, *parts[0].shape[1:]))
+        for part, index in zip(parts, indices):
+            at = (index.to(out.device)[:, None] * k + torch.arange(k, device=out.device)).flatten()
+            out.index_copy_(0, at, part)
+        return out
+    if shared:
+        return parts[0]  # not per sample: the same in every group
+    raise MmpeftValueError(
+        f"adapter_names=: {where} has {[tuple(p.shape) for p in parts]} for groups of {[len(i) for i in indices]} "
+        "sample(s): neither rows per sample nor the same in every group, so it cannot be put back together; "
+        "run one adapter set at a time (set_adapter) for this model"
+    )
 
 
 def mixed_batch_call(
