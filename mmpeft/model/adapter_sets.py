@@ -30,7 +30,7 @@ from ..config import MultimodalConfig
 from ..errors import MmpeftKeyError, MmpeftTypeError, MmpeftValueError
 from ..runtime.blocks import runner_of
 from ..runtime.stems import ModalityStem
-from ..targeting.inject import ModuleToSave, apply_rules
+from ..targeting.inject import ModuleToSave, apply_rules, check_saved_apart
 from ..tuners import MultimodalLayer, set_execution
 from .build import DEFAULT_ADAPTER, WrapOptions, check_set_name
 from .combine import weighted_lora_set
@@ -69,20 +69,6 @@ def _sites(root: nn.Module) -> list[Site]:
 
 def _wrappers(root: nn.Module) -> list[tuple[nn.Module, str, ModuleToSave]]:
     return [(p, a, c) for p in root.modules() for a, c in p._modules.items() if isinstance(c, ModuleToSave)]
-
-
-def _check_saved_apart(saved: list[str], adapted: list[str]) -> None:
-    """A new set's layers neither are, hold nor sit inside a module the model trains in full
-    (``modules_to_save``, wrapped as :class:`ModuleToSave`), as at wrap time: such a layer would
-    replace the wrapper, and switching sets would lose every set's trained copy."""
-    for n in saved:
-        inside = [a for a in adapted if a == n or a.startswith(n + ".") or n.startswith(a + ".")]
-        if inside:
-            raise MmpeftValueError(
-                f"add_adapter would adapt {inside[:3]}, which is, holds or is inside {n}, a module the model trains "
-                "in full (modules_to_save): a module either trains in full or carries multimodal layers; narrow "
-                "targets (or exclude=) to leave it out"
-            )
 
 
 def _like(modules: Sequence[nn.Module], ref: torch.Tensor | None) -> None:
@@ -234,11 +220,12 @@ class AdapterSets:
         check_usable(self)
         name = self._new_name(adapter_name)
         opts = WrapOptions.for_set(self.config, method, preset=preset, targets=targets, config=config, **options)
-        saved = [n for n, m in self.base_model.named_modules() if isinstance(m, ModuleToSave)]
         with self._bare():  # planned and built on the plain model, as a first wrap is (a refusal undone)
             cfg = opts.resolve(self.base_model, in_place=True)
             apply_rules(self.base_model, cfg, probe=probe is not False, probe_size=_probe_size(probe))
-            _check_saved_apart(saved, [n for n, m in self.base_model.named_modules() if isinstance(m, MultimodalLayer)])
+            if cfg.modules_to_save is not None:  # no layer at, around or in a module trained in full, as at wrap
+                adapted = [n for n, m in self.base_model.named_modules() if isinstance(m, MultimodalLayer)]
+                check_saved_apart(self.base_model, cfg.modules_to_save, adapted)
             sites = _sites(self.base_model)
             for parent, attr, layer in sites:
                 setattr(parent, attr, layer.base_layer)
