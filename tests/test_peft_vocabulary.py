@@ -309,3 +309,26 @@ def test_adapter_names_put_back_rows_per_sample_and_refuse_the_rest() -> None:
     model.base_model.odd = True
     with torch.no_grad(), pytest.raises(ValueError, match=r"output\['a'\]\['odd'\] has \[\(3,\), \(2,\)\]"):
         model(x, adapter_names=["default", "other", "default"])
+
+
+def test_hotswap_before_and_after_the_first_forward(tmp_path: Path) -> None:
+    """An "auto" stem records its input channels at the first forward: a set saved before any
+    forward was refused by a model that had run one (and the reverse), 'stems: saved ... None'."""
+    kw = dict(method="lora", targets=["qkv", "fc1"], fusion="none")
+    x = {m: torch.rand(2, 3, 32, 32) for m in MODS}
+    source = wrap_multimodal(tiny_timm_vit(), MODS, **kw)
+    perturb_trainables(source)
+    source.save_pretrained(tmp_path / "before")
+    with torch.no_grad():
+        want = source(x)
+    source.save_pretrained(tmp_path / "after")
+    for ran in (False, True):
+        for saved in ("before", "after"):
+            served = wrap_multimodal(tiny_timm_vit(), MODS, **kw).eval()
+            if ran:
+                with torch.no_grad():
+                    served(x)
+            served.hotswap_adapter(tmp_path / saved)
+            with torch.no_grad():
+                got = served(x)
+            assert all(torch.equal(got[m], want[m]) for m in MODS), (ran, saved)

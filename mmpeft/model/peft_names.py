@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def set_folder(directory: str | os.PathLike, adapter_name: str) -> str | os.Path
 def config_differences(saved: MultimodalConfig, loaded: MultimodalConfig) -> list[str]:
     """``"field: saved X, set Y"`` for every field where two configs build different sets (the
     recorded ``base_dtype`` aside: the tensors are cast to the set's dtype on loading)."""
-    a, b = saved.to_dict(), loaded.to_dict()
+    a, b = _known_channels(saved.to_dict(), loaded.to_dict()), _known_channels(loaded.to_dict(), saved.to_dict())
     out = []
     for key in sorted((set(a) | set(b)) - {"base_dtype"}):
         va, vb = a.get(key), b.get(key)
@@ -47,6 +48,20 @@ def config_differences(saved: MultimodalConfig, loaded: MultimodalConfig) -> lis
         elif va != vb:
             out.append(f"{key}: saved {va!r}, set {vb!r}")
     return out
+
+
+def _known_channels(config: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with an "auto" stem's ``in_channels`` (filled in by the first forward) taken from
+    ``other`` where one side has not run yet: a set saved before any forward fits a model after one."""
+    stems, others = config.get("stems") or {}, other.get("stems") or {}
+    fixed = {}
+    for m, stem in stems.items():
+        theirs = others.get(m)
+        if isinstance(stem, dict) and isinstance(theirs, dict) and stem.get("kind") == theirs.get("kind") == "auto":
+            if stem.get("in_channels") is None or theirs.get("in_channels") is None:
+                stem = {**stem, "in_channels": None}
+        fixed[m] = stem
+    return {**config, "stems": fixed} if stems else config
 
 
 class PeftNames:

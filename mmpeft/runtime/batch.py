@@ -101,6 +101,8 @@ def _split_field(key: Any, value: Any, names: Sequence[str]) -> list[Any]:
         return split_output(value, names, False)  # type: ignore[no-any-return]
     except MmpeftTypeError as err:
         raise MmpeftTypeError(f"output field {key!r}: {err}") from None
+    except MmpeftValueError as err:  # a scalar or a field without the batch axis (an auxiliary loss)
+        raise MmpeftValueError(f"output field {key!r}: {err}") from None
 
 
 def split_output(out: Any, names: Sequence[str], as_dict: bool = True) -> Any:

@@ -126,13 +126,14 @@ class NoFusion(Fusion):
 
 
 class ScalarFusion(Fusion):
-    _off: torch.Tensor  # buffers (M, M): off-diagonal ones and the identity minus them
-    _diag: torch.Tensor
     """The paper's learnable-scalar mixing (eqs. 5-6, 9-10), generalised to M modalities.
 
     Parameters are ``lam.<modality>``, each of shape (1,), initialised to ``init``
     (0.5 in the paper), unconstrained.
     """
+
+    _off: torch.Tensor  # buffers (M, M): off-diagonal ones and the identity minus them
+    _diag: torch.Tensor
 
     linear = True
 
