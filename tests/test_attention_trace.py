@@ -233,3 +233,25 @@ def test_the_trace_leaves_no_hook_and_the_modes_as_they_were() -> None:
     assert traced_attention(cnn, 3, (16, 16)) == []
     assert all(m.training for m in cnn.modules())
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in cnn.modules()) == 0
+
+
+def test_tinyvit_qkv_laid_out_per_head_is_tuned_whole() -> None:
+    """TinyViT's attn.qkv holds q, k, v per head (``view(B, N, heads, -1).split``): the timm
+    family's q / v thirds tuned k in two heads and missed q and v in others, silently. Its own
+    family tunes the projection whole; identity at init."""
+    import timm
+
+    from mmpeft.targeting.targets import detect_family
+
+    torch.manual_seed(0)
+    kw = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), window_sizes=(2, 2, 2, 2))
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=0, **kw).eval()
+    assert detect_family(model).name == "timm_tiny_vit"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        wrapped = wrap_multimodal(model, MODS, "lora")
+        out = wrapped({m: x for m in MODS})
+    qkv = [layer for n, layer in wrapped.layers() if n.endswith("attn.qkv")]
+    assert qkv and all(layer.slices is None for layer in qkv)
+    assert_close(out["optical"], ref, rel=1e-5)

@@ -21,6 +21,19 @@ _NCHW = (
 )
 
 HYBRID_FAMILIES: tuple[BackboneFamily, ...] = (
+    # timm's TinyViT: attn.qkv's output is laid out per head (q, k, v of head 0, then of head 1, ...:
+    # view(B, N, heads, -1).split), so its q / v thirds are no queries and values: LoRA on it whole
+    BackboneFamily(
+        name="timm_tiny_vit",
+        qkv="attn.qkv",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn="attn",
+        mlp="mlp",
+        qkv_whole=True,
+        classes=("timm.models.tiny_vit.Attention",),
+        note="timm TinyViT: LoRA on the whole attn.qkv (laid out per head)",
+    ),
     # convolutional attention (issue 24): 1x1 Conv2d projections on (N, C, H, W) maps; LoRA on the whole
     # fused projection (a Conv2d LoRA takes no q / v slices), the MLP's two 1x1 convolutions
     BackboneFamily(
