@@ -143,3 +143,16 @@ def test_warnings_are_of_the_family() -> None:
         warnings.simplefilter("error", MmpeftWarning)
         with pytest.raises(MmpeftWarning):
             warnings.warn("x", ProbeWarning, stacklevel=1)
+
+
+def test_a_name_of_the_wrong_type_is_a_type_error_naming_the_field() -> None:
+    """A list or a config where a registered name is expected gave Python's bare 'unhashable type'."""
+    from mmpeft import AdapterConfig, LoRAConfig
+    from mmpeft.errors import MmpeftTypeError
+
+    with pytest.raises(MmpeftTypeError, match="fusion must be a fusion rule's name"):
+        LoRAConfig(targets=["qkv"], fusion=["scalar"])  # type: ignore[arg-type]
+    with pytest.raises(MmpeftTypeError, match="activation must be a name"):
+        AdapterConfig(targets=["mlp"], activation=["gelu"])  # type: ignore[arg-type]
+    with pytest.raises(MmpeftTypeError, match="method must be a method's name"):
+        wrap_multimodal(tiny_timm_vit(), ("a", "b"), {"kind": "lora"})  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import MmpeftValueError
+from ..errors import MmpeftTypeError, MmpeftValueError
 from ..utils import check_number
 from .fusion import FUSION_RULES
 
@@ -27,6 +27,8 @@ def check_targets(targets: Any) -> Targets:
 def check_fusion(fusion: Any, lambda_init: Any) -> float:
     """Validate the fusion rule's name (a rule registered in this process) and its initial value
     (a finite real number: any sign; 0.5 in the paper). Returns ``lambda_init`` as a float."""
+    if not isinstance(fusion, str):
+        raise MmpeftTypeError(f"fusion must be a fusion rule's name (a str), got {type(fusion).__name__}: {fusion!r}")
     if fusion not in FUSION_RULES:
         raise MmpeftValueError(
             f"unknown fusion rule {fusion!r}; known: {sorted(FUSION_RULES)} (a rule of your own must be "

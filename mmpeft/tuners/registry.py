@@ -58,6 +58,8 @@ def register_method(method: Method, *, replace: bool = False) -> Method:
 
 def get_method(name: Any) -> Method:
     """The registered method called ``name``; ValueError listing the known ones."""
+    if not isinstance(name, str):
+        raise MmpeftTypeError(f"method must be a method's name (a str), got {type(name).__name__}: {name!r}")
     if name not in METHODS:
         raise MmpeftValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name]

@@ -53,6 +53,8 @@ class AdapterConfig:
         self.ratio = check_number("ratio", self.ratio, positive=True)
         if self.ratio > 16.0:
             raise MmpeftValueError(f"ratio must be in (0, 16], got {self.ratio}")
+        if not isinstance(self.activation, str):
+            raise MmpeftTypeError(f"activation must be a name (a str), got {self.activation!r}")
         if self.activation not in ACTIVATIONS:
             raise MmpeftValueError(f"unknown activation {self.activation!r}; known: {sorted(ACTIVATIONS)}")
         if not isinstance(self.bias, bool):
