@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import MmpeftStateError, MmpeftValueError
+from ..model.geo_arguments import per_modality_modules
 from ..model.multimodal import MultimodalModel
 from ..runtime.batch import Inputs
 from ..tuners.lockstep import Lockstep
@@ -32,6 +33,13 @@ def reference_forward(
     layers needs one pass. Raises RuntimeError when ``max_passes`` (default: mixing calls + 2)
     are not enough to repeat the recorded inputs exactly.
     """
+    hooked = per_modality_modules(wrapped)
+    if hooked:
+        raise MmpeftStateError(
+            f"reference_forward runs the base model once per modality, where the per-modality arguments of "
+            f"set_modality_arguments on {hooked} do not act (each modality would be embedded as the model's own "
+            "bands): compare with wrapped(inputs), or remove them first (the handle's remove())"
+        )
     mods = wrapped.modalities
     xs = wrapped.stack(inputs).chunk(len(mods), 0)  # validated, stems applied; (B, C, ...) each
     if len(xs) != len(mods):

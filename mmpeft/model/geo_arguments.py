@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import MmpeftKeyError, MmpeftValueError
 
-__all__ = ["set_modality_arguments"]
+__all__ = ["set_modality_arguments", "per_modality_modules"]
 
 
 def _present(wrapped: Any) -> tuple[list[str], int] | None:
@@ -146,3 +146,13 @@ def _check_channels(modality: str, module: nn.Module, chunk: torch.Tensor) -> No
             f"({type(module).__name__}) takes {expected}: give the modality its {expected} bands, or route it "
             "through the embedding built for its bands"
         )
+
+
+def per_modality_modules(wrapped: Any) -> list[str]:
+    """The modules of ``wrapped.base_model`` that :func:`set_modality_arguments` (or TerraMind's
+    routing) calls once per modality: they act only inside a forward of ``wrapped``."""
+    return [
+        n
+        for n, m in wrapped.base_model.named_modules()
+        if any(isinstance(h, _PerModality) for h in m._forward_hooks.values())
+    ]
