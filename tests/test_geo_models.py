@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,17 @@ from mmpeft import (
     set_modality_arguments,
     wrap_multimodal,
 )
+from tests.geo_fm import highest_precision, import_terratorch  # noqa: F401  (a fixture)
 from tests.helpers import assert_close, randomise_trainables, rel_diff
 
-_PRECISION = torch.get_float32_matmul_precision()
-terratorch = pytest.importorskip("terratorch", reason="the optional extra geo-fm (pip install 'mmpeft[geo-fm]')")
-# import terratorch sets torch.set_float32_matmul_precision("medium") at collection time: put back at once, or every
-# test collected after this file would run its float32 matmuls in bf16 / TF32 (and wraps would warn)
-torch.set_float32_matmul_precision(_PRECISION)
+terratorch = import_terratorch()  # the matmul precision put back (tests/geo_fm.py)
 from terratorch.registry import BACKBONE_REGISTRY  # noqa: E402
 
 HLS6 = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
 MODS = ("optical", "sar")
 
 
-@pytest.fixture(autouse=True)
-def highest_precision() -> Iterator[None]:
-    """float32 matmuls at "highest" in each test (terratorch's import set "medium"), as before after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+pytestmark = pytest.mark.usefixtures("highest_precision")  # terratorch's import set "medium"
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,16 @@ import pytest
 import torch
 
 from mmpeft import load_multimodal, save_multimodal, set_modality_embeddings, wrap_multimodal
+from tests.geo_fm import highest_precision, import_terratorch  # noqa: F401  (a fixture)
 from tests.helpers import assert_close, randomise_trainables, rel_diff
 
-_PRECISION = torch.get_float32_matmul_precision()
-pytest.importorskip("terratorch", reason="the optional extra geo-fm (pip install 'mmpeft[geo-fm]')")
-torch.set_float32_matmul_precision(_PRECISION)  # import terratorch set "medium": put back at once
+import_terratorch()  # skipped without the extra; the matmul precision put back
 from terratorch.models.backbones.terramind.model.terramind_vit import TerraMindViT  # noqa: E402
 
 KEYS = ("S2L2A", "S1GRD")
 
 
-@pytest.fixture(autouse=True)
-def highest_precision() -> Iterator[None]:
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 def _terramind(modalities: tuple[str, ...] = KEYS) -> TerraMindViT:

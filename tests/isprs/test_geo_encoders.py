@@ -28,6 +28,7 @@ from mmpeft_isprs.model.geo_encoders import wavelength_embedding
 from mmpeft_isprs.model.pyramid import MultiScaleProjection
 from mmpeft_isprs.task import SegmentationTask
 from mmpeft_isprs.train import train
+from tests.geo_fm import import_terratorch
 from tests.helpers import assert_close, randomise_trainables, rel_diff
 from tests.isprs.archives import SIZE, TINY, make_vaihingen_archive
 from tests.isprs.runs import quiet
@@ -40,10 +41,7 @@ MODS = ["optical", "sar"]
 @pytest.fixture(scope="module")
 def terratorch() -> Any:
     """TerraTorch, imported with the float32 matmul precision put back (its import sets "medium")."""
-    before = torch.get_float32_matmul_precision()
-    module = pytest.importorskip("terratorch", reason="the optional extra geo-fm (pip install 'mmpeft[geo-fm]')")
-    torch.set_float32_matmul_precision(before)
-    return module
+    return import_terratorch()
 
 
 def test_a_terratorch_name_without_the_extra_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
