@@ -56,6 +56,13 @@ def attention_roles(model: nn.Module, in_channels: int, size: tuple[int, int]) -
     (1, in_channels, H, W) input (empty when the model cannot run there). An attention module named
     like one that multiplies no two activations (SwiftFormer's additive attention) gets its input
     projections (those fed from outside it) as q."""
+    return _traced_roles(model, in_channels, size)[0]
+
+
+def _traced_roles(
+    model: nn.Module, in_channels: int, size: tuple[int, int]
+) -> tuple[dict[str, dict[str, set[str]]], dict[str, frozenset[str]]]:
+    """(:func:`attention_roles`, {projection: projections feeding its input}) of one trace."""
     from .shapes import meta_forward
 
     modes = [(m, m.training) for m in model.modules()]
@@ -65,27 +72,21 @@ def attention_roles(model: nn.Module, in_channels: int, size: tuple[int, int]) -
         model.eval()
         meta_forward(model, [(1, in_channels, *size)], p.dtype if p is not None else None, inner=trace)  # type: ignore[arg-type]
     except Exception:
-        return {}
+        return {}, {}
     finally:
         trace.close()
         for m, training in modes:
             m.training = training
     roles = dict(trace.roles)
-    _FED_BY.clear()
-    _FED_BY.update(trace.fed_by)
     for a in attention_modules(model):
         if a not in roles:
             first = {p for p, src in trace.fed_by.items() if p.startswith(a + ".") and not _inside(src, a)}
             roles[a] = {"q": first, "k": set(), "v": set()}
-    return roles
+    return roles, dict(trace.fed_by)
 
 
 def _inside(names: frozenset[str], prefix: str) -> bool:
     return any(n.startswith(prefix + ".") for n in names)
-
-
-#: the last trace's {projection: projections feeding its input} (read by traced_family right after)
-_FED_BY: dict[str, frozenset[str]] = {}
 
 
 def _projection(m: nn.Module) -> bool:
@@ -167,8 +168,8 @@ def _container(a: str, b: str) -> str:
 def traced_family(model: nn.Module, in_channels: int, size: tuple[int, int]) -> TracedFamily | None:
     """The presets' modules found from what ``model``'s attention computes (see the module's doc);
     None when no attention module has a projection to adapt or no MLP is found."""
-    roles = attention_roles(model, in_channels, size)
-    inputs = {a: _inputs(model, a, r, _FED_BY) for a, r in roles.items()}
+    roles, fed_by = _traced_roles(model, in_channels, size)
+    inputs = {a: _inputs(model, a, r, fed_by) for a, r in roles.items()}
     attention = [a for a, names in inputs.items() if names]
     pairs = _mlps(model, list(roles))
     if not attention or not pairs:
